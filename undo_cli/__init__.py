@@ -1,0 +1,16 @@
+"""undo: iterative, error-driven teacher-student distillation of language models.
+
+The package is laid out by concern, so the folder names tell the architecture:
+
+    cli/         thin typer commands, one per stage; heavy imports happen inside them
+    stages/      one module per stage (generate, train, evaluate, ...): the real work
+    backends/    text generation: hf (embedded transformers), openai (any server), vllm
+    records/     the JSONL artifact contract: shapes, reader, atomic/resumable writers
+    objectives/  white-box distillation losses (fkl, rkl, jsd, skl, srkl, tvd)
+    training/    the trainer, collation/packing and student-output schedules
+    data/        dataset import presets
+    scoring.py   answer extraction and verification, shared by every stage
+    prompts.py   Jinja templates and the one chat formatting used for train and eval
+"""
+
+__version__ = "0.1.0"

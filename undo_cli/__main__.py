@@ -1,0 +1,3 @@
+from undo_cli.cli.app import main
+
+main()

@@ -1,0 +1,167 @@
+"""Prompt templates and the one chat formatting shared by training and inference.
+
+Templates are Jinja2 files in `prompts/` with up to two blocks, `system` and
+`user`; `render_messages` turns one into chat messages. We use Jinja2 (rather
+than str.format) because prompts need loops (few-shot examples, similar
+failures) and conditionals (choices or not), and a sandboxed environment with
+StrictUndefined so a typo in a template is an error, not a silent empty string.
+
+The student must see *exactly* the same text at training and at evaluation, or
+distillation silently teaches it a format it never meets. `student_messages` +
+`chat_prompt` build that text for both `undo train` and `undo evaluate`; the
+`hf` backend, the trainer and the on-policy sampler all call `chat_prompt`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UndoError
+
+Message = dict[str, str]
+
+# Where the templates live: the top-level prompts/ of a source checkout, or the
+# copy bundled into the wheel (see pyproject's force-include).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def bundled_dir(name: str) -> Path:
+    """The shipped `prompts/` or `examples/` folder, installed or in a checkout."""
+    for candidate in (_PACKAGE_DIR / "_bundled" / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise UndoError(f"cannot find the bundled '{name}/' folder next to {_PACKAGE_DIR}",
+                    hint="reinstall undo-cli (pip install --force-reinstall undo-cli)")
+
+
+PROMPTS_DIR_ENV = "UNDO_PROMPTS_DIR"
+
+
+def prompts_dir() -> Path:
+    override = os.environ.get(PROMPTS_DIR_ENV)
+    return Path(override) if override else bundled_dir("prompts")
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(folder: str):
+    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(
+        loader=FileSystemLoader(folder),
+        undefined=StrictUndefined,
+        keep_trailing_newline=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def load_template(name_or_path: str):
+    """A template by name (`generate` -> prompts/generate.jinja) or by file path."""
+    from jinja2 import TemplateError
+
+    p = Path(name_or_path)
+    if p.suffix and p.exists():
+        env, name = _environment(str(p.resolve().parent)), p.name
+    else:
+        folder = prompts_dir()
+        name = name_or_path if name_or_path.endswith(".jinja") else f"{name_or_path}.jinja"
+        if not (folder / name).exists():
+            known = sorted(f.stem for f in folder.glob("*.jinja"))
+            raise UndoError(f"unknown prompt template '{name_or_path}'",
+                            hint=f"use a file path or one of: {', '.join(known)}")
+        env = _environment(str(folder))
+    try:
+        return env.get_template(name)
+    except TemplateError as exc:
+        raise UndoError(f"prompt template {name_or_path}: {exc}") from None
+
+
+def template_name(name_or_path: str) -> str:
+    """A short name for provenance fields: `generate`, or the file's stem."""
+    return Path(name_or_path).stem if name_or_path.endswith(".jinja") else name_or_path
+
+
+def render_messages(template, **variables: Any) -> list[Message]:
+    """Render a template's `system` and `user` blocks into chat messages."""
+    from jinja2 import TemplateError
+
+    try:
+        ctx = template.new_context(variables)
+        messages = []
+        for role in ("system", "user"):
+            if role in template.blocks:
+                text = "".join(template.blocks[role](ctx)).strip()
+                if text:
+                    messages.append({"role": role, "content": text})
+        if not messages:  # a template without blocks is one user message
+            messages.append({"role": "user", "content": template.render(**variables).strip()})
+    except TemplateError as exc:
+        raise UndoError(f"prompt template {template.name}: {exc}",
+                        hint="every variable the template uses must be provided; see prompts/README.md") from None
+    return messages
+
+
+def problem_variables(problem: dict[str, Any]) -> dict[str, Any]:
+    """What every template may use about a problem."""
+    choices = problem.get("choices") or []
+    return {
+        "question": problem["question"],
+        "answer": problem.get("answer", ""),
+        "task": problem.get("task") or "math",
+        "choices": choices,
+        "lettered_choices": [(chr(ord("A") + i), c) for i, c in enumerate(choices)],
+    }
+
+
+STUDENT_TEMPLATE = "student"
+
+
+def student_messages(problem: dict[str, Any], template: str = STUDENT_TEMPLATE) -> list[Message]:
+    """The messages the student sees for a problem, in training and in evaluation alike."""
+    return render_messages(load_template(template), **problem_variables(problem))
+
+
+def chat_prompt(tokenizer, messages: list[Message]) -> str:
+    """The exact prompt text a model is given: its chat template, or a plain fallback.
+
+    Ends where the model's answer begins (add_generation_prompt=True).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # A base model without a chat template: plain text, blank-line separated.
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+def chat_response_suffix(tokenizer, messages: list[Message], response: str) -> str:
+    """The text that follows `chat_prompt(messages)` when the assistant says `response`.
+
+    With a chat template this includes the template's end-of-turn marker, so the
+    student learns to stop. Without one, the eos token closes the response.
+    """
+    prompt = chat_prompt(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False)
+        if full.startswith(prompt):
+            return full[len(prompt):]
+    eos = tokenizer.eos_token or ""
+    return response + eos
+
+
+def encode_example(tokenizer, messages: list[Message], response: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one training example: the prompt is masked (-100).
+
+    Prompt and response are tokenised separately and concatenated, so the
+    prompt ids are exactly those `chat_prompt` gives the model at inference.
+    """
+    prompt_ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        if not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    response_ids = tokenizer(chat_response_suffix(tokenizer, messages, response), add_special_tokens=False)["input_ids"]
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + list(response_ids)

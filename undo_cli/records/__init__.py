@@ -1,0 +1,18 @@
+"""The JSONL artifact contract (see docs/artifacts.md) and its reader/writers."""
+
+from undo_cli.records.io import (
+    STDIO,
+    AppendLog,
+    atomic_write_text,
+    iter_records,
+    read_json,
+    read_records,
+    write_json,
+    write_records,
+)
+from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
+
+__all__ = [
+    "STDIO", "AppendLog", "atomic_write_text", "iter_records", "read_json", "read_records",
+    "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
+]

@@ -1,0 +1,118 @@
+"""Tiny, offline, real language models: for the demo and the test suite.
+
+`undo demo` and the tests need models that load through exactly the same code
+as a hub model (AutoTokenizer/AutoModelForCausalLM from a folder, a chat
+template, eos/pad tokens, generation_config) but that are built in seconds on a
+CPU with no network. This module trains a byte-level BPE tokenizer on a small
+corpus, wraps it with a chat template, and saves a randomly initialised Llama.
+
+Limits, honestly: these models know nothing until trained (the demo trains the
+teacher briefly), and their accuracy says nothing about real models.
+
+The defaults keep head_dim = 32 (hidden 128 / 4 heads): vLLM's CPU attention
+refuses head_dim 16, and the same folder must load in transformers, in
+`transformers serve` and in vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# A minimal chat template in the usual shape: role header, content, end marker.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_BASE_CORPUS = (
+    "Question: Solve it step by step and end with a line \"#### <answer>\".\n"
+    "Options: A. B. C. D. E. The answer is 12. #### 42\n"
+    "First, we add 3 + 4 = 7. Then 7 * 2 = 14. So she has 14 apples left.\n"
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 25 30 40 50 60 70 80 90 100\n"
+    "+ - * / = ( ) , . ; : ! ? $ % # \" '\n"
+    "the a an of to in and is are was were has have had each more less than total how many much\n"
+    "apples books coins marbles pencils students cookies eggs tickets boxes friends days hours\n"
+    "buys gives sells eats finds loses gets makes left remaining altogether per every twice half\n"
+    "teacher student wrong mistake because correct step explain concept notation final answer\n"
+)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `corpus`, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_BASE_CORPUS, *corpus], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    corpus: Iterable[str] = (),
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer into `out_dir`; returns the path.
+
+    Pass `tokenizer` to give several models the same vocabulary (a teacher and
+    a student must share one for the white-box objectives).
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer if tokenizer is not None else train_tokenizer(corpus, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False, max_new_tokens=128,
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

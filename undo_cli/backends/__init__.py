@@ -1,0 +1,63 @@
+"""Generation backends: `hf` (embedded transformers), `openai` (any server), `vllm` (in-process).
+
+    from undo_cli.backends import BackendConfig, open_backend
+    with open_backend(BackendConfig(backend="hf", model="path/or/hub-name")) as llm:
+        completions = llm.generate([[{"role": "user", "content": "2+2?"}]], SamplingConfig())
+
+Each backend module is imported only when chosen, so the others' dependencies
+(vLLM above all) need not be installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from undo_cli.backends.base import Backend, Completion, Message, SamplingConfig, TokenLogprobs
+from undo_cli.errors import UndoError
+
+BACKENDS = ("hf", "openai", "vllm")
+
+
+@dataclass
+class BackendConfig:
+    """Where text comes from. One config shape for every backend; each reads the fields it needs."""
+
+    backend: str = "hf"
+    model: str = ""
+    # hf / vllm
+    dtype: str = "auto"                 # auto: bf16 on GPU, float32 on CPU
+    trust_remote_code: bool = False     # opt-in only: it runs code from the model repo
+    adapter: str | None = None          # a LoRA adapter folder to apply on top of `model` (hf)
+    batch_size: int = 32                # hf: prompts per forward batch
+    # openai
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable holding the key, never the key
+    concurrency: int = 16
+    timeout: float = 600.0
+    max_retries: int = 5
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+
+
+def open_backend(config: BackendConfig) -> Backend:
+    """Load the chosen backend (a context manager; `with` releases it)."""
+    if config.backend == "hf":
+        from undo_cli.backends.hf import HFBackend
+
+        return HFBackend(config)
+    if config.backend == "openai":
+        from undo_cli.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(config)
+    if config.backend == "vllm":
+        from undo_cli.backends.vllm import VLLMBackend
+
+        return VLLMBackend(config)
+    raise UndoError(f"unknown backend '{config.backend}'", hint=f"use one of: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Message", "SamplingConfig", "TokenLogprobs",
+           "open_backend"]

@@ -1,0 +1,74 @@
+"""The one generation interface every text-producing stage goes through.
+
+`generate`, `evaluate` and `refine` never talk to transformers, vLLM or an HTTP
+server directly: they build chat messages and call `Backend.generate`, which
+returns `n` completions per prompt. Swapping the teacher from a local folder to
+a vLLM server is then a flag, not a code path.
+
+Backends are context managers: leaving the `with` block releases the model
+(GPU memory, server connections), so `undo iterate` never holds the teacher and
+the student at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Message = dict[str, str]
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. Greedy when temperature == 0."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # record the top-k log-probabilities of each generated token
+
+
+@dataclass
+class TokenLogprobs:
+    """The teacher's view of one generated token: its id, its log-prob, and the top-k alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-prob), best first
+
+    def to_json(self) -> list[Any]:
+        # Compact on disk: [id, logprob, [[id, lp], ...]]; rationale files with logprobs get large.
+        return [self.token_id, round(self.logprob, 5), [[i, round(lp, 5)] for i, lp in self.top]]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> "TokenLogprobs":
+        return cls(int(row[0]), float(row[1]), [(int(i), float(lp)) for i, lp in row[2]])
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None  # "stop" | "length" | None when the backend does not say
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class Backend(Protocol):
+    name: str          # "hf" | "openai" | "vllm"
+    model: str         # what provenance fields record (a path or a hub name; never a key)
+
+    def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt, in prompt order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model / connections."""
+        ...
+
+    def __enter__(self) -> "Backend": ...
+
+    def __exit__(self, *exc: object) -> None: ...

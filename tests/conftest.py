@@ -66,3 +66,63 @@ def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env:
 @pytest.fixture
 def undo():
     return run_undo
+
+
+# --- a tiny teacher that actually knows something ------------------------------------
+# Random tiny models write noise, which is useless for testing `--keep correct`,
+# verification or refinement. This fixture overfits the tiny teacher on a handful
+# of worked solutions (a plain torch loop: test scaffolding, not the product's
+# trainer) so that greedy decoding reproduces correct, scorable rationales.
+
+def _arith_problem(i: int) -> dict:
+    a, b = 2 + (i * 7) % 9, 1 + (i * 5) % 8
+    return {
+        "id": f"p{i:02d}",
+        "question": f"Sam has {a} apples and buys {b} more. How many apples does Sam have?",
+        "answer": str(a + b),
+        "task": "math",
+        "rationale": f"Sam starts with {a} apples. He buys {b} more, so {a} + {b} = {a + b}.\n#### {a + b}",
+    }
+
+
+TAUGHT_PROBLEMS = [_arith_problem(i) for i in range(12)]
+
+
+def overfit(model_dir: Path, examples: list[dict], *, steps: int = 200, lr: float = 3e-3, seed: int = 0) -> Path:
+    """Train `model_dir` in place until it reproduces `examples` (question -> rationale)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from undo_cli.prompts import encode_example, student_messages
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    encoded = [encode_example(tok, student_messages(ex), ex["rationale"]) for ex in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), tok.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny teacher (same tokenizer as `tiny_model`) that solves TAUGHT_PROBLEMS greedily."""
+    from undo_cli.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "trained_teacher", tokenizer=tiny_tokenizer,
+                            num_layers=2, seed=2)
+    return overfit(path, TAUGHT_PROBLEMS)

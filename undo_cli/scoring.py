@@ -1,0 +1,346 @@
+"""Answer extraction and verification: the one scorer every stage uses.
+
+    undo score predictions.jsonl --output scored.jsonl      # the CLI over this module
+    python -c "from undo_cli.scoring import score; print(score('So 3 + 4 = 7.\\n#### 7', '7'))"
+
+Scoring happens in two steps, because they fail in different ways:
+
+1. **Extract** the answer the model committed to (`extract_answer`). Models
+   show their work, so the last number in the text is often an intermediate
+   result. We look for an explicit final answer first, in this order:
+   a `#### <answer>` line (the format our prompts ask for), `\\boxed{...}`, then
+   "the answer is ..." / "Answer: ..." / "Final answer: ...". Only when none is
+   present do we fall back to the last number (or LaTeX expression). Before any
+   of that we cut the text where the model starts a new "Question:" — small
+   models ramble on into made-up problems, and their numbers must not count.
+2. **Verify** it against the gold answer for the task:
+   * `math`: mathematically, with Hugging Face's `math-verify` (sympy +
+     latex2sympy), so `1,250.00` = `1250`, `1/2` = `0.5`, `\\frac{3}{4}` = `0.75`,
+     `\\sqrt{8}` = `2\\sqrt{2}`, and `25%` matches `25` or `0.25` the way
+     the dataset means it. Plain numbers take an exact fast path (fractions).
+   * `choice`: a letter (`B`, `(b)`, `option B`) or the option's text, both
+     resolved to the option's position and compared with the gold's.
+   * `exact`: normalised strings (case, punctuation, articles; true/false
+     read as yes/no).
+
+Nothing here evaluates model text as code: math-verify parses with sympy's
+LaTeX/expression *parsers*, and we never call `eval`.
+
+Thread safety: math-verify's timeouts use `signal.alarm`, which only works in
+the main thread. We pass timeouts only when running in the main thread and
+otherwise rely on our own guard (`_too_costly`) that refuses to hand sympy
+expressions that could take long (power towers, huge factorials, very long
+spans), comparing those as plain strings instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import string
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+TASKS = ("math", "choice", "exact")
+
+
+@dataclass(frozen=True)
+class Score:
+    predicted: str | None  # the extracted answer (None = nothing extracted)
+    correct: bool
+
+
+# --- step 0: where the model's answer ends ------------------------------------------
+
+# A new turn or a new problem: everything after it is the model talking to itself.
+_NEW_QUESTION = re.compile(r"(?:^|\n|(?<=[.!?\s]))\s*(?:\*\*)?(?:Question|Problem|Human|User)\s*\d*\s*(?:\*\*)?\s*:"
+                           r"|\n\s*Q\s*\d*\s*:", re.IGNORECASE)
+
+
+def _answer_region(text: str) -> str:
+    """The text up to where the model starts a new question (a leading restated question is kept)."""
+    stripped = text.lstrip()
+    offset = len(text) - len(stripped)
+    start = 0
+    first = _NEW_QUESTION.match(stripped)
+    if first:  # the output opens by restating the question: keep it, cut at the *next* one
+        start = first.end()
+    cut = _NEW_QUESTION.search(stripped, start)
+    return text[: offset + cut.start()] if cut else text
+
+
+# --- step 1: find the explicit final answer -------------------------------------------
+
+_HASHES = re.compile(r"####\s*(.*)")
+_ANSWER_PHRASE = re.compile(
+    r"(?:final\s+answer|the\s+(?:correct\s+)?answer|answer)\s*(?:\*\*)?\s*(?:is|:|=)\s*(?:\*\*)?\s*:?[ \t]*(.*)",
+    re.IGNORECASE)
+
+
+def _boxed_contents(text: str) -> list[str]:
+    r"""The contents of every \boxed{...} / \fbox{...}, with nested braces balanced."""
+    found = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            found.append(text[m.end(): i - 1])
+    return found
+
+
+def _line_after(text: str, start: int, rest: str) -> str:
+    """`rest` of a marker's line, or the next non-empty line when the marker ends its line."""
+    if rest.strip():
+        return rest
+    for line in text[start:].splitlines()[1:]:
+        if line.strip():
+            return line
+    return ""
+
+
+def _explicit_span(text: str) -> str | None:
+    """The raw text of an explicit final answer, or None when the model gave none."""
+    m = _HASHES.search(text)  # our format; the first one is the committed answer
+    if m:
+        span = _line_after(text, m.start(), m.group(1))
+        boxed = _boxed_contents(span)
+        return boxed[-1] if boxed else span
+    boxed = _boxed_contents(text)
+    if boxed:
+        return boxed[-1]
+    matches = list(_ANSWER_PHRASE.finditer(text))
+    if matches:
+        m = matches[-1]
+        return _line_after(text, m.start(), m.group(1))
+    return None
+
+
+# --- step 2: turn a span into an answer, per task ---------------------------------------
+
+_NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?\s?%?"
+_NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}")
+_LATEX_ENV = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_PLAIN_NUMBER = re.compile(r"^[-−]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?$")
+
+
+def _clean_number(token: str) -> str:
+    return token.replace("−", "-").replace("$", "").replace(",", "").replace(" ", "")
+
+
+def _math_from_span(span: str) -> str | None:
+    span = span.strip().replace("**", "")
+    envs = [next(g for g in m.groups() if g is not None) for m in _LATEX_ENV.finditer(span)]
+    if envs:
+        span = envs[-1]
+    span = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", span)
+    span = span.replace("\\$", "$").replace("\\%", "%").replace("\\!", "").replace("\\,", "")
+    if "=" in span:  # "3 + 4 = 7": the answer is the right-hand side
+        span = span.rsplit("=", 1)[1]
+    span = span.strip().rstrip(".;:!").strip()
+    if "\\" in span or "^" in span or "{" in span:
+        return span or None  # LaTeX: hand the whole expression to math-verify
+    m = _NUMBER_RE.search(span)
+    if m:
+        return _clean_number(m.group(0))
+    return span or None
+
+
+def _last_math(text: str) -> str | None:
+    """The fallback: the last number or LaTeX expression in the text, whichever comes last."""
+    candidates = [(m.end(), _clean_number(m.group(0))) for m in _NUMBER_RE.finditer(text)]
+    candidates += [(m.end(), _math_from_span(m.group(0))) for m in _LATEX_ENV.finditer(text)]
+    candidates = [c for c in candidates if c[1]]
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+_LETTER_SPAN = re.compile(r"^\(?([A-Za-z])\)?(?:[.):,]|\s|$)")
+_LETTER_WORD = re.compile(r"\b(?:option|choice|answer|letter)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\)?(?![\w'])", re.IGNORECASE)
+_LETTER_PAREN = re.compile(r"\(([A-Za-z])\)")
+
+
+def _letters(choices: list[str] | None) -> str:
+    return string.ascii_uppercase[: len(choices)] if choices else "ABCDE"
+
+
+def _choice_from_span(span: str, choices: list[str] | None) -> str | None:
+    """A letter from 'B', '(b)', 'B. Paris', 'option B', or the option's text."""
+    span = span.strip().replace("**", "").strip("$ ")
+    letters = _letters(choices)
+    m = _LETTER_SPAN.match(span) or _LETTER_WORD.search(span)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    if choices:
+        norm = normalize_text(span)
+        for i, option in enumerate(choices):
+            if normalize_text(str(option)) == norm:
+                return letters[i]
+        # the option's text inside a sentence ("it is a dog"): the longest option found wins,
+        # so "13" is not read as "3"
+        found = [(len(normalize_text(str(o))), i) for i, o in enumerate(choices)
+                 if normalize_text(str(o)) and re.search(rf"(?<!\w){re.escape(normalize_text(str(o)))}(?!\w)", norm)]
+        if found:
+            return letters[max(found)[1]]
+    return None
+
+
+def _choice_fallback(text: str, choices: list[str] | None) -> str | None:
+    letters = _letters(choices)
+    hits = [m for m in [*_LETTER_WORD.finditer(text), *_LETTER_PAREN.finditer(text)] if m.group(1).upper() in letters]
+    if hits:
+        return max(hits, key=lambda m: m.end()).group(1).upper()
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return _choice_from_span(lines[-1], choices) if lines else None
+
+
+_BOOLEAN = {"yes": "yes", "true": "yes", "correct": "yes", "no": "no", "false": "no", "incorrect": "no"}
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, drop punctuation, articles and extra spaces: 'The Eiffel Tower.' -> 'eiffel tower'."""
+    text = text.lower().replace("**", "")
+    text = "".join(" " if ch in string.punctuation else ch for ch in text)
+    words = [w for w in text.split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def _exact_from_span(span: str) -> str | None:
+    norm = normalize_text(span)
+    if not norm:
+        return None
+    first = norm.split()[0]
+    return _BOOLEAN.get(first, norm)
+
+
+def _exact_fallback(text: str) -> str | None:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = normalize_text(lines[-1])
+    words = [w for w in last.split() if w in _BOOLEAN]
+    if words and _BOOLEAN.get(last.split()[0]) is None:
+        return _BOOLEAN[words[-1]]  # "So Paris is not in Spain, no." -> "no"
+    return _exact_from_span(lines[-1])
+
+
+def extract_answer(text: str, task: str = "math", choices: list[str] | None = None) -> str | None:
+    """The answer a model's output commits to, or None when it commits to nothing."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}' (use one of: {', '.join(TASKS)})")
+    if not text or not text.strip():
+        return None
+    region = _answer_region(text)
+    span = _explicit_span(region)
+    if task == "math":
+        return _math_from_span(span) if span is not None else _last_math(region)
+    if task == "choice":
+        return _choice_from_span(span, choices) if span is not None else _choice_fallback(region, choices)
+    return _exact_from_span(span) if span is not None else _exact_fallback(region)
+
+
+# --- verification -------------------------------------------------------------------
+
+def _gold_choice(answer: str, choices: list[str] | None) -> str | None:
+    """The gold answer as a letter: 'B', '(B)' or the option's own text."""
+    letters = _letters(choices)
+    a = answer.strip()
+    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", a)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    if choices:
+        for i, option in enumerate(choices):
+            if normalize_text(str(option)) == normalize_text(a):
+                return letters[i]
+    return None
+
+
+def _too_costly(expr: str) -> bool:
+    """Expressions sympy could spend minutes on (power towers, 9999!); compared as strings instead."""
+    return (len(expr) > 300 or expr.count("^") > 3 or "**" in expr
+            or re.search(r"\^\s*\{?\s*[\d.]{4,}", expr) is not None
+            or re.search(r"\d{3,}\s*!", expr) is not None)
+
+
+def _as_latex(expr: str) -> str:
+    """Wrap a bare LaTeX expression in $...$ so math-verify reads all of it (not just '2' of '2\\sqrt{2}')."""
+    return f"${expr}$" if ("\\" in expr or "^" in expr or "{" in expr) and "$" not in expr else expr
+
+
+def _timeout() -> int | None:
+    # signal.alarm (math-verify's timeout) only works in the main thread.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(expr: str) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse(_as_latex(expr), parsing_timeout=_timeout()))
+
+
+@functools.lru_cache(maxsize=1)
+def _quiet_math_verify() -> None:
+    # math-verify logs a warning when timeouts are off (we handle that ourselves, see _too_costly).
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _plain_fraction(expr: str) -> Fraction | None:
+    cleaned = _clean_number(expr)
+    if not _PLAIN_NUMBER.match(cleaned):
+        return None
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_equal(gold: str, predicted: str) -> bool:
+    """Whether `predicted` equals the gold answer mathematically."""
+    g, p = _plain_fraction(gold), _plain_fraction(predicted)
+    if g is not None and p is not None:  # the common case, exact and fast: 1,250.00 == 1250
+        return g == p
+    if _too_costly(gold) or _too_costly(predicted):
+        return normalize_text(gold) == normalize_text(predicted)
+    from math_verify import verify
+
+    _quiet_math_verify()
+    gold_parsed, pred_parsed = _parse(_gold_math(gold)), _parse(predicted)
+    if not gold_parsed or not pred_parsed:
+        return gold.strip() == predicted.strip()
+    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout()))
+
+
+@functools.lru_cache(maxsize=65536)
+def _gold_math(answer: str) -> str:
+    """A gold answer as written in the dataset, reduced to its expression (GSM8K's '#### 72' or MATH's boxed)."""
+    span = _explicit_span(answer)
+    return (_math_from_span(span) if span is not None else _math_from_span(answer)) or answer.strip()
+
+
+def score(output: str, answer: str, task: str = "math", choices: list[str] | None = None) -> Score:
+    """Extract the answer from `output` and check it against the gold `answer`."""
+    predicted = extract_answer(output, task, choices)
+    if predicted is None:
+        return Score(None, False)
+    answer = str(answer)
+    if task == "math":
+        return Score(predicted, math_equal(answer, predicted))
+    if task == "choice":
+        gold = _gold_choice(answer, choices)
+        if gold is None:
+            return Score(predicted, normalize_text(answer) == normalize_text(predicted))
+        return Score(predicted, predicted == gold)
+    gold = _exact_from_span(answer) or ""
+    return Score(predicted, predicted == gold)
+
+
+def score_record(record: dict[str, Any], task: str | None = None) -> dict[str, Any]:
+    """The record with `predicted` and `correct` added (task: argument > record['task'] > 'math')."""
+    task = task or record.get("task") or "math"
+    result = score(record.get("output") or "", str(record["answer"]), task, record.get("choices"))
+    return {**record, "predicted": result.predicted, "correct": result.correct}

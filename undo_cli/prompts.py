@@ -153,15 +153,21 @@ def chat_response_suffix(tokenizer, messages: list[Message], response: str) -> s
     return response + eos
 
 
+def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
+    """The prompt's token ids, exactly as training sees them (the `hf` backend generates from these)."""
+    prompt_ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        if not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    return prompt_ids
+
+
 def encode_example(tokenizer, messages: list[Message], response: str) -> tuple[list[int], list[int]]:
     """Token ids and labels for one training example: the prompt is masked (-100).
 
     Prompt and response are tokenised separately and concatenated, so the
     prompt ids are exactly those `chat_prompt` gives the model at inference.
     """
-    prompt_ids = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        if not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id:
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = encode_prompt(tokenizer, messages)
     response_ids = tokenizer(chat_response_suffix(tokenizer, messages, response), add_special_tokens=False)["input_ids"]
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + list(response_ids)

@@ -1,0 +1,82 @@
+"""Score model outputs against gold answers: the CLI face of `undo_cli.scoring`.
+
+    undo score predictions.jsonl --output scored.jsonl
+    cat outputs.jsonl | undo score - --task choice > scored.jsonl
+
+Input is any JSONL whose lines have a gold `answer` and a model `output`
+(optionally `id`, `task`, `choices`): a "scorable" record. Every record is
+written back unchanged plus `predicted` (the extracted answer, null when the
+output commits to none) and `correct`. The accuracy, overall and per task,
+goes to stderr as a small table, so stdout stays pure JSONL for a pipeline.
+
+`--task` overrides each record's own `task` (useful for files written by
+other tools, which carry none); without either, records are scored as math.
+Scoring is pure CPU and fast, so the whole file is read, scored and written
+atomically: a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from undo_cli.errors import UndoError
+from undo_cli.records.schema import TASKS
+
+
+@dataclass
+class ScoreConfig:
+    """Everything `undo score` needs."""
+
+    input: str = field(metadata={"help": "JSONL with `answer` (gold) and `output` (model text); '-' reads stdin."})
+    output: str = field(default="-", metadata={"help": "Where to write the scored records ('-' is stdout)."})
+    task: str | None = field(default=None, metadata={
+        "help": "Score every record as this task (math, choice or exact); default: each record's `task`, else math."})
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise UndoError(f"--task {self.task}: unknown task",
+                            hint=f"use one of: {', '.join(TASKS)} (or leave it out to use each record's own task)")
+
+
+def run(config: ScoreConfig) -> dict[str, Any]:
+    """Score every record of `config.input`; returns {records, correct, accuracy, no_answer, by_task}."""
+    from rich.progress import track
+    from rich.table import Table
+
+    from undo_cli.console import console
+    from undo_cli.records import read_records, write_records
+    from undo_cli.records.io import display_name
+    from undo_cli.scoring import score_record
+
+    records = read_records(config.input, "scorable")
+    scored = [score_record(r, config.task) for r in
+              track(records, description="scoring", console=console, transient=True, disable=len(records) < 2000)]
+    write_records(config.output, scored)
+
+    totals: Counter[str] = Counter()
+    hits: Counter[str] = Counter()
+    empty: Counter[str] = Counter()
+    for r in scored:
+        task = config.task or r.get("task") or "math"
+        totals[task] += 1
+        hits[task] += bool(r["correct"])
+        empty[task] += r["predicted"] is None
+    n, k = len(scored), sum(hits.values())
+    summary = {
+        "records": n, "correct": k, "accuracy": k / n, "no_answer": sum(empty.values()),
+        "by_task": {t: {"records": totals[t], "correct": hits[t], "accuracy": hits[t] / totals[t],
+                        "no_answer": empty[t]} for t in sorted(totals)},
+    }
+
+    table = Table(title=f"undo score {display_name(config.input)}", title_justify="left")
+    for col in ("task", "records", "correct", "no answer", "accuracy"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t, row in summary["by_task"].items():
+        table.add_row(t, str(row["records"]), str(row["correct"]), str(row["no_answer"]), f"{row['accuracy']:.1%}")
+    if len(totals) > 1:
+        table.add_row("all", str(n), str(k), str(summary["no_answer"]), f"{k / n:.1%}", style="bold")
+    console.print(table)
+    console.print(f"accuracy: {k / n:.4f} ({k}/{n})")
+    return summary

@@ -73,8 +73,7 @@ def collect(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from undo_cli.scoring import score_record
 
         for p in unscored:
-            score = score_record(p)
-            p["predicted"], p["correct"] = score.predicted, score.correct
+            p.update(score_record(p))
 
     errors = []
     for p in predictions:

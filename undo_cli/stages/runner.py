@@ -1,0 +1,295 @@
+"""The one batched generation loop behind `undo generate`, `undo evaluate` and `undo refine`.
+
+Every stage that asks a model for text does the same dance: skip what a
+previous run already finished, open the backend only if something is left,
+send prompts in batches, turn completions into records, append each batch
+durably, show progress, and summarise. That lives here, once; a stage only says
+what its prompts are and how a completion becomes a record:
+
+    from undo_cli.stages.runner import WorkItem, run_generation, print_summary
+
+    items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
+
+    def make_records(item: WorkItem, completions: list[Completion]) -> list[dict]:
+        # one record per completion (n per item); ids must be unique in the output
+        return [{"id": f"{item.key}#{s}", "problem_id": item.key, ...} for s, c in enumerate(completions)]
+
+    summary = run_generation(
+        items, backend_config, sampling,
+        output="rationales.jsonl",        # or "-" for stdout (no resume)
+        kind="rationale",                 # the record shape (records/schema.py) every line must fit
+        make_records=make_records,
+        resume_key="problem_id",          # the record field that holds item.key
+        keep=lambda r: r["correct"],      # None keeps everything
+    )
+    print_summary(summary, title="undo generate")
+
+Contract, in detail:
+
+* **Resume.** The output is an `AppendLog`. An item counts as done when some
+  record on disk has `record[resume_key] == item.key`; done items are skipped
+  and the backend is not even loaded when nothing is left. For `generate` the
+  key is the problem id (`problem_id`), for `evaluate` the prediction id (`id`).
+* **Rejected records** (`keep` returned False) go to a sidecar next to the
+  output, `<stem>.rejected.jsonl` (`rationales.rejected.jsonl` for
+  `rationales.jsonl`). It serves two purposes: a person can read what the
+  teacher got wrong, and resume knows that a problem whose every sample was
+  rejected is *done* (otherwise a re-run would sample it again, and a third
+  time, and so on). Per batch the kept records are written first, then the
+  rejected ones, so a kill in between loses at most some rejected lines, never
+  a kept one. The sidecar belongs to its output: when the output file does not
+  exist yet (a fresh start, or the user deleted it) the sidecar is reset too.
+  With `--output -` there is no sidecar (rejected records are only counted).
+* **Durability.** Each batch is appended, flushed and fsynced before the next
+  one starts: a killed run loses at most the batch in flight and never writes a
+  record twice (AppendLog refuses duplicate ids).
+* **Batching.** A call to `backend.generate` gets `backend.batch_hint` items
+  (hf: --batch-size; openai: enough to keep --concurrency requests in flight;
+  vllm: a large block, since vLLM schedules internally). Backends with
+  `sort_by_length` (hf) get their work sorted by prompt length first, so a batch
+  pads little; records then come out grouped by length, not in input order
+  (join on ids, as every later stage does).
+* **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
+  %, tokens in/out, wall time and throughput; `print_summary` renders it as a
+  table on stderr. Stages add their own fields and write it where they like.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from undo_cli.backends.base import Completion, Message, SamplingConfig
+from undo_cli.console import console
+from undo_cli.errors import UndoError
+
+Record = dict[str, Any]
+
+
+@dataclass
+class WorkItem:
+    """One prompt to send: `n` completions of it become records via the stage's `make_records`."""
+
+    key: str                        # what resume matches against `record[resume_key]` (e.g. the problem id)
+    messages: list[Message]         # the chat messages the backend formats and sends
+    data: dict[str, Any] = field(default_factory=dict)  # whatever make_records needs (the problem, ...)
+
+
+def rejected_path(output: str) -> str | None:
+    """Where rejected records of `output` go: `out/rationales.jsonl` -> `out/rationales.rejected.jsonl`."""
+    if output == "-":
+        return None
+    p = Path(output)
+    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return str(p.with_name(f"{stem}.rejected.jsonl"))
+
+
+def _prompt_chars(item: WorkItem) -> int:
+    # A cheap stand-in for the token length (exact ordering is the backend's job within a batch).
+    return sum(len(m.get("content", "")) for m in item.messages)
+
+
+def run_generation(
+    items: Sequence[WorkItem],
+    backend: Any,
+    sampling: SamplingConfig,
+    output: str,
+    *,
+    kind: str,
+    make_records: Callable[[WorkItem, list[Completion]], list[Record]],
+    resume_key: str = "id",
+    keep: Callable[[Record], bool] | None = None,
+    fresh: bool = False,
+    description: str = "generating",
+) -> dict[str, Any]:
+    """Generate for every item not already in `output`; returns a summary dict (module docstring).
+
+    backend: a `BackendConfig` (opened here, only if there is work, and closed at
+        the end) or an already open backend (left open for the caller).
+    fresh: ignore what is on disk and start over (the output and its sidecar are truncated).
+    """
+    from undo_cli.backends import BackendConfig, open_backend
+    from undo_cli.records import AppendLog
+    from undo_cli.records.schema import check_record
+
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, c in Counter(keys).items() if c > 1)
+        raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
+    started = time.perf_counter()
+    side = rejected_path(output) if keep is not None else None
+    output_existed = output != "-" and Path(output).exists()
+    stats = _Stats(questions=len(items))
+    with AppendLog(output, kind, fresh=fresh) as out:
+        rejected_log = AppendLog(side, kind, fresh=fresh or not output_existed) if side else None
+        try:
+            done = out.done_ids(resume_key) | (rejected_log.done_ids(resume_key) if rejected_log else set())
+            todo = [item for item in items if item.key not in done]
+            stats.skipped = len(items) - len(todo)
+            stats.kept_before = len(out.existing)
+            if stats.skipped:
+                console.print(f"resuming {output}: {stats.skipped} of {len(items)} already done, {len(todo)} to go")
+            if todo:
+                owned = isinstance(backend, BackendConfig)
+                llm = open_backend(backend) if owned else backend
+                stats.backend, stats.model = llm.name, llm.model
+                try:
+                    _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats,
+                          description, started)
+                finally:
+                    if owned:
+                        llm.close()
+        finally:
+            if rejected_log is not None:
+                rejected_log.close()
+    stats.wall_s = time.perf_counter() - started
+    return stats.summary(output, side)
+
+
+def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats, description,
+          started) -> None:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    if getattr(llm, "sort_by_length", False):
+        todo = sorted(todo, key=_prompt_chars)  # stable: equal lengths keep input order
+    step = max(1, int(getattr(llm, "batch_hint", 32)))
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+               TextColumn("{task.fields[tps]:>8.1f} tok/s")]
+    gen_start = time.perf_counter()
+    stats.load_s = gen_start - started
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=len(todo), tps=0.0)
+        try:
+            for start in range(0, len(todo), step):
+                batch = todo[start : start + step]
+                results = llm.generate([item.messages for item in batch], sampling)
+                if len(results) != len(batch):
+                    raise UndoError(f"backend {llm.name} returned {len(results)} results for {len(batch)} prompts",
+                                    hint="this is a bug in the backend; please report it")
+                kept, rejected = [], []
+                for item, completions in zip(batch, results):
+                    stats.count_item(item, completions)
+                    item_kept = 0
+                    for record in make_records(item, completions):
+                        problem = check_record(record, kind)
+                        if problem is not None:  # a stage bug, not user input: say so plainly
+                            raise UndoError(f"internal: a generated {kind} record is malformed: {problem}")
+                        if keep is None or keep(record):
+                            kept.append(record)
+                            item_kept += 1
+                        else:
+                            rejected.append(record)
+                        stats.count_record(record)
+                    if item_kept == 0:
+                        stats.without_kept.append(item.key)
+                # Kept first: a kill between the two appends can only lose rejected lines (see docstring).
+                out.append(kept)
+                if rejected_log is not None:
+                    rejected_log.append(rejected)
+                stats.kept += len(kept)
+                stats.rejected += len(rejected)
+                stats.items_done += len(batch)
+                elapsed = time.perf_counter() - gen_start
+                progress.update(task, advance=len(batch), tps=stats.tokens_out / max(elapsed, 1e-9))
+        except BaseException:
+            if stats.items_done and out.resumable:
+                console.print(f"[yellow]stopped after {stats.items_done} of {len(todo)} items; what was written "
+                              f"to {out.path} is complete. Re-run the same command to resume.[/yellow]")
+            raise
+        finally:
+            stats.generation_s = time.perf_counter() - gen_start
+
+
+@dataclass
+class _Stats:
+    questions: int = 0
+    skipped: int = 0
+    kept_before: int = 0
+    items_done: int = 0
+    samples: int = 0
+    kept: int = 0
+    rejected: int = 0
+    verified: int = 0
+    scored: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    load_s: float = 0.0
+    generation_s: float = 0.0
+    wall_s: float = 0.0
+    backend: str | None = None
+    model: str | None = None
+    finish: Counter = field(default_factory=Counter)
+    without_kept: list[str] = field(default_factory=list)
+
+    def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
+        self.samples += len(completions)
+        # The prompt is encoded once per item whatever n is (hf, vLLM and OpenAI's `n` share it).
+        if completions:
+            self.tokens_in += completions[0].prompt_tokens
+        self.tokens_out += sum(c.completion_tokens for c in completions)
+        self.finish.update(str(c.finish_reason) for c in completions)
+
+    def count_record(self, record: Record) -> None:
+        if "correct" in record:
+            self.scored += 1
+            self.verified += bool(record["correct"])
+
+    def summary(self, output: str, side: str | None) -> dict[str, Any]:
+        gen = max(self.generation_s, 1e-9)
+        return {
+            "output": output,
+            "rejected_output": side,
+            "backend": self.backend,
+            "model": self.model,
+            "questions": self.questions,
+            "already_done": self.skipped,
+            "generated_for": self.items_done,
+            "samples": self.samples,
+            "kept": self.kept,
+            "rejected": self.rejected,
+            "kept_total": self.kept_before + self.kept,
+            "verified": self.verified,
+            "verified_pct": round(100.0 * self.verified / self.scored, 2) if self.scored else None,
+            "questions_without_kept": len(self.without_kept),
+            "without_kept_ids": self.without_kept[:10],
+            "finish_reasons": dict(self.finish),
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "load_s": round(self.load_s, 3),
+            "generation_s": round(self.generation_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": round(self.tokens_out / gen, 2) if self.samples else 0.0,
+            "samples_per_s": round(self.samples / gen, 3) if self.samples else 0.0,
+        }
+
+
+def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
+    """The summary as a two-column table on stderr (stdout may be carrying JSONL)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    pct = summary.get("verified_pct")
+    rows = [
+        ("questions", f"{summary['questions']}" + (f" ({summary['already_done']} already done)"
+                                                   if summary.get("already_done") else "")),
+        ("samples generated", summary["samples"]),
+        ("verified", "-" if pct is None else f"{summary['verified']} ({pct:.1f}%)"),
+        ("kept (this run / in file)", f"{summary['kept']} / {summary['kept_total']}"),
+        ("rejected", summary["rejected"]),
+        ("tokens in / out", f"{summary['tokens_in']:,} / {summary['tokens_out']:,}"),
+        ("finish reasons", ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())) or "-"),
+        ("wall time", f"{summary['wall_s']:.1f} s (model load {summary['load_s']:.1f} s)"),
+        ("throughput", f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    for extra_name, value in summary.get("extra_rows", []):
+        table.add_row(extra_name, str(value))
+    console.print(table)

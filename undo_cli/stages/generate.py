@@ -1,0 +1,229 @@
+"""Step 1 of the UNDO loop: the teacher writes worked solutions, and only verified ones are kept.
+
+    undo generate --teacher Qwen/Qwen2.5-7B-Instruct --input train.jsonl --output rationales.jsonl
+    undo generate --teacher my-model --backend openai --base-url http://127.0.0.1:8000/v1 \\
+        --input train.jsonl --output rationales.jsonl --n 4 --temperature 0.7 --concurrency 32
+    undo generate --teacher out/teacher --backend vllm --input train.jsonl --output - | head
+
+For every problem the teacher gets the prompt template (prompts/generate.jinja
+by default: system + user, optional few-shot examples) and writes `--n`
+rationales. Each one is scored with the one scorer (`undo_cli.scoring`) against
+the gold answer. With `--keep correct` (the default, rejection sampling as in
+the UNDO paper) only verified rationales go to the output; the others go to
+`<output stem>.rejected.jsonl` next to it, where a person can read what the
+teacher got wrong. Problems with no verified rationale are reported (count and
+a few ids) and simply have no line in the output: they are left out of training.
+
+One output line per kept sample, shaped as a `rationale` (docs/artifacts.md):
+
+    {"id": "gsm8k-17#0", "problem_id": "gsm8k-17", "question": ..., "answer": "42", "task": "math",
+     "rationale": "... #### 42", "predicted": "42", "correct": true, "teacher": "Qwen/...",
+     "backend": "hf", "sample": 0, "usage": {"prompt_tokens": 91, "completion_tokens": 130},
+     "template": "generate", "finish_reason": "stop", "iteration": 0}
+
+plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
+generated token) with `--logprobs K`, for offline white-box distillation.
+
+Resume: re-run the same command and finished problems are skipped (a problem
+is finished when any of its samples is in the output or in the rejected
+sidecar). All the batching, resume and progress logic is `stages/runner.py`,
+shared with `undo evaluate` and `undo refine`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.backends import BACKENDS
+from undo_cli.console import console, warn
+from undo_cli.errors import RecordError, UndoError
+
+KEEP = ("correct", "all")
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `undo generate` needs (each field is one CLI flag)."""
+
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"help": "Rationales JSONL; resumable unless '-' (stdout)."})
+    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
+    n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy. Use e.g. 0.7 with --n > 1."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
+    max_tokens: int = field(default=512, metadata={"help": "Most tokens per rationale; longer ones end with finish_reason 'length'."})
+    keep: str = field(default="correct", metadata={"help": "correct: keep only verified rationales; all: keep every sample."})
+    prompt: str = field(default="generate", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
+    fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
+    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x n)."})
+    logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the teacher over."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
+    iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+        if self.keep not in KEEP:
+            raise UndoError(f"--keep {self.keep}: unknown choice", hint="use --keep correct (verified only) or --keep all")
+        if self.n < 1:
+            raise UndoError(f"--n {self.n}: must be at least 1")
+        if self.temperature < 0:
+            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
+        if self.n > 1 and self.temperature == 0:
+            raise UndoError(f"--n {self.n} with --temperature 0 would give {self.n} identical greedy rationales",
+                            hint="sample with e.g. --temperature 0.7, or use --n 1")
+        if not 0 < self.top_p <= 1:
+            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.logprobs is not None and not 1 <= self.logprobs <= 20:
+            raise UndoError(f"--logprobs {self.logprobs}: must be between 1 and 20",
+                            hint="OpenAI-compatible servers return at most 20 alternatives per token")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise UndoError("--concurrency and --batch-size must be at least 1")
+        if self.base_url and self.backend != "openai":
+            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
+                            hint="add --backend openai to talk to a server")
+        if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
+            raise UndoError(f"--output {self.output} is the input file", hint="write rationales to a new file")
+
+    def backend_config(self):
+        from undo_cli.backends import BackendConfig
+
+        return BackendConfig(
+            backend=self.backend, model=self.teacher, trust_remote_code=self.trust_remote_code,
+            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
+            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+        )
+
+    def sampling(self):
+        from undo_cli.backends import SamplingConfig
+
+        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=self.seed, logprobs=self.logprobs)
+
+
+def read_fewshot(path: str) -> list[dict[str, str]]:
+    """Few-shot examples: one {"question": ..., "rationale": ...} object per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UndoError(f"--fewshot {path}: no such file", hint="a JSONL file of {\"question\", \"rationale\"} lines")
+    examples = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(path, lineno, f"not valid JSON ({exc.msg})") from None
+        for name in ("question", "rationale"):
+            if not isinstance(row, dict) or not isinstance(row.get(name), str):
+                raise RecordError(path, lineno, "missing or not text", field=name,
+                                  hint="each few-shot line is {\"question\": \"...\", \"rationale\": \"... #### 42\"}")
+        examples.append({"question": row["question"], "rationale": row["rationale"]})
+    return examples
+
+
+def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dict[str, str]]):
+    """One work item per problem: the rendered prompt plus the problem itself."""
+    from undo_cli.prompts import load_template, problem_variables, render_messages
+    from undo_cli.stages.runner import WorkItem
+
+    tmpl = load_template(template)
+    return [WorkItem(key=p["id"], messages=render_messages(tmpl, **problem_variables(p), examples=fewshot), data=p)
+            for p in problems]
+
+
+def make_record_builder(config: GenerateConfig, backend_name: str):
+    """`make_records` for the runner: completions of one problem -> scored rationale records."""
+    from undo_cli.prompts import template_name
+    from undo_cli.scoring import score
+
+    template = template_name(config.prompt)
+
+    def make_records(item, completions) -> list[dict[str, Any]]:
+        problem = item.data
+        task = problem.get("task") or "math"
+        records = []
+        for sample, c in enumerate(completions):
+            verdict = score(c.text, problem["answer"], task, problem.get("choices"))
+            record = {
+                "id": f"{problem['id']}#{sample}",
+                "problem_id": problem["id"],
+                "question": problem["question"],
+                "answer": problem["answer"],
+                "task": task,
+                **({"choices": problem["choices"]} if problem.get("choices") else {}),
+                "rationale": c.text,
+                "predicted": verdict.predicted,
+                "correct": verdict.correct,
+                "teacher": config.teacher,
+                "backend": backend_name,
+                "sample": sample,
+                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                "template": template,
+                "finish_reason": c.finish_reason,
+                **({"iteration": config.iteration} if config.iteration is not None else {}),
+                **{k: problem[k] for k in ("source", "meta") if k in problem},
+            }
+            if config.logprobs:
+                record["teacher_logprobs"] = [t.to_json() for t in c.logprobs] if c.logprobs is not None else None
+            records.append(record)
+        return records
+
+    return make_records
+
+
+def run(config: GenerateConfig) -> dict[str, Any]:
+    """Generate, verify and keep rationales; prints the summary table and returns it."""
+    from undo_cli.records import read_records
+    from undo_cli.stages.runner import print_summary, run_generation
+
+    problems = read_records(config.input, "problem")
+    fewshot = read_fewshot(config.fewshot) if config.fewshot else []
+    items = build_items(problems, config.prompt, fewshot)
+    keep = (lambda r: r["correct"]) if config.keep == "correct" else None
+    summary = run_generation(
+        items, config.backend_config(), config.sampling(), config.output,
+        kind="rationale", make_records=make_record_builder(config, config.backend),
+        resume_key="problem_id", keep=keep, description="generate",
+    )
+    summary["keep"] = config.keep
+    if config.keep == "correct":
+        _report_unverified(config, problems, summary)
+    print_summary(summary, title=f"undo generate ({config.backend}: {config.teacher})")
+    return summary
+
+
+def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Count the problems with no verified rationale in the whole output (this run and earlier ones)."""
+    from undo_cli.records import read_records
+
+    if config.output != "-":
+        kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}
+        missing = [p["id"] for p in problems if p["id"] not in kept]
+        count = len(missing)
+    else:  # stdout: nothing to re-read, and nothing was resumed either; this run's count is the count
+        missing, count = summary["without_kept_ids"], summary["questions_without_kept"]
+    summary["questions_without_kept"] = count
+    summary["without_kept_ids"] = missing[:10]
+    summary["extra_rows"] = [("questions with no verified rationale", count)]
+    if count:
+        shown = ", ".join(missing[:5]) + (", ..." if count > 5 else "")
+        where = f" (their samples are in {summary['rejected_output']})" if summary.get("rejected_output") else ""
+        warn(f"{count} of {len(problems)} questions got no verified rationale and are left out: {shown}{where}. "
+             "More samples (--n 4 --temperature 0.7) or a stronger teacher help.")
+    elif problems:
+        console.print("[green]every question has at least one verified rationale[/green]")

@@ -222,7 +222,10 @@ def generic(task: str | None) -> Convert:
     def convert(row: dict[str, Any], f: Fields) -> dict[str, Any]:
         question = get(row, f.question).strip()
         out: dict[str, Any] = {"question": question}
-        kind = task or ("choice" if f.choices else "math")
+        if f.choices is None and isinstance(row.get("choices"), (list, dict)):
+            f = Fields(f.question, f.answer, "choices", f.id)  # a problems file passes through as it is
+        own = row.get("task") if row.get("task") in ("math", "choice", "exact") else None
+        kind = task or own or ("choice" if f.choices else "math")
         if kind == "choice":
             if not f.choices:
                 raise FieldProblem("choices", "a choice task needs --choices-field naming the options column")
@@ -235,6 +238,15 @@ def generic(task: str | None) -> Convert:
         else:
             out["answer"] = number_text(get(row, f.answer, kinds=(str, int, float)))
         out["task"] = kind
+        # Everything else the row carries is kept in `meta` (a problems file's own meta included),
+        # so importing never silently drops a worked solution or a difficulty label.
+        mapped = {f.question, f.answer, f.choices, f.id, "id", "task", "meta", "source"}
+        meta = dict(row["meta"]) if isinstance(row.get("meta"), dict) else {}
+        for key, value in row.items():
+            if key not in mapped and isinstance(value, (str, int, float, bool, list, dict)):
+                meta.setdefault(str(key), value)
+        if meta:
+            out["meta"] = meta
         return out
 
     return convert

@@ -201,7 +201,7 @@ _BOOLEAN = {"yes": "yes", "true": "yes", "correct": "yes", "no": "no", "false": 
 
 def normalize_text(text: str) -> str:
     """Lowercase, drop punctuation, articles and extra spaces: 'The Eiffel Tower.' -> 'eiffel tower'."""
-    text = text.lower().replace("**", "")
+    text = text.lower().replace("**", "").replace("'", "").replace("’", "")  # "don't" -> "dont"
     text = "".join(" " if ch in string.punctuation else ch for ch in text)
     words = [w for w in text.split() if w not in ("a", "an", "the")]
     return " ".join(words)

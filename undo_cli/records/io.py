@@ -208,7 +208,12 @@ class AppendLog:
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             with p.open("r+b") as fh:
-                fh.truncate(cut)
+                try:  # a whole record that only lacks its newline was kept by the reader: keep it on disk too
+                    json.loads(data[cut:])
+                    fh.seek(0, os.SEEK_END)
+                    fh.write(b"\n")
+                except ValueError:  # a torn record: cut it off
+                    fh.truncate(cut)
                 fh.flush()
                 os.fsync(fh.fileno())
 

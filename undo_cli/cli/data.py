@@ -12,8 +12,8 @@ app = typer.Typer(help="Datasets: import a dataset into problems JSONL, split in
 
 @app.command("import")
 def import_(
-    source: Optional[str] = typer.Argument(None, help="A local .json/.jsonl/.csv/.parquet file or a Hugging Face "
-                                           "dataset name (default: the --preset's dataset on the Hub)."),
+    source: Optional[str] = typer.Argument(None, help="A local .json/.jsonl/.csv/.parquet file, '-' (JSONL on "
+                                           "stdin) or a Hugging Face dataset name (default: the --preset's dataset on the Hub)."),
     output_dir: str = typer.Option("data", "--output-dir", "-o", help="Folder for <split>.jsonl files."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Column layout of a known dataset: gsm8k, svamp, "
                                          "math, commonsense_qa, strategyqa, arc."),

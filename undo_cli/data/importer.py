@@ -33,7 +33,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from undo_cli.errors import RecordError, UndoError
 from undo_cli.records.schema import TASKS
@@ -46,7 +46,8 @@ class DataImportConfig:
     """Everything `undo data import` needs."""
 
     source: str | None = field(default=None, metadata={
-        "help": "A local .json/.jsonl/.csv/.parquet file or a Hugging Face dataset name (default: the preset's)."})
+        "help": "A local .json/.jsonl/.csv/.parquet file, '-' (JSONL on stdin) or a Hugging Face dataset name "
+                "(default: the preset's)."})
     output_dir: str = field(default="data", metadata={"help": "Folder for <split>.jsonl files (created if needed)."})
     preset: str | None = field(default=None, metadata={
         "help": "Column layout of a known dataset: gsm8k, svamp, math, commonsense_qa, strategyqa, arc."})
@@ -116,19 +117,23 @@ def split_counts(n: int, splits: list[tuple[str, float]]) -> list[int]:
 Row = tuple[int | None, str, dict[str, Any]]  # (line, "line 12" / "row 12", row)
 
 
+def _jsonl_lines(name: str, lines: Iterable[str]) -> Iterator[Row]:
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(name, lineno, f"not valid JSON ({exc.msg})",
+                              hint="each line must be one JSON object; fix or delete this line") from None
+        if not isinstance(row, dict):
+            raise RecordError(name, lineno, f"expected a JSON object, got {type(row).__name__}")
+        yield lineno, f"line {lineno}", row
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(str(path), lineno, f"not valid JSON ({exc.msg})",
-                                  hint="each line must be one JSON object; fix or delete this line") from None
-            if not isinstance(row, dict):
-                raise RecordError(str(path), lineno, f"expected a JSON object, got {type(row).__name__}")
-            yield lineno, f"line {lineno}", row
+        yield from _jsonl_lines(str(path), fh)
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
@@ -196,6 +201,10 @@ def _hub_rows(name: str, config: str | None, split: str) -> Iterator[Row]:
 def open_source(config: DataImportConfig, preset) -> tuple[str, str, Iterator[Row]]:
     """(display name, id stem, rows) for a local file or a Hub dataset."""
     source = config.source or preset.hub
+    if source == "-":  # JSONL on stdin, so an import can sit at the end of a pipeline
+        import sys
+
+        return "<stdin>", preset.name if preset else "stdin", _jsonl_lines("<stdin>", sys.stdin)
     path = Path(source)
     if path.is_file():
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}

@@ -251,7 +251,7 @@ def test_undo_score_cli(undo, tmp_path):
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"answer": "1", "output": "#### 1"}\n{"answer": "2"}\n')
-    proc = undo("score", broken, "--output", tmp_path / "never.jsonl")
+    proc = undo("score", broken, "--output", tmp_path / "never.jsonl", env={"COLUMNS": "400"})
     assert proc.returncode == 2
-    assert f"{broken}:2: field 'output': missing" in proc.stderr.replace("\n", "")
+    assert f"{broken}:2: field 'output': missing" in proc.stderr
     assert not (tmp_path / "never.jsonl").exists()

@@ -1,0 +1,234 @@
+"""Step 3 of the UNDO loop: the student answers held-out questions, and every answer is scored.
+
+    undo evaluate --model out/student --input val.jsonl --output out/val/predictions.jsonl
+    undo evaluate --model Qwen/Qwen2.5-1.5B-Instruct --adapter out/lora --input val.jsonl --output preds.jsonl
+    undo evaluate --model student --backend openai --base-url http://127.0.0.1:8000/v1 --input val.jsonl --output -
+
+The student sees each question through the `student` template
+(prompts/student.jinja, via `prompts.student_messages`): the very same text
+`undo train` puts in front of every rationale. If evaluation formatted the
+question differently from training, the student would be tested on a prompt it
+has never seen and the accuracy would measure the formatting, not the
+distillation. Decoding is greedy by default (--temperature 0), so a run is
+reproducible and two iterations are compared on equal terms.
+
+One line per problem, shaped as a `prediction` (docs/artifacts.md), keyed by
+the problem id so later stages can join on it:
+
+    {"id": "val-3", "question": ..., "answer": "18", "task": "math", "output": "... #### 16",
+     "predicted": "16", "correct": false, "finish_reason": "stop", "model": "out/student",
+     "usage": {"prompt_tokens": 52, "completion_tokens": 87}}
+
+`finish_reason` is kept because a student that runs out of tokens fails for a
+different reason than one that reasons wrongly; `undo collect-errors` tells
+them apart.
+
+After generating, the stage scores the whole output (this run and any earlier
+run it resumed) and writes `metrics.json` beside it, atomically: accuracy,
+count, correct, per-task accuracy, answers not extracted, truncated. With
+`--output -` predictions stream to stdout for a pipe, and metrics go to a file
+only when `--metrics` names one. Batching, resume (a killed run loses at most
+the batch in flight) and the progress bar are the shared `stages/runner.py`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.backends import BACKENDS
+from undo_cli.errors import UndoError
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `undo evaluate` needs (each field is one CLI flag)."""
+
+    model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
+    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"help": "Predictions JSONL; resumable unless '-' (stdout)."})
+    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
+    adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
+    max_tokens: int = field(default=512, metadata={"help": "Most tokens per answer; longer ones end with finish_reason 'length'."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (the default, reproducible)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed (with temperature > 0)."})
+    prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
+    metrics: str | None = field(default=None, metadata={"help": "Where to write metrics.json (default: beside --output; none for '-')."})
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
+    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the student over."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+        if self.temperature < 0:
+            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise UndoError("--concurrency and --batch-size must be at least 1")
+        if self.base_url and self.backend != "openai":
+            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
+                            hint="add --backend openai to talk to a server")
+        if self.adapter and self.backend != "hf":
+            raise UndoError(f"--adapter is applied by the hf backend, not '{self.backend}'",
+                            hint="use --backend hf, or merge the adapter and serve the merged model")
+        if self.adapter and not Path(self.adapter).is_dir():
+            raise UndoError(f"--adapter {self.adapter}: no such folder",
+                            hint="pass the folder `undo train --lora` wrote (it holds adapter_config.json)")
+        if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
+            raise UndoError(f"--output {self.output} is the input file", hint="write predictions to a new file")
+
+    @property
+    def metrics_path(self) -> str | None:
+        if self.metrics:
+            return self.metrics
+        return None if self.output == "-" else str(Path(self.output).with_name("metrics.json"))
+
+    def backend_config(self):
+        from undo_cli.backends import BackendConfig
+
+        return BackendConfig(
+            backend=self.backend, model=self.model, adapter=self.adapter, trust_remote_code=self.trust_remote_code,
+            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
+            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+        )
+
+    def sampling(self):
+        from undo_cli.backends import SamplingConfig
+
+        return SamplingConfig(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=self.seed)
+
+
+def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | None = None):
+    """`make_records` for the runner: the student's completion of one problem -> a scored prediction."""
+    from undo_cli.scoring import score
+
+    def make_records(item, completions) -> list[dict[str, Any]]:
+        problem, c = item.data, completions[0]
+        task = problem.get("task") or "math"
+        verdict = score(c.text, problem["answer"], task, problem.get("choices"))
+        record = {
+            "id": problem["id"],
+            "question": problem["question"],
+            "answer": problem["answer"],
+            "task": task,
+            **({"choices": problem["choices"]} if problem.get("choices") else {}),
+            "output": c.text,
+            "predicted": verdict.predicted,
+            "correct": verdict.correct,
+            "finish_reason": c.finish_reason,
+            "model": config.model,
+            **({"adapter": config.adapter} if config.adapter else {}),
+            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+            **{k: problem[k] for k in ("source", "meta") if k in problem},
+        }
+        if sink is not None:
+            sink.append(record)
+        return [record]
+
+    return make_records
+
+
+def compute_metrics(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per task, plus the two failure counts worth watching.
+
+    `no_answer`: outputs the scorer could extract no answer from (format not
+    learned yet); `truncated`: outputs cut by --max-tokens (rationales too long
+    for the budget). Both are counted over all predictions, right or wrong.
+    """
+    totals: Counter[str] = Counter()
+    hits: Counter[str] = Counter()
+    empty: Counter[str] = Counter()
+    cut: Counter[str] = Counter()
+    for p in predictions:
+        task = p.get("task") or "math"
+        totals[task] += 1
+        hits[task] += bool(p.get("correct"))
+        empty[task] += p.get("predicted") is None
+        cut[task] += p.get("finish_reason") == "length"
+    n, k = sum(totals.values()), sum(hits.values())
+    return {
+        "accuracy": k / n if n else 0.0,
+        "count": n,
+        "correct": k,
+        "no_answer": sum(empty.values()),
+        "truncated": sum(cut.values()),
+        "by_task": {t: {"count": totals[t], "correct": hits[t], "accuracy": hits[t] / totals[t],
+                        "no_answer": empty[t], "truncated": cut[t]} for t in sorted(totals)},
+    }
+
+
+def run(config: EvaluateConfig) -> dict[str, Any]:
+    """Answer, score, write predictions and metrics.json; prints two tables and returns the summary."""
+    from undo_cli.prompts import student_messages, template_name
+    from undo_cli.records import read_records, write_json
+    from undo_cli.stages.runner import WorkItem, print_summary, run_generation
+
+    problems = read_records(config.input, "problem")
+    items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]
+    streamed: list[dict[str, Any]] = []
+    summary = run_generation(
+        items, config.backend_config(), config.sampling(), config.output,
+        kind="prediction", make_records=make_record_builder(config, streamed if config.output == "-" else None),
+        resume_key="id", description="evaluate",
+    )
+
+    # Score the whole file, not just this run: a resumed run must report the same
+    # metrics an uninterrupted one would. Only ids of this input count.
+    if config.output == "-":
+        predictions = streamed
+    else:
+        wanted = {p["id"] for p in problems}
+        predictions = [r for r in read_records(config.output, "prediction", allow_empty=True) if r["id"] in wanted]
+    metrics = {
+        **compute_metrics(predictions),
+        "model": config.model,
+        **({"adapter": config.adapter} if config.adapter else {}),
+        "backend": config.backend,
+        "template": template_name(config.prompt),
+        "input": config.input,
+        "predictions": config.output,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+    }
+    if config.metrics_path:
+        write_json(config.metrics_path, metrics)
+    summary["metrics"] = metrics
+    summary["metrics_path"] = config.metrics_path
+    summary["extra_rows"] = [("accuracy", f"{metrics['correct']} / {metrics['count']} ({metrics['accuracy']:.1%})")]
+    print_summary(summary, title=f"undo evaluate ({config.backend}: {config.model})")
+    _print_metrics(metrics, config.metrics_path)
+    return summary
+
+
+def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:
+    from rich.table import Table
+
+    from undo_cli.console import console
+
+    table = Table(title="accuracy", title_justify="left")
+    for col in ("task", "count", "correct", "accuracy", "no answer", "truncated"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    rows = list(metrics["by_task"].items())
+    for task, row in rows:
+        table.add_row(task, str(row["count"]), str(row["correct"]), f"{row['accuracy']:.1%}",
+                      str(row["no_answer"]), str(row["truncated"]))
+    if len(rows) != 1:
+        table.add_row("all", str(metrics["count"]), str(metrics["correct"]), f"{metrics['accuracy']:.1%}",
+                      str(metrics["no_answer"]), str(metrics["truncated"]), style="bold")
+    console.print(table)
+    if path:
+        console.print(f"metrics written to {path}")

@@ -1,0 +1,435 @@
+"""Step 5 of the UNDO loop: the teacher re-teaches what the student got wrong, and is checked.
+
+    undo refine --teacher out/teacher --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl
+    undo refine --teacher my-model --backend openai --base-url http://127.0.0.1:8000/v1 \\
+        --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl --k 3 --max-targets 200
+    undo refine --teacher out/teacher --select errors --errors train_errors.jsonl --targets rationales.jsonl -o -
+
+Inputs: the student's failures (`undo collect-errors`: question, gold answer,
+the student's own output, error_type) and the teacher's current rationales
+(`undo generate`, or an earlier `undo refine`). Output: new rationales for
+some of those targets, one line per replaced target with the *same id*
+(`<problem_id>#<sample>`), so `undo iterate --mix replace` swaps them in by id.
+
+Which targets get refined (`--select`):
+
+* `similar` (default): the failures come from `val`, which the student never
+  trains on, so we refine the *training* items whose questions look most like
+  the failed ones (TF-IDF cosine similarity from scikit-learn; see
+  `select_similar` for the exact rule, ties and duplicates). The prompt shows
+  the failure that picked the target as "the student's attempt".
+* `errors`: the failures are themselves training items (the diagnosis pool is
+  part of the training data): refine their own rationales, matched by problem id.
+
+The prompt (prompts/refine.jinja) gives the teacher the question, the gold
+answer, its earlier rationale(s) for it, the student's wrong output and `--k`
+similar failures, and asks it to find where the student went wrong, explain the
+missed concept in the same notation and end with `#### <answer>`.
+
+Every new rationale is verified with the one scorer (`undo_cli.scoring`), as
+in `undo generate`. With `--n` > 1 (and a temperature) the first verified
+sample wins. When none verifies, or the text is empty or was cut off by
+--max-tokens, the previous rationale is kept and the record says so:
+
+    {"id": "p07#0", "problem_id": "p07", ..., "rationale": "<the new text, or the previous one>",
+     "refinement": {"informed_by": ["val-3", "val-9"], "iteration": 1, "template": "refine",
+                    "verified": true, "kept_previous": false, "previous_rationale": "...",
+                    "error_type": "wrong_answer", "similarity": 0.62, "attempts": 1,
+                    "teacher": ..., "backend": "hf", "usage": {...}}}
+
+With `kept_previous: true` the rejected text is in `refinement.rejected_rationale`
+for a person to read. Batching, resume (re-run the same command; finished ids
+are skipped, a kill loses at most the batch in flight), progress and the summary
+table are the shared `stages/runner.py`, exactly as for `undo generate`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.backends import BACKENDS
+from undo_cli.console import console, warn
+from undo_cli.errors import UndoError
+
+SELECT = ("similar", "errors")
+
+
+@dataclass
+class RefineConfig:
+    """Everything `undo refine` needs (each field is one CLI flag)."""
+
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    errors: str = field(metadata={"help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
+    targets: str = field(metadata={"help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
+    output: str = field(default="-", metadata={"help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
+    select: str = field(default="similar", metadata={
+        "help": "similar: refine the targets most similar to the failures; errors: refine the failed items themselves."})
+    k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
+    per_error: int = field(default=1, metadata={"help": "--select similar: target questions each failure nominates."})
+    max_targets: int | None = field(default=None, metadata={"help": "Refine at most this many target questions (most similar first)."})
+    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
+    prompt: str = field(default="refine", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
+    iteration: int | None = field(default=None, metadata={"help": "UNDO iteration recorded on each line (default: the target's + 1)."})
+    n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy. Use e.g. 0.7 with --n > 1."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
+    max_tokens: int = field(default=512, metadata={"help": "Most tokens per rationale; a cut-off one is never accepted."})
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples."})
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
+    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x n)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the teacher over."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise UndoError(f"--select {self.select}: unknown selection",
+                            hint="use --select similar (targets most like the failures) or --select errors "
+                                 "(the failed items themselves)")
+        if self.backend not in BACKENDS:
+            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+        if self.k < 0:
+            raise UndoError(f"--k {self.k}: must be 0 or more", hint="0 shows only the failure that chose the target")
+        if self.per_error < 1:
+            raise UndoError(f"--per-error {self.per_error}: must be at least 1")
+        if self.max_targets is not None and self.max_targets < 1:
+            raise UndoError(f"--max-targets {self.max_targets}: must be at least 1",
+                            hint="leave it out to refine every selected target")
+        if self.n < 1:
+            raise UndoError(f"--n {self.n}: must be at least 1")
+        if self.temperature < 0:
+            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
+        if self.n > 1 and self.temperature == 0:
+            raise UndoError(f"--n {self.n} with --temperature 0 would give {self.n} identical greedy rationales",
+                            hint="sample with e.g. --temperature 0.7, or use --n 1")
+        if not 0 < self.top_p <= 1:
+            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise UndoError("--concurrency and --batch-size must be at least 1")
+        if self.base_url and self.backend != "openai":
+            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
+                            hint="add --backend openai to talk to a server")
+        if self.errors == "-" and self.targets == "-":
+            raise UndoError("--errors and --targets cannot both read stdin", hint="give one of them as a file")
+        if self.output != "-":
+            for name, path in (("--targets", self.targets), ("--errors", self.errors)):
+                if path != "-" and Path(self.output).resolve() == Path(path).resolve():
+                    raise UndoError(f"--output {self.output} is the {name} file",
+                                    hint="write refined rationales to a new file; `undo iterate --mix replace` merges them")
+
+    def backend_config(self):
+        from undo_cli.backends import BackendConfig
+
+        return BackendConfig(
+            backend=self.backend, model=self.teacher, trust_remote_code=self.trust_remote_code,
+            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
+            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+        )
+
+    def sampling(self):
+        from undo_cli.backends import SamplingConfig
+
+        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=self.seed)
+
+
+# --- which targets to refine -----------------------------------------------------------
+
+@dataclass
+class Job:
+    """One rationale to refine: the target record it replaces and the failures shown to the teacher."""
+
+    target: dict[str, Any]                 # the rationale record (its id is the output's id)
+    failure: dict[str, Any]                # the error whose student output the prompt shows
+    similar: list[dict[str, Any]]          # up to K other failures, most similar first
+    previous: list[str]                    # the teacher's earlier rationales for this problem, this one first
+    similarity: float                      # cosine(failure question, target question); 1.0 for --select errors
+
+
+def _tfidf_similarity(rows: list[str], cols: list[str]):
+    """Cosine similarity of TF-IDF vectors, rows x cols (a dense numpy array).
+
+    Fitted on both sides together, so a word's weight reflects how informative
+    it is across everything compared. Word unigrams and bigrams, sublinear tf,
+    English stop words dropped: "how many" is in every other math question and
+    would make unrelated problems look alike. (Single digits are not tokens
+    for the default pattern either; numbers say little about *which* idea a
+    question tests.)
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
+    try:
+        vectorizer.fit(rows + cols)
+    except ValueError:  # every text is empty or stop words: nothing is similar to anything
+        import numpy as np
+
+        return np.zeros((len(rows), len(cols)))
+    return cosine_similarity(vectorizer.transform(rows), vectorizer.transform(cols))
+
+
+def _ranked(scores, exclude: int | None = None) -> list[int]:
+    """Indices by descending score, ties in file order; zero-similarity entries dropped."""
+    import numpy as np
+
+    order = np.argsort(-scores, kind="stable")
+    return [int(i) for i in order if scores[i] > 0 and i != exclude]
+
+
+def _group_targets(targets: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Target rationale records per problem id, in file order (dicts keep insertion order)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in targets:
+        groups.setdefault(t["problem_id"], []).append(t)
+    return groups
+
+
+def _jobs_for(records: list[dict[str, Any]], failure: dict[str, Any], similar: list[dict[str, Any]],
+              similarity: float) -> list[Job]:
+    """One job per rationale record of a selected problem; each prompt shows all the problem's rationales."""
+    texts = list(dict.fromkeys(r["rationale"] for r in records))  # de-duplicated, file order
+    jobs = []
+    for r in records:
+        previous = [r["rationale"]] + [t for t in texts if t != r["rationale"]]
+        jobs.append(Job(target=r, failure=failure, similar=similar, previous=previous, similarity=similarity))
+    return jobs
+
+
+def select_similar(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *, k: int = 3,
+                   per_error: int = 1, max_targets: int | None = None) -> tuple[list[Job], dict[str, int]]:
+    """Refine the target problems whose questions are most similar to the failures.
+
+    1. Cosine similarity of TF-IDF vectors between every failure's question and
+       every target *problem*'s question (a problem with several rationale
+       samples counts once).
+    2. Each failure nominates its `per_error` nearest target problems. A pair
+       with zero similarity (no shared word) nominates nothing: an arbitrary
+       pick would teach nothing about that failure.
+    3. The union of nominated problems is the selection. A problem nominated by
+       several failures is refined once; the failure whose question is most
+       similar to it becomes "the student's wrong output" in its prompt.
+    4. Selected problems are ordered by that best similarity (highest first)
+       and `max_targets` keeps the first N.
+    5. The K similar failures shown with a problem are the other failures
+       nearest to *its* question, most similar first.
+
+    Ties are broken by file order everywhere (an earlier target, an earlier
+    failure wins), so the same inputs always give the same selection; that is
+    also what makes a resumed run pick exactly the jobs the killed one had.
+    Two targets with identical question text are distinct problems and may
+    both be selected. Every rationale record of a selected problem becomes its
+    own job (same id in the output), so `--mix replace` swaps all of them.
+
+    Returns the jobs and counts for the summary.
+    """
+    groups = _group_targets(targets)
+    problems = list(groups)
+    if not errors or not problems:
+        return [], {"selected": 0, "unmatched_errors": len(errors)}
+    sim = _tfidf_similarity([e["question"] for e in errors], [groups[p][0]["question"] for p in problems])
+
+    best: dict[int, tuple[float, int]] = {}  # problem index -> (similarity, error index)
+    unmatched = 0
+    for ei in range(len(errors)):
+        nearest = _ranked(sim[ei])[:per_error]
+        unmatched += not nearest
+        for pi in nearest:
+            s = float(sim[ei, pi])
+            if pi not in best or s > best[pi][0]:  # strict: an earlier failure keeps a tie
+                best[pi] = (s, ei)
+
+    chosen = sorted(best, key=lambda pi: (-best[pi][0], pi))
+    if max_targets is not None:
+        chosen = chosen[:max_targets]
+    jobs: list[Job] = []
+    for pi in chosen:
+        s, ei = best[pi]
+        similar = [errors[i] for i in _ranked(sim[:, pi], exclude=ei)[:k]]
+        jobs.extend(_jobs_for(groups[problems[pi]], errors[ei], similar, s))
+    return jobs, {"selected": len(chosen), "unmatched_errors": unmatched}
+
+
+def select_errors(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *, k: int = 3,
+                  max_targets: int | None = None) -> tuple[list[Job], dict[str, int]]:
+    """Refine the failed problems themselves (when the diagnosis pool is training data).
+
+    A failure is matched to the targets whose `problem_id` equals its `id`; a
+    failure with no rationale to replace is counted and skipped (there is no
+    previous rationale to fall back on). The K similar failures are the other
+    failures nearest to it by TF-IDF question similarity, ties in file order.
+    `max_targets` keeps the first N matched failures in the errors file's order.
+    """
+    groups = _group_targets(targets)
+    matched = [i for i, e in enumerate(errors) if e["id"] in groups]
+    if max_targets is not None:
+        matched = matched[:max_targets]
+    sim = _tfidf_similarity([e["question"] for e in errors], [e["question"] for e in errors]) if matched else None
+    jobs: list[Job] = []
+    for ei in matched:
+        similar = [errors[i] for i in _ranked(sim[ei], exclude=ei)[:k]]
+        jobs.extend(_jobs_for(groups[errors[ei]["id"]], errors[ei], similar, 1.0))
+    return jobs, {"selected": len(matched), "unmatched_errors": sum(e["id"] not in groups for e in errors)}
+
+
+# --- prompts, verification, records ------------------------------------------------------
+
+def _failure_view(error: dict[str, Any]) -> dict[str, Any]:
+    """What the template may show of a failure (no usage, model names or other noise)."""
+    return {"id": error["id"], "question": error["question"], "answer": error["answer"],
+            "output": error["output"], "predicted": error.get("predicted"), "error_type": error["error_type"]}
+
+
+def build_items(jobs: list[Job], template: str):
+    """One work item per job, keyed by the target id it replaces."""
+    from undo_cli.prompts import load_template, problem_variables, render_messages
+    from undo_cli.stages.runner import WorkItem
+
+    tmpl = load_template(template)
+    items = []
+    for job in jobs:
+        messages = render_messages(
+            tmpl, **problem_variables(job.target),
+            previous_rationales=job.previous,
+            student_output=job.failure["output"],
+            student_question=job.failure["question"],
+            student_predicted=job.failure.get("predicted"),
+            error_type=job.failure["error_type"],
+            similar_failures=[_failure_view(e) for e in job.similar],
+        )
+        items.append(WorkItem(key=job.target["id"], messages=messages, data={"job": job}))
+    return items
+
+
+def verify(text: str, finish_reason: str | None, target: dict[str, Any]):
+    """(Score, accepted): a refinement is accepted only when complete, non-empty and correct."""
+    from undo_cli.scoring import score
+
+    verdict = score(text, target["answer"], target.get("task") or "math", target.get("choices"))
+    return verdict, bool(text.strip()) and finish_reason != "length" and verdict.correct
+
+
+def make_record_builder(config: RefineConfig, stats: Counter):
+    """`make_records` for the runner: n refinements of one target -> one rationale record."""
+    from undo_cli.prompts import template_name
+
+    template = template_name(config.prompt)
+
+    def make_records(item, completions) -> list[dict[str, Any]]:
+        job: Job = item.data["job"]
+        target = job.target
+        iteration = config.iteration if config.iteration is not None else int(target.get("iteration") or 0) + 1
+        checked = [(c, *verify(c.text, c.finish_reason, target)) for c in completions]
+        winner = next(((c, v) for c, v, ok in checked if ok), None)
+        refinement: dict[str, Any] = {
+            "informed_by": [job.failure["id"]] + [e["id"] for e in job.similar],
+            "iteration": iteration,
+            "template": template,
+            "verified": winner is not None,
+            "kept_previous": winner is None,
+            "error_type": job.failure["error_type"],
+            "similarity": round(job.similarity, 4),
+            "attempts": len(completions),
+            "teacher": config.teacher,
+            "backend": config.backend,
+            "usage": {"prompt_tokens": completions[0].prompt_tokens if completions else 0,
+                      "completion_tokens": sum(c.completion_tokens for c in completions)},
+        }
+        if winner is not None:
+            c, verdict = winner
+            stats["verified"] += 1
+            # The old rationale's logprobs and refinement belong to the old text.
+            record = {k: v for k, v in target.items() if k not in ("teacher_logprobs", "refinement")}
+            record.update({
+                "rationale": c.text, "predicted": verdict.predicted, "correct": True,
+                "teacher": config.teacher, "backend": config.backend,
+                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                "template": template, "finish_reason": c.finish_reason, "iteration": iteration,
+            })
+            refinement["previous_rationale"] = target["rationale"]
+        else:
+            stats["kept_previous"] += 1
+            # The previous rationale stays, with its own provenance; the attempt is kept for a person to read.
+            record = {k: v for k, v in target.items() if k != "refinement"}
+            first, verdict, _ = checked[0] if checked else (None, None, False)
+            refinement["rejected_rationale"] = first.text if first is not None else ""
+            refinement["rejected_predicted"] = verdict.predicted if verdict is not None else None
+            refinement["rejected_finish_reason"] = first.finish_reason if first is not None else None
+            if len(checked) > 1:
+                refinement["more_rejected"] = [c.text for c, _, _ in checked[1:]]
+        record["refinement"] = refinement
+        return [record]
+
+    return make_records
+
+
+def run(config: RefineConfig) -> dict[str, Any]:
+    """Select, refine, verify and write; prints the summary table and returns it."""
+    from undo_cli.records import read_records
+    from undo_cli.stages.runner import print_summary, run_generation
+
+    errors = read_records(config.errors, "error", allow_empty=True)
+    targets = read_records(config.targets, "rationale")
+    if config.select == "similar":
+        jobs, counts = select_similar(errors, targets, k=config.k, per_error=config.per_error,
+                                      max_targets=config.max_targets)
+    else:
+        jobs, counts = select_errors(errors, targets, k=config.k, max_targets=config.max_targets)
+
+    if not errors:
+        console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")
+    elif not jobs:
+        if config.select == "errors":
+            raise UndoError(f"none of the {len(errors)} failures in {config.errors} has a rationale in "
+                            f"{config.targets} (matched by problem id: error 'id' = target 'problem_id')",
+                            hint="use --select similar when the failures come from a validation split")
+        raise UndoError(f"no target question in {config.targets} shares a word with any failure in {config.errors}",
+                        hint="check that both files are about the same kind of problems")
+    if counts["unmatched_errors"]:
+        why = "no similar target question" if config.select == "similar" else "no rationale in --targets"
+        warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
+
+    stats: Counter = Counter()
+    summary = run_generation(
+        build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
+        kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
+        description="refine",
+    )
+    # The runner counts `correct`, which a kept previous rationale also has; what
+    # matters here is how many *refinements* verified. Count the whole file so a
+    # resumed run reports the same totals an uninterrupted one would.
+    if config.output != "-":
+        ours = {j.target["id"] for j in jobs}
+        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
+        verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
+        kept_previous = len(done) - verified
+    else:
+        verified, kept_previous = stats["verified"], stats["kept_previous"]
+    total = verified + kept_previous
+    summary.update({
+        "select": config.select, "errors": len(errors), "targets": len(targets),
+        "selected_questions": counts["selected"], "jobs": len(jobs),
+        "unmatched_errors": counts["unmatched_errors"],
+        "refined_verified": verified, "kept_previous": kept_previous,
+        "verified": verified, "verified_pct": round(100.0 * verified / total, 2) if total else None,
+    })
+    summary["extra_rows"] = [
+        ("failures / targets read", f"{len(errors)} / {len(targets)}"),
+        (f"selected ({config.select})", f"{counts['selected']} questions, {len(jobs)} rationales"),
+        ("refined and verified", verified),
+        ("kept previous (refinement failed)", kept_previous),
+    ]
+    print_summary(summary, title=f"undo refine ({config.backend}: {config.teacher})")
+    if kept_previous and total:
+        warn(f"{kept_previous} of {total} refinements did not verify; their previous rationales were kept "
+             "(the rejected text is in refinement.rejected_rationale)")
+    return summary

@@ -66,7 +66,7 @@ def main() -> None:
     from undo_cli.errors import UndoError
 
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
     except UndoError as exc:
         from undo_cli.console import console
 
@@ -79,14 +79,21 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # click's own usage errors arrive here in non-standalone mode
         import click
+        import typer.exceptions
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer >= 0.20 vendors click: its usage errors derive from typer.exceptions.TyperException.
+        if isinstance(exc, (click.exceptions.ClickException, typer.exceptions.TyperException)) and hasattr(exc, "show"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, (click.exceptions.Abort, typer.exceptions.Abort)):
             sys.stderr.write("aborted\n")
             sys.exit(1)
         raise
+    # In non-standalone mode typer returns the code of a typer.Exit (130 for Ctrl-C) instead of exiting.
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        if result == 130:
+            sys.stderr.write("interrupted\n")
+        sys.exit(result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""The `undo` command line as a shell sees it: help, exit codes, a light start."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from undo_cli.cli.app import COMMANDS
+
+
+def _landed() -> list[str]:
+    return [name for name, module, _ in COMMANDS if importlib.util.find_spec(module) is not None]
+
+
+def test_help_lists_every_landed_command(undo):
+    proc = undo("--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+    landed = _landed()
+    assert {"data", "score"} <= set(landed)
+    for name in landed:
+        assert f" {name} " in proc.stdout, f"`undo --help` does not list {name}"
+    data = undo("data", "import", "--help", env={"COLUMNS": "200"})
+    assert data.returncode == 0
+    for flag in ("--preset", "--question-field", "--answer-field", "--choices-field", "--split", "--seed", "--output-dir"):
+        assert flag in data.stdout
+
+
+def test_usage_errors_exit_2_without_a_traceback(undo):
+    for args in (["frobnicate"], ["score", "--bogus", "x"], ["score"], ["data", "import", "--limit", "many"]):
+        proc = undo(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert "Usage:" in proc.stderr
+    bare = undo()  # no command: the help, as a usage error
+    assert bare.returncode == 2 and "Commands" in bare.stdout + bare.stderr
+
+
+def test_success_is_0_and_user_errors_are_2(undo, tmp_path):
+    good = undo("score", "-", input=json.dumps({"answer": "4", "output": "#### 4"}) + "\n")
+    assert good.returncode == 0 and json.loads(good.stdout)["correct"] is True
+    bad = undo("score", tmp_path / "missing.jsonl")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "hint:" in bad.stderr
+
+
+def test_ctrl_c_exits_130(tmp_path):
+    # `undo score -` waits on stdin; an interrupt there must not look like success.
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "score", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write('{"answer": "1", "output": "#### 1"}\n')
+    proc.stdin.flush()
+    time.sleep(1.5)  # let it start and block on reading stdin
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+
+
+def test_help_imports_nothing_heavy():
+    """`undo --help` must start instantly: no torch, transformers, datasets or math-verify at import."""
+    code = ("import sys, undo_cli.cli.app; "
+            "print(','.join(m for m in ('torch', 'transformers', 'datasets', 'math_verify', 'sympy', 'pyarrow', "
+            "'sklearn', 'openai', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -207,3 +207,23 @@ def test_dash_is_stdin_and_stdout_through_the_real_cli(undo):
     assert [r["correct"] for r in out] == [True, True, True, False]
     assert out[3]["predicted"] is None
     assert "accuracy: 0.7500 (3/4)" in second.stderr
+
+
+def test_every_example_line_in_docs_artifacts_fits_its_shape():
+    """docs/artifacts.md shows one example line per shape; each must pass the reader's validation."""
+    import re
+    from pathlib import Path
+
+    from undo_cli.records import check_record
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "artifacts.md").read_text(encoding="utf-8")
+    shapes = {"problem": "problem", "rationale": "rationale", "prediction": "prediction", "error": "error",
+              "refined rationale": "rationale", "scorable": "scorable"}
+    found = {}
+    for section, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", doc, flags=re.S | re.M):
+        for block in re.findall(r"```json\n(.*?)\n```", body, flags=re.S):
+            record = json.loads(block)
+            assert check_record(record, shapes[section]) is None, (section, check_record(record, shapes[section]))
+            found[section] = record
+    assert set(found) == set(shapes)
+    assert "refinement" in found["refined rationale"] and found["error"]["error_type"] == "wrong_answer"

@@ -123,6 +123,15 @@ CASES: list[tuple[str, str, str, list[str] | None, bool]] = [
     ("A department store sells many things. The answer is mall.", "C", "choice", CQA, False),
     ("The answer is E", "E", "choice", CQA, True),
     ("The answer is F", "E", "choice", CQA, False),
+    ("The answer is a dog.", "B", "choice", ["cat", "dog", "cow"], True),
+    ("A cow says moo, so the answer is a cow.", "B", "choice", ["cat", "dog", "cow"], False),
+    ("I think it is London, option B.", "B", "choice", ABC, True),
+    ("We need to answer a question about capitals. Paris is in France. (A)", "A", "choice", ABC, True),
+    # --- markdown headings that start with '####' are not answers ---
+    ("#### Step 1: Add\n3 + 4 = 7\n#### Step 2: Double\n7 * 2 = 14\n#### 14", "14", "math", None, True),
+    ("#### Step 1: Add\n3 + 4 = 7 apples in total.", "7", "math", None, True),
+    ("#### Step 1: Add\n3 + 4 = 7 apples in total.", "1", "math", None, False),
+    ("#### Solution:\nShe has 5 + 6 = 11.\n#### 11", "11", "math", None, True),
     # --- exact: yes/no and short strings ---
     ("Aristotle died in 322 BC, before laptops existed. So the answer is no.", "no", "exact", None, True),
     ("Aristotle died in 322 BC, before laptops existed. So the answer is yes.", "no", "exact", None, False),
@@ -202,8 +211,8 @@ def test_scorer_works_off_the_main_thread():
 
     def work():
         try:
-            results.append(score("So the side is $\\boxed{\\sqrt{8}}$.", "2\\sqrt{2}").correct)
-            results.append(score("#### 2^{9}", "1024").correct)
+            results.append((score("So the side is $\\boxed{\\sqrt{8}}$.", "2\\sqrt{2}").correct,
+                            score("#### 2^{9}", "1024").correct))
         except Exception as exc:  # pragma: no cover - the failure we guard against
             errors.append(exc)
 
@@ -213,7 +222,7 @@ def test_scorer_works_off_the_main_thread():
     for t in threads:
         t.join()
     assert not errors
-    assert results == [True, False] * 3
+    assert results == [(True, False)] * 3
 
 
 def test_costly_expressions_do_not_hang():

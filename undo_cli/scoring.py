@@ -75,7 +75,7 @@ def _answer_region(text: str) -> str:
 
 _HASHES = re.compile(r"####\s*(.*)")
 _ANSWER_PHRASE = re.compile(
-    r"(?:final\s+answer|the\s+(?:correct\s+)?answer|answer)\s*(?:\*\*)?\s*(?:is|:|=)\s*(?:\*\*)?\s*:?[ \t]*(.*)",
+    r"\b(?:final\s+answer|the\s+(?:correct\s+)?answer|answer)\s*(?:\*\*)?\s*(?:is|:|=)\s*(?:\*\*)?\s*:?[ \t]*(.*)",
     re.IGNORECASE)
 
 
@@ -102,10 +102,15 @@ def _line_after(text: str, start: int, rest: str) -> str:
     return ""
 
 
+# Markdown headings also start with '####' ("#### Step 1: add the apples"); they are not answers.
+_HEADING = re.compile(r"^(?:step|part|stage|case)\s*\w*\s*[:.)-]|^(?:step|part)\s+\d+\b|.*:\s*$", re.IGNORECASE)
+
+
 def _explicit_span(text: str) -> str | None:
     """The raw text of an explicit final answer, or None when the model gave none."""
-    m = _HASHES.search(text)  # our format; the first one is the committed answer
-    if m:
+    for m in _HASHES.finditer(text):  # our format; the first one is the committed answer
+        if _HEADING.match(m.group(1).strip()):
+            continue
         span = _line_after(text, m.start(), m.group(1))
         boxed = _boxed_contents(span)
         return boxed[-1] if boxed else span
@@ -158,8 +163,18 @@ def _last_math(text: str) -> str | None:
 
 
 _LETTER_SPAN = re.compile(r"^\(?([A-Za-z])\)?(?:[.):,]|\s|$)")
-_LETTER_WORD = re.compile(r"\b(?:option|choice|answer|letter)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\)?(?![\w'])", re.IGNORECASE)
+# "option B", "choice (c)": a bare lowercase letter after these words is too often a word ("answer a question").
+_LETTER_WORD = re.compile(r"\b(?i:option|choice|answer|letter)\s*(?i:is\s*)?:?\s*(?:\(([A-Za-z])\)|([A-Z]))(?![\w'])")
 _LETTER_PAREN = re.compile(r"\(([A-Za-z])\)")
+
+
+def _letter(m: re.Match | None) -> str | None:
+    return None if m is None else next(g for g in m.groups() if g is not None).upper()
+
+
+def _is_word(span: str, m: re.Match) -> bool:
+    """'A dog', 'I think': the one-letter words a/I, not an option letter."""
+    return m.group(1).lower() in ("a", "i") and "(" not in m.group(0) and bool(re.match(r"\s+\w", span[m.end(1):]))
 
 
 def _letters(choices: list[str] | None) -> str:
@@ -170,9 +185,12 @@ def _choice_from_span(span: str, choices: list[str] | None) -> str | None:
     """A letter from 'B', '(b)', 'B. Paris', 'option B', or the option's text."""
     span = span.strip().replace("**", "").strip("$ ")
     letters = _letters(choices)
-    m = _LETTER_SPAN.match(span) or _LETTER_WORD.search(span)
-    if m and m.group(1).upper() in letters:
+    m = _LETTER_SPAN.match(span)
+    if m and m.group(1).upper() in letters and not _is_word(span, m):
         return m.group(1).upper()
+    letter = _letter(_LETTER_WORD.search(span))
+    if letter is not None and letter in letters:
+        return letter
     if choices:
         norm = normalize_text(span)
         for i, option in enumerate(choices):
@@ -189,9 +207,9 @@ def _choice_from_span(span: str, choices: list[str] | None) -> str | None:
 
 def _choice_fallback(text: str, choices: list[str] | None) -> str | None:
     letters = _letters(choices)
-    hits = [m for m in [*_LETTER_WORD.finditer(text), *_LETTER_PAREN.finditer(text)] if m.group(1).upper() in letters]
+    hits = [m for m in [*_LETTER_WORD.finditer(text), *_LETTER_PAREN.finditer(text)] if (_letter(m) or "?") in letters]
     if hits:
-        return max(hits, key=lambda m: m.end()).group(1).upper()
+        return _letter(max(hits, key=lambda m: m.end()))
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return _choice_from_span(lines[-1], choices) if lines else None
 

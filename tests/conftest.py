@@ -15,6 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Real servers on 127.0.0.1 (transformers serve, a scripted fault server) as fixtures: see tests/servers.py.
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):

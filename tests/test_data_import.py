@@ -219,6 +219,8 @@ def test_split_arithmetic():
      "bad.jsonl:1: field 'answer': 'Z' is neither an option label (A, B) nor an option's text"),
     ("bad.csv", "question,answer\nq1,1\nq2,2,extra\n", [], "bad.csv:3: has a different number of columns"),
     ("bad.json", '[{"question": "q", "answer": "1"}, 3]', [], "bad.json: item 1: expected a JSON object"),
+    ("bad.json", '{"data": [{"question": "q", "answer": "1"}, {"question": "r"}]}', [],
+     "bad.json item 1: field 'answer': missing"),
     ("empty.jsonl", "", [], "empty.jsonl: no rows to import"),
     ("ok.jsonl", '{"question": "q", "answer": "1"}\n', ["--preset", "gsm9k"], "--preset gsm9k: unknown preset"),
     ("ok.jsonl", '{"question": "q", "answer": "1"}\n', ["--split", "train=0.9"], "fractions add up to 0.9, not 1"),

@@ -246,8 +246,8 @@ def convert_rows(config: DataImportConfig) -> tuple[str, list[dict[str, Any]]]:
             break
 
         def fail(message: str, field: str | None = None) -> RecordError:
-            at = "" if line is not None else f"{where}: "
-            return RecordError(name, line, at + message, field=field,
+            # Files with lines say file:line; a parquet file, a JSON list or a Hub dataset say "row N".
+            return RecordError(name if line is not None else f"{name} {where}", line, message, field=field,
                                hint="map the columns with --question-field/--answer-field/--choices-field/--id-field"
                                     + ("" if preset else ", or use a --preset"))
 
@@ -286,13 +286,15 @@ def run(config: DataImportConfig) -> dict[str, Any]:
     from undo_cli.console import console, warn
     from undo_cli.records import write_json, write_records
 
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UndoError(f"--output-dir {out}: is a file, not a folder", hint="name a folder (it is created if needed)")
     with console.status("reading and checking rows..."):
         name, problems = convert_rows(config)
 
     order = list(range(len(problems)))
     random.Random(config.seed).shuffle(order)
     counts = split_counts(len(problems), config.splits)
-    out = Path(config.output_dir)
     summary: dict[str, Any] = {"source": name, "preset": config.preset, "problems": len(problems),
                                "seed": config.seed, "split": config.split, "splits": {}}
     start = 0

@@ -79,7 +79,7 @@ _ANSWER_PHRASE = re.compile(
     re.IGNORECASE)
 
 
-def _boxed_contents(text: str) -> list[str]:
+def boxed_contents(text: str) -> list[str]:
     r"""The contents of every \boxed{...} / \fbox{...}, with nested braces balanced."""
     found = []
     for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
@@ -112,9 +112,9 @@ def _explicit_span(text: str) -> str | None:
         if _HEADING.match(m.group(1).strip()):
             continue
         span = _line_after(text, m.start(), m.group(1))
-        boxed = _boxed_contents(span)
+        boxed = boxed_contents(span)
         return boxed[-1] if boxed else span
-    boxed = _boxed_contents(text)
+    boxed = boxed_contents(text)
     if boxed:
         return boxed[-1]
     matches = list(_ANSWER_PHRASE.finditer(text))

@@ -29,7 +29,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from undo_cli.scoring import _boxed_contents
+from undo_cli.scoring import boxed_contents
 
 
 class FieldProblem(ValueError):
@@ -159,7 +159,7 @@ def _math(row: dict[str, Any], f: Fields) -> dict[str, Any]:
     if f.answer != "solution" and row.get(f.answer) not in (None, ""):  # MATH-500 has its own `answer` column
         answer = number_text(get(row, f.answer, kinds=(str, int, float)))
     else:
-        boxed = _boxed_contents(solution)
+        boxed = boxed_contents(solution)
         if not boxed:
             raise FieldProblem("solution", "no \\boxed{...} answer in the solution")
         answer = boxed[-1].strip()

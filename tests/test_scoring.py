@@ -85,6 +85,11 @@ CASES: list[tuple[str, str, str, list[str] | None, bool]] = [
     ("She has 4 + 8 = 12 pens. The answer is 12.\n\nQuestion: Ben has 3 cats. How many legs?\nAnswer: 12", "12", "math", None, True),
     ("She has 4 + 8 = 12 pens. The answer is 11.\n\nQuestion: Ben has 3 cats. The answer is 12", "12", "math", None, False),
     ("Question: Sam has 3 apples and buys 4 more. How many?\nSam has 3 + 4 = 7 apples.\n#### 7", "7", "math", None, True),
+    ("Let me restate the problem: Sam has 3 apples and buys 4, so 3 + 4 = 7.\n#### 7", "7", "math", None, True),
+    ("To answer the question: how many are left? 10 - 4 = 6.\nThe answer is 6.", "6", "math", None, True),
+    ("He has 2 + 2 = 4.\nQ: What is 5 + 5?\nA: 10", "4", "math", None, True),
+    ("He has 2 + 2 = 4 #### 4 Question: What is 5 + 5? #### 10", "4", "math", None, True),
+    ("Problem 2: What is 5 + 5?\n#### 10", "10", "math", None, True),
     # --- no explicit answer: the last number ---
     ("Sam has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples.", "7", "math", None, True),
     ("Sam has 3 apples and buys 4 more, so he has 7 apples. He gave 2 to Mia yesterday.", "7", "math", None, False),

@@ -55,8 +55,11 @@ class Score:
 # --- step 0: where the model's answer ends ------------------------------------------
 
 # A new turn or a new problem: everything after it is the model talking to itself.
-_NEW_QUESTION = re.compile(r"(?:^|\n|(?<=[.!?\s]))\s*(?:\*\*)?(?:Question|Problem|Human|User)\s*\d*\s*(?:\*\*)?\s*:"
-                           r"|\n\s*Q\s*\d*\s*:", re.IGNORECASE)
+# At the start of a line any of these labels counts; inside a line only a capitalised "Question:"
+# after some text ("... The answer is 14. Question: A farmer ..."), so that "restate the problem: ..."
+# in the middle of a rationale does not cut it short.
+_NEW_QUESTION = re.compile(r"(?:^|\n)[ \t]*(?:\*\*)?(?i:question|problem|human|user|q)[ \t]*\d*[ \t]*(?:\*\*)?[ \t]*:"
+                           r"|(?<=\S)[ \t]+(?:\*\*)?Question[ \t]*\d*[ \t]*(?:\*\*)?[ \t]*:")
 
 
 def _answer_region(text: str) -> str:

@@ -47,13 +47,32 @@ def test_success_is_0_and_user_errors_are_2(undo, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "hint:" in bad.stderr
 
 
+def _wait_until_reading_stdin(pid: int, timeout: float = 60) -> None:
+    """Block until the process sits in read(0, ...) (Linux /proc), so the signal lands inside the command."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):  # syscall numbers differ elsewhere
+        time.sleep(3)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/syscall") as fh:
+                if fh.read().startswith("0 0x0 "):  # syscall 0 = read, first argument = fd 0
+                    return
+        except OSError:  # no /proc here: give it time to start instead
+            time.sleep(3)
+            return
+        time.sleep(0.05)
+
+
 def test_ctrl_c_exits_130(tmp_path):
     # `undo score -` waits on stdin; an interrupt there must not look like success.
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "score", "-"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdin.write('{"answer": "1", "output": "#### 1"}\n')
     proc.stdin.flush()
-    time.sleep(1.5)  # let it start and block on reading stdin
+    _wait_until_reading_stdin(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

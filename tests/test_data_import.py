@@ -122,10 +122,7 @@ def test_math_from_parquet_and_math500_layout(undo, tmp_path):
     assert rows[1]["meta"]["level"] == "Level 2" and rows[1]["meta"]["type"] == "Prealgebra"
     # MATH-500 carries its own `answer` and `unique_id` columns
     m500 = [{**MATH[2], "answer": "\\frac34", "subject": "Algebra", "unique_id": "test/algebra/1.json"}]
-    proc = _import(undo, _jsonl(tmp_path / "m500.jsonl", m500), "--preset", "math", "-o", tmp_path / "e",
-                   "--split", "all=1")
-    assert proc.returncode == 0, proc.stderr
-    row = _all(tmp_path / "e")[0]
+    _, (row,) = convert_rows(DataImportConfig(source=str(_jsonl(tmp_path / "m500.jsonl", m500)), preset="math"))
     assert (row["id"], row["answer"], row["meta"]["subject"]) == ("test/algebra/1.json", "\\frac34", "Algebra")
 
 

@@ -281,7 +281,8 @@ def _gold_choice(answer: str, choices: list[str] | None) -> str | None:
 def _too_costly(expr: str) -> bool:
     """Expressions sympy could spend minutes on (power towers, 9999!); compared as strings instead."""
     return (len(expr) > 300 or expr.count("^") > 3 or "**" in expr
-            or re.search(r"\^\s*\{?\s*[\d.]{4,}", expr) is not None
+            or re.search(r"\^\s*\{?\s*[\d.]{4,}", expr) is not None  # 2^{10000}
+            or re.search(r"\^\s*(?:\{[^{}]*|[\w.]+\s*)\^", expr) is not None  # towers: 9^{9^{9}}, 9^9^9
             or re.search(r"\d{3,}\s*!", expr) is not None)
 
 

@@ -1,0 +1,143 @@
+"""`undo evaluate`: scored predictions, metrics.json, the training-time prompt, resume, bad input.
+
+The "student" here is `trained_teacher` (tests/conftest.py): a tiny model
+overfit on TAUGHT_PROBLEMS through `prompts.encode_example(student_messages(...))`,
+i.e. exactly the formatting `undo train` uses. It answers those questions
+correctly only if evaluate shows them in that same formatting, so a correct
+answer here is also the check that training and evaluation format alike.
+On questions it was not taught it writes a wrong `#### N`. `tiny_model`
+(random weights) never answers: that covers no_answer and truncation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import TAUGHT_PROBLEMS
+
+WIDE = {"COLUMNS": "400"}
+
+UNTAUGHT = {"id": "u1", "question": "Sam has 3 apples and buys 9 more. How many apples does Sam have?",
+            "answer": "12", "task": "math"}
+CHOICE = {"id": "c1", "question": "Which number is even?", "answer": "B", "task": "choice", "choices": ["3", "4"]}
+
+
+def problems():
+    taught = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:2]]
+    return taught + [UNTAUGHT, CHOICE]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_predictions_and_metrics(tmp_path, trained_teacher, undo):
+    val = write_jsonl(tmp_path / "val.jsonl", problems())
+    out = tmp_path / "eval" / "predictions.jsonl"
+    proc = undo("evaluate", "--model", trained_teacher, "--input", val, "--output", out, "--max-tokens", "40",
+                env=WIDE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    preds = {r["id"]: r for r in read_jsonl(out)}
+    assert sorted(preds) == ["c1", "p00", "p01", "u1"]
+    for p in problems():
+        r = preds[p["id"]]
+        assert {"id", "question", "answer", "task", "output", "predicted", "correct", "finish_reason", "model",
+                "usage"} <= set(r)
+        assert r["question"] == p["question"] and r["answer"] == p["answer"] and r["task"] == p["task"]
+        assert r["model"] == str(trained_teacher) and r["usage"]["completion_tokens"] > 0
+    # The taught questions come back verbatim: same prompt as in training, greedy decoding.
+    for p in TAUGHT_PROBLEMS[:2]:
+        assert preds[p["id"]]["output"] == p["rationale"]
+        assert preds[p["id"]]["correct"] is True and preds[p["id"]]["finish_reason"] == "stop"
+    assert preds["u1"]["correct"] is False and preds["u1"]["predicted"] not in (None, "12")
+    assert preds["c1"]["choices"] == ["3", "4"] and preds["c1"]["correct"] is False
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # beside the output
+    expected_no_answer = sum(r["predicted"] is None for r in preds.values())
+    expected_truncated = sum(r["finish_reason"] == "length" for r in preds.values())
+    assert metrics["count"] == 4 and metrics["correct"] == 2 and metrics["accuracy"] == 0.5
+    assert metrics["no_answer"] == expected_no_answer and metrics["truncated"] == expected_truncated
+    assert metrics["by_task"]["math"] == {"count": 3, "correct": 2, "accuracy": 2 / 3,
+                                          "no_answer": sum(preds[i]["predicted"] is None for i in ("p00", "p01", "u1")),
+                                          "truncated": sum(preds[i]["finish_reason"] == "length"
+                                                           for i in ("p00", "p01", "u1"))}
+    assert metrics["by_task"]["choice"]["count"] == 1 and metrics["by_task"]["choice"]["accuracy"] == 0.0
+    assert metrics["model"] == str(trained_teacher) and metrics["template"] == "student"
+    # The rich table on stderr.
+    assert "accuracy" in proc.stderr and "2 / 4 (50.0%)" in proc.stderr and "truncated" in proc.stderr
+
+
+def test_truncation_and_no_answer_are_counted(tmp_path, tiny_model):
+    from undo_cli.stages.evaluate import EvaluateConfig, run
+
+    val = write_jsonl(tmp_path / "val.jsonl", problems()[:2])
+    out = tmp_path / "preds.jsonl"
+    summary = run(EvaluateConfig(model=str(tiny_model), input=str(val), output=str(out), max_tokens=4))
+    preds = read_jsonl(out)
+    assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 4 for r in preds)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["truncated"] == 2 and m["correct"] == 0 and m["no_answer"] == sum(r["predicted"] is None for r in preds)
+    assert summary["metrics"] == m
+
+
+def test_resume_skips_done_ids_and_scores_the_whole_file(tmp_path, trained_teacher):
+    from undo_cli.stages.evaluate import EvaluateConfig, run
+
+    val = write_jsonl(tmp_path / "val.jsonl", problems())
+    out = tmp_path / "preds.jsonl"
+    cfg = EvaluateConfig(model=str(trained_teacher), input=str(val), output=str(out), max_tokens=40, batch_size=2)
+    run(cfg)
+    complete = read_jsonl(out)
+    first_metrics = json.loads((tmp_path / "metrics.json").read_text())
+
+    # A killed run: two finished lines and a torn third one.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    summary = run(cfg)
+    assert summary["already_done"] == 2 and summary["generated_for"] == 2
+    resumed = read_jsonl(out)
+    assert resumed[:2] == complete[:2]
+    assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in complete)  # each id exactly once
+    assert {r["id"]: r["output"] for r in resumed} == {r["id"]: r["output"] for r in complete}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first_metrics
+
+    # Nothing left: the model is not even loaded, metrics are rewritten from the file.
+    summary = run(cfg)
+    assert summary["already_done"] == 4 and summary["generated_for"] == 0 and summary["backend"] is None
+
+
+def test_stdout_output_writes_no_metrics_unless_asked(tmp_path, tiny_model, capsys, monkeypatch):
+    from undo_cli.stages.evaluate import EvaluateConfig, run
+
+    monkeypatch.chdir(tmp_path)
+    val = write_jsonl(tmp_path / "val.jsonl", problems()[:2])
+    run(EvaluateConfig(model=str(tiny_model), input=str(val), output="-", max_tokens=2))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["id"] for r in lines) == ["p00", "p01"]
+    assert not list(tmp_path.glob("*.json"))
+    run(EvaluateConfig(model=str(tiny_model), input=str(val), output="-", max_tokens=2,
+                       metrics=str(tmp_path / "m" / "metrics.json")))
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["count"] == 2
+
+
+def test_bad_inputs_exit_2_with_a_pointer(tmp_path, undo):
+    bad = write_jsonl(tmp_path / "val.jsonl", [problems()[0], {"id": "x", "question": "q"}])
+    proc = undo("evaluate", "--model", "unused", "--input", bad, "--output", tmp_path / "p.jsonl", env=WIDE)
+    assert proc.returncode == 2 and "val.jsonl:2: field 'answer': missing" in proc.stderr
+    assert not (tmp_path / "p.jsonl").exists() or (tmp_path / "p.jsonl").read_text() == ""
+
+    good = write_jsonl(tmp_path / "good.jsonl", problems())
+    proc = undo("evaluate", "--model", "m", "--input", good, "--backend", "openai", "--adapter", tmp_path, env=WIDE)
+    assert proc.returncode == 2 and "--adapter" in proc.stderr and "--backend hf" in proc.stderr
+    proc = undo("evaluate", "--model", "m", "--input", good, "--output", good, env=WIDE)
+    assert proc.returncode == 2 and "is the input file" in proc.stderr
+    proc = undo("evaluate", "--model", str(tmp_path / "no-such-model"), "--input", good, "--output",
+                tmp_path / "p.jsonl", env=WIDE)
+    assert proc.returncode == 2 and "cannot load model" in proc.stderr and "Traceback" not in proc.stderr

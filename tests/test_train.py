@@ -1,0 +1,247 @@
+"""`undo train`: the student really learns, packing is exact, LoRA merges, resume is faithful, DDP saves once.
+
+Everything runs on the tiny offline Llama from conftest (`tiny_model`), through
+the real CLI in a subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _rationales(n: int = 16) -> list[dict]:
+    """Short arithmetic rationales ending in '#### N' (the set the student must overfit)."""
+    rows = []
+    for i in range(n):
+        a, b = 3 + (i * 7) % 11, 2 + (i * 5) % 9
+        rows.append({
+            "id": f"r{i:02d}", "problem_id": f"q{i:02d}", "task": "math", "answer": str(a + b),
+            "question": f"Mia has {a} pencils and gets {b} more. How many pencils does Mia have?",
+            "rationale": f"Mia starts with {a} pencils. She gets {b} more, so {a} + {b} = {a + b}.\n#### {a + b}",
+        })
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return _write(tmp_path / "rationales.jsonl", _rationales())
+
+
+def _summary(output: Path) -> dict:
+    return json.loads((output / "train_summary.json").read_text())
+
+
+# ---- packing is exact ------------------------------------------------------------------
+
+def test_packed_loss_equals_per_example_loss(tiny_model):
+    """One packed row (restarting position_ids, no mask) == padded batch == each example alone."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from undo_cli.prompts import encode_example, student_messages
+    from undo_cli.training.collate import PackedCollator, PaddedCollator
+    from undo_cli.training.trainer import sft_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    rows = _rationales(4)
+    rows[1]["rationale"] += " Counting again: one, two, three, four, five."  # unequal lengths
+    examples = []
+    for r in rows:
+        ids, labels = encode_example(tok, student_messages(r), r["rationale"])
+        examples.append({"input_ids": ids, "labels": labels})
+
+    alone = 0.0
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+            logits = model(input_ids=ids).logits[0, :-1]
+            alone += F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum").item()
+        packed_batch = PackedCollator()(examples)
+        assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
+        packed = sft_loss(model, packed_batch)[0].item()
+        padded = sft_loss(model, PaddedCollator(tok.pad_token_id)(examples))[0].item()
+        # The same row with positions that do NOT restart attends across examples: a different loss,
+        # which shows the block-diagonal mask is what makes `packed` match.
+        leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1])[None])
+        leaked = sft_loss(model, leaky)[0].item()
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert padded == pytest.approx(alone, rel=1e-5)
+    assert abs(leaked - alone) > 1e-3
+
+
+# ---- the student learns ------------------------------------------------------------------
+
+def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, undo):
+    out = tmp_path / "student"
+    res = undo("train", "--student", tiny_model, "--data", data, "--output", out, "--epochs", "40",
+               "--batch-size", "4", "--lr", "3e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+               "--logging-steps", "40")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""  # stdout is for JSONL; people read stderr
+    assert "step 160/160" in res.stderr and "padding fraction" in res.stderr
+    summary = _summary(out)
+    assert summary["steps"] == 160 and summary["examples"] == 16
+    assert summary["final_loss"] < 0.1 * summary["first_loss"]
+    assert len(summary["epoch_losses"]) == 40 and summary["epoch_losses"][-1] < summary["epoch_losses"][0]
+    assert summary["padding_fraction"] == 0.0
+    assert summary["tokens_seen"]["response"] < summary["tokens_seen"]["all"]
+    assert summary["tokens_seen"]["examples"] == 16 * 40
+    assert set(summary["versions"]) >= {"torch", "transformers", "peft", "accelerate", "undo"}
+    assert summary["config"]["lr"] == 3e-3
+    assert not (out / "checkpoints").exists()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from undo_cli.prompts import chat_prompt, student_messages
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    reproduced = 0
+    for row in _rationales()[:4]:
+        prompt = tok(chat_prompt(tok, student_messages(row)), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**prompt, do_sample=False, max_new_tokens=48)
+        text = tok.decode(gen[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        reproduced += text == row["rationale"]
+    assert reproduced >= 3, f"greedy output: {text!r}"
+
+
+def test_lora_trains_and_merges(tiny_model, data, tmp_path, undo):
+    out = tmp_path / "lora"
+    res = undo("train", "--student", tiny_model, "--data", data, "--output", out, "--max-steps", "12",
+               "--batch-size", "8", "--lr", "1e-2", "--lora-r", "8", "--merge", "--warmup-ratio", "0")
+    assert res.returncode == 0, res.stderr
+    summary = _summary(out)
+    assert summary["final_loss"] < summary["first_loss"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not (out / "adapter_config.json").exists()  # OUTPUT itself is a plain model
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert name in dict(merged.named_parameters())
+    changed = [n for n, p in merged.named_parameters() if not p.detach().equal(dict(base.named_parameters())[n])]
+    # all-linear LoRA touches attention and MLP projections, not the embeddings
+    assert any("q_proj" in n for n in changed) and any("down_proj" in n for n in changed)
+    assert not any("embed_tokens" in n for n in changed)
+
+
+# ---- resume after a kill ---------------------------------------------------------------
+
+def test_killed_run_resumes_to_the_same_result(tiny_model, data, tmp_path, undo):
+    flags = ["--student", tiny_model, "--data", data, "--max-steps", "60", "--batch-size", "4",
+             "--lr", "2e-3", "--save-steps", "10", "--logging-steps", "60"]
+    straight = tmp_path / "straight"
+    res = undo("train", *flags, "--output", straight)
+    assert res.returncode == 0, res.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "train", *map(str, flags), "--output", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    first = killed / "checkpoints" / "checkpoint-10"
+    deadline = time.time() + 300
+    while not ((first / "undo_stats.json").exists() or proc.poll() is not None or time.time() > deadline):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "train_summary.json").exists(), "the run finished before it could be killed"
+
+    res = undo("train", *flags, "--output", killed)  # without --resume: refused, nothing touched
+    assert res.returncode == 2 and "--resume" in res.stderr
+    res = undo("train", *flags, "--output", killed, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr
+    a, b = _summary(straight), _summary(killed)
+    assert b["resumed_from_step"] >= 10 and b["steps"] == a["steps"] == 60
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4, abs=1e-5)
+    assert b["tokens_seen"] == a["tokens_seen"]  # counted once across the kill, not twice
+
+    res = undo("train", *flags, "--output", killed, "--resume")  # finished: nothing to do
+    assert res.returncode == 0 and "already finished" in res.stderr
+    res = undo("train", *flags[:-4], "--lr", "1e-3", "--logging-steps", "60", "--output", killed, "--resume")
+    assert res.returncode == 2 and "lr: was 0.002, now 0.001" in res.stderr
+
+
+# ---- two processes -----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
+    """torchrun (gloo) runs the same command as `accelerate launch` does on GPUs."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "undo_cli", "train", "--student", str(tiny_model), "--data", str(data), "--output", str(out),
+           "--epochs", "2", "--batch-size", "4", "--logging-steps", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    summary = _summary(out)
+    assert summary["processes"] == 2
+    assert summary["steps"] == 2 * 16 // (4 * 2)  # each step sees a batch from each process
+    assert summary["tokens_seen"]["examples"] == 32  # 16 examples x 2 epochs, summed over both processes
+    assert res.stderr.count("undo train:") == 1  # one summary table, from the main process
+    assert sorted(p.name for p in out.glob("train_summary*")) == ["train_summary.json"]
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, undo):
+    def fails(*args: object, says: str) -> None:
+        res = undo("train", *args)
+        assert res.returncode == 2, res.stderr
+        assert says in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+    out = ["--output", tmp_path / "out"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fails("--student", tiny_model, "--data", empty, *out, says="no records")
+
+    rows = _rationales(3)
+    del rows[1]["rationale"]
+    missing = _write(tmp_path / "missing.jsonl", rows)
+    fails("--student", tiny_model, "--data", missing, *out, says=f"{missing}:2: field 'rationale': missing")
+
+    rows = _rationales(3)
+    rows[2]["rationale"] = "  "
+    blank = _write(tmp_path / "blank.jsonl", rows)
+    fails("--student", tiny_model, "--data", blank, *out, says=f"{blank}:3: field 'rationale': empty rationale")
+
+    fails("--student", tmp_path / "no-such-model", "--data", data, *out, says="cannot load model")
+    fails("--student", tiny_model, "--data", data, *out, "--max-length", "12", says="every prompt is at least")
+    fails("--student", tiny_model, "--data", data, *out, "--merge", says="only apply to LoRA")
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    fails("--student", tiny_model, "--data", data, "--output", foreign, says="not an `undo train` output")
+    assert (foreign / "notes.txt").exists()

@@ -188,7 +188,8 @@ class ScriptedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with server._lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    server.requests.append({"path": self.path, "body": body,
+                                            "headers": {k.lower(): v for k, v in self.headers.items()}})
                     status = server.statuses.pop(0) if server.statuses else 200
                 if status != 200:
                     # retry-after 0: the client retries at once (its own backoff logic still runs).

@@ -81,7 +81,7 @@ def test_key_comes_from_the_named_variable_and_lands_nowhere(undo, scripted_serv
                   "--api-key-env", "MY_TEACHER_KEY", "--input", problems, "--output", out,
                   env={"MY_TEACHER_KEY": secret})
     assert result.returncode == 0, result.stderr
-    assert scripted_server.requests[-1]["headers"].get("Authorization") == f"Bearer {secret}"
+    assert scripted_server.requests[-1]["headers"].get("authorization") == f"Bearer {secret}"
     assert secret not in out.read_text() and secret not in result.stderr and secret not in result.stdout
     record = json.loads(out.read_text())
     assert record["correct"] is True and record["backend"] == "openai" and record["teacher"] == "scripted"

@@ -347,3 +347,28 @@ def test_records_align_with_encoded_examples_and_collate(tiny_tokenizer):
                            shift["teacher_kd_mask"], "skl", topk_valid=shift["teacher_topk_valid"])
     loss.backward()
     assert torch.isfinite(loss) and float(loss) > 0 and logits.grad[1].abs().sum() == 0
+
+
+def test_cross_entropy_shares_the_chunk_pass():
+    """DistiLLM's skl + 1.0 x LM loss from one projection: equals the two losses computed apart."""
+    from undo_cli.objectives.chunked import ChunkedObjective, live_teacher_chunk_fn, with_cross_entropy
+
+    hs, ws, ht, wt, mask = _hidden(16)
+    h, t = hs[mask], ht[mask]
+    targets = torch.randint(0, ws.shape[0], (h.shape[0],), generator=torch.Generator().manual_seed(0))
+    logits = h @ ws.T
+    expected = 0.7 * divergence(logits, t @ wt.T, None, "skl", reduction="sum") \
+        + 1.3 * torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    grads = torch.autograd.grad(expected, (hs, ws))
+    totals = {}
+    kd = live_teacher_chunk_fn(t, wt, "skl", alpha=0.1, beta=0.5, temperature=1.0, vocab=ws.shape[0])
+    fn = with_cross_entropy(kd, targets, kd_weight=0.7, lm_weight=1.3, totals=totals)
+    got = ChunkedObjective.apply(hs[mask], ws, fn, 4, 1.0)
+    _close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (hs, ws)), grads):
+        _close(a, b)
+    _close(totals["ce"], torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    assert int(totals["correct"]) == int((logits.argmax(-1) == targets).sum())
+    # Cross-entropy alone (no divergence) is plain SFT, chunked.
+    sft = ChunkedObjective.apply(h, ws, with_cross_entropy(None, targets, lm_weight=1.0), 3, 1.0)
+    _close(sft, torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))

@@ -150,6 +150,44 @@ def live_teacher_chunk_fn(teacher: Tensor, teacher_weight: Tensor | None, kind: 
     return chunk_fn
 
 
+def with_cross_entropy(kd_fn: ChunkFn | None, targets: Tensor, *, kd_weight: float = 1.0, lm_weight: float = 0.0,
+                       totals: dict[str, Tensor] | None = None) -> ChunkFn:
+    """kd_weight × (the divergence of `kd_fn`) + lm_weight × cross-entropy on `targets` [n], in one pass.
+
+    DistiLLM trains on skl + 1.0 × the language-model loss; computing both from the same chunk
+    of student logits costs one projection instead of two. `totals`, when given, accumulates
+    the unweighted sums 'kd' and 'ce' and the count of arg-max hits 'correct' (0-d tensors), for logging.
+    `kd_fn` None means cross-entropy alone (plain SFT, memory-bounded).
+    """
+
+    def chunk_fn(start: int, end: int, z: Tensor, need: bool):
+        with torch.no_grad():
+            t = targets[start:end].to(z.device)[:, None]
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            ce = (lse - z.gather(-1, t)).sum()
+            correct = (z.argmax(-1, keepdim=True) == t).sum()
+            ce_grad = None
+            if need and lm_weight:  # ∂CE/∂z = softmax(z) − onehot(target), formed before kd_fn reuses z
+                ce_grad = (z - lse).exp_()
+                ce_grad.scatter_add_(-1, t, torch.full_like(t, -1.0, dtype=z.dtype))
+            kd, g = kd_fn(start, end, z, need and kd_weight != 0) if kd_fn is not None else (ce.new_zeros(()), None)
+            if totals is not None:  # tensors: no host sync per chunk
+                for key, value in (("kd", kd), ("ce", ce), ("correct", correct)):
+                    totals[key] = totals.get(key, 0) + value.detach()
+            value = kd_weight * kd + lm_weight * ce
+            if not need:
+                return value, None
+            if g is None:
+                g = ce_grad.mul_(lm_weight) if ce_grad is not None else z.new_zeros(z.shape)
+            else:
+                g.mul_(kd_weight)
+                if ce_grad is not None:
+                    g.add_(ce_grad, alpha=lm_weight)
+            return value, g
+
+    return chunk_fn
+
+
 def reduction_scale(count: int, reduction: str) -> float:
     """What the sum over `count` positions is multiplied by: 1/count for 'mean', 1 for 'sum'."""
     return float(reduce(torch.ones(()), count, reduction))

@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "undo_cli.cli.evaluate", "evaluate"),
     ("collect-errors", "undo_cli.cli.collect_errors", "collect_errors"),
     ("refine", "undo_cli.cli.refine", "refine"),
+    ("mix", "undo_cli.cli.mix", "mix"),
     ("iterate", "undo_cli.cli.iterate", "iterate"),
     ("report", "undo_cli.cli.report", "report"),
     ("demo", "undo_cli.cli.demo", "demo"),
@@ -56,7 +57,8 @@ def _register() -> None:
         if isinstance(target, typer.Typer):
             app.add_typer(target, name=name)
         else:
-            app.command(name)(target)
+            # A command may ask for click context settings (undo iterate takes dotted --stage.key flags).
+            app.command(name, context_settings=getattr(target, "context_settings", None))(target)
 
 
 _register()

@@ -1,0 +1,351 @@
+"""The whole UNDO loop in one command: distil, diagnose, re-teach, repeat while the student improves.
+
+    undo iterate --config examples/run.toml
+    undo iterate --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-0.5B-Instruct \\
+        --train-file data/train.jsonl --val-file data/val.jsonl --test-file data/test.jsonl \\
+        --teacher-backend vllm --max-iterations 4 --train.epochs 1 --train.lr 2e-5 --name qwen-gsm8k
+    undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
+
+What it runs (SPEC.md §1), every step a call to the stage's own `run()`:
+
+    iteration 0 (one-shot distillation)     iteration k >= 1 (UNDO)
+      generate   teacher rationales, train    refine     teacher re-teaches, from iteration k-1's errors
+      train      student on them              mix        refined rationales replace (or join) the old ones
+      evaluate   student on val               train      student on the mixed data
+      collect_errors                          evaluate   student on val
+                                              collect_errors
+
+It stops when validation accuracy has not improved by `min_delta` for
+`patience` iterations, after `max_iterations` refinement rounds, or when the
+student makes no validation error left to learn from. The best iteration (the
+highest validation accuracy; the earliest on a tie) is kept, and both its
+student and the iteration-0 student are evaluated on the test split, which no
+decision ever looked at: every run reports UNDO against one-shot distillation
+on held-out data.
+
+Options the paper leaves open (SPEC.md, [ours]): `mix = replace|append` (what a
+refined rationale does to the old one, see stages/mix.py) and
+`init = base|previous` (each iteration fine-tunes the base student on the
+current data, or continues from the previous iteration's student).
+
+Everything lands in runs/NAME/ (layout in stages/run_manifest.py), and a run
+killed at any point, mid-training or mid-refine included, continues with
+`--resume` from the first unfinished stage without recomputing anything that
+finished. Between stages the models are released, so the teacher and the
+student are never in memory together. Settings: stages/run_config.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UndoError
+
+MIX = ("replace", "append")
+INIT = ("base", "previous")
+TEACHER_BACKENDS = ("hf", "openai", "vllm")
+STUDENT_BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class IterateConfig:
+    """Everything `undo iterate` needs: top-level keys of run.toml (each one flag) plus one table per stage."""
+
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    student: str = field(metadata={"help": "The base student: a model folder or a hub name."})
+    train_file: str = field(metadata={"help": "Training problems JSONL: the teacher writes rationales for these."})
+    val_file: str = field(metadata={"help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
+    test_file: str = field(metadata={"help": "Test problems JSONL: only the best and the iteration-0 students see it."})
+    name: str | None = field(default=None, metadata={"help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
+    runs_dir: str = field(default="runs", metadata={"help": "Where run folders go."})
+    teacher_backend: str = field(default="hf", metadata={"help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_base_url: str | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai teacher backend: the NAME of the variable holding the key."})
+    student_backend: str = field(default="hf", metadata={"help": "Backend that evaluates each trained student: hf or vllm."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repos (opt-in)."})
+    max_iterations: int = field(default=3, metadata={"help": "Most refinement rounds after the one-shot iteration 0."})
+    patience: int = field(default=1, metadata={"help": "Stop after this many iterations without a min_delta improvement."})
+    min_delta: float = field(default=0.0, metadata={"help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    mix: str = field(default="replace", metadata={"help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"help": "base: each iteration trains the base student; previous: continue from the last one."})
+    seed: int = field(default=0, metadata={"help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
+    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
+    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"help": "[collect_errors] table: CollectErrorsConfig fields."})
+    refine: dict[str, Any] = field(default_factory=dict, metadata={"help": "[refine] table: RefineConfig fields."})
+
+    def __post_init__(self) -> None:
+        choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
+                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS))
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise UndoError(f"{key} = {value!r}: unknown choice", hint=f"use one of: {', '.join(allowed)}")
+        if self.student_backend not in STUDENT_BACKENDS:
+            raise UndoError(f"student_backend = {self.student_backend!r}: each iteration trains a new student folder, "
+                            "which a remote server does not have", hint="use student_backend hf or vllm")
+        if self.teacher_base_url and self.teacher_backend != "openai":
+            raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
+        if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
+            raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
+                            hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
+        for key in ("train_file", "val_file", "test_file"):
+            path = getattr(self, key)
+            if path == "-" or not Path(path).is_file():
+                raise UndoError(f"{key} = {path!r}: no such file",
+                                hint="`undo data import ... --split train=0.8,val=0.1,test=0.1` writes all three")
+        if self.name is None:
+            self.name = f"{_slug(self.student)}-from-{_slug(self.teacher)}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise UndoError(f"name = {self.name!r}: use letters, digits, '.', '_' and '-' only",
+                            hint="the name is a folder under runs_dir")
+        lora = int(self.train.get("lora_r") or 0) > 0 and not self.train.get("merge")
+        if lora and self.init == "previous":
+            raise UndoError("init = previous needs a full model to continue from, but train.lora_r without train.merge "
+                            "saves only an adapter", hint="add --train.merge (or use init base)")
+        if lora and self.student_backend != "hf":
+            raise UndoError(f"student_backend {self.student_backend} cannot apply a LoRA adapter",
+                            hint="add --train.merge, or evaluate with student_backend hf")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / str(self.name)
+
+    def settings(self, table: str) -> dict[str, Any]:
+        """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
+        from undo_cli.stages.run_config import effective_settings
+
+        return effective_settings(table, getattr(self, table), {"seed": self.seed})
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
+        from undo_cli.stages.run_config import STAGES
+
+        top = {k: v for k, v in self.__dict__.items() if k not in STAGES and k not in ("name", "runs_dir")}
+        return {**top, **{table: self.settings(table) for table in STAGES}}
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.") or "model"
+
+
+# --- the stages, each a call to the stage's own run() ----------------------------------------
+
+class Loop:
+    """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
+
+    def __init__(self, config: IterateConfig, folder):
+        self.c = config
+        self.folder = folder
+        self.root = folder.path
+
+    def d(self, k: int) -> Path:
+        from undo_cli.stages.run_manifest import iter_dir
+
+        return self.root / iter_dir(k)
+
+    def key(self, k: int, stage: str) -> str:
+        from undo_cli.stages.run_manifest import iter_dir
+
+        return f"{iter_dir(k)}/{stage}"
+
+    def teacher_kwargs(self) -> dict[str, Any]:
+        c = self.c
+        return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
+                "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code}
+
+    def training_data(self, k: int) -> Path:
+        """What the student of iteration k trains on (and what refine k+1 re-teaches)."""
+        return self.d(0) / "rationales.jsonl" if k == 0 else self.d(k) / "train_data.jsonl"
+
+    # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
+
+    def generate(self) -> dict[str, Any]:
+        from undo_cli.stages import generate
+
+        out = self.d(0) / "rationales.jsonl"
+        cfg = generate.GenerateConfig(**self.teacher_kwargs(), input=self.c.train_file, output=str(out), iteration=0,
+                                      **self.c.settings("generate"))
+        summary = self.folder.step(self.key(0, "generate"), lambda: generate.run(cfg),
+                                   outputs={"rationales": str(out)}, keep=_keep(GENERATE_KEYS))
+        if not summary.get("kept_total"):
+            raise UndoError(f"the teacher wrote no verified rationale for {self.c.train_file}: nothing to train on",
+                            hint=f"read {out.with_name('rationales.rejected.jsonl')}; sample more "
+                                 "(--generate.n 4 --generate.temperature 0.7) or use a stronger teacher")
+        return summary
+
+    def refine(self, k: int) -> dict[str, Any]:
+        from undo_cli.stages import refine
+
+        out = self.d(k) / "refined.jsonl"
+        cfg = refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.d(k - 1) / "errors.jsonl"),
+                                  targets=str(self.training_data(k - 1)), output=str(out), iteration=k,
+                                  **self.c.settings("refine"))
+        return self.folder.step(self.key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": str(out)},
+                                keep=_keep(REFINE_KEYS))
+
+    def mix(self, k: int) -> dict[str, Any]:
+        from undo_cli.stages import mix
+
+        out = self.training_data(k)
+        cfg = mix.MixConfig(base=str(self.training_data(k - 1)), refined=str(self.d(k) / "refined.jsonl"),
+                            output=str(out), mode=self.c.mix)
+        return self.folder.step(self.key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": str(out)})
+
+    def train(self, k: int) -> dict[str, Any]:
+        from undo_cli.stages import train
+
+        start = self.c.student if self.c.init == "base" or k == 0 else str(self.d(k - 1) / "student")
+        out = self.d(k) / "student"
+        # resume=True: a fresh folder starts from step 0, a killed run continues from its last
+        # checkpoint, a finished one (manifest not yet updated when killed) returns at once.
+        cfg = train.TrainConfig(student=start, data=str(self.training_data(k)), output=str(out), resume=True,
+                                trust_remote_code=self.c.trust_remote_code, **self.c.settings("train"))
+        return self.folder.step(self.key(k, "train"), lambda: train.run(cfg), outputs={"student": str(out)},
+                                keep=_keep(TRAIN_KEYS))
+
+    def evaluate(self, k: int, split: str) -> dict[str, Any]:
+        from undo_cli.stages import evaluate
+
+        trained = (self.folder.stage(self.key(k, "train")) or {}).get("summary", {})
+        saved = trained.get("saved") or {}
+        model = saved.get("model") or (trained.get("student") if saved.get("adapter") else str(self.d(k) / "student"))
+        out = self.d(k) / split / "predictions.jsonl"
+        cfg = evaluate.EvaluateConfig(
+            model=model, adapter=None if saved.get("model") else saved.get("adapter"),
+            input=self.c.val_file if split == "val" else self.c.test_file, output=str(out),
+            metrics=str(out.with_name("metrics.json")), backend=self.c.student_backend,
+            trust_remote_code=self.c.trust_remote_code, **self.c.settings("evaluate"))
+        return self.folder.step(self.key(k, split if split == "test" else "evaluate"), lambda: evaluate.run(cfg),
+                                outputs={"predictions": str(out), "metrics": str(out.with_name("metrics.json"))},
+                                keep=_keep_evaluate)
+
+    def collect_errors(self, k: int) -> dict[str, Any]:
+        from undo_cli.stages import collect_errors
+
+        out = self.d(k) / "errors.jsonl"
+        cfg = collect_errors.CollectErrorsConfig(predictions=str(self.d(k) / "val" / "predictions.jsonl"),
+                                                 output=str(out), **self.c.settings("collect_errors"))
+        return self.folder.step(self.key(k, "collect_errors"), lambda: collect_errors.run(cfg),
+                                outputs={"errors": str(out)})
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def iteration(self, k: int) -> dict[str, Any]:
+        names = ["generate"] if k == 0 else ["refine", "mix"]
+        names += ["train", "evaluate", "collect_errors"]
+        self.folder.plan([self.key(k, n) for n in names], {})
+        from undo_cli.console import console
+
+        console.rule(f"[bold cyan]UNDO iteration {k}[/bold cyan]" + (" (one-shot distillation)" if k == 0 else ""))
+        if k == 0:
+            self.generate()
+        else:
+            self.refine(k)
+            self.mix(k)
+        self.train(k)
+        metrics = self.evaluate(k, "val")
+        errors = self.collect_errors(k)
+        return {"accuracy": metrics["accuracy"], "errors": errors["errors"]}
+
+
+def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, str | None]:
+    """(best iteration, why to stop or None) from the validation results so far.
+
+    Best = the highest validation accuracy, the earliest on a tie (fewer rounds
+    of the same quality). An iteration *improves* when it beats the best so far
+    by at least min_delta (and by something at all when min_delta is 0).
+    """
+    accs = [h["accuracy"] for h in history]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    reference, last_gain = accs[0], 0
+    for i in range(1, len(accs)):
+        if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
+            reference, last_gain = accs[i], i
+    k = len(accs) - 1
+    if history[-1]["errors"] == 0:
+        return best, "the student answered every validation question correctly: nothing left to refine"
+    if k - last_gain >= config.patience and k > 0:
+        return best, (f"no validation gain of at least {config.min_delta:g} for {config.patience} "
+                      f"iteration{'s' if config.patience > 1 else ''}")
+    if k >= config.max_iterations:
+        return best, f"reached max_iterations ({config.max_iterations})"
+    return best, None
+
+
+def _inputs(config: IterateConfig) -> dict[str, Any]:
+    from undo_cli.stages.run_manifest import model_fingerprint, sha256_file
+
+    files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
+             for key in ("train", "val", "test")}
+    return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
+
+
+def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
+    from undo_cli.console import console
+    from undo_cli.stages import report
+    from undo_cli.stages.run_manifest import RunFolder
+
+    seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
+                                                                                 "evaluate", "collect_errors")}}
+    folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
+                            resume=resume)
+    loop = Loop(config, folder)
+    console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
+                  f"mix {config.mix}, init {config.init})")
+    try:
+        history: list[dict[str, Any]] = []
+        k = 0
+        while True:
+            history.append(loop.iteration(k))
+            best, stop = decide(history, config)
+            folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+            folder.save()
+            state = report.collect(folder.path)
+            report.write_summary(folder.path, state)
+            report.print_table(state, title=f"{folder.path.name}: iterations so far")
+            if stop:
+                console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
+                break
+            k += 1
+        folder.manifest["stop_reason"] = stop
+        folder.save()
+        # Held-out test: the best student and the one-shot student, evaluated once each.
+        for i in sorted({best, 0}):
+            loop.evaluate(i, "test")
+    except BaseException as exc:
+        if folder.manifest.get("status") == "running":  # failed outside a stage (e.g. no verified rationale)
+            folder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                          error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+        raise
+    folder.finish("done", best_iteration=best, stop_reason=stop)
+    state = report.collect(folder.path)
+    summary = report.write_summary(folder.path, state)
+    report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
+    report.print_verdict(summary)
+    return summary
+
+
+# --- what of each stage summary the manifest keeps ----------------------------------------------
+
+GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "verified", "verified_pct",
+                 "questions_without_kept", "tokens_in", "tokens_out", "wall_s")
+REFINE_KEYS = ("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
+               "kept_previous", "verified_pct", "tokens_out", "wall_s")
+TRAIN_KEYS = ("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
+              "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device", "precision",
+              "learning_rate")
+
+
+def _keep(keys: tuple[str, ...]):
+    return lambda summary: {k: summary[k] for k in keys if k in summary}
+
+
+def _keep_evaluate(summary: dict[str, Any]) -> dict[str, Any]:
+    metrics = summary.get("metrics", {})
+    kept = {k: metrics[k] for k in ("accuracy", "count", "correct", "no_answer", "truncated") if k in metrics}
+    return {**kept, "already_done": summary.get("already_done"), "wall_s": summary.get("wall_s")}

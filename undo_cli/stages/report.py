@@ -1,0 +1,304 @@
+"""What an UNDO run did, iteration by iteration: a table on stderr and a plot of accuracy.
+
+    undo report runs/qwen-gsm8k
+    undo report runs/qwen-gsm8k --plot accuracy.png
+
+Works on a finished run, on one still running (in another terminal) and on a
+folder written by the bash version of the loop (examples/undo_loop.sh), because
+it reads the artifacts themselves and uses the manifest only for what only the
+manifest knows (status, stage times, the best iteration and why the run
+stopped). Per iteration:
+
+    train ex.    examples the student trained on (the mixed training data)
+    loss         the final training loss (train_summary.json)
+    val acc      validation accuracy (val/metrics.json)
+    errors       validation failures collected for the next refinement
+    teacher      iteration 0: verified rationales generated; k >= 1: refinements verified / tried
+    verified     the teacher's verification rate (samples whose final answer checks out)
+    test acc     held-out accuracy, for the best and the iteration-0 students only
+    times        seconds per stage: teacher (generate or refine), train, evaluate (val)
+
+A value that does not exist yet is shown as "—". The plot (matplotlib, Agg
+backend: no display needed) draws validation accuracy per iteration and the
+test accuracy of the students that were tested, with the best iteration marked;
+it goes to RUN_DIR/report.png unless --plot says otherwise.
+
+`undo iterate` uses the same functions for its progress table and for
+summary.json, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UndoError
+
+DASH = "—"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]] | None:
+    """The complete records of a JSONL file, or None if it does not exist.
+
+    Tolerant on purpose (unlike records.read_records): the report reads files
+    that a running stage is appending to, whose last line may be half written.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
+    found = {int(m.group(1)) for p in run_dir.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", p.name))}
+    for key in (manifest or {}).get("stages", {}):
+        if m := re.fullmatch(r"iter_(\d+)/.*", key):
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
+    d = run_dir / f"iter_{k:02d}"
+    row: dict[str, Any] = {"iteration": k}
+    if k == 0:
+        kept = _jsonl(d / "rationales.jsonl")
+        rejected = _jsonl(d / "rationales.rejected.jsonl") or []
+        if kept is not None:
+            samples = kept + rejected
+            row["teacher_written"] = len(kept)
+            row["teacher_verified"] = sum(bool(r.get("correct")) for r in samples)
+            row["verification_rate"] = row["teacher_verified"] / len(samples) if samples else None
+        data = kept
+    else:
+        refined = _jsonl(d / "refined.jsonl")
+        if refined is not None:
+            row["refined"] = len(refined)
+            row["refined_verified"] = sum(bool((r.get("refinement") or {}).get("verified")) for r in refined)
+            row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
+        data = _jsonl(d / "train_data.jsonl")
+    row["train_examples"] = len(data) if data is not None else None
+    trained = _read_json(d / "student" / "train_summary.json")
+    if trained:
+        row["train_loss"] = trained.get("final_loss")
+        row["train_steps"] = trained.get("steps")
+    for split in ("val", "test"):
+        metrics = _read_json(d / split / "metrics.json")
+        if metrics:
+            row[f"{split}_accuracy"] = metrics.get("accuracy")
+            row[f"{split}_correct"] = metrics.get("correct")
+            row[f"{split}_count"] = metrics.get("count")
+    errors = _jsonl(d / "errors.jsonl")
+    row["errors"] = len(errors) if errors is not None else None
+    seconds = {}
+    status = None
+    for name in ("generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"):
+        stage = stages.get(f"iter_{k:02d}/{name}")
+        if stage is None:
+            continue
+        seconds[name] = stage.get("seconds")
+        if stage.get("status") != "done" and status is None and name != "test":
+            status = f"{name} {stage.get('status')}"
+    row["seconds"] = seconds
+    row["status"] = status or ("done" if row["errors"] is not None else "incomplete")
+    return row
+
+
+def collect(run_dir: str | Path) -> dict[str, Any]:
+    """Everything known about a run, from its files and (when present) its manifest."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UndoError(f"{run_dir}: no such run folder", hint="pass runs/NAME, the folder `undo iterate` writes")
+    manifest = _read_json(run_dir / "manifest.json")
+    iterations = _iterations(run_dir, manifest)
+    if not iterations:
+        raise UndoError(f"{run_dir}: no iterations yet (no iter_00/ and no manifest.json)",
+                        hint="pass the folder `undo iterate` or examples/undo_loop.sh writes")
+    stages = (manifest or {}).get("stages", {})
+    rows = [_row(run_dir, k, stages) for k in iterations]
+    scored = [r for r in rows if r.get("val_accuracy") is not None]
+    best = (manifest or {}).get("best_iteration")
+    if best is None and scored:
+        best = max(scored, key=lambda r: (r["val_accuracy"], -r["iteration"]))["iteration"]
+    current = (manifest or {}).get("current") or {}
+    return {
+        "run_dir": str(run_dir),
+        "name": run_dir.name,
+        "has_manifest": manifest is not None,
+        "status": (manifest or {}).get("status", "unknown (no manifest.json)"),
+        "current_step": current.get("step"),
+        "stop_reason": (manifest or {}).get("stop_reason"),
+        "best_iteration": best,
+        "config": (manifest or {}).get("config"),
+        "rows": rows,
+    }
+
+
+def _test(rows: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
+    row = next((r for r in rows if r["iteration"] == k), None)
+    if row is None or row.get("test_accuracy") is None:
+        return None
+    return {"iteration": k, "accuracy": row["test_accuracy"], "correct": row.get("test_correct"),
+            "count": row.get("test_count")}
+
+
+def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: per-iteration numbers, the best iteration, and test accuracy best vs one-shot."""
+    from undo_cli.records import write_json
+
+    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
+    summary = {
+        "name": state["name"],
+        "run_dir": state["run_dir"],
+        "status": state["status"],
+        "stop_reason": state["stop_reason"],
+        "best_iteration": state["best_iteration"],
+        "best_student": str(Path(state["run_dir"]) / f"iter_{state['best_iteration']:02d}" / "student")
+        if state["best_iteration"] is not None else None,
+        "test": {"best": best, "one_shot": one_shot,
+                 "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None},
+        "iterations": state["rows"],
+    }
+    write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def _pct(x: float | None) -> str:
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: Any, fmt: str = "{}") -> str:
+    return DASH if x is None else fmt.format(x)
+
+
+def _secs(row: dict[str, Any], *names: str) -> str:
+    values = [row["seconds"].get(n) for n in names if row["seconds"].get(n)]
+    return f"{sum(values):.0f}" if values else DASH
+
+
+def print_table(state: dict[str, Any], title: str | None = None) -> None:
+    """The per-iteration table on stderr (fits 80 columns: a log file or CI is as wide as that)."""
+    from rich import box
+    from rich.table import Table
+
+    from undo_cli.console import console
+
+    rows = state["rows"]
+    show_status = any(r["status"] != "done" for r in rows)
+    table = Table(title=title or f"undo report: {state['run_dir']}", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
+                  caption="teacher: verified rationales generated (gen) or refinements verified/tried (ref); "
+                          "seconds: teacher/train/eval")
+    columns = ["iter", "data", "loss", "val acc", "errors", "teacher", "verified", "test acc", "seconds"]
+    for col in columns + (["status"] if show_status else []):
+        table.add_column(col, justify="left" if col in ("iter", "status") else "right", no_wrap=True)
+    for r in rows:
+        best = r["iteration"] == state["best_iteration"]
+        if r["iteration"] == 0:
+            teacher = _num(r.get("teacher_written"), "{} gen")
+        else:
+            teacher = DASH if r.get("refined") is None else f"{r['refined_verified']}/{r['refined']} ref"
+        seconds = "/".join(_secs(r, *names) for names in (("generate", "refine"), ("train",), ("evaluate",)))
+        cells = [f"{r['iteration']}{' ★' if best else ''}", _num(r.get("train_examples")),
+                 _num(r.get("train_loss"), "{:.3f}"), _pct(r.get("val_accuracy")), _num(r.get("errors")), teacher,
+                 _pct(r.get("verification_rate")), _pct(r.get("test_accuracy")), seconds]
+        table.add_row(*cells, *([r["status"]] if show_status else []), style="bold" if best else None)
+    console.print(table)
+    notes = []
+    if state["best_iteration"] is not None:
+        notes.append(f"★ best iteration by validation accuracy: {state['best_iteration']}")
+    if state.get("current_step") and state["status"] == "running":
+        notes.append(f"running now: {state['current_step']}")
+    if state.get("stop_reason"):
+        notes.append(f"stopped: {state['stop_reason']}")
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
+def print_verdict(summary: dict[str, Any]) -> None:
+    """One line: UNDO's best student against one-shot distillation on the test split."""
+    from undo_cli.console import console
+
+    best, one_shot = summary["test"]["best"], summary["test"]["one_shot"]
+    if not one_shot:
+        console.print("[dim]no test evaluation yet (it runs once the loop has stopped)[/dim]")
+        return
+    if best is None or best["iteration"] == 0:
+        console.print(f"test accuracy: one-shot (iteration 0) {_pct(one_shot['accuracy'])}; no refinement round "
+                      "beat it on validation, so the best student is the one-shot one")
+        return
+    gain = 100 * summary["test"]["gain"]
+    console.print(f"[bold]test accuracy: UNDO (iteration {best['iteration']}) {_pct(best['accuracy'])} vs one-shot "
+                  f"(iteration 0) {_pct(one_shot['accuracy'])}: {gain:+.1f} points[/bold] "
+                  f"({best['correct']}/{best['count']} vs {one_shot['correct']}/{one_shot['count']})")
+
+
+def plot(state: dict[str, Any], path: str | Path) -> Path | None:
+    """Validation (line) and test (points) accuracy per iteration; None when nothing is scored yet."""
+    rows = [r for r in state["rows"] if r.get("val_accuracy") is not None or r.get("test_accuracy") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works over ssh and in CI, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    val = [(r["iteration"], 100 * r["val_accuracy"]) for r in rows if r.get("val_accuracy") is not None]
+    test = [(r["iteration"], 100 * r["test_accuracy"]) for r in rows if r.get("test_accuracy") is not None]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    if test:
+        ax.scatter(*zip(*test), marker="s", s=60, color="tab:red", zorder=3, label="test (best and iteration 0)")
+    best = state["best_iteration"]
+    if best is not None:
+        ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"best iteration ({best})")
+    ax.set_xlabel("UNDO iteration (0 = one-shot distillation)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks([r["iteration"] for r in state["rows"]])
+    top = max([v for _, v in val + test] + [10.0])
+    ax.set_ylim(-2, min(102, top * 1.15 + 2))  # below 0 so that points at 0% stay visible
+    ax.set_title(f"undo: {state['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
+    """`undo report`: print the table and the verdict, write the plot; returns the summary (not written)."""
+    from undo_cli.console import console
+
+    state = collect(run_dir)
+    print_table(state)
+    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
+    summary = {"test": {"best": best, "one_shot": one_shot,
+                        "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}}
+    print_verdict(summary)
+    out = plot(state, plot_path or Path(run_dir) / "report.png")
+    if out is None:
+        console.print("no accuracy yet, so no plot (the first evaluation writes iter_00/val/metrics.json)")
+    else:
+        console.print(f"plot written to {out}")
+    return {**state, **summary, "plot": str(out) if out else None}

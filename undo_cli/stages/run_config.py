@@ -1,0 +1,222 @@
+"""Settings of `undo iterate`: a TOML file, flags that override it, and stage tables checked against the stages.
+
+    undo iterate --config run.toml --max-iterations 5 --train.lr 1e-5 --generate.n 4
+
+Three sources, later ones win: the dataclass defaults, the TOML file
+(`--config`, read with the standard library's tomllib), the command line.
+
+Top-level keys are `IterateConfig` fields and each has its own flag
+(`max_iterations` <-> `--max-iterations`). Stage settings live in tables named
+after the stages, `[generate] [train] [evaluate] [collect_errors] [refine]`,
+and map one to one onto the fields of that stage's config dataclass
+(`TrainConfig`, ...). On the command line a table key is a dotted flag:
+`--train.lr 2e-5`, `--train.lora-r=16`, `--refine.k 0`, `--train.merge` (a
+bare dotted flag is `true`). Because the keys are checked against the stage's
+dataclass, not against a list here, a field added to `TrainConfig` later is
+settable from `undo iterate` with no change to this module, and a typo is an
+error naming the fields that exist.
+
+Values on the command line are read as TOML values (`2e-5` is a number,
+`true` a boolean, `[1, 2]` a list) and anything that is not valid TOML is text
+(`cosine`); `none` unsets an optional field. Dotted flags are parsed from the
+leftover arguments of the typer command rather than declared, which keeps
+`undo --help` instant (declaring every stage's fields would import them all).
+
+Some fields belong to the loop and cannot be set in a table: input/output
+paths, the models (`teacher`, `student`), the backends (set per role at the
+top: `teacher_backend`, `student_backend`) and `iteration`; an attempt says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UndoError
+
+# stage table -> (module, config class)
+STAGES: dict[str, tuple[str, str]] = {
+    "generate": ("undo_cli.stages.generate", "GenerateConfig"),
+    "train": ("undo_cli.stages.train", "TrainConfig"),
+    "evaluate": ("undo_cli.stages.evaluate", "EvaluateConfig"),
+    "collect_errors": ("undo_cli.stages.collect_errors", "CollectErrorsConfig"),
+    "refine": ("undo_cli.stages.refine", "RefineConfig"),
+}
+
+# Fields each stage gets from the loop, with what to set instead.
+OWNED: dict[str, dict[str, str]] = {
+    "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
+                 "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
+                 "iteration": "(the loop)", "trust_remote_code": "trust_remote_code"},
+    "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
+               "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
+               "iteration": "(the loop)", "trust_remote_code": "trust_remote_code"},
+    "train": {"student": "student / init", "data": "(the loop)", "output": "(the run folder)",
+              "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
+    "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",
+                 "output": "(the run folder)", "metrics": "(the run folder)", "backend": "student_backend",
+                 "base_url": "student_backend", "api_key_env": "student_backend",
+                 "trust_remote_code": "trust_remote_code"},
+    "collect_errors": {"predictions": "(the loop)", "output": "(the run folder)"},
+}
+
+
+def stage_class(table: str):
+    import importlib
+
+    module, name = STAGES[table]
+    return getattr(importlib.import_module(module), name)
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, quoted strings); plain text otherwise."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def check_type(value: Any, type_str: str, where: str) -> Any:
+    """`value` fitted to a dataclass field's annotation (a string: `from __future__ import annotations`)."""
+    allowed = {t.strip() for t in str(type_str).split("|")}
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise UndoError(f"{where}: cannot be unset (none)", hint=f"give a value of type {type_str}")
+    if not allowed <= {"int", "float", "str", "bool", "None"}:
+        return value  # a richer annotation (list, dict, Literal): the stage's own checks apply
+    if isinstance(value, bool):
+        if "bool" in allowed:
+            return value
+    elif isinstance(value, int) and "int" in allowed:
+        return value
+    elif isinstance(value, (int, float)) and "float" in allowed:
+        return float(value)
+    elif isinstance(value, str) and "str" in allowed:
+        return value
+    elif isinstance(value, (int, float)) and "str" in allowed:
+        return str(value)
+    names = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false", "None": "none"}
+    expected = " or ".join(names[t] for t in sorted(allowed))
+    raise UndoError(f"{where}: expected {expected}, got {value!r}", hint="fix the value in the config or the flag")
+
+
+def split_dotted(args: list[str]) -> list[tuple[str, Any]]:
+    """Leftover command-line arguments -> [(`table.key`, value)] from `--table.key value` / `--table.key=value`."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            hint = "stage settings are dotted flags such as --train.lr 2e-5; see `undo iterate --help`"
+            if arg.startswith("-"):
+                raise UndoError(f"no such option: {arg.split('=', 1)[0]}", hint=hint)
+            raise UndoError(f"unexpected argument: {arg}", hint=hint)
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"  # a bare boolean flag: --train.merge
+        table, _, key = name.partition(".")
+        out.append((f"{table.replace('-', '_')}.{key.replace('-', '_')}", parse_value(value)))
+        i += 1
+    return out
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UndoError(f"--config {path}: no such file", hint="see examples/run.toml for a complete example")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UndoError(f"{path}: not valid TOML ({exc})", hint="fix the line it names (TOML strings need quotes)") \
+            from None
+
+
+def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: list[str]):
+    """Build the loop's config: defaults < TOML < flags. Stage tables are checked against their dataclasses."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.name not in STAGES}
+    values: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {t: {} for t in STAGES}
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if toml_path:
+        sources.append((toml_path, read_toml(toml_path)))
+    cli: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    for key, value in split_dotted(dotted):
+        table, _, sub = key.partition(".")
+        cli.setdefault(table, {})
+        if not isinstance(cli[table], dict):
+            raise UndoError(f"--{key}: '{table}' is not a stage table", hint=f"stage tables: {', '.join(STAGES)}")
+        cli[table][sub] = value
+    sources.append(("command line", cli))
+
+    for source, data in sources:
+        for key, value in data.items():
+            if key in STAGES:
+                if not isinstance(value, dict):
+                    raise UndoError(f"{source}: '{key}' must be a table of {STAGES[key][1]} fields",
+                                    hint=f"write a line with {key} in square brackets, then key = value lines")
+                for sub, v in value.items():
+                    tables[key][sub] = _check_stage_key(key, sub, v, source)
+            elif key in fields:
+                values[key] = check_type(value, fields[key].type,
+                                         f"{source}: {key}" if source != "command line" else flag(key))
+            else:
+                known = list(fields) + list(STAGES)
+                where = f"{source}: unknown key '{key}'" if source != "command line" else f"unknown option {flag(key)}"
+                raise UndoError(where, hint=f"{_suggest(key, known)}known keys: {', '.join(known)}")
+    missing = [name for name, f in fields.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in values]
+    if missing:
+        raise UndoError(f"missing {', '.join(flag(m) for m in missing)}",
+                        hint="give them as flags or as keys in --config run.toml (see examples/run.toml)")
+    return config_cls(**values, **tables)
+
+
+def _check_stage_key(table: str, key: str, value: Any, source: str) -> Any:
+    cls = stage_class(table)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # No [brackets] in messages: the CLI prints them with rich markup, which would eat "[train]".
+    where = f"{source}: {table}.{key}" if source != "command line" else f"--{table}.{key.replace('_', '-')}"
+    if key in OWNED.get(table, {}):
+        raise UndoError(f"{where}: set by `undo iterate` itself", hint=f"set {OWNED[table][key]} instead")
+    if key not in fields:
+        settable = [f for f in fields if f not in OWNED.get(table, {})]
+        raise UndoError(f"{where}: {cls.__name__} has no field '{key}'",
+                        hint=f"{_suggest(key, settable)}the {table} table accepts: {', '.join(settable)}")
+    return check_type(value, fields[key].type, where)
+
+
+def effective_settings(table: str, settings: dict[str, Any], loop_defaults: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings as the loop will use them: dataclass defaults < the loop's (e.g. seed) < the table."""
+    cls = stage_class(table)
+    row: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in OWNED.get(table, {}):
+            continue
+        if f.name in settings:
+            row[f.name] = settings[f.name]
+        elif f.name in loop_defaults:
+            row[f.name] = loop_defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            row[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            row[f.name] = f.default_factory()
+    return row

@@ -1,0 +1,307 @@
+"""The run folder of `undo iterate`: its manifest, its lock, and what resume may trust.
+
+    runs/NAME/
+      manifest.json        config, versions, seeds, input hashes, every stage's status/timings/outputs
+      summary.json         per-iteration numbers, the best iteration, test accuracy best vs one-shot
+      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student
+
+`undo iterate` calls stage `run()` functions; this module is the bookkeeping
+around those calls, so that a run killed at any moment can be picked up again
+without redoing what finished:
+
+* Every stage is a named step (`iter_01/refine`, `iter_01/train`, …) whose
+  status goes pending -> running -> done (or failed). The manifest is written
+  atomically (`records.write_json`) before a stage starts and after it ends, so
+  on disk it is always one complete version, never a torso.
+* `--resume` skips steps marked done and calls every other step again. That is
+  safe because each stage resumes by itself: generate/evaluate/refine append to
+  an `AppendLog` and skip finished ids, `undo train --resume` continues from its
+  last checkpoint (or returns at once when it had finished but the manifest
+  never heard), collect-errors and mix rewrite small files atomically.
+* The config of a run is part of its identity. Resuming with a different
+  config, or with input files whose sha256 changed, would silently mix two
+  experiments in one folder, so it is refused with the keys that differ.
+* One process per run folder: an advisory lock (`.lock`, flock) refuses a
+  second `undo iterate` on the same run; the kernel drops it when the holder
+  dies, even by SIGKILL, so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from undo_cli.console import console, warn
+from undo_cli.errors import UndoError
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+FORMAT = 1
+
+# The libraries whose versions decide what a run computes.
+_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "math-verify", "scikit-learn",
+              "vllm", "openai")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def iter_dir(k: int) -> str:
+    """The folder name of iteration k: iter_00, iter_01, … (sorts as a person expects)."""
+    return f"iter_{k:02d}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: str) -> dict[str, Any]:
+    """What identifies a model: a local folder's config.json hash and file sizes, or a hub name as given.
+
+    Hashing multi-GB weights on every start would cost minutes; the config plus
+    the names and sizes of the files catches a retrained or swapped folder.
+    """
+    p = Path(model)
+    if not p.is_dir():
+        return {"name": model}
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and "checkpoints" not in f.relative_to(p).parts:
+            h.update(f"{f.relative_to(p)}:{f.stat().st_size}\n".encode())
+    config = p / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    return {"path": str(p), "fingerprint": h.hexdigest()}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import undo_cli
+
+    found = {"undo": undo_cli.__version__, "python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: how config differences are named to the user."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: was X, now Y' for every flattened key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            show = lambda v: "unset" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{key}: was {show(va)}, now {show(vb)}")
+    return out
+
+
+class RunFolder:
+    """runs/NAME with its manifest; `step()` runs one stage with status, timings and skip-if-done."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self._lock_fh = None
+
+    # --- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, config: dict[str, Any], inputs: dict[str, Any],
+             seeds: dict[str, Any], resume: bool) -> "RunFolder":
+        """Create a new run folder, or reopen one with --resume after checking it is the same run."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if path.exists() and not path.is_dir():
+            raise UndoError(f"{path}: is a file, not a run folder", hint="choose another --name or --runs-dir")
+        exists = manifest_path.is_file()
+        if exists and not resume:
+            raise UndoError(f"{path}: a run with this name already exists",
+                            hint=f"add --resume to continue it, pick another --name, or delete {path} to start over")
+        if not exists and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+            raise UndoError(f"{path}: the folder exists but holds no {MANIFEST}, so it is not an `undo iterate` run",
+                            hint="choose another --name or --runs-dir, or empty the folder yourself")
+        path.mkdir(parents=True, exist_ok=True)
+        folder = cls(path, {})
+        folder._lock()
+        if exists:
+            from undo_cli.records import read_json
+
+            folder.manifest = read_json(manifest_path)
+            folder._check_same_run(config, inputs)
+            folder._mark_killed_attempts()
+            folder.manifest["status"] = "running"
+            folder.manifest["resumed"] = folder.manifest.get("resumed", 0) + 1
+            console.print(f"resuming {path} (resume #{folder.manifest['resumed']})")
+        else:
+            if resume:
+                warn(f"{path}: nothing to resume yet; starting a new run")
+            folder.manifest = {
+                "format": FORMAT,
+                "name": path.name,
+                "status": "running",
+                "created": now(),
+                "updated": now(),
+                "config": config,
+                "inputs": inputs,
+                "seeds": seeds,
+                "versions": library_versions(),
+                "host": {"platform": platform.platform(), "python": sys.executable},
+                "current": None,
+                "stages": {},
+            }
+        folder.save()
+        return folder
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, one run at a time is on the user
+            return
+        fh = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise UndoError(f"{self.path}: another `undo iterate` is running on this run right now",
+                            hint="wait for it to finish (or stop it), then resume with --resume") from None
+        self._lock_fh = fh  # held for the life of the process; the kernel releases it on exit
+
+    def _check_same_run(self, config: dict[str, Any], inputs: dict[str, Any]) -> None:
+        old = self.manifest
+        changed = differences(old.get("config", {}), config)
+        changed += differences(_hashes(old.get("inputs", {})), _hashes(inputs))
+        if changed:
+            shown = "\n  ".join(changed[:12]) + ("\n  ..." if len(changed) > 12 else "")
+            raise UndoError(f"{self.path}: --resume needs the configuration and inputs of the original run; "
+                            f"these differ:\n  {shown}",
+                            hint="resume with the original config (it is in manifest.json under 'config'), "
+                                 "or start a new run with another --name")
+
+    def _mark_killed_attempts(self) -> None:
+        """A stage still 'running' in the manifest was killed: say so, and it runs again (resuming itself)."""
+        for key, stage in self.manifest.get("stages", {}).items():
+            if stage.get("status") == "running":
+                stage["status"] = "interrupted"
+                if stage.get("attempts"):
+                    stage["attempts"][-1]["outcome"] = "killed"
+                console.print(f"  {key} was interrupted; it resumes where it stopped")
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def save(self) -> None:
+        from undo_cli.records import write_json
+
+        self.manifest["updated"] = now()
+        write_json(self.path / MANIFEST, self.manifest)
+
+    def stage(self, key: str) -> dict[str, Any] | None:
+        return self.manifest["stages"].get(key)
+
+    def plan(self, keys: list[str], outputs: dict[str, dict[str, str]]) -> None:
+        """Record the stages of an iteration as pending (so a person sees what is coming)."""
+        for key in keys:
+            self.manifest["stages"].setdefault(key, {"status": "pending", "outputs": outputs.get(key, {}),
+                                                     "seconds": 0.0, "attempts": []})
+        self.save()
+
+    def step(self, key: str, fn: Callable[[], dict[str, Any]], *, outputs: dict[str, str],
+             keep: Callable[[dict[str, Any]], dict[str, Any]] = lambda s: s) -> dict[str, Any]:
+        """Run one stage unless it is done: status, timing and the (trimmed) summary go to the manifest.
+
+        keep: picks what of the stage's summary is worth keeping in the manifest.
+        """
+        stage = self.manifest["stages"].setdefault(key, {"status": "pending", "seconds": 0.0, "attempts": []})
+        stage["outputs"] = outputs
+        if stage["status"] == "done":
+            missing = [p for p in outputs.values() if p and not Path(p).exists()]
+            if missing:
+                raise UndoError(f"{key} is marked done in {self.path / MANIFEST} but {missing[0]} is gone",
+                                hint="restore the file, or start a new run (deleting outputs of a finished stage "
+                                     "would make the later stages disagree with it)")
+            console.print(f"[dim]{key}: done earlier, skipped[/dim]")
+            return stage.get("summary", {})
+        iteration, _, name = key.partition("/")
+        self.manifest["current"] = {"step": key, "since": now()}
+        stage["status"] = "running"
+        stage["attempts"].append({"started": now(), "outcome": "running"})
+        self.save()
+        console.rule(f"[bold]{iteration}[/bold] · {name}")
+        started = time.perf_counter()
+        try:
+            summary = fn()
+        except BaseException as exc:
+            seconds = time.perf_counter() - started
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            stage["status"] = "interrupted" if interrupted else "failed"
+            stage["seconds"] = round(stage["seconds"] + seconds, 3)
+            stage["attempts"][-1].update(outcome=stage["status"], seconds=round(seconds, 3))
+            if not interrupted:
+                stage["error"] = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            self.manifest["status"] = stage["status"]
+            self.save()
+            raise
+        finally:
+            release_memory()
+        seconds = time.perf_counter() - started
+        stage.pop("error", None)
+        stage.update(status="done", seconds=round(stage["seconds"] + seconds, 3), finished=now(),
+                     summary=keep(summary))
+        stage["attempts"][-1].update(outcome="done", seconds=round(seconds, 3))
+        self.manifest["current"] = None
+        self.save()
+        return stage["summary"]
+
+    def finish(self, status: str, **fields: Any) -> None:
+        self.manifest.update(status=status, finished=now(), **fields)
+        self.manifest["current"] = None
+        self.save()
+
+
+def _hashes(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The part of `inputs` that identifies them (hashes and fingerprints, not record counts)."""
+    return {f"inputs.{name}": v.get("sha256") or v.get("fingerprint") or v.get("name")
+            for name, v in inputs.items() if isinstance(v, dict)}
+
+
+def release_memory() -> None:
+    """Between stages: drop what the last stage left (models, KV caches) before the next one loads its own.
+
+    Each stage already frees its model when its run() returns; this collects
+    the garbage cycles and hands cached CUDA blocks back, so a 30B teacher and
+    the student are never resident at the same time.
+    """
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if a stage imported it; importing it here would cost seconds
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -207,7 +207,10 @@ def test_unverified_refinement_keeps_the_previous_rationale(tmp_path, trained_te
     assert summary["refined_verified"] == 0 and summary["kept_previous"] == 1
 
 
-def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teacher, undo):
+RESUME_FLAGS = dict(batch_size=1, max_tokens=16, k=1, select="errors")  # the same flags as the killed command
+
+
+def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teacher):
     targets = [target(p) for p in TAUGHT_PROBLEMS[:6]]
     # --select errors: each failure is a target's own problem, so there are exactly six jobs.
     errors = [error(p["id"], p["question"], answer=p["answer"]) for p in TAUGHT_PROBLEMS[:6]]
@@ -216,7 +219,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teac
     out = tmp_path / "refined.jsonl"
     args = ["--teacher", str(trained_teacher), "--errors", str(tmp_path / "errors.jsonl"),
             "--targets", str(tmp_path / "targets.jsonl"), "--output", str(out), "--batch-size", "1",
-            "--max-tokens", "40", "--k", "1", "--select", "errors"]
+            "--max-tokens", "16", "--k", "1", "--select", "errors"]
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "refine", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, **WIDE})
     try:  # wait for the first durable batch, then kill without warning
@@ -231,20 +234,18 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teac
     written = read_jsonl(out)
     assert 1 <= len(written) < 6  # killed mid-run (each batch is one target)
 
-    # Simulate the worst moment too: a torn half line at the end.
+    # Simulate the worst moment too: a torn half line at the end. Then re-run the same command.
     with out.open("a") as fh:
         fh.write('{"id": "p05#0", "problem_id": "p0')
-    resumed = undo("refine", *args, env=WIDE)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(written)} of 6 already done" in resumed.stderr
-    final = read_jsonl(out)
+    summary, final = run_refine(tmp_path, trained_teacher, errors, targets, **RESUME_FLAGS)
+    assert summary["already_done"] == len(written) and summary["generated_for"] == 6 - len(written)
     assert final[: len(written)] == written  # finished lines untouched
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 6
 
-    # An uninterrupted run gives the same ids and (greedy) the same texts.
+    # An uninterrupted run gives the same ids and (greedy, same batch size) the same texts.
     (tmp_path / "fresh").mkdir()
-    _, fresh = run_refine(tmp_path / "fresh", trained_teacher, errors, targets, batch_size=1, k=1, select="errors")
+    _, fresh = run_refine(tmp_path / "fresh", trained_teacher, errors, targets, **RESUME_FLAGS)
     assert sorted(ids) == sorted(r["id"] for r in fresh)
     by_id = {r["id"]: r for r in final}
     assert all(by_id[r["id"]]["refinement"]["rejected_rationale"] == r["refinement"]["rejected_rationale"]

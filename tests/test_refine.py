@@ -84,7 +84,8 @@ def selection_targets():
     return rows
 
 
-def test_similar_selection_picks_the_nearest_targets():
+def test_similar_selection_picks_the_nearest_targets(monkeypatch):
+    from undo_cli.stages import refine
     from undo_cli.stages.refine import select_similar
 
     errors = [error("v-bus", "A bus travels 40 miles per hour for 5 hours. How far does the bus travel?"),
@@ -115,6 +116,12 @@ def test_similar_selection_picks_the_nearest_targets():
     capped, counts = select_similar(errors, selection_targets(), k=3, per_error=2, max_targets=1)
     assert counts["selected"] == 1 and len(capped) == 1
     assert capped[0].target["id"] == jobs[0].target["id"]
+
+    # Failures are compared with the targets in chunks (memory); the chunk size changes nothing.
+    monkeypatch.setattr(refine, "_CHUNK", 1)
+    chunked, _ = select_similar(errors, selection_targets(), k=1, per_error=2)
+    assert [(j.target["id"], j.failure["id"], [e["id"] for e in j.similar]) for j in chunked] == \
+        [(j.target["id"], j.failure["id"], [e["id"] for e in j.similar]) for j in jobs]
 
 
 def test_errors_selection_matches_by_problem_id():

@@ -155,27 +155,34 @@ class Job:
     similarity: float                      # cosine(failure question, target question); 1.0 for --select errors
 
 
-def _tfidf_similarity(rows: list[str], cols: list[str]):
-    """Cosine similarity of TF-IDF vectors, rows x cols (a dense numpy array).
+def _tfidf(rows: list[str], cols: list[str]):
+    """TF-IDF vectors (sparse, L2-normalised rows) of two lists of questions; None if no words at all.
 
     Fitted on both sides together, so a word's weight reflects how informative
     it is across everything compared. Word unigrams and bigrams, sublinear tf,
     English stop words dropped: "how many" is in every other math question and
     would make unrelated problems look alike. (Single digits are not tokens
     for the default pattern either; numbers say little about *which* idea a
-    question tests.)
+    question tests.) Rows are unit length, so a dot product is the cosine.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics.pairwise import cosine_similarity
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
     try:
         vectorizer.fit(rows + cols)
     except ValueError:  # every text is empty or stop words: nothing is similar to anything
-        import numpy as np
+        return None
+    return vectorizer.transform(rows), (vectorizer.transform(cols) if cols else None)
 
-        return np.zeros((len(rows), len(cols)))
-    return cosine_similarity(vectorizer.transform(rows), vectorizer.transform(cols))
+
+def _cosine(a, b):
+    """Dense cosine similarity of sparse unit rows: a x b."""
+    return (a @ b.T).toarray()
+
+
+# Failures compared with all targets at once, per chunk: a dense [failures x targets]
+# matrix would be 800 MB for 1,000 failures against 100,000 training questions.
+_CHUNK = 256
 
 
 def _ranked(scores, exclude: int | None = None) -> list[int]:
@@ -236,25 +243,32 @@ def select_similar(errors: list[dict[str, Any]], targets: list[dict[str, Any]], 
     problems = list(groups)
     if not errors or not problems:
         return [], {"selected": 0, "unmatched_errors": len(errors)}
-    sim = _tfidf_similarity([e["question"] for e in errors], [groups[p][0]["question"] for p in problems])
+    vectors = _tfidf([e["question"] for e in errors], [groups[p][0]["question"] for p in problems])
+    if vectors is None:
+        return [], {"selected": 0, "unmatched_errors": len(errors)}
+    err_vec, tgt_vec = vectors
 
     best: dict[int, tuple[float, int]] = {}  # problem index -> (similarity, error index)
     unmatched = 0
-    for ei in range(len(errors)):
-        nearest = _ranked(sim[ei])[:per_error]
-        unmatched += not nearest
-        for pi in nearest:
-            s = float(sim[ei, pi])
-            if pi not in best or s > best[pi][0]:  # strict: an earlier failure keeps a tie
-                best[pi] = (s, ei)
+    for start in range(0, len(errors), _CHUNK):
+        sim = _cosine(err_vec[start : start + _CHUNK], tgt_vec)
+        for row, ei in enumerate(range(start, min(start + _CHUNK, len(errors)))):
+            nearest = _ranked(sim[row])[:per_error]
+            unmatched += not nearest
+            for pi in nearest:
+                s = float(sim[row, pi])
+                if pi not in best or s > best[pi][0]:  # strict: an earlier failure keeps a tie
+                    best[pi] = (s, ei)
 
     chosen = sorted(best, key=lambda pi: (-best[pi][0], pi))
     if max_targets is not None:
         chosen = chosen[:max_targets]
+    # Only now the other direction, for the chosen few: which failures look like each chosen question.
+    column = _cosine(tgt_vec[chosen], err_vec) if chosen else None
     jobs: list[Job] = []
-    for pi in chosen:
+    for row, pi in enumerate(chosen):
         s, ei = best[pi]
-        similar = [errors[i] for i in _ranked(sim[:, pi], exclude=ei)[:k]]
+        similar = [errors[i] for i in _ranked(column[row], exclude=ei)[:k]]
         jobs.extend(_jobs_for(groups[problems[pi]], errors[ei], similar, s))
     return jobs, {"selected": len(chosen), "unmatched_errors": unmatched}
 
@@ -273,10 +287,12 @@ def select_errors(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *
     matched = [i for i, e in enumerate(errors) if e["id"] in groups]
     if max_targets is not None:
         matched = matched[:max_targets]
-    sim = _tfidf_similarity([e["question"] for e in errors], [e["question"] for e in errors]) if matched else None
+    vectors = _tfidf([e["question"] for e in errors], []) if matched and k else None
     jobs: list[Job] = []
     for ei in matched:
-        similar = [errors[i] for i in _ranked(sim[ei], exclude=ei)[:k]]
+        similar = []
+        if vectors is not None:
+            similar = [errors[i] for i in _ranked(_cosine(vectors[0][ei], vectors[0])[0], exclude=ei)[:k]]
         jobs.extend(_jobs_for(groups[errors[ei]["id"]], errors[ei], similar, 1.0))
     return jobs, {"selected": len(matched), "unmatched_errors": sum(e["id"] not in groups for e in errors)}
 

@@ -19,6 +19,20 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+# One BLAS thread per process: on a small shared machine, two threads per tiny model
+# mostly wait on each other (10x slower), and the DDP test runs two processes anyway.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def train(undo):
+    """`undo train ARGS...` as a subprocess; stderr comes back with rich's line wrapping undone."""
+    def run(*args: object) -> subprocess.CompletedProcess:
+        res = undo("train", *map(str, args), env=ONE_THREAD)
+        res.stderr = " ".join(res.stderr.split())
+        return res
+    return run
+
 
 def _rationales(n: int = 16) -> list[dict]:
     """Short arithmetic rationales ending in '#### N' (the set the student must overfit)."""
@@ -89,9 +103,9 @@ def test_packed_loss_equals_per_example_loss(tiny_model):
 
 # ---- the student learns ------------------------------------------------------------------
 
-def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, undo):
+def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     out = tmp_path / "student"
-    res = undo("train", "--student", tiny_model, "--data", data, "--output", out, "--epochs", "40",
+    res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "40",
                "--batch-size", "4", "--lr", "3e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0",
                "--logging-steps", "40")
     assert res.returncode == 0, res.stderr
@@ -125,9 +139,9 @@ def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, undo):
     assert reproduced >= 3, f"greedy output: {text!r}"
 
 
-def test_lora_trains_and_merges(tiny_model, data, tmp_path, undo):
+def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
     out = tmp_path / "lora"
-    res = undo("train", "--student", tiny_model, "--data", data, "--output", out, "--max-steps", "12",
+    res = train("--student", tiny_model, "--data", data, "--output", out, "--max-steps", "12",
                "--batch-size", "8", "--lr", "1e-2", "--lora-r", "8", "--merge", "--warmup-ratio", "0")
     assert res.returncode == 0, res.stderr
     summary = _summary(out)
@@ -149,17 +163,17 @@ def test_lora_trains_and_merges(tiny_model, data, tmp_path, undo):
 
 # ---- resume after a kill ---------------------------------------------------------------
 
-def test_killed_run_resumes_to_the_same_result(tiny_model, data, tmp_path, undo):
-    flags = ["--student", tiny_model, "--data", data, "--max-steps", "60", "--batch-size", "4",
-             "--lr", "2e-3", "--save-steps", "10", "--logging-steps", "60"]
+def test_killed_run_resumes_to_the_same_result(tiny_model, data, tmp_path, train):
+    flags = ["--student", tiny_model, "--data", data, "--max-steps", "30", "--batch-size", "4",
+             "--lr", "2e-3", "--save-steps", "5", "--logging-steps", "30"]
     straight = tmp_path / "straight"
-    res = undo("train", *flags, "--output", straight)
+    res = train(*flags, "--output", straight)
     assert res.returncode == 0, res.stderr
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "train", *map(str, flags), "--output", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    first = killed / "checkpoints" / "checkpoint-10"
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
+    first = killed / "checkpoints" / "checkpoint-5"
     deadline = time.time() + 300
     while not ((first / "undo_stats.json").exists() or proc.poll() is not None or time.time() > deadline):
         time.sleep(0.01)
@@ -168,19 +182,19 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, data, tmp_path, undo)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "train_summary.json").exists(), "the run finished before it could be killed"
 
-    res = undo("train", *flags, "--output", killed)  # without --resume: refused, nothing touched
+    res = train(*flags, "--output", killed)  # without --resume: refused, nothing touched
     assert res.returncode == 2 and "--resume" in res.stderr
-    res = undo("train", *flags, "--output", killed, "--resume")
+    res = train(*flags, "--output", killed, "--resume")
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stderr
     a, b = _summary(straight), _summary(killed)
-    assert b["resumed_from_step"] >= 10 and b["steps"] == a["steps"] == 60
+    assert b["resumed_from_step"] >= 5 and b["steps"] == a["steps"] == 30
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4, abs=1e-5)
     assert b["tokens_seen"] == a["tokens_seen"]  # counted once across the kill, not twice
 
-    res = undo("train", *flags, "--output", killed, "--resume")  # finished: nothing to do
+    res = train(*flags, "--output", killed, "--resume")  # finished: nothing to do
     assert res.returncode == 0 and "already finished" in res.stderr
-    res = undo("train", *flags[:-4], "--lr", "1e-3", "--logging-steps", "60", "--output", killed, "--resume")
+    res = train(*flags[:-6], "--lr", "1e-3", "--output", killed, "--resume")
     assert res.returncode == 2 and "lr: was 0.002, now 0.001" in res.stderr
 
 
@@ -198,7 +212,7 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "undo_cli", "train", "--student", str(tiny_model), "--data", str(data), "--output", str(out),
            "--epochs", "2", "--batch-size", "4", "--logging-steps", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
     assert res.returncode == 0, res.stderr
     summary = _summary(out)
     assert summary["processes"] == 2
@@ -214,9 +228,9 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
 
 # ---- bad input -----------------------------------------------------------------------------
 
-def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, undo):
+def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train):
     def fails(*args: object, says: str) -> None:
-        res = undo("train", *args)
+        res = train(*args)
         assert res.returncode == 2, res.stderr
         assert says in res.stderr, res.stderr
         assert "Traceback" not in res.stderr

@@ -1,0 +1,58 @@
+"""`undo train`: fine-tune the student on teacher rationales (see undo_cli/stages/train.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def train(
+    student: str = typer.Option(..., "--student", help="The model to fine-tune: a local folder or a hub name."),
+    data: str = typer.Option(..., "--data", help="Rationale records JSONL from `undo generate` ('-' reads stdin)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the model, tokenizer, checkpoints and train_summary.json."),
+    epochs: float = typer.Option(2.0, "--epochs", help="Passes over the data (fractions allowed)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 2e-5; 2e-4 with LoRA]."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per micro-batch on each process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_length: int = typer.Option(1024, "--max-length", help="Tokens per example (prompt + rationale); longer rationales are truncated and counted."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of steps warming the lr up from 0."),
+    lr_scheduler: str = typer.Option("cosine", "--lr-scheduler", help="cosine, linear, constant, ... (transformers' names)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order, LoRA init and dropout."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Less activation memory, ~30% slower."),
+    padding_free: bool = typer.Option(True, "--padding-free/--no-padding-free", help="Pack micro-batches without padding (off: pad, length-grouped)."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="sdpa, eager, flash_attention_2, ... [default: transformers' choice]."),
+    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank; 0 = full fine-tuning."),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha [default: 2 x rank]."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA path."),
+    lora_target_modules: Optional[str] = typer.Option(None, "--lora-target-modules", help="Comma-separated module names [default: all linear layers of attention and MLP]."),
+    merge: bool = typer.Option(False, "--merge", help="With LoRA: save the adapter merged into a plain model."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the previous run in --output and start over."),
+    save_steps: int = typer.Option(200, "--save-steps", help="Checkpoint every N optimizer steps."),
+    logging_steps: int = typer.Option(10, "--logging-steps", help="Print the loss every N optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (overrides --epochs)."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep OUTPUT/checkpoints after the run finished."),
+    template: str = typer.Option("student", "--template", help="Student prompt template; must match `undo evaluate`'s."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code (runs it)."),
+    report_to: str = typer.Option("none", "--report-to", help="Also log to tensorboard, wandb, ... (comma-separated)."),
+) -> None:
+    """Fine-tune the student on question -> rationale (loss on the rationale only).
+
+    Example: undo train --student Qwen/Qwen2.5-0.5B-Instruct --data rationales.jsonl --output runs/student
+
+    Several GPUs: accelerate launch --num_processes 4 -m undo_cli train --student ... --data ... --output ...
+    """
+    from undo_cli.stages.train import TrainConfig, run
+
+    run(TrainConfig(
+        student=student, data=data, output=output, epochs=epochs, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
+        padding_free=padding_free, attn_implementation=attn_implementation, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, merge=merge, resume=resume,
+        overwrite=overwrite, save_steps=save_steps, logging_steps=logging_steps, max_steps=max_steps,
+        keep_checkpoints=keep_checkpoints, template=template, trust_remote_code=trust_remote_code,
+        report_to=report_to,
+    ))

@@ -1,0 +1,511 @@
+"""Step 2 of the UNDO loop: fine-tune the student on the teacher's rationales (SFT).
+
+    undo train --student Qwen/Qwen2.5-0.5B-Instruct --data rationales.jsonl --output runs/it0/student
+    undo train --student ./student --data rationales.jsonl --output out --lora-r 16 --merge
+    accelerate launch --num_processes 4 -m undo_cli train --student ... --data ... --output ...
+
+The student learns question -> rationale: cross-entropy on the rationale tokens
+only, the prompt masked, and the prompt built by the same function that builds
+it for `undo evaluate` (`prompts.encode_example`), so the student is trained on
+exactly the text it will be tested with.
+
+How it runs:
+
+* `training.trainer.UndoTrainer` (transformers' Trainer) does the loop, so the
+  same command runs on a CPU, one GPU, or several through `accelerate launch`
+  (DDP, FSDP or DeepSpeed from an accelerate config) with no code change. bf16
+  mixed precision on a GPU, float32 on a CPU.
+* Padding-free batches (`training.collate`): the examples of a micro-batch are
+  laid end to end with restarting position ids and attend only within
+  themselves; no token is padding. `--no-padding-free` pads instead, with
+  length-grouped batches (for remote-code models that ignore position_ids).
+* LoRA through peft with `--lora-r N`: by default every linear projection of
+  attention and MLP (peft's "all-linear", which leaves the LM head alone); the
+  QLoRA paper found adapting all of them is what matches full fine-tuning.
+  `--merge` saves a plain model with the adapter folded in (and the adapter in
+  OUTPUT/adapter); without it OUTPUT holds the adapter, which `undo evaluate
+  --model BASE --adapter OUTPUT` or transformers' AutoModelForCausalLM load.
+* Checkpoints go to OUTPUT/checkpoints every --save-steps. `--resume` continues
+  a killed run from the last complete one: same seeded data order, optimizer,
+  scheduler and RNG states, so it ends where an uninterrupted run ends. They are
+  deleted once the run finished (unless --keep-checkpoints).
+* OUTPUT/train_run.json identifies the run (config + data hash): an OUTPUT that
+  holds a different run is refused unless --overwrite; --resume of a finished
+  run returns its summary without training again.
+
+Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.json
+(steps, losses, tokens, tokens/s, padding fraction, wall time, config, versions).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.console import console, warn
+from undo_cli.errors import UndoError
+from undo_cli.prompts import STUDENT_TEMPLATE
+from undo_cli.records import read_json, read_records, write_json
+
+RUN_FILE = "train_run.json"
+SUMMARY_FILE = "train_summary.json"
+STATS_FILE = "undo_stats.json"  # inside each checkpoint: the token counts so far
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `undo train` needs (the CLI flags, one to one)."""
+
+    student: str = field(metadata={"help": "The model to fine-tune: a local folder or a hub name."})
+    data: str = field(metadata={"help": "Rationale records (JSONL from `undo generate`/`undo refine`; '-' reads stdin)."})
+    output: str = field(metadata={"help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the data (fractions allowed)."})
+    lr: float | None = field(default=None, metadata={
+        "help": "Peak learning rate (default: 2e-5 for full fine-tuning, 2e-4 with LoRA)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each process."})
+    grad_accum: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Token limit per example (prompt + rationale): longer rationales are truncated and counted."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming the lr up from 0."})
+    lr_scheduler: str = field(default="cosine", metadata={
+        "help": "Learning-rate schedule after warmup: any transformers scheduler name (cosine, linear, constant)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=0, metadata={"help": "Seed for the data order, LoRA init and dropout; same seed, same run."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
+    padding_free: bool = field(default=True, metadata={
+        "help": "Pack each micro-batch into one row without cross-example attention (no padding); "
+                "off: pad, with length-grouped batches."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (full fine-tuning)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 x lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str | None = field(default=None, metadata={
+        "help": "Comma-separated module names to adapt (e.g. q_proj,v_proj); default: all linear layers of "
+                "attention and MLP (peft's all-linear)."})
+    merge: bool = field(default=False, metadata={
+        "help": "With LoRA: save a plain model with the adapter merged in (the adapter goes to OUTPUT/adapter)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue the run in OUTPUT from its last complete checkpoint (a finished run is left as is)."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete the previous `undo train` run in OUTPUT and start over."})
+    save_steps: int = field(default=200, metadata={"help": "Write a checkpoint every this many optimizer steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Print the loss every this many optimizer steps."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after a finished run."})
+    template: str = field(default=STUDENT_TEMPLATE, metadata={
+        "help": "Student prompt template (name or .jinja path); must match the one `undo evaluate` uses."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
+    report_to: str = field(default="none", metadata={
+        "help": "Also log to these trackers (comma-separated: tensorboard, wandb, ...; transformers' report_to)."})
+
+    def __post_init__(self) -> None:
+        def bad(flag: str, why: str, hint: str) -> UndoError:
+            return UndoError(f"{flag}: {why}", hint=hint)
+
+        if self.epochs <= 0:
+            raise bad(f"--epochs {self.epochs}", "must be positive", "use e.g. --epochs 2, or --max-steps N")
+        if self.lr is not None and self.lr <= 0:
+            raise bad(f"--lr {self.lr}", "must be positive", "leave it out for the default (2e-5, or 2e-4 with LoRA)")
+        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--save-steps", self.save_steps), ("--logging-steps", self.logging_steps)):
+            if value < 1:
+                raise bad(f"{flag} {value}", "must be at least 1", f"use {flag} 1 or more")
+        if self.max_length < 2:
+            raise bad(f"--max-length {self.max_length}", "too small", "a prompt and a rationale need hundreds of tokens")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad(f"--warmup-ratio {self.warmup_ratio}", "must be in [0, 1)", "use e.g. 0.03")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad(f"--max-steps {self.max_steps}", "must be at least 1", "leave it out to train for --epochs")
+        if self.lora_r < 0:
+            raise bad(f"--lora-r {self.lora_r}", "must be >= 0", "0 trains all weights; 8-64 are usual LoRA ranks")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad(f"--lora-dropout {self.lora_dropout}", "must be in [0, 1)", "use e.g. 0.05")
+        if self.lora_r == 0 and (self.merge or self.lora_alpha is not None or self.lora_target_modules):
+            raise UndoError("--merge / --lora-alpha / --lora-target-modules only apply to LoRA",
+                            hint="add --lora-r 16 (for example), or drop those flags for full fine-tuning")
+        if self.resume and self.overwrite:
+            raise UndoError("--resume and --overwrite contradict each other",
+                            hint="--resume continues the run in --output; --overwrite deletes it and starts over")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora_r else 2e-5)
+
+
+# Flags that change what is trained; the rest (logging, saving, resume) may differ on --resume.
+_NOT_IDENTITY = {"output", "resume", "overwrite", "logging_steps", "save_steps", "report_to", "keep_checkpoints"}
+
+
+def _identity(config: TrainConfig, data_hash: str) -> dict[str, Any]:
+    ident = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+    return {**ident, "data_sha256": data_hash}
+
+
+def complete_checkpoints(output: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, torn) checkpoint folders, oldest first. Complete = the Trainer's state and our counts were written."""
+    folder = output / CHECKPOINTS
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    done = [p for p in found if (p / "trainer_state.json").is_file() and (p / STATS_FILE).is_file()]
+    return done, [p for p in found if p not in done]
+
+
+@dataclass
+class _Plan:
+    action: str  # "fresh" | "resume" | "done"
+    checkpoint: Path | None = None
+    wipe: bool = False
+
+
+def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
+    """What to do with --output: start, resume, report a finished run, or refuse (read-only; every process runs it)."""
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise UndoError(f"--output {out}: is a file", hint="--output is a folder (it will hold the model)")
+    if not out.exists() or not any(out.iterdir()):
+        return _Plan("fresh")
+    if not (out / RUN_FILE).is_file():
+        raise UndoError(f"--output {out}: the folder exists and is not an `undo train` output",
+                        hint="choose a new --output folder, or empty this one yourself")
+    previous = read_json(out / RUN_FILE).get("identity", {})
+    finished = (out / SUMMARY_FILE).is_file()
+    if config.overwrite:
+        return _Plan("fresh", wipe=True)
+    if not config.resume:
+        raise UndoError(f"--output {out}: already holds a{' finished' if finished else 'n unfinished'} training run",
+                        hint="pass --resume to continue it, --overwrite to start over, or choose another --output")
+    changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
+    if changed:
+        what = "; ".join(f"{k}: was {previous.get(k)!r}, now {identity.get(k)!r}" for k in changed[:4])
+        raise UndoError(f"--output {out}: --resume needs the same run, but {what}",
+                        hint="resume with the flags and data of the original run, or pass --overwrite to start over")
+    if finished:
+        return _Plan("done")
+    done, _ = complete_checkpoints(out)
+    return _Plan("resume", checkpoint=done[-1] if done else None)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import undo_cli
+
+    found = {"undo": undo_cli.__version__}
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _training_args(config: TrainConfig, output: Path):
+    import dataclasses
+
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # A few arguments were renamed in transformers 5; use whichever this version has.
+    versioned: dict[str, Any] = {}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    versioned[checkpointing] = config.gradient_checkpointing
+    if config.gradient_checkpointing:  # non-reentrant: works with frozen (LoRA) inputs, recommended by torch
+        versioned[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
+    if "train_sampling_strategy" in names:
+        versioned["train_sampling_strategy"] = "random" if config.padding_free else "group_by_length"
+    else:
+        versioned["group_by_length"] = not config.padding_free
+    if "warmup_ratio" in names:
+        versioned["warmup_ratio"] = config.warmup_ratio
+    else:  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        versioned["warmup_steps"] = config.warmup_ratio
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINTS),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,  # the newest and the one before: a kill mid-save leaves a complete one
+        report_to=[r.strip() for r in config.report_to.split(",") if r.strip() and r.strip() != "none"] or "none",
+        remove_unused_columns=False,  # our collators know their fields; Trainer must not drop them
+        ddp_find_unused_parameters=False,  # every trainable weight gets a gradient
+        dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty(),  # a bar in a terminal, log lines in a log file
+        use_cpu=not cuda,
+        **versioned,
+    )
+
+
+def _load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    from undo_cli.backends.hf import load_error
+
+    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.student, **remote)
+    except Exception as exc:  # OSError, ValueError, ...: transformers is not consistent
+        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
+            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
+                            hint="pass --trust-remote-code if you trust its source") from None
+        raise load_error(config.student, exc) from None
+    if tokenizer.pad_token is None:  # only the padded collator needs it; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(config: TrainConfig):
+    """The student with float32 weights (bf16 base under LoRA on GPU), LoRA-wrapped when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from undo_cli.backends.hf import load_error
+
+    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
+    # Full fine-tuning keeps float32 master weights (bf16 autocast on GPU does the speed);
+    # LoRA freezes the base, so a GPU run can hold it in bf16 (peft keeps the adapter in float32).
+    dtype = torch.bfloat16 if (config.lora_r and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
+        else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, **remote}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    set_seed(config.seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.student, **kwargs)
+    except Exception as exc:
+        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
+            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
+                            hint="pass --trust-remote-code if you trust its source") from None
+        raise load_error(config.student, exc) from None
+    model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [m.strip() for m in config.lora_target_modules.split(",")] if config.lora_target_modules \
+            else "all-linear"
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
+                          lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise UndoError(f"--lora-target-modules: {str(exc).splitlines()[0]}",
+                            hint="name modules that exist in the model (e.g. q_proj,v_proj), or leave the flag "
+                                 "out for all linear layers") from None
+    return model
+
+
+def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
+    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter."""
+    if not config.lora_r:
+        trainer.save_model(str(output))
+        return {"model": str(output), "adapter": None}
+    adapter_dir = output / "adapter" if config.merge else output
+    trainer.save_model(str(adapter_dir))
+    if not config.merge:
+        return {"model": None, "adapter": str(adapter_dir)}
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        # Merge from the saved adapter into a freshly loaded base: the same code path
+        # whatever sharded the weights during training (DDP, FSDP, DeepSpeed).
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        remote = {"trust_remote_code": True} if config.trust_remote_code else {}
+        base = AutoModelForCausalLM.from_pretrained(config.student, dtype="auto", **remote)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(output))
+        trainer.processing_class.save_pretrained(str(output))
+        del base, merged
+    return {"model": str(output), "adapter": str(adapter_dir)}
+
+
+def _release() -> None:
+    """Give memory back after `del model, trainer` (undo iterate calls run() again in the same process)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train the student; returns the summary (also written to OUTPUT/train_summary.json)."""
+    from undo_cli.training.data import check_rationales, encode_records, fingerprint
+
+    started = time.time()
+    student = Path(config.student).expanduser()
+    if config.student.startswith((".", "/", "~")) and not student.exists():  # fail before importing torch
+        from undo_cli.backends.hf import load_error
+
+        raise load_error(config.student, FileNotFoundError(f"no such folder: {student}"))
+    records = read_records(config.data, "rationale")  # file:line:field errors, empty file refused
+    check_rationales(records, config.data)
+    identity = _identity(config, fingerprint(records))
+    output = Path(config.output)
+    plan = plan_output(config, identity)  # refuse a foreign or different run before loading anything heavy
+    if plan.action == "done":
+        console.print(f"{output}: this run already finished; nothing to do (see {output / SUMMARY_FILE})",
+                      soft_wrap=True)
+        return read_json(output / SUMMARY_FILE)
+
+    import torch
+    from accelerate import PartialState
+
+    from undo_cli.training.collate import PackedCollator, PaddedCollator
+    from undo_cli.training.trainer import UndoTrainer
+
+    tokenizer = _load_tokenizer(config)
+    examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
+                                          template=config.template, path=config.data)
+    args = _training_args(config, output)  # also sets up the process group under accelerate launch
+    state = PartialState()
+    state.wait_for_everyone()  # every process has planned before the main one writes
+    if state.is_main_process:
+        if plan.wipe:
+            shutil.rmtree(output)
+        for torn in complete_checkpoints(output)[1]:
+            warn(f"{torn}: an incomplete checkpoint (the run was killed while saving it); deleting it")
+            shutil.rmtree(torn, ignore_errors=True)
+        if config.resume and plan.checkpoint is None and plan.action == "resume":
+            warn(f"{output}: no complete checkpoint to resume from; starting from step 0")
+        write_json(output / RUN_FILE, {"identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    state.wait_for_everyone()
+
+    if torch.cuda.device_count() > 1 and state.num_processes == 1:
+        warn(f"{torch.cuda.device_count()} GPUs visible but one process: training on the first. "
+             "Use `accelerate launch --num_processes N -m undo_cli train ...` to use them all")
+        args._n_gpu = 1  # Trainer would otherwise wrap the model in DataParallel, which packed rows do not suit
+
+    if not state.is_main_process:  # one set of loading/saving bars is enough
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = _load_model(config)
+    flash = "flash" in (config.attn_implementation or "")
+    collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
+    trainer = UndoTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
+                          processing_class=tokenizer)
+    _attach_checkpoint_counts(trainer)
+    resumed_from = None
+    if plan.checkpoint is not None:
+        trainer.meter.totals = read_json(plan.checkpoint / STATS_FILE)
+        resumed_from = int(plan.checkpoint.name.split("-")[-1])
+        if state.is_main_process:
+            console.print(f"resuming from {plan.checkpoint} (step {resumed_from})", soft_wrap=True)
+    if state.is_main_process:
+        lora = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
+        console.print(f"training {config.student} on {data_stats.examples} examples from {config.data} "
+                      f"({lora}, {state.num_processes} process(es), {args.device.type})", soft_wrap=True)
+
+    result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    saved = _save(trainer, config, output)
+    meter = trainer.meter
+    totals, session = meter.totals, meter.session
+    runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
+    summary = {
+        "student": config.student,
+        "data": config.data,
+        "output": str(output),
+        "saved": saved,
+        "records": data_stats.records,
+        "examples": data_stats.examples,
+        "truncated_examples": data_stats.truncated,
+        "skipped_examples": data_stats.skipped,
+        "longest_example_tokens": data_stats.longest,
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "first_loss": totals.get("first_step_loss"),
+        "final_loss": totals["last_step_loss"],
+        "epoch_losses": meter.epoch_losses(),
+        "tokens_seen": {"all": totals["tokens"], "response": totals["response_tokens"],
+                        "padding": totals["padding_tokens"], "examples": totals["examples"]},
+        "padding_fraction": totals["padding_tokens"] / max(totals["tokens"], 1),
+        "tokens_per_s": session["tokens"] / runtime,
+        "response_tokens_per_s": session["response_tokens"] / runtime,
+        "train_runtime_s": round(runtime, 3),
+        "wall_time_s": round(time.time() - started, 3),
+        "resumed_from_step": resumed_from,
+        "processes": state.num_processes,
+        "device": args.device.type,
+        "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
+        "learning_rate": config.learning_rate,
+        "config": asdict(config),
+        "versions": _versions(),
+    }
+    if trainer.is_world_process_zero():
+        write_json(output / SUMMARY_FILE, summary)
+        if not config.keep_checkpoints:
+            shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+        _print_summary(summary)
+    state.wait_for_everyone()
+    del trainer, model
+    _release()
+    return summary
+
+
+def _attach_checkpoint_counts(trainer) -> None:
+    """Write the token counts into every checkpoint, so a resumed run's summary covers the whole run."""
+    from transformers.trainer_callback import TrainerCallback
+
+    class _SaveCounts(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    write_json(folder / STATS_FILE, trainer.meter.totals)
+
+    trainer.add_callback(_SaveCounts())
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"undo train: {summary['output']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    losses = ", ".join(f"{x:.4f}" for x in summary["epoch_losses"])
+    tokens = summary["tokens_seen"]
+    rows = [
+        ("examples", f"{summary['examples']} ({summary['truncated_examples']} truncated, "
+                     f"{summary['skipped_examples']} skipped)"),
+        ("steps / epochs", f"{summary['steps']} / {summary['epochs']:g}"),
+        ("loss first -> final", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+         if summary["first_loss"] is not None else f"{summary['final_loss']:.4f}"),
+        ("loss per epoch", losses),
+        ("tokens (response / all)", f"{tokens['response']:,} / {tokens['all']:,}"),
+        ("padding fraction", f"{summary['padding_fraction']:.1%}"),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f} ({summary['response_tokens_per_s']:,.0f} response)"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"
+                      + (f" (resumed from step {summary['resumed_from_step']})" if summary["resumed_from_step"] else "")),
+        ("saved", summary["saved"]["model"] or f"adapter {summary['saved']['adapter']}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,274 @@
+"""UndoTrainer: transformers' `Trainer` with a pluggable loss and honest token accounting.
+
+Why `Trainer` and not TRL's `SFTTrainer`: everything SFTTrainer adds on top of
+`Trainer` is dataset preparation (applying the chat template, tokenising,
+completion masks, packing) and a loss. We must not use its preparation: the
+student has to see token-for-token the prompt that `undo evaluate` gives it,
+and that prompt comes from `prompts.encode_example`, the one function shared by
+training and evaluation. What is left, the loss, is the part the white-box
+objectives replace. So we subclass `Trainer` directly, keep everything
+`accelerate launch` needs for DDP / FSDP / DeepSpeed (the Trainer does it),
+and avoid depending on the fastest-moving API in the stack (SFTConfig's fields
+change between TRL minor versions). bench/train.py measures both.
+
+EXTENSION POINT: the loss. `UndoTrainer(..., loss_fn=fn)` where
+
+    fn(model, inputs) -> (loss_sum, metrics)
+
+* `inputs` is the collated batch on the right device: `input_ids`, `labels`
+  (-100 on prompt and separator positions), and either packed `position_ids`
+  (padding-free, the default; the whole micro-batch is one row) or an
+  `attention_mask` (padded). Extra per-token fields of the dataset examples
+  (e.g. offline teacher log-probabilities) arrive there too (see collate.py).
+* `loss_sum` is a scalar tensor: the loss SUMMED over the response tokens of
+  this micro-batch (positions where the shifted labels are not -100). The
+  trainer divides it by the number of response tokens in the whole optimizer
+  step (all gradient-accumulation micro-batches, all processes: transformers'
+  `num_items_in_batch`), so every token weighs the same however the batch was
+  split. Add terms that are sums too (e.g. DistiLLM's skl + 1.0 x LM loss).
+* `metrics` maps names to floats or 0-d tensors (per-micro-batch means); they
+  are averaged over micro-batches and processes and logged every logging step.
+
+`response_logits(model, inputs)` gives the student's logits at exactly the
+positions that predict a response token, plus those tokens, without building
+logits for the prompt (transformers' `logits_to_keep` with a boolean mask). A
+token-level KD loss calls it for the student and compares with the teacher's
+distribution at the same positions. A loss that needs a teacher can be a
+callable object holding it (put the teacher on `trainer.accelerator.device`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+from undo_cli.training.collate import IGNORE_INDEX, batch_token_counts
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+
+# What the model's forward gets from a batch; the rest (labels, extras) is for the loss.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids",
+                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+_KEEP_SUPPORT: dict[type, bool] = {}
+
+
+def _supports_keep_mask(model: torch.nn.Module) -> bool:
+    """Does forward accept a boolean `logits_to_keep` mask? True for transformers' own models.
+
+    Remote-code models may have the argument but only slice the last n positions,
+    so for them we compute all logits and select afterwards.
+    """
+    cls = type(unwrap(model))
+    if cls not in _KEEP_SUPPORT:
+        import transformers.modeling_utils as mu
+
+        own = cls.__module__.startswith("transformers.") and hasattr(mu, "slice_logits_to_keep")
+        _KEEP_SUPPORT[cls] = own and "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEP_SUPPORT[cls]
+
+
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): keep[b, t] is True where position t predicts a response token labels[b, t+1]."""
+    next_labels = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = next_labels != IGNORE_INDEX
+    return keep, next_labels[next_labels != IGNORE_INDEX]
+
+
+def response_logits(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits [n_response, vocab] at the positions predicting response tokens, and those tokens [n]."""
+    keep, targets = response_positions(inputs["labels"])
+    model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
+    if _supports_keep_mask(model):
+        logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+    else:
+        logits = model(**model_inputs, use_cache=False).logits[keep]
+    if logits.shape[0] != targets.shape[0]:  # a model that ignored the mask: select ourselves
+        logits = logits.reshape(*keep.shape, -1)[keep]
+    return logits, targets
+
+
+def sft_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Cross-entropy on the response tokens, summed (the default loss_fn: plain SFT)."""
+    logits, targets = response_logits(model, inputs)
+    # float32 softmax: bf16 logits lose the small probabilities that carry the gradient.
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == targets).float().mean() if targets.numel() else logits.new_zeros(())
+    return loss_sum, {"token_accuracy": accuracy}
+
+
+class TokenMeter:
+    """Counts what training processed, summed over processes once per optimizer step.
+
+    Per micro-batch the counts stay on the device (no host sync); at the end of
+    each optimizer step one small all-reduce makes every process agree on the
+    totals. `totals` is what checkpoints store and a resumed run starts from.
+    """
+
+    COUNTS = ("tokens", "padding_tokens", "response_tokens", "examples")
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Any] = {k: 0 for k in self.COUNTS}
+        self.totals.update(epoch_loss={}, first_step_loss=None, last_step_loss=None, steps=0)
+        self.session = {k: 0 for k in self.COUNTS}
+        self._counts: torch.Tensor | None = None
+        self._loss = 0.0
+        self._metrics: dict[str, Any] = {}
+        self._micro = 0
+        self._window: dict[str, list[float]] = {}
+
+    def add(self, inputs: dict[str, Any], loss_sum: torch.Tensor, metrics: dict[str, Any]) -> None:
+        counts = batch_token_counts(inputs)
+        self._counts = counts if self._counts is None else self._counts + counts
+        self._loss = self._loss + loss_sum.detach().double()
+        for name, value in metrics.items():
+            value = torch.as_tensor(value, device=counts.device).detach().double()
+            self._metrics[name] = self._metrics.get(name, 0.0) + value
+        self._micro += 1
+
+    def end_step(self, accelerator, epoch: float | None) -> None:
+        """Called by every process at the end of an optimizer step: sum over processes, update totals."""
+        if self._counts is None:
+            return
+        names = sorted(self._metrics)
+        local = torch.cat([self._counts.double(), torch.as_tensor(self._loss, device=self._counts.device).view(1),
+                           torch.stack([self._metrics[n] for n in names]) if names else self._counts.new_zeros(0).double(),
+                           self._counts.new_tensor([self._micro]).double()])
+        total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+        values = total.tolist()  # the one host sync per optimizer step
+        for i, key in enumerate(self.COUNTS):
+            self.totals[key] += int(values[i])
+            self.session[key] += int(values[i])
+        loss_sum, response = values[4], values[2]
+        step_loss = loss_sum / max(response, 1)
+        if self.totals["first_step_loss"] is None:
+            self.totals["first_step_loss"] = step_loss
+        self.totals["last_step_loss"] = step_loss
+        self.totals["steps"] += 1
+        index = str(max(math.ceil((epoch or 0.0) - 1e-9) - 1, 0))
+        so_far = self.totals["epoch_loss"].setdefault(index, [0.0, 0])
+        so_far[0] += loss_sum
+        so_far[1] += int(response)
+        micro = max(values[-1], 1)
+        for i, name in enumerate(names):
+            self._window.setdefault(name, []).append(values[5 + i] / micro)
+        self._counts, self._loss, self._metrics, self._micro = None, 0.0, {}, 0
+
+    def pop_window(self) -> dict[str, float]:
+        """Metric means since the last log line."""
+        window = {name: sum(v) / len(v) for name, v in self._window.items() if v}
+        self._window = {}
+        return window
+
+    def epoch_losses(self) -> list[float]:
+        return [s / max(n, 1) for _, (s, n) in sorted(self.totals["epoch_loss"].items(), key=lambda kv: int(kv[0]))]
+
+
+class _StepEnd(TrainerCallback):
+    """After each optimizer step, on every process: sum the counts; skip the checkpoint of the last step.
+
+    The last step's checkpoint (weights + optimizer, ~3x the model) would be
+    deleted a moment later: the final model is saved into OUTPUT instead.
+    """
+
+    def __init__(self, trainer: "UndoTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.meter.end_step(self.trainer.accelerator, state.epoch)
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = False
+
+
+class StderrProgress(ProgressCallback):
+    """Readable log lines on stderr (Trainer prints dicts to stdout), plus tqdm's bar in a terminal."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not args.disable_tqdm:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key, label, fmt in (("epoch", "epoch", "{:.2f}"), ("loss", "loss", "{:.4f}"),
+                                ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "grad_norm", "{:.3f}")):
+            if key in logs:
+                parts.append(f"{label} {fmt.format(logs[key])}")
+        skip = {"epoch", "loss", "learning_rate", "grad_norm", "total_flos"}
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k not in skip]
+        line = "  ".join(parts)
+        if self.training_bar is not None:
+            self.training_bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+class UndoTrainer(Trainer):
+    """`Trainer` whose loss is `loss_fn(model, inputs) -> (loss_sum, metrics)` (see the module docstring)."""
+
+    # compute_loss already normalises over the whole accumulated batch (num_items_in_batch).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, loss_fn: LossFn | None = None, meter: TokenMeter | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_fn: LossFn = loss_fn or sft_loss
+        self.meter = meter or TokenMeter()
+        # Makes Trainer count the response tokens of each optimizer step (over all
+        # micro-batches and processes) and pass them to compute_loss as num_items_in_batch.
+        self.model_accepts_loss_kwargs = True
+        # Trainer reports through ProgressCallback or, without a terminal, PrinterCallback (to stdout,
+        # which belongs to JSONL): one stderr reporter replaces both.
+        self.remove_callback(ProgressCallback)
+        self.remove_callback(PrinterCallback)
+        self.add_callback(StderrProgress())
+        self.add_callback(_StepEnd(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, metrics = self.loss_fn(model, inputs)
+        if model.training:
+            self.meter.add(inputs, loss_sum, metrics)
+        if num_items_in_batch is None:  # not counted by Trainer (e.g. evaluation): a local mean
+            local = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = loss_sum / local
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+        else:
+            loss = loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
+            # num_items_in_batch counts every process's tokens and DDP averages gradients
+            # over processes, so scale back up (the same correction Trainer.compute_loss makes).
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.meter.pop_window())
+        super().log(logs, start_time)

@@ -5,6 +5,12 @@ record["rationale"])`: the prompt exactly as `undo evaluate` will show it to the
 student (masked with -100), followed by the rationale and the chat template's
 end-of-turn marker (so the student learns to stop).
 
+A record may instead carry its own prompt as chat messages in
+`prompt_messages` ([{"role": "system"|"user"|..., "content": "..."}]): then
+that is the prompt, not the student template. This is how a model is taught a
+prompt format other than the student's, e.g. `undo demo` training its tiny
+teacher on the generate and refine prompts it will be given.
+
 Too long for --max-length, decided here once:
 
 * a rationale that does not fit is TRUNCATED from the right (the prompt stays
@@ -82,7 +88,16 @@ def encode_records(records: list[dict[str, Any]], tokenizer, *, max_length: int,
     examples: list[dict[str, list[int]]] = []
     for i, record in enumerate(records):
         line = lines[i] if lines else None
-        ids, labels = encode_example(tokenizer, student_messages(record, template), record["rationale"])
+        messages = record.get("prompt_messages")
+        if messages is None:
+            messages = student_messages(record, template)
+        elif not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise RecordError(display_name(path), line, "expected a non-empty list of {\"role\", \"content\"} "
+                              "messages", field="prompt_messages",
+                              hint="leave the field out to use the student template")
+        ids, labels = encode_example(tokenizer, messages, record["rationale"])
         n_prompt = next((j for j, lab in enumerate(labels) if lab != -100), len(labels))
         if n_prompt >= max_length:
             stats.skipped += 1

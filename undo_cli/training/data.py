@@ -45,6 +45,7 @@ class EncodeStats:
     longest: int = 0
     truncated_lines: list[int | None] = field(default_factory=list)
     skipped_lines: list[int | None] = field(default_factory=list)
+    record_index: list[int] = field(default_factory=list)  # examples[j] comes from records[record_index[j]]
 
 
 def record_lines(path: str) -> list[int] | None:
@@ -108,6 +109,7 @@ def encode_records(records: list[dict[str, Any]], tokenizer, *, max_length: int,
             stats.truncated += 1
             stats.truncated_lines.append(line)
         examples.append({"input_ids": ids, "labels": labels})
+        stats.record_index.append(i)
         stats.prompt_tokens += n_prompt
         stats.response_tokens += len(ids) - n_prompt
         stats.longest = max(stats.longest, len(ids))

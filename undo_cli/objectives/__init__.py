@@ -27,18 +27,29 @@ Three ways to compute them, one set of formulas (`divergences.py`):
 docs/objectives.md has the formulas, sources, conventions and memory figures.
 """
 
-from undo_cli.objectives.chunked import DEFAULT_CHUNK_SIZE, chunked_divergence, fused_linear_divergence
-from undo_cli.objectives.divergences import (KINDS, VocabSizeMismatchWarning, divergence, forward_kl,
-                                              generalized_jsd, per_token, reverse_kl, shared_vocab_size,
-                                              skew_kl, skew_reverse_kl, total_variation)
-from undo_cli.objectives.offline import (AlignmentCounts, align_teacher_logprobs, collate_teacher_topk,
-                                         fused_linear_topk_divergence, parse_teacher_logprobs, topk_divergence)
+from __future__ import annotations
 
-__all__ = [
-    "KINDS", "DEFAULT_CHUNK_SIZE", "VocabSizeMismatchWarning",
-    "divergence", "chunked_divergence", "fused_linear_divergence",
-    "topk_divergence", "fused_linear_topk_divergence",
-    "parse_teacher_logprobs", "align_teacher_logprobs", "collate_teacher_topk", "AlignmentCounts",
-    "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation",
-    "per_token", "shared_vocab_size",
-]
+import importlib
+from typing import Any
+
+from undo_cli.objectives.options import KINDS, OBJECTIVES
+
+# Imported on first use (PEP 562): `options` (the CLI's flag checks) must not pull in torch.
+_EXPORTS = {
+    "chunked": ("DEFAULT_CHUNK_SIZE", "chunked_divergence", "fused_linear_divergence"),
+    "divergences": ("VocabSizeMismatchWarning", "divergence", "forward_kl", "reverse_kl", "generalized_jsd",
+                    "skew_kl", "skew_reverse_kl", "total_variation", "per_token", "shared_vocab_size"),
+    "offline": ("AlignmentCounts", "align_teacher_logprobs", "collate_teacher_topk", "fused_linear_topk_divergence",
+                "parse_teacher_logprobs", "topk_divergence"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = ["KINDS", "OBJECTIVES", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"undo_cli.objectives.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'undo_cli.objectives' has no attribute '{name}'")

@@ -35,9 +35,9 @@ import warnings
 
 import torch
 
-Tensor = torch.Tensor
+from undo_cli.objectives.options import KINDS
 
-KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+Tensor = torch.Tensor
 
 
 class VocabSizeMismatchWarning(UserWarning):

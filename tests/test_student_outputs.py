@@ -109,7 +109,7 @@ def test_a_restored_schedule_draws_what_the_uninterrupted_one_draws():
 def _config(**kw):
     base = dict(student_outputs="on-policy", method="sft", teacher="T", teacher_logprobs=False, objective="jsd",
                 lmbda=0.5, phi_init=0.0, buffer_size=1000, batch_size=8, max_new_tokens=64, teacher_mix=0.2,
-                clip_eps=0.2, sample_temperature=None, eval_steps=None, lm_data=None, val_data=None)
+                clip_eps=0.2, sample_temperature=None, eval_steps=None, lm_data=None, val_data=None, lm_weight=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -126,6 +126,7 @@ def _config(**kw):
     ({"student_outputs": "off", "method": "minillm", "objective": "sft", "sample_temperature": 0.7},
      "drop --sample-temperature"),
     ({"lm_data": "x.jsonl"}, "with --method minillm"),
+    ({"student_outputs": "off", "method": "minillm", "objective": "rkl", "lm_data": "lm.jsonl"}, "--lm-weight 1 --lm-data"),
 ])
 def test_config_errors_name_the_fix(changes, message):
     with pytest.raises(UndoError) as err:
@@ -137,7 +138,8 @@ def test_valid_configs_pass():
     check_config(_config())
     check_config(_config(student_outputs="adaptive", objective="srkl", val_data="val.jsonl"))
     check_config(_config(student_outputs="adaptive", objective="srkl", phi_init=0.5))
-    check_config(_config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl"))
+    check_config(_config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl", lm_weight=1.0))
+    check_config(_config(student_outputs="off", method="minillm", objective="rkl"))
     check_config(_config(student_outputs="off", teacher=None, objective="sft"))  # plain SFT: nothing to check
 
 

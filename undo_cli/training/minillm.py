@@ -41,8 +41,8 @@ Every optimizer step, for each micro-batch's prompts:
 Deliberate differences from MiniLLM's released code: one policy update per
 sample (no rollout store or PPO inner epochs), no reward whitening, and the
 future reward starts at t+1 as in the paper (the code's includes r_t).
-train_summary.json gets `minillm`: mean rewards (first/last 10% of steps), the
-time spent sampling and scoring, and the generation share.
+train_summary.json gets `student_outputs` (mode "minillm"): mean rewards (first
+and last 10% of steps), the time spent sampling and scoring, the generation share.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class MiniLLMRollout:
         self.collator, self.lm_data = collator, lm_data
         self.rng = random.Random(seed + 2)
         self.fused: dict[str, bool] = {}
-        self.steps, self.scoring_s = 0, 0.0
+        self.steps, self.batches, self.scoring_s = 0, 0, 0.0
         self.step_rewards: list[float] = []
 
     def _fused(self, role: str, model, inputs, keep) -> bool:
@@ -314,6 +314,7 @@ class MiniLLMRollout:
             rewards.append(stats["rewards"])
             out.append(self._batch(sequences, stats, device))
         self.steps += 1
+        self.batches += len(batches)
         self.step_rewards.append(float(torch.cat(rewards).mean()))
         return out
 
@@ -342,19 +343,22 @@ class MiniLLMRollout:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state(self.rng), "steps": self.steps, "scoring_s": self.scoring_s,
+        return {"rng": _rng_state(self.rng), "steps": self.steps, "batches": self.batches, "scoring_s": self.scoring_s,
                 "step_rewards": self.step_rewards, "sampler": self.sampler.counts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.setstate(_rng_from(state["rng"]))
-        self.steps, self.scoring_s, self.step_rewards = state["steps"], state["scoring_s"], state["step_rewards"]
+        self.steps, self.batches, self.scoring_s = state["steps"], state["batches"], state["scoring_s"]
+        self.step_rewards = state["step_rewards"]
         self.sampler.counts = state["sampler"]
 
     def summary(self, runtime_s: float) -> dict[str, Any]:
         h = self.step_rewards
         window = max(len(h) // 10, 1)
         c = self.sampler.counts
-        return {"method": "minillm", "teacher_mix": self.alpha, "steps": self.steps,
+        return {"mode": "minillm", "teacher_mix": self.alpha,
+                "steps": {"fresh": self.steps, "replay": 0, "ground_truth": 0},
+                "batches": {"fresh": self.batches, "replay": 0, "ground_truth": 0},
                 "sampled_sequences": c["sampled_sequences"],
                 "mean_sampled_tokens": round(c["sampled_tokens"] / max(c["sampled_sequences"], 1), 2),
                 "mean_reward_first": round(sum(h[:window]) / window, 6) if h else None,

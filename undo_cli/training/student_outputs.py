@@ -119,6 +119,10 @@ def check_config(c: Any) -> None:
                         hint="drop --sample-temperature (MiniLLM samples at temperature 1)")
     if c.lm_data and method != "minillm":
         raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
+    lm_weight = getattr(c, "lm_weight", 0.0)
+    if method == "minillm" and bool(c.lm_data) != (lm_weight > 0):
+        raise UndoError("--method minillm: --lm-weight weighs the cross-entropy on --lm-data, so they go together",
+                        hint="pass both (MiniLLM uses --lm-weight 1 --lm-data TEXT.jsonl) or neither")
     if mode == "adaptive" and not c.val_data and c.phi_init == 0.0:
         raise UndoError("--student-outputs adaptive needs --val-data: φ starts at --phi-init 0 and only grows when "
                         "the validation loss rises, so without it the student would never see its own outputs",

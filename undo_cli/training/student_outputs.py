@@ -49,22 +49,20 @@ history, and the share of wall time spent generating.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import deque
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
-from undo_cli.console import console, warn
+from undo_cli.console import warn
 from undo_cli.errors import UndoError
 
 MODES = ("off", "on-policy", "adaptive")
 METHODS = ("sft", "minillm")
 FRESH, REPLAY, GROUND_TRUTH = "fresh", "replay", "ground_truth"
 SOURCE_KEY = "undo_batch_source"  # marks a batch the student sampled (fresh or replayed)
-STATE_FILE = "undo_student_outputs-rank{rank}.json"  # inside each checkpoint, one per process
+STATE_FILE = "undo_student_outputs-rank{rank}.json"  # inside each checkpoint, one per process (setup module)
 RISE, PHI_STEP = 0.1, 0.1  # DistiLLM: --loss-eps 0.1, threshold += 0.1
 IGNORE_INDEX = -100
 
@@ -447,103 +445,3 @@ class SourceAwareLoss:
 
     def __call__(self, model, inputs):
         return (self.sampled if inputs.get(SOURCE_KEY) else self.ground_truth)(model, inputs)
-
-
-# --- validation (adaptive's φ) and checkpoints ------------------------------------------
-
-def validation_batches(config: Any, tokenizer, collator) -> list[dict]:
-    """--val-data rationales, encoded like --data, in batches of --batch-size."""
-    from undo_cli.records import read_records
-    from undo_cli.training.data import check_rationales, encode_records
-
-    records = read_records(config.val_data, "rationale")
-    check_rationales(records, config.val_data)
-    examples, _ = encode_records(records, tokenizer, max_length=config.max_length, template=config.template,
-                                 path=config.val_data)
-    size = config.batch_size
-    return [collator(examples[i: i + size]) for i in range(0, len(examples), size)]
-
-
-def validation_loss(trainer, batches: list[dict]) -> float:
-    """The student's mean cross-entropy on the validation rationales, over all processes."""
-    import torch
-    import torch.nn.functional as F
-
-    from undo_cli.training.trainer import response_logits
-
-    acc = trainer.accelerator
-    model = trainer.model_wrapped
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    try:
-        with torch.no_grad():
-            for batch in batches[acc.process_index:: acc.num_processes]:
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                logits, targets = response_logits(model, batch)
-                total[0] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
-                total[1] += targets.numel()
-    finally:
-        if was_training:
-            model.train()
-    if acc.num_processes > 1:
-        total = acc.reduce(total, reduction="sum")
-    return float(total[0] / total[1].clamp(min=1))
-
-
-def state_path(checkpoint: Path, rank: int) -> Path:
-    return Path(checkpoint) / STATE_FILE.format(rank=rank)
-
-
-def restore(hook, checkpoint: Path, rank: int) -> None:
-    """Load the hook's state saved in `checkpoint` (a run resumed from it continues the same schedule)."""
-    from undo_cli.records import read_json
-
-    path = state_path(checkpoint, rank)
-    if path.is_file():
-        hook.load_state_dict(read_json(path))
-    else:
-        warn(f"{path}: missing (the run was killed while saving): the schedule restarts empty at this step")
-
-
-def make_callback(hook, *, val_batches: list[dict] | None, eval_steps: int | None):
-    """A TrainerCallback: validation for the adaptive φ, and the hook's state in every checkpoint.
-
-    Set `callback.trainer` once the trainer exists (validation runs the model it trains).
-    """
-    from transformers.trainer_callback import TrainerCallback
-
-    from undo_cli.records import write_json
-
-    adaptive = bool(val_batches) and isinstance(hook.schedule, AdaptiveSchedule)
-
-    class StudentOutputsCallback(TrainerCallback):
-        trainer = None
-        every = 1
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            # Default: once per epoch, as DistiLLM (eval-interval -1). max_steps / epochs is the
-            # steps per epoch whether the run was sized by --epochs or by --max-steps.
-            self.every = eval_steps or max(1, round(state.max_steps / max(state.num_train_epochs, 1)))
-            if adaptive and hook.schedule.reference is None:  # not on resume: the reference is restored
-                self._validate(state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if adaptive and state.global_step % self.every == 0:
-                self._validate(state.global_step)
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_json(state_path(folder, args.process_index), hook.state_dict())
-
-        def _validate(self, step: int) -> None:
-            loss = validation_loss(self.trainer, val_batches)
-            before = hook.schedule.phi
-            grew = hook.schedule.record_validation(step, loss)
-            if self.trainer.is_world_process_zero():
-                change = f"φ {before:.1f} -> {hook.schedule.phi:.1f}" if grew else f"φ stays {hook.schedule.phi:.1f}"
-                console.print(f"step {step}: validation loss {loss:.4f} "
-                              f"(recorded {hook.schedule.reference:.4f}): {change}", soft_wrap=True)
-
-    return StudentOutputsCallback()

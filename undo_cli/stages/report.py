@@ -75,9 +75,15 @@ def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
     return sorted(found)
 
 
+ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_correct", "val_count", "errors",
+            "teacher_written", "teacher_verified", "refined", "refined_verified", "verification_rate",
+            "test_accuracy", "test_correct", "test_count")
+
+
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
     d = run_dir / f"iter_{k:02d}"
-    row: dict[str, Any] = {"iteration": k}
+    # Every key is always there (None until known), so summary.json has one shape for every row.
+    row: dict[str, Any] = {"iteration": k, **dict.fromkeys(ROW_KEYS)}
     if k == 0:
         kept = _jsonl(d / "rationales.jsonl")
         rejected = _jsonl(d / "rationales.rejected.jsonl") or []
@@ -201,14 +207,12 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
     from undo_cli.console import console
 
     rows = state["rows"]
-    show_status = any(r["status"] != "done" for r in rows)
     table = Table(title=title or f"undo report: {state['run_dir']}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
                   caption="teacher: verified rationales generated (gen) or refinements verified/tried (ref); "
                           "seconds: teacher/train/eval")
-    columns = ["iter", "data", "loss", "val acc", "errors", "teacher", "verified", "test acc", "seconds"]
-    for col in columns + (["status"] if show_status else []):
-        table.add_column(col, justify="left" if col in ("iter", "status") else "right", no_wrap=True)
+    for col in ("iter", "data", "loss", "val acc", "errors", "teacher", "verified", "test acc", "seconds"):
+        table.add_column(col, justify="left" if col == "iter" else "right", no_wrap=True)
     for r in rows:
         best = r["iteration"] == state["best_iteration"]
         if r["iteration"] == 0:
@@ -216,16 +220,20 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
         else:
             teacher = DASH if r.get("refined") is None else f"{r['refined_verified']}/{r['refined']} ref"
         seconds = "/".join(_secs(r, *names) for names in (("generate", "refine"), ("train",), ("evaluate",)))
+        seconds = DASH if seconds == "/".join([DASH] * 3) else seconds
         cells = [f"{r['iteration']}{' ★' if best else ''}", _num(r.get("train_examples")),
                  _num(r.get("train_loss"), "{:.3f}"), _pct(r.get("val_accuracy")), _num(r.get("errors")), teacher,
                  _pct(r.get("verification_rate")), _pct(r.get("test_accuracy")), seconds]
-        table.add_row(*cells, *([r["status"]] if show_status else []), style="bold" if best else None)
+        table.add_row(*cells, style="bold" if best else None)
     console.print(table)
     notes = []
     if state["best_iteration"] is not None:
         notes.append(f"★ best iteration by validation accuracy: {state['best_iteration']}")
     if state.get("current_step") and state["status"] == "running":
         notes.append(f"running now: {state['current_step']}")
+    elif any(r["status"] != "done" for r in rows) and state["status"] != "done":
+        notes.append("unfinished: " + ", ".join(f"iteration {r['iteration']} ({r['status']})"
+                                                for r in rows if r["status"] != "done"))
     if state.get("stop_reason"):
         notes.append(f"stopped: {state['stop_reason']}")
     for note in notes:

@@ -111,7 +111,7 @@ def check_type(value: Any, type_str: str, where: str) -> Any:
     elif isinstance(value, (int, float)) and "str" in allowed:
         return str(value)
     names = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false", "None": "none"}
-    expected = " or ".join(names[t] for t in sorted(allowed))
+    expected = " or ".join(names[t] for t in names if t in allowed)
     raise UndoError(f"{where}: expected {expected}, got {value!r}", hint="fix the value in the config or the flag")
 
 

@@ -159,6 +159,7 @@ class RunFolder:
             folder._check_same_run(config, inputs)
             folder._mark_killed_attempts()
             folder.manifest["status"] = "running"
+            folder.manifest["current"] = None
             folder.manifest["resumed"] = folder.manifest.get("resumed", 0) + 1
             console.print(f"resuming {path} (resume #{folder.manifest['resumed']})")
         else:

@@ -1,0 +1,286 @@
+"""`undo iterate`: the whole loop on tiny models, killed mid-training and mid-refine, resumed, compared with bash.
+
+The loop runs as a user runs it, `undo iterate` in a subprocess, on the tiny
+offline models of conftest: `trained_teacher` (which reproduces worked solutions
+for TAUGHT_PROBLEMS when shown the student prompt, so generate and refine
+really verify) and the untrained `tiny_model` as the student. One run is killed
+with SIGKILL twice (once when training has written a checkpoint, once when
+refine has written its first record), resumed each time, and then checked for
+what a person relies on: nothing finished was recomputed, nothing was lost or
+written twice, and the manifest tells the story.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TAUGHT_PROBLEMS
+
+pytestmark = pytest.mark.slow
+
+# Tiny but real: the teacher sees the student template it was overfit on (generate and refine
+# both take a `prompt` template), refine works one target per batch so that it can be
+# killed between two records, and training checkpoints every 3 steps so it can be killed
+# between two checkpoints.
+STAGE_FLAGS = [
+    "--generate.prompt", "student", "--generate.max-tokens", "48",
+    "--refine.prompt", "student", "--refine.max-tokens", "48", "--refine.per-error", "4",
+    "--refine.batch-size", "1",
+    "--train.max-steps", "12", "--train.save-steps", "3", "--train.batch-size", "4", "--train.lr", "3e-3",
+    "--train.logging-steps", "3",
+    "--evaluate.max-tokens", "8",
+]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model, trained_teacher) -> dict:
+    root = tmp_path_factory.mktemp("iterate")
+    problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
+    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
+             "test": _write(root / "test.jsonl", problems[6:])}
+    args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
+            "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
+            "--max-iterations", "2", "--patience", "1", *STAGE_FLAGS]
+    return {"root": root, "files": files, "args": [str(a) for a in args], "teacher": trained_teacher,
+            "student": tiny_model}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "undo_cli", *args], stdout=subprocess.PIPE,
+                            stderr=log.open("w"), text=True, env=os.environ.copy())
+
+
+def _manifest(run: Path) -> dict:
+    try:
+        return json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_then_kill(proc: subprocess.Popen, ready, log: Path, what: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"undo iterate ended (rc {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(workdir) -> dict:
+    """One run, SIGKILLed mid-training and mid-refine, resumed to the end; what was seen along the way."""
+    args, run = workdir["args"] + ["--name", "killed"], workdir["root"] / "runs" / "killed"
+    seen: dict = {}
+
+    # 1. Kill while iteration 0 trains, once a complete checkpoint exists.
+    log = workdir["root"] / "first.log"
+    proc = _start(args, log)
+    checkpoint = run / "iter_00" / "student" / "checkpoints" / "checkpoint-3" / "undo_stats.json"
+    _wait_then_kill(proc, lambda: checkpoint.exists(), log, "the first training checkpoint")
+    assert _manifest(run)["stages"]["iter_00/train"]["status"] == "running"
+    seen["rationales_mtime"] = (run / "iter_00" / "rationales.jsonl").stat().st_mtime_ns
+    seen["generate_after_kill"] = _manifest(run)["stages"]["iter_00/generate"]
+
+    # 2. Resume; kill while iteration 1 refines, once its first record is on disk.
+    log = workdir["root"] / "second.log"
+    proc = _start(args + ["--resume"], log)
+    refined = run / "iter_01" / "refined.jsonl"
+    _wait_then_kill(proc, lambda: refined.exists() and len(_lines(refined)) >= 1
+                    and _manifest(run).get("stages", {}).get("iter_01/refine", {}).get("status") == "running",
+                    log, "the first refined record")
+    seen["refined_at_kill"] = _lines(refined)
+    seen["train0_mtime"] = (run / "iter_00" / "student" / "train_summary.json").stat().st_mtime_ns
+
+    # 3. Resume to the end.
+    log = workdir["root"] / "third.log"
+    proc = _start(args + ["--resume"], log)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return {**workdir, "run": run, "args": args, "seen": seen, "stdout": out, "log": log.read_text()}
+
+
+def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run):
+    run, seen = finished_run["run"], finished_run["seen"]
+    manifest = _manifest(run)
+    assert manifest["status"] == "done"
+    stages = manifest["stages"]
+    expected = ["iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors",
+                "iter_01/refine", "iter_01/mix", "iter_01/train", "iter_01/evaluate", "iter_01/collect_errors",
+                "iter_00/test"]
+    assert list(stages) == expected  # patience 1 and no gain: stops after iteration 1; best = 0 is tested
+    assert all(stages[k]["status"] == "done" for k in expected)
+
+    # Generation finished before the first kill: never run again.
+    assert stages["iter_00/generate"]["attempts"] == seen["generate_after_kill"]["attempts"]
+    assert len(stages["iter_00/generate"]["attempts"]) == 1
+    assert (run / "iter_00" / "rationales.jsonl").stat().st_mtime_ns == seen["rationales_mtime"]
+    # Training resumed from its checkpoint, not from step 0; after that it was not touched again.
+    assert [a["outcome"] for a in stages["iter_00/train"]["attempts"]] == ["killed", "done"]
+    train0 = json.loads((run / "iter_00" / "student" / "train_summary.json").read_text())
+    assert train0["resumed_from_step"] >= 3 and train0["steps"] == 12
+    assert (run / "iter_00" / "student" / "train_summary.json").stat().st_mtime_ns == seen["train0_mtime"]
+    # Refine kept what it had written and finished the rest: no record lost, none twice.
+    assert [a["outcome"] for a in stages["iter_01/refine"]["attempts"]] == ["killed", "done"]
+    refined = _lines(run / "iter_01" / "refined.jsonl")
+    assert refined[: len(seen["refined_at_kill"])] == seen["refined_at_kill"]
+    ids = [json.loads(line)["id"] for line in refined]
+    assert len(ids) == len(set(ids)) == stages["iter_01/refine"]["summary"]["jobs"] == 4
+    assert "resumes where it stopped" in finished_run["log"] or "resuming" in finished_run["log"]
+
+
+def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
+    run = finished_run["run"]
+    manifest = _manifest(run)
+    files = finished_run["files"]
+    for split in ("train", "val", "test"):
+        assert manifest["inputs"][split]["sha256"] == hashlib.sha256(files[split].read_bytes()).hexdigest()
+    assert manifest["config"]["train"]["lr"] == 3e-3 and manifest["config"]["refine"]["per_error"] == 4
+    assert manifest["config"]["train"]["seed"] == 0 == manifest["seeds"]["seed"]
+    assert {"undo", "torch", "transformers"} <= set(manifest["versions"])
+    for stage in manifest["stages"].values():
+        assert stage["seconds"] >= 0 and all(Path(p).exists() for p in stage["outputs"].values())
+
+    # mix = replace: the training data of iteration 1 is iteration 0's, with the refined records swapped in by id.
+    base = [json.loads(x) for x in _lines(run / "iter_00" / "rationales.jsonl")]
+    refined = {r["id"]: r for r in map(json.loads, _lines(run / "iter_01" / "refined.jsonl"))}
+    mixed = [json.loads(x) for x in _lines(run / "iter_01" / "train_data.jsonl")]
+    assert [r["id"] for r in mixed] == [r["id"] for r in base]
+    assert all(r == refined[r["id"]] for r in mixed if r["id"] in refined)
+    assert any(r["refinement"]["verified"] for r in refined.values())  # the teacher's refinements verify
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    assert all(r["val_accuracy"] is not None and r["train_loss"] is not None for r in summary["iterations"])
+    assert summary["best_iteration"] == 0 and summary["test"]["one_shot"]["count"] == 6
+    out = json.loads(finished_run["stdout"])
+    assert out["status"] == "done" and out["best_student"].endswith("iter_00/student")
+
+
+def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run, undo):
+    args = finished_run["args"]
+    changed = undo(*args, "--resume", "--train.lr", "1e-3", "--max-iterations", "3")
+    assert changed.returncode == 2, changed.stderr
+    assert "train.lr: was 0.003, now 0.001" in changed.stderr and "max_iterations: was 2, now 3" in changed.stderr
+    again = undo(*args)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+
+
+def test_report_on_the_finished_run(finished_run, undo):
+    proc = undo("report", finished_run["run"], env={"COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    assert "val acc" in proc.stderr and "0 ★" in proc.stderr and "4/4 ref" in proc.stderr
+    png = finished_run["run"] / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in proc.stderr.replace("\n", "")
+
+
+def _fields(path: Path) -> dict[str, set]:
+    """Top-level field names (and the refinement sub-fields) over all records of a JSONL file."""
+    keys: set = set()
+    sub: set = set()
+    for line in _lines(path):
+        record = json.loads(line)
+        keys |= set(record)
+        sub |= set(record.get("refinement") or {})
+    return {"fields": keys, "refinement": sub}
+
+
+def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
+    files, out = finished_run["files"], tmp_path / "bash-run"
+    flags = dict(zip(STAGE_FLAGS[::2], STAGE_FLAGS[1::2]))
+    per_stage = {stage: " ".join(f"--{k.split('.', 1)[1]} {v}" for k, v in flags.items() if k.startswith(f"--{stage}."))
+                 for stage in ("generate", "train", "evaluate", "refine")}
+    env = {**os.environ, "TEACHER": str(finished_run["teacher"]), "STUDENT": str(finished_run["student"]),
+           "TRAIN": str(files["train"]), "VAL": str(files["val"]), "TEST": str(files["test"]), "OUT": str(out),
+           "MAX_ITERATIONS": "1", "UNDO": f"{Path(sys.executable).parent / 'undo'}",
+           "GENERATE_ARGS": per_stage["generate"], "TRAIN_ARGS": per_stage["train"],
+           "EVALUATE_ARGS": per_stage["evaluate"], "REFINE_ARGS": per_stage["refine"]}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = finished_run["run"]
+    for rel in ("iter_00/rationales.jsonl", "iter_00/val/predictions.jsonl", "iter_00/errors.jsonl",
+                "iter_01/refined.jsonl", "iter_01/train_data.jsonl", "iter_01/val/predictions.jsonl",
+                "iter_01/errors.jsonl", "iter_00/test/predictions.jsonl"):
+        assert _fields(out / rel) == _fields(run / rel), rel
+    for rel in ("iter_00/val/metrics.json", "iter_01/val/metrics.json", "iter_00/test/metrics.json",
+                "iter_01/student/train_summary.json"):
+        assert set(json.loads((out / rel).read_text())) == set(json.loads((run / rel).read_text())), rel
+    # Same teacher, same greedy decoding: the very same rationales.
+    assert (out / "iter_00/rationales.jsonl").read_text() == (run / "iter_00/rationales.jsonl").read_text()
+    assert "val acc" in proc.stderr  # the script ends with `undo report`, which reads its folder
+
+
+# --- settings and the stopping rule, in process (no models) ------------------------------------
+
+def test_settings_toml_flags_and_stage_tables(tmp_path):
+    from undo_cli.errors import UndoError
+    from undo_cli.stages.iterate import IterateConfig
+    from undo_cli.stages.run_config import resolve
+
+    files = {split: _write(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'teacher = "t"\nstudent = "s"\ntrain_file = "{files["train"]}"\nval_file = "{files["val"]}"\n'
+                    f'test_file = "{files["test"]}"\nmax_iterations = 5\n[train]\nlr = 1e-5\nepochs = 2\n'
+                    '[refine]\nk = 1\n')
+    config = resolve(IterateConfig, str(toml), {"max_iterations": 2, "mix": None},
+                     ["--train.lr", "3e-5", "--train.lora-r=8", "--train.merge", "--generate.n", "2",
+                      "--generate.temperature", "0.7", "--train.lr-scheduler", "linear"])
+    assert config.max_iterations == 2 and config.mix == "replace" and config.name == "s-from-t"
+    assert config.train == {"lr": 3e-5, "epochs": 2.0, "lora_r": 8, "merge": True, "lr_scheduler": "linear"}
+    assert config.settings("train")["seed"] == 0 and config.settings("refine")["k"] == 1
+    assert isinstance(config.train["epochs"], float)  # an int in TOML fits a float field
+
+    def error(dotted=(), flags=None, path=str(toml)) -> str:
+        with pytest.raises(UndoError) as exc:
+            resolve(IterateConfig, path, flags or {}, list(dotted))
+        return str(exc.value)
+
+    assert "has no field 'lrr'" in error(["--train.lrr", "1"]) and "did you mean 'lr'" in error(["--train.lrr", "1"])
+    assert "set by `undo iterate` itself" in error(["--train.output", "x"])
+    assert "expected a number" in error(["--train.lr", "fast"])
+    assert "no such option: --max-iteration" in error(["--max-iteration", "3"])
+    assert "unknown choice" in error(flags={"mix": "blend"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('teacher = "t"\nmax_iteratons = 3\n')
+    assert "unknown key 'max_iteratons'" in error(path=str(bad))
+
+
+def test_stopping_rule():
+    from undo_cli.stages.iterate import IterateConfig, decide
+
+    config = IterateConfig.__new__(IterateConfig)  # the rule reads three numbers; no files needed
+    config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05
+
+    def h(*accs, errors=3):
+        return [{"accuracy": a, "errors": errors} for a in accs]
+
+    assert decide(h(0.3), config) == (0, None)
+    assert decide(h(0.3, 0.32, 0.33), config)[1] is not None  # +0.03 twice is not a 0.05 gain: patience 2 ran out
+    assert decide(h(0.3, 0.4, 0.42), config) == (2, None)     # the best is the highest, the gain clock restarted at 1
+    assert decide(h(0.3, 0.4, 0.4, 0.4), config)[0] == 1      # ties go to the earlier iteration
+    assert "every validation question" in decide(h(0.3, 1.0, errors=0), config)[1]
+    config.max_iterations = 1
+    assert "max_iterations" in decide(h(0.3, 0.5), config)[1]

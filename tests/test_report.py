@@ -1,0 +1,95 @@
+"""`undo report` on runs in every state: running (half-written files), written by the bash loop, missing.
+
+The report reads artifacts that the stages write; here they are laid out on
+disk the way `undo iterate` lays them out (with a manifest) and the way
+examples/undo_loop.sh does (without one). The finished-run case, on a run the
+real loop produced, is in test_iterate.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from undo_cli.records import write_json
+
+
+def _jsonl(path: Path, rows: list[dict], torn: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
+
+
+def _rationale(i: int, **extra) -> dict:
+    return {"id": f"p{i}#0", "problem_id": f"p{i}", "question": f"q{i}", "answer": "1", "rationale": "#### 1",
+            "correct": True, **extra}
+
+
+def _iteration(run: Path, k: int, val: float | None, *, loss: float = 1.0, refined: int = 0, verified: int = 0,
+               test: float | None = None) -> None:
+    d = run / f"iter_{k:02d}"
+    if k == 0:
+        _jsonl(d / "rationales.jsonl", [_rationale(i) for i in range(8)])
+        _jsonl(d / "rationales.rejected.jsonl", [_rationale(i, correct=False) for i in range(8, 10)])
+    else:
+        _jsonl(d / "refined.jsonl", [_rationale(i, refinement={"verified": i < verified}) for i in range(refined)])
+        _jsonl(d / "train_data.jsonl", [_rationale(i) for i in range(8)])
+    write_json(d / "student" / "train_summary.json", {"final_loss": loss, "steps": 10})
+    if val is not None:
+        write_json(d / "val" / "metrics.json", {"accuracy": val, "correct": int(val * 20), "count": 20})
+        _jsonl(d / "errors.jsonl", [{"id": f"v{i}"} for i in range(20 - int(val * 20))])
+    if test is not None:
+        write_json(d / "test" / "metrics.json", {"accuracy": test, "correct": int(test * 40), "count": 40})
+
+
+def test_report_of_a_running_run_shows_what_exists(tmp_path, capsys):
+    from undo_cli.stages import report
+
+    run = tmp_path / "runs" / "live"
+    _iteration(run, 0, 0.25, loss=1.5)
+    _iteration(run, 1, 0.40, loss=1.2, refined=6, verified=4)
+    # Iteration 2 is refining right now: two records and a half-written third.
+    _jsonl(run / "iter_02" / "refined.jsonl", [_rationale(i, refinement={"verified": True}) for i in range(2)],
+           torn='{"id": "p2#0", "proble')
+    stages = {f"iter_{k:02d}/{s}": {"status": "done", "seconds": 10.0 + k}
+              for k in (0, 1) for s in ("train", "evaluate", "collect_errors")}
+    stages.update({"iter_00/generate": {"status": "done", "seconds": 30.0},
+                   "iter_01/refine": {"status": "done", "seconds": 20.0},
+                   "iter_02/refine": {"status": "running", "seconds": 0.0},
+                   "iter_02/mix": {"status": "pending", "seconds": 0.0},
+                   "iter_02/train": {"status": "pending", "seconds": 0.0}})
+    write_json(run / "manifest.json", {"status": "running", "stages": stages, "best_iteration": 1,
+                                       "current": {"step": "iter_02/refine"}})
+
+    result = report.run(str(run))
+    err = capsys.readouterr().err
+    rows = {r["iteration"]: r for r in result["rows"]}
+    assert rows[0]["verification_rate"] == 0.8 and rows[0]["teacher_written"] == 8
+    assert rows[1]["refined_verified"] == 4 and rows[1]["val_accuracy"] == 0.40
+    assert rows[2]["refined"] == 2 and rows[2]["val_accuracy"] is None and rows[2]["status"] == "refine running"
+    assert "running now: iter_02/refine" in err and "—" in err
+    assert "4/6 ref" in err and "30/10/10" in err
+    assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_a_bash_loop_folder_without_manifest(tmp_path, capsys):
+    from undo_cli.stages import report
+
+    run = tmp_path / "bash-run"
+    _iteration(run, 0, 0.30, test=0.25)
+    _iteration(run, 1, 0.50, refined=5, verified=5, test=0.45)
+    plot = tmp_path / "plots" / "acc.png"
+    result = report.run(str(run), str(plot))
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines at 80 columns
+    assert result["best_iteration"] == 1  # from validation accuracy, no manifest needed
+    assert result["test"]["gain"] == 0.45 - 0.25
+    assert "UNDO (iteration 1) 45.0% vs one-shot (iteration 0) 25.0%: +20.0 points" in err
+    assert plot.is_file() and str(plot) in err.replace(" ", "")
+
+
+def test_report_errors_name_the_folder(tmp_path, undo):
+    wide = {"COLUMNS": "300"}
+    missing = undo("report", tmp_path / "nope", env=wide)
+    assert missing.returncode == 2 and f"{tmp_path / 'nope'}: no such run folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = undo("report", tmp_path / "empty", env=wide)
+    assert empty.returncode == 2 and "no iterations yet" in empty.stderr

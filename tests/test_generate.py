@@ -196,3 +196,4 @@ def test_error_paths_exit_2_with_a_message_that_names_the_problem(undo, tiny_mod
     for piece in expect:
         assert piece in err, err
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.rejected.jsonl").exists()  # no empty leftovers

@@ -142,6 +142,14 @@ def run_generation(
                 finally:
                     if owned:
                         llm.close()
+        except BaseException:
+            if not output_existed and stats.items_done == 0:
+                # Failed before writing anything (unknown model, server down): leave no empty files behind.
+                out.close()
+                for path in (output, side):
+                    if path and path != "-":
+                        Path(path).unlink(missing_ok=True)
+            raise
         finally:
             if rejected_log is not None:
                 rejected_log.close()

@@ -1,0 +1,236 @@
+"""Generation throughput of the three backends, each against a baseline measured in the same run.
+
+    python bench/generation.py                          # every section that can run on this machine
+    python bench/generation.py --sections hf,openai --prompts 64 --max-tokens 64
+    python bench/generation.py --sections hf --hidden-size 1024 --layers 16 --heads 16   # bigger random model (GPU)
+
+Sections:
+
+    hf      the `hf` backend batched (--batch-size prompts per forward) vs one prompt
+            at a time, same model, same prompts, greedy: tokens/s ratio (target >= 5x).
+    openai  the `openai` backend at --concurrency 16 vs 1 against bench/latency_server.py
+            (a fixed --latency-ms per request, no compute): requests/s ratio (target >= 12x;
+            16x is the ceiling).
+    vllm    in-process vLLM (run by the vllm venv's python, see .ci/vllm-venv.sh) vs the `hf`
+            backend batched, same model and prompts: tokens/s ratio. Model load and the
+            first (warm-up) call are excluded from both.
+
+The model is a random-init tiny Llama from undo_cli.tiny unless --model is given;
+random weights rarely emit eos, so every prompt generates about --max-tokens
+tokens and the token counts of the two arms match. Prints a table on stderr and
+writes bench/results/generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_prompts(count: int) -> list[list[dict]]:
+    """`count` word problems of varied length (so batches need real padding)."""
+    prompts = []
+    for i in range(count):
+        a, b = 3 + i % 17, 2 + (i * 7) % 13
+        extra = " Each box also holds some pencils and a few coins." * (i % 4)
+        q = f"Sam has {a} apples and buys {b} more.{extra} How many apples does Sam have?"
+        prompts.append([{"role": "user", "content": q + "\nSolve it step by step and end with a line \"#### <answer>\"."}])
+    return prompts
+
+
+def _tokens(results) -> int:
+    return sum(c.completion_tokens for per_prompt in results for c in per_prompt)
+
+
+def bench_hf(model: str, prompts, max_tokens: int, batch_size: int) -> dict:
+    from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
+
+    sampling = SamplingConfig(max_tokens=max_tokens)
+    with open_backend(BackendConfig(backend="hf", model=model, batch_size=batch_size)) as llm:
+        llm.generate(prompts[:2], sampling)  # warm-up: lazy imports, allocator, kernels
+        t = time.perf_counter()
+        batched = llm.generate(prompts, sampling)
+        batched_s = time.perf_counter() - t
+        t = time.perf_counter()
+        single = [llm.generate([p], sampling)[0] for p in prompts]
+        single_s = time.perf_counter() - t
+        device = llm.device
+    same = sum(a[0].text == b[0].text for a, b in zip(batched, single))
+    return {
+        "device": device, "prompts": len(prompts), "batch_size": batch_size, "max_tokens": max_tokens,
+        "batched_tokens": _tokens(batched), "batched_s": round(batched_s, 3),
+        "batched_tok_s": round(_tokens(batched) / batched_s, 1),
+        "single_tokens": _tokens(single), "single_s": round(single_s, 3),
+        "single_tok_s": round(_tokens(single) / single_s, 1),
+        "ratio": round((_tokens(batched) / batched_s) / (_tokens(single) / single_s), 2),
+        "same_greedy_text": f"{same}/{len(prompts)}",
+        "texts": [c[0].text for c in batched],
+    }
+
+
+def bench_openai(prompts, latency_ms: float, concurrency: int) -> dict:
+    from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
+
+    sys.path.insert(0, str(REPO))
+    from tests.servers import free_port, serve
+
+    sampling = SamplingConfig(max_tokens=64)
+    out = {"requests": len(prompts), "latency_ms": latency_ms}
+    port = free_port()
+    # The server runs in its own process: in this one it would compete with the client for the GIL.
+    cmd = [sys.executable, str(HERE / "latency_server.py"), "--port", str(port), "--latency-ms", str(latency_ms)]
+    with tempfile.TemporaryDirectory() as tmp, serve(cmd, port, "latency", Path(tmp) / "server.log", timeout=60):
+        for c in (1, concurrency):
+            config = BackendConfig(backend="openai", model="latency", base_url=f"http://127.0.0.1:{port}/v1",
+                                   concurrency=c)
+            with open_backend(config) as llm:
+                llm.generate(prompts[:1], sampling)  # warm-up: connection, imports
+                t = time.perf_counter()
+                # Chunks of batch_hint, exactly as stages/runner.py sends them.
+                for start in range(0, len(prompts), llm.batch_hint):
+                    llm.generate(prompts[start : start + llm.batch_hint], sampling)
+                seconds = time.perf_counter() - t
+            out[f"c{c}_s"] = round(seconds, 3)
+            out[f"c{c}_req_s"] = round(len(prompts) / seconds, 2)
+    out["concurrency"] = concurrency
+    out["ratio"] = round(out[f"c{concurrency}_req_s"] / out["c1_req_s"], 2)
+    return out
+
+
+def vllm_worker(model: str, prompts_file: str, max_tokens: int, out_file: str) -> None:
+    """Runs inside the vllm venv (spawned by bench_vllm): load, warm up, time one generate call."""
+    from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
+
+    prompts = json.loads(Path(prompts_file).read_text())
+    sampling = SamplingConfig(max_tokens=max_tokens)
+    t = time.perf_counter()
+    with open_backend(BackendConfig(backend="vllm", model=model, max_model_len=1024)) as llm:
+        load_s = time.perf_counter() - t
+        llm.generate(prompts[:2], sampling)
+        t = time.perf_counter()
+        results = llm.generate(prompts, sampling)
+        seconds = time.perf_counter() - t
+    Path(out_file).write_text(json.dumps({
+        "load_s": round(load_s, 1), "tokens": _tokens(results), "seconds": round(seconds, 3),
+        "tok_s": round(_tokens(results) / seconds, 1), "texts": [c[0].text for c in results],
+    }))
+
+
+def bench_vllm(python: str, model: str, prompts, max_tokens: int, hf: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file, out_file = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
+        prompts_file.write_text(json.dumps(prompts))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", "vllm", "--model", model,
+                               "--prompts-file", str(prompts_file), "--max-tokens", str(max_tokens),
+                               "--worker-out", str(out_file)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr[-2000:]}
+        res = json.loads(out_file.read_text())
+    same = sum(a == b for a, b in zip(res.pop("texts"), hf["texts"]))
+    return {**res, "hf_batched_tok_s": hf["batched_tok_s"], "ratio": round(res["tok_s"] / hf["batched_tok_s"], 2),
+            "same_greedy_text_as_hf": f"{same}/{len(prompts)}"}
+
+
+def find_vllm_python() -> str | None:
+    for c in (os.environ.get("UNDO_VLLM_PYTHON"), str(REPO / ".venv-vllm/bin/python")):
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="generation throughput benchmarks")
+    parser.add_argument("--sections", default="hf,openai,vllm")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model", default=None, help="a model folder (default: a random-init tiny Llama)")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--openai-requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", default=str(HERE / "results" / "generation.json"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "vllm":
+        vllm_worker(args.model, args.prompts_file, args.max_tokens, args.worker_out)
+        return
+
+    from rich.table import Table
+
+    from undo_cli.console import console
+
+    sections = set(args.sections.split(","))
+    prompts = make_prompts(args.prompts)
+    results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                 "platform": platform.platform()}, "args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None and sections & {"hf", "vllm"}:
+            from undo_cli.tiny import build_tiny_model
+
+            model = str(build_tiny_model(Path(tmp) / "model", hidden_size=args.hidden_size, num_layers=args.layers,
+                                         num_heads=args.heads))
+        results["model"] = model if args.model else f"random tiny Llama (hidden {args.hidden_size}, {args.layers} layers)"
+        if sections & {"hf", "vllm"}:
+            console.print("[bold]hf[/bold]: batched vs one prompt at a time ...")
+            results["hf"] = bench_hf(model, prompts, args.max_tokens, args.batch_size)
+        if "openai" in sections:
+            console.print(f"[bold]openai[/bold]: concurrency {args.concurrency} vs 1 ...")
+            results["openai"] = bench_openai(make_prompts(args.openai_requests), args.latency_ms, args.concurrency)
+        if "vllm" in sections:
+            python = find_vllm_python()
+            if python is None:
+                results["vllm"] = {"skipped": "no vllm venv (.ci/vllm-venv.sh or UNDO_VLLM_PYTHON)"}
+            else:
+                console.print("[bold]vllm[/bold]: in-process vLLM vs hf batched ...")
+                results["vllm"] = bench_vllm(python, model, prompts, args.max_tokens, results["hf"])
+    if "hf" in results:
+        results["hf"].pop("texts", None)
+
+    table = Table(title="generation throughput (baseline measured in the same run)", title_justify="left")
+    for col in ("benchmark", "baseline", "measured", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "benchmark" else "right")
+    if "hf" in results and "hf" in sections:
+        h = results["hf"]
+        table.add_row(f"hf batched ({h['batch_size']}/batch) vs 1 at a time, {h['prompts']} prompts, {h['device']}",
+                      f"{h['single_tok_s']:,.0f} tok/s", f"{h['batched_tok_s']:,.0f} tok/s", f"{h['ratio']:.1f}x", ">= 5x")
+    if "openai" in results:
+        o = results["openai"]
+        fast = o[f"c{o['concurrency']}_req_s"]
+        table.add_row(f"openai concurrency {o['concurrency']} vs 1, {o['requests']} requests @ {o['latency_ms']:.0f} ms",
+                      f"{o['c1_req_s']:.1f} req/s", f"{fast:.1f} req/s", f"{o['ratio']:.1f}x",
+                      ">= 12x")
+    v = results.get("vllm", {})
+    if "ratio" in v:
+        table.add_row(f"vllm (in-process, load {v['load_s']:.0f} s) vs hf batched", f"{v['hf_batched_tok_s']:,.0f} tok/s",
+                      f"{v['tok_s']:,.0f} tok/s", f"{v['ratio']:.1f}x", "-")
+    elif v:
+        table.add_row("vllm vs hf", "-", "-", "-", v.get("skipped") or "failed (see JSON)")
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # vLLM spawns processes: everything must stay under this guard
+    main()

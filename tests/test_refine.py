@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import TAUGHT_PROBLEMS
 
 WIDE = {"COLUMNS": "400"}

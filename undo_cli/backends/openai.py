@@ -100,7 +100,11 @@ class OpenAIBackend:
         self._tokenizer = None
         self._token_ids: dict[str, int] | None = None
         self._warned: set[str] = set()
-        self._probe()
+        try:
+            self._probe()
+        except BaseException:
+            self.close()  # no half-open client or event loop left behind
+            raise
 
     # -- setup -------------------------------------------------------------------------------
 

@@ -216,7 +216,12 @@ class MiniLLMLoss:
         old, w, ret, reward, rl = (inputs[k][keep].float() for k in EXTRAS)
         rl = rl > 0.5
         student, weight = self.kd._student(model, inputs, keep)
-        kl_fn, _ = self.kd._teacher_fn(inputs, keep & (inputs["minillm_rl"] > 0.5))
+        # The teacher scores the sampled responses only: their labels alone, so that whichever way it
+        # forms its rows (fused, or from the labels' positions) they line up with student[rl].
+        keep_rl = keep & (inputs["minillm_rl"] > 0.5)
+        labels_rl = torch.full_like(inputs["labels"], IGNORE_INDEX)
+        labels_rl[:, 1:][keep_rl[:, :-1]] = inputs["labels"][:, 1:][keep_rl[:, :-1]]
+        kl_fn, _ = self.kd._teacher_fn({**inputs, "labels": labels_rl}, keep_rl)
         totals: dict[str, Tensor] = {}
         n_rl, n_lm = int(rl.sum()), int((~rl).sum())
         loss_sum = minillm_loss(student[rl], weight, kl_fn, targets[rl], old[rl], w[rl], ret[rl],

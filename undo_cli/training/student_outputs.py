@@ -79,6 +79,10 @@ def check_config(c: Any) -> None:
     if method not in METHODS:
         raise UndoError(f"--method {method}: unknown", hint="use sft (token-level training, the default) or minillm")
     if mode == "off" and method == "sft":
+        if c.lm_data:
+            raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
+        if c.val_data:
+            warn("--val-data is only used by --student-outputs adaptive (for φ); ignored")
         return
     what = "--method minillm" if method == "minillm" else f"--student-outputs {mode}"
     if method == "minillm" and mode != "off":
@@ -99,7 +103,7 @@ def check_config(c: Any) -> None:
                         "reverse KL itself", hint="drop --objective (or use --objective rkl)")
     checks = [("--lmbda", c.lmbda, 0.0 <= c.lmbda <= 1.0, "a probability in [0, 1], e.g. 0.5"),
               ("--phi-init", c.phi_init, 0.0 <= c.phi_init <= 1.0, "a probability in [0, 1]; DistiLLM starts at 0"),
-              ("--buffer-size", c.buffer_size, c.buffer_size >= c.batch_size,
+              ("--buffer-size", c.buffer_size, mode != "adaptive" or c.buffer_size >= c.batch_size,
                f"at least --batch-size ({c.batch_size}) sequences; DistiLLM keeps 1000"),
               ("--max-new-tokens", c.max_new_tokens, c.max_new_tokens >= 1, "at least 1, e.g. 512"),
               ("--teacher-mix", c.teacher_mix, 0.0 <= c.teacher_mix < 1.0, "in [0, 1); MiniLLM uses 0.2"),
@@ -115,6 +119,9 @@ def check_config(c: Any) -> None:
         raise UndoError(f"--sample-temperature {c.sample_temperature} with --method minillm: its importance weights "
                         "and policy gradient assume samples from the model's own distribution",
                         hint="drop --sample-temperature (MiniLLM samples at temperature 1)")
+    if method == "minillm" and getattr(c, "temperature", 1.0) != 1.0:
+        raise UndoError(f"--temperature {c.temperature} with --method minillm: its rewards and single-step KL are "
+                        "on the models' own distributions", hint="drop --temperature")
     if c.lm_data and method != "minillm":
         raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
     lm_weight = getattr(c, "lm_weight", 0.0)

@@ -104,12 +104,3 @@ def test_vllm_style_token_ids_become_logprobs(scripted_server):
     assert c.logprobs[0].top == [(0, -0.5), (1, -1.5)]
     assert c.completion_tokens == len(c.logprobs)
 
-
-def test_cli_closed_port_exits_2(undo, tmp_path):
-    problems = tmp_path / "p.jsonl"
-    problems.write_text(json.dumps({"id": "q1", "question": "4+4?", "answer": "8"}) + "\n")
-    result = undo("generate", "--backend", "openai", "--base-url", f"http://127.0.0.1:{free_port()}/v1",
-                  "--teacher", "m", "--input", problems, "--output", tmp_path / "r.jsonl")
-    assert result.returncode == 2
-    assert "cannot reach the server" in result.stderr and "Traceback" not in result.stderr
-

@@ -15,6 +15,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tiny models gain nothing from intra-op threads, and on a small shared CPU (CI has
+# 2 cores, and tests run a server, the CLI and the test process at once) threads
+# oversubscribe: the trained_teacher fixture took 29 s with one thread and 4-7 min
+# with two under load. Set before torch is imported; subprocesses inherit it.
+# Export OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
 # Real servers on 127.0.0.1 (transformers serve, a scripted fault server) as fixtures: see tests/servers.py.
 pytest_plugins = ["tests.servers"]
 

@@ -69,8 +69,9 @@ def padded_teacher(tmp_path_factory, tiny_teacher) -> Path:
 
 @pytest.fixture(scope="module")
 def sharp_teacher(tmp_path_factory, tiny_teacher) -> Path:
-    """`tiny_teacher` with its output layer scaled 10x: confident like a trained teacher, so its top-20 tokens
-    hold most of the probability (a random tiny model is nearly uniform over 512 tokens, top-20 ~ 6%)."""
+    """`tiny_teacher` with its output layer scaled 10x: confident like a trained teacher, its top-20 tokens hold
+    ~86% of the probability. (The random tiny model is nearly uniform over 512 tokens, top-20 ~6%: there the
+    top-K approximation carries almost no signal, see docs/objectives.md.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("models") / "sharp_teacher"

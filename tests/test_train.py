@@ -105,19 +105,20 @@ def test_packed_loss_equals_per_example_loss(tiny_model):
 
 def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     out = tmp_path / "student"
-    res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "40",
-               "--batch-size", "4", "--lr", "3e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+    res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "60",
+               "--batch-size", "8", "--lr", "3e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0",
                "--logging-steps", "40")
     assert res.returncode == 0, res.stderr
     assert res.stdout == ""  # stdout is for JSONL; people read stderr
-    assert "step 160/160" in res.stderr and "padding fraction" in res.stderr
+    assert "step 120/120" in res.stderr and "padding fraction" in res.stderr
     summary = _summary(out)
-    assert summary["steps"] == 160 and summary["examples"] == 16
+    assert summary["steps"] == 120 and summary["examples"] == 16
     assert summary["final_loss"] < 0.1 * summary["first_loss"]
-    assert len(summary["epoch_losses"]) == 40 and summary["epoch_losses"][-1] < summary["epoch_losses"][0]
-    assert summary["padding_fraction"] == 0.0
+    assert len(summary["epoch_losses"]) == 60 and summary["epoch_losses"][-1] < summary["epoch_losses"][0]
+    assert summary["batching"] == "padded, length-grouped"  # sdpa on CPU
+    assert 0.0 <= summary["padding_fraction"] < 0.2
     assert summary["tokens_seen"]["response"] < summary["tokens_seen"]["all"]
-    assert summary["tokens_seen"]["examples"] == 16 * 40
+    assert summary["tokens_seen"]["examples"] == 16 * 60
     assert set(summary["versions"]) >= {"torch", "transformers", "peft", "accelerate", "undo"}
     assert summary["config"]["lr"] == 3e-3
     assert not (out / "checkpoints").exists()
@@ -130,13 +131,13 @@ def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     reproduced = 0
-    for row in _rationales()[:4]:
+    for row in _rationales()[:8]:
         prompt = tok(chat_prompt(tok, student_messages(row)), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(**prompt, do_sample=False, max_new_tokens=48)
         text = tok.decode(gen[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         reproduced += text == row["rationale"]
-    assert reproduced >= 3, f"greedy output: {text!r}"
+    assert reproduced >= 6, f"{reproduced}/8 reproduced; last greedy output: {text!r}"
 
 
 def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
@@ -211,11 +212,11 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "undo_cli", "train", "--student", str(tiny_model), "--data", str(data), "--output", str(out),
-           "--epochs", "2", "--batch-size", "4", "--logging-steps", "1"]
+           "--epochs", "2", "--batch-size", "4", "--logging-steps", "1", "--padding-free"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
     assert res.returncode == 0, res.stderr
     summary = _summary(out)
-    assert summary["processes"] == 2
+    assert summary["processes"] == 2 and summary["batching"] == "packed" and summary["padding_fraction"] == 0.0
     assert summary["steps"] == 2 * 16 // (4 * 2)  # each step sees a batch from each process
     assert summary["tokens_seen"]["examples"] == 32  # 16 examples x 2 epochs, summed over both processes
     assert res.stderr.count("undo train:") == 1  # one summary table, from the main process

@@ -21,7 +21,7 @@ def train(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, LoRA init and dropout."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Less activation memory, ~30% slower."),
-    padding_free: bool = typer.Option(True, "--padding-free/--no-padding-free", help="Pack micro-batches without padding (off: pad, length-grouped)."),
+    padding_free: Optional[bool] = typer.Option(None, "--padding-free/--no-padding-free", help="Pack micro-batches into one row, no padding (best with flash attention) / pad length-grouped batches (best with sdpa, eager) [default: packed with a flash kernel, else padded]."),
     attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="sdpa, eager, flash_attention_2, ... [default: transformers' choice]."),
     lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank; 0 = full fine-tuning."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha [default: 2 x rank]."),

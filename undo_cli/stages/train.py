@@ -15,10 +15,13 @@ How it runs:
   same command runs on a CPU, one GPU, or several through `accelerate launch`
   (DDP, FSDP or DeepSpeed from an accelerate config) with no code change. bf16
   mixed precision on a GPU, float32 on a CPU.
-* Padding-free batches (`training.collate`): the examples of a micro-batch are
-  laid end to end with restarting position ids and attend only within
-  themselves; no token is padding. `--no-padding-free` pads instead, with
-  length-grouped batches (for remote-code models that ignore position_ids).
+* Batches without padding waste (`training.collate`). With a varlen attention
+  kernel (`--attn-implementation flash_attention_2`) the examples of a
+  micro-batch are packed end to end in one row, attending only within
+  themselves: no token is padding. sdpa and eager (the defaults) have no varlen
+  path and would attend over the whole packed row under a mask, quadratic in
+  its length, so there the batches are right-padded and length-grouped instead
+  (a few percent padding). `--padding-free/--no-padding-free` forces either.
 * LoRA through peft with `--lora-r N`: by default every linear projection of
   attention and MLP (peft's "all-linear", which leaves the LM head alone); the
   QLoRA paper found adapting all of them is what matches full fine-tuning.
@@ -47,7 +50,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +87,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed for the data order, LoRA init and dropout; same seed, same run."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
-    padding_free: bool = field(default=True, metadata={
-        "help": "Pack each micro-batch into one row without cross-example attention (no padding); "
-                "off: pad, with length-grouped batches."})
+    padding_free: bool | None = field(default=None, metadata={
+        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (fast with a "
+                "varlen kernel: flash_attention_2/3). False: right-padded, length-grouped batches (a few % padding; "
+                "faster with sdpa/eager, which attend over a packed row quadratically). None (default): packed "
+                "with a flash kernel, else padded."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (full fine-tuning)."})
@@ -246,10 +251,6 @@ def _training_args(config: TrainConfig, output: Path):
     versioned[checkpointing] = config.gradient_checkpointing
     if config.gradient_checkpointing:  # non-reentrant: works with frozen (LoRA) inputs, recommended by torch
         versioned[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
-    if "train_sampling_strategy" in names:
-        versioned["train_sampling_strategy"] = "random" if config.padding_free else "group_by_length"
-    else:
-        versioned["group_by_length"] = not config.padding_free
     if "warmup_ratio" in names:
         versioned["warmup_ratio"] = config.warmup_ratio
     else:  # transformers 5: a float in [0, 1) is a ratio of the total steps
@@ -338,6 +339,14 @@ def _load_model(config: TrainConfig):
                             hint="name modules that exist in the model (e.g. q_proj,v_proj), or leave the flag "
                                  "out for all linear layers") from None
     return model
+
+
+def resolve_padding_free(padding_free: bool | None, model) -> bool:
+    """None (auto) -> pack when the attention kernel runs a packed row per example (varlen flash), else pad."""
+    if padding_free is not None:
+        return padding_free
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "flash" in str(getattr(base.config, "_attn_implementation", "") or "")
 
 
 def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
@@ -435,12 +444,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
         hf_logging.disable_progress_bar()
     model = _load_model(config)
+    # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
+    # collator and the summary see what actually runs (the run identity keeps the flag as given).
+    config = replace(config, padding_free=resolve_padding_free(config.padding_free, model))
     flash = "flash" in (config.attn_implementation or "")
     collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
         loss_fn, collator = objective.attach(model, args.device), objective.collator(collator, packed=config.padding_free)
-    trainer = UndoTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                          processing_class=tokenizer, loss_fn=loss_fn if objective else None)
+    trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
+                          data_collator=collator, loss_fn=loss_fn if objective else None,
+                          length_grouped=not config.padding_free)
     _attach_checkpoint_counts(trainer)
     resumed_from = None
     if plan.checkpoint is not None:
@@ -451,7 +464,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if state.is_main_process:
         lora = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
         console.print(f"training {config.student} on {data_stats.examples} examples from {config.data} "
-                      f"({lora}, {state.num_processes} process(es), {args.device.type})", soft_wrap=True)
+                      f"({lora}, {'packed' if config.padding_free else 'padded'} batches, "
+                      f"{state.num_processes} process(es), {args.device.type})", soft_wrap=True)
         if objective:
             console.print(objective.describe(), soft_wrap=True)
 
@@ -483,6 +497,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "train_runtime_s": round(runtime, 3),
         "wall_time_s": round(time.time() - started, 3),
         "resumed_from_step": resumed_from,
+        "batching": "packed" if config.padding_free else "padded, length-grouped",
         "processes": state.num_processes,
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),

@@ -1,30 +1,34 @@
 """Turning encoded examples into batches, without wasting compute on padding.
 
 An example is `{"input_ids": [...], "labels": [...]}` as `prompts.encode_example`
-builds it (prompt positions labelled -100). Two ways to batch them:
+builds it (prompt positions labelled -100). Two ways to batch them; which one
+wastes less depends on the attention kernel (`stages/train.py` picks; `--padding-free`):
 
-* **Padding-free (default).** `PackedCollator` lays the examples of a micro-batch
-  end to end in ONE row, `[1, total_tokens]`, with `position_ids` that restart
-  at 0 for every example and no `attention_mask`. transformers then sees packed
+* **Packed** (`PackedCollator`). The examples of a micro-batch are laid end to
+  end in ONE row, `[1, total_tokens]`, with `position_ids` that restart at 0 for
+  every example and no `attention_mask`. transformers then sees packed
   sequences: `masking_utils.find_packed_sequence_indices` turns the position
   resets into a block-diagonal causal mask for sdpa/eager (checked in
   tests/test_train.py: the packed loss equals the sum of per-example losses),
-  and FlashAttention gets `cu_seq_lens_*` instead. Nothing is padded, so every
-  FLOP of the MLPs and the LM head goes to a real token. The first label of
-  every example is -100, so no token learns to predict across a boundary.
-  The flattening itself is transformers' `DataCollatorWithFlattening`; this
-  class only adds the token-aligned extras described below.
+  and FlashAttention gets `cu_seq_lens_*` and runs each example separately
+  (varlen). Nothing is padded. The first label of every example is -100, so no
+  token learns to predict across a boundary. The flattening itself is
+  transformers' `DataCollatorWithFlattening`.
+  The catch: sdpa and eager have no varlen path, so they compute attention over
+  the whole row under a dense mask, (sum of lengths)^2 instead of the sum of
+  squares: for a batch of 8 that is ~8x the attention work. Packing pays off
+  with a varlen kernel (flash_attention_2/3).
 
-* **Padded** (`--no-padding-free`, for remote-code models whose attention
-  ignores `position_ids`). `PaddedCollator` right-pads to the longest example in
-  the micro-batch; the stage pairs it with a length-grouped sampler so the
-  examples of a batch have similar lengths and little padding.
+* **Padded** (`PaddedCollator` + `LengthGroupedSampler`). Right-padded to the
+  longest example of the micro-batch, with batches drawn from length-sorted
+  mega-batches so neighbours have similar lengths: a few percent of padding
+  and no quadratic waste (bench/train.py: 5% padding vs 30% for random batches).
 
-Both collators keep `labels` (and the packed `position_ids`) in the batch, so a
-white-box loss can be plugged into `UndoTrainer` without touching them. Any
-other per-token list field of an example (same length as `input_ids`, e.g.
-offline teacher log-probabilities) travels along: concatenated like `labels`
-when packing, right-padded with `extra_pad_value` otherwise.
+Both keep `labels` (and the packed `position_ids`) in the batch, so a white-box
+loss can be plugged into `UndoTrainer` without touching them. Any other
+per-token list field of an example (same length as `input_ids`, e.g. offline
+teacher log-probabilities) travels along: concatenated like `labels` when
+packing, right-padded with `extra_pad_value` otherwise.
 """
 
 from __future__ import annotations
@@ -94,6 +98,32 @@ class PaddedCollator:
             for key in batch.keys() - {"input_ids", "labels", "attention_mask"}:
                 batch[key][i, :n] = torch.tensor(f[key])
         return batch
+
+
+class LengthGroupedSampler:
+    """transformers' length grouping (shuffle, sort by length within mega-batches of 50 batches), seeded per epoch.
+
+    transformers' own LengthGroupedSampler draws from the global RNG when an epoch
+    starts, so a run resumed in a later epoch would see a different order than an
+    uninterrupted one. Here the order is a function of (seed, epoch) only; the
+    Trainer calls `set_epoch`.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 def batch_token_counts(batch: dict[str, Any]):

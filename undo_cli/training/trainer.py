@@ -17,8 +17,8 @@ EXTENSION POINT: the loss. `UndoTrainer(..., loss_fn=fn)` where
 
 * `inputs` is the collated batch on the right device: `input_ids`, `labels`
   (-100 on prompt and separator positions), and either packed `position_ids`
-  (padding-free, the default; the whole micro-batch is one row) or an
-  `attention_mask` (padded). Extra per-token fields of the dataset examples
+  (padding-free: the whole micro-batch is one row) or an `attention_mask`
+  (padded, length-grouped). Extra per-token fields of the dataset examples
   (e.g. offline teacher log-probabilities) arrive there too (see collate.py).
 * `loss_sum` is a scalar tensor: the loss SUMMED over the response tokens of
   this micro-batch (positions where the shifted labels are not -100). The
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-from undo_cli.training.collate import IGNORE_INDEX, batch_token_counts
+from undo_cli.training.collate import IGNORE_INDEX, LengthGroupedSampler, batch_token_counts
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -237,8 +237,10 @@ class UndoTrainer(Trainer):
     # compute_loss already normalises over the whole accumulated batch (num_items_in_batch).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, loss_fn: LossFn | None = None, meter: TokenMeter | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, loss_fn: LossFn | None = None, meter: TokenMeter | None = None,
+                 length_grouped: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.length_grouped = length_grouped
         self.loss_fn: LossFn = loss_fn or sft_loss
         self.meter = meter or TokenMeter()
         # Makes Trainer count the response tokens of each optimizer step (over all
@@ -250,6 +252,16 @@ class UndoTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.add_callback(StderrProgress())
         self.add_callback(_StepEnd(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches seeded by (seed, epoch) when asked (see collate.LengthGroupedSampler)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.length_grouped:
+            return super()._get_train_sampler(dataset)
+        lengths = [len(example["input_ids"]) for example in dataset]
+        group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(lengths, group, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, metrics = self.loss_fn(model, inputs)

@@ -1,0 +1,305 @@
+"""Throughput and padding of `undo train`'s trainer vs TRL's SFTTrainer, on the same model and data.
+
+    python bench/train.py                    # CPU: tiny Llama (hidden 256, 4 layers), 160 rationales
+    python bench/train.py --rounds 3         # alternate the variants 3 times, report medians
+    python bench/train.py --preset gpu       # CUDA: random-init Qwen2.5-0.5B-sized model, bf16, + peak memory
+
+Variants, each trained for one epoch in its own fresh subprocess (so no variant
+warms caches for another), with the same model folder, data, batch size,
+learning rate, seed and precision:
+
+* undo          — `undo_cli.stages.train.run`, the code behind `undo train`, as configured
+                  by default: with sdpa (no flash-attn here) that is right-padded,
+                  length-grouped batches.
+* undo-packed   — the same with `--padding-free`: each micro-batch packed into one row,
+                  no padding, no attention across examples (sdpa attends over the row
+                  under a block-diagonal mask).
+* trl           — TRL `SFTTrainer` in its default configuration for a prompt-completion
+                  dataset (the baseline): completion_only_loss, padded batches, no packing.
+* trl-pf        — TRL with `padding_free=True` (its docs say FlashAttention only; with
+                  transformers 5 sdpa also builds the block-diagonal mask, so it runs on CPU).
+
+Both trainers get the identical prompt text (the `student` template rendered)
+and the same rationales; TRL applies the chat template itself. Measured around
+`Trainer.train()` only (not loading, tokenising or saving the model): wall time
+and the process's CPU time, tokens processed (padding included) and real tokens
+(padding excluded), counted from each batch the model actually receives.
+Throughput = real tokens per second, because a padded token teaches nothing.
+
+Workers run with one BLAS thread (OMP_NUM_THREADS=1). On a machine shared with
+other jobs the wall clock mostly measures the neighbours, so the comparison
+column ("vs trl") uses real tokens per CPU-second of the training loop, which
+contention barely moves; on an idle machine the two agree. Wall tok/s is shown
+too. `--threads N` gives the workers N threads instead.
+
+Output: a rich table on stderr, JSON in bench/results/train-<preset>.json.
+Target (issue 4): undo >= trl throughput, with less padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+VARIANTS = ("undo", "undo-packed", "trl", "trl-pf")
+
+PRESETS = {
+    "cpu": {"examples": 160, "batch_size": 8, "max_length": 512, "max_steps_per_rationale": 10},
+    "gpu": {"examples": 2048, "batch_size": 16, "max_length": 1024, "max_steps_per_rationale": 40},
+}
+
+
+# --- data and model ------------------------------------------------------------------------
+
+def make_rationales(n: int, max_steps: int, seed: int = 0) -> list[dict]:
+    """Arithmetic word problems whose worked solutions vary a lot in length, as teacher rationales do."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        total = rng.randint(2, 20)
+        steps = [f"She starts with {total} marbles."]
+        for _ in range(rng.randint(1, max_steps)):
+            delta = rng.randint(1, 9)
+            if rng.random() < 0.5:
+                steps.append(f"Then she finds {delta} more, so {total} + {delta} = {total + delta}.")
+                total += delta
+            else:
+                steps.append(f"Then she gives away {delta}, so {total} - {delta} = {total - delta}.")
+                total -= delta
+        rows.append({"id": f"r{i}", "problem_id": f"q{i}", "answer": str(total), "task": "math",
+                     "question": f"Ana plays a marble game with {len(steps) - 1} rounds. How many marbles are left?",
+                     "rationale": " ".join(steps) + f"\n#### {total}"})
+    return rows
+
+
+def build_model(folder: Path, preset: str, rows: list[dict]) -> None:
+    from undo_cli.tiny import build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer([r["question"] + " " + r["rationale"] for r in rows[:200]])
+    if preset == "cpu":
+        build_tiny_model(folder, tokenizer=tok, hidden_size=256, num_layers=4, num_heads=4, seed=0)
+        return
+    # A Qwen2.5-0.5B-sized model (random init): real layer shapes and a real 151936-token
+    # vocabulary, with the small offline tokenizer (its ids are a subset of the vocabulary).
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+# --- one variant in a fresh process ------------------------------------------------------------
+
+class CountingCollator:
+    """Wraps a collator and counts what the model is given: all positions, and the padded ones."""
+
+    def __init__(self, inner):
+        self.inner, self.processed, self.padding = inner, 0, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.processed += int(batch["input_ids"].numel())
+        if "attention_mask" in batch:
+            self.padding += int((batch["attention_mask"] == 0).sum())
+        return batch
+
+
+def _peak_memory() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _time_train(cls, timing: dict) -> None:
+    """Record wall and CPU seconds of `cls.train` (the training loop, nothing around it)."""
+    original = cls.train
+
+    def timed(self, *args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            timing.update(cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall)
+
+    cls.train = timed
+
+
+def worker(variant: str, model: Path, data: Path, work: Path, settings: dict) -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timing: dict = {}
+    if variant.startswith("undo"):
+        from undo_cli.stages.train import TrainConfig, run
+        from undo_cli.training.trainer import UndoTrainer
+
+        _time_train(UndoTrainer, timing)
+
+        summary = run(TrainConfig(student=str(model), data=str(data), output=str(work / variant), epochs=1,
+                                  lr=2e-5, batch_size=settings["batch_size"], max_length=settings["max_length"],
+                                  warmup_ratio=0.0, lr_scheduler="linear", seed=0, save_steps=10**6,
+                                  logging_steps=10**6, padding_free=True if variant == "undo-packed" else None))
+        tokens = summary["tokens_seen"]
+        return {"processed": tokens["all"], "padding": tokens["padding"], **timing, "steps": summary["steps"],
+                "mean_loss": summary["epoch_losses"][0], "batching": summary["batching"], "peak_gib": _peak_memory()}
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    _time_train(SFTTrainer, timing)
+
+    from undo_cli.prompts import student_messages
+    from undo_cli.records import read_records
+
+    rows = read_records(data, "rationale")
+    dataset = Dataset.from_list([{"prompt": student_messages(r), "completion": [{"role": "assistant",
+                                  "content": r["rationale"]}]} for r in rows])
+    cuda = torch.cuda.is_available()
+    padding_free = variant == "trl-pf"
+    args = SFTConfig(output_dir=str(work / variant), num_train_epochs=1, learning_rate=2e-5,
+                     per_device_train_batch_size=settings["batch_size"], lr_scheduler_type="linear",
+                     warmup_steps=0, seed=0, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=False,
+                     save_strategy="no", logging_steps=10**6, report_to="none", disable_tqdm=True,
+                     dataloader_num_workers=0, padding_free=padding_free,
+                     # TRL refuses max_length with padding_free and no packing; nothing here is longer anyway
+                     max_length=None if padding_free else settings["max_length"])
+    tok = AutoTokenizer.from_pretrained(model)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
+                         train_dataset=dataset, processing_class=tok)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    result = trainer.train()
+    return {"processed": counter.processed, "padding": counter.padding, **timing,
+            "steps": trainer.state.global_step, "batching": "packed" if padding_free else "padded",
+            "mean_loss": float(result.metrics["train_loss"]),
+            "peak_gib": _peak_memory()}
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate all variants this many times; medians")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--examples", type=int, help="override the preset's number of rationales")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default 1, see above)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = dict(PRESETS[args.preset])
+    if args.examples:
+        settings["examples"] = args.examples
+
+    if args.worker:
+        result = worker(args.worker, Path(args.model), Path(args.data), Path(args.work), settings)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from undo_cli.records import write_json, write_records
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 130)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    errors: dict[str, str] = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="undo-bench-train-") as tmp:
+        tmp_path = Path(tmp)
+        rows = make_rationales(settings["examples"], settings["max_steps_per_rationale"])
+        data = tmp_path / "rationales.jsonl"
+        write_records(data, rows)
+        console.print(f"building the {args.preset} model ...")
+        build_model(tmp_path / "model", args.preset, rows)
+        for r in range(args.rounds):
+            for variant in (variants if r % 2 == 0 else variants[::-1]):
+                if variant in errors:
+                    continue
+                console.print(f"round {r + 1}/{args.rounds}: {variant}")
+                proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--worker", variant,
+                                       "--model", str(tmp_path / "model"), "--data", str(data),
+                                       "--work", str(tmp_path / f"work{r}"), "--examples", str(settings["examples"])],
+                                      capture_output=True, text=True, env=env)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    errors[variant] = tail[:300]
+                    console.print(f"[yellow]{variant} failed:[/yellow] {tail[:300]}")
+                    continue
+                runs[variant].append(json.loads(line[len("RESULT "):]))
+
+    table = Table(title=f"undo train vs TRL SFTTrainer ({args.preset}, {settings['examples']} rationales, "
+                        f"batch {settings['batch_size']}, {args.threads} thread(s), median of {args.rounds})")
+    for col in ("variant", "batches", "steps", "real tokens", "padding", "tok/s wall", "tok/CPU-s", "vs trl",
+                "mean loss", "peak GiB"):
+        table.add_column(col, justify="left" if col in ("variant", "batches") else "right")
+    summary: dict[str, dict] = {}
+    for variant in variants:
+        if not runs[variant]:
+            continue
+        first = runs[variant][0]
+        real = first["processed"] - first["padding"]
+        wall = statistics.median(x["wall_s"] for x in runs[variant])
+        cpu = statistics.median(x["cpu_s"] for x in runs[variant])
+        summary[variant] = {"batching": first["batching"], "steps": first["steps"],
+                            "processed_tokens": first["processed"], "real_tokens": real,
+                            "padding_fraction": first["padding"] / max(first["processed"], 1),
+                            "wall_s": wall, "cpu_s": cpu, "real_tokens_per_s": real / wall,
+                            "real_tokens_per_cpu_s": real / cpu, "mean_loss": first["mean_loss"],
+                            "peak_gib": first["peak_gib"], "runs": runs[variant]}
+    cuda = any(s.get("peak_gib") is not None for s in summary.values())
+    key = "real_tokens_per_s" if cuda else "real_tokens_per_cpu_s"  # a GPU's CPU time says nothing
+    base = summary.get("trl", {}).get(key)
+    for variant, s in summary.items():
+        table.add_row(variant, s["batching"], str(s["steps"]), f"{s['real_tokens']:,}", f"{s['padding_fraction']:.1%}",
+                      f"{s['real_tokens_per_s']:,.0f}", f"{s['real_tokens_per_cpu_s']:,.0f}",
+                      f"{s[key] / base:.2f}x" if base else "-", f"{s['mean_loss']:.4f}",
+                      f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "-")
+        s["vs_trl"] = s[key] / base if base else None
+    console.print(table)
+    for variant, message in errors.items():
+        console.print(f"[yellow]{variant}: not measured[/yellow] ({message})")
+
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    out = RESULTS / f"train-{args.preset}.json"
+    write_json(out, {"preset": args.preset, "settings": settings, "rounds": args.rounds, "threads": args.threads,
+                     "compared_on": key, "results": summary,
+                     "errors": errors, "wall_s": round(time.time() - started, 1),
+                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                 "platform": platform.platform(),
+                                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                  "trl": trl.__version__}})
+    console.print(f"wrote {out.relative_to(REPO)} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

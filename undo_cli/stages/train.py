@@ -507,6 +507,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "versions": _versions(),
     }
     if trainer.is_world_process_zero():
+        for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
+            (folder / "training_args.bin").unlink(missing_ok=True)
         write_json(output / SUMMARY_FILE, summary)
         if not config.keep_checkpoints:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)

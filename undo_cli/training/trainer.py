@@ -80,8 +80,10 @@ def _supports_keep_mask(model: torch.nn.Module) -> bool:
     if cls not in _KEEP_SUPPORT:
         import transformers.modeling_utils as mu
 
-        own = cls.__module__.startswith("transformers.") and hasattr(mu, "slice_logits_to_keep")
-        _KEEP_SUPPORT[cls] = own and "logits_to_keep" in inspect.signature(cls.forward).parameters
+        # The class that defines forward (FSDP2 swaps in a subclass named FSDP<Model> that does not).
+        owner = next((c for c in cls.__mro__ if "forward" in vars(c)), cls)
+        own = owner.__module__.startswith("transformers.") and hasattr(mu, "slice_logits_to_keep")
+        _KEEP_SUPPORT[cls] = own and "logits_to_keep" in inspect.signature(owner.forward).parameters
     return _KEEP_SUPPORT[cls]
 
 

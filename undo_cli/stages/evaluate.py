@@ -38,56 +38,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends import BACKENDS
 from undo_cli.errors import UndoError
+from undo_cli.stages.options import GenerationOptions, check_output_is_new
 
 
 @dataclass
-class EvaluateConfig:
-    """Everything `undo evaluate` needs (each field is one CLI flag)."""
+class EvaluateConfig(GenerationOptions):
+    """Everything `undo evaluate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
     input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
     output: str = field(default="-", metadata={"help": "Predictions JSONL; resumable unless '-' (stdout)."})
-    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
-    max_tokens: int = field(default=512, metadata={"help": "Most tokens per answer; longer ones end with finish_reason 'length'."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (the default, reproducible)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
-    seed: int | None = field(default=None, metadata={"help": "Sampling seed (with temperature > 0)."})
     prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
     metrics: str | None = field(default=None, metadata={"help": "Where to write metrics.json (default: beside --output; none for '-')."})
-    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
-    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
-    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the student over."})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
-        if self.temperature < 0:
-            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise UndoError("--concurrency and --batch-size must be at least 1")
-        if self.base_url and self.backend != "openai":
-            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
-                            hint="add --backend openai to talk to a server")
+        self.check_generation_options()
         if self.adapter and self.backend != "hf":
             raise UndoError(f"--adapter is applied by the hf backend, not '{self.backend}'",
                             hint="use --backend hf, or merge the adapter and serve the merged model")
         if self.adapter and not Path(self.adapter).is_dir():
             raise UndoError(f"--adapter {self.adapter}: no such folder",
                             hint="pass the folder `undo train --lora` wrote (it holds adapter_config.json)")
-        if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
-            raise UndoError(f"--output {self.output} is the input file", hint="write predictions to a new file")
+        check_output_is_new(self.output, {"input": self.input}, hint="write predictions to a new file")
 
     @property
     def metrics_path(self) -> str | None:
@@ -96,20 +70,9 @@ class EvaluateConfig:
         return None if self.output == "-" else str(Path(self.output).with_name("metrics.json"))
 
     def backend_config(self):
-        from undo_cli.backends import BackendConfig
+        return super().backend_config(self.model, adapter=self.adapter)
 
-        return BackendConfig(
-            backend=self.backend, model=self.model, adapter=self.adapter, trust_remote_code=self.trust_remote_code,
-            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-        )
-
-    def sampling(self):
-        from undo_cli.backends import SamplingConfig
-
-        return SamplingConfig(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed)
+    # sampling(): the inherited one, one answer per question (n=1).
 
 
 def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | None = None):

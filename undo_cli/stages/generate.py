@@ -37,82 +37,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends import BACKENDS
 from undo_cli.console import console, warn
 from undo_cli.errors import RecordError, UndoError
+from undo_cli.stages.options import GenerationOptions, check_output_is_new
 
 KEEP = ("correct", "all")
 
 
 @dataclass
-class GenerateConfig:
-    """Everything `undo generate` needs (each field is one CLI flag)."""
+class GenerateConfig(GenerationOptions):
+    """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
     input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
     output: str = field(default="-", metadata={"help": "Rationales JSONL; resumable unless '-' (stdout)."})
-    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
     n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy. Use e.g. 0.7 with --n > 1."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
-    max_tokens: int = field(default=512, metadata={"help": "Most tokens per rationale; longer ones end with finish_reason 'length'."})
     keep: str = field(default="correct", metadata={"help": "correct: keep only verified rationales; all: keep every sample."})
     prompt: str = field(default="generate", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
-    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
-    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
-    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x n)."})
     logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})
-    seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the teacher over."})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
         if self.keep not in KEEP:
             raise UndoError(f"--keep {self.keep}: unknown choice", hint="use --keep correct (verified only) or --keep all")
         if self.n < 1:
             raise UndoError(f"--n {self.n}: must be at least 1")
-        if self.temperature < 0:
-            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
-        if self.n > 1 and self.temperature == 0:
-            raise UndoError(f"--n {self.n} with --temperature 0 would give {self.n} identical greedy rationales",
-                            hint="sample with e.g. --temperature 0.7, or use --n 1")
-        if not 0 < self.top_p <= 1:
-            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        self.check_generation_options(n=self.n)
         if self.logprobs is not None and not 1 <= self.logprobs <= 20:
             raise UndoError(f"--logprobs {self.logprobs}: must be between 1 and 20",
                             hint="OpenAI-compatible servers return at most 20 alternatives per token")
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise UndoError("--concurrency and --batch-size must be at least 1")
-        if self.base_url and self.backend != "openai":
-            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
-                            hint="add --backend openai to talk to a server")
-        if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
-            raise UndoError(f"--output {self.output} is the input file", hint="write rationales to a new file")
+        check_output_is_new(self.output, {"input": self.input}, hint="write rationales to a new file")
 
     def backend_config(self):
-        from undo_cli.backends import BackendConfig
-
-        return BackendConfig(
-            backend=self.backend, model=self.teacher, trust_remote_code=self.trust_remote_code,
-            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-        )
+        return super().backend_config(self.teacher)
 
     def sampling(self):
-        from undo_cli.backends import SamplingConfig
-
-        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed, logprobs=self.logprobs)
+        return super().sampling(n=self.n, logprobs=self.logprobs)
 
 
 def read_fewshot(path: str) -> list[dict[str, str]]:

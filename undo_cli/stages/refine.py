@@ -47,19 +47,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from undo_cli.backends import BACKENDS
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.stages.options import GenerationOptions, check_output_is_new
 
 SELECT = ("similar", "errors")
 
 
 @dataclass
-class RefineConfig:
-    """Everything `undo refine` needs (each field is one CLI flag)."""
+class RefineConfig(GenerationOptions):
+    """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
     errors: str = field(metadata={"help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
@@ -70,30 +69,15 @@ class RefineConfig:
     k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
     per_error: int = field(default=1, metadata={"help": "--select similar: target questions each failure nominates."})
     max_targets: int | None = field(default=None, metadata={"help": "Refine at most this many target questions (most similar first)."})
-    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
     prompt: str = field(default="refine", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration recorded on each line (default: the target's + 1)."})
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy. Use e.g. 0.7 with --n > 1."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
-    max_tokens: int = field(default=512, metadata={"help": "Most tokens per rationale; a cut-off one is never accepted."})
-    seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples."})
-    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
-    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
-    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x n)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the teacher over."})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
             raise UndoError(f"--select {self.select}: unknown selection",
                             hint="use --select similar (targets most like the failures) or --select errors "
                                  "(the failed items themselves)")
-        if self.backend not in BACKENDS:
-            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
         if self.k < 0:
             raise UndoError(f"--k {self.k}: must be 0 or more", hint="0 shows only the failure that chose the target")
         if self.per_error < 1:
@@ -103,43 +87,17 @@ class RefineConfig:
                             hint="leave it out to refine every selected target")
         if self.n < 1:
             raise UndoError(f"--n {self.n}: must be at least 1")
-        if self.temperature < 0:
-            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
-        if self.n > 1 and self.temperature == 0:
-            raise UndoError(f"--n {self.n} with --temperature 0 would give {self.n} identical greedy rationales",
-                            hint="sample with e.g. --temperature 0.7, or use --n 1")
-        if not 0 < self.top_p <= 1:
-            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise UndoError("--concurrency and --batch-size must be at least 1")
-        if self.base_url and self.backend != "openai":
-            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
-                            hint="add --backend openai to talk to a server")
+        self.check_generation_options(n=self.n)
         if self.errors == "-" and self.targets == "-":
             raise UndoError("--errors and --targets cannot both read stdin", hint="give one of them as a file")
-        if self.output != "-":
-            for name, path in (("--targets", self.targets), ("--errors", self.errors)):
-                if path != "-" and Path(self.output).resolve() == Path(path).resolve():
-                    raise UndoError(f"--output {self.output} is the {name} file",
-                                    hint="write refined rationales to a new file; `undo iterate --mix replace` merges them")
+        check_output_is_new(self.output, {"--targets": self.targets, "--errors": self.errors},
+                            hint="write refined rationales to a new file; `undo iterate --mix replace` merges them")
 
     def backend_config(self):
-        from undo_cli.backends import BackendConfig
-
-        return BackendConfig(
-            backend=self.backend, model=self.teacher, trust_remote_code=self.trust_remote_code,
-            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-        )
+        return super().backend_config(self.teacher)
 
     def sampling(self):
-        from undo_cli.backends import SamplingConfig
-
-        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed)
+        return super().sampling(n=self.n)
 
 
 # --- which targets to refine -----------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The backend and sampling settings shared by `undo generate`, `undo evaluate` and `undo refine`.
+
+    @dataclass
+    class GenerateConfig(GenerationOptions):
+        teacher: str = field(metadata={"help": ...})
+        ...
+        def __post_init__(self) -> None:
+            self.check_generation_options(n=self.n)
+
+The three stages all send prompts to one model through `undo_cli.backends`, so
+they take the same flags for it: which backend, how to sample, where the
+server is, how wide to batch. Those fields, their checks and the two objects
+built from them (`BackendConfig`, `SamplingConfig`) live here once, and each
+stage's config inherits them. The fields are keyword-only, so a stage's own
+required fields (`teacher`, `input`, ...) can still come first, and
+`dataclasses.fields()` lists them like any other field: `undo iterate` finds
+`--generate.temperature` through it without knowing this class exists.
+
+What a stage adds (`n`, `logprobs`, `adapter`, its paths) and the checks of
+those stay in the stage. The CLI flags for these fields are `cli/options.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from undo_cli.backends import BACKENDS
+from undo_cli.errors import UndoError
+
+
+@dataclass(kw_only=True)
+class GenerationOptions:
+    """Which backend serves the model and how it samples (one CLI flag per field)."""
+
+    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (reproducible); e.g. 0.7 to sample."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
+    max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})
+    seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples (with temperature > 0)."})
+    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
+    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x samples)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the model over."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
+
+    def check_generation_options(self, n: int = 1) -> None:
+        """The checks of the shared fields; a stage with `--n` passes it (n samples of greedy decoding are one)."""
+        if self.backend not in BACKENDS:
+            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+        if self.temperature < 0:
+            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
+        if n > 1 and self.temperature == 0:
+            raise UndoError(f"--n {n} with --temperature 0 would give {n} identical greedy rationales",
+                            hint="sample with e.g. --temperature 0.7, or use --n 1")
+        if not 0 < self.top_p <= 1:
+            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise UndoError("--concurrency and --batch-size must be at least 1")
+        if self.base_url and self.backend != "openai":
+            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
+                            hint="add --backend openai to talk to a server")
+
+    def backend_config(self, model: str, adapter: str | None = None):
+        from undo_cli.backends import BackendConfig
+
+        return BackendConfig(
+            backend=self.backend, model=model, adapter=adapter, trust_remote_code=self.trust_remote_code,
+            batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
+            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+        )
+
+    def sampling(self, n: int = 1, logprobs: int | None = None):
+        from undo_cli.backends import SamplingConfig
+
+        return SamplingConfig(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                              seed=self.seed, logprobs=logprobs)
+
+
+def check_output_is_new(output: str, inputs: dict[str, str], hint: str) -> None:
+    """Refuse an --output that is one of the inputs: the stage would write into the file it is reading.
+
+    `inputs` maps how the message names the input ("input", "--targets") to its path; '-' is never a clash.
+    """
+    if output == "-":
+        return
+    for name, path in inputs.items():
+        if path != "-" and Path(output).resolve() == Path(path).resolve():
+            raise UndoError(f"--output {output} is the {name} file", hint=hint)

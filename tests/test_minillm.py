@@ -1,6 +1,7 @@
 """MiniLLM: rewards, importance weights, normalised future rewards and the clipped objective
 against a naive float64 reference on a hand-sized case; teacher-mixed sampling on tiny real
-models; and `undo train --method minillm` end to end.
+models. `undo train --method minillm` end to end is in test_student_outputs.py, with the
+other modes (the same fixtures and held-out measure).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 
 from undo_cli.training.minillm import (TeacherMixProcessor, minillm_loss, next_returns, rollout_stats,
                                        teacher_logits_kl_fn)
@@ -137,3 +139,4 @@ def test_teacher_mix_processor_returns_the_mixture_of_the_two_models(tiny_model,
                 lq = torch.log_softmax(scores[row].float(), -1)
                 want = torch.log(ALPHA * lp.exp() + (1 - ALPHA) * lq.exp())
                 assert torch.allclose(mixed[row], want, atol=1e-5)
+

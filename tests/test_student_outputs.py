@@ -121,7 +121,8 @@ def _config(**kw):
     ({"student_outputs": "off", "method": "minillm", "objective": "skl"}, "drop --objective"),
     ({"student_outputs": "adaptive"}, "needs --val-data"),
     ({"lmbda": 1.5}, "--lmbda 1.5"),
-    ({"buffer_size": 4}, "at least --batch-size (8)"),
+    ({"student_outputs": "adaptive", "phi_init": 0.5, "buffer_size": 4}, "at least --batch-size (8)"),
+    ({"student_outputs": "off", "objective": "sft", "lm_data": "x.jsonl"}, "with --method minillm"),
     ({"student_outputs": "sometimes"}, "off, on-policy, adaptive"),
     ({"student_outputs": "off", "method": "minillm", "objective": "sft", "sample_temperature": 0.7},
      "drop --sample-temperature"),
@@ -189,3 +190,189 @@ def test_sampling_uses_the_plain_distribution_and_stops_after_eos(tiny_model, ti
         assert 1 <= len(response) <= 7
         assert not any(t in eos for t in response[:-1])  # nothing after the first eos
         assert tiny_tokenizer.pad_token_id not in response or tiny_tokenizer.pad_token_id in eos
+
+
+# ---- through `undo train`: the samples are the student's, the teacher scores them, RKL falls ----
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def _problem(i: int) -> dict:
+    a, b = 2 + (i * 7) % 9, 1 + (i * 5) % 8
+    return {"id": f"p{i:02d}", "problem_id": f"p{i:02d}", "task": "math", "answer": str(a + b),
+            "question": f"Sam has {a} apples and buys {b} more. How many apples does Sam have?",
+            "rationale": f"Sam starts with {a} apples. He buys {b} more, so {a} + {b} = {a + b}.\n#### {a + b}"}
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def held_out_reverse_kl(student_dir: Path, teacher_dir: Path, problems: list[dict], *, new_tokens: int = 16) -> float:
+    """Naive: per-token KL(q‖p) = Σ_v q·(log q − log p) along the student's own samples (seed 0,
+    temperature 1, no top-k), averaged over the sampled tokens of the held-out prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from undo_cli.prompts import encode_prompt, student_messages
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    total, count = 0.0, 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for problem in problems:
+            prompt = encode_prompt(tok, student_messages(problem))
+            ids = student.generate(torch.tensor([prompt]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                   max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+            q = torch.softmax(student(ids).logits[0, len(prompt) - 1: -1].double(), -1)
+            p = torch.softmax(teacher(ids).logits[0, len(prompt) - 1: -1].double(), -1)
+            total += float((q * (q.log() - p.log())).sum())
+            count += ids.shape[1] - len(prompt)
+    return total / count
+
+
+HELD_OUT = [_problem(i) for i in range(12, 20)]  # the teacher was taught p00..p11
+
+
+@pytest.fixture(scope="module")
+def taught_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny teacher briefly overfit on the taught problems: peaked where the random student is flat.
+    (conftest's `trained_teacher` trains 5x longer so that greedy decoding solves them; not needed here.)"""
+    from tests.conftest import TAUGHT_PROBLEMS, overfit
+    from undo_cli.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "taught", tokenizer=tiny_tokenizer, seed=2)
+    return overfit(path, TAUGHT_PROBLEMS, steps=40)
+
+
+@pytest.fixture(scope="module")
+def sft_student(tmp_path_factory, tiny_model) -> Path:
+    """The tiny student after a little SFT on the same problems, as these methods expect to start
+    (from a random student its own samples are noise and 12 steps barely move it)."""
+    import shutil
+
+    from tests.conftest import TAUGHT_PROBLEMS, overfit
+
+    path = tmp_path_factory.mktemp("models") / "sft_student"
+    shutil.copytree(tiny_model, path, dirs_exist_ok=True)
+    return overfit(path, TAUGHT_PROBLEMS, steps=30)
+
+
+def _train_args(student, teacher, data, out, *extra):
+    return ["--student", student, "--teacher", teacher, "--data", data, "--output", out,
+            "--max-steps", 12, "--batch-size", 8, "--lr", 1e-3, "--lr-scheduler", "constant", "--warmup-ratio", 0,
+            "--max-new-tokens", 16, "--logging-steps", 4, *extra]
+
+
+FLAGS = {
+    "on-policy": ["--objective", "jsd", "--student-outputs", "on-policy", "--lmbda", 0.5],
+    "adaptive": ["--objective", "srkl", "--student-outputs", "adaptive", "--phi-init", 0.5, "--eval-steps", 4,
+                 "--buffer-size", 16],
+    "minillm": ["--method", "minillm", "--lm-weight", 1],  # + --lm-data below
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(FLAGS))
+def test_each_mode_lowers_the_students_reverse_kl_on_held_out_prompts(mode, sft_student, taught_teacher, tmp_path,
+                                                                     undo):
+    """Through the real CLI: the student's reverse KL to the teacher on held-out prompts falls, and the
+    summary says which steps trained on what."""
+    from tests.conftest import TAUGHT_PROBLEMS
+
+    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
+    extra = {"adaptive": ["--val-data", _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])],
+             "minillm": ["--lm-data", _write(tmp_path / "lm.jsonl", [{"text": f"Sam has {i} apples."} for i in range(8)])],
+             }.get(mode, [])
+    out = tmp_path / "out"
+    res = undo("train", *map(str, _train_args(sft_student, taught_teacher, data, out, *FLAGS[mode], *extra)),
+               env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    so, steps = summary["student_outputs"], summary["student_outputs"]["steps"]
+    assert so["mode"] == mode and steps["fresh"] + steps["replay"] + steps["ground_truth"] == 12
+    assert steps["fresh"] >= 1 and so["batches"]["fresh"] == steps["fresh"]  # one micro-batch per step
+    assert 4 * steps["fresh"] <= so["sampled_sequences"] <= 8 * steps["fresh"]  # 12 examples: batches of 8 and 4
+    assert 0 < so["generation_share"] < 1
+    if mode == "adaptive":  # with this seed the buffer (2 fresh batches) fills and gets replayed
+        assert steps["replay"] >= 1 and so["buffer"] == {"capacity": 16, "filled": 16}
+        assert [h["step"] for h in so["phi_history"]] == [0, 4, 8, 12] and so["phi_final"] >= 0.5
+    if mode == "minillm":  # every step samples (teacher-mixed); the single-step term is the token-level rkl
+        assert steps["fresh"] == 12 and so["mean_reward"] is not None and so["lm_data_examples"] == 8
+        assert summary["objective"]["name"] == "rkl"
+    before = held_out_reverse_kl(sft_student, taught_teacher, HELD_OUT)
+    after = held_out_reverse_kl(out, taught_teacher, HELD_OUT)
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(tiny_model, tiny_teacher, tmp_path,
+                                                                                 monkeypatch):
+    """In-process `undo train` with λ = 1: every token id trained on comes from the student's generate,
+    and the teacher's forward sees exactly those sequences."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from undo_cli.stages.train import TrainConfig, run
+
+    generated, forwards = [], []
+    real_generate, real_forward = LlamaForCausalLM.generate, LlamaForCausalLM.forward
+
+    def spy_generate(self, *args, **kwargs):
+        out = real_generate(self, *args, **kwargs)
+        width = kwargs["input_ids"].shape[1]
+        for row, mask in zip(out.tolist(), kwargs["attention_mask"].tolist()):
+            prompt, response = row[mask.index(1): width], row[width:]
+            generated.append((id(self), prompt, response))
+        return out
+
+    def spy_forward(self, *args, **kwargs):
+        if kwargs.get("input_ids") is not None and kwargs.get("past_key_values") is None:
+            forwards.append((id(self), kwargs["input_ids"].tolist(), torch.is_grad_enabled()))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", spy_generate)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy_forward)
+    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
+    summary = run(TrainConfig(student=str(tiny_model), teacher=str(tiny_teacher), data=str(data),
+                              output=str(tmp_path / "out"), objective="jsd", student_outputs="on-policy", lmbda=1.0,
+                              max_steps=2, batch_size=4, max_new_tokens=6, logging_steps=1))
+    assert summary["student_outputs"]["steps"] == {"fresh": 2, "replay": 0, "ground_truth": 0}
+    students = {who for who, _, _ in generated}
+    assert len(students) == 1 and len(generated) == 8  # one model sampled: 2 steps x 4 prompts
+    student = students.pop()
+    training = [ids for who, ids, grad in forwards if who == student and grad]
+    teacher_rows = [ids for who, ids, grad in forwards if who != student and not grad]
+    assert training and teacher_rows
+
+    def contains(rows, seq):
+        n = len(seq)
+        return any(row[j: j + n] == seq for batch in rows for row in batch for j in range(len(row) - n + 1))
+
+    from transformers import AutoTokenizer
+
+    from undo_cli.prompts import encode_example, student_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for _, prompt, response in generated:  # generate pads after the eos; the sample ends at it
+        cut = next((j + 1 for j, t in enumerate(response) if t == tok.eos_token_id), len(response))
+        sampled = prompt + response[:cut]
+        assert contains(training, sampled), "the student trained on something it did not sample"
+        assert contains(teacher_rows, sampled), "the teacher did not score the student's sample"
+    for problem in [_problem(i) for i in range(8)]:  # λ = 1: no ground-truth rationale reached the trainer
+        ids, _ = encode_example(tok, student_messages(problem), problem["rationale"])
+        assert not contains(training, ids)
+
+
+@pytest.mark.slow
+def test_config_errors_exit_2_naming_the_fix(tiny_model, tiny_teacher, tmp_path, undo):
+    data = _write(tmp_path / "rationales.jsonl", [_problem(0)])
+    res = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "o",
+               "--objective", "jsd", "--student-outputs", "on-policy")
+    assert res.returncode == 2 and "needs a live --teacher of the same tokenizer" in " ".join(res.stderr.split())
+    res = undo("train", "--student", tiny_model, "--teacher", tiny_teacher, "--data", data, "--output", tmp_path / "o",
+               "--student-outputs", "adaptive")
+    assert res.returncode == 2 and "use --objective jsd (GKD) or srkl (DistiLLM)" in " ".join(res.stderr.split())

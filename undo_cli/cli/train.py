@@ -46,6 +46,18 @@ def train(
     kd_weight: float = typer.Option(1.0, "--kd-weight", help="Weight of the divergence term."),
     lm_weight: float = typer.Option(0.0, "--lm-weight", help="Weight of cross-entropy on the same tokens, added (DistiLLM: 1.0)."),
     kd_chunk_size: int = typer.Option(1024, "--kd-chunk-size", help="Tokens per chunk of the divergence (bounds its memory)."),
+    student_outputs: str = typer.Option("off", "--student-outputs", help="off | on-policy (GKD) | adaptive (DistiLLM): also train on the student's own samples, scored by a live --teacher."),
+    lmbda: float = typer.Option(0.5, "--lmbda", help="on-policy: probability a step trains on student samples (GKD: 0.5)."),
+    sample_temperature: Optional[float] = typer.Option(None, "--sample-temperature", help="Temperature of the student's samples [default: 0.9 on-policy, 1 adaptive/minillm]."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens per sampled response."),
+    buffer_size: int = typer.Option(1000, "--buffer-size", help="adaptive: replay buffer capacity, in sequences."),
+    phi_init: float = typer.Option(0.0, "--phi-init", help="adaptive: starting threshold phi (DistiLLM: 0)."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="adaptive: held-out rationales; phi grows when the loss on them rises."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="adaptive: validate every N optimizer steps [default: once per epoch]."),
+    method: str = typer.Option("sft", "--method", help="sft (token-level) or minillm (sequence-level reverse KL by policy gradient; start from an SFT student)."),
+    teacher_mix: float = typer.Option(0.2, "--teacher-mix", help="minillm: sample from a*teacher + (1-a)*student."),
+    clip_eps: float = typer.Option(0.2, "--clip-eps", help="minillm: PPO clipping of the importance ratio."),
+    lm_data: Optional[str] = typer.Option(None, "--lm-data", help="minillm: text ('text' lines) or rationales for the LM term (with --lm-weight)."),
 ) -> None:
     """Fine-tune the student on question -> rationale (loss on the rationale only).
 
@@ -54,6 +66,9 @@ def train(
     Several GPUs: accelerate launch --num_processes 4 -m undo_cli train --student ... --data ... --output ...
 
     White-box (same tokenizer): undo train --objective skl --lm-weight 1 --teacher T --student S --data ... --output ...
+
+    The student's own outputs: undo train --objective srkl --student-outputs adaptive --val-data VAL --teacher T ...
+    or: undo train --method minillm --teacher T --student SFT_STUDENT --data ... --output ...
     """
     from undo_cli.stages.train import TrainConfig, run
 
@@ -67,4 +82,7 @@ def train(
         keep_checkpoints=keep_checkpoints, template=template, trust_remote_code=trust_remote_code,
         report_to=report_to, objective=objective, teacher=teacher, teacher_logprobs=teacher_logprobs, alpha=alpha,
         beta=beta, temperature=temperature, kd_weight=kd_weight, lm_weight=lm_weight, kd_chunk_size=kd_chunk_size,
+        student_outputs=student_outputs, lmbda=lmbda, sample_temperature=sample_temperature,
+        max_new_tokens=max_new_tokens, buffer_size=buffer_size, phi_init=phi_init, val_data=val_data,
+        eval_steps=eval_steps, method=method, teacher_mix=teacher_mix, clip_eps=clip_eps, lm_data=lm_data,
     ))

@@ -38,6 +38,9 @@ How it runs:
 
 * White-box distillation with `--objective fkl|rkl|jsd|skl|srkl|tvd` and a live
   `--teacher T` or `--teacher-logprobs` (training/distill.py, docs/objectives.md).
+* The student's own outputs, scored by a live teacher: `--student-outputs
+  on-policy` (GKD) or `adaptive` (DistiLLM), or `--method minillm`
+  (training/student_outputs.py, training/minillm.py).
 
 Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.json
 (steps, losses, tokens, tokens/s, padding fraction, wall time, config, versions).
@@ -131,6 +134,27 @@ class TrainConfig:
         "help": "Weight of cross-entropy on the same response tokens, added to the divergence (DistiLLM: 1.0)."})
     kd_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk of the divergence: bounds its float32 memory to chunk x vocabulary."})
+    # The student's own outputs (training/student_outputs.py, training/minillm.py); need a live --teacher.
+    student_outputs: str = field(default="off", metadata={
+        "help": "off; on-policy (GKD: with probability --lmbda a step trains on the student's samples); adaptive "
+                "(DistiLLM: fresh samples / a replay buffer / the data, by a threshold grown from --val-data)."})
+    lmbda: float = field(default=0.5, metadata={"help": "on-policy: probability a step uses student samples (GKD/TRL: 0.5)."})
+    sample_temperature: float | None = field(default=None, metadata={
+        "help": "Temperature of the student's samples (default: 0.9 on-policy as TRL's GKD, 1 adaptive and minillm)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per sampled response."})
+    buffer_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity in sequences (DistiLLM: 1000)."})
+    phi_init: float = field(default=0.0, metadata={"help": "adaptive: the threshold phi at the start (DistiLLM: 0)."})
+    val_data: str | None = field(default=None, metadata={
+        "help": "adaptive: held-out rationales; phi grows by 0.1 when the student's loss on them rises by >= 0.1."})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "adaptive: validate every this many optimizer steps (default: once per epoch)."})
+    method: str = field(default="sft", metadata={
+        "help": "sft (token-level: --objective on the batch) or minillm (sequence-level reverse KL by policy "
+                "gradient, MiniLLM; start from an SFT student; implies --objective rkl)."})
+    teacher_mix: float = field(default=0.2, metadata={"help": "minillm: sample from a*teacher + (1-a)*student (0.2)."})
+    clip_eps: float = field(default=0.2, metadata={"help": "minillm: PPO clipping of the importance ratio (0.2)."})
+    lm_data: str | None = field(default=None, metadata={
+        "help": "minillm: plain text ('text' lines) or rationales for the language-model term, weighted by --lm-weight."})
 
     def __post_init__(self) -> None:
         def bad(flag: str, why: str, hint: str) -> UndoError:
@@ -161,7 +185,11 @@ class TrainConfig:
             raise UndoError("--resume and --overwrite contradict each other",
                             hint="--resume continues the run in --output; --overwrite deletes it and starts over")
         from undo_cli.objectives.options import check_objective_flags  # no torch: fails fast
+        from undo_cli.training.student_outputs import check_config
 
+        check_config(self)
+        if self.method == "minillm" and self.objective == "sft":
+            self.objective = "rkl"  # MiniLLM's single-step term is the token-level reverse KL
         check_objective_flags(self)
 
     @property
@@ -420,6 +448,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     # White-box objectives: the teacher's tokenizer / the recorded log-probs are checked before anything is written.
     objective = prepare_objective(config, records=records, examples=examples, tokenizer=tokenizer,
                                   record_index=data_stats.record_index)  # None for sft
+    if config.val_data or config.lm_data:  # their errors too come before anything is written
+        from undo_cli.training.student_outputs_setup import preflight
+
+        preflight(config)
     args = _training_args(config, output)  # also sets up the process group under accelerate launch
     state = PartialState()
     state.wait_for_everyone()  # every process has planned before the main one writes
@@ -451,14 +483,23 @@ def run(config: TrainConfig) -> dict[str, Any]:
     collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
         loss_fn, collator = objective.attach(model, args.device), objective.collator(collator, packed=config.padding_free)
+    own = None  # the student's own outputs: a batch hook, its loss, a callback (training/student_outputs_setup.py)
+    if config.student_outputs != "off" or config.method == "minillm":
+        from undo_cli.training.student_outputs_setup import setup
+
+        own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
-                          data_collator=collator, loss_fn=loss_fn if objective else None,
-                          length_grouped=not config.padding_free)
+                          data_collator=collator, loss_fn=own.loss if own else (loss_fn if objective else None),
+                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None)
+    if own:
+        own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
     _attach_checkpoint_counts(trainer)
     resumed_from = None
     if plan.checkpoint is not None:
         trainer.meter.totals = read_json(plan.checkpoint / STATS_FILE)
         resumed_from = int(plan.checkpoint.name.split("-")[-1])
+        if own:
+            own.restore(plan.checkpoint, state.process_index)
         if state.is_main_process:
             console.print(f"resuming from {plan.checkpoint} (step {resumed_from})", soft_wrap=True)
     if state.is_main_process:
@@ -468,6 +509,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
                       f"{state.num_processes} process(es), {args.device.type})", soft_wrap=True)
         if objective:
             console.print(objective.describe(), soft_wrap=True)
+        if own:
+            console.print(own.description, soft_wrap=True)
 
     result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     saved = _save(trainer, config, output)
@@ -503,6 +546,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "learning_rate": config.learning_rate,
         "objective": objective.summary() if objective else {"name": "sft"},
+        "student_outputs": own.summary(runtime) if own else None,
         "config": asdict(config),
         "versions": _versions(),
     }
@@ -516,7 +560,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     state.wait_for_everyone()
     if objective:
         objective.close()
-    del trainer, model, objective
+    del trainer, model, objective, own
     _release()
     return summary
 
@@ -557,6 +601,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
                       + (f" (resumed from step {summary['resumed_from_step']})" if summary["resumed_from_step"] else "")),
         ("saved", summary["saved"]["model"] or f"adapter {summary['saved']['adapter']}"),
     ]
+    own = summary.get("student_outputs")
+    if own:  # which steps trained on what, and what sampling cost
+        steps = own["steps"]
+        rows.insert(4, (f"steps: {own['mode']}", f"{steps['fresh']} student samples / {steps['replay']} replayed / "
+                                                 f"{steps['ground_truth']} data; {own['generation_share']:.0%} of the "
+                                                 "time generating" + (f"; phi {own['phi_final']:g}"
+                                                                      if "phi_final" in own else "")))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

@@ -242,29 +242,41 @@ class MiniLLMLoss:
 
 # --- 4. the language-model data -----------------------------------------------------------
 
-def lm_examples(path: str, tokenizer, *, max_length: int, template: str) -> list[dict[str, list[int]]]:
-    """--lm-data: lines with a "text" field (loss on every token) or rationale records (loss on the rationale)."""
-    from undo_cli.prompts import encode_example, student_messages
+def lm_records(path: str) -> list[dict[str, Any]]:
+    """--lm-data's records, checked: each has a non-empty "text" or is a rationale record (file:line:field errors)."""
     from undo_cli.records import read_records
     from undo_cli.records.io import display_name
     from undo_cli.records.schema import check_record
     from undo_cli.training.data import record_lines
 
-    records, lines, examples = read_records(path), record_lines(path), []
+    records, lines = read_records(path), record_lines(path)
     for i, record in enumerate(records):
-        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str) and text.strip():
+            continue
+        if check_record(dict(record) if isinstance(record, dict) else record, "rationale") is not None:
+            raise RecordError(display_name(path), lines[i] if lines else None,
+                              "needs a non-empty 'text' (plain text) or the fields of a rationale record",
+                              field="text", hint='write lines like {"text": "..."}, or pass a rationales file')
+    return records
+
+
+def lm_examples(path: str, tokenizer, *, max_length: int, template: str) -> list[dict[str, list[int]]]:
+    """--lm-data as examples: "text" lines train on every token, rationale records on the rationale."""
+    from undo_cli.prompts import encode_example, student_messages
+    from undo_cli.records.io import display_name
+
+    examples = []
+    for record in lm_records(path):
+        if isinstance(record.get("text"), str) and record["text"].strip():
             ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
             if tokenizer.eos_token_id is not None:
                 ids = ids + [tokenizer.eos_token_id]
             labels = list(ids)
-        elif check_record(dict(record) if isinstance(record, dict) else record, "rationale") is None:
-            ids, labels = encode_example(tokenizer, student_messages(record, template), record["rationale"])
         else:
-            raise RecordError(display_name(path), lines[i] if lines else None,
-                              "needs a non-empty 'text' (plain text) or the fields of a rationale record",
-                              field="text", hint='write lines like {"text": "..."}, or pass a rationales file')
+            ids, labels = encode_example(tokenizer, student_messages(record, template), record["rationale"])
         ids, labels = ids[:max_length], labels[:max_length]
-        if sum(1 for x in labels[1:] if x != IGNORE_INDEX):
+        if any(x != IGNORE_INDEX for x in labels[1:]):
             examples.append({"input_ids": ids, "labels": labels})
     if not examples:
         raise UndoError(f"{display_name(path)}: no example with a token to learn from within --max-length {max_length}",

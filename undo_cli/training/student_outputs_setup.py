@@ -129,6 +129,19 @@ def make_callback(hook, *, val_batches: list[dict] | None, eval_steps: int | Non
     return StudentOutputsCallback()
 
 
+def preflight(config: Any) -> None:
+    """Read --val-data and --lm-data before anything is written or loaded: a bad line fails at once."""
+    from undo_cli.records import read_records
+    from undo_cli.training.data import check_rationales
+
+    if config.val_data and config.student_outputs == "adaptive":
+        check_rationales(read_records(config.val_data, "rationale"), config.val_data)
+    if config.lm_data and config.method == "minillm":
+        from undo_cli.training.minillm import lm_records
+
+        lm_records(config.lm_data)
+
+
 # --- setup: the TrainConfig -> hook, loss, callback ------------------------------------------
 
 class StudentOutputsRun:

@@ -35,6 +35,12 @@ logits for the prompt (transformers' `logits_to_keep` with a boolean mask). A
 token-level KD loss calls it for the student and compares with the teacher's
 distribution at the same positions. A loss that needs a teacher can be a
 callable object holding it (put the teacher on `trainer.accelerator.device`).
+
+SECOND EXTENSION POINT: the batches. `UndoTrainer(..., batch_hook=hook)` where
+`hook(trainer, batches) -> batches` receives one optimizer step's collated
+micro-batches (on the device) and may replace them, e.g. by the student's own
+samples (training/student_outputs.py). It runs before Trainer counts the
+step's response tokens, so the loss is normalised by what is really trained on.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from undo_cli.training.collate import IGNORE_INDEX, LengthGroupedSampler, batch_token_counts
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+BatchHook = Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]]
 
 # What the model's forward gets from a batch; the rest (labels, extras) is for the loss.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids",
@@ -240,9 +247,10 @@ class UndoTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, loss_fn: LossFn | None = None, meter: TokenMeter | None = None,
-                 length_grouped: bool = False, **kwargs: Any):
+                 length_grouped: bool = False, batch_hook: BatchHook | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.length_grouped = length_grouped
+        self.batch_hook = batch_hook
         self.loss_fn: LossFn = loss_fn or sft_loss
         self.meter = meter or TokenMeter()
         # Makes Trainer count the response tokens of each optimizer step (over all
@@ -254,6 +262,14 @@ class UndoTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.add_callback(StderrProgress())
         self.add_callback(_StepEnd(self))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches, through the batch hook if any (then counted again)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.batch_hook is None or not batches:
+            return batches, num_items
+        batches = self.batch_hook(self, batches)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches seeded by (seed, epoch) when asked (see collate.LengthGroupedSampler)."""

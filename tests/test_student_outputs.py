@@ -309,6 +309,33 @@ def test_each_mode_lowers_the_students_reverse_kl_on_held_out_prompts(mode, sft_
 
 
 @pytest.mark.slow
+def test_a_run_resumed_from_a_checkpoint_continues_the_same_schedule(sft_student, taught_teacher, tmp_path, undo):
+    """A run "killed" after its step-6 checkpoint (only that checkpoint left) resumes with the same φ,
+    buffer and random streams: same decisions, same φ history, same final loss as the uninterrupted run."""
+    import shutil
+
+    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(12)])
+    val = _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])
+    args = _train_args(sft_student, taught_teacher, data, tmp_path / "full", *FLAGS["adaptive"], "--val-data", val,
+                       "--save-steps", 6)
+    res = undo("train", *map(str, args), "--keep-checkpoints", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "train_run.json", killed)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-6", killed / "checkpoints" / "checkpoint-6")
+    assert (killed / "checkpoints" / "checkpoint-6" / "undo_student_outputs-rank0.json").is_file()
+    args[args.index(tmp_path / "full")] = killed
+    res = undo("train", *map(str, args), "--resume", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full, resumed = (json.loads((d / "train_summary.json").read_text()) for d in (tmp_path / "full", killed))
+    assert resumed["resumed_from_step"] == 6
+    for key in ("steps", "batches", "sampled_sequences", "phi_history", "phi_final", "buffer"):
+        assert resumed["student_outputs"][key] == full["student_outputs"][key], key
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(tiny_model, tiny_teacher, tmp_path,
                                                                                  monkeypatch):
     """In-process `undo train` with λ = 1: every token id trained on comes from the student's generate,

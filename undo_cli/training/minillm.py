@@ -382,5 +382,5 @@ class MiniLLMRollout:
                 "mean_reward_final": round(sum(h[-window:]) / window, 6) if h else None,
                 "mean_reward": round(sum(h) / len(h), 6) if h else None,
                 "generation_s": round(c["generation_s"], 3), "scoring_s": round(self.scoring_s, 3),
-                "generation_share": round(c["generation_s"] / max(runtime_s, 1e-9), 4),
+                "generation_share": round(self.sampler.session_generation_s / max(runtime_s, 1e-9), 4),
                 "lm_data_examples": len(self.lm_data) if self.lm_data else 0}

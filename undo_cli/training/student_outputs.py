@@ -377,6 +377,7 @@ class StudentOutputs:
         self.counts = {"steps": {FRESH: 0, REPLAY: 0, GROUND_TRUTH: 0},
                        "batches": {FRESH: 0, REPLAY: 0, GROUND_TRUTH: 0}, "sampled_sequences": 0,
                        "sampled_tokens": 0, "generation_s": 0.0}
+        self.session_generation_s = 0.0  # this process's run only (not restored): its share of this runtime
 
     def __call__(self, trainer, batches: list[dict]) -> list[dict]:
         state = trainer.state
@@ -411,7 +412,9 @@ class StudentOutputs:
                                          max_length=self.max_length, logits_processor=logits_processor)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.counts["generation_s"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.counts["generation_s"] += elapsed
+        self.session_generation_s += elapsed
         self.counts["sampled_sequences"] += len(responses)
         self.counts["sampled_tokens"] += sum(len(r) for r in responses)
         return list(zip(prompts, responses))
@@ -434,7 +437,7 @@ class StudentOutputs:
                  "sampled_sequences": c["sampled_sequences"],
                  "mean_sampled_tokens": round(c["sampled_tokens"] / max(c["sampled_sequences"], 1), 2),
                  "sample_temperature": self.temperature, "generation_s": round(c["generation_s"], 3),
-                 "generation_share": round(c["generation_s"] / max(runtime_s, 1e-9), 4)}
+                 "generation_share": round(self.session_generation_s / max(runtime_s, 1e-9), 4)}
         if isinstance(self.schedule, OnPolicySchedule):
             found["lmbda"] = self.schedule.lmbda
         if isinstance(self.schedule, AdaptiveSchedule):

@@ -109,7 +109,8 @@ def test_a_restored_schedule_draws_what_the_uninterrupted_one_draws():
 def _config(**kw):
     base = dict(student_outputs="on-policy", method="sft", teacher="T", teacher_logprobs=False, objective="jsd",
                 lmbda=0.5, phi_init=0.0, buffer_size=1000, batch_size=8, max_new_tokens=64, teacher_mix=0.2,
-                clip_eps=0.2, sample_temperature=None, eval_steps=None, lm_data=None, val_data=None, lm_weight=0.0)
+                clip_eps=0.2, sample_temperature=None, eval_steps=None, lm_data=None, val_data=None, lm_weight=0.0,
+                seed=0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -119,7 +120,6 @@ def _config(**kw):
     ({"teacher_logprobs": True}, "offline teacher cannot score the student's new samples"),
     ({"method": "minillm"}, "MiniLLM samples its own"),
     ({"student_outputs": "off", "method": "minillm", "objective": "skl"}, "drop --objective"),
-    ({"student_outputs": "adaptive"}, "needs --val-data"),
     ({"lmbda": 1.5}, "--lmbda 1.5"),
     ({"student_outputs": "adaptive", "phi_init": 0.5, "buffer_size": 4}, "at least --batch-size (8)"),
     ({"student_outputs": "off", "objective": "sft", "lm_data": "x.jsonl"}, "with --method minillm"),
@@ -138,10 +138,24 @@ def test_config_errors_name_the_fix(changes, message):
 def test_valid_configs_pass():
     check_config(_config())
     check_config(_config(student_outputs="adaptive", objective="srkl", val_data="val.jsonl"))
-    check_config(_config(student_outputs="adaptive", objective="srkl", phi_init=0.5))
+    check_config(_config(student_outputs="adaptive", objective="srkl"))  # validates on a held-out 5% of --data
     check_config(_config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl", lm_weight=1.0))
     check_config(_config(student_outputs="off", method="minillm", objective="rkl"))
     check_config(_config(student_outputs="off", teacher=None, objective="sft"))  # plain SFT: nothing to check
+
+
+def test_adaptive_without_val_data_holds_out_a_seeded_share_of_the_examples():
+    from undo_cli.training.student_outputs_setup import hold_out
+
+    examples = [{"input_ids": [i], "labels": [i]} for i in range(100)]
+    train, held = hold_out(_config(student_outputs="adaptive", seed=0), examples)
+    assert len(held) == 5 and len(train) == 95 and sorted(train + held, key=lambda e: e["input_ids"]) == examples
+    assert hold_out(_config(student_outputs="adaptive", seed=0), examples)[1] == held  # same seed, same split
+    assert len(hold_out(_config(student_outputs="adaptive"), examples[:3])[1]) == 1  # at least one
+    assert hold_out(_config(student_outputs="adaptive", val_data="v.jsonl"), examples) == (examples, [])
+    assert hold_out(_config(), examples) == (examples, [])  # on-policy has no validation
+    with pytest.raises(UndoError, match="add --val-data"):
+        hold_out(_config(student_outputs="adaptive"), examples[:1])
 
 
 # ---- prompts out of collated batches, samples back in -------------------------------------

@@ -485,9 +485,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         loss_fn, collator = objective.attach(model, args.device), objective.collator(collator, packed=config.padding_free)
     own = None  # the student's own outputs: a batch hook, its loss, a callback (training/student_outputs_setup.py)
     if config.student_outputs != "off" or config.method == "minillm":
-        from undo_cli.training.student_outputs_setup import setup
+        from undo_cli.training.student_outputs_setup import hold_out, setup
 
-        own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model)
+        examples, held_out = hold_out(config, examples)  # adaptive without --val-data validates on a held-out 5%
+        own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                           data_collator=collator, loss_fn=own.loss if own else (loss_fn if objective else None),
                           length_grouped=not config.padding_free, batch_hook=own.hook if own else None)
@@ -507,7 +508,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         console.print(f"training {config.student} on {data_stats.examples} examples from {config.data} "
                       f"({lora}, {'packed' if config.padding_free else 'padded'} batches, "
                       f"{state.num_processes} process(es), {args.device.type})", soft_wrap=True)
-        if objective:
+        if objective and config.method != "minillm":  # minillm's own line says what its loss is
             console.print(objective.describe(), soft_wrap=True)
         if own:
             console.print(own.description, soft_wrap=True)

@@ -23,7 +23,8 @@ micro-batches:
       else u < φ                                           -> a random batch from the buffer
       else                                                 -> the data (teacher rationales)
   At every validation (`--eval-steps`, default once per epoch, and once before
-  the first step) the student's cross-entropy on `--val-data` is compared with
+  the first step) the student's cross-entropy on `--val-data` (without it, a
+  seeded 5% of `--data` held out, at most 256 examples) is compared with
   the *recorded* loss: the one from the start, re-recorded each time φ grows.
   A rise of ≥ 0.1 grows φ by 0.1 (at most 1). That is DistiLLM's own code
   (finetune.py keeps `prev_avg_loss` until the threshold moves), so a slow drift
@@ -128,10 +129,6 @@ def check_config(c: Any) -> None:
     if method == "minillm" and bool(c.lm_data) != (lm_weight > 0):
         raise UndoError("--method minillm: --lm-weight weighs the cross-entropy on --lm-data, so they go together",
                         hint="pass both (MiniLLM uses --lm-weight 1 --lm-data TEXT.jsonl) or neither")
-    if mode == "adaptive" and not c.val_data and c.phi_init == 0.0:
-        raise UndoError("--student-outputs adaptive needs --val-data: φ starts at --phi-init 0 and only grows when "
-                        "the validation loss rises, so without it the student would never see its own outputs",
-                        hint="add --val-data VAL_RATIONALES.jsonl (held-out rationales), or start with --phi-init 0.5")
     if c.val_data and mode != "adaptive":
         warn(f"--val-data is only used by --student-outputs adaptive (for φ); ignored with {what}")
 

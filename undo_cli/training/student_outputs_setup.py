@@ -9,7 +9,8 @@ hook, its loss and a callback; the stage then only attaches them
 in minillm.py. The callback does two things:
 
 * **validation** (adaptive only): the student's mean cross-entropy on the
-  `--val-data` rationales (encoded exactly like `--data`), once before the first
+  `--val-data` rationales (encoded exactly like `--data`; without the flag,
+  `hold_out` keeps a seeded 5% of `--data` aside), once before the first
   step and every `--eval-steps` optimizer steps (default: once per epoch, as
   DistiLLM's eval-interval -1), sharded over processes and summed, so every
   process gets the same loss and grows φ in step;
@@ -25,21 +26,46 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.errors import UndoError
 from undo_cli.training.student_outputs import (STATE_FILE, AdaptiveSchedule, OnPolicySchedule, SourceAwareLoss,
-                                               StudentOutputs, default_temperature, eos_ids_of)
+                                               StudentOutputs, default_temperature, eos_ids_of, split_examples)
 
 
 # --- validation (adaptive's φ) and checkpoints ------------------------------------------
 
-def validation_batches(config: Any, tokenizer, collator) -> list[dict]:
-    """--val-data rationales, encoded like --data, in batches of --batch-size."""
+HOLD_OUT_SHARE, HOLD_OUT_MAX = 0.05, 256
+
+
+def hold_out(config: Any, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training, validation) examples. Adaptive without --val-data keeps a seeded 5% of the
+    training examples (1 to 256) aside for its validation loss, as DistiLLM validates on a dev
+    split: the loss on examples it trains on would only fall, and φ would never grow."""
+    if config.student_outputs != "adaptive" or config.val_data:
+        return examples, []
+    import random
+
+    if len(examples) < 2:
+        raise UndoError("--student-outputs adaptive: one training example, none to hold out for the validation "
+                        "loss that grows φ", hint="add --val-data VAL_RATIONALES.jsonl")
+    n = min(HOLD_OUT_MAX, max(1, round(HOLD_OUT_SHARE * len(examples))))
+    chosen = set(random.Random(config.seed).sample(range(len(examples)), n))
+    warn(f"no --val-data: holding out {n} of the {len(examples)} training examples (seeded) for the adaptive "
+         "schedule's validation loss; pass --val-data to train on all of them")
+    return [e for i, e in enumerate(examples) if i not in chosen], [examples[i] for i in sorted(chosen)]
+
+
+def validation_batches(config: Any, tokenizer, collator, held_out: list[dict] | None = None) -> list[dict]:
+    """--val-data rationales encoded like --data (or the held-out examples), in batches of --batch-size."""
     from undo_cli.records import read_records
     from undo_cli.training.data import check_rationales, encode_records
 
-    records = read_records(config.val_data, "rationale")
-    check_rationales(records, config.val_data)
-    examples, _ = encode_records(records, tokenizer, max_length=config.max_length, template=config.template,
-                                 path=config.val_data)
+    if config.val_data:
+        records = read_records(config.val_data, "rationale")
+        check_rationales(records, config.val_data)
+        examples, _ = encode_records(records, tokenizer, max_length=config.max_length, template=config.template,
+                                     path=config.val_data)
+    else:
+        examples = held_out or []
     size = config.batch_size
     return [collator(examples[i: i + size]) for i in range(0, len(examples), size)]
 
@@ -147,8 +173,9 @@ def preflight(config: Any) -> None:
 class StudentOutputsRun:
     """What `undo train` attaches to its trainer for --student-outputs / --method minillm."""
 
-    def __init__(self, hook, loss, callback, description: str):
+    def __init__(self, hook, loss, callback, description: str, validation: dict[str, Any] | None = None):
         self.hook, self.loss, self.callback, self.description = hook, loss, callback, description
+        self.validation = validation
 
     def attach(self, trainer) -> None:
         """Add the callback (before the stage's own checkpoint callback, so a complete checkpoint has our state)."""
@@ -159,10 +186,13 @@ class StudentOutputsRun:
         restore(self.hook, checkpoint, rank)
 
     def summary(self, runtime_s: float) -> dict[str, Any]:
-        return self.hook.summary(runtime_s)
+        found = self.hook.summary(runtime_s)
+        if self.validation is not None:
+            found["validation"] = self.validation
+        return found
 
 
-def setup(config: Any, objective, *, tokenizer, collator, model) -> StudentOutputsRun:
+def setup(config: Any, objective, *, tokenizer, collator, model, held_out: list[dict] | None = None) -> StudentOutputsRun:
     """Build the batch hook, the loss and the callback from the config and issue 7's live-teacher objective."""
     from undo_cli.training.trainer import unwrap
 
@@ -193,10 +223,14 @@ def setup(config: Any, objective, *, tokenizer, collator, model) -> StudentOutpu
     # On the student's own samples the loss is the divergence alone (see student_outputs.py).
     sampled = copy.copy(objective.loss)
     sampled.lm_weight = 0.0
-    val = validation_batches(config, tokenizer, collator) if adaptive and config.val_data else None
+    val = validation_batches(config, tokenizer, collator, held_out) if adaptive else None
     what = (f"adaptive student outputs (DistiLLM): phi from {config.phi_init:g}, replay buffer of "
-            f"{config.buffer_size}, validation on {config.val_data or 'nothing (phi stays fixed)'}" if adaptive
+            f"{config.buffer_size}, validation on {config.val_data or f'{len(held_out or [])} held-out examples'}"
+            if adaptive
             else f"on-policy student outputs (GKD): lambda {config.lmbda:g}")
+    validation = {"source": config.val_data or "held out from --data",
+                  "examples": sum(len(split_examples(b)) for b in val)} if adaptive else None
     return StudentOutputsRun(hook, SourceAwareLoss(objective.loss, sampled),
                              make_callback(hook, val_batches=val, eval_steps=config.eval_steps),
-                             f"{what}, sampling at temperature {temperature:g}, up to {config.max_new_tokens} new tokens")
+                             f"{what}, sampling at temperature {temperature:g}, up to {config.max_new_tokens} new tokens",
+                             validation)

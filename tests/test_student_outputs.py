@@ -1,11 +1,12 @@
-"""Learning from the student's own outputs: GKD on-policy and DistiLLM's adaptive schedule.
+"""Learning from the student's own outputs: GKD on-policy, DistiLLM's adaptive schedule, MiniLLM.
 
 The schedule is checked as the pure object it is (φ updates, λ decay, buffer,
 the three-way choice's frequencies against its analytic probabilities); the
 batches it builds on the tiny real models (samples really come from the
 student's generate, the teacher's forward sees them); and end to end through
-the real `undo train` CLI (each mode lowers the student's reverse KL to a
-trained teacher on held-out prompts).
+the real `undo train` CLI: each mode (on-policy, adaptive, minillm) lowers the
+student's reverse KL to a taught teacher on held-out prompts, and a run resumed
+from a checkpoint continues the same schedule. MiniLLM's math: test_minillm.py.
 """
 
 from __future__ import annotations

@@ -185,7 +185,9 @@ class HFBackend:
         gen.do_sample = sample
         gen.temperature = sampling.temperature if sample else None
         gen.top_p = sampling.top_p if sample else None
-        gen.top_k = None  # OpenAI semantics: only temperature and top-p shape the distribution
+        # OpenAI semantics: only temperature and top-p shape the distribution. top_k=None would be
+        # refilled with transformers' global default of 50; 0 switches top-k off.
+        gen.top_k = 0
         # Greedy decoding gives n identical answers: compute one and copy it.
         gen.num_return_sequences = sampling.n if sample else 1
         gen.pad_token_id = self.tokenizer.pad_token_id

@@ -93,3 +93,51 @@ def test_report_errors_name_the_folder(tmp_path, undo):
     (tmp_path / "empty").mkdir()
     empty = undo("report", tmp_path / "empty", env=wide)
     assert empty.returncode == 2 and "no iterations yet" in empty.stderr
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    from undo_cli.stages.report import wilson_interval
+
+    # Hand-computed from Wilson (1927) with z = 1.96: 1 of 30 and 0 of 105 and n of n.
+    low, high = wilson_interval(1, 30)
+    assert abs(low - 0.005909) < 1e-4 and abs(high - 0.166711) < 1e-4
+    low, high = wilson_interval(0, 105)
+    assert low == 0.0 and abs(high - 0.035262) < 1e-4
+    low, high = wilson_interval(40, 40)
+    assert abs(low - 0.912376) < 1e-4 and high == 1.0
+
+
+def test_verdict_prints_n_interval_and_a_negative_gain(tmp_path, capsys):
+    from undo_cli.stages import report
+
+    run = tmp_path / "worse"
+    _iteration(run, 0, 0.30, test=0.50)
+    _iteration(run, 1, 0.50, refined=5, verified=2, test=0.25)  # better on val, worse on test: still printed
+    result = report.run(str(run))
+    err = " ".join(capsys.readouterr().err.split())
+    assert result["test"]["gain"] == 0.25 - 0.50
+    assert "-25.0 points" in err and "(10/40, 95% CI" in err and "(20/40, 95% CI" in err
+    assert result["test"]["best"]["ci95"][0] < 0.25 < result["test"]["best"]["ci95"][1]
+
+
+def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
+    from undo_cli.stages import report
+
+    one = tmp_path / "one"
+    _iteration(one, 0, 0.02, test=0.03)
+    many = tmp_path / "many"
+    for k in range(20):
+        _iteration(many, k, 0.2 + 0.01 * k, refined=10 if k else 0, verified=6, test=0.3 if k in (0, 19) else None)
+    for run in (one, many):
+        state = report.collect(run)
+        out = report.plot(state, run / "report.png")
+        assert out.read_bytes()[:4] == b"\x89PNG"
+        rows = state["rows"]
+        assert all(r["error_types"] is not None for r in rows)  # the second panel's data
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # every figure closed
+    # The y-axis is fitted to the data: 2-3% is not drawn on a 0-100 axis, and 0% stays visible.
+    assert report.accuracy_axis([2.0, 3.0]) == (-1.0, 7.0)
+    low, high = report.accuracy_axis([20.0, 42.0])
+    assert 10 < low < 20 and 42 < high < 55

@@ -18,10 +18,13 @@ stopped). Per iteration:
     test acc     held-out accuracy, for the best and the iteration-0 students only
     times        seconds per stage: teacher (generate or refine), train, evaluate (val)
 
-A value that does not exist yet is shown as "—". The plot (matplotlib, Agg
-backend: no display needed) draws validation accuracy per iteration and the
-test accuracy of the students that were tested, with the best iteration marked;
-it goes to RUN_DIR/report.png unless --plot says otherwise.
+A value that does not exist yet is shown as "—". Test accuracies come with n
+and a 95% Wilson interval, so "3.3%" reads as "1 of 30". The plot (matplotlib,
+Agg backend: no display needed) has two panels: validation accuracy per
+iteration and the test accuracy of the students that were tested, labelled with
+n, the best iteration marked; and what changed per iteration (teacher
+rationales verified, refinements kept-previous, validation errors by type). It
+goes to RUN_DIR/report.png unless --plot says otherwise.
 
 `undo iterate` uses the same functions for its progress table and for
 summary.json, so the three always agree.
@@ -76,8 +79,8 @@ def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
 
 
 ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_correct", "val_count", "errors",
-            "teacher_written", "teacher_verified", "refined", "refined_verified", "verification_rate",
-            "test_accuracy", "test_correct", "test_count")
+            "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
+            "refined_kept_previous", "verification_rate", "test_accuracy", "test_correct", "test_count")
 
 
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +101,7 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
         if refined is not None:
             row["refined"] = len(refined)
             row["refined_verified"] = sum(bool((r.get("refinement") or {}).get("verified")) for r in refined)
+            row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
         data = _jsonl(d / "train_data.jsonl")
     row["train_examples"] = len(data) if data is not None else None
@@ -113,6 +117,11 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row[f"{split}_count"] = metrics.get("count")
     errors = _jsonl(d / "errors.jsonl")
     row["errors"] = len(errors) if errors is not None else None
+    if errors is not None:
+        types: dict[str, int] = {}
+        for e in errors:
+            types[str(e.get("error_type") or "unknown")] = types.get(str(e.get("error_type") or "unknown"), 0) + 1
+        row["error_types"] = dict(sorted(types.items()))
     seconds = {}
     status = None
     for name in ("generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"):
@@ -157,12 +166,30 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def wilson_interval(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (Wilson 1927): sane at 0/n and n/n, unlike the normal one.
+
+    It turns "3.3%" into "1 of 30, somewhere between 0.6% and 16.7%", which is
+    what a small test split can say.
+    """
+    if count <= 0:
+        return 0.0, 1.0
+    p = correct / count
+    denom = 1 + z * z / count
+    centre = (p + z * z / (2 * count)) / denom
+    half = z * ((p * (1 - p) / count + z * z / (4 * count * count)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _test(rows: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
     row = next((r for r in rows if r["iteration"] == k), None)
     if row is None or row.get("test_accuracy") is None:
         return None
-    return {"iteration": k, "accuracy": row["test_accuracy"], "correct": row.get("test_correct"),
-            "count": row.get("test_count")}
+    out = {"iteration": k, "accuracy": row["test_accuracy"], "correct": row.get("test_correct"),
+           "count": row.get("test_count")}
+    if isinstance(out["correct"], int) and isinstance(out["count"], int):
+        out["ci95"] = [round(v, 4) for v in wilson_interval(out["correct"], out["count"])]
+    return out
 
 
 def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +267,20 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
         console.print(f"[dim]{note}[/dim]")
 
 
+def _with_n(result: dict[str, Any]) -> str:
+    """'3.3% (1/30, 95% CI 0.6-16.7%)': a rate is read together with how few questions it rests on."""
+    if result.get("ci95") is None:
+        return _pct(result["accuracy"])
+    low, high = result["ci95"]
+    return (f"{_pct(result['accuracy'])} ({result['correct']}/{result['count']}, "
+            f"95% CI {100 * low:.1f}-{100 * high:.1f}%)")
+
+
 def print_verdict(summary: dict[str, Any]) -> None:
-    """One line: UNDO's best student against one-shot distillation on the test split."""
+    """UNDO's best student against one-shot distillation on the test split, with n and a 95% interval.
+
+    Printed whatever the sign: a refinement round that made the student worse is a result too.
+    """
     from undo_cli.console import console
 
     best, one_shot = summary["test"]["best"], summary["test"]["one_shot"]
@@ -249,17 +288,41 @@ def print_verdict(summary: dict[str, Any]) -> None:
         console.print("[dim]no test evaluation yet (it runs once the loop has stopped)[/dim]")
         return
     if best is None or best["iteration"] == 0:
-        console.print(f"test accuracy: one-shot (iteration 0) {_pct(one_shot['accuracy'])}; no refinement round "
-                      "beat it on validation, so the best student is the one-shot one")
+        console.print(f"test accuracy: one-shot (iteration 0) {_with_n(one_shot)}; no refinement round "
+                      "beat it on validation, so the best student is the one-shot one (gain +0.0 points)")
         return
     gain = 100 * summary["test"]["gain"]
     console.print(f"[bold]test accuracy: UNDO (iteration {best['iteration']}) {_pct(best['accuracy'])} vs one-shot "
                   f"(iteration 0) {_pct(one_shot['accuracy'])}: {gain:+.1f} points[/bold] "
                   f"({best['correct']}/{best['count']} vs {one_shot['correct']}/{one_shot['count']})")
+    console.print(f"  UNDO {_with_n(best)}; one-shot {_with_n(one_shot)}"
+                  + ("; the intervals overlap: on this many questions the difference may be chance"
+                     if _overlap(best, one_shot) else ""))
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("ci95") is None or b.get("ci95") is None:
+        return False
+    return a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1]
+
+
+def accuracy_axis(percents: list[float]) -> tuple[float, float]:
+    """The accuracy panel's y-range: the data's, with room for the labels, inside -1..101."""
+    low, high = min(percents), max(percents)
+    pad = max(2.0, 0.25 * (high - low))
+    return max(-1.0, low - pad - 2), min(101.0, high + pad + 2)
 
 
 def plot(state: dict[str, Any], path: str | Path) -> Path | None:
-    """Validation (line) and test (points) accuracy per iteration; None when nothing is scored yet."""
+    """Two panels: accuracy per iteration (val line, test points, labels with n) and what changed per iteration.
+
+    The top panel's y-axis is fitted to the data (with room for the labels), so
+    2% and 4% do not sit on the floor of a 0-100 axis. The bottom panel shows,
+    per iteration, the teacher's work (rationales generated at 0; refinements
+    verified / kept-previous afterwards) and the validation errors by type that
+    the next refinement round is given. Labels thin out past 12 iterations so
+    that twenty stay readable. None when nothing is scored yet.
+    """
     rows = [r for r in state["rows"] if r.get("val_accuracy") is not None or r.get("test_accuracy") is not None]
     if not rows:
         return None
@@ -268,24 +331,57 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
     matplotlib.use("Agg")  # files only: works over ssh and in CI, no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    val = [(r["iteration"], 100 * r["val_accuracy"]) for r in rows if r.get("val_accuracy") is not None]
-    test = [(r["iteration"], 100 * r["test_accuracy"]) for r in rows if r.get("test_accuracy") is not None]
+    all_rows = state["rows"]
+    n_iter = len(all_rows)
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 6.4), dpi=120, sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 2]})
+    val = [(r["iteration"], 100 * r["val_accuracy"], r.get("val_correct"), r.get("val_count"))
+           for r in rows if r.get("val_accuracy") is not None]
+    test = [(r["iteration"], 100 * r["test_accuracy"], r.get("test_correct"), r.get("test_count"))
+            for r in rows if r.get("test_accuracy") is not None]
+    label_every = max(1, n_iter // 12)
     if val:
-        ax.plot(*zip(*val), marker="o", label="validation")
+        ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label="validation")
     if test:
-        ax.scatter(*zip(*test), marker="s", s=60, color="tab:red", zorder=3, label="test (best and iteration 0)")
+        ax.scatter([t[0] for t in test], [t[1] for t in test], marker="s", s=60, color="tab:red", zorder=3,
+                   label="test (best and iteration 0)")
+    # Validation labels above their points, test labels to the right of theirs: they never collide.
+    for points, offset, align, color in ((val, (0, 8), "center", "tab:blue"), (test, (9, -3), "left", "tab:red")):
+        for k, y, correct, count in points:
+            if k % label_every and points is val:
+                continue
+            text = f"{y:.1f}%" + (f"\n{correct}/{count}" if correct is not None and count else "")
+            ax.annotate(text, (k, y), textcoords="offset points", xytext=offset, ha=align,
+                        va="bottom" if points is val else "center", fontsize=7, color=color)
     best = state["best_iteration"]
     if best is not None:
         ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"best iteration ({best})")
-    ax.set_xlabel("UNDO iteration (0 = one-shot distillation)")
+    ax.set_ylim(*accuracy_axis([v[1] for v in val + test]))
     ax.set_ylabel("accuracy (%)")
-    ax.set_xticks([r["iteration"] for r in state["rows"]])
-    top = max([v for _, v in val + test] + [10.0])
-    ax.set_ylim(-2, min(102, top * 1.15 + 2))  # below 0 so that points at 0% stay visible
     ax.set_title(f"undo: {state['name']}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+
+    ks = [r["iteration"] for r in all_rows]
+    width = 0.2
+    teacher_ok = [r.get("teacher_verified") if r["iteration"] == 0 else r.get("refined_verified") for r in all_rows]
+    kept_prev = [r.get("refined_kept_previous") or 0 for r in all_rows]
+    bx.bar([k - 1.5 * width for k in ks], [v or 0 for v in teacher_ok], width, color="tab:green",
+           label="teacher: verified (generated at 0, refined after)")
+    bx.bar([k - 0.5 * width for k in ks], kept_prev, width, color="tab:olive", label="refinement kept previous")
+    kinds = sorted({t for r in all_rows for t in (r.get("error_types") or {})})
+    bottom = [0] * len(ks)
+    colors = {"no_answer": "tab:grey", "truncated": "tab:orange", "wrong_answer": "tab:purple"}
+    for kind in kinds:
+        heights = [(r.get("error_types") or {}).get(kind, 0) for r in all_rows]
+        bx.bar([k + 0.5 * width for k in ks], heights, width, bottom=bottom, color=colors.get(kind),
+               label=f"val errors: {kind}")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    bx.set_ylabel("records")
+    bx.set_xlabel("UNDO iteration (0 = one-shot distillation)")
+    bx.set_xticks(ks[::label_every])
+    bx.grid(alpha=0.3, axis="y")
+    bx.legend(loc="upper left", fontsize="x-small", ncol=2, bbox_to_anchor=(1.0, 1.0) if n_iter > 12 else None)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

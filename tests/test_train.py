@@ -34,6 +34,24 @@ def train(undo):
     return run
 
 
+@pytest.fixture
+def train_here(capsys):
+    """`undo train ARGS...` in this process: for errors found before training, a subprocess only adds seconds."""
+    from types import SimpleNamespace
+
+    from undo_cli.cli.app import main
+
+    def run(*args: object) -> SimpleNamespace:
+        capsys.readouterr()
+        try:
+            main(["train", *map(str, args)])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return SimpleNamespace(returncode=code, stderr=" ".join(capsys.readouterr().err.split()))
+    return run
+
+
 def _rationales(n: int = 16) -> list[dict]:
     """Short arithmetic rationales ending in '#### N' (the set the student must overfit)."""
     rows = []
@@ -229,9 +247,9 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
 
 # ---- bad input -----------------------------------------------------------------------------
 
-def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train):
-    def fails(*args: object, says: str) -> None:
-        res = train(*args)
+def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train, train_here):
+    def fails(*args: object, says: str, run=train_here) -> None:
+        res = run(*args)
         assert res.returncode == 2, res.stderr
         assert says in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
@@ -239,7 +257,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     out = ["--output", tmp_path / "out"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    fails("--student", tiny_model, "--data", empty, *out, says="no records")
+    fails("--student", tiny_model, "--data", empty, *out, says="no records", run=train)  # once as a user runs it
 
     rows = _rationales(3)
     del rows[1]["rationale"]

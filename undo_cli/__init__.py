@@ -2,7 +2,7 @@
 
 The package is laid out by concern, so the folder names tell the architecture:
 
-    cli/         thin typer commands, one per stage; heavy imports happen inside them
+    cli/         the command table; each command's flags are its config dataclass's fields (cli/builder.py)
     stages/      one module per stage (generate, train, evaluate, ...): the real work
     backends/    text generation: hf (embedded transformers), openai (any server), vllm
     records/     the JSONL artifact contract: shapes, reader, atomic/resumable writers

@@ -47,8 +47,8 @@ class EvaluateConfig(GenerationOptions):
     """Everything `undo evaluate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
-    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"help": "Predictions JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
     prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
     metrics: str | None = field(default=None, metadata={"help": "Where to write metrics.json (default: beside --output; none for '-')."})

@@ -49,10 +49,10 @@ class GenerateConfig(GenerationOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"help": "Rationales JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Rationales JSONL; resumable unless '-' (stdout)."})
     n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})
-    keep: str = field(default="correct", metadata={"help": "correct: keep only verified rationales; all: keep every sample."})
+    keep: str = field(default="correct", metadata={"choices": KEEP, "help": "correct: keep only verified rationales; all: keep every sample."})
     prompt: str = field(default="generate", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
     logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})

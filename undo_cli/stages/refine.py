@@ -63,8 +63,8 @@ class RefineConfig(GenerationOptions):
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
     errors: str = field(metadata={"help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
     targets: str = field(metadata={"help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
-    output: str = field(default="-", metadata={"help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
-    select: str = field(default="similar", metadata={
+    output: str = field(default="-", metadata={"short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
+    select: str = field(default="similar", metadata={"choices": SELECT,
         "help": "similar: refine the targets most similar to the failures; errors: refine the failed items themselves."})
     k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
     per_error: int = field(default=1, metadata={"help": "--select similar: target questions each failure nominates."})

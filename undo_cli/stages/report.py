@@ -34,12 +34,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
 
 DASH = "—"
+
+
+@dataclass
+class ReportConfig:
+    """Everything `undo report` needs."""
+
+    run_dir: str = field(metadata={"argument": True, "help": "The run folder (runs/NAME), finished or still running."})
+    plot: str | None = field(default=None, metadata={"help": "Where to write the PNG plot (default: RUN_DIR/report.png)."})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -406,3 +415,8 @@ def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
     else:
         console.print(f"plot written to {out}")
     return {**state, **summary, "plot": str(out) if out else None}
+
+
+def run_report(config: ReportConfig) -> dict[str, Any]:
+    """`run` for the command line, which hands over a config."""
+    return run(config.run_dir, config.plot)

@@ -49,152 +49,22 @@ Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.j
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
-from undo_cli.prompts import STUDENT_TEMPLATE
 from undo_cli.records import read_json, read_records, write_json
+from undo_cli.training.config import TrainConfig
 
 RUN_FILE = "train_run.json"
 SUMMARY_FILE = "train_summary.json"
 STATS_FILE = "undo_stats.json"  # inside each checkpoint: the token counts so far
 CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class TrainConfig:
-    """Everything `undo train` needs (the CLI flags, one to one)."""
-
-    student: str = field(metadata={"help": "The model to fine-tune: a local folder or a hub name."})
-    data: str = field(metadata={"help": "Rationale records (JSONL from `undo generate`/`undo refine`; '-' reads stdin)."})
-    output: str = field(metadata={"help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
-    epochs: float = field(default=2.0, metadata={"help": "Passes over the data (fractions allowed)."})
-    lr: float | None = field(default=None, metadata={
-        "help": "Peak learning rate (default: 2e-5 for full fine-tuning, 2e-4 with LoRA)."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each process."})
-    grad_accum: int = field(default=1, metadata={
-        "help": "Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes."})
-    max_length: int = field(default=1024, metadata={
-        "help": "Token limit per example (prompt + rationale): longer rationales are truncated and counted."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming the lr up from 0."})
-    lr_scheduler: str = field(default="cosine", metadata={
-        "help": "Learning-rate schedule after warmup: any transformers scheduler name (cosine, linear, constant)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    seed: int = field(default=0, metadata={"help": "Seed for the data order, LoRA init and dropout; same seed, same run."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
-    padding_free: bool | None = field(default=None, metadata={
-        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (fast with a "
-                "varlen kernel: flash_attention_2/3). False: right-padded, length-grouped batches (a few % padding; "
-                "faster with sdpa/eager, which attend over a packed row quadratically). None (default): packed "
-                "with a flash kernel, else padded."})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (full fine-tuning)."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 x lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
-    lora_target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated module names to adapt (e.g. q_proj,v_proj); default: all linear layers of "
-                "attention and MLP (peft's all-linear)."})
-    merge: bool = field(default=False, metadata={
-        "help": "With LoRA: save a plain model with the adapter merged in (the adapter goes to OUTPUT/adapter)."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue the run in OUTPUT from its last complete checkpoint (a finished run is left as is)."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete the previous `undo train` run in OUTPUT and start over."})
-    save_steps: int = field(default=200, metadata={"help": "Write a checkpoint every this many optimizer steps."})
-    logging_steps: int = field(default=10, metadata={"help": "Print the loss every this many optimizer steps."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after a finished run."})
-    template: str = field(default=STUDENT_TEMPLATE, metadata={
-        "help": "Student prompt template (name or .jinja path); must match the one `undo evaluate` uses."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
-    report_to: str = field(default="none", metadata={
-        "help": "Also log to these trackers (comma-separated: tensorboard, wandb, ...; transformers' report_to)."})
-    # White-box distillation (undo_cli/training/distill.py, docs/objectives.md); sft needs none of these.
-    objective: str = field(default="sft", metadata={
-        "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
-                "distribution: fkl, rkl, jsd, skl, srkl, tvd (needs a shared tokenizer)."})
-    teacher: str | None = field(default=None, metadata={
-        "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
-    teacher_logprobs: bool = field(default=False, metadata={
-        "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
-    alpha: float = field(default=0.1, metadata={"help": "Skew of skl/srkl (DistiLLM: 0.1)."})
-    beta: float = field(default=0.5, metadata={"help": "jsd interpolation (GKD/TRL: 0 = fkl, 1 = rkl, 0.5 = JSD)."})
-    temperature: float = field(default=1.0, metadata={"help": "Divides both models' logits in the divergence."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence term."})
-    lm_weight: float = field(default=0.0, metadata={
-        "help": "Weight of cross-entropy on the same response tokens, added to the divergence (DistiLLM: 1.0)."})
-    kd_chunk_size: int = field(default=1024, metadata={
-        "help": "Tokens per chunk of the divergence: bounds its float32 memory to chunk x vocabulary."})
-    # The student's own outputs (training/student_outputs.py, training/minillm.py); need a live --teacher.
-    student_outputs: str = field(default="off", metadata={
-        "help": "off; on-policy (GKD: with probability --lmbda a step trains on the student's samples); adaptive "
-                "(DistiLLM: fresh samples / a replay buffer / the data, by a threshold grown from --val-data)."})
-    lmbda: float = field(default=0.5, metadata={"help": "on-policy: probability a step uses student samples (GKD/TRL: 0.5)."})
-    sample_temperature: float | None = field(default=None, metadata={
-        "help": "Temperature of the student's samples (default: 0.9 on-policy as TRL's GKD, 1 adaptive and minillm)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per sampled response."})
-    buffer_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity in sequences (DistiLLM: 1000)."})
-    phi_init: float = field(default=0.0, metadata={"help": "adaptive: the threshold phi at the start (DistiLLM: 0)."})
-    val_data: str | None = field(default=None, metadata={
-        "help": "adaptive: held-out rationales; phi grows by 0.1 when the student's loss on them rises by >= 0.1."})
-    eval_steps: int | None = field(default=None, metadata={
-        "help": "adaptive: validate every this many optimizer steps (default: once per epoch)."})
-    method: str = field(default="sft", metadata={
-        "help": "sft (token-level: --objective on the batch) or minillm (sequence-level reverse KL by policy "
-                "gradient, MiniLLM; start from an SFT student; implies --objective rkl)."})
-    teacher_mix: float = field(default=0.2, metadata={"help": "minillm: sample from a*teacher + (1-a)*student (0.2)."})
-    clip_eps: float = field(default=0.2, metadata={"help": "minillm: PPO clipping of the importance ratio (0.2)."})
-    lm_data: str | None = field(default=None, metadata={
-        "help": "minillm: plain text ('text' lines) or rationales for the language-model term, weighted by --lm-weight."})
-
-    def __post_init__(self) -> None:
-        def bad(flag: str, why: str, hint: str) -> UndoError:
-            return UndoError(f"{flag}: {why}", hint=hint)
-
-        if self.epochs <= 0:
-            raise bad(f"--epochs {self.epochs}", "must be positive", "use e.g. --epochs 2, or --max-steps N")
-        if self.lr is not None and self.lr <= 0:
-            raise bad(f"--lr {self.lr}", "must be positive", "leave it out for the default (2e-5, or 2e-4 with LoRA)")
-        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                            ("--save-steps", self.save_steps), ("--logging-steps", self.logging_steps)):
-            if value < 1:
-                raise bad(f"{flag} {value}", "must be at least 1", f"use {flag} 1 or more")
-        if self.max_length < 2:
-            raise bad(f"--max-length {self.max_length}", "too small", "a prompt and a rationale need hundreds of tokens")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad(f"--warmup-ratio {self.warmup_ratio}", "must be in [0, 1)", "use e.g. 0.03")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise bad(f"--max-steps {self.max_steps}", "must be at least 1", "leave it out to train for --epochs")
-        if self.lora_r < 0:
-            raise bad(f"--lora-r {self.lora_r}", "must be >= 0", "0 trains all weights; 8-64 are usual LoRA ranks")
-        if not 0 <= self.lora_dropout < 1:
-            raise bad(f"--lora-dropout {self.lora_dropout}", "must be in [0, 1)", "use e.g. 0.05")
-        if self.lora_r == 0 and (self.merge or self.lora_alpha is not None or self.lora_target_modules):
-            raise UndoError("--merge / --lora-alpha / --lora-target-modules only apply to LoRA",
-                            hint="add --lora-r 16 (for example), or drop those flags for full fine-tuning")
-        if self.resume and self.overwrite:
-            raise UndoError("--resume and --overwrite contradict each other",
-                            hint="--resume continues the run in --output; --overwrite deletes it and starts over")
-        from undo_cli.objectives.options import check_objective_flags  # no torch: fails fast
-        from undo_cli.training.student_outputs import check_config
-
-        check_config(self)
-        if self.method == "minillm" and self.objective == "sft":
-            self.objective = "rkl"  # MiniLLM's single-step term is the token-level reverse KL
-        check_objective_flags(self)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora_r else 2e-5)
 
 
 # Flags that change what is trained; the rest (logging, saving, resume) may differ on --resume.

@@ -48,7 +48,6 @@ Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.j
 
 from __future__ import annotations
 
-import gc
 import shutil
 import sys
 import time
@@ -58,6 +57,7 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.models import library_versions, load_error, load_pretrained, release_memory
 from undo_cli.records import read_json, read_records, write_json
 from undo_cli.training.config import TrainConfig
 
@@ -120,20 +120,6 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
     return _Plan("resume", checkpoint=done[-1] if done else None)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import undo_cli
-
-    found = {"undo": undo_cli.__version__}
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def _training_args(config: TrainConfig, output: Path):
     import dataclasses
 
@@ -182,18 +168,7 @@ def _training_args(config: TrainConfig, output: Path):
 
 
 def _load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
-
-    from undo_cli.backends.hf import load_error
-
-    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.student, **remote)
-    except Exception as exc:  # OSError, ValueError, ...: transformers is not consistent
-        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
-                            hint="pass --trust-remote-code if you trust its source") from None
-        raise load_error(config.student, exc) from None
+    tokenizer = load_pretrained("tokenizer", config.student, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:  # only the padded collator needs it; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -202,26 +177,17 @@ def _load_tokenizer(config: TrainConfig):
 def _load_model(config: TrainConfig):
     """The student with float32 weights (bf16 base under LoRA on GPU), LoRA-wrapped when asked."""
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
 
-    from undo_cli.backends.hf import load_error
-
-    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
     # Full fine-tuning keeps float32 master weights (bf16 autocast on GPU does the speed);
     # LoRA freezes the base, so a GPU run can hold it in bf16 (peft keeps the adapter in float32).
     dtype = torch.bfloat16 if (config.lora_r and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
         else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, **remote}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     set_seed(config.seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(config.student, **kwargs)
-    except Exception as exc:
-        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
-                            hint="pass --trust-remote-code if you trust its source") from None
-        raise load_error(config.student, exc) from None
+    model = load_pretrained("model", config.student, trust_remote_code=config.trust_remote_code, **kwargs)
     model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
     if config.lora_r:
         from peft import LoraConfig, get_peft_model
@@ -261,27 +227,13 @@ def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
         # Merge from the saved adapter into a freshly loaded base: the same code path
         # whatever sharded the weights during training (DDP, FSDP, DeepSpeed).
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-        base = AutoModelForCausalLM.from_pretrained(config.student, dtype="auto", **remote)
+        base = load_pretrained("model", config.student, trust_remote_code=config.trust_remote_code, dtype="auto")
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(str(output))
         trainer.processing_class.save_pretrained(str(output))
         del base, merged
     return {"model": str(output), "adapter": str(adapter_dir)}
-
-
-def _release() -> None:
-    """Give memory back after `del model, trainer` (undo iterate calls run() again in the same process)."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -291,8 +243,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     student = Path(config.student).expanduser()
     if config.student.startswith((".", "/", "~")) and not student.exists():  # fail before importing torch
-        from undo_cli.backends.hf import load_error
-
         raise load_error(config.student, FileNotFoundError(f"no such folder: {student}"))
     records = read_records(config.data, "rationale")  # file:line:field errors, empty file refused
     check_rationales(records, config.data)
@@ -419,7 +369,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "objective": objective.summary() if objective else {"name": "sft"},
         "student_outputs": own.summary(runtime) if own else None,
         "config": asdict(config),
-        "versions": _versions(),
+        "versions": library_versions(("torch", "transformers", "peft", "accelerate")),
     }
     if trainer.is_world_process_zero():
         for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
@@ -432,7 +382,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if objective:
         objective.close()
     del trainer, model, objective, own
-    _release()
+    release_memory()
     return summary
 
 

@@ -78,6 +78,14 @@ def test_help_lists_every_landed_command(undo):
         assert flag in data.stdout
 
 
+def test_the_console_script_entry_point_runs():
+    """`undo` as pip installs it calls main() directly: no `python -m` (runpy) imports anything on its behalf."""
+    code = "import sys; from undo_cli.cli.app import main; sys.argv = ['undo', 'score', '--help']; main()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--output" in proc.stdout
+
+
 def test_usage_errors_exit_2_without_a_traceback(undo):
     for args in (["frobnicate"], ["score", "--bogus", "x"], ["score"], ["data", "import", "--limit", "many"]):
         proc = undo(*args)

@@ -235,6 +235,22 @@ def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
 
 # --- settings and the stopping rule, in process (no models) ------------------------------------
 
+def test_bash_script_follows_the_run_layout():
+    """examples/undo_loop.sh spells the run folder in bash: the very names of stages/run_layout.py."""
+    import re
+
+    from undo_cli.stages import run_layout as layout
+
+    code = "\n".join(line for line in (REPO / "examples" / "undo_loop.sh").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    written = set(re.findall(r'"\$(?:d|prev)/([\w./]+)"', code))  # every path under an iteration folder
+    expected = {layout.RATIONALES, layout.REFINED, layout.TRAIN_DATA, layout.ERRORS, layout.STUDENT,
+                *(f"{split}/{name}" for split in layout.SPLITS for name in (layout.PREDICTIONS, layout.METRICS))}
+    assert written == expected
+    iteration_format = re.search(r"it\(\) \{ printf '%s/([^']+)'", code).group(1)
+    assert all(iteration_format % k == layout.iteration_name(k) for k in (0, 7, 12))
+
+
 def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.errors import UndoError
     from undo_cli.stages.iterate import IterateConfig

@@ -35,20 +35,13 @@ def train(undo):
 
 
 @pytest.fixture
-def train_here(capsys):
-    """`undo train ARGS...` in this process: for errors found before training, a subprocess only adds seconds."""
+def train_here(undo_here):
+    """`undo train ARGS...` in this process (conftest's undo_here), shaped like `train`'s result."""
     from types import SimpleNamespace
 
-    from undo_cli.cli.app import main
-
     def run(*args: object) -> SimpleNamespace:
-        capsys.readouterr()
-        try:
-            main(["train", *map(str, args)])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return SimpleNamespace(returncode=code, stderr=" ".join(capsys.readouterr().err.split()))
+        code, err = undo_here("train", *args)
+        return SimpleNamespace(returncode=code, stderr=err)
     return run
 
 

@@ -5,7 +5,7 @@
 
 `undo refine` writes one line per target it tried, with the *same id* as the
 rationale it re-teaches. The UNDO paper leaves open what happens to the old
-rationale; SPEC.md §1 makes it an option:
+rationale; we make it an option (docs/method.md §1):
 
 * `replace` (default): the refined record takes the old one's place, by id, in
   the base file's order. A refinement that did not verify carries the previous

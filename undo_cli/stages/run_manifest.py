@@ -3,7 +3,7 @@
     runs/NAME/
       manifest.json        config, versions, seeds, input hashes, every stage's status/timings/outputs
       summary.json         per-iteration numbers, the best iteration, test accuracy best vs one-shot
-      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student
+      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student (stages/run_layout.py)
 
 `undo iterate` calls stage `run()` functions; this module is the bookkeeping
 around those calls, so that a run killed at any moment can be picked up again
@@ -39,21 +39,13 @@ from typing import Any, Callable
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
 from undo_cli.models import library_versions, release_memory
+from undo_cli.stages.run_layout import LOCK, MANIFEST
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-LOCK = ".lock"
 FORMAT = 1
-
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def iter_dir(k: int) -> str:
-    """The folder name of iteration k: iter_00, iter_01, … (sorts as a person expects)."""
-    return f"iter_{k:02d}"
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -8,7 +8,7 @@
 Trained only on the teacher's text, the student never practises continuing its
 *own* prefixes, which is all it does at test time. Here some optimizer steps
 train on responses the student itself samples from the step's prompts, scored
-by the teacher (SPEC.md §2). One decision per optimizer step, for all its
+by the teacher (docs/method.md §3). One decision per optimizer step, for all its
 micro-batches:
 
 * **on-policy** (GKD, Agarwal et al., arXiv 2306.13649): with probability λ

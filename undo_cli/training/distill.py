@@ -42,6 +42,7 @@ from undo_cli.errors import UndoError
 from undo_cli.objectives.chunked import ChunkedObjective, live_teacher_chunk_fn, with_cross_entropy
 from undo_cli.objectives.offline import AlignmentCounts, align_teacher_logprobs, topk_chunk_fn
 from undo_cli.objectives.options import DESCRIPTIONS
+from undo_cli.training.config import TrainConfig
 from undo_cli.training.trainer import MODEL_INPUT_KEYS, response_logits, response_positions, unwrap
 
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_valid")
@@ -313,7 +314,7 @@ class Objective:
     `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
     """
 
-    def __init__(self, config, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
+    def __init__(self, config: TrainConfig, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
         self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
         self.loss: DistillationLoss | None = None
         self.vocab = 0
@@ -355,7 +356,7 @@ class Objective:
             self.loss.teacher = None  # let the teacher's memory go with the trainer
 
 
-def prepare_objective(config, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
+def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
                       record_index: list[int], tokenizer) -> Objective | None:
     """None for --objective sft. Otherwise check the live teacher's tokenizer, or align the recorded
     top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""

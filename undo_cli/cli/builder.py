@@ -18,11 +18,10 @@ Plain click help, no rich: rich's help renderer alone costs ~0.3 s of imports.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -72,17 +71,17 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
         param: click.Parameter = click.Argument(
             [spec.name], type=CLICK_TYPES.get(spec.type, click.STRING), default=default,
             required=spec.required and not layered)
-        param.help = spec.help  # click arguments take no help; `undo X --help` shows it in the usage docstring
+        param.help = spec.help  # set afterwards: Argument() takes no help before click 8.3
         return param
     short = [spec.short] if spec.short else []
     if spec.type == "bool":
         decls = [spec.name, f"{spec.flag}/--no-{spec.flag[2:]}", *short]
-        param = click.Option(decls, default=default, help=help_text, show_default=show_default,
-                             is_flag=True)
+        param = click.Option(decls, default=default, help=help_text, show_default=show_default, is_flag=True)
     else:
         metavar = "[" + "|".join(spec.choices) + "]" if spec.choices else None
-        param = click.Option([spec.name, spec.flag, *short], type=CLICK_TYPES[spec.type], default=default, help=help_text,
-                             show_default=show_default, required=spec.required and not layered, metavar=metavar)
+        param = click.Option([spec.name, spec.flag, *short], type=CLICK_TYPES[spec.type], default=default,
+                             help=help_text, show_default=show_default, required=spec.required and not layered,
+                             metavar=metavar)
     param.help_group = spec.group  # type: ignore[attr-defined]
     return param
 
@@ -186,12 +185,3 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
-
-
-def from_flags(config_cls: type, flags: dict[str, Any]) -> Any:
-    """The config from parsed flags named as its fields (for special commands that take extra flags)."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in flags.items() if k in names})
-
-
-Callback = Callable[..., Any]

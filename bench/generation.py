@@ -100,7 +100,7 @@ def bench_openai(prompts, latency_ms: float, concurrency: int) -> dict:
             with open_backend(config) as llm:
                 llm.generate(prompts[:1], sampling)  # warm-up: connection, imports
                 t = time.perf_counter()
-                # Chunks of batch_hint, exactly as stages/runner.py sends them.
+                # Chunks of batch_hint, exactly as stages/generation_loop.py sends them.
                 for start in range(0, len(prompts), llm.batch_hint):
                     llm.generate(prompts[start : start + llm.batch_hint], sampling)
                 seconds = time.perf_counter() - t

@@ -38,7 +38,7 @@ def test_flags_are_the_config_fields(name, entry):
     config_cls = load(entry.config)
     params = {p.name: p for p in cmd.params}
     if isinstance(entry, Special):  # undo iterate: the top-level fields (stage tables are dotted flags), layered
-        from undo_cli.stages.run_config import STAGES
+        from undo_cli.loop.settings import STAGES
 
         extra = {"config", "resume"}
         fields = [s for s in describe(config_cls) if s.name not in STAGES]

@@ -8,7 +8,7 @@ Every setting of `undo` is a field of a stage's config dataclass
 (`TrainConfig`, `GenerateConfig`, ...), declared once with its default and
 `metadata={"help": ...}`. Two readers turn fields into flags: the command
 builder (`cli/builder.py`: `--lora-r` of `undo train`) and the settings of
-`undo iterate` (`stages/run_config.py`: `--train.lora-r`, `[train] lora_r`).
+`undo iterate` (`loop/settings.py`: `--train.lora-r`, `[train] lora_r`).
 Both read them through `describe()`, so a field added to a config is a flag
 everywhere with no other change.
 

@@ -81,8 +81,8 @@ dotted flags onto the stage's own options, any of them: --generate.n 4 --train.l
 etc. for the fields; values are TOML: 2e-5, true, "text").
 
 Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume""",
-            config="undo_cli.stages.iterate:IterateConfig"),
-    Command("report", "undo_cli.stages.report:ReportConfig", "undo_cli.stages.report:run_report", """\
+            config="undo_cli.loop.iterate:IterateConfig"),
+    Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a
 PNG plot of validation and test accuracy.
 

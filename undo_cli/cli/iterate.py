@@ -1,8 +1,8 @@
-"""`undo iterate`: the whole UNDO loop, resumable (see undo_cli/stages/iterate.py and stages/run_config.py).
+"""`undo iterate`: the whole UNDO loop, resumable (see undo_cli/loop/iterate.py and loop/settings.py).
 
 More than flags -> config -> run: the flags are IterateConfig's top-level
 fields, none required and none defaulted here (a --config TOML file may set
-them; stages/run_config.py layers defaults < TOML < flags), plus --config and
+them; loop/settings.py layers defaults < TOML < flags), plus --config and
 --resume; dotted stage flags (--train.lr 2e-5) are not declared but arrive as
 extra arguments; the summary goes to stdout as one JSON line.
 """
@@ -20,7 +20,7 @@ from undo_cli.cli.builder import SectionedCommand, Special, load, options
 
 def build(entry: Special) -> click.Command:
     config_cls = load(entry.config)
-    from undo_cli.stages.run_config import STAGES
+    from undo_cli.loop.settings import STAGES
 
     params = [
         click.Option(["--config", "-c"], default=None, help="TOML file with the run's settings (flags override it)."),
@@ -31,14 +31,14 @@ def build(entry: Special) -> click.Command:
 
     @click.pass_context
     def callback(ctx: click.Context, config: str | None, resume: bool, **flags: Any) -> None:
-        from undo_cli.stages.iterate import run
-        from undo_cli.stages.run_config import resolve
+        from undo_cli.loop.iterate import run
+        from undo_cli.loop.settings import resolve
 
         summary = run(resolve(config_cls, config, flags, list(ctx.args)), resume=resume)
         # One JSON line on stdout (people read stderr): `undo iterate ... | jq .test` works.
         sys.stdout.write(json.dumps({k: summary[k] for k in ("name", "run_dir", "status", "best_iteration",
                                                               "best_student", "stop_reason", "test")}) + "\n")
 
-    # Dotted stage flags (--train.lr 2e-5) are not declared: they arrive in ctx.args (see stages/run_config.py).
+    # Dotted stage flags (--train.lr 2e-5) are not declared: they arrive in ctx.args (see loop/settings.py).
     return SectionedCommand(entry.name, params=params, callback=callback, help=entry.help,
                             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -28,7 +28,7 @@ run it resumed) and writes `metrics.json` beside it, atomically: accuracy,
 count, correct, per-task accuracy, answers not extracted, truncated. With
 `--output -` predictions stream to stdout for a pipe, and metrics go to a file
 only when `--metrics` names one. Batching, resume (a killed run loses at most
-the batch in flight) and the progress bar are the shared `stages/runner.py`.
+the batch in flight) and the progress bar are the shared `stages/generation_loop.py`.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     """Answer, score, write predictions and metrics.json; prints two tables and returns the summary."""
     from undo_cli.prompts import student_messages, template_name
     from undo_cli.records import read_records, write_json
-    from undo_cli.stages.runner import WorkItem, print_summary, run_generation
+    from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
 
     problems = read_records(config.input, "problem")
     items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]

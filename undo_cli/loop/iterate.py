@@ -28,11 +28,11 @@ refined rationale does to the old one, see stages/mix.py) and
 `init = base|previous` (each iteration fine-tunes the base student on the
 current data, or continues from the previous iteration's student).
 
-Everything lands in runs/NAME/ (layout in stages/run_layout.py), and a run
+Everything lands in runs/NAME/ (layout in loop/layout.py), and a run
 killed at any point, mid-training or mid-refine included, continues with
 `--resume` from the first unfinished stage without recomputing anything that
 finished. Between stages the models are released, so the teacher and the
-student are never in memory together. Settings: stages/run_config.py.
+student are never in memory together. Settings: loop/settings.py.
 """
 
 from __future__ import annotations
@@ -116,13 +116,13 @@ class IterateConfig:
 
     def settings(self, table: str) -> dict[str, Any]:
         """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
-        from undo_cli.stages.run_config import effective_settings
+        from undo_cli.loop.settings import effective_settings
 
         return effective_settings(table, getattr(self, table), {"seed": self.seed})
 
     def identity(self) -> dict[str, Any]:
         """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
-        from undo_cli.stages.run_config import STAGES
+        from undo_cli.loop.settings import STAGES
 
         top = {k: v for k, v in self.__dict__.items() if k not in STAGES and k not in ("name", "runs_dir")}
         return {**top, **{table: self.settings(table) for table in STAGES}}
@@ -138,7 +138,7 @@ class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
 
     def __init__(self, config: IterateConfig, folder):
-        from undo_cli.stages.run_layout import RunLayout
+        from undo_cli.loop.layout import RunLayout
 
         self.config = config
         self.folder = folder
@@ -266,7 +266,7 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:
-    from undo_cli.stages.run_manifest import model_fingerprint, sha256_file
+    from undo_cli.loop.manifest import model_fingerprint, sha256_file
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
              for key in ("train", "val", "test")}
@@ -276,8 +276,8 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
     from undo_cli.console import console
-    from undo_cli.stages import report
-    from undo_cli.stages.run_manifest import RunFolder
+    from undo_cli.loop import report
+    from undo_cli.loop.manifest import RunFolder
 
     seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
                                                                                  "evaluate", "collect_errors")}}

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
-from undo_cli.stages.run_layout import SPLITS, RunLayout, parse_iteration
+from undo_cli.loop.layout import SPLITS, RunLayout, parse_iteration
 
 DASH = "—"
 

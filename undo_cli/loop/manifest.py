@@ -3,7 +3,7 @@
     runs/NAME/
       manifest.json        config, versions, seeds, input hashes, every stage's status/timings/outputs
       summary.json         per-iteration numbers, the best iteration, test accuracy best vs one-shot
-      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student (stages/run_layout.py)
+      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student (loop/layout.py)
 
 `undo iterate` calls stage `run()` functions; this module is the bookkeeping
 around those calls, so that a run killed at any moment can be picked up again
@@ -39,7 +39,7 @@ from typing import Any, Callable
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
 from undo_cli.models import library_versions, release_memory
-from undo_cli.stages.run_layout import LOCK, MANIFEST
+from undo_cli.loop.layout import LOCK, MANIFEST
 
 FORMAT = 1
 

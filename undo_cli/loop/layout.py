@@ -13,9 +13,9 @@
     layout.training_data(2)          # runs/qwen-gsm8k/iter_02/train_data.jsonl
     layout.step_key(2, "train")      # "iter_02/train": the stage's name in manifest.json
 
-`undo iterate` (stages/iterate.py) writes through it, its manifest
-(stages/run_manifest.py) names steps with it, and `undo report`
-(stages/report.py) reads through it. examples/undo_loop.sh writes the same
+`undo iterate` (loop/iterate.py) writes through it, its manifest
+(loop/manifest.py) names steps with it, and `undo report`
+(loop/report.py) reads through it. examples/undo_loop.sh writes the same
 layout in bash; tests/test_iterate.py checks that the script uses exactly
 these names.
 """

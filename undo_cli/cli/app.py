@@ -87,9 +87,9 @@ Per-iteration table (validation accuracy, errors, refinements, verification rate
 PNG plot of validation and test accuracy.
 
 Example: undo report runs/qwen-gsm8k"""),
-    Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.stages.demo:run", """\
+    Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
-prints the report. About 5 minutes on 2 CPU cores; no network, no GPU.
+prints the report. A few minutes on 2 CPU cores; no network, no GPU.
 
 The demo's models are tiny: their accuracy says nothing about real models.
 

@@ -354,14 +354,22 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
     if test:
         ax.scatter([t[0] for t in test], [t[1] for t in test], marker="s", s=60, color="tab:red", zorder=3,
                    label="test (best and iteration 0)")
-    # Validation labels above their points, test labels to the right of theirs: they never collide.
-    for points, offset, align, color in ((val, (0, 8), "center", "tab:blue"), (test, (9, -3), "left", "tab:red")):
+    # Test labels to the right of their points; validation labels above theirs, or to the left where a
+    # test point shares the iteration (they would collide above it).
+    tested = {t[0] for t in test}
+    for points, color in ((val, "tab:blue"), (test, "tab:red")):
         for k, y, correct, count in points:
-            if k % label_every and points is val:
+            if k % label_every and points is val and k not in tested:
                 continue
             text = f"{y:.1f}%" + (f"\n{correct}/{count}" if correct is not None and count else "")
-            ax.annotate(text, (k, y), textcoords="offset points", xytext=offset, ha=align,
-                        va="bottom" if points is val else "center", fontsize=7, color=color)
+            if points is test:
+                offset, align, valign = (9, 0), "left", "center"
+            elif k in tested:
+                offset, align, valign = (-9, 0), "right", "center"
+            else:
+                offset, align, valign = (0, 8), "center", "bottom"
+            ax.annotate(text, (k, y), textcoords="offset points", xytext=offset, ha=align, va=valign,
+                        fontsize=7, color=color)
     best = state["best_iteration"]
     if best is not None:
         ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"best iteration ({best})")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from undo_cli.cli.options import (
-    ApiKeyEnv, Backend, BaseUrl, BatchSize, Concurrency, GpuMemoryUtilization, MaxModelLen, MaxTokens, Seed,
+    ApiKeyEnv, Backend, BaseUrl, BatchSize, Concurrency, MaxRetries, RequestTimeout, GpuMemoryUtilization, MaxModelLen, MaxTokens, Seed,
     Temperature, TensorParallelSize, TopP, TrustRemoteCode,
 )
 
@@ -27,6 +27,8 @@ def generate(
     base_url: BaseUrl = None,
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     concurrency: Concurrency = 16,
+    request_timeout: RequestTimeout = 600.0,
+    max_retries: MaxRetries = 5,
     batch_size: BatchSize = 32,
     logprobs: Optional[int] = typer.Option(None, "--logprobs", help="Record the teacher's top-K log-probs per token (1-20)."),
     seed: Seed = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -21,7 +21,7 @@ def iterate(
     name: Optional[str] = typer.Option(None, "--name", help="Run name: the folder under --runs-dir [default: <student>-from-<teacher>]."),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders go [default: runs]."),
     teacher_backend: Optional[str] = typer.Option(None, "--teacher-backend", help="hf, openai or vllm [default: hf]."),
-    teacher_base_url: Optional[str] = typer.Option(None, "--teacher-base-url", help="openai teacher backend: server URL."),
+    teacher_base_url: Optional[List[str]] = typer.Option(None, "--teacher-base-url", help="openai teacher backend: server URL; repeat it for several replicas."),
     teacher_api_key_env: Optional[str] = typer.Option(None, "--teacher-api-key-env", help="openai teacher backend: NAME of the env variable with the key."),
     student_backend: Optional[str] = typer.Option(None, "--student-backend", help="Evaluates each trained student: hf or vllm [default: hf]."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the models (opt-in)."),
@@ -46,7 +46,7 @@ def iterate(
     from undo_cli.stages.run_config import resolve
 
     flags = dict(teacher=teacher, student=student, train_file=train_file, val_file=val_file, test_file=test_file,
-                 name=name, runs_dir=runs_dir, teacher_backend=teacher_backend, teacher_base_url=teacher_base_url,
+                 name=name, runs_dir=runs_dir, teacher_backend=teacher_backend, teacher_base_url=teacher_base_url or None,
                  teacher_api_key_env=teacher_api_key_env, student_backend=student_backend,
                  trust_remote_code=trust_remote_code, max_iterations=max_iterations, patience=patience,
                  min_delta=min_delta, mix=mix, init=init, seed=seed)

@@ -21,7 +21,7 @@ load time, and `undo --help` must stay instant.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -30,9 +30,11 @@ Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (r
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens per completion; longer ones end with finish_reason 'length'.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (with --temperature > 0).")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1.")]
+BaseUrl = Annotated[Optional[List[str]], typer.Option("--base-url", help="openai backend: server URL, e.g. http://127.0.0.1:8000/v1; repeat it to spread requests over several replicas.")]
 ApiKeyEnv = Annotated[str, typer.Option("--api-key-env", help="openai backend: NAME of the env variable that holds the key.")]
-Concurrency = Annotated[int, typer.Option("--concurrency", help="openai backend: requests in flight.")]
+Concurrency = Annotated[int, typer.Option("--concurrency", help="openai backend: requests in flight, per endpoint.")]
+RequestTimeout = Annotated[float, typer.Option("--request-timeout", help="openai backend: seconds one request may take before it is retried.")]
+MaxRetries = Annotated[int, typer.Option("--max-retries", help="openai backend: retries of a failed request (on another endpoint when there is one).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="hf backend: sequences per batch (prompts x samples).")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model (opt-in).")]
 TensorParallelSize = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm backend: GPUs to shard over.")]

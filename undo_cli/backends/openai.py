@@ -75,6 +75,10 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 RETRYABLE = {408, 409, 429}      # and every 5xx, as the official client does
 SNIPPET = 200                    # characters of a server's body quoted in a message
 REST_MAX_S = 30.0                # longest an endpoint that keeps failing is left alone
+# Connections per httpx2 client. Its pool scans every connection (and polls each idle socket) on every
+# request, so one pool of 256 costs O(256) per request: at concurrency 256 that scan was 60% of the
+# client's CPU (cProfile). Pools of 32, one per 32 slots, keep the scan short.
+POOL = 32
 
 
 def is_loopback(url: str | None) -> bool:
@@ -210,11 +214,14 @@ class _Endpoint:
         self.url, self.name = url, shown_url(url)
         self.concurrency = concurrency
         self.slots = asyncio.Semaphore(concurrency)
-        # One connection per slot, kept alive; the total deadline is ours (asyncio.timeout), these are
-        # the per-phase bounds under it.
-        self.client = httpx2.AsyncClient(
+        self.free = list(range(concurrency - 1, -1, -1))  # slot numbers; slot i uses clients[i // POOL]
+        # One kept-alive connection per slot; the total deadline is ours (asyncio.timeout), these are the
+        # per-phase bounds under it.
+        self.clients = [httpx2.AsyncClient(
             headers=headers, timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+            limits=httpx2.Limits(max_connections=min(POOL, concurrency - i), max_keepalive_connections=POOL))
+            for i in range(0, concurrency, POOL)]
+        self.client = self.clients[0]  # for the probe
         self.in_flight: dict[int, float] = {}
         self.queued = 0
         self.requests = self.failures = self.ok = self.tokens_out = 0
@@ -443,14 +450,16 @@ class OpenAIBackend:
                 await e.slots.acquire()
             finally:
                 e.queued -= 1
+            slot = e.free.pop()  # never empty: the semaphore admits at most `concurrency`
             try:
-                return await self._post(e, payload)
+                return await self._post(e, e.clients[slot // POOL], payload)
             except _Fault as f:
                 e.failed(f)
                 failed, fault = e, f
             except _Refused as r:
                 raise self._translate(r, e.name) from None
             finally:
+                e.free.append(slot)
                 e.slots.release()
         raise self._gave_up(failed, fault)
 
@@ -460,7 +469,7 @@ class OpenAIBackend:
             return fault.retry_after
         return min(0.5 * 2 ** (attempt - 1), 8.0) * (1 - 0.25 * random.random())
 
-    async def _post(self, e: _Endpoint, payload: bytes) -> dict:
+    async def _post(self, e: _Endpoint, client, payload: bytes) -> dict:
         import httpx2
 
         self._seq += 1
@@ -469,7 +478,7 @@ class OpenAIBackend:
         e.in_flight[ticket] = time.monotonic()
         try:
             async with asyncio.timeout(self.request_timeout):
-                r = await e.client.post(f"{e.url}/chat/completions", content=payload)
+                r = await client.post(f"{e.url}/chat/completions", content=payload)
         except TimeoutError:
             raise _Fault(f"timed out after {self.request_timeout:g} s without a complete response",
                          kind="timed out") from None
@@ -622,8 +631,8 @@ class OpenAIBackend:
         if self._loop.is_closed():
             return
         try:
-            self._loop.run_until_complete(_gather(*(e.client.aclose() for e in getattr(self, "_endpoints", [])),
-                                                  return_exceptions=True))
+            self._loop.run_until_complete(_gather(*(c.aclose() for e in getattr(self, "_endpoints", [])
+                                                    for c in e.clients), return_exceptions=True))
         finally:
             self._loop.close()
 

@@ -224,7 +224,7 @@ class _Endpoint:
         self.client = self.clients[0]  # for the probe
         self.in_flight: dict[int, float] = {}
         self.queued = 0
-        self.requests = self.failures = self.ok = self.tokens_out = 0
+        self.requests = self.failures = self.ok = 0
         self.faults: dict[str, int] = {}
         self.consecutive = 0
         self.rest_until = 0.0
@@ -324,7 +324,8 @@ class OpenAIBackend:
             if len(down) == 1:
                 message = f"cannot reach the server at {down[0][0].name} ({down[0][1]})"
             else:
-                message = f"cannot reach any of the {len(down)} servers: " + "; ".join(f"{e.name} ({why})" for e, why in down)
+                message = (f"cannot reach any of the {len(down)} servers: "
+                           + "; ".join(f"{e.name} ({why})" for e, why in down))
             raise self._error(message, hint="start it first (e.g. `python -m vllm.entrypoints.openai.api_server "
                                             "--model M --port 8000`) or fix --base-url")
         for e, why in down:
@@ -507,7 +508,8 @@ class OpenAIBackend:
         try:
             data = json.loads(content)
         except ValueError:
-            raise _Fault(f"answered 200 with a body that is not JSON: {_snippet(content)}", kind="200 not JSON") from None
+            raise _Fault(f"answered 200 with a body that is not JSON: {_snippet(content)}",
+                         kind="200 not JSON") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise _Fault(f"answered 200 without a list of choices: {_snippet(content)}", kind="200 without choices")
@@ -600,7 +602,7 @@ class OpenAIBackend:
                 self._warn_once("ids", "could not map the server's token strings to token ids; teacher_logprobs is "
                                        "null (serve with vLLM, or give a model name whose tokenizer loads locally)")
                 return None
-            out.append(TokenLogprobs(tid, float(tok.get("logprob")), [(i, float(lp)) for i, lp in top]))  # type: ignore[arg-type]
+            out.append(TokenLogprobs(tid, float(tok.get("logprob")), [(i, float(lp)) for i, lp in top]))
         return out
 
     def _token_id(self, token: str) -> int | None:

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from undo_cli.cli.options import (
-    ApiKeyEnv, Backend, BaseUrl, BatchSize, Concurrency, MaxRetries, RequestTimeout, GpuMemoryUtilization, MaxModelLen, MaxTokens, Seed,
+    ApiKeyEnv, Backend, BaseUrl, BatchSize, Concurrency, GpuMemoryUtilization, MaxModelLen, MaxRetries, MaxTokens,
+    RequestTimeout, Seed,
     Temperature, TensorParallelSize, TopP, TrustRemoteCode,
 )
 

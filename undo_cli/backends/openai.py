@@ -17,8 +17,8 @@ hosted APIs. Design choices, and why:
   client parses after its retry loop and hands back a half-built object or a
   JSONDecodeError; (3) cost: at concurrency 256 against bench/latency_server.py
   (`python bench/generation.py --sections openai`) the official client spends
-  ~2.3 ms of CPU per request (pydantic models, its options machinery, one
-  256-connection pool) and this path ~0.9 ms, so one core drives ~1,100 req/s.
+  ~2.5 ms of CPU per request (pydantic models, its options machinery, one
+  256-connection pool) and this path ~1.0 ms, so one core drives ~1,000 req/s.
 * **Retry semantics are the official client's**: 408/409/429/5xx, connection
   errors, timeouts (and here malformed 200s) are retried up to `max_retries`
   times, with exponential backoff (0.5 s doubling to 8 s, 25% jitter) that

@@ -251,3 +251,17 @@ def test_requests_are_spread_with_bounded_concurrency_per_endpoint():
 def test_the_same_endpoint_twice_is_refused():
     with pytest.raises(UndoError, match="same server twice"):
         open_backend(_openai(["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1/"], "m"))
+
+
+def test_an_endpoint_that_dies_mid_run_is_left_for_the_others():
+    a, b = ScriptedServer(), ScriptedServer()
+    try:
+        with open_backend(_openai([a.base_url, b.base_url], "scripted", max_retries=2, concurrency=2)) as llm:
+            a.close()  # after the probe: from now on its port refuses connections
+            out = llm.generate(HI * 12, SamplingConfig(max_tokens=8))
+            stats = {e["url"]: e for e in llm.endpoint_summary()}
+    finally:
+        b.close()
+    assert [c[0].text for c in out] == [b.text] * 12
+    assert stats[a.base_url]["ok"] == 0 and stats[a.base_url]["faults"] == {"refused": stats[a.base_url]["failures"]}
+    assert stats[b.base_url]["ok"] == 12

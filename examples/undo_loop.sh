@@ -6,7 +6,8 @@
 #   OUT=runs/bash-loop bash examples/undo_loop.sh
 #
 # It writes the same files in the same layout as `undo iterate` (iter_00/rationales.jsonl,
-# iter_NN/{refined,train_data,errors}.jsonl, iter_NN/student/, iter_NN/{val,test}/...), so
+# iter_NN/{refined,train_data,errors}.jsonl, iter_NN/student/, iter_NN/{val,test}/...; the
+# layout is defined in undo_cli/loop/layout.py and a test keeps this script in step), so
 # `undo report $OUT` reads it too. What `undo iterate` adds on top: manifest.json (config,
 # versions, input hashes, stage status and timings), summary.json, refusing to resume with a
 # changed config, and one process that frees each model before loading the next.

@@ -79,6 +79,25 @@ def undo():
     return run_undo
 
 
+@pytest.fixture
+def undo_here(capsys):
+    """`undo ARGS...` in this process: for errors found before any training, where a subprocess only adds seconds.
+
+    Returns (exit code, stderr with rich's line wrapping undone); the real command line is `main()` itself.
+    """
+    from undo_cli.cli.app import main
+
+    def run(*args: object) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, " ".join(capsys.readouterr().err.split())
+    return run
+
+
 # --- a tiny teacher that actually knows something ------------------------------------
 # Random tiny models write noise, which is useless for testing `--keep correct`,
 # verification or refinement. This fixture overfits the tiny teacher on a handful

@@ -2,18 +2,66 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import signal
 import subprocess
 import sys
 import time
 
+import click
+import pytest
+
 from undo_cli.cli.app import COMMANDS
+from undo_cli.cli.builder import Command, Group, Special, landed, load
+from undo_cli.fields import describe
 
 
 def _landed() -> list[str]:
-    return [name for name, module, _ in COMMANDS if importlib.util.find_spec(module) is not None]
+    return [entry.name for entry in COMMANDS if landed(entry)]
+
+
+def _commands() -> list[tuple[str, Command | Special]]:
+    out = []
+    for entry in COMMANDS:
+        if not landed(entry):
+            continue
+        for sub in entry.commands if isinstance(entry, Group) else [entry]:
+            out.append((f"{entry.name} {sub.name}" if isinstance(entry, Group) else entry.name, sub))
+    return out
+
+
+@pytest.mark.parametrize("name,entry", _commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_flags_are_the_config_fields(name, entry):
+    """Every command's flags are its config's fields, one to one, with the same defaults and help."""
+    cmd = entry.build()
+    config_cls = load(entry.config)
+    params = {p.name: p for p in cmd.params}
+    if isinstance(entry, Special):  # undo iterate: the top-level fields (stage tables are dotted flags), layered
+        from undo_cli.loop.settings import STAGES
+
+        extra = {"config", "resume"}
+        fields = [s for s in describe(config_cls) if s.name not in STAGES]
+        assert set(params) - extra == {s.name for s in fields}
+        for spec in fields:  # none applied here: a TOML file may set them; the field's default is shown
+            assert params[spec.name].default is None and not params[spec.name].required
+            if spec.default is not dataclasses.MISSING and spec.default is not None:
+                shown = str(spec.default).lower() if isinstance(spec.default, bool) else str(spec.default)
+                assert f"[default: {shown}]" in params[spec.name].help
+        return
+    assert set(params) == {f.name for f in dataclasses.fields(config_cls)}
+    for spec in describe(config_cls):
+        param = params[spec.name]
+        assert spec.help, f"{config_cls.__name__}.{spec.name} has no metadata help"
+        assert param.required == spec.required, spec.name
+        if not spec.required:
+            assert param.default == spec.default, spec.name
+        assert isinstance(param, click.Argument) == spec.argument
+        if isinstance(param, click.Option):
+            assert param.help.startswith(spec.help)
+            assert spec.flag in param.opts
+            if spec.type == "bool":
+                assert param.secondary_opts == [f"--no-{spec.flag[2:]}"]
 
 
 def test_help_lists_every_landed_command(undo):
@@ -28,6 +76,14 @@ def test_help_lists_every_landed_command(undo):
     assert data.returncode == 0
     for flag in ("--preset", "--question-field", "--answer-field", "--choices-field", "--split", "--seed", "--output-dir"):
         assert flag in data.stdout
+
+
+def test_the_console_script_entry_point_runs():
+    """`undo` as pip installs it calls main() directly: no `python -m` (runpy) imports anything on its behalf."""
+    code = "import sys; from undo_cli.cli.app import main; sys.argv = ['undo', 'score', '--help']; main()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--output" in proc.stdout
 
 
 def test_usage_errors_exit_2_without_a_traceback(undo):

@@ -235,10 +235,26 @@ def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
 
 # --- settings and the stopping rule, in process (no models) ------------------------------------
 
+def test_bash_script_follows_the_run_layout():
+    """examples/undo_loop.sh spells the run folder in bash: the very names of loop/layout.py."""
+    import re
+
+    from undo_cli.loop import layout
+
+    code = "\n".join(line for line in (REPO / "examples" / "undo_loop.sh").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    written = set(re.findall(r'"\$(?:d|prev)/([\w./]+)"', code))  # every path under an iteration folder
+    expected = {layout.RATIONALES, layout.REFINED, layout.TRAIN_DATA, layout.ERRORS, layout.STUDENT,
+                *(f"{split}/{name}" for split in layout.SPLITS for name in (layout.PREDICTIONS, layout.METRICS))}
+    assert written == expected
+    iteration_format = re.search(r"it\(\) \{ printf '%s/([^']+)'", code).group(1)
+    assert all(iteration_format % k == layout.iteration_name(k) for k in (0, 7, 12))
+
+
 def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.errors import UndoError
-    from undo_cli.stages.iterate import IterateConfig
-    from undo_cli.stages.run_config import resolve
+    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.settings import resolve
 
     files = {split: _write(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
     toml = tmp_path / "run.toml"
@@ -269,7 +285,7 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
 
 
 def test_stopping_rule():
-    from undo_cli.stages.iterate import IterateConfig, decide
+    from undo_cli.loop.iterate import IterateConfig, decide
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads three numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05

@@ -1,6 +1,6 @@
 """White-box objectives against a deliberately naive float64 reference.
 
-The reference below is written from the definitions in SPEC.md §2 with plain
+The reference below is written from the definitions in docs/objectives.md with plain
 Python floats: explicit probabilities, loops and `math.log`, no torch and no
 code from undo_cli.objectives. Every fast path (full-logits autograd, chunked,
 fused with the output layer, offline top-K) is checked against it or against

@@ -42,7 +42,7 @@ def _iteration(run: Path, k: int, val: float | None, *, loss: float = 1.0, refin
 
 
 def test_report_of_a_running_run_shows_what_exists(tmp_path, capsys):
-    from undo_cli.stages import report
+    from undo_cli.loop import report
 
     run = tmp_path / "runs" / "live"
     _iteration(run, 0, 0.25, loss=1.5)
@@ -72,7 +72,7 @@ def test_report_of_a_running_run_shows_what_exists(tmp_path, capsys):
 
 
 def test_report_of_a_bash_loop_folder_without_manifest(tmp_path, capsys):
-    from undo_cli.stages import report
+    from undo_cli.loop import report
 
     run = tmp_path / "bash-run"
     _iteration(run, 0, 0.30, test=0.25)
@@ -96,7 +96,7 @@ def test_report_errors_name_the_folder(tmp_path, undo):
 
 
 def test_wilson_interval_matches_hand_computed_values():
-    from undo_cli.stages.report import wilson_interval
+    from undo_cli.loop.report import wilson_interval
 
     # Hand-computed from Wilson (1927) with z = 1.96: 1 of 30 and 0 of 105 and n of n.
     low, high = wilson_interval(1, 30)
@@ -108,7 +108,7 @@ def test_wilson_interval_matches_hand_computed_values():
 
 
 def test_verdict_prints_n_interval_and_a_negative_gain(tmp_path, capsys):
-    from undo_cli.stages import report
+    from undo_cli.loop import report
 
     run = tmp_path / "worse"
     _iteration(run, 0, 0.30, test=0.50)
@@ -121,7 +121,7 @@ def test_verdict_prints_n_interval_and_a_negative_gain(tmp_path, capsys):
 
 
 def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
-    from undo_cli.stages import report
+    from undo_cli.loop import report
 
     one = tmp_path / "one"
     _iteration(one, 0, 0.02, test=0.03)

@@ -15,13 +15,13 @@ import json
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from undo_cli.errors import UndoError
+from undo_cli.training.config import TrainConfig
 from undo_cli.training.student_outputs import (FRESH, GROUND_TRUTH, REPLAY, AdaptiveSchedule, OnPolicySchedule,
-                                               ReplayBuffer, check_config, prompt_of, split_examples)
+                                               ReplayBuffer, prompt_of, split_examples)
 
 
 # ---- φ, λ, the buffer, the three-way choice ------------------------------------------------
@@ -108,11 +108,12 @@ def test_a_restored_schedule_draws_what_the_uninterrupted_one_draws():
 # ---- config checks name the fix ----------------------------------------------------------
 
 def _config(**kw):
+    """`undo train`'s config (training/config.py), whose checks run when it is made."""
     base = dict(student_outputs="on-policy", method="sft", teacher="T", teacher_logprobs=False, objective="jsd",
                 lmbda=0.5, phi_init=0.0, buffer_size=1000, batch_size=8, max_new_tokens=64, teacher_mix=0.2,
                 clip_eps=0.2, sample_temperature=None, eval_steps=None, lm_data=None, val_data=None, lm_weight=0.0,
                 seed=0)
-    return SimpleNamespace(**{**base, **kw})
+    return TrainConfig(student="S", data="d.jsonl", output="out", **{**base, **kw})
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -132,17 +133,17 @@ def _config(**kw):
 ])
 def test_config_errors_name_the_fix(changes, message):
     with pytest.raises(UndoError) as err:
-        check_config(_config(**changes))
+        _config(**changes)
     assert message in f"{err.value} {getattr(err.value, 'hint', '')}"
 
 
 def test_valid_configs_pass():
-    check_config(_config())
-    check_config(_config(student_outputs="adaptive", objective="srkl", val_data="val.jsonl"))
-    check_config(_config(student_outputs="adaptive", objective="srkl"))  # validates on a held-out 5% of --data
-    check_config(_config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl", lm_weight=1.0))
-    check_config(_config(student_outputs="off", method="minillm", objective="rkl"))
-    check_config(_config(student_outputs="off", teacher=None, objective="sft"))  # plain SFT: nothing to check
+    _config()
+    _config(student_outputs="adaptive", objective="srkl", val_data="val.jsonl")
+    _config(student_outputs="adaptive", objective="srkl")  # validates on a held-out 5% of --data
+    _config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl", lm_weight=1.0)
+    _config(student_outputs="off", method="minillm", objective="rkl")
+    _config(student_outputs="off", teacher=None, objective="sft")  # plain SFT: nothing to check
 
 
 def test_adaptive_without_val_data_holds_out_a_seeded_share_of_the_examples():

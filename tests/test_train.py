@@ -34,6 +34,17 @@ def train(undo):
     return run
 
 
+@pytest.fixture
+def train_here(undo_here):
+    """`undo train ARGS...` in this process (conftest's undo_here), shaped like `train`'s result."""
+    from types import SimpleNamespace
+
+    def run(*args: object) -> SimpleNamespace:
+        code, err = undo_here("train", *args)
+        return SimpleNamespace(returncode=code, stderr=err)
+    return run
+
+
 def _rationales(n: int = 16) -> list[dict]:
     """Short arithmetic rationales ending in '#### N' (the set the student must overfit)."""
     rows = []
@@ -229,9 +240,9 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
 
 # ---- bad input -----------------------------------------------------------------------------
 
-def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train):
-    def fails(*args: object, says: str) -> None:
-        res = train(*args)
+def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train, train_here):
+    def fails(*args: object, says: str, run=train_here) -> None:
+        res = run(*args)
         assert res.returncode == 2, res.stderr
         assert says in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
@@ -239,7 +250,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     out = ["--output", tmp_path / "out"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    fails("--student", tiny_model, "--data", empty, *out, says="no records")
+    fails("--student", tiny_model, "--data", empty, *out, says="no records", run=train)  # once as a user runs it
 
     rows = _rationales(3)
     del rows[1]["rationale"]

@@ -33,18 +33,7 @@ from typing import Any
 from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
-
-
-def load_error(model: str, exc: BaseException) -> UndoError:
-    """One clear message for 'this model cannot be loaded', whatever transformers raised."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).suffix != ""
-    if looks_local or Path(model).exists():
-        hint = "pass a folder that holds config.json and the tokenizer files (what `undo train` or save_pretrained writes)"
-    else:
-        hint = ("pass a local model folder or a hub name like Qwen/Qwen2.5-0.5B-Instruct; with HF_HUB_OFFLINE=1 "
-                "only models already in the hub cache load")
-    return UndoError(f"cannot load model '{model}': {first}", hint=hint)
+from undo_cli.models import load_pretrained
 
 
 def pick_device_dtype(dtype: str):
@@ -105,7 +94,6 @@ class HFBackend:
 
     def __init__(self, config):
         import torch  # noqa: F401  (fail here, not mid-run, if torch is missing)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
         self.model = config.model if not config.adapter else f"{config.model}+{config.adapter}"
@@ -113,17 +101,11 @@ class HFBackend:
             raise UndoError("no model given", hint="pass --teacher/--model with a folder or a hub name")
         self.batch_hint = max(1, config.batch_size)
         self.device, dtype = pick_device_dtype(config.dtype)
-        remote = {"trust_remote_code": True} if config.trust_remote_code else {}
         tok_source = config.adapter if config.adapter and (Path(config.adapter) / "tokenizer_config.json").exists() \
             else config.model
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tok_source, **remote)
-            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, **remote)
-        except (OSError, ValueError, KeyError) as exc:
-            if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-                raise UndoError(f"model '{config.model}' ships its own code and needs trust_remote_code",
-                                hint="if you trust that repository, add --trust-remote-code") from None
-            raise load_error(config.model, exc) from None
+        remote = config.trust_remote_code
+        self.tokenizer = load_pretrained("tokenizer", tok_source, trust_remote_code=remote)
+        model = load_pretrained("model", config.model, trust_remote_code=remote, dtype=dtype)
         if config.adapter:
             model = self._apply_adapter(model, config.adapter)
         self.tokenizer.padding_side = "left"  # decoder-only: the answer continues from the right edge

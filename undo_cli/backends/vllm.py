@@ -72,12 +72,9 @@ class VLLMBackend:
         try:
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            from undo_cli.backends.hf import load_error
+            from undo_cli.models import load_error
 
-            if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-                raise UndoError(f"model '{config.model}' ships its own code and needs trust_remote_code",
-                                hint="if you trust that repository, add --trust-remote-code") from None
-            raise load_error(config.model, exc) from None
+            raise load_error(config.model, exc, trust_remote_code=config.trust_remote_code) from None
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion]]:
         greedy = sampling.temperature == 0

@@ -1,9 +1,11 @@
-"""The `undo` command line: a thin typer app over the stages.
+"""The `undo` command line: one table of commands over the stages.
 
-Command modules under `undo_cli/cli/` import nothing heavy at module level
-(no torch, transformers, datasets, math-verify): `undo --help` must be instant.
-Each command parses its flags, builds the stage's config dataclass and calls the
-stage, importing it inside the function body.
+Each command's flags are the fields of its stage's config dataclass, made by
+`cli/builder.py` (`--lora-r` is `TrainConfig.lora_r`, with its default and its
+`metadata["help"]`); a command here is a name, the config class, the stage's
+`run` and the command's help text. Only the invoked command is built and only
+then is its stage imported: `undo --help` imports no stage, no torch,
+transformers, datasets or math-verify, and is instant (a test checks it).
 
 Errors the user can fix (`UndoError`) print one clear message on stderr and
 exit with code 2; Ctrl-C exits with 130; anything else is a bug and shows a
@@ -12,63 +14,100 @@ traceback with exit code 1.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-import typer
+import click
 
-app = typer.Typer(
-    name="undo",
-    help=(
-        "Iterative, error-driven teacher-student distillation (UNDO, DistiLLM, MiniLLM, GKD).\n\n"
-        "Stages exchange JSONL files; `-` means stdin/stdout. Run `undo demo` for an offline tour."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain click help: rich's help renderer alone costs ~0.3 s of imports
-)
+from undo_cli.cli.builder import Command, Group, LazyGroup, Special
 
-# (command name, module, attribute). Order is the order of a UNDO run.
-COMMANDS: list[tuple[str, str, str]] = [
-    ("data", "undo_cli.cli.data", "app"),
-    ("score", "undo_cli.cli.score", "score"),
-    ("generate", "undo_cli.cli.generate", "generate"),
-    ("train", "undo_cli.cli.train", "train"),
-    ("evaluate", "undo_cli.cli.evaluate", "evaluate"),
-    ("collect-errors", "undo_cli.cli.collect_errors", "collect_errors"),
-    ("refine", "undo_cli.cli.refine", "refine"),
-    ("mix", "undo_cli.cli.mix", "mix"),
-    ("iterate", "undo_cli.cli.iterate", "iterate"),
-    ("report", "undo_cli.cli.report", "report"),
-    ("demo", "undo_cli.cli.demo", "demo"),
+# Order is the order of a UNDO run. The first paragraph of each help is its line in `undo --help`.
+COMMANDS: list[Command | Special | Group] = [
+    Group("data", "Datasets: import a dataset into problems JSONL, split into train/val/test.", [
+        Command("import", "undo_cli.data.importer:DataImportConfig", "undo_cli.data.importer:run", """\
+Import a dataset as problems JSONL, one file per split, into --output-dir.
+
+\b
+Examples:
+  undo data import --preset gsm8k --output-dir data/
+  undo data import quiz.csv --question-field prompt --answer-field gold --split train=0.9,val=0.1"""),
+    ]),
+    Command("score", "undo_cli.stages.score:ScoreConfig", "undo_cli.stages.score:run", """\
+Score model outputs against gold answers; print the accuracy on stderr.
+
+Math answers are verified mathematically (1,250.00 = 1250, \\frac{3}{4} = 0.75); choice answers by letter
+or option text; exact answers as normalised strings.
+
+Example: undo score predictions.jsonl --output scored.jsonl"""),
+    Command("generate", "undo_cli.stages.generate:GenerateConfig", "undo_cli.stages.generate:run", """\
+The teacher writes step-by-step rationales for each problem; verified ones are kept.
+
+Example: undo generate --teacher Qwen/Qwen2.5-1.5B-Instruct --input train.jsonl --output rationales.jsonl"""),
+    Command("train", "undo_cli.training.config:TrainConfig", "undo_cli.stages.train:run", """\
+Fine-tune the student on question -> rationale (loss on the rationale only).
+
+\b
+Example: undo train --student Qwen/Qwen2.5-0.5B-Instruct --data rationales.jsonl --output runs/student
+Several GPUs: accelerate launch --num_processes 4 -m undo_cli train --student ... --data ... --output ...
+White-box (same tokenizer): undo train --objective skl --lm-weight 1 --teacher T --student S --data ... --output ...
+The student's own outputs: undo train --objective srkl --student-outputs adaptive --val-data VAL --teacher T ...
+  or: undo train --method minillm --teacher T --student SFT_STUDENT --data ... --output ..."""),
+    Command("evaluate", "undo_cli.stages.evaluate:EvaluateConfig", "undo_cli.stages.evaluate:run", """\
+The student answers each question (greedy, with the chat formatting it was trained on); every answer is
+scored and metrics.json is written beside the predictions.
+
+Example: undo evaluate --model out/student --input val.jsonl --output out/val/predictions.jsonl"""),
+    Command("collect-errors", "undo_cli.stages.collect_errors:CollectErrorsConfig",
+            "undo_cli.stages.collect_errors:run", """\
+Keep the failed predictions with the student's own output; classify each as truncated, no_answer or
+wrong_answer.
+
+Example: undo evaluate --model out/student --input val.jsonl --output - | undo collect-errors - > errors.jsonl"""),
+    Command("refine", "undo_cli.stages.refine:RefineConfig", "undo_cli.stages.refine:run", """\
+The teacher rewrites rationales to target the student's failures; each new rationale is verified, and the
+previous one is kept when it does not verify.
+
+Example: undo refine --teacher out/teacher --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl"""),
+    Command("mix", "undo_cli.stages.mix:MixConfig", "undo_cli.stages.mix:run", """\
+Mix refined rationales into the training data: replace the old ones by id, or append the verified ones.
+
+Example: undo mix --base iter_00/rationales.jsonl --refined iter_01/refined.jsonl -o iter_01/train_data.jsonl"""),
+    Special("iterate", "undo_cli.cli.iterate:build", """\
+Run the UNDO loop: generate -> train -> evaluate -> collect errors -> refine -> train ... until the student
+stops improving on validation; then test the best and the one-shot student.
+
+Settings come from --config run.toml (see examples/run.toml), overridden by flags. Stage settings are
+dotted flags onto the stage's own options, any of them: --generate.n 4 --train.lr 2e-5 --train.lora-r 16
+--train.merge --evaluate.max-tokens 256 --refine.k 0 --collect-errors.max 200 (see `undo train --help`
+etc. for the fields; values are TOML: 2e-5, true, "text").
+
+Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume""",
+            config="undo_cli.loop.iterate:IterateConfig"),
+    Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
+Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a
+PNG plot of validation and test accuracy.
+
+Example: undo report runs/qwen-gsm8k"""),
+    Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
+Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
+prints the report. A few minutes on 2 CPU cores; no network, no GPU.
+
+The demo's models are tiny: their accuracy says nothing about real models.
+
+Example: undo demo --workdir /tmp/undo-demo"""),
 ]
 
-
-def _register() -> None:
-    for name, module_name, attr in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # a stage that has not landed yet
-                continue
-            raise
-        target = getattr(module, attr)
-        if isinstance(target, typer.Typer):
-            app.add_typer(target, name=name)
-        else:
-            # A command may ask for click context settings (undo iterate takes dotted --stage.key flags).
-            app.command(name, context_settings=getattr(target, "context_settings", None))(target)
+app = LazyGroup(
+    "undo", table=COMMANDS, no_args_is_help=True,
+    help="Iterative, error-driven teacher-student distillation (UNDO, DistiLLM, MiniLLM, GKD).\n\n"
+         "Stages exchange JSONL files; `-` means stdin/stdout. Run `undo demo` for an offline tour.",
+)
 
 
-_register()
-
-
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     from undo_cli.errors import UndoError
 
     try:
-        result = app(standalone_mode=False)
+        result = app.main(args, prog_name="undo", standalone_mode=False)
     except UndoError as exc:
         from undo_cli.console import console
 
@@ -79,19 +118,17 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors arrive here in non-standalone mode
-        import click
-        import typer.exceptions
-
-        # typer >= 0.20 vendors click: its usage errors derive from typer.exceptions.TyperException.
-        if isinstance(exc, (click.exceptions.ClickException, typer.exceptions.TyperException)) and hasattr(exc, "show"):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, (click.exceptions.Abort, typer.exceptions.Abort)):
-            sys.stderr.write("aborted\n")
-            sys.exit(1)
-        raise
-    # In non-standalone mode typer returns the code of a typer.Exit (130 for Ctrl-C) instead of exiting.
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort; an interrupt must not look like success, nor like a plain abort.
+        if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        sys.stderr.write("aborted\n")
+        sys.exit(1)
+    except click.exceptions.ClickException as exc:  # usage errors: click's message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    # In non-standalone mode click returns the code of an Exit (e.g. `--help`: 0) instead of exiting.
     if isinstance(result, int) and not isinstance(result, bool) and result != 0:
         if result == 130:
             sys.stderr.write("interrupted\n")

@@ -45,10 +45,10 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 class DataImportConfig:
     """Everything `undo data import` needs."""
 
-    source: str | None = field(default=None, metadata={
+    source: str | None = field(default=None, metadata={"argument": True,
         "help": "A local .json/.jsonl/.csv/.parquet file, '-' (JSONL on stdin) or a Hugging Face dataset name "
                 "(default: the preset's)."})
-    output_dir: str = field(default="data", metadata={"help": "Folder for <split>.jsonl files (created if needed)."})
+    output_dir: str = field(default="data", metadata={"short": "-o", "help": "Folder for <split>.jsonl files (created if needed)."})
     preset: str | None = field(default=None, metadata={
         "help": "Column layout of a known dataset: gsm8k, svamp, math, commonsense_qa, strategyqa, arc."})
     config: str | None = field(default=None, metadata={"help": "Hub dataset configuration (e.g. 'main' for gsm8k)."})
@@ -57,7 +57,7 @@ class DataImportConfig:
     answer_field: str | None = field(default=None, metadata={"help": "Column with the gold answer."})
     choices_field: str | None = field(default=None, metadata={"help": "Column with the options (makes the task 'choice')."})
     id_field: str | None = field(default=None, metadata={"help": "Column with a stable id (default: 'id' if present)."})
-    task: str | None = field(default=None, metadata={"help": "math, choice or exact (default: the preset's, else inferred)."})
+    task: str | None = field(default=None, metadata={"choices": TASKS, "help": "math, choice or exact (default: the preset's, else inferred)."})
     split: str = field(default="train=0.8,val=0.1,test=0.1", metadata={
         "help": "Output splits as name=fraction pairs that add up to 1; 'all=1' writes one file."})
     seed: int = field(default=0, metadata={"help": "Seed of the split shuffle: same seed, same split."})

@@ -3,7 +3,7 @@
     from undo_cli.objectives import divergence, fused_linear_divergence
     loss = divergence(student_logits, teacher_logits, labels != -100, "skl", alpha=0.1)
 
-Six per-token divergences (SPEC.md §2), teacher p, student q, float32 softmax of
+Six per-token divergences (docs/objectives.md), teacher p, student q, float32 softmax of
 logits / temperature, averaged over the positions where the mask is true:
 
     fkl   KL(p ‖ q)                                       classic KD (Hinton et al., arXiv 1503.02531)

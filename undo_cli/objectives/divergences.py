@@ -1,6 +1,6 @@
 """Per-token divergences between the teacher's distribution p and the student's q.
 
-These are the white-box objectives of SPEC.md §2. Each one is a small function
+These are the white-box objectives of docs/objectives.md. Each one is a small function
 on *log-probabilities* (the last dimension is the vocabulary, or any set of
 categories) that returns the per-token value and, on request, its gradient with
 respect to the student's log-probabilities:

@@ -42,8 +42,8 @@ from undo_cli.records.schema import ERROR_TYPES
 class CollectErrorsConfig:
     """Everything `undo collect-errors` needs."""
 
-    predictions: str = field(metadata={"help": "Predictions JSONL from `undo evaluate` ('-' reads stdin)."})
-    output: str = field(default="-", metadata={"help": "Where to write the error records ('-' is stdout)."})
+    predictions: str = field(metadata={"argument": True, "help": "Predictions JSONL from `undo evaluate` ('-' reads stdin)."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Where to write the error records ('-' is stdout)."})
     max: int | None = field(default=None, metadata={
         "help": "Keep at most this many errors: a seeded random sample (default: keep all)."})
     seed: int = field(default=0, metadata={"help": "Seed for the --max sample; same seed, same sample."})

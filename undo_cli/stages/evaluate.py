@@ -28,7 +28,7 @@ run it resumed) and writes `metrics.json` beside it, atomically: accuracy,
 count, correct, per-task accuracy, answers not extracted, truncated. With
 `--output -` predictions stream to stdout for a pipe, and metrics go to a file
 only when `--metrics` names one. Batching, resume (a killed run loses at most
-the batch in flight) and the progress bar are the shared `stages/runner.py`.
+the batch in flight) and the progress bar are the shared `stages/generation_loop.py`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class EvaluateConfig(GenerationOptions):
     """Everything `undo evaluate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
-    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"help": "Predictions JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
     prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
     metrics: str | None = field(default=None, metadata={"help": "Where to write metrics.json (default: beside --output; none for '-')."})
@@ -138,7 +138,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     """Answer, score, write predictions and metrics.json; prints two tables and returns the summary."""
     from undo_cli.prompts import student_messages, template_name
     from undo_cli.records import read_records, write_json
-    from undo_cli.stages.runner import WorkItem, print_summary, run_generation
+    from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
 
     problems = read_records(config.input, "problem")
     items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]

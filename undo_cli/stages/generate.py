@@ -26,7 +26,7 @@ generated token) with `--logprobs K`, for offline white-box distillation.
 
 Resume: re-run the same command and finished problems are skipped (a problem
 is finished when any of its samples is in the output or in the rejected
-sidecar). All the batching, resume and progress logic is `stages/runner.py`,
+sidecar). All the batching, resume and progress logic is `stages/generation_loop.py`,
 shared with `undo evaluate` and `undo refine`.
 """
 
@@ -49,10 +49,10 @@ class GenerateConfig(GenerationOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    input: str = field(metadata={"help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"help": "Rationales JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Rationales JSONL; resumable unless '-' (stdout)."})
     n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})
-    keep: str = field(default="correct", metadata={"help": "correct: keep only verified rationales; all: keep every sample."})
+    keep: str = field(default="correct", metadata={"choices": KEEP, "help": "correct: keep only verified rationales; all: keep every sample."})
     prompt: str = field(default="generate", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
     logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})
@@ -100,7 +100,7 @@ def read_fewshot(path: str) -> list[dict[str, str]]:
 def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dict[str, str]]):
     """One work item per problem: the rendered prompt plus the problem itself."""
     from undo_cli.prompts import load_template, problem_variables, render_messages
-    from undo_cli.stages.runner import WorkItem
+    from undo_cli.stages.generation_loop import WorkItem
 
     tmpl = load_template(template)
     return [WorkItem(key=p["id"], messages=render_messages(tmpl, **problem_variables(p), examples=fewshot), data=p)
@@ -150,7 +150,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
 def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate, verify and keep rationales; prints the summary table and returns it."""
     from undo_cli.records import read_records
-    from undo_cli.stages.runner import print_summary, run_generation
+    from undo_cli.stages.generation_loop import print_summary, run_generation
 
     problems = read_records(config.input, "problem")
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []

@@ -5,7 +5,7 @@
 
 `undo refine` writes one line per target it tried, with the *same id* as the
 rationale it re-teaches. The UNDO paper leaves open what happens to the old
-rationale; SPEC.md §1 makes it an option:
+rationale; we make it an option (docs/method.md §1):
 
 * `replace` (default): the refined record takes the old one's place, by id, in
   the base file's order. A refinement that did not verify carries the previous
@@ -37,8 +37,8 @@ class MixConfig:
 
     base: str = field(metadata={"help": "The current training rationales (what `undo refine --targets` read)."})
     refined: str = field(metadata={"help": "Refined rationales from `undo refine` (same ids as the base)."})
-    output: str = field(default="-", metadata={"help": "The new training data JSONL ('-' is stdout)."})
-    mode: str = field(default="replace", metadata={
+    output: str = field(default="-", metadata={"short": "-o", "help": "The new training data JSONL ('-' is stdout)."})
+    mode: str = field(default="replace", metadata={"choices": MODES,
         "help": "replace: refined rationales take the old ones' place by id; append: verified ones are added."})
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ required fields (`teacher`, `input`, ...) can still come first, and
 `--generate.temperature` through it without knowing this class exists.
 
 What a stage adds (`n`, `logprobs`, `adapter`, its paths) and the checks of
-those stay in the stage. The CLI flags for these fields are `cli/options.py`.
+those stay in the stage. The CLI flags are these fields (cli/builder.py makes them).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from undo_cli.errors import UndoError
 class GenerationOptions:
     """Which backend serves the model and how it samples (one CLI flag per field)."""
 
-    backend: str = field(default="hf", metadata={"help": "hf (embedded transformers), openai (any server) or vllm."})
+    help_group = "Backend and sampling"  # the section of these flags in `undo generate --help` etc.
+
+    backend: str = field(default="hf", metadata={"choices": BACKENDS, "help": "hf (embedded transformers), openai (any server) or vllm."})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (reproducible); e.g. 0.7 to sample."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
     max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})

@@ -40,7 +40,7 @@ sample wins. When none verifies, or the text is empty or was cut off by
 With `kept_previous: true` the rejected text is in `refinement.rejected_rationale`
 for a person to read. Batching, resume (re-run the same command; finished ids
 are skipped, a kill loses at most the batch in flight), progress and the summary
-table are the shared `stages/runner.py`, exactly as for `undo generate`.
+table are the shared `stages/generation_loop.py`, exactly as for `undo generate`.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class RefineConfig(GenerationOptions):
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
     errors: str = field(metadata={"help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
     targets: str = field(metadata={"help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
-    output: str = field(default="-", metadata={"help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
-    select: str = field(default="similar", metadata={
+    output: str = field(default="-", metadata={"short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
+    select: str = field(default="similar", metadata={"choices": SELECT,
         "help": "similar: refine the targets most similar to the failures; errors: refine the failed items themselves."})
     k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
     per_error: int = field(default=1, metadata={"help": "--select similar: target questions each failure nominates."})
@@ -266,7 +266,7 @@ def _failure_view(error: dict[str, Any]) -> dict[str, Any]:
 def build_items(jobs: list[Job], template: str):
     """One work item per job, keyed by the target id it replaces."""
     from undo_cli.prompts import load_template, problem_variables, render_messages
-    from undo_cli.stages.runner import WorkItem
+    from undo_cli.stages.generation_loop import WorkItem
 
     tmpl = load_template(template)
     items = []
@@ -349,7 +349,7 @@ def make_record_builder(config: RefineConfig, stats: Counter):
 def run(config: RefineConfig) -> dict[str, Any]:
     """Select, refine, verify and write; prints the summary table and returns it."""
     from undo_cli.records import read_records
-    from undo_cli.stages.runner import print_summary, run_generation
+    from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors = read_records(config.errors, "error", allow_empty=True)
     targets = read_records(config.targets, "rationale")

@@ -29,9 +29,9 @@ from undo_cli.records.schema import TASKS
 class ScoreConfig:
     """Everything `undo score` needs."""
 
-    input: str = field(metadata={"help": "JSONL with `answer` (gold) and `output` (model text); '-' reads stdin."})
-    output: str = field(default="-", metadata={"help": "Where to write the scored records ('-' is stdout)."})
-    task: str | None = field(default=None, metadata={
+    input: str = field(metadata={"argument": True, "help": "JSONL with `answer` (gold) and `output` (model text); '-' reads stdin."})
+    output: str = field(default="-", metadata={"short": "-o", "help": "Where to write the scored records ('-' is stdout)."})
+    task: str | None = field(default=None, metadata={"choices": TASKS,
         "help": "Score every record as this task (math, choice or exact); default: each record's `task`, else math."})
 
     def __post_init__(self) -> None:

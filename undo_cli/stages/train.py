@@ -9,6 +9,11 @@ only, the prompt masked, and the prompt built by the same function that builds
 it for `undo evaluate` (`prompts.encode_example`), so the student is trained on
 exactly the text it will be tested with.
 
+This module is the stage: the output folder, the resume plan, the run and its
+summary. The settings are `training/config.py` (`TrainConfig`); the Hugging
+Face plumbing (TrainingArguments, loading, LoRA, saving and merging,
+checkpoint counts) is `training/hf.py`.
+
 How it runs:
 
 * `training.trainer.UndoTrainer` (transformers' Trainer) does the loop, so the
@@ -48,153 +53,21 @@ Output: the model (or adapter) + tokenizer in OUTPUT, and OUTPUT/train_summary.j
 
 from __future__ import annotations
 
-import gc
-import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
-from undo_cli.prompts import STUDENT_TEMPLATE
+from undo_cli.models import library_versions, load_error, release_memory
 from undo_cli.records import read_json, read_records, write_json
+from undo_cli.training.config import TrainConfig
+from undo_cli.training.hf import CHECKPOINTS, STATS_FILE
 
 RUN_FILE = "train_run.json"
 SUMMARY_FILE = "train_summary.json"
-STATS_FILE = "undo_stats.json"  # inside each checkpoint: the token counts so far
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class TrainConfig:
-    """Everything `undo train` needs (the CLI flags, one to one)."""
-
-    student: str = field(metadata={"help": "The model to fine-tune: a local folder or a hub name."})
-    data: str = field(metadata={"help": "Rationale records (JSONL from `undo generate`/`undo refine`; '-' reads stdin)."})
-    output: str = field(metadata={"help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
-    epochs: float = field(default=2.0, metadata={"help": "Passes over the data (fractions allowed)."})
-    lr: float | None = field(default=None, metadata={
-        "help": "Peak learning rate (default: 2e-5 for full fine-tuning, 2e-4 with LoRA)."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch on each process."})
-    grad_accum: int = field(default=1, metadata={
-        "help": "Micro-batches per optimizer step; the effective batch is batch_size x grad_accum x processes."})
-    max_length: int = field(default=1024, metadata={
-        "help": "Token limit per example (prompt + rationale): longer rationales are truncated and counted."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming the lr up from 0."})
-    lr_scheduler: str = field(default="cosine", metadata={
-        "help": "Learning-rate schedule after warmup: any transformers scheduler name (cosine, linear, constant)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    seed: int = field(default=0, metadata={"help": "Seed for the data order, LoRA init and dropout; same seed, same run."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
-    padding_free: bool | None = field(default=None, metadata={
-        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (fast with a "
-                "varlen kernel: flash_attention_2/3). False: right-padded, length-grouped batches (a few % padding; "
-                "faster with sdpa/eager, which attend over a packed row quadratically). None (default): packed "
-                "with a flash kernel, else padded."})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (full fine-tuning)."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 x lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
-    lora_target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated module names to adapt (e.g. q_proj,v_proj); default: all linear layers of "
-                "attention and MLP (peft's all-linear)."})
-    merge: bool = field(default=False, metadata={
-        "help": "With LoRA: save a plain model with the adapter merged in (the adapter goes to OUTPUT/adapter)."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue the run in OUTPUT from its last complete checkpoint (a finished run is left as is)."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete the previous `undo train` run in OUTPUT and start over."})
-    save_steps: int = field(default=200, metadata={"help": "Write a checkpoint every this many optimizer steps."})
-    logging_steps: int = field(default=10, metadata={"help": "Print the loss every this many optimizer steps."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after a finished run."})
-    template: str = field(default=STUDENT_TEMPLATE, metadata={
-        "help": "Student prompt template (name or .jinja path); must match the one `undo evaluate` uses."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
-    report_to: str = field(default="none", metadata={
-        "help": "Also log to these trackers (comma-separated: tensorboard, wandb, ...; transformers' report_to)."})
-    # White-box distillation (undo_cli/training/distill.py, docs/objectives.md); sft needs none of these.
-    objective: str = field(default="sft", metadata={
-        "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
-                "distribution: fkl, rkl, jsd, skl, srkl, tvd (needs a shared tokenizer)."})
-    teacher: str | None = field(default=None, metadata={
-        "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
-    teacher_logprobs: bool = field(default=False, metadata={
-        "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
-    alpha: float = field(default=0.1, metadata={"help": "Skew of skl/srkl (DistiLLM: 0.1)."})
-    beta: float = field(default=0.5, metadata={"help": "jsd interpolation (GKD/TRL: 0 = fkl, 1 = rkl, 0.5 = JSD)."})
-    temperature: float = field(default=1.0, metadata={"help": "Divides both models' logits in the divergence."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence term."})
-    lm_weight: float = field(default=0.0, metadata={
-        "help": "Weight of cross-entropy on the same response tokens, added to the divergence (DistiLLM: 1.0)."})
-    kd_chunk_size: int = field(default=1024, metadata={
-        "help": "Tokens per chunk of the divergence: bounds its float32 memory to chunk x vocabulary."})
-    # The student's own outputs (training/student_outputs.py, training/minillm.py); need a live --teacher.
-    student_outputs: str = field(default="off", metadata={
-        "help": "off; on-policy (GKD: with probability --lmbda a step trains on the student's samples); adaptive "
-                "(DistiLLM: fresh samples / a replay buffer / the data, by a threshold grown from --val-data)."})
-    lmbda: float = field(default=0.5, metadata={"help": "on-policy: probability a step uses student samples (GKD/TRL: 0.5)."})
-    sample_temperature: float | None = field(default=None, metadata={
-        "help": "Temperature of the student's samples (default: 0.9 on-policy as TRL's GKD, 1 adaptive and minillm)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per sampled response."})
-    buffer_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity in sequences (DistiLLM: 1000)."})
-    phi_init: float = field(default=0.0, metadata={"help": "adaptive: the threshold phi at the start (DistiLLM: 0)."})
-    val_data: str | None = field(default=None, metadata={
-        "help": "adaptive: held-out rationales; phi grows by 0.1 when the student's loss on them rises by >= 0.1."})
-    eval_steps: int | None = field(default=None, metadata={
-        "help": "adaptive: validate every this many optimizer steps (default: once per epoch)."})
-    method: str = field(default="sft", metadata={
-        "help": "sft (token-level: --objective on the batch) or minillm (sequence-level reverse KL by policy "
-                "gradient, MiniLLM; start from an SFT student; implies --objective rkl)."})
-    teacher_mix: float = field(default=0.2, metadata={"help": "minillm: sample from a*teacher + (1-a)*student (0.2)."})
-    clip_eps: float = field(default=0.2, metadata={"help": "minillm: PPO clipping of the importance ratio (0.2)."})
-    lm_data: str | None = field(default=None, metadata={
-        "help": "minillm: plain text ('text' lines) or rationales for the language-model term, weighted by --lm-weight."})
-
-    def __post_init__(self) -> None:
-        def bad(flag: str, why: str, hint: str) -> UndoError:
-            return UndoError(f"{flag}: {why}", hint=hint)
-
-        if self.epochs <= 0:
-            raise bad(f"--epochs {self.epochs}", "must be positive", "use e.g. --epochs 2, or --max-steps N")
-        if self.lr is not None and self.lr <= 0:
-            raise bad(f"--lr {self.lr}", "must be positive", "leave it out for the default (2e-5, or 2e-4 with LoRA)")
-        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                            ("--save-steps", self.save_steps), ("--logging-steps", self.logging_steps)):
-            if value < 1:
-                raise bad(f"{flag} {value}", "must be at least 1", f"use {flag} 1 or more")
-        if self.max_length < 2:
-            raise bad(f"--max-length {self.max_length}", "too small", "a prompt and a rationale need hundreds of tokens")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad(f"--warmup-ratio {self.warmup_ratio}", "must be in [0, 1)", "use e.g. 0.03")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise bad(f"--max-steps {self.max_steps}", "must be at least 1", "leave it out to train for --epochs")
-        if self.lora_r < 0:
-            raise bad(f"--lora-r {self.lora_r}", "must be >= 0", "0 trains all weights; 8-64 are usual LoRA ranks")
-        if not 0 <= self.lora_dropout < 1:
-            raise bad(f"--lora-dropout {self.lora_dropout}", "must be in [0, 1)", "use e.g. 0.05")
-        if self.lora_r == 0 and (self.merge or self.lora_alpha is not None or self.lora_target_modules):
-            raise UndoError("--merge / --lora-alpha / --lora-target-modules only apply to LoRA",
-                            hint="add --lora-r 16 (for example), or drop those flags for full fine-tuning")
-        if self.resume and self.overwrite:
-            raise UndoError("--resume and --overwrite contradict each other",
-                            hint="--resume continues the run in --output; --overwrite deletes it and starts over")
-        from undo_cli.objectives.options import check_objective_flags  # no torch: fails fast
-        from undo_cli.training.student_outputs import check_config
-
-        check_config(self)
-        if self.method == "minillm" and self.objective == "sft":
-            self.objective = "rkl"  # MiniLLM's single-step term is the token-level reverse KL
-        check_objective_flags(self)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora_r else 2e-5)
 
 
 # Flags that change what is trained; the rest (logging, saving, resume) may differ on --resume.
@@ -250,170 +123,6 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
     return _Plan("resume", checkpoint=done[-1] if done else None)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import undo_cli
-
-    found = {"undo": undo_cli.__version__}
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def _training_args(config: TrainConfig, output: Path):
-    import dataclasses
-
-    import torch
-    from transformers import TrainingArguments
-
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    # A few arguments were renamed in transformers 5; use whichever this version has.
-    versioned: dict[str, Any] = {}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    versioned[checkpointing] = config.gradient_checkpointing
-    if config.gradient_checkpointing:  # non-reentrant: works with frozen (LoRA) inputs, recommended by torch
-        versioned[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
-    if "warmup_ratio" in names:
-        versioned["warmup_ratio"] = config.warmup_ratio
-    else:  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        versioned["warmup_steps"] = config.warmup_ratio
-    return TrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,  # the newest and the one before: a kill mid-save leaves a complete one
-        report_to=[r.strip() for r in config.report_to.split(",") if r.strip() and r.strip() != "none"] or "none",
-        remove_unused_columns=False,  # our collators know their fields; Trainer must not drop them
-        ddp_find_unused_parameters=False,  # every trainable weight gets a gradient
-        dataloader_num_workers=0,
-        disable_tqdm=not sys.stderr.isatty(),  # a bar in a terminal, log lines in a log file
-        use_cpu=not cuda,
-        **versioned,
-    )
-
-
-def _load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
-
-    from undo_cli.backends.hf import load_error
-
-    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.student, **remote)
-    except Exception as exc:  # OSError, ValueError, ...: transformers is not consistent
-        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
-                            hint="pass --trust-remote-code if you trust its source") from None
-        raise load_error(config.student, exc) from None
-    if tokenizer.pad_token is None:  # only the padded collator needs it; eos is the usual stand-in
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _load_model(config: TrainConfig):
-    """The student with float32 weights (bf16 base under LoRA on GPU), LoRA-wrapped when asked."""
-    import torch
-    from transformers import AutoModelForCausalLM, set_seed
-
-    from undo_cli.backends.hf import load_error
-
-    remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-    # Full fine-tuning keeps float32 master weights (bf16 autocast on GPU does the speed);
-    # LoRA freezes the base, so a GPU run can hold it in bf16 (peft keeps the adapter in float32).
-    dtype = torch.bfloat16 if (config.lora_r and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) \
-        else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, **remote}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
-    set_seed(config.seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(config.student, **kwargs)
-    except Exception as exc:
-        if "trust_remote_code" in str(exc) and not config.trust_remote_code:
-            raise UndoError(f"model '{config.student}' ships its own code and needs trust_remote_code",
-                            hint="pass --trust-remote-code if you trust its source") from None
-        raise load_error(config.student, exc) from None
-    model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
-    if config.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        targets = [m.strip() for m in config.lora_target_modules.split(",")] if config.lora_target_modules \
-            else "all-linear"
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
-                          lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as exc:
-            raise UndoError(f"--lora-target-modules: {str(exc).splitlines()[0]}",
-                            hint="name modules that exist in the model (e.g. q_proj,v_proj), or leave the flag "
-                                 "out for all linear layers") from None
-    return model
-
-
-def resolve_padding_free(padding_free: bool | None, model) -> bool:
-    """None (auto) -> pack when the attention kernel runs a packed row per example (varlen flash), else pad."""
-    if padding_free is not None:
-        return padding_free
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "flash" in str(getattr(base.config, "_attn_implementation", "") or "")
-
-
-def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
-    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter."""
-    if not config.lora_r:
-        trainer.save_model(str(output))
-        return {"model": str(output), "adapter": None}
-    adapter_dir = output / "adapter" if config.merge else output
-    trainer.save_model(str(adapter_dir))
-    if not config.merge:
-        return {"model": None, "adapter": str(adapter_dir)}
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        # Merge from the saved adapter into a freshly loaded base: the same code path
-        # whatever sharded the weights during training (DDP, FSDP, DeepSpeed).
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-        base = AutoModelForCausalLM.from_pretrained(config.student, dtype="auto", **remote)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(output))
-        trainer.processing_class.save_pretrained(str(output))
-        del base, merged
-    return {"model": str(output), "adapter": str(adapter_dir)}
-
-
-def _release() -> None:
-    """Give memory back after `del model, trainer` (undo iterate calls run() again in the same process)."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the student; returns the summary (also written to OUTPUT/train_summary.json)."""
     from undo_cli.training.data import check_rationales, encode_records, fingerprint
@@ -421,8 +130,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     student = Path(config.student).expanduser()
     if config.student.startswith((".", "/", "~")) and not student.exists():  # fail before importing torch
-        from undo_cli.backends.hf import load_error
-
         raise load_error(config.student, FileNotFoundError(f"no such folder: {student}"))
     records = read_records(config.data, "rationale")  # file:line:field errors, empty file refused
     check_rationales(records, config.data)
@@ -440,7 +147,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from undo_cli.training.collate import PackedCollator, PaddedCollator
     from undo_cli.training.trainer import UndoTrainer
 
-    tokenizer = _load_tokenizer(config)
+    from undo_cli.training import hf
+
+    tokenizer = hf.load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
                                           template=config.template, path=config.data)
     from undo_cli.training.distill import prepare_objective
@@ -452,7 +161,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from undo_cli.training.student_outputs_setup import preflight
 
         preflight(config)
-    args = _training_args(config, output)  # also sets up the process group under accelerate launch
+    args = hf.training_args(config, output)  # also sets up the process group under accelerate launch
     state = PartialState()
     state.wait_for_everyone()  # every process has planned before the main one writes
     if state.is_main_process:
@@ -475,10 +184,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model = _load_model(config)
+    model = hf.load_student(config)
     # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
     # collator and the summary see what actually runs (the run identity keeps the flag as given).
-    config = replace(config, padding_free=resolve_padding_free(config.padding_free, model))
+    config = replace(config, padding_free=hf.resolve_padding_free(config.padding_free, model))
     flash = "flash" in (config.attn_implementation or "")
     collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
@@ -494,7 +203,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                           length_grouped=not config.padding_free, batch_hook=own.hook if own else None)
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
-    _attach_checkpoint_counts(trainer)
+    hf.attach_checkpoint_counts(trainer)
     resumed_from = None
     if plan.checkpoint is not None:
         trainer.meter.totals = read_json(plan.checkpoint / STATS_FILE)
@@ -514,7 +223,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             console.print(own.description, soft_wrap=True)
 
     result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-    saved = _save(trainer, config, output)
+    saved = hf.save(trainer, config, output)
     meter = trainer.meter
     totals, session = meter.totals, meter.session
     runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
@@ -549,7 +258,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "objective": objective.summary() if objective else {"name": "sft"},
         "student_outputs": own.summary(runtime) if own else None,
         "config": asdict(config),
-        "versions": _versions(),
+        "versions": library_versions(("torch", "transformers", "peft", "accelerate")),
     }
     if trainer.is_world_process_zero():
         for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
@@ -562,22 +271,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if objective:
         objective.close()
     del trainer, model, objective, own
-    _release()
+    release_memory()
     return summary
-
-
-def _attach_checkpoint_counts(trainer) -> None:
-    """Write the token counts into every checkpoint, so a resumed run's summary covers the whole run."""
-    from transformers.trainer_callback import TrainerCallback
-
-    class _SaveCounts(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    write_json(folder / STATS_FILE, trainer.meter.totals)
-
-    trainer.add_callback(_SaveCounts())
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from undo_cli.errors import UndoError
 from undo_cli.objectives.chunked import ChunkedObjective, live_teacher_chunk_fn, with_cross_entropy
 from undo_cli.objectives.offline import AlignmentCounts, align_teacher_logprobs, topk_chunk_fn
 from undo_cli.objectives.options import DESCRIPTIONS
+from undo_cli.training.config import TrainConfig
 from undo_cli.training.trainer import MODEL_INPUT_KEYS, response_logits, response_positions, unwrap
 
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_valid")
@@ -184,24 +185,11 @@ class DistillationLoss:
 
 # --- the live teacher -------------------------------------------------------------------
 
-def _load_error(name: str, exc: Exception, trust_remote_code: bool) -> UndoError:
-    from undo_cli.backends.hf import load_error
-
-    if "trust_remote_code" in str(exc) and not trust_remote_code:
-        return UndoError(f"--teacher {name} ships its own code and needs trust_remote_code",
-                         hint="pass --trust-remote-code if you trust its source")
-    return load_error(name, exc)
-
-
 def check_teacher_tokenizer(name: str, student_tokenizer, *, trust_remote_code: bool) -> None:
     """Refuse a teacher whose tokenizer is not the student's (loads only the tokenizer: fast, before any output)."""
-    from transformers import AutoTokenizer
+    from undo_cli.models import load_pretrained
 
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **remote)
-    except Exception as exc:
-        raise _load_error(name, exc, trust_remote_code) from None
+    tokenizer = load_pretrained("tokenizer", name, trust_remote_code=trust_remote_code, flag="--teacher")
     if tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise UndoError(
             f"--teacher {name}: its tokenizer differs from the student's ({len(tokenizer)} vs "
@@ -213,14 +201,10 @@ def check_teacher_tokenizer(name: str, student_tokenizer, *, trust_remote_code: 
 
 def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
     """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
-    from transformers import AutoModelForCausalLM
+    from undo_cli.models import load_pretrained
 
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **remote)
-    except Exception as exc:
-        raise _load_error(name, exc, trust_remote_code) from None
+    teacher = load_pretrained("model", name, trust_remote_code=trust_remote_code, flag="--teacher", dtype=dtype)
     teacher.to(device).eval().requires_grad_(False)
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     shared = min(student_vocab_rows, teacher_rows)
@@ -330,7 +314,7 @@ class Objective:
     `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
     """
 
-    def __init__(self, config, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
+    def __init__(self, config: TrainConfig, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
         self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
         self.loss: DistillationLoss | None = None
         self.vocab = 0
@@ -372,7 +356,7 @@ class Objective:
             self.loss.teacher = None  # let the teacher's memory go with the trainer
 
 
-def prepare_objective(config, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
+def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
                       record_index: list[int], tokenizer) -> Objective | None:
     """None for --objective sft. Otherwise check the live teacher's tokenizer, or align the recorded
     top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""

@@ -7,7 +7,7 @@ Start from an SFT student (`undo train --student S --data rationales.jsonl`
 first): MiniLLM refines a student that already writes sensible text; from a
 random one its own samples carry no signal. Source: Gu et al., "MiniLLM:
 Knowledge Distillation of Large Language Models" (ICLR 2024, arXiv 2306.08543),
-SPEC.md §2.
+docs/method.md §3.
 
 Every optimizer step, for each micro-batch's prompts:
 

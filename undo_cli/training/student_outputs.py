@@ -8,7 +8,7 @@
 Trained only on the teacher's text, the student never practises continuing its
 *own* prefixes, which is all it does at test time. Here some optimizer steps
 train on responses the student itself samples from the step's prompts, scored
-by the teacher (SPEC.md §2). One decision per optimizer step, for all its
+by the teacher (docs/method.md §3). One decision per optimizer step, for all its
 micro-batches:
 
 * **on-policy** (GKD, Agarwal et al., arXiv 2306.13649): with probability λ
@@ -56,11 +56,6 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from undo_cli.console import warn
-from undo_cli.errors import UndoError
-
-MODES = ("off", "on-policy", "adaptive")
-METHODS = ("sft", "minillm")
 FRESH, REPLAY, GROUND_TRUTH = "fresh", "replay", "ground_truth"
 SOURCE_KEY = "undo_batch_source"  # marks a batch the student sampled (fresh or replayed)
 STATE_FILE = "undo_student_outputs-rank{rank}.json"  # inside each checkpoint, one per process (setup module)
@@ -68,69 +63,6 @@ RISE, PHI_STEP = 0.1, 0.1  # DistiLLM: --loss-eps 0.1, threshold += 0.1
 IGNORE_INDEX = -100
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
-
-
-# --- config checks (the CLI's TrainConfig.__post_init__ calls this) ------------------------
-
-def check_config(c: Any) -> None:
-    """Refuse settings that cannot work, naming the fix. `c` is a TrainConfig."""
-    mode, method = c.student_outputs, c.method
-    if mode not in MODES:
-        raise UndoError(f"--student-outputs {mode}: unknown", hint=f"use one of: {', '.join(MODES)}")
-    if method not in METHODS:
-        raise UndoError(f"--method {method}: unknown", hint="use sft (token-level training, the default) or minillm")
-    if mode == "off" and method == "sft":
-        if c.lm_data:
-            raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
-        if c.val_data:
-            warn("--val-data is only used by --student-outputs adaptive (for φ); ignored")
-        return
-    what = "--method minillm" if method == "minillm" else f"--student-outputs {mode}"
-    if method == "minillm" and mode != "off":
-        raise UndoError(f"--method minillm with --student-outputs {mode}: MiniLLM samples its own (teacher-mixed) "
-                        "outputs", hint="drop --student-outputs, or use --method sft with it")
-    if getattr(c, "teacher_logprobs", False):
-        raise UndoError(f"{what} with --teacher-logprobs: an offline teacher cannot score the student's new samples",
-                        hint="load the teacher live with --teacher MODEL (same tokenizer as the student)")
-    if not getattr(c, "teacher", None):
-        raise UndoError(f"{what} needs a live --teacher of the same tokenizer (it scores the student's samples)",
-                        hint="add --teacher MODEL; for a teacher with another tokenizer use plain --objective sft")
-    objective = getattr(c, "objective", "sft")
-    if method == "sft" and objective == "sft":
-        raise UndoError(f"{what} needs a white-box --objective: cross-entropy on the student's own samples "
-                        "teaches it nothing new", hint="use --objective jsd (GKD) or srkl (DistiLLM)")
-    if method == "minillm" and objective not in ("sft", "rkl"):
-        raise UndoError(f"--method minillm with --objective {objective}: MiniLLM optimises the sequence-level "
-                        "reverse KL itself", hint="drop --objective (or use --objective rkl)")
-    checks = [("--lmbda", c.lmbda, 0.0 <= c.lmbda <= 1.0, "a probability in [0, 1], e.g. 0.5"),
-              ("--phi-init", c.phi_init, 0.0 <= c.phi_init <= 1.0, "a probability in [0, 1]; DistiLLM starts at 0"),
-              ("--buffer-size", c.buffer_size, mode != "adaptive" or c.buffer_size >= c.batch_size,
-               f"at least --batch-size ({c.batch_size}) sequences; DistiLLM keeps 1000"),
-              ("--max-new-tokens", c.max_new_tokens, c.max_new_tokens >= 1, "at least 1, e.g. 512"),
-              ("--teacher-mix", c.teacher_mix, 0.0 <= c.teacher_mix < 1.0, "in [0, 1); MiniLLM uses 0.2"),
-              ("--clip-eps", c.clip_eps, 0.0 < c.clip_eps < 1.0, "in (0, 1); MiniLLM uses 0.2")]
-    if c.sample_temperature is not None:
-        checks.append(("--sample-temperature", c.sample_temperature, c.sample_temperature > 0, "positive, e.g. 0.9"))
-    if c.eval_steps is not None:
-        checks.append(("--eval-steps", c.eval_steps, c.eval_steps >= 1, "at least 1 (or leave it out: once per epoch)"))
-    for flag, value, ok, hint in checks:
-        if not ok:
-            raise UndoError(f"{flag} {value}: out of range", hint=f"use {hint}")
-    if method == "minillm" and c.sample_temperature not in (None, 1.0):
-        raise UndoError(f"--sample-temperature {c.sample_temperature} with --method minillm: its importance weights "
-                        "and policy gradient assume samples from the model's own distribution",
-                        hint="drop --sample-temperature (MiniLLM samples at temperature 1)")
-    if method == "minillm" and getattr(c, "temperature", 1.0) != 1.0:
-        raise UndoError(f"--temperature {c.temperature} with --method minillm: its rewards and single-step KL are "
-                        "on the models' own distributions", hint="drop --temperature")
-    if c.lm_data and method != "minillm":
-        raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
-    lm_weight = getattr(c, "lm_weight", 0.0)
-    if method == "minillm" and bool(c.lm_data) != (lm_weight > 0):
-        raise UndoError("--method minillm: --lm-weight weighs the cross-entropy on --lm-data, so they go together",
-                        hint="pass both (MiniLLM uses --lm-weight 1 --lm-data TEXT.jsonl) or neither")
-    if c.val_data and mode != "adaptive":
-        warn(f"--val-data is only used by --student-outputs adaptive (for φ); ignored with {what}")
 
 
 def default_temperature(mode: str, method: str, given: float | None) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.training.config import TrainConfig
 from undo_cli.training.student_outputs import (STATE_FILE, AdaptiveSchedule, OnPolicySchedule, SourceAwareLoss,
                                                StudentOutputs, default_temperature, eos_ids_of, split_examples)
 
@@ -36,7 +37,7 @@ from undo_cli.training.student_outputs import (STATE_FILE, AdaptiveSchedule, OnP
 HOLD_OUT_SHARE, HOLD_OUT_MAX = 0.05, 256
 
 
-def hold_out(config: Any, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+def hold_out(config: TrainConfig, examples: list[dict]) -> tuple[list[dict], list[dict]]:
     """(training, validation) examples. Adaptive without --val-data keeps a seeded 5% of the
     training examples (1 to 256) aside for its validation loss, as DistiLLM validates on a dev
     split: the loss on examples it trains on would only fall, and φ would never grow."""
@@ -54,7 +55,7 @@ def hold_out(config: Any, examples: list[dict]) -> tuple[list[dict], list[dict]]
     return [e for i, e in enumerate(examples) if i not in chosen], [examples[i] for i in sorted(chosen)]
 
 
-def validation_batches(config: Any, tokenizer, collator, held_out: list[dict] | None = None) -> list[dict]:
+def validation_batches(config: TrainConfig, tokenizer, collator, held_out: list[dict] | None = None) -> list[dict]:
     """--val-data rationales encoded like --data (or the held-out examples), in batches of --batch-size."""
     from undo_cli.records import read_records
     from undo_cli.training.data import check_rationales, encode_records
@@ -155,7 +156,7 @@ def make_callback(hook, *, val_batches: list[dict] | None, eval_steps: int | Non
     return StudentOutputsCallback()
 
 
-def preflight(config: Any) -> None:
+def preflight(config: TrainConfig) -> None:
     """Read --val-data and --lm-data before anything is written or loaded: a bad line fails at once."""
     from undo_cli.records import read_records
     from undo_cli.training.data import check_rationales
@@ -192,7 +193,8 @@ class StudentOutputsRun:
         return found
 
 
-def setup(config: Any, objective, *, tokenizer, collator, model, held_out: list[dict] | None = None) -> StudentOutputsRun:
+def setup(config: TrainConfig, objective, *, tokenizer, collator, model,
+          held_out: list[dict] | None = None) -> StudentOutputsRun:
     """Build the batch hook, the loss and the callback from the config and issue 7's live-teacher objective."""
     from undo_cli.training.trainer import unwrap
 

@@ -6,7 +6,7 @@ send prompts in batches, turn completions into records, append each batch
 durably, show progress, and summarise. That lives here, once; a stage only says
 what its prompts are and how a completion becomes a record:
 
-    from undo_cli.stages.runner import WorkItem, run_generation, print_summary
+    from undo_cli.stages.generation_loop import WorkItem, run_generation, print_summary
 
     items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
 

@@ -6,7 +6,7 @@
         --teacher-backend vllm --max-iterations 4 --train.epochs 1 --train.lr 2e-5 --name qwen-gsm8k
     undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
 
-What it runs (SPEC.md §1), every step a call to the stage's own `run()`:
+What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 
     iteration 0 (one-shot distillation)     iteration k >= 1 (UNDO)
       generate   teacher rationales, train    refine     teacher re-teaches, from iteration k-1's errors
@@ -23,16 +23,16 @@ student and the iteration-0 student are evaluated on the test split, which no
 decision ever looked at: every run reports UNDO against one-shot distillation
 on held-out data.
 
-Options the paper leaves open (SPEC.md, [ours]): `mix = replace|append` (what a
+Options the paper leaves open (docs/method.md, our defaults): `mix = replace|append` (what a
 refined rationale does to the old one, see stages/mix.py) and
 `init = base|previous` (each iteration fine-tunes the base student on the
 current data, or continues from the previous iteration's student).
 
-Everything lands in runs/NAME/ (layout in stages/run_manifest.py), and a run
+Everything lands in runs/NAME/ (layout in loop/layout.py), and a run
 killed at any point, mid-training or mid-refine included, continues with
 `--resume` from the first unfinished stage without recomputing anything that
 finished. Between stages the models are released, so the teacher and the
-student are never in memory together. Settings: stages/run_config.py.
+student are never in memory together. Settings: loop/settings.py.
 """
 
 from __future__ import annotations
@@ -61,16 +61,16 @@ class IterateConfig:
     test_file: str = field(metadata={"help": "Test problems JSONL: only the best and the iteration-0 students see it."})
     name: str | None = field(default=None, metadata={"help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
     runs_dir: str = field(default="runs", metadata={"help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_backend: str = field(default="hf", metadata={"choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
     teacher_base_url: list[str] | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai teacher backend: the NAME of the variable holding the key."})
-    student_backend: str = field(default="hf", metadata={"help": "Backend that evaluates each trained student: hf or vllm."})
+    student_backend: str = field(default="hf", metadata={"choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repos (opt-in)."})
     max_iterations: int = field(default=3, metadata={"help": "Most refinement rounds after the one-shot iteration 0."})
     patience: int = field(default=1, metadata={"help": "Stop after this many iterations without a min_delta improvement."})
     min_delta: float = field(default=0.0, metadata={"help": "Smallest gain in validation accuracy (0-1) that counts as better."})
-    mix: str = field(default="replace", metadata={"help": "replace: refined rationales replace the old ones by id; append: they are added."})
-    init: str = field(default="base", metadata={"help": "base: each iteration trains the base student; previous: continue from the last one."})
+    mix: str = field(default="replace", metadata={"choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
     seed: int = field(default=0, metadata={"help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
@@ -123,13 +123,13 @@ class IterateConfig:
 
     def settings(self, table: str) -> dict[str, Any]:
         """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
-        from undo_cli.stages.run_config import effective_settings
+        from undo_cli.loop.settings import effective_settings
 
         return effective_settings(table, getattr(self, table), {"seed": self.seed})
 
     def identity(self) -> dict[str, Any]:
         """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
-        from undo_cli.stages.run_config import STAGES
+        from undo_cli.loop.settings import STAGES
 
         top = {k: v for k, v in self.__dict__.items() if k not in STAGES and k not in ("name", "runs_dir")}
         if top.get("teacher_base_url") and len(top["teacher_base_url"]) == 1:
@@ -147,98 +147,87 @@ class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
 
     def __init__(self, config: IterateConfig, folder):
-        self.c = config
+        from undo_cli.loop.layout import RunLayout
+
+        self.config = config
         self.folder = folder
-        self.root = folder.path
-
-    def d(self, k: int) -> Path:
-        from undo_cli.stages.run_manifest import iter_dir
-
-        return self.root / iter_dir(k)
-
-    def key(self, k: int, stage: str) -> str:
-        from undo_cli.stages.run_manifest import iter_dir
-
-        return f"{iter_dir(k)}/{stage}"
+        self.layout = RunLayout(folder.path)
+        self.step_key = self.layout.step_key
 
     def teacher_kwargs(self) -> dict[str, Any]:
-        c = self.c
+        c = self.config
         return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
                 "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code}
-
-    def training_data(self, k: int) -> Path:
-        """What the student of iteration k trains on (and what refine k+1 re-teaches)."""
-        return self.d(0) / "rationales.jsonl" if k == 0 else self.d(k) / "train_data.jsonl"
 
     # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
 
     def generate(self) -> dict[str, Any]:
         from undo_cli.stages import generate
 
-        out = self.d(0) / "rationales.jsonl"
-        cfg = generate.GenerateConfig(**self.teacher_kwargs(), input=self.c.train_file, output=str(out), iteration=0,
-                                      **self.c.settings("generate"))
-        summary = self.folder.step(self.key(0, "generate"), lambda: generate.run(cfg),
+        out = self.layout.rationales()
+        cfg = generate.GenerateConfig(**self.teacher_kwargs(), input=self.config.train_file, output=str(out), iteration=0,
+                                      **self.config.settings("generate"))
+        summary = self.folder.step(self.step_key(0, "generate"), lambda: generate.run(cfg),
                                    outputs={"rationales": str(out)}, keep=_keep(GENERATE_KEYS))
         if not summary.get("kept_total"):
-            raise UndoError(f"the teacher wrote no verified rationale for {self.c.train_file}: nothing to train on",
-                            hint=f"read {out.with_name('rationales.rejected.jsonl')}; sample more "
+            raise UndoError(f"the teacher wrote no verified rationale for {self.config.train_file}: nothing to train on",
+                            hint=f"read {self.layout.rejected()}; sample more "
                                  "(--generate.n 4 --generate.temperature 0.7) or use a stronger teacher")
         return summary
 
     def refine(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import refine
 
-        out = self.d(k) / "refined.jsonl"
-        cfg = refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.d(k - 1) / "errors.jsonl"),
-                                  targets=str(self.training_data(k - 1)), output=str(out), iteration=k,
-                                  **self.c.settings("refine"))
-        return self.folder.step(self.key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": str(out)},
+        out = self.layout.refined(k)
+        cfg = refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.layout.errors(k - 1)),
+                                  targets=str(self.layout.training_data(k - 1)), output=str(out), iteration=k,
+                                  **self.config.settings("refine"))
+        return self.folder.step(self.step_key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": str(out)},
                                 keep=_keep(REFINE_KEYS))
 
     def mix(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import mix
 
-        out = self.training_data(k)
-        cfg = mix.MixConfig(base=str(self.training_data(k - 1)), refined=str(self.d(k) / "refined.jsonl"),
-                            output=str(out), mode=self.c.mix)
-        return self.folder.step(self.key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": str(out)})
+        out = self.layout.training_data(k)
+        cfg = mix.MixConfig(base=str(self.layout.training_data(k - 1)), refined=str(self.layout.refined(k)),
+                            output=str(out), mode=self.config.mix)
+        return self.folder.step(self.step_key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": str(out)})
 
     def train(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import train
 
-        start = self.c.student if self.c.init == "base" or k == 0 else str(self.d(k - 1) / "student")
-        out = self.d(k) / "student"
+        start = self.config.student if self.config.init == "base" or k == 0 else str(self.layout.student(k - 1))
+        out = self.layout.student(k)
         # resume=True: a fresh folder starts from step 0, a killed run continues from its last
         # checkpoint, a finished one (manifest not yet updated when killed) returns at once.
-        cfg = train.TrainConfig(student=start, data=str(self.training_data(k)), output=str(out), resume=True,
-                                trust_remote_code=self.c.trust_remote_code, **self.c.settings("train"))
-        return self.folder.step(self.key(k, "train"), lambda: train.run(cfg), outputs={"student": str(out)},
+        cfg = train.TrainConfig(student=start, data=str(self.layout.training_data(k)), output=str(out), resume=True,
+                                trust_remote_code=self.config.trust_remote_code, **self.config.settings("train"))
+        return self.folder.step(self.step_key(k, "train"), lambda: train.run(cfg), outputs={"student": str(out)},
                                 keep=_keep(TRAIN_KEYS))
 
     def evaluate(self, k: int, split: str) -> dict[str, Any]:
         from undo_cli.stages import evaluate
 
-        trained = (self.folder.stage(self.key(k, "train")) or {}).get("summary", {})
+        trained = (self.folder.stage(self.step_key(k, "train")) or {}).get("summary", {})
         saved = trained.get("saved") or {}
-        model = saved.get("model") or (trained.get("student") if saved.get("adapter") else str(self.d(k) / "student"))
-        out = self.d(k) / split / "predictions.jsonl"
+        model = saved.get("model") or (trained.get("student") if saved.get("adapter") else str(self.layout.student(k)))
+        out = self.layout.predictions(k, split)
         cfg = evaluate.EvaluateConfig(
             model=model, adapter=None if saved.get("model") else saved.get("adapter"),
-            input=self.c.val_file if split == "val" else self.c.test_file, output=str(out),
-            metrics=str(out.with_name("metrics.json")), backend=self.c.student_backend,
-            trust_remote_code=self.c.trust_remote_code, **self.c.settings("evaluate"))
-        return self.folder.step(self.key(k, split if split == "test" else "evaluate"), lambda: evaluate.run(cfg),
-                                outputs={"predictions": str(out), "metrics": str(out.with_name("metrics.json"))},
+            input=self.config.val_file if split == "val" else self.config.test_file, output=str(out),
+            metrics=str(self.layout.metrics(k, split)), backend=self.config.student_backend,
+            trust_remote_code=self.config.trust_remote_code, **self.config.settings("evaluate"))
+        return self.folder.step(self.step_key(k, split if split == "test" else "evaluate"), lambda: evaluate.run(cfg),
+                                outputs={"predictions": str(out), "metrics": str(self.layout.metrics(k, split))},
                                 keep=_keep_evaluate)
 
     def collect_errors(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import collect_errors
 
-        out = self.d(k) / "errors.jsonl"
-        cfg = collect_errors.CollectErrorsConfig(predictions=str(self.d(k) / "val" / "predictions.jsonl"),
-                                                 output=str(out), **self.c.settings("collect_errors"))
-        return self.folder.step(self.key(k, "collect_errors"), lambda: collect_errors.run(cfg),
+        out = self.layout.errors(k)
+        cfg = collect_errors.CollectErrorsConfig(predictions=str(self.layout.predictions(k, "val")),
+                                                 output=str(out), **self.config.settings("collect_errors"))
+        return self.folder.step(self.step_key(k, "collect_errors"), lambda: collect_errors.run(cfg),
                                 outputs={"errors": str(out)})
 
     # --- the loop ---------------------------------------------------------------------------
@@ -246,7 +235,7 @@ class Loop:
     def iteration(self, k: int) -> dict[str, Any]:
         names = ["generate"] if k == 0 else ["refine", "mix"]
         names += ["train", "evaluate", "collect_errors"]
-        self.folder.plan([self.key(k, n) for n in names], {})
+        self.folder.plan([self.step_key(k, n) for n in names], {})
         from undo_cli.console import console
 
         console.rule(f"[bold cyan]UNDO iteration {k}[/bold cyan]" + (" (one-shot distillation)" if k == 0 else ""))
@@ -286,7 +275,7 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:
-    from undo_cli.stages.run_manifest import model_fingerprint, sha256_file
+    from undo_cli.loop.manifest import model_fingerprint, sha256_file
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
              for key in ("train", "val", "test")}
@@ -296,8 +285,8 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
     from undo_cli.console import console
-    from undo_cli.stages import report
-    from undo_cli.stages.run_manifest import RunFolder
+    from undo_cli.loop import report
+    from undo_cli.loop.manifest import RunFolder
 
     seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
                                                                                  "evaluate", "collect_errors")}}

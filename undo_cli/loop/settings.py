@@ -14,12 +14,13 @@ and map one to one onto the fields of that stage's config dataclass
 bare dotted flag is `true`). Because the keys are checked against the stage's
 dataclass, not against a list here, a field added to `TrainConfig` later is
 settable from `undo iterate` with no change to this module, and a typo is an
-error naming the fields that exist.
+error naming the fields that exist. The fields are read through
+`undo_cli.fields`, as the command builder reads them for `undo train`'s flags.
 
 Values on the command line are read as TOML values (`2e-5` is a number,
 `true` a boolean, `[1, 2]` a list) and anything that is not valid TOML is text
 (`cosine`); `none` unsets an optional field. Dotted flags are parsed from the
-leftover arguments of the typer command rather than declared, which keeps
+leftover arguments of the click command rather than declared, which keeps
 `undo --help` instant (declaring every stage's fields would import them all).
 
 Some fields belong to the loop and cannot be set in a table: input/output
@@ -36,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
+from undo_cli.fields import describe, flag, type_parts
 
 # stage table -> (module, config class)
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("undo_cli.stages.generate", "GenerateConfig"),
-    "train": ("undo_cli.stages.train", "TrainConfig"),
+    "train": ("undo_cli.training.config", "TrainConfig"),
     "evaluate": ("undo_cli.stages.evaluate", "EvaluateConfig"),
     "collect_errors": ("undo_cli.stages.collect_errors", "CollectErrorsConfig"),
     "refine": ("undo_cli.stages.refine", "RefineConfig"),
@@ -71,10 +73,6 @@ def stage_class(table: str):
     return getattr(importlib.import_module(module), name)
 
 
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def parse_value(text: str) -> Any:
     """A command-line value as TOML (numbers, booleans, lists, quoted strings); plain text otherwise."""
     if text.strip().lower() in ("none", "null"):
@@ -90,9 +88,10 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-def check_type(value: Any, type_str: str, where: str) -> Any:
-    """`value` fitted to a dataclass field's annotation (a string: `from __future__ import annotations`)."""
-    allowed = {t.strip() for t in str(type_str).split("|")}
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """`value` fitted to a dataclass field's annotation (`int | None`, as text or as a type)."""
+    type_str = str(annotation)
+    allowed = type_parts(annotation)
     if value is None:
         if "None" in allowed:
             return None
@@ -206,17 +205,14 @@ def _check_stage_key(table: str, key: str, value: Any, source: str) -> Any:
 
 def effective_settings(table: str, settings: dict[str, Any], loop_defaults: dict[str, Any]) -> dict[str, Any]:
     """A stage's settings as the loop will use them: dataclass defaults < the loop's (e.g. seed) < the table."""
-    cls = stage_class(table)
     row: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in OWNED.get(table, {}):
+    for spec in describe(stage_class(table)):
+        if spec.name in OWNED.get(table, {}):
             continue
-        if f.name in settings:
-            row[f.name] = settings[f.name]
-        elif f.name in loop_defaults:
-            row[f.name] = loop_defaults[f.name]
-        elif f.default is not dataclasses.MISSING:
-            row[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            row[f.name] = f.default_factory()
+        if spec.name in settings:
+            row[spec.name] = settings[spec.name]
+        elif spec.name in loop_defaults:
+            row[spec.name] = loop_defaults[spec.name]
+        elif not spec.required:
+            row[spec.name] = spec.default
     return row

@@ -33,13 +33,22 @@ summary.json, so the three always agree.
 from __future__ import annotations
 
 import json
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
+from undo_cli.loop.layout import SPLITS, RunLayout, parse_iteration
 
 DASH = "—"
+
+
+@dataclass
+class ReportConfig:
+    """Everything `undo report` needs."""
+
+    run_dir: str = field(metadata={"argument": True, "help": "The run folder (runs/NAME), finished or still running."})
+    plot: str | None = field(default=None, metadata={"help": "Where to write the PNG plot (default: RUN_DIR/report.png)."})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -71,10 +80,10 @@ def _jsonl(path: Path) -> list[dict[str, Any]] | None:
 
 
 def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
-    found = {int(m.group(1)) for p in run_dir.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", p.name))}
+    found = set(RunLayout(run_dir).iterations())
     for key in (manifest or {}).get("stages", {}):
-        if m := re.fullmatch(r"iter_(\d+)/.*", key):
-            found.add(int(m.group(1)))
+        if "/" in key and (k := parse_iteration(key)) is not None:
+            found.add(k)
     return sorted(found)
 
 
@@ -84,12 +93,12 @@ ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_
 
 
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
-    d = run_dir / f"iter_{k:02d}"
+    layout = RunLayout(run_dir)
     # Every key is always there (None until known), so summary.json has one shape for every row.
     row: dict[str, Any] = {"iteration": k, **dict.fromkeys(ROW_KEYS)}
     if k == 0:
-        kept = _jsonl(d / "rationales.jsonl")
-        rejected = _jsonl(d / "rationales.rejected.jsonl") or []
+        kept = _jsonl(layout.rationales())
+        rejected = _jsonl(layout.rejected()) or []
         if kept is not None:
             samples = kept + rejected
             row["teacher_written"] = len(kept)
@@ -97,25 +106,25 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["verification_rate"] = row["teacher_verified"] / len(samples) if samples else None
         data = kept
     else:
-        refined = _jsonl(d / "refined.jsonl")
+        refined = _jsonl(layout.refined(k))
         if refined is not None:
             row["refined"] = len(refined)
             row["refined_verified"] = sum(bool((r.get("refinement") or {}).get("verified")) for r in refined)
             row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
-        data = _jsonl(d / "train_data.jsonl")
+        data = _jsonl(layout.train_data(k))
     row["train_examples"] = len(data) if data is not None else None
-    trained = _read_json(d / "student" / "train_summary.json")
+    trained = _read_json(layout.student(k) / "train_summary.json")
     if trained:
         row["train_loss"] = trained.get("final_loss")
         row["train_steps"] = trained.get("steps")
-    for split in ("val", "test"):
-        metrics = _read_json(d / split / "metrics.json")
+    for split in SPLITS:
+        metrics = _read_json(layout.metrics(k, split))
         if metrics:
             row[f"{split}_accuracy"] = metrics.get("accuracy")
             row[f"{split}_correct"] = metrics.get("correct")
             row[f"{split}_count"] = metrics.get("count")
-    errors = _jsonl(d / "errors.jsonl")
+    errors = _jsonl(layout.errors(k))
     row["errors"] = len(errors) if errors is not None else None
     if errors is not None:
         types: dict[str, int] = {}
@@ -125,7 +134,7 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
     seconds = {}
     status = None
     for name in ("generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"):
-        stage = stages.get(f"iter_{k:02d}/{name}")
+        stage = stages.get(RunLayout.step_key(k, name))
         if stage is None:
             continue
         seconds[name] = stage.get("seconds")
@@ -141,7 +150,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UndoError(f"{run_dir}: no such run folder", hint="pass runs/NAME, the folder `undo iterate` writes")
-    manifest = _read_json(run_dir / "manifest.json")
+    manifest = _read_json(RunLayout(run_dir).manifest)
     iterations = _iterations(run_dir, manifest)
     if not iterations:
         raise UndoError(f"{run_dir}: no iterations yet (no iter_00/ and no manifest.json)",
@@ -203,13 +212,13 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "status": state["status"],
         "stop_reason": state["stop_reason"],
         "best_iteration": state["best_iteration"],
-        "best_student": str(Path(state["run_dir"]) / f"iter_{state['best_iteration']:02d}" / "student")
+        "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
         "test": {"best": best, "one_shot": one_shot,
                  "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None},
         "iterations": state["rows"],
     }
-    write_json(Path(run_dir) / "summary.json", summary)
+    write_json(RunLayout(Path(run_dir)).summary, summary)
     return summary
 
 
@@ -400,9 +409,14 @@ def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
     summary = {"test": {"best": best, "one_shot": one_shot,
                         "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}}
     print_verdict(summary)
-    out = plot(state, plot_path or Path(run_dir) / "report.png")
+    out = plot(state, plot_path or RunLayout(Path(run_dir)).report_plot)
     if out is None:
         console.print("no accuracy yet, so no plot (the first evaluation writes iter_00/val/metrics.json)")
     else:
         console.print(f"plot written to {out}")
     return {**state, **summary, "plot": str(out) if out else None}
+
+
+def run_report(config: ReportConfig) -> dict[str, Any]:
+    """`run` for the command line, which hands over a config."""
+    return run(config.run_dir, config.plot)

@@ -3,7 +3,7 @@
     runs/NAME/
       manifest.json        config, versions, seeds, input hashes, every stage's status/timings/outputs
       summary.json         per-iteration numbers, the best iteration, test accuracy best vs one-shot
-      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student
+      iter_00/ iter_01/ …  each stage's JSONL, metrics and the trained student (loop/layout.py)
 
 `undo iterate` calls stage `run()` functions; this module is the bookkeeping
 around those calls, so that a run killed at any moment can be picked up again
@@ -38,24 +38,14 @@ from typing import Any, Callable
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.models import library_versions, release_memory
+from undo_cli.loop.layout import LOCK, MANIFEST
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-LOCK = ".lock"
 FORMAT = 1
-
-# The libraries whose versions decide what a run computes.
-_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "math-verify", "scikit-learn",
-              "vllm", "openai")
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def iter_dir(k: int) -> str:
-    """The folder name of iteration k: iter_00, iter_01, … (sorts as a person expects)."""
-    return f"iter_{k:02d}"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -83,20 +73,6 @@ def model_fingerprint(model: str) -> dict[str, Any]:
     if config.is_file():
         h.update(config.read_bytes())
     return {"path": str(p), "fingerprint": h.hexdigest()}
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import undo_cli
-
-    found = {"undo": undo_cli.__version__, "python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -291,18 +267,3 @@ def _hashes(inputs: dict[str, Any]) -> dict[str, Any]:
     """The part of `inputs` that identifies them (hashes and fingerprints, not record counts)."""
     return {f"inputs.{name}": v.get("sha256") or v.get("fingerprint") or v.get("name")
             for name, v in inputs.items() if isinstance(v, dict)}
-
-
-def release_memory() -> None:
-    """Between stages: drop what the last stage left (models, KV caches) before the next one loads its own.
-
-    Each stage already frees its model when its run() returns; this collects
-    the garbage cycles and hands cached CUDA blocks back, so a 30B teacher and
-    the student are never resident at the same time.
-    """
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")  # only if a stage imported it; importing it here would cost seconds
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,0 +1,161 @@
+"""`undo demo` end to end, as a new user runs it: killed in the middle of the loop, refused without
+--resume, resumed, and then checked for what it promises.
+
+One demo run serves every test here (a module fixture): it is the most
+expensive test of the suite (the whole demo: a tiny teacher trained with
+`undo train`, then `undo iterate`), and a second run would check nothing new.
+The kill lands once iteration 0's training is done, so the resumed run must
+pick up at iteration 0's evaluation and recompute neither the teacher, nor its
+rationales, nor the student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WIDE = {"COLUMNS": "200"}
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stage(run: Path, key: str) -> dict:
+    try:
+        return json.loads((run / "manifest.json").read_text())["stages"].get(key) or {}
+    except (OSError, ValueError):  # not written yet, or read mid-rename: poll again
+        return {}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    from tests.conftest import run_undo
+
+    workdir = tmp_path_factory.mktemp("demo") / "undo-demo"
+    run = workdir / "runs" / "demo"
+    env = {**os.environ, **WIDE}
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 900
+    while _stage(run, "iter_00/train").get("status") != "done":
+        assert proc.poll() is None, f"demo ended before the kill point:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "demo did not reach iter_00/train in 15 minutes"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = {
+        "teacher": (workdir / "models" / "teacher" / "train_summary.json").read_bytes(),
+        "rationales": (run / "iter_00" / "rationales.jsonl").read_bytes(),
+        "student": (run / "iter_00" / "student" / "train_summary.json").read_bytes(),
+        "generate": _stage(run, "iter_00/generate"),
+    }
+    refused = run_undo("demo", "--workdir", workdir, env=WIDE)
+    resumed = run_undo("demo", "--workdir", workdir, "--resume", env=WIDE, timeout=900)
+    return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed}
+
+
+def test_resume_after_sigkill_finishes_without_redoing_finished_stages(demo):
+    refused, resumed, run, before = demo["refused"], demo["resumed"], demo["run"], demo["before"]
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "reusing the models" in resumed.stderr  # the teacher was not trained again
+    assert (demo["workdir"] / "models" / "teacher" / "train_summary.json").read_bytes() == before["teacher"]
+    assert (run / "iter_00" / "rationales.jsonl").read_bytes() == before["rationales"]
+    assert (run / "iter_00" / "student" / "train_summary.json").read_bytes() == before["student"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert stages["iter_00/generate"] == before["generate"]  # same attempts, same timings: skipped
+    assert len(stages["iter_00/train"]["attempts"]) == 1
+    assert manifest["status"] == "done" and all(s["status"] == "done" for s in stages.values())
+
+
+def test_the_run_folder_has_every_artifact(demo):
+    run = demo["run"]
+    assert (run / "manifest.json").is_file() and (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    iterations = sorted(p.name for p in run.glob("iter_*"))
+    assert iterations[0] == "iter_00" and len(iterations) >= 2  # one-shot plus at least one refinement round
+    assert _read(run / "iter_00" / "rationales.jsonl") and (run / "iter_01" / "refined.jsonl").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    test = summary["test"]
+    assert test["one_shot"]["iteration"] == 0 and test["one_shot"]["count"] > 0
+    assert test["best"]["iteration"] == summary["best_iteration"] and test["gain"] is not None
+    low, high = test["one_shot"]["ci95"]
+    assert 0 <= low <= test["one_shot"]["accuracy"] <= high <= 1
+
+
+def test_the_user_sees_table_verdict_and_next_steps(demo):
+    err, out = demo["resumed"].stderr, demo["resumed"].stdout
+    assert "UNDO run finished" in err and "test accuracy:" in err and "95% CI" in err
+    assert "undo report" in err and "undo_loop.sh" in err and "refined.jsonl" in err
+    assert "says nothing about real models" in err
+    line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
+    assert line["run_dir"] == str(demo["run"]) and line["test"]["one_shot"]["count"] > 0
+
+
+def test_data_is_the_shipped_problems_split(demo):
+    from undo_cli.prompts import bundled_dir
+
+    shipped = {p["id"]: p for p in _read(bundled_dir("examples") / "arithmetic.jsonl")}
+    splits = {s: _read(demo["workdir"] / "data" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    ids = [p["id"] for rows in splits.values() for p in rows]
+    assert sorted(ids) == sorted(shipped) and len(set(ids)) == len(ids)  # a partition, nothing lost
+    assert all(p == shipped[p["id"]] for rows in splits.values() for p in rows)
+    assert len(splits["val"]) >= 50 and len(splits["test"]) >= 50
+
+
+def test_models_share_a_tokenizer_and_the_teacher_was_trained_by_undo_train(demo):
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
+    tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    assert tok_t.get_vocab() == tok_s.get_vocab() and tok_t.chat_template == tok_s.chat_template
+    ct, cs = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    assert cs.hidden_size * cs.num_hidden_layers < ct.hidden_size * ct.num_hidden_layers
+    summary = json.loads((teacher / "train_summary.json").read_text())  # written by `undo train` itself
+    assert summary["final_loss"] < summary["first_loss"] / 3
+
+
+def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):
+    proc = undo("demo", "--workdir", demo["workdir"], "--setup-only", env=WIDE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the models" in proc.stderr and "undo iterate --config" in proc.stderr
+
+
+def test_a_folder_of_another_seed_or_not_a_demo_is_refused(demo, undo, tmp_path):
+    other_seed = undo("demo", "--workdir", demo["workdir"], "--seed", "7", env=WIDE)
+    assert other_seed.returncode == 2 and "--seed 0" in other_seed.stderr
+    (tmp_path / "stuff.txt").write_text("mine\n")
+    foreign = undo("demo", "--workdir", tmp_path, env=WIDE)
+    assert foreign.returncode == 2 and "not a demo folder" in foreign.stderr
+    assert (tmp_path / "stuff.txt").read_text() == "mine\n"  # nothing touched
+
+
+def test_example_configs_resolve_and_fit_their_models(tmp_path, monkeypatch):
+    """run.toml points at what `undo demo --setup-only` writes; run-qwen.toml has limits that fit real models."""
+    from undo_cli.prompts import bundled_dir
+    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.settings import resolve
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("undo-demo/data", "data"):
+        (tmp_path / name).mkdir(parents=True)
+        for split in ("train", "val", "test"):
+            (tmp_path / name / f"{split}.jsonl").write_text('{"id": "a", "question": "q", "answer": "1"}\n')
+    demo_cfg = resolve(IterateConfig, str(bundled_dir("examples") / "run.toml"), {}, [])
+    assert demo_cfg.teacher == "undo-demo/models/teacher" and demo_cfg.train_file == "undo-demo/data/train.jsonl"
+    real = resolve(IterateConfig, str(bundled_dir("examples") / "run-qwen.toml"), {}, [])
+    for table in ("generate", "evaluate", "refine"):
+        assert real.settings(table)["max_tokens"] >= 1024, table  # a 7B teacher's rationales are not cut short
+    train = real.settings("train")
+    assert train["warmup_ratio"] > 0 and train["lr_scheduler"] == "cosine" and train["lr"] == 2e-5
+    assert real.settings("refine")["k"] > 1

@@ -1,0 +1,103 @@
+"""What a config dataclass says about each of its fields: the one place that reads them.
+
+    from undo_cli.fields import describe
+    for spec in describe(TrainConfig):
+        print(spec.flag, spec.type, spec.default, spec.help, spec.group)   # --lora-r int 0 'LoRA rank; ...' LoRA
+
+Every setting of `undo` is a field of a stage's config dataclass
+(`TrainConfig`, `GenerateConfig`, ...), declared once with its default and
+`metadata={"help": ...}`. Two readers turn fields into flags: the command
+builder (`cli/builder.py`: `--lora-r` of `undo train`) and the settings of
+`undo iterate` (`loop/settings.py`: `--train.lora-r`, `[train] lora_r`).
+Both read them through `describe()`, so a field added to a config is a flag
+everywhere with no other change.
+
+Field metadata keys:
+
+    help      the flag's help text (required: a test checks every field has one)
+    choices   the allowed values, shown in the help as [a|b|c]; the config's own
+              checks reject others with a hint, so the message stays ours
+    short     a short form, e.g. "-o"
+    argument  True: a positional argument instead of a --flag
+    group     the help section; default: the `help_group` of the option-group
+              class that declares the field (see training/config.py), else none
+
+Only the standard library here: `undo --help` imports this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SCALARS = ("int", "float", "str", "bool")
+LISTS = ("list[str]",)  # a repeatable flag: --base-url A --base-url B
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    type: str  # int, float, str, bool, or the annotation's text when it is none of those (dict[str, Any])
+    optional: bool  # None is allowed
+    default: Any  # dataclasses.MISSING when required
+    help: str
+    choices: tuple[str, ...] | None
+    short: str | None
+    argument: bool
+    group: str | None
+
+    @property
+    def flag(self) -> str:
+        return flag(self.name)
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def flag(name: str) -> str:
+    """A field name as a flag: `lora_r` -> `--lora-r`."""
+    return "--" + name.replace("_", "-")
+
+
+def type_parts(annotation: Any) -> set[str]:
+    """The names in a field's annotation: `int | None` -> {'int', 'None'} (a string under `from __future__ import annotations`)."""
+    if isinstance(annotation, str):
+        return {t.strip() for t in annotation.split("|")}
+    import typing
+
+    args = typing.get_args(annotation)
+    if args and typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return {"None" if a is type(None) else getattr(a, "__name__", str(a)) for a in args}
+    return {getattr(annotation, "__name__", str(annotation))}
+
+
+def _group(cls: type, name: str) -> str | None:
+    for klass in cls.__mro__:  # the most derived class that declares the field owns it
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass.__dict__.get("help_group")
+    return None
+
+
+def describe(cls: type) -> list[FieldSpec]:
+    """The fields of a config dataclass, in declaration order, as the CLI and the loop's settings see them."""
+    specs = []
+    for f in dataclasses.fields(cls):
+        parts = type_parts(f.type)
+        base = [t for t in parts if t != "None"]
+        typ = base[0] if len(base) == 1 and base[0] in SCALARS + LISTS else str(f.type)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        meta = f.metadata
+        choices = meta.get("choices")
+        specs.append(FieldSpec(
+            name=f.name, type=typ, optional="None" in parts, default=default, help=meta.get("help", ""),
+            choices=tuple(choices) if choices is not None else None, short=meta.get("short"),
+            argument=bool(meta.get("argument")), group=meta.get("group") or _group(cls, f.name),
+        ))
+    return specs

@@ -1,0 +1,93 @@
+"""Loading models and tokenizers, with one clear error; the software versions; giving memory back.
+
+    from undo_cli.models import load_pretrained
+    tokenizer = load_pretrained("tokenizer", "Qwen/Qwen2.5-0.5B-Instruct", trust_remote_code=False)
+    model = load_pretrained("model", "out/student", trust_remote_code=False, dtype=torch.bfloat16)
+
+Every place that opens a model (the hf and vllm backends, `undo train`'s
+student and its merge, the white-box teacher) goes through `load_pretrained`
+or `load_error`, so a wrong name, a missing folder or a model that ships its
+own code gives the same message and hint everywhere, never a transformers
+traceback. `library_versions()` is what train_summary.json and a run's
+manifest record; `release_memory()` is called between stages that load
+models in one process (`undo iterate`).
+
+Only the standard library at import: transformers and torch load inside the functions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from undo_cli.errors import UndoError
+
+LIBRARIES = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "math-verify", "scikit-learn",
+             "openai", "vllm")
+
+
+def load_error(model: str, exc: BaseException, *, trust_remote_code: bool = True, flag: str = "") -> UndoError:
+    """One clear message for 'this model cannot be loaded', whatever transformers (or vLLM) raised.
+
+    `flag` names the option the model came from (e.g. "--teacher") when the message should say it.
+    """
+    if "trust_remote_code" in str(exc) and not trust_remote_code:
+        return UndoError(f"{flag + ' ' if flag else 'model '}{model!r} ships its own code and needs trust_remote_code",
+                         hint="if you trust that repository, add --trust-remote-code")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).suffix != ""
+    if looks_local or Path(model).exists():
+        hint = "pass a folder that holds config.json and the tokenizer files (what `undo train` or save_pretrained writes)"
+    else:
+        hint = ("pass a local model folder or a hub name like Qwen/Qwen2.5-0.5B-Instruct; with HF_HUB_OFFLINE=1 "
+                "only models already in the hub cache load")
+    return UndoError(f"cannot load model '{model}': {first}", hint=hint)
+
+
+def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str = "", **kwargs: Any):
+    """`AutoTokenizer` ("tokenizer") or `AutoModelForCausalLM` ("model") `.from_pretrained(name, **kwargs)`.
+
+    Any failure becomes `load_error`'s UndoError (transformers raises OSError, ValueError, KeyError, ...
+    depending on what is wrong, so every exception is translated).
+    """
+    import transformers
+
+    cls = {"tokenizer": transformers.AutoTokenizer, "model": transformers.AutoModelForCausalLM}[kind]
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        raise load_error(name, exc, trust_remote_code=trust_remote_code, flag=flag) from None
+
+
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """{'undo': ..., 'python': ..., 'torch': ..., ...}: the installed versions of `names` (absent ones left out)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import undo_cli
+
+    found = {"undo": undo_cli.__version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def release_memory() -> None:
+    """Drop what the last stage left (models, KV caches) before the next one loads its own.
+
+    Each stage frees its model when its run() returns; this collects the
+    garbage cycles and hands cached CUDA blocks back, so a 30B teacher and the
+    student are never resident at the same time.
+    """
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if a stage imported it; importing it here would cost seconds
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

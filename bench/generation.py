@@ -4,14 +4,17 @@
     python bench/generation.py --sections hf,openai --prompts 64 --max-tokens 64
     python bench/generation.py --sections hf --hidden-size 1024 --layers 16 --heads 16   # bigger random model (GPU)
     python bench/generation.py --threads 1              # a small shared CPU box: avoid OMP oversubscription
+    python bench/generation.py --sections openai        # the client: concurrency 256 @ 1 s vs the 256 req/s ceiling
 
 Sections:
 
     hf      the `hf` backend batched (--batch-size prompts per forward) vs one prompt
             at a time, same model, same prompts, greedy: tokens/s ratio (target >= 5x).
-    openai  the `openai` backend at --concurrency 16 vs 1 against bench/latency_server.py
-            (a fixed --latency-ms per request, no compute): requests/s ratio (target >= 12x;
-            16x is the ceiling).
+    openai  the `openai` backend at --concurrency 256 against bench/latency_server.py (a fixed
+            --latency-ms per request, default 1000, no compute), the client pinned to one core and
+            the server to the others: requests/s beside the ceiling concurrency / latency (target
+            >= 200 req/s of 256) and beside 1 request at a time; plus what the official `openai`
+            client costs in CPU per request sending the same requests (why the backend uses httpx2).
     vllm    in-process vLLM (run by the vllm venv's python, see .ci/vllm-venv.sh) vs the `hf`
             backend batched, same model and prompts: tokens/s ratio. Model load and the
             first (warm-up) call are excluded from both.
@@ -25,6 +28,7 @@ writes bench/results/generation.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -82,33 +86,79 @@ def bench_hf(model: str, prompts, max_tokens: int, batch_size: int) -> dict:
     }
 
 
-def bench_openai(prompts, latency_ms: float, concurrency: int) -> dict:
+def _pin(cpus: set[int]) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+def bench_openai(prompts, latency_ms: float, concurrency: int, one_core: bool) -> dict:
+    """The openai backend at `concurrency` vs its ceiling (concurrency / latency) and vs 1 request at a time,
+    beside the official `openai` client's own cost at the same concurrency."""
+
     from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
 
-    sys.path.insert(0, str(REPO))
     from tests.servers import free_port, serve
 
     sampling = SamplingConfig(max_tokens=64)
-    out = {"requests": len(prompts), "latency_ms": latency_ms}
+    latency = latency_ms / 1000
+    out = {"requests": len(prompts), "latency_ms": latency_ms, "concurrency": concurrency,
+           "ceiling_req_s": round(concurrency / latency, 1)}
     port = free_port()
-    # The server runs in its own process: in this one it would compete with the client for the GIL.
+    url = f"http://127.0.0.1:{port}/v1"
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    # The server runs in its own process (in this one it would compete with the client for the GIL) and,
+    # with --one-core, on the other cores: the client gets exactly one.
     cmd = [sys.executable, str(HERE / "latency_server.py"), "--port", str(port), "--latency-ms", str(latency_ms)]
-    with tempfile.TemporaryDirectory() as tmp, serve(cmd, port, "latency", Path(tmp) / "server.log", timeout=60):
-        for c in (1, concurrency):
-            config = BackendConfig(backend="openai", model="latency", base_url=f"http://127.0.0.1:{port}/v1",
-                                   concurrency=c)
-            with open_backend(config) as llm:
-                llm.generate(prompts[:1], sampling)  # warm-up: connection, imports
-                t = time.perf_counter()
-                # Chunks of batch_hint, exactly as stages/generation_loop.py sends them.
-                for start in range(0, len(prompts), llm.batch_hint):
-                    llm.generate(prompts[start : start + llm.batch_hint], sampling)
-                seconds = time.perf_counter() - t
-            out[f"c{c}_s"] = round(seconds, 3)
-            out[f"c{c}_req_s"] = round(len(prompts) / seconds, 2)
-    out["concurrency"] = concurrency
-    out["ratio"] = round(out[f"c{concurrency}_req_s"] / out["c1_req_s"], 2)
+    with tempfile.TemporaryDirectory() as tmp, serve(cmd, port, "latency", Path(tmp) / "server.log", timeout=60) as srv:
+        if one_core and len(cpus) > 1:
+            os.sched_setaffinity(srv.proc.pid, set(cpus[:-1]))
+            _pin({cpus[-1]})
+            out["client_cpus"] = 1
+        try:
+            for label, c, work in (("c1", 1, prompts[: max(4, int(4 / latency))]), ("undo", concurrency, prompts)):
+                config = BackendConfig(backend="openai", model="latency", base_url=url, concurrency=c)
+                with open_backend(config) as llm:
+                    llm.generate(prompts[: min(c, len(prompts))], sampling)  # warm-up: connections, imports
+                    t, cpu = time.perf_counter(), time.process_time()
+                    # Chunks of batch_hint, exactly as stages/runner.py sends them.
+                    for start in range(0, len(work), llm.batch_hint):
+                        llm.generate(work[start : start + llm.batch_hint], sampling)
+                    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+                out[f"{label}_req_s"] = round(len(work) / seconds, 2)
+                out[f"{label}_cpu_ms_per_request"] = round(1000 * cpu / len(work), 3)
+            out["official"] = asyncio.run(_official_client(url, prompts, concurrency))
+        finally:
+            _pin(set(cpus)) if cpus else None
+    out["ratio_vs_ceiling"] = round(out["undo_req_s"] / out["ceiling_req_s"], 3)
+    # What one core would sustain if the client had it to itself (the wall figure above shares it).
+    out["undo_cpu_bound_req_s"] = round(1000 / out["undo_cpu_ms_per_request"], 0)
+    out["load_avg_1m_after"] = os.getloadavg()[0]
+    out["ratio_vs_c1"] = round(out["undo_req_s"] / out["c1_req_s"], 1)
     return out
+
+
+async def _official_client(url: str, prompts, concurrency: int) -> dict:
+    """The official client (`openai.AsyncOpenAI`, no retries) sending the same requests: what it costs."""
+    try:
+        import openai
+    except ImportError:
+        return {"skipped": "openai package not installed"}
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(messages):
+        async with slots:
+            r = await client.chat.completions.create(model="latency", messages=messages, max_tokens=64,
+                                                     temperature=0.0)
+            return r.choices[0].message.content
+
+    await asyncio.gather(*(one(m) for m in prompts[:concurrency]))  # warm-up
+    t, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(m) for m in prompts))
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    await client.close()
+    return {"req_s": round(len(prompts) / seconds, 2), "cpu_ms_per_request": round(1000 * cpu / len(prompts), 3),
+            "version": openai.__version__}
 
 
 def vllm_worker(model: str, prompts_file: str, max_tokens: int, out_file: str) -> None:
@@ -163,9 +213,11 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--openai-requests", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument("--openai-requests", type=int, default=2048)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--all-cores", action="store_true",
+                        help="openai: let the client use every core (default: pinned to one, the server to the rest)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (and OMP in the vLLM worker); default: torch's choice. "
                              "On a small shared machine 1 can be many times faster than oversubscribed threads")
@@ -206,8 +258,10 @@ def main() -> None:
             console.print("[bold]hf[/bold]: batched vs one prompt at a time ...")
             results["hf"] = bench_hf(model, prompts, args.max_tokens, args.batch_size)
         if "openai" in sections:
-            console.print(f"[bold]openai[/bold]: concurrency {args.concurrency} vs 1 ...")
-            results["openai"] = bench_openai(make_prompts(args.openai_requests), args.latency_ms, args.concurrency)
+            console.print(f"[bold]openai[/bold]: concurrency {args.concurrency} vs its ceiling, 1 at a time and the "
+                          "official client ...")
+            results["openai"] = bench_openai(make_prompts(args.openai_requests), args.latency_ms, args.concurrency,
+                                             one_core=not args.all_cores)
         if "vllm" in sections:
             python = find_vllm_python()
             if python is None:
@@ -227,10 +281,23 @@ def main() -> None:
                       f"{h['single_tok_s']:,.0f} tok/s", f"{h['batched_tok_s']:,.0f} tok/s", f"{h['ratio']:.1f}x", ">= 5x")
     if "openai" in results:
         o = results["openai"]
-        fast = o[f"c{o['concurrency']}_req_s"]
-        table.add_row(f"openai concurrency {o['concurrency']} vs 1, {o['requests']} requests @ {o['latency_ms']:.0f} ms",
-                      f"{o['c1_req_s']:.1f} req/s", f"{fast:.1f} req/s", f"{o['ratio']:.1f}x",
-                      ">= 12x")
+        where = (f"{o['requests']} requests @ {o['latency_ms']:.0f} ms, client on {o.get('client_cpus', 'all')} "
+                 f"core(s), load avg {o['load_avg_1m_after']:.1f} on {os.cpu_count()} cores")
+        table.add_row(f"openai backend, concurrency {o['concurrency']} vs the ceiling (concurrency / latency), {where}",
+                      f"{o['ceiling_req_s']:.0f} req/s", f"{o['undo_req_s']:.1f} req/s", f"{o['ratio_vs_ceiling']:.2f}x",
+                      ">= 200 req/s")
+        table.add_row("openai backend, concurrency 1 (same server)", f"{o['c1_req_s']:.2f} req/s",
+                      f"{o['undo_req_s']:.1f} req/s", f"{o['ratio_vs_c1']:.0f}x", "-")
+        off = o.get("official", {})
+        if "req_s" in off:
+            table.add_row(f"client CPU per request: official openai {off['version']} client vs undo's httpx2 path",
+                          f"{off['cpu_ms_per_request']:.2f} ms", f"{o['undo_cpu_ms_per_request']:.2f} ms",
+                          f"{off['cpu_ms_per_request'] / o['undo_cpu_ms_per_request']:.2f}x", "-")
+            table.add_row("undo's client alone on one core (1 / CPU per request)", f"{o['ceiling_req_s']:.0f} req/s",
+                          f"{o['undo_cpu_bound_req_s']:.0f} req/s", f"{o['undo_cpu_bound_req_s'] / o['ceiling_req_s']:.1f}x",
+                          ">= 200 req/s")
+            table.add_row(f"official openai client alone, concurrency {o['concurrency']}", f"{o['ceiling_req_s']:.0f} req/s",
+                          f"{off['req_s']:.1f} req/s", f"{off['req_s'] / o['ceiling_req_s']:.2f}x", "-")
     v = results.get("vllm", {})
     if "ratio" in v:
         table.add_row(f"vllm (in-process, load {v['load_s']:.0f} s) vs hf batched", f"{v['hf_batched_tok_s']:,.0f} tok/s",

@@ -21,6 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 TEXT = "Sam starts with 2 apples. He buys 1 more, so 2 + 1 = 3.\n#### 3"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The listen() backlog: a class attribute, because the constructor already listens. A burst of
+    # hundreds of concurrent connections (concurrency 256) must queue, not be reset.
+    request_queue_size = 1024
+
+
 class LatencyServer:
     """Serve in a background thread (`with LatencyServer(0.1) as s: s.base_url`)."""
 
@@ -28,9 +35,7 @@ class LatencyServer:
         self.latency_s, self.model, self.text = latency_s, model, text
         self.requests = 0
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 256  # a burst of concurrent connections must not be refused
+        self.httpd = _Server(("127.0.0.1", port), self._handler())
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
 

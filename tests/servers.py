@@ -8,13 +8,19 @@ Two kinds:
   test ends. Its log goes to a file whose tail is shown when it fails to start.
 * `ScriptedServer` is a tiny OpenAI-compatible HTTP server (stdlib, in a
   thread) whose answers are scripted: e.g. 429 once, then a normal completion.
-  It exists for fault tests only (rate limits, 404s, what the client sends); real
-  generation is always tested against a real model server.
+  It exists for fault tests only (rate limits, 404s, malformed 200s, hangs, what
+  the client sends); real generation is always tested against a real model server.
+* `FaultProxy` is a real socket server on 127.0.0.1 in front of another server
+  (a real `transformers serve` above all) that passes requests through, except
+  for a seeded fraction of chat requests where it injects a fault: 429/500/503,
+  a delay past the client's timeout, a connection closed before answering or
+  mid-body, a reset, a malformed 200 (invalid JSON, `choices: null`).
 
 Fixtures (registered for the whole suite through `pytest_plugins` in conftest):
 
     transformers_server   `transformers serve` pinned to the `trained_teacher` model (session scope)
     scripted_server       a fresh ScriptedServer per test
+    fault_proxy           a factory: fault_proxy(upstream_base_url, rate=0.3, faults=FAULTS, ...) -> FaultProxy
 
     def test_x(transformers_server):
         url, model = transformers_server.base_url, transformers_server.model
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,6 +41,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,7 +145,10 @@ def vllm_serve_cmd(python: str, model_dir: str | Path, port: int) -> list[str]:
 class ScriptedServer:
     """Answers /v1/chat/completions from a script of status codes, then with a fixed completion.
 
-    `statuses`: codes to answer with, in order, before answering 200 (e.g. [429]).
+    `statuses`: codes to answer with, in order, before answering 200 (e.g. [429]). An entry may also
+    be a fault name: "malformed_json" / "choices_null" (a 200 with a broken body), "hang" (never answer
+    within `hang_s`), "echo_auth" (a 400 whose message repeats the request's Authorization header, as
+    some proxies do).
     `text`: what a 200 completion says. Every request is recorded (path, headers, body).
     """
 
@@ -145,10 +156,13 @@ class ScriptedServer:
     text: str = "4 + 4 = 8\n#### 8"
     models: list[str] = field(default_factory=lambda: ["scripted"])
     requests: list[dict] = field(default_factory=list)
+    hang_s: float = 60.0
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -158,6 +172,7 @@ class ScriptedServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def close(self) -> None:
+        self._closed.set()  # ends any "hang" at once
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -191,6 +206,22 @@ class ScriptedServer:
                     server.requests.append({"path": self.path, "body": body,
                                             "headers": {k.lower(): v for k, v in self.headers.items()}})
                     status = server.statuses.pop(0) if server.statuses else 200
+                if isinstance(status, str):
+                    if status == "hang":
+                        server._closed.wait(server.hang_s)
+                        self.close_connection = True
+                        return
+                    if status == "echo_auth":
+                        self._send(400, {"error": {"message": "bad request; you sent authorization: "
+                                                              f"{self.headers.get('authorization')}"}})
+                        return
+                    raw = BROKEN_BODIES[status]
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                    return
                 if status != 200:
                     # retry-after 0: the client retries at once (its own backoff logic still runs).
                     self._send(status, {"error": {"message": f"scripted {status}", "code": status}},
@@ -203,6 +234,13 @@ class ScriptedServer:
                 self._send(200, completion_payload(body, server.text))
 
         return Handler
+
+
+# 200 answers a broken server sends (each seen in the wild from overloaded or half-started servers).
+BROKEN_BODIES = {
+    "malformed_json": b'{"id": "cmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess',
+    "choices_null": b'{"id": "cmpl-null", "object": "chat.completion", "choices": null, "usage": null}',
+}
 
 
 def completion_payload(request: dict, text: str) -> dict:
@@ -224,6 +262,144 @@ def completion_payload(request: dict, text: str) -> dict:
     }
 
 
+# -- a fault-injecting proxy in front of a real server -------------------------------------------
+
+FAULTS = ("429", "500", "503", "delay", "close_before", "close_mid_body", "reset", "malformed_json", "choices_null")
+
+
+class FaultProxy:
+    """Passes requests to `upstream` (a base URL ending in /v1), injecting faults into chat requests.
+
+    Each POST /chat/completions draws from a seeded generator: with probability `rate` it gets the next
+    fault of `faults` (round-robin, so every kind shows up once rate * requests >= len(faults)),
+    otherwise it is forwarded. `script`, when given, overrides the draw for the first requests (a list of
+    fault names, or None for "forward"). GET requests (/models) are always forwarded.
+    Counts: `injected` (Counter by fault), `forwarded`, `chat_requests`.
+
+    Faults: "429" "500" "503" (an error answer; 429 with Retry-After: 0), "delay" (hold the request
+    `delay_s`, then close: past the client's timeout), "close_before" (close without answering),
+    "close_mid_body" (forward, then send the headers and half the body and close), "reset" (RST),
+    "malformed_json" and "choices_null" (a 200 with a broken body).
+    """
+
+    def __init__(self, upstream: str, *, rate: float = 0.3, faults: tuple[str, ...] = FAULTS, seed: int = 0,
+                 delay_s: float = 10.0, script: list[str | None] | None = None):
+        from urllib.parse import urlparse
+
+        u = urlparse(upstream)
+        self.upstream_host, self.upstream_port, self.prefix = u.hostname, u.port, u.path.rstrip("/")
+        self.rate, self.faults, self.delay_s = rate, tuple(faults), delay_s
+        self.script = list(script or [])
+        self._rng = random.Random(seed)
+        self._next_fault = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.injected: Counter = Counter()
+        self.forwarded = 0
+        self.chat_requests = 0
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    def close(self) -> None:
+        self._closed.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            self.chat_requests += 1
+            if self.script:
+                fault = self.script.pop(0)
+            elif self._rng.random() < self.rate:
+                fault = self.faults[self._next_fault % len(self.faults)]
+                self._next_fault += 1
+            else:
+                fault = None
+            if fault:
+                self.injected[fault] += 1
+            else:
+                self.forwarded += 1
+            return fault
+
+    def _forward(self, method: str, path: str, body: bytes | None, headers) -> tuple[int, str, bytes]:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=300)
+        try:
+            keep = {k: v for k, v in headers.items() if k.lower() in ("content-type", "authorization")}
+            conn.request(method, path, body=body, headers=keep)
+            r = conn.getresponse()
+            return r.status, r.getheader("content-type", "application/json"), r.read()
+        finally:
+            conn.close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers: a close then hits a reused connection
+
+            reset = False
+
+            def log_message(self, *args):
+                pass
+
+            def finish(self):
+                if not self.reset:  # a reset socket is closed already
+                    super().finish()
+
+            def _reply(self, status: int, ctype: str, body: bytes, headers: dict | None = None,
+                       cut: bool = False) -> None:
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                if cut:
+                    self.wfile.flush()
+                    self.close_connection = True
+
+            def do_GET(self):
+                status, ctype, body = proxy._forward("GET", self.path, None, self.headers)
+                self._reply(status, ctype, body)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                fault = proxy._draw() if self.path.rstrip("/").endswith("/chat/completions") else None
+                if fault in ("429", "500", "503"):
+                    error = json.dumps({"error": {"message": f"injected {fault}", "code": int(fault)}}).encode()
+                    self._reply(int(fault), "application/json", error, {"retry-after": "0"} if fault == "429" else None)
+                elif fault == "delay":
+                    proxy._closed.wait(proxy.delay_s)
+                    self.close_connection = True
+                elif fault == "close_before":
+                    self.close_connection = True
+                elif fault == "reset":
+                    import struct
+
+                    # SO_LINGER 0: close() sends RST instead of FIN.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()  # now: the usual shutdown() would send a FIN first
+                    self.reset = True
+                    self.close_connection = True
+                elif fault in BROKEN_BODIES:
+                    self._reply(200, "application/json", BROKEN_BODIES[fault])
+                else:
+                    status, ctype, answer = proxy._forward("POST", self.path, body, self.headers)
+                    self._reply(status, ctype, answer, cut=fault == "close_mid_body")
+
+        return Handler
+
+
 # -- fixtures --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -242,3 +418,19 @@ def scripted_server() -> Iterator[ScriptedServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator:
+    """A factory of FaultProxy servers, all closed when the test ends."""
+    made: list[FaultProxy] = []
+
+    def make(upstream: str, **kw) -> FaultProxy:
+        made.append(FaultProxy(upstream, **kw))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for proxy in made:
+            proxy.close()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCALARS = ("int", "float", "str", "bool")
+LISTS = ("list[str]",)  # a repeatable flag: --base-url A --base-url B
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def describe(cls: type) -> list[FieldSpec]:
     for f in dataclasses.fields(cls):
         parts = type_parts(f.type)
         base = [t for t in parts if t != "None"]
-        typ = base[0] if len(base) == 1 and base[0] in SCALARS else str(f.type)
+        typ = base[0] if len(base) == 1 and base[0] in SCALARS + LISTS else str(f.type)
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

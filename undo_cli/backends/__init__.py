@@ -30,11 +30,11 @@ class BackendConfig:
     adapter: str | None = None          # a LoRA adapter folder to apply on top of `model` (hf)
     batch_size: int = 32                # hf: prompts per forward batch
     # openai
-    base_url: str | None = None
+    base_url: str | list[str] | None = None  # one server, or several: requests are spread over them
     api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable holding the key, never the key
-    concurrency: int = 16
-    timeout: float = 600.0
-    max_retries: int = 5
+    concurrency: int = 16               # requests in flight per endpoint
+    request_timeout: float = 600.0      # seconds for one whole request before it is retried
+    max_retries: int = 5                # retries of one request (on another endpoint when there is one)
     # vllm
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9

@@ -58,7 +58,7 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
     `layered`: the value may also come from elsewhere (`undo iterate`'s TOML file), so nothing is
     required here and an absent flag is None; the field's default is only shown.
     """
-    if spec.type not in ("bool", *CLICK_TYPES):
+    if spec.type not in ("bool", "list[str]", *CLICK_TYPES):
         raise TypeError(f"{spec.name}: a {spec.type} field has no flag form")
     default = None if layered or spec.required else spec.default
     help_text = spec.help
@@ -77,6 +77,9 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
     if spec.type == "bool":
         decls = [spec.name, f"{spec.flag}/--no-{spec.flag[2:]}", *short]
         param = click.Option(decls, default=default, help=help_text, show_default=show_default, is_flag=True)
+    elif spec.type == "list[str]":  # repeat the flag for several values; none given is None, not ()
+        param = click.Option([spec.name, spec.flag, *short], type=click.STRING, multiple=True, default=None,
+                             help=help_text, callback=lambda _ctx, _param, value: list(value) or None)
     else:
         metavar = "[" + "|".join(spec.choices) + "]" if spec.choices else None
         param = click.Option([spec.name, spec.flag, *short], type=CLICK_TYPES[spec.type], default=default,

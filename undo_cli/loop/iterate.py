@@ -62,7 +62,7 @@ class IterateConfig:
     name: str | None = field(default=None, metadata={"help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
     runs_dir: str = field(default="runs", metadata={"help": "Where run folders go."})
     teacher_backend: str = field(default="hf", metadata={"choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
-    teacher_base_url: str | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    teacher_base_url: list[str] | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai teacher backend: the NAME of the variable holding the key."})
     student_backend: str = field(default="hf", metadata={"choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repos (opt-in)."})
@@ -87,6 +87,13 @@ class IterateConfig:
         if self.student_backend not in STUDENT_BACKENDS:
             raise UndoError(f"student_backend = {self.student_backend!r}: each iteration trains a new student folder, "
                             "which a remote server does not have", hint="use student_backend hf or vllm")
+        from undo_cli.backends.openai import base_urls
+
+        if not isinstance(self.teacher_base_url, (str, list, tuple, type(None))) or (
+                isinstance(self.teacher_base_url, (list, tuple)) and not all(isinstance(u, str) for u in self.teacher_base_url)):
+            raise UndoError(f"teacher_base_url = {self.teacher_base_url!r}: expected a URL or a list of URLs",
+                            hint='e.g. teacher_base_url = ["http://node1:8000/v1", "http://node2:8000/v1"]')
+        self.teacher_base_url = base_urls(self.teacher_base_url) or None
         if self.teacher_base_url and self.teacher_backend != "openai":
             raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
@@ -125,6 +132,8 @@ class IterateConfig:
         from undo_cli.loop.settings import STAGES
 
         top = {k: v for k, v in self.__dict__.items() if k not in STAGES and k not in ("name", "runs_dir")}
+        if top.get("teacher_base_url") and len(top["teacher_base_url"]) == 1:
+            top["teacher_base_url"] = top["teacher_base_url"][0]  # as runs made before lists were allowed recorded it
         return {**top, **{table: self.settings(table) for table in STAGES}}
 
 

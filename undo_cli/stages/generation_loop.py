@@ -140,6 +140,8 @@ def run_generation(
                     _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats,
                           description, started)
                 finally:
+                    if hasattr(llm, "endpoint_summary"):  # openai: requests, failures, req/s per server
+                        stats.endpoints = llm.endpoint_summary()
                     if owned:
                         llm.close()
         except BaseException:
@@ -233,6 +235,7 @@ class _Stats:
     model: str | None = None
     finish: Counter = field(default_factory=Counter)
     without_kept: list[str] = field(default_factory=list)
+    endpoints: list[dict[str, Any]] | None = None
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)
@@ -273,6 +276,7 @@ class _Stats:
             "wall_s": round(self.wall_s, 3),
             "tokens_per_s": round(self.tokens_out / gen, 2) if self.samples else 0.0,
             "samples_per_s": round(self.samples / gen, 3) if self.samples else 0.0,
+            **({"endpoints": self.endpoints} if self.endpoints is not None else {}),
         }
 
 
@@ -298,6 +302,11 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
     ]
     for name, value in rows:
         table.add_row(name, str(value))
+    for e in summary.get("endpoints") or []:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(e["faults"].items()))
+        table.add_row(f"endpoint {e['url']}", "unreachable at start" if e.get("unreachable_at_start") else
+                      f"{e['requests']} requests, {e['failures']} failed{f' ({faults})' if faults else ''}, "
+                      f"{e['req_per_s']:.1f} req/s")
     for extra_name, value in summary.get("extra_rows", []):
         table.add_row(extra_name, str(value))
     console.print(table)

@@ -40,9 +40,11 @@ class GenerationOptions:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
     max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})
     seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples (with temperature > 0)."})
-    base_url: str | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1."})
+    base_url: list[str] | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1; repeat it (or give a list) to spread requests over several replicas."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
-    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once."})
+    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once, per endpoint."})
+    request_timeout: float = field(default=600.0, metadata={"help": "openai backend: seconds one request may take (connect, wait, body) before it is retried."})
+    max_retries: int = field(default=5, metadata={"help": "openai backend: retries of a failed request (429/5xx, dropped connection, timeout, malformed answer), on another endpoint when there is one."})
     batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x samples)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the model over."})
@@ -64,6 +66,15 @@ class GenerationOptions:
             raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
         if self.concurrency < 1 or self.batch_size < 1:
             raise UndoError("--concurrency and --batch-size must be at least 1")
+        if not self.request_timeout > 0:
+            raise UndoError(f"--request-timeout {self.request_timeout}: must be > 0 seconds",
+                            hint="e.g. --request-timeout 120: a request that takes longer is retried")
+        if self.max_retries < 0:
+            raise UndoError(f"--max-retries {self.max_retries}: must be >= 0", hint="0 means no retry")
+        from undo_cli.backends.openai import base_urls
+
+        # One URL (a string, as config files and older commands write it) or a list of them.
+        self.base_url = base_urls(self.base_url) or None
         if self.base_url and self.backend != "openai":
             raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
                             hint="add --backend openai to talk to a server")
@@ -74,7 +85,8 @@ class GenerationOptions:
         return BackendConfig(
             backend=self.backend, model=model, adapter=adapter, trust_remote_code=self.trust_remote_code,
             batch_size=self.batch_size, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, tensor_parallel_size=self.tensor_parallel_size,
+            concurrency=self.concurrency, request_timeout=self.request_timeout, max_retries=self.max_retries,
+            tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
         )
 

@@ -105,6 +105,18 @@ def test_a_restored_schedule_draws_what_the_uninterrupted_one_draws():
     assert b.phi == 0.5 and b.reference == 1.0 and len(first) == 20
 
 
+def test_the_next_decision_is_known_in_advance_without_changing_the_draws():
+    """UndoTrainer's look-ahead asks whether the next step trains on the data; asking must not move the
+    random stream, and the answer must be what `decide` then does (for a fixed φ)."""
+    for make in (lambda: OnPolicySchedule(0.5, seed=4), lambda: AdaptiveSchedule(0.4, seed=4)):
+        asked, plain = make(), make()
+        for k in range(200):
+            predicted = asked.next_uses_data()
+            choice = asked.decide(k, 200, k > 50)
+            assert choice == plain.decide(k, 200, k > 50)
+            assert predicted == (choice == GROUND_TRUTH), (k, choice)
+
+
 # ---- config checks name the fix ----------------------------------------------------------
 
 def _config(**kw):
@@ -130,6 +142,8 @@ def _config(**kw):
      "drop --sample-temperature"),
     ({"lm_data": "x.jsonl"}, "with --method minillm"),
     ({"student_outputs": "off", "method": "minillm", "objective": "rkl", "lm_data": "lm.jsonl"}, "--lm-weight 1 --lm-data"),
+    ({"student_outputs": "off", "method": "minillm", "objective": "rkl", "teacher_url": "http://127.0.0.1:8000/v1"},
+     "pass --teacher-mix 0"),
 ])
 def test_config_errors_name_the_fix(changes, message):
     with pytest.raises(UndoError) as err:
@@ -143,6 +157,8 @@ def test_valid_configs_pass():
     _config(student_outputs="adaptive", objective="srkl")  # validates on a held-out 5% of --data
     _config(student_outputs="off", method="minillm", objective="sft", lm_data="lm.jsonl", lm_weight=1.0)
     _config(student_outputs="off", method="minillm", objective="rkl")
+    _config(student_outputs="off", method="minillm", objective="rkl", teacher_mix=0.0,
+            teacher_url="http://127.0.0.1:8000/v1")  # a served teacher scores student-only samples
     _config(student_outputs="off", teacher=None, objective="sft")  # plain SFT: nothing to check
 
 

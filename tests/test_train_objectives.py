@@ -162,7 +162,60 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_model, tmp_path):
+    """Same vocabulary size is not the same tokenizer: trained on other text, every id means something else."""
+    from transformers import AutoTokenizer
+
+    from undo_cli.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", corpus=["a teacher trained on quite different words"] * 50)
+    assert len(AutoTokenizer.from_pretrained(other)) == len(AutoTokenizer.from_pretrained(tiny_model))
+    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "fkl",
+                  "--teacher", other, *FAST)
+    assert result.returncode == 2
+    err = " ".join(result.stderr.split())
+    assert "as many tokens (512), but" in err and "need a shared tokenizer" in err and "--objective sft" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizers_differ_by_special_tokens_too(tiny_tokenizer):
+    from undo_cli.tiny import train_tokenizer
+    from undo_cli.training.distill import tokenizer_difference
+
+    same = train_tokenizer([])
+    assert tokenizer_difference(same, tiny_tokenizer) is None
+    # The same strings and ids, but one more of them is special (never split, skipped in decoding).
+    same.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "apples"]})
+    assert same.get_vocab() == tiny_tokenizer.get_vocab()
+    assert "other special tokens" in tokenizer_difference(same, tiny_tokenizer)
+
+
+def test_a_served_teacher_that_is_down_is_reported_before_anything_is_written(undo, tiny_model, tmp_path):
+    from tests.servers import free_port
+
+    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "fkl",
+                  "--teacher", "teacher", "--teacher-url", url, *FAST)
+    assert result.returncode == 2, result.stderr
+    err = " ".join(result.stderr.split())
+    assert f"the teacher server at {url} cannot be reached" in err and "start it first" in err
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+URL = "http://127.0.0.1:9/v1"
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--objective", "fkl", "--teacher-url", URL], "--teacher-url needs --teacher NAME"),
+    (["--teacher", "t", "--teacher-url", URL], "--teacher-url only matters for a white-box objective"),
+    (["--objective", "fkl", "--teacher", "t", "--teacher-url", URL, "--temperature", "2"],
+     "--temperature 2.0 with --teacher-url"),
+    (["--objective", "fkl", "--teacher", "t", "--teacher-url", URL, "--teacher-top-k", "0"],
+     "--teacher-top-k 0: out of range"),
+    (["--objective", "fkl", "--teacher", "t", "--teacher-url", URL, "--teacher-logprobs"],
+     "--teacher and --teacher-logprobs contradict each other"),
     (["--objective", "fkl"], "--objective fkl needs --teacher MODEL or --teacher-logprobs"),
     (["--objective", "skl", "--teacher-logprobs"], "--teacher-logprobs needs rationales generated with `undo generate --logprobs K`"),
     (["--objective", "kl", "--teacher-logprobs"], "unknown objective"),
@@ -176,3 +229,25 @@ def test_objective_flags_that_make_no_sense_name_the_fix(undo_here, tiny_model, 
     assert code == 2, err
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_served_top_k_is_laid_out_like_the_labels_packed_and_padded(tiny_tokenizer):
+    """The served teacher's per-example tensors go where the collators put each example's tokens."""
+    from undo_cli.training.collate import PackedCollator, PaddedCollator
+    from undo_cli.training.distill import TOPK_KEYS
+    from undo_cli.training.served_teacher import layout
+
+    lengths = [5, 3, 4]
+    examples = [{"input_ids": list(range(10, 10 + n)), "labels": [-100] + list(range(11, 10 + n))} for n in lengths]
+    fields = [(torch.arange(n * 2).view(n, 2) + 100 * b, torch.full((n, 2), -float(b)),
+               torch.ones((n, 2), dtype=torch.bool)) for b, n in enumerate(lengths)]
+    padded = layout(fields, PaddedCollator(tiny_tokenizer.pad_token_id)(examples), packed=False)
+    packed = layout(fields, PackedCollator(flash_attention=False)(examples), packed=True)
+    start = 0
+    for b, n in enumerate(lengths):
+        for j, key in enumerate(TOPK_KEYS):
+            assert torch.equal(padded[key][b, :n], fields[b][j])
+            assert torch.equal(packed[key][0, start: start + n], fields[b][j])
+        assert not padded["teacher_topk_valid"][b, n:].any()  # padding positions carry no teacher
+        start += n
+    assert packed["teacher_topk_ids"].shape == (1, sum(lengths), 2)

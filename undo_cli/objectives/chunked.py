@@ -53,7 +53,7 @@ from typing import Callable
 
 import torch
 
-from undo_cli.objectives.divergences import (check_params, logits_grad, per_token, reduce,
+from undo_cli.objectives.divergences import (check_params, health_sums, logits_grad, per_token, reduce,
                                               select_positions, shared_vocab_size)
 
 Tensor = torch.Tensor
@@ -129,9 +129,11 @@ def log_softmax_(z: Tensor) -> Tensor:
 
 
 def live_teacher_chunk_fn(teacher: Tensor, teacher_weight: Tensor | None, kind: str, *, alpha: float,
-                          beta: float, temperature: float, vocab: int) -> ChunkFn:
+                          beta: float, temperature: float, vocab: int, stats: dict[str, Tensor] | None = None,
+                          overlap_k: int = 20) -> ChunkFn:
     """A chunk function against a live teacher: `teacher` is its hidden states [n, H_t] (with
-    `teacher_weight` [V_t, H_t]) or its logits [n, V_t]; only the first `vocab` entries are used."""
+    `teacher_weight` [V_t, H_t]) or its logits [n, V_t]; only the first `vocab` entries are used.
+    `stats`: accumulate the on-policy health sums (`divergences.health_sums`)."""
 
     def chunk_fn(start: int, end: int, z: Tensor, need: bool):
         with torch.no_grad():  # nothing flows into the teacher
@@ -143,6 +145,8 @@ def live_teacher_chunk_fn(teacher: Tensor, teacher_weight: Tensor | None, kind: 
             lp = log_softmax_(lp.div_(temperature))
             lq = log_softmax_(z.div_(temperature))  # z is this chunk's own temporary
             values, s = per_token(kind, lp, lq, alpha=alpha, beta=beta, grad=need)
+            if stats is not None:
+                health_sums(stats, lp, lq, min(overlap_k, vocab))
             del lp
             g = logits_grad(lq, s, temperature) if need else None
             return values.sum(), g

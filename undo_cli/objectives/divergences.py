@@ -261,3 +261,22 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     lp = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
     values, _ = per_token(kind, lp, lq, alpha=alpha, beta=beta)
     return reduce(values.sum(), student.shape[0], reduction)
+
+
+def health_sums(stats: dict[str, Tensor], lp: Tensor, lq: Tensor, k: int, *, top_ids: Tensor | None = None,
+                top_lp: Tensor | None = None) -> None:
+    """Add a chunk's on-policy health to `stats` (0-d tensors: no host sync per chunk).
+
+    Sums over the chunk's rows of: the teacher's entropy over the categories of `lp` (the vocabulary,
+    or the K+1 top-K + tail categories: then a lower bound, merging categories lowers entropy); the
+    student's entropy over the vocabulary (`lq`, a full log-softmax); and |top-k(p) ∩ top-k(q)| / k.
+    For a top-K teacher, `top_ids`/`top_lp` [n, K] are its support's ids and log-probs.
+    """
+    with torch.no_grad():
+        h_t = -(lp.exp() * lp.masked_fill(torch.isinf(lp), 0.0)).sum(-1)
+        h_s = -(lq.exp() * lq.masked_fill(torch.isinf(lq), 0.0)).sum(-1)
+        top_q = lq.topk(k, dim=-1).indices
+        top_p = lp.topk(k, dim=-1).indices if top_ids is None else top_ids.gather(-1, top_lp.topk(k, dim=-1).indices)
+        overlap = (top_q[:, :, None] == top_p[:, None, :]).any(-1).sum(-1).to(lq.dtype) / k
+        for key, value in (("teacher_entropy", h_t), ("student_entropy", h_s), ("topk_overlap", overlap)):
+            stats[key] = stats.get(key, 0) + value.sum()

@@ -63,7 +63,7 @@ import torch
 
 from undo_cli.objectives.chunked import (DEFAULT_CHUNK_SIZE, ChunkedObjective, ChunkFn, _check_chunk_size,
                                          log_softmax_, reduction_scale)
-from undo_cli.objectives.divergences import check_params, per_token, select_positions
+from undo_cli.objectives.divergences import check_params, health_sums, per_token, select_positions
 
 Tensor = torch.Tensor
 
@@ -198,8 +198,12 @@ def _membership(ids: Tensor, valid: Tensor, vocab: int) -> Tensor:
 
 
 def topk_chunk_fn(ids: Tensor, logprobs: Tensor, valid: Tensor, kind: str, *, alpha: float,
-                  beta: float) -> ChunkFn:
-    """A chunk function against recorded top-K supports ([n, K] each)."""
+                  beta: float, stats: dict[str, Tensor] | None = None, overlap_k: int = 20) -> ChunkFn:
+    """A chunk function against recorded top-K supports ([n, K] each).
+
+    `stats`, when given, accumulates the on-policy health sums of `divergences.health_sums` (teacher entropy
+    over the K+1 categories, student entropy over the vocabulary, top-k overlap).
+    """
 
     def chunk_fn(start: int, end: int, z: Tensor, need: bool):
         with torch.no_grad():
@@ -214,6 +218,9 @@ def topk_chunk_fn(ids: Tensor, logprobs: Tensor, valid: Tensor, kind: str, *, al
             lq = torch.cat([lq_all.gather(-1, ids_c), lq_tail[:, None]], dim=-1)
             keep = torch.cat([valid_c, torch.ones_like(valid_c[:, :1])], dim=-1)
             values, s = per_token(kind, lp, lq, alpha=alpha, beta=beta, valid=keep, grad=need)
+            if stats is not None:
+                width = int(valid_c.sum(-1).min()) if valid_c.numel() else 1
+                health_sums(stats, lp, lq_all, min(overlap_k, max(width, 1)), top_ids=ids_c, top_lp=lp_top)
             if not need:
                 return values.sum(), None
             # ∂L/∂z_j = s_j [j in S] + s_tail·q_j/q_tail [j not in S] − q_j·Σs   (log q̃ through log_softmax)

@@ -42,7 +42,9 @@ How it runs:
   run returns its summary without training again.
 
 * White-box distillation with `--objective fkl|rkl|jsd|skl|srkl|tvd` and a live
-  `--teacher T` or `--teacher-logprobs` (training/distill.py, docs/objectives.md).
+  `--teacher T`, a teacher on a vLLM server (`--teacher T --teacher-url URL`,
+  training/served_teacher.py) or `--teacher-logprobs` (training/distill.py,
+  docs/objectives.md).
 * The student's own outputs, scored by a live teacher: `--student-outputs
   on-policy` (GKD) or `adaptive` (DistiLLM), or `--method minillm`
   (training/student_outputs.py, training/minillm.py).
@@ -71,7 +73,9 @@ SUMMARY_FILE = "train_summary.json"
 
 
 # Flags that change what is trained; the rest (logging, saving, resume) may differ on --resume.
-_NOT_IDENTITY = {"output", "resume", "overwrite", "logging_steps", "save_steps", "report_to", "keep_checkpoints"}
+_NOT_IDENTITY = {"output", "resume", "overwrite", "logging_steps", "save_steps", "report_to", "keep_checkpoints",
+                 # where the served teacher lives and how patiently we ask: a restarted server may move
+                 "teacher_url", "teacher_api_key_env", "teacher_timeout", "teacher_max_retries"}
 
 
 def _identity(config: TrainConfig, data_hash: str) -> dict[str, Any]:
@@ -191,7 +195,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     flash = "flash" in (config.attn_implementation or "")
     collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
-        loss_fn, collator = objective.attach(model, args.device), objective.collator(collator, packed=config.padding_free)
+        loss_fn = objective.attach(model, args.device, packed=config.padding_free)
+        collator = objective.collator(collator, packed=config.padding_free)
     own = None  # the student's own outputs: a batch hook, its loss, a callback (training/student_outputs_setup.py)
     if config.student_outputs != "off" or config.method == "minillm":
         from undo_cli.training.student_outputs_setup import hold_out, setup
@@ -200,7 +205,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                           data_collator=collator, loss_fn=own.loss if own else (loss_fn if objective else None),
-                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None)
+                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None,
+                          prefetch=objective.prefetch(config.padding_free) if objective else None)
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
     hf.attach_checkpoint_counts(trainer)
@@ -222,7 +228,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if own:
             console.print(own.description, soft_wrap=True)
 
-    result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    except BaseException:
+        if objective:  # stop asking a served teacher for batches nobody will train on
+            objective.close()
+        raise
     saved = hf.save(trainer, config, output)
     meter = trainer.meter
     totals, session = meter.totals, meter.session
@@ -255,7 +266,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "learning_rate": config.learning_rate,
-        "objective": objective.summary() if objective else {"name": "sft"},
+        "objective": objective.summary(runtime) if objective else {"name": "sft"},
         "student_outputs": own.summary(runtime) if own else None,
         "config": asdict(config),
         "versions": library_versions(("torch", "transformers", "peft", "accelerate")),

@@ -122,6 +122,20 @@ class ObjectiveOptions:
         "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
     teacher_logprobs: bool = field(default=False, metadata={
         "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
+    teacher_url: str | None = field(default=None, metadata={
+        "help": "Served teacher: URL of an OpenAI-compatible vLLM server serving --teacher (e.g. "
+                "http://127.0.0.1:8000/v1); its top-K log-probs at every trained token come from the completions "
+                "endpoint (prompt_logprobs), nothing is loaded here."})
+    teacher_top_k: int = field(default=20, metadata={
+        "help": "Served teacher: K log-probs per token (the server's --max-logprobs must allow it; vLLM's default is "
+                "20); also the k of the logged top-k overlap of teacher and student."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Served teacher: NAME of the environment variable that holds its API key (none needed on loopback)."})
+    teacher_timeout: float = field(default=300.0, metadata={
+        "help": "Served teacher: seconds per scoring request before it is retried."})
+    teacher_max_retries: int = field(default=5, metadata={
+        "help": "Served teacher: retries of a failed request (backoff with jitter, as the openai backend) before the "
+                "run stops; --resume continues it."})
     alpha: float = field(default=0.1, metadata={"help": "Skew of skl/srkl (DistiLLM: 0.1)."})
     beta: float = field(default=0.5, metadata={"help": "jsd interpolation (GKD/TRL: 0 = fkl, 1 = rkl, 0.5 = JSD)."})
     temperature: float = field(default=1.0, metadata={"help": "Divides both models' logits in the divergence."})
@@ -135,10 +149,18 @@ class ObjectiveOptions:
         """Refuse meaningless combinations of --objective/--teacher/--teacher-logprobs/--alpha/... (UndoError)."""
         objective = self.objective
         live, offline = self.teacher is not None, bool(self.teacher_logprobs)
+        served = bool(self.teacher_url)
         if objective not in OBJECTIVES:
             raise UndoError(f"--objective {objective}: unknown objective",
                             hint="use one of: " + "; ".join(f"{k} = {v}" for k, v in DESCRIPTIONS.items()))
+        if served and not live:
+            raise UndoError("--teacher-url needs --teacher NAME: the model name the server serves",
+                            hint="add --teacher with the name listed by the server's /v1/models")
         if objective == "sft":
+            if served:
+                raise UndoError("--teacher-url only matters for a white-box objective; --objective sft trains on the "
+                                "rationale text alone",
+                                hint=f"add --objective skl (or one of {', '.join(KINDS)}), or drop --teacher-url")
             if live or offline:
                 raise UndoError(f"{'--teacher' if live else '--teacher-logprobs'} only matters for a white-box "
                                 "objective; --objective sft trains on the rationale text alone",
@@ -164,6 +186,18 @@ class ObjectiveOptions:
             raise UndoError(f"--temperature {self.temperature} needs a live --teacher",
                             hint="the recorded top-K log-probs do not say how the teacher's tail reshapes at another "
                                  "temperature; drop --temperature or use --teacher MODEL")
+        if served and self.temperature != 1.0:
+            raise UndoError(f"--temperature {self.temperature} with --teacher-url",
+                            hint="the server's top-K log-probs do not say how the teacher's tail reshapes at another "
+                                 "temperature; drop --temperature or load the teacher here (--teacher MODEL alone)")
+        for flag, value, ok, hint in (
+                ("--teacher-top-k", self.teacher_top_k, self.teacher_top_k >= 1,
+                 "at least 1; 20 is vLLM's default --max-logprobs"),
+                ("--teacher-timeout", self.teacher_timeout, self.teacher_timeout > 0,
+                 "a positive number of seconds, e.g. 300"),
+                ("--teacher-max-retries", self.teacher_max_retries, self.teacher_max_retries >= 0, "0 or more, e.g. 5")):
+            if not ok:
+                raise UndoError(f"{flag} {value}: out of range", hint=f"use {hint}")
         if not self.kd_weight > 0.0:
             raise UndoError(f"--kd-weight {self.kd_weight}: must be > 0",
                             hint="use --objective sft for cross-entropy alone")
@@ -230,6 +264,12 @@ class StudentOutputOptions:
         if method == "sft" and objective == "sft":
             raise UndoError(f"{what} needs a white-box --objective: cross-entropy on the student's own samples "
                             "teaches it nothing new", hint="use --objective jsd (GKD) or srkl (DistiLLM)")
+        if method == "minillm" and c.teacher_url and c.teacher_mix > 0:
+            raise UndoError(f"--method minillm --teacher-mix {c.teacher_mix:g} with --teacher-url: teacher-mixed "
+                            "sampling needs the teacher's distribution at every generated token, one server round "
+                            "trip each",
+                            hint="pass --teacher-mix 0 (sample from the student alone; the served teacher scores the "
+                                 "samples), or load the teacher here (--teacher MODEL without --teacher-url)")
         if method == "minillm" and objective not in ("sft", "rkl"):
             raise UndoError(f"--method minillm with --objective {objective}: MiniLLM optimises the sequence-level "
                             "reverse KL itself", hint="drop --objective (or use --objective rkl)")

@@ -46,6 +46,8 @@ from undo_cli.training.config import TrainConfig
 from undo_cli.training.trainer import MODEL_INPUT_KEYS, response_logits, response_positions, unwrap
 
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_valid")
+# Logged per step and summarised: teacher / student entropy on the trained tokens, top-k overlap.
+HEALTH_KEYS = ("teacher_entropy", "student_entropy", "topk_overlap")
 
 
 # --- the student's and the teacher's final hidden states --------------------------------
@@ -119,12 +121,16 @@ class DistillationLoss:
     """`loss_fn(model, inputs) -> (loss_sum, metrics)` for UndoTrainer (see training/trainer.py)."""
 
     def __init__(self, kind: str, *, teacher: torch.nn.Module | None, vocab_size: int, alpha: float, beta: float,
-                 temperature: float, kd_weight: float, lm_weight: float, chunk_size: int):
+                 temperature: float, kd_weight: float, lm_weight: float, chunk_size: int, served=None,
+                 packed: bool = False, overlap_k: int = 20):
         self.kind, self.teacher, self.vocab = kind, teacher, vocab_size
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.kd_weight, self.lm_weight, self.chunk_size = kd_weight, lm_weight, chunk_size
+        # A served teacher (served_teacher.ServedTeacher): its top-K arrive as the offline path's tensors.
+        self.served, self.packed, self.overlap_k = served, packed, overlap_k
         self.fused: dict[str, bool] = {}  # "student"/"teacher" -> fused path usable (decided on the first batch)
-        self.history: list[torch.Tensor] = []  # per training micro-batch: [kd mean, ce mean]
+        # per training micro-batch: [kd mean, ce mean, teacher entropy, student entropy, top-k overlap]
+        self.history: list[torch.Tensor] = []
 
     def _decide(self, role: str, model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> bool:
         if role not in self.fused:
@@ -140,25 +146,29 @@ class DistillationLoss:
             return final_hidden_states(model, inputs, keep), _head_weight(model)[: self.vocab]
         return response_logits(model, inputs)[0][:, : self.vocab], None
 
-    def _teacher_fn(self, inputs, keep):
-        if self.teacher is None:  # offline: the recorded top-K, shifted like the labels
+    def _teacher_fn(self, inputs, keep, stats: dict[str, torch.Tensor] | None = None):
+        if self.teacher is None:  # offline or served: the top-K, shifted like the labels
+            if self.served is not None and TOPK_KEYS[0] not in inputs:
+                inputs = {**inputs, **self.served.wait(inputs, self.packed)}  # after the student's forward
             rows = keep[:, :-1]
             ids, lps, valid = (inputs[k][:, 1:][rows] for k in TOPK_KEYS)
-            return topk_chunk_fn(ids.long(), lps, valid, self.kind, alpha=self.alpha, beta=self.beta), \
-                int(valid.any(-1).sum())
+            return topk_chunk_fn(ids.long(), lps, valid, self.kind, alpha=self.alpha, beta=self.beta, stats=stats,
+                                 overlap_k=self.overlap_k), int(valid.any(-1).sum())
         with torch.no_grad():
             if self._decide("teacher", self.teacher, inputs, keep):
                 rows, weight = final_hidden_states(self.teacher, inputs, keep), _head_weight(self.teacher)
             else:
                 rows, weight = response_logits(self.teacher, inputs)[0], None
         fn = live_teacher_chunk_fn(rows, weight, self.kind, alpha=self.alpha, beta=self.beta,
-                                   temperature=self.temperature, vocab=self.vocab)
+                                   temperature=self.temperature, vocab=self.vocab, stats=stats,
+                                   overlap_k=self.overlap_k)
         return fn, int(keep.sum())
 
     def __call__(self, model: torch.nn.Module, inputs: dict[str, Any]):
         keep, targets = response_positions(inputs["labels"])
         student, weight = self._student(model, inputs, keep)
-        kd_fn, kd_rows = self._teacher_fn(inputs, keep)
+        health: dict[str, torch.Tensor] = {}
+        kd_fn, kd_rows = self._teacher_fn(inputs, keep, health)
         totals: dict[str, torch.Tensor] = {}
         fn = with_cross_entropy(kd_fn, targets, kd_weight=self.kd_weight, lm_weight=self.lm_weight, totals=totals)
         loss_sum = ChunkedObjective.apply(student, weight, fn, self.chunk_size, 1.0)
@@ -166,21 +176,27 @@ class DistillationLoss:
         zero = loss_sum.new_zeros(())
         metrics = {self.kind: totals.get("kd", zero) / max(kd_rows, 1), "ce": totals.get("ce", zero) / n,
                    "token_accuracy": totals.get("correct", zero).float() / n}
+        # On-policy health (docs/objectives.md): are student and teacher still "thinking alike"?
+        for key in HEALTH_KEYS:
+            metrics[key] = health.get(key, zero) / max(kd_rows, 1)
         if model.training:  # kept on the device: no host sync per micro-batch
-            self.history.append(torch.stack([metrics[self.kind].detach(), metrics["ce"].detach()]))
+            self.history.append(torch.stack([metrics[k].detach().to(zero.dtype)
+                                             for k in (self.kind, "ce", *HEALTH_KEYS)]))
         return loss_sum, metrics
 
     def summary(self) -> dict[str, Any]:
-        """Divergence and cross-entropy means over the first and the last 10% of training micro-batches."""
-        h = torch.stack(self.history).double().cpu() if self.history else torch.zeros((0, 2))
+        """Divergence, cross-entropy and health means over the first and the last 10% of training micro-batches."""
+        columns = ("kd", "ce", *HEALTH_KEYS)
+        h = torch.stack(self.history).double().cpu() if self.history else torch.zeros((0, len(columns)))
         window = max(len(h) // 10, 1)
 
         def mean(rows, col):
             return round(float(rows[:, col].mean()), 6) if len(rows) else None
 
-        return {"kd_first": mean(h[:window], 0), "kd_final": mean(h[-window:], 0),
-                "ce_first": mean(h[:window], 1), "ce_final": mean(h[-window:], 1),
-                "fused": dict(self.fused), "micro_batches": len(h)}
+        out: dict[str, Any] = {}
+        for col, name in enumerate(columns):
+            out[f"{name}_first"], out[f"{name}_final"] = mean(h[:window], col), mean(h[-window:], col)
+        return {**out, "fused": dict(self.fused), "micro_batches": len(h)}
 
 
 # --- the live teacher -------------------------------------------------------------------
@@ -190,13 +206,35 @@ def check_teacher_tokenizer(name: str, student_tokenizer, *, trust_remote_code: 
     from undo_cli.models import load_pretrained
 
     tokenizer = load_pretrained("tokenizer", name, trust_remote_code=trust_remote_code, flag="--teacher")
-    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise UndoError(
-            f"--teacher {name}: its tokenizer differs from the student's ({len(tokenizer)} vs "
-            f"{len(student_tokenizer)} tokens, or as many with different ids): white-box objectives "
-            "need a shared tokenizer",
-            hint="use --objective sft for a teacher with a different tokenizer (black-box rationale "
-                 "distillation works with any teacher)")
+    why = tokenizer_difference(tokenizer, student_tokenizer)
+    if why:
+        raise UndoError(f"--teacher {name}: its tokenizer differs from the student's ({why}): white-box objectives "
+                        "need a shared tokenizer",
+                        hint="use --objective sft for a teacher with a different tokenizer (black-box rationale "
+                             "distillation works with any teacher)")
+
+
+def tokenizer_difference(teacher, student) -> str | None:
+    """None if the two tokenizers have the same tokens (string -> id) and special tokens, else the first difference.
+
+    Token by token, not by size: two tokenizers trained on different text can have exactly as many
+    tokens, and then every id means something else.
+    """
+    theirs, mine = teacher.get_vocab(), student.get_vocab()
+    if len(theirs) != len(mine):
+        return f"{len(theirs)} vs {len(mine)} tokens"
+    for token, i in mine.items():
+        if theirs.get(token) != i:
+            return (f"as many tokens ({len(mine)}), but {token!r} is id {i} for the student and "
+                    f"{theirs.get(token)} for the teacher")
+
+    def specials(tok) -> dict[int, str]:
+        return {i: t.content for i, t in tok.added_tokens_decoder.items() if t.special}
+
+    if specials(teacher) != specials(student):
+        diff = sorted(set(specials(teacher).items()) ^ set(specials(student).items()))
+        return f"the same tokens, but other special tokens: {diff[:4]}"
+    return None
 
 
 def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
@@ -310,38 +348,55 @@ class Objective:
     """The white-box objective of one `undo train` run: the trainer's loss_fn, a collator, a summary.
 
     Built in two steps so that every mistake a user can make (another tokenizer, records
-    without log-probs) is reported before `undo train` writes anything or loads a model:
-    `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
+    without log-probs, a server that is down) is reported before `undo train` writes anything
+    or loads a model: `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
     """
 
-    def __init__(self, config: TrainConfig, tokenizer_size: int, counts: AlignmentCounts | None, width: int):
+    def __init__(self, config: TrainConfig, tokenizer_size: int, counts: AlignmentCounts | None, width: int,
+                 served=None):
         self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
+        self.served = served  # served_teacher.ServedTeacher for --teacher-url
         self.loss: DistillationLoss | None = None
         self.vocab = 0
 
-    def attach(self, model, device) -> DistillationLoss:
+    def attach(self, model, device, *, packed: bool = False) -> DistillationLoss:
         """Load the live teacher (if any) next to the student `model` and build the loss."""
         c = self.config
         rows = unwrap(model).get_output_embeddings().weight.shape[0]
         teacher, self.vocab = None, rows
-        if c.teacher:
+        if self.served is not None:
+            self.served.vocab_limit = rows
+        if c.teacher and self.served is None:
             teacher, self.vocab = load_teacher(c.teacher, tokenizer_size=self.tokenizer_size, student_vocab_rows=rows,
                                                device=device, trust_remote_code=c.trust_remote_code)
+        overlap_k = min(c.teacher_top_k, self.width) if self.counts is not None else c.teacher_top_k
         self.loss = DistillationLoss(c.objective, teacher=teacher, vocab_size=self.vocab, alpha=c.alpha, beta=c.beta,
                                      temperature=c.temperature, kd_weight=c.kd_weight, lm_weight=c.lm_weight,
-                                     chunk_size=c.kd_chunk_size)
+                                     chunk_size=c.kd_chunk_size, served=self.served, packed=packed,
+                                     overlap_k=overlap_k)
         return self.loss
 
     def collator(self, inner, *, packed: bool):
         return inner if self.counts is None else TeacherTopKCollator(inner, packed=packed, width=self.width)
 
+    def prefetch(self, packed: bool):
+        """UndoTrainer's `prefetch` for a served teacher (request each batch's log-probs ahead), else None."""
+        if self.served is None:
+            return None
+        return lambda batches: self.served.prefetch(batches, packed)
+
     def describe(self) -> str:
         c = self.config
-        source = f"teacher {c.teacher}" if c.teacher else f"teacher top-{self.width} log-probs from {c.data}"
+        if self.served is not None:
+            from undo_cli.training.served_teacher import describe_url
+
+            source = f"teacher {c.teacher} served at {describe_url(c.teacher_url)} (top-{c.teacher_top_k} log-probs)"
+        else:
+            source = f"teacher {c.teacher}" if c.teacher else f"teacher top-{self.width} log-probs from {c.data}"
         weights = f"{c.kd_weight:g} x {c.objective}" + (f" + {c.lm_weight:g} x cross-entropy" if c.lm_weight else "")
         return f"objective {weights} ({DESCRIPTIONS[c.objective]}), {source}"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, runtime_s: float | None = None) -> dict[str, Any]:
         c = self.config
         out = {"name": c.objective, "teacher": c.teacher, "offline": bool(c.teacher_logprobs), "alpha": c.alpha,
                "beta": c.beta, "temperature": c.temperature, "kd_weight": c.kd_weight, "lm_weight": c.lm_weight,
@@ -349,23 +404,41 @@ class Objective:
         if self.counts is not None:
             out["offline_examples"] = {"aligned": self.counts.aligned, "mismatched": self.counts.mismatched,
                                        "missing": self.counts.missing, "support_width": self.width}
+        if self.served is not None:
+            out["served"] = self.served.summary(runtime_s)
         return out
 
     def close(self) -> None:
         if self.loss is not None:
             self.loss.teacher = None  # let the teacher's memory go with the trainer
+        if self.served is not None:
+            self.served.close()
 
 
 def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
                       record_index: list[int], tokenizer) -> Objective | None:
-    """None for --objective sft. Otherwise check the live teacher's tokenizer, or align the recorded
-    top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""
+    """None for --objective sft. Otherwise check the served or live teacher's tokenizer, or align the
+    recorded top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""
     if config.objective == "sft":
         return None
-    counts, width = None, 0
-    if config.teacher:
+    counts, width, served = None, 0, None
+    if config.teacher_url:
+        from undo_cli.training.served_teacher import ServedTeacher
+
+        served = ServedTeacher(config.teacher_url, config.teacher, top_k=config.teacher_top_k,
+                               api_key_env=config.teacher_api_key_env, timeout=config.teacher_timeout,
+                               max_retries=config.teacher_max_retries)
+        try:
+            served.probe()
+            served.check_tokenizer(tokenizer)
+            served.check_lengths(max((len(e["input_ids"]) for e in examples), default=0), config.max_length)
+        except BaseException:
+            served.close()
+            raise
+        width = config.teacher_top_k + 1
+    elif config.teacher:
         check_teacher_tokenizer(config.teacher, tokenizer, trust_remote_code=config.trust_remote_code)
     else:
         counts, width = attach_teacher_topk(records, examples, record_index, vocab_size=len(tokenizer),
                                             path=config.data)
-    return Objective(config, len(tokenizer), counts, width)
+    return Objective(config, len(tokenizer), counts, width, served)

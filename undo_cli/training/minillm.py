@@ -124,6 +124,15 @@ def token_logprobs(model, inputs: dict[str, Any], keep: Tensor, targets: Tensor,
     return out
 
 
+def served_token_logprobs(topk: dict[str, Tensor], keep: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) at the `keep` positions from a served teacher's top-K tensors (the trained token is
+    always in its support: vLLM's prompt_logprobs include the prompt's own token)."""
+    ids = topk["teacher_topk_ids"][:, 1:][keep[:, :-1].cpu()]
+    lps = topk["teacher_topk_logprobs"][:, 1:][keep[:, :-1].cpu()]
+    hit = ids == targets.cpu()[:, None]
+    return lps.masked_fill(~hit, -math.inf).max(-1).values.to(targets.device)
+
+
 def next_returns(rewards: Tensor, lengths: list[int]) -> Tensor:
     """R_{t+1} = mean of r over t+1..T within each sequence (0 for its last token); rewards flat [Σ lengths]."""
     out = torch.zeros_like(rewards)
@@ -290,13 +299,17 @@ class MiniLLMRollout:
     """UndoTrainer's batch hook for --method minillm: sample, score, attach what the loss needs."""
 
     def __init__(self, sampler, *, teacher, vocab: int, alpha: float, collator, lm_data: list | None = None,
-                 seed: int = 0):
+                 seed: int = 0, served=None, packed: bool = False):
         self.sampler, self.teacher, self.vocab, self.alpha = sampler, teacher, vocab, alpha
+        self.served, self.packed = served, packed  # a served teacher (teacher None; alpha 0, checked by the config)
         self.collator, self.lm_data = collator, lm_data
         self.rng = random.Random(seed + 2)
         self.fused: dict[str, bool] = {}
         self.steps, self.batches, self.scoring_s = 0, 0, 0.0
         self.step_rewards: list[float] = []
+
+    def next_step_uses_data(self) -> bool:
+        return False  # every step trains on the student's samples: nothing to score ahead
 
     def _fused(self, role: str, model, inputs, keep) -> bool:
         if role not in self.fused:
@@ -324,8 +337,11 @@ class MiniLLMRollout:
             with generation_model(trainer) as model:
                 logq = token_logprobs(model, scored, keep, targets, vocab=self.vocab,
                                       fused=self._fused("student", model, scored, keep))
-                logp = token_logprobs(self.teacher, scored, keep, targets, vocab=self.vocab,
-                                      fused=self._fused("teacher", self.teacher, scored, keep))
+                if self.served is not None:
+                    logp = served_token_logprobs(self.served.topk_tensors(scored, self.packed), keep, targets)
+                else:
+                    logp = token_logprobs(self.teacher, scored, keep, targets, vocab=self.vocab,
+                                          fused=self._fused("teacher", self.teacher, scored, keep))
             stats = rollout_stats(logq, logp, [len(r) for _, r in sequences], self.alpha)
             self.scoring_s += time.perf_counter() - started
             rewards.append(stats["rewards"])
@@ -357,6 +373,8 @@ class MiniLLMRollout:
         batch = self.collator(examples)
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         batch[SOURCE_KEY] = FRESH
+        if self.served is not None:  # the samples' scores are cached: this costs the --lm-data examples only
+            self.served.prefetch([batch], self.packed)
         return batch
 
     def state_dict(self) -> dict[str, Any]:

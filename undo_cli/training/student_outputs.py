@@ -118,6 +118,10 @@ class OnPolicySchedule:
         u = self.rng.random() if u is None else u
         return FRESH if u < self.lmbda else GROUND_TRUTH
 
+    def next_uses_data(self) -> bool:
+        """Will the next `decide` pick the data? (Its draw, peeked without consuming it.)"""
+        return _peek(self.rng) >= self.lmbda
+
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _rng_state(self.rng)}
 
@@ -155,6 +159,11 @@ class AdaptiveSchedule:
             return REPLAY
         return GROUND_TRUTH
 
+    def next_uses_data(self) -> bool:
+        """Will the next `decide` pick the data (u ≥ φ, whatever λ and the buffer)? Peeked, not consumed;
+        a validation that grows φ before that step can still turn it to the student's outputs."""
+        return _peek(self.rng) >= self.phi
+
     def record_validation(self, step: int, loss: float) -> bool:
         """Update φ from a validation loss; True if φ grew."""
         grew = False
@@ -173,6 +182,14 @@ class AdaptiveSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phi, self.reference, self.history = state["phi"], state["reference"], state["history"]
         self.rng.setstate(_rng_from(state["rng"]))
+
+
+def _peek(rng: random.Random) -> float:
+    """The next rng.random() without consuming it."""
+    state = rng.getstate()
+    u = rng.random()
+    rng.setstate(state)
+    return u
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -329,6 +346,10 @@ class StudentOutputs:
             new[SOURCE_KEY] = choice
             out.append(new)
         return out
+
+    def next_step_uses_data(self) -> bool:
+        """For UndoTrainer's look-ahead: only a step that trains on the data can use its batches early."""
+        return self.schedule.next_uses_data()
 
     def sample(self, trainer, prompts: list[list[int]], logits_processor=None) -> list[Sequence]:
         """The student's responses to `prompts`, timed."""

@@ -210,7 +210,8 @@ def setup(config: TrainConfig, objective, *, tokenizer, collator, model,
         lm = lm_examples(config.lm_data, tokenizer, max_length=config.max_length,
                          template=config.template) if config.lm_data else None
         hook = MiniLLMRollout(sampler, teacher=objective.loss.teacher, vocab=objective.vocab,
-                              alpha=config.teacher_mix, collator=collator, lm_data=lm, seed=config.seed)
+                              alpha=config.teacher_mix, collator=collator, lm_data=lm, seed=config.seed,
+                              served=objective.served, packed=config.padding_free)
         loss = MiniLLMLoss(objective.loss, clip_eps=config.clip_eps, lm_weight=config.lm_weight,
                            chunk_size=config.kd_chunk_size)
         what = (f"MiniLLM: teacher-mixed sampling (alpha {config.teacher_mix:g}), clipped policy gradient "

@@ -41,6 +41,14 @@ SECOND EXTENSION POINT: the batches. `UndoTrainer(..., batch_hook=hook)` where
 micro-batches (on the device) and may replace them, e.g. by the student's own
 samples (training/student_outputs.py). It runs before Trainer counts the
 step's response tokens, so the loss is normalised by what is really trained on.
+
+THIRD: `UndoTrainer(..., prefetch=fn)`, `fn(batches)` returning at once: it is
+handed the NEXT optimizer step's micro-batches (taken from the data one step
+early) and, after the batch hook, the step's final ones, so a remote teacher can
+score them while this step's forward and backward run (training/served_teacher.py).
+It may store a pending result in a batch under a key of its own. A batch hook
+with `next_step_uses_data() -> bool` saves it the look-ahead of steps that will
+train on something else.
 """
 
 from __future__ import annotations
@@ -59,6 +67,18 @@ from undo_cli.training.collate import IGNORE_INDEX, LengthGroupedSampler, batch_
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 BatchHook = Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]]
+Prefetch = Callable[[list[dict[str, Any]]], None]
+
+
+def _take(iterator, n: int) -> list:
+    """Up to n items from `iterator` (fewer at its end)."""
+    out = []
+    for _ in range(max(n, 0)):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out
 
 # What the model's forward gets from a batch; the rest (labels, extras) is for the loss.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids",
@@ -247,10 +267,14 @@ class UndoTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, loss_fn: LossFn | None = None, meter: TokenMeter | None = None,
-                 length_grouped: bool = False, batch_hook: BatchHook | None = None, **kwargs: Any):
+                 length_grouped: bool = False, batch_hook: BatchHook | None = None,
+                 prefetch: Prefetch | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.length_grouped = length_grouped
         self.batch_hook = batch_hook
+        self.prefetch = prefetch
+        self._ahead: list[dict[str, Any]] = []  # the next optimizer step's micro-batches, already prefetched
+        self._ahead_of = None  # ... taken from this epoch iterator
         self.loss_fn: LossFn = loss_fn or sft_loss
         self.meter = meter or TokenMeter()
         # Makes Trainer count the response tokens of each optimizer step (over all
@@ -264,12 +288,31 @@ class UndoTrainer(Trainer):
         self.add_callback(_StepEnd(self))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """One optimizer step's micro-batches, through the batch hook if any (then counted again)."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.batch_hook is None or not batches:
-            return batches, num_items
-        batches = self.batch_hook(self, batches)
-        return batches, self._get_num_items_in_batch(batches, device)
+        """One optimizer step's micro-batches, through the batch hook if any (then counted again).
+
+        With `prefetch`, the next step's micro-batches are taken from the iterator one step early
+        and handed to it, so their teacher requests run during this step's forward and backward;
+        the step's final batches (e.g. the student's fresh samples) are handed to it as well.
+        """
+        if self.prefetch is None:
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            if self._ahead_of is not epoch_iterator:  # a new epoch: nothing taken ahead from it yet
+                self._ahead, self._ahead_of = [], epoch_iterator
+            batches, self._ahead = self._ahead[:num_batches], self._ahead[num_batches:]
+            batches += _take(epoch_iterator, num_batches - len(batches))
+            self._ahead += _take(epoch_iterator, self.args.gradient_accumulation_steps - len(self._ahead))
+            num_items = self._get_num_items_in_batch(batches, device)
+        if self.batch_hook is not None and batches:
+            batches = self.batch_hook(self, batches)
+            num_items = self._get_num_items_in_batch(batches, device)
+        if self.prefetch is not None:
+            self.prefetch(batches)  # no-op for batches already requested a step ago
+            # The next step's data, unless the hook knows it will train on something else (its samples).
+            uses_data = getattr(self.batch_hook, "next_step_uses_data", None)
+            if self._ahead and (uses_data is None or uses_data()):
+                self.prefetch(self._ahead)
+        return batches, num_items
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches seeded by (seed, epoch) when asked (see collate.LengthGroupedSampler)."""

@@ -177,7 +177,11 @@ class ServedTeacher:
 
     def _translate(self, exc: Exception, *, running: bool = True) -> UndoError:
         """What is left after the client's retries, as one message a person can act on."""
-        from undo_cli.backends.openai import _server_message
+        from undo_cli.backends.openai import _server_message, redact
+
+        def said(error) -> str:  # the server's words, with the key redacted if it echoed it back
+            body = getattr(getattr(error, "response", None), "content", b"") or str(error).encode()
+            return redact(_server_message(body), [os.environ.get(self.api_key_env) or ""])
 
         openai = self._openai
         if isinstance(exc, openai.APIConnectionError):
@@ -194,10 +198,10 @@ class ServedTeacher:
             return UndoError(f"{self.where} refused the API key from ${self.api_key_env} (401)",
                              hint=f"check ${self.api_key_env}, or name another with --teacher-api-key-env")
         if isinstance(exc, openai.NotFoundError):
-            return UndoError(f"--teacher {self.model}: not found at {self.where} ({_server_message(exc)})",
+            return UndoError(f"--teacher {self.model}: not found at {self.where} ({said(exc)})",
                              hint="pass the exact served model name with --teacher")
         if isinstance(exc, openai.APIStatusError):
-            message = _server_message(exc)
+            message = said(exc)
             hint = ("start the server with --max-logprobs of at least --teacher-top-k (or -1), or lower --teacher-top-k"
                     if "logprobs" in message else
                     "check --max-length against the server's --max-model-len")

@@ -3,6 +3,7 @@
     python bench/demo.py                     # one full demo into a temporary folder
     python bench/demo.py --rounds 2          # median of 2 (each from an empty folder)
     python bench/demo.py --threads 2         # torch threads of the demo process [default: 2 = CI's cores]
+    python bench/demo.py --keep /tmp/demo    # keep the last round's folder (its report.png is docs/demo-report.png)
 
 Each round runs `python -m undo_cli demo --workdir TMP` exactly as a user runs
 it, in a fresh process from an empty folder, and measures from outside:
@@ -37,9 +38,14 @@ RESULTS = REPO / "bench" / "results"
 BUDGET = {"wall_s": 300.0, "peak_rss_gb": 3.0}
 
 
-def one_round(threads: int) -> dict:
+def one_round(threads: int, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="undo-demo-bench-") as tmp:
         workdir = Path(tmp) / "undo-demo"
+        if keep is not None:
+            import shutil
+
+            shutil.rmtree(keep, ignore_errors=True)
+            workdir = keep
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "100"}
         load_before = os.getloadavg()[0]
@@ -67,12 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", type=Path, default=None, help="run the last round in this folder and keep it")
     args = parser.parse_args()
 
     rounds = []
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result = one_round(args.threads)
+        result = one_round(args.threads, args.keep if i == args.rounds - 1 else None)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
         # ru_maxrss of RUSAGE_CHILDREN is the largest child so far (KiB on Linux): rounds only ever grow it,

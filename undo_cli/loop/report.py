@@ -342,7 +342,7 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
 
     all_rows = state["rows"]
     n_iter = len(all_rows)
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 6.4), dpi=120, sharex=True,
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 7.0), dpi=120, sharex=True,
                                  gridspec_kw={"height_ratios": [3, 2]})
     val = [(r["iteration"], 100 * r["val_accuracy"], r.get("val_correct"), r.get("val_count"))
            for r in rows if r.get("val_accuracy") is not None]
@@ -398,7 +398,8 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
     bx.set_xlabel("UNDO iteration (0 = one-shot distillation)")
     bx.set_xticks(ks[::label_every])
     bx.grid(alpha=0.3, axis="y")
-    bx.legend(loc="upper left", fontsize="x-small", ncol=2, bbox_to_anchor=(1.0, 1.0) if n_iter > 12 else None)
+    # Below the panel: inside it, the legend would hide bars whatever their heights.
+    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), fontsize="x-small", ncol=2, frameon=False)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,13 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UndoError(f"{run_dir}: no such run folder", hint="pass runs/NAME, the folder `undo iterate` writes")
-    manifest = _read_json(RunLayout(run_dir).manifest)
+    manifest_path = RunLayout(run_dir).manifest
+    manifest = _read_json(manifest_path)
+    if manifest is None and manifest_path.is_file():
+        from undo_cli.records import read_json
+
+        # undo writes the manifest atomically, so an unreadable one was damaged by hand: say where.
+        read_json(manifest_path)
     iterations = _iterations(run_dir, manifest)
     if not iterations:
         raise UndoError(f"{run_dir}: no iterations yet (no iter_00/ and no manifest.json)",

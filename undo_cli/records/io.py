@@ -61,9 +61,9 @@ def _decode(raw: bytes, name: str, lineno: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1  # in characters, as an editor counts
-        source = "the input" if name == "<stdin>" else name
+        source, fixed = ("input.jsonl", "fixed.jsonl") if name == "<stdin>" else (name, f"{Path(name).stem}.utf8{Path(name).suffix}")
         raise RecordError(name, lineno, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})",
-                          hint=f"convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {source} > fixed.jsonl` "
+                          hint=f"convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {source} > {fixed}` "
                                "(latin1 if it came from an old spreadsheet or Windows tool)") from None
 
 
@@ -296,9 +296,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UndoError(f"{p}: no such file") from None
+        return json.loads(read_text(p))
     except json.JSONDecodeError as exc:
         raise UndoError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 

@@ -178,8 +178,8 @@ def test_bad_input_exits_2_and_writes_nothing(case: Case, tmp_path, undo, tiny_m
     if case.how:
         bad = files[case.slot]
         if case.how.startswith("csv-"):
+            files[case.slot].unlink()
             bad = files[case.slot] = tmp_path / "source.csv"
-            files["source"].unlink() if (tmp_path / "source.jsonl").exists() else None
             if case.how == "csv-latin1":
                 bad.write_bytes("question,answer\nWhat is 1 plus 1?,2\nCafé?,4\n".encode("latin-1"))
                 expect = [":3:", "not UTF-8", "0xe9"]

@@ -207,3 +207,17 @@ def test_error_paths_exit_2_with_a_message_that_names_the_problem(undo, tiny_mod
         assert piece in err, err
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.rejected.jsonl").exists()  # no empty leftovers
+
+
+def test_keep_all_never_keeps_whitespace_rationales(undo, tiny_model, tmp_path):
+    # The untrained tiny model greedily writes only newlines: nothing a student could learn from.
+    rows = [{"id": f"w{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(3)]
+    problems = _write_jsonl(tmp_path / "w.jsonl", rows)
+    out = tmp_path / "all.jsonl"
+    result = undo("generate", "--teacher", tiny_model, "--input", problems, "--output", out, "--keep", "all",
+                  "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    rejected = _lines(tmp_path / "all.rejected.jsonl")
+    assert sorted(r["problem_id"] for r in rejected) == ["w0", "w1", "w2"]
+    assert all(not r["rationale"].strip() for r in rejected)
+    assert out.read_text() == ""  # kept: none (train would have had to skip them all)

@@ -148,7 +148,7 @@ def compute_metrics(predictions: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Answer, score, write predictions and metrics.json; prints two tables and returns the summary."""
+    """Answer, score, write predictions and <stem>.metrics.json; prints two tables and returns the summary."""
     from undo_cli.prompts import student_messages, template_name
     from undo_cli.records import read_records, write_json
     from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation

@@ -67,13 +67,15 @@ def _decode(raw: bytes, name: str, lineno: int) -> str:
                                "(latin1 if it came from an old spreadsheet or Windows tool)") from None
 
 
-def text_lines(path: str | os.PathLike) -> Iterator[str]:
+def text_lines(path: str | os.PathLike, *, torn_tail: bool = False) -> Iterator[str]:
     """The lines of a UTF-8 text file (or stdin for `-`), newlines kept, a leading BOM dropped.
 
     Every reader of user files goes through this, so a Latin-1 file fails with
     `file:line: not UTF-8 (byte 0xe9 at column N)` and a hint instead of a
     UnicodeDecodeError, and a spreadsheet export's byte-order mark is never part
-    of the first field.
+    of the first field. torn_tail: a last line without its newline may end
+    inside a multi-byte character (a writer killed mid-write); it is decoded
+    with replacement characters so the caller can recognise it as torn.
     """
     name = display_name(path)
     if str(path) == STDIO:
@@ -89,7 +91,10 @@ def text_lines(path: str | os.PathLike) -> Iterator[str]:
         raise UndoError(f"{p}: is a folder, expected a JSONL file")
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = _decode(raw, name, lineno)
+            if torn_tail and not raw.endswith(b"\n"):
+                line = raw.decode("utf-8", errors="replace")  # the last line; not JSON if it was cut (see iter_records)
+            else:
+                line = _decode(raw, name, lineno)
             yield line[1:] if lineno == 1 and line.startswith(BOM) else line
 
 
@@ -115,7 +120,7 @@ def iter_records(
     shape = SHAPES[kind] if kind else None
     seen: dict[str, int] = {}
     count = 0
-    lines = list(text_lines(path)) if drop_torn_tail else text_lines(path)
+    lines = list(text_lines(path, torn_tail=True)) if drop_torn_tail else text_lines(path)
     total = len(lines) if drop_torn_tail else None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

@@ -48,7 +48,7 @@ train_and_diagnose() {  # $1 = iteration, $2 = training data, $3 = model to star
   local d; d=$(it "$1")
   "$UNDO" train --student "$3" --data "$2" --output "$d/student" --seed "$SEED" --resume "${train_args[@]}"
   "$UNDO" evaluate --model "$d/student" --input "$VAL" --output "$d/val/predictions.jsonl" \
-    --seed "$SEED" "${evaluate_args[@]}"
+    --metrics "$d/val/predictions.metrics.json" --seed "$SEED" "${evaluate_args[@]}"
   "$UNDO" collect-errors "$d/val/predictions.jsonl" --output "$d/errors.jsonl" --seed "$SEED" "${collect_args[@]}"
 }
 
@@ -93,7 +93,7 @@ done
 for k in $(printf '%s\n' 0 "$best" | sort -un); do
   d=$(it "$k")
   "$UNDO" evaluate --model "$d/student" --input "$TEST" --output "$d/test/predictions.jsonl" \
-    --seed "$SEED" "${evaluate_args[@]}"
+    --metrics "$d/test/predictions.metrics.json" --seed "$SEED" "${evaluate_args[@]}"
 done
 echo "best iteration: $best (validation accuracy $best_acc)" >&2
 "$UNDO" report "$OUT"

@@ -4,7 +4,7 @@
     undo evaluate --model student_1 --input val.jsonl --output preds.jsonl     # refused: model differs
     undo evaluate --model student_1 --input val.jsonl --output preds.jsonl --overwrite
 
-Every resumable output (generate, evaluate, refine: stages/runner.py) gets
+Every resumable output (generate, evaluate, refine: stages/generation_loop.py) gets
 `<stem>.run.json` recording what produced it; an identical re-run resumes, a
 different one is refused naming the keys, and `--overwrite` starts over. A file
 this stage did not write (no sidecar) is never resumed into, so a torn-looking

@@ -48,7 +48,7 @@ train_and_diagnose() {  # $1 = iteration, $2 = training data, $3 = model to star
   local d; d=$(it "$1")
   "$UNDO" train --student "$3" --data "$2" --output "$d/student" --seed "$SEED" --resume "${train_args[@]}"
   "$UNDO" evaluate --model "$d/student" --input "$VAL" --output "$d/val/predictions.jsonl" \
-    --metrics "$d/val/metrics.json" --seed "$SEED" "${evaluate_args[@]}"
+    --metrics "$d/val/predictions.metrics.json" --seed "$SEED" "${evaluate_args[@]}"
   "$UNDO" collect-errors "$d/val/predictions.jsonl" --output "$d/errors.jsonl" --seed "$SEED" "${collect_args[@]}"
 }
 
@@ -60,7 +60,7 @@ data="$d/rationales.jsonl"
 train_and_diagnose 0 "$data" "$STUDENT"
 
 best=0
-best_acc=$(accuracy "$d/val/metrics.json")
+best_acc=$(accuracy "$d/val/predictions.metrics.json")
 reference=$best_acc
 stale=0
 
@@ -80,7 +80,7 @@ for ((k = 1; k <= MAX_ITERATIONS; k++)); do
   if [ "$INIT" = previous ]; then start="$prev/student"; fi
   train_and_diagnose "$k" "$data" "$start"
 
-  acc=$(accuracy "$d/val/metrics.json")
+  acc=$(accuracy "$d/val/predictions.metrics.json")
   if improves "$acc" "$best_acc" 0; then best=$k; best_acc=$acc; fi   # best: highest, earliest on a tie
   if improves "$acc" "$reference" "$MIN_DELTA"; then reference=$acc; stale=0; else stale=$((stale + 1)); fi
   if [ "$stale" -ge "$PATIENCE" ]; then
@@ -93,7 +93,7 @@ done
 for k in $(printf '%s\n' 0 "$best" | sort -un); do
   d=$(it "$k")
   "$UNDO" evaluate --model "$d/student" --input "$TEST" --output "$d/test/predictions.jsonl" \
-    --metrics "$d/test/metrics.json" --seed "$SEED" "${evaluate_args[@]}"
+    --metrics "$d/test/predictions.metrics.json" --seed "$SEED" "${evaluate_args[@]}"
 done
 echo "best iteration: $best (validation accuracy $best_acc)" >&2
 "$UNDO" report "$OUT"

@@ -1,4 +1,4 @@
-"""`undo evaluate`: scored predictions, metrics.json, the training-time prompt, resume, bad input.
+"""`undo evaluate`: scored predictions, <stem>.metrics.json, the training-time prompt, resume, bad input.
 
 The "student" here is `trained_teacher` (tests/conftest.py): a tiny model
 overfit on TAUGHT_PROBLEMS through `prompts.encode_example(student_messages(...))`,
@@ -60,7 +60,7 @@ def test_predictions_and_metrics(tmp_path, trained_teacher, capsys):
     assert preds["u1"]["correct"] is False and preds["u1"]["predicted"] not in (None, "12")
     assert preds["c1"]["choices"] == ["3", "4"]  # whatever it says about the choice question, it is scored as one
 
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # beside the output
+    metrics = json.loads((tmp_path / "eval" / "predictions.metrics.json").read_text())  # beside the output
     assert summary["metrics"] == metrics
     correct = sum(r["correct"] for r in preds.values())
     assert correct == 2 + preds["c1"]["correct"]
@@ -87,7 +87,7 @@ def test_truncation_and_no_answer_are_counted(tmp_path, tiny_model):
     summary = run(EvaluateConfig(model=str(tiny_model), input=str(val), output=str(out), max_tokens=4))
     preds = read_jsonl(out)
     assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 4 for r in preds)
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = json.loads((tmp_path / "preds.metrics.json").read_text())
     assert m["truncated"] == 2 and m["correct"] == 0 and m["no_answer"] == sum(r["predicted"] is None for r in preds)
     assert summary["metrics"] == m
 
@@ -100,7 +100,7 @@ def test_resume_skips_done_ids_and_scores_the_whole_file(tmp_path, tiny_model):
     cfg = EvaluateConfig(model=str(tiny_model), input=str(val), output=str(out), max_tokens=8, batch_size=2)
     run(cfg)
     complete = read_jsonl(out)
-    first_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    first_metrics = json.loads((tmp_path / "preds.metrics.json").read_text())
 
     # A killed run: two finished lines and a torn third one.
     lines = out.read_text().splitlines(keepends=True)
@@ -111,7 +111,7 @@ def test_resume_skips_done_ids_and_scores_the_whole_file(tmp_path, tiny_model):
     assert resumed[:2] == complete[:2]
     assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in complete)  # each id exactly once
     assert {r["id"]: r["output"] for r in resumed} == {r["id"]: r["output"] for r in complete}
-    assert json.loads((tmp_path / "metrics.json").read_text()) == first_metrics
+    assert json.loads((tmp_path / "preds.metrics.json").read_text()) == first_metrics
 
     # Nothing left: the model is not even loaded, metrics are rewritten from the file.
     summary = run(cfg)

@@ -64,7 +64,7 @@ def test_keep_correct_writes_verified_rationales_and_a_rejected_sidecar(undo, tr
 
     # Re-running resumes: everything is done (rejected problems included), nothing is rewritten.
     before = out.read_bytes()
-    again = _generate(undo, trained_teacher, problems, out)
+    again = _generate(undo, trained_teacher, problems, out, "--logprobs", "2", "--iteration", "2")
     assert again.returncode == 0, again.stderr
     assert "15 of 15 already done" in " ".join(again.stderr.split())
     assert out.read_bytes() == before
@@ -78,7 +78,10 @@ def test_keep_all_to_stdout_then_resume_over_a_torn_line(undo, trained_teacher, 
     assert not (tmp_path / "-.rejected.jsonl").exists()
 
     # A run killed mid-write leaves a torn last line: it is dropped, redone, never duplicated.
+    # (Only from a file this stage wrote: its all.run.json sidecar says so.)
     out = tmp_path / "all.jsonl"
+    assert _generate(undo, trained_teacher, problems, out, "--keep", "all").returncode == 0
+    assert (tmp_path / "all.run.json").is_file()
     torn = "".join(json.dumps(r) + "\n" for r in records[:5]) + json.dumps(records[5])[:40]
     out.write_text(torn)
     resumed = _generate(undo, trained_teacher, problems, out, "--keep", "all")
@@ -111,27 +114,34 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, t
     out = tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "undo_cli", "generate", "--teacher", str(tiny_model), "--input", str(problems),
            "--output", str(out), "--keep", "all", "--batch-size", "2", "--max-tokens", "16"]
+    # The untrained tiny model writes whitespace, which even --keep all rejects: the rejected sidecar is
+    # part of what resume trusts, so every problem is counted across both files.
+    files = [out, tmp_path / "killed.rejected.jsonl"]
+
+    def complete(path: Path) -> str:
+        text = path.read_text() if path.exists() else ""
+        return text[: text.rfind("\n") + 1]  # complete lines only: a torn tail is dropped and redone
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 300
-        while (not out.exists() or out.read_text().count("\n") < 4) and proc.poll() is None:
+        while sum(complete(p).count("\n") for p in files) < 4 and proc.poll() is None:
             assert time.monotonic() < deadline, "no records appeared"
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed; make it longer"
         proc.send_signal(signal.SIGKILL)  # no cleanup handlers run: the worst case
     finally:
         proc.wait(timeout=60)
-    text = out.read_text()
-    partial = text[: text.rfind("\n") + 1]  # complete lines only: a torn tail is dropped and redone
-    done_before = partial.count("\n")
+    partials = [complete(p) for p in files]
+    done_before = len({json.loads(line)["problem_id"] for part in partials for line in part.splitlines()})
     assert 0 < done_before < 48
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done_before} of 48 already done" in " ".join(resumed.stderr.split())
-    final = _lines(out)
-    ids = [r["problem_id"] for r in final]
+    ids = [r["problem_id"] for p in files for r in _lines(p)]
     assert len(ids) == len(set(ids)) == 48  # every problem exactly once
-    assert out.read_text().startswith(partial)  # what was on disk stayed as it was
+    for path, part in zip(files, partials):
+        assert path.read_text().startswith(part)  # what was on disk stayed as it was
 
 
 def test_fewshot_examples_reach_the_prompt(undo, tiny_model, problems, tmp_path):
@@ -197,3 +207,17 @@ def test_error_paths_exit_2_with_a_message_that_names_the_problem(undo, tiny_mod
         assert piece in err, err
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.rejected.jsonl").exists()  # no empty leftovers
+
+
+def test_keep_all_never_keeps_whitespace_rationales(undo, tiny_model, tmp_path):
+    # The untrained tiny model greedily writes only newlines: nothing a student could learn from.
+    rows = [{"id": f"w{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(3)]
+    problems = _write_jsonl(tmp_path / "w.jsonl", rows)
+    out = tmp_path / "all.jsonl"
+    result = undo("generate", "--teacher", tiny_model, "--input", problems, "--output", out, "--keep", "all",
+                  "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    rejected = _lines(tmp_path / "all.rejected.jsonl")
+    assert sorted(r["problem_id"] for r in rejected) == ["w0", "w1", "w2"]
+    assert all(not r["rationale"].strip() for r in rejected)
+    assert out.read_text() == ""  # kept: none (train would have had to skip them all)

@@ -225,7 +225,8 @@ def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
                 "iter_01/refined.jsonl", "iter_01/train_data.jsonl", "iter_01/val/predictions.jsonl",
                 "iter_01/errors.jsonl", "iter_00/test/predictions.jsonl"):
         assert _fields(out / rel) == _fields(run / rel), rel
-    for rel in ("iter_00/val/metrics.json", "iter_01/val/metrics.json", "iter_00/test/metrics.json",
+    for rel in ("iter_00/val/predictions.metrics.json", "iter_01/val/predictions.metrics.json",
+                "iter_00/test/predictions.metrics.json",
                 "iter_01/student/train_summary.json"):
         assert set(json.loads((out / rel).read_text())) == set(json.loads((run / rel).read_text())), rel
     # Same teacher, same greedy decoding: the very same rationales.

@@ -69,7 +69,7 @@ def test_separate_commands(tmp_path, trained_teacher, undo):
     ev = undo("evaluate", "--model", trained_teacher, "--input", tmp_path / "val.jsonl",
               "--output", tmp_path / "predictions.jsonl", "--max-tokens", "40", env=WIDE)
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == 0.5
+    assert json.loads((tmp_path / "predictions.metrics.json").read_text())["accuracy"] == 0.5
 
     ce = undo("collect-errors", tmp_path / "predictions.jsonl", "--output", tmp_path / "errors.jsonl", env=WIDE)
     assert ce.returncode == 0, ce.stderr
@@ -92,7 +92,7 @@ def test_bash_pipeline_with_dashes(tmp_path, trained_teacher):
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     check_errors(read_jsonl(tmp_path / "errors.jsonl"))
-    assert not (tmp_path / "metrics.json").exists()  # --output - writes no metrics file unless asked
+    assert not list(tmp_path.glob("*metrics.json"))  # --output - writes no metrics file unless asked
     assert "accuracy" in proc.stderr and "wrong_answer" in proc.stderr  # both tables on stderr
 
 
@@ -119,6 +119,6 @@ def test_through_a_real_openai_compatible_server(tmp_path, transformers_server, 
     refined = read_jsonl(tmp_path / "refined.jsonl")
     check_refined(refined, tmp_path / "rationales.jsonl")
     assert all(r["backend"] == "openai" for r in refined)
-    for path in ("predictions.jsonl", "metrics.json", "errors.jsonl", "refined.jsonl"):
+    for path in ("predictions.jsonl", "predictions.metrics.json", "errors.jsonl", "refined.jsonl"):
         assert "sk-test-not-a-real-key" not in (tmp_path / path).read_text()  # the key never lands in artifacts
     assert "sk-test-not-a-real-key" not in ev.stderr + rf.stderr

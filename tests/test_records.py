@@ -93,6 +93,21 @@ def test_append_log_resumes_after_a_torn_last_line(tmp_path, capsys):
     assert [r["id"] for r in _lines(path)] == ["p0", "p1", "p2", "p3", "p4"]  # nothing lost, nothing twice
 
 
+def test_append_log_drops_a_tail_torn_inside_a_multibyte_character(tmp_path, capsys):
+    # Records are written with ensure_ascii=False: a kill can cut "é" (0xc3 0xa9) in half. That tail
+    # is torn, not "not UTF-8": it is dropped and redone like any other torn line.
+    path = tmp_path / "out.jsonl"
+    with AppendLog(path, kind="problem") as log:
+        log.append([{**PROBLEM, "id": "p0", "question": "café?"}])
+    with path.open("ab") as fh:
+        fh.write('{"id": "p1", "question": "caf'.encode() + "é".encode()[:1])
+    with AppendLog(path, kind="problem") as log:
+        assert log.done_ids() == {"p0"}
+        log.append([{**PROBLEM, "id": "p1", "question": "café?"}])
+    assert [r["question"] for r in _lines(path)] == ["café?", "café?"]
+    assert "droppingatornlastline" in "".join(capsys.readouterr().err.split())
+
+
 def test_append_log_keeps_a_whole_record_missing_only_its_newline(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}')

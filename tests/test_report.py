@@ -35,9 +35,10 @@ def _iteration(run: Path, k: int, val: float | None, *, loss: float = 1.0, refin
         _jsonl(d / "train_data.jsonl", [_rationale(i) for i in range(8)])
     write_json(d / "student" / "train_summary.json", {"final_loss": loss, "steps": 10})
     if val is not None:
-        write_json(d / "val" / "metrics.json", {"accuracy": val, "correct": int(val * 20), "count": 20})
+        write_json(d / "val" / "predictions.metrics.json", {"accuracy": val, "correct": int(val * 20), "count": 20})
         _jsonl(d / "errors.jsonl", [{"id": f"v{i}"} for i in range(20 - int(val * 20))])
     if test is not None:
+        # the name runs made before metrics were named after their predictions: still read
         write_json(d / "test" / "metrics.json", {"accuracy": test, "correct": int(test * 40), "count": 40})
 
 

@@ -258,9 +258,10 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     fails("--student", tiny_model, "--data", missing, *out, says=f"{missing}:2: field 'rationale': missing")
 
     rows = _rationales(3)
-    rows[2]["rationale"] = "  "
+    for row in rows:
+        row["rationale"] = "  \n"
     blank = _write(tmp_path / "blank.jsonl", rows)
-    fails("--student", tiny_model, "--data", blank, *out, says=f"{blank}:3: field 'rationale': empty rationale")
+    fails("--student", tiny_model, "--data", blank, *out, says=f"{blank}:1: field 'rationale': every rationale is empty")
 
     fails("--student", tmp_path / "no-such-model", "--data", data, *out, says="cannot load model")
     fails("--student", tiny_model, "--data", data, *out, "--max-length", "12", says="every prompt is at least")
@@ -271,3 +272,16 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     (foreign / "notes.txt").write_text("mine")
     fails("--student", tiny_model, "--data", data, "--output", foreign, says="not an `undo train` output")
     assert (foreign / "notes.txt").exists()
+
+
+def test_empty_rationales_are_skipped_and_counted(tiny_model, tmp_path, train):
+    # `undo iterate` with keep = "all" used to stop at train on the first whitespace-only rationale.
+    rows = _rationales(4)
+    rows[1]["rationale"] = " \n "
+    data = _write(tmp_path / "some_blank.jsonl", rows)
+    out = tmp_path / "student"
+    res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "1", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    assert f"{data}: skipping 1 of 4 records with an empty rationale (line 2)" in res.stderr
+    summary = _summary(out)
+    assert summary["examples"] == 3 and summary["empty_rationales_skipped"] == 1

@@ -53,7 +53,7 @@ The student's own outputs: undo train --objective srkl --student-outputs adaptiv
   or: undo train --method minillm --teacher T --student SFT_STUDENT --data ... --output ..."""),
     Command("evaluate", "undo_cli.stages.evaluate:EvaluateConfig", "undo_cli.stages.evaluate:run", """\
 The student answers each question (greedy, with the chat formatting it was trained on); every answer is
-scored and metrics.json is written beside the predictions.
+scored and the metrics are written beside the predictions (preds.metrics.json for preds.jsonl).
 
 Example: undo evaluate --model out/student --input val.jsonl --output out/val/predictions.jsonl"""),
     Command("collect-errors", "undo_cli.stages.collect_errors:CollectErrorsConfig",

@@ -28,6 +28,7 @@ output file appears; the split files are then written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -131,13 +132,19 @@ def _jsonl_lines(name: str, lines: Iterable[str]) -> Iterator[Row]:
         yield lineno, f"line {lineno}", row
 
 
+# Local files are read through records.text_lines: UTF-8 only (a Latin-1 file fails with
+# file:line and an iconv hint), and the byte-order mark spreadsheet exports start with is dropped.
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as fh:
-        yield from _jsonl_lines(str(path), fh)
+    from undo_cli.records import text_lines
+
+    yield from _jsonl_lines(str(path), text_lines(path))
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+    from undo_cli.records import read_text
+
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -161,8 +168,10 @@ def _json_rows(path: Path) -> Iterator[Row]:
 def _csv_rows(path: Path) -> Iterator[Row]:
     import csv
 
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+    from undo_cli.records import text_lines
+
+    with contextlib.closing(text_lines(path)) as lines:
+        reader = csv.DictReader(lines)
         if not reader.fieldnames:
             return
         for row in reader:
@@ -204,7 +213,9 @@ def open_source(config: DataImportConfig, preset) -> tuple[str, str, Iterator[Ro
     if source == "-":  # JSONL on stdin, so an import can sit at the end of a pipeline
         import sys
 
-        return "<stdin>", preset.name if preset else "stdin", _jsonl_lines("<stdin>", sys.stdin)
+        from undo_cli.records import text_lines
+
+        return "<stdin>", preset.name if preset else "stdin", _jsonl_lines("<stdin>", text_lines("-"))
     path = Path(source)
     if path.is_file():
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
@@ -286,9 +297,20 @@ def run(config: DataImportConfig) -> dict[str, Any]:
     from undo_cli.console import console, warn
     from undo_cli.records import write_json, write_records
 
+    from undo_cli.stages.options import same_file
+
     out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UndoError(f"--output-dir {out}: is a file, not a folder", hint="name a folder (it is created if needed)")
+    for folder in (out, *out.parents):  # `--output-dir ok.jsonl/data` too: refused before reading anything
+        if folder.exists():
+            if not folder.is_dir():
+                raise UndoError(f"--output-dir {out}: {folder} is a file, not a folder",
+                                hint="name a folder (it is created if needed)")
+            break
+    if config.source and config.source != "-":
+        for split, _ in config.splits:  # the split files are written after reading: they would replace the source
+            if same_file(str(out / f"{split}.jsonl"), config.source):
+                raise UndoError(f"--output-dir {out}: split '{split}' would overwrite the source {config.source}",
+                                hint="import into another folder, e.g. --output-dir data/imported")
     with console.status("reading and checking rows..."):
         name, problems = convert_rows(config)
 

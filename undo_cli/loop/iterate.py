@@ -290,6 +290,10 @@ def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
 
     seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
                                                                                  "evaluate", "collect_errors")}}
+    from undo_cli.records import read_records
+
+    for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
+        read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume)
     loop = Loop(config, folder)

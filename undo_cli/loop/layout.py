@@ -6,7 +6,7 @@
       iter_NN/refined.jsonl      (k >= 1) the teacher's re-teaching of iteration k-1's errors
       iter_NN/train_data.jsonl   (k >= 1) the rationales mixed with the refined ones: what student k trains on
       iter_NN/student/           the trained student (train_summary.json inside)
-      iter_NN/val/predictions.jsonl  iter_NN/val/metrics.json   (test/ for the best and the one-shot student)
+      iter_NN/val/predictions.jsonl  iter_NN/val/predictions.metrics.json   (test/ for the best and one-shot students)
       iter_NN/errors.jsonl       the validation failures refine k+1 starts from
 
     layout = RunLayout(Path("runs/qwen-gsm8k"))
@@ -37,7 +37,7 @@ TRAIN_DATA = "train_data.jsonl"
 ERRORS = "errors.jsonl"
 STUDENT = "student"
 PREDICTIONS = "predictions.jsonl"
-METRICS = "metrics.json"
+METRICS = "predictions.metrics.json"  # `undo evaluate` names metrics after the predictions
 SPLITS = ("val", "test")
 ITERATION = "iter_{:02d}"  # two digits: iter_02 sorts before iter_10 as a person expects
 _ITERATION = re.compile(r"iter_(\d+)")

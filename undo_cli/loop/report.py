@@ -11,7 +11,7 @@ stopped). Per iteration:
 
     train ex.    examples the student trained on (the mixed training data)
     loss         the final training loss (train_summary.json)
-    val acc      validation accuracy (val/metrics.json)
+    val acc      validation accuracy (val/predictions.metrics.json)
     errors       validation failures collected for the next refinement
     teacher      iteration 0: verified rationales generated; k >= 1: refinements verified / tried
     verified     the teacher's verification rate (samples whose final answer checks out)
@@ -119,7 +119,8 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
         row["train_loss"] = trained.get("final_loss")
         row["train_steps"] = trained.get("steps")
     for split in SPLITS:
-        metrics = _read_json(layout.metrics(k, split))
+        # Runs made before metrics were named after their predictions wrote metrics.json: still read.
+        metrics = _read_json(layout.metrics(k, split)) or _read_json(layout.metrics(k, split).with_name("metrics.json"))
         if metrics:
             row[f"{split}_accuracy"] = metrics.get("accuracy")
             row[f"{split}_correct"] = metrics.get("correct")
@@ -150,7 +151,13 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UndoError(f"{run_dir}: no such run folder", hint="pass runs/NAME, the folder `undo iterate` writes")
-    manifest = _read_json(RunLayout(run_dir).manifest)
+    manifest_path = RunLayout(run_dir).manifest
+    manifest = _read_json(manifest_path)
+    if manifest is None and manifest_path.is_file():
+        from undo_cli.records import read_json
+
+        # undo writes the manifest atomically, so an unreadable one was damaged by hand: say where.
+        read_json(manifest_path)
     iterations = _iterations(run_dir, manifest)
     if not iterations:
         raise UndoError(f"{run_dir}: no iterations yet (no iter_00/ and no manifest.json)",
@@ -420,7 +427,7 @@ def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
     print_verdict(summary)
     out = plot(state, plot_path or RunLayout(Path(run_dir)).report_plot)
     if out is None:
-        console.print("no accuracy yet, so no plot (the first evaluation writes iter_00/val/metrics.json)")
+        console.print("no accuracy yet, so no plot (the first evaluation writes iter_00/val/predictions.metrics.json)")
     else:
         console.print(f"plot written to {out}")
     return {**state, **summary, "plot": str(out) if out else None}

@@ -52,16 +52,16 @@ STAGES: dict[str, tuple[str, str]] = {
 OWNED: dict[str, dict[str, str]] = {
     "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
                  "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
-                 "iteration": "(the loop)", "trust_remote_code": "trust_remote_code"},
+                 "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
     "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
                "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
-               "iteration": "(the loop)", "trust_remote_code": "trust_remote_code"},
+               "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
     "train": {"student": "student / init", "data": "(the loop)", "output": "(the run folder)",
               "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
     "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",
                  "output": "(the run folder)", "metrics": "(the run folder)", "backend": "student_backend",
                  "base_url": "student_backend", "api_key_env": "student_backend",
-                 "trust_remote_code": "trust_remote_code"},
+                 "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
     "collect_errors": {"predictions": "(the loop)", "output": "(the run folder)"},
 }
 

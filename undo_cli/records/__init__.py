@@ -4,15 +4,19 @@ from undo_cli.records.io import (
     STDIO,
     AppendLog,
     atomic_write_text,
+    check_output_path,
+    is_stream,
     iter_records,
+    read_text,
     read_json,
     read_records,
     write_json,
+    text_lines,
     write_records,
 )
 from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
-    "STDIO", "AppendLog", "atomic_write_text", "iter_records", "read_json", "read_records",
-    "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
+    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "is_stream", "iter_records", "read_json",
+    "read_records", "read_text", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

@@ -16,6 +16,13 @@ Three guarantees every stage gets for free by going through this module:
 
 `-` is stdin for readers and stdout for writers everywhere, so stages compose
 in a bash pipeline. stdout is never resumable (there is nothing to re-read).
+
+Outputs that are not regular files (`/dev/null`, `/dev/stdout`, a named pipe, a
+socket, bash's `>(...)`) are opened and written in place, like stdout: renaming
+a temp file over `/dev/null` would replace the device with a regular file for
+every program on the machine. They are never fsynced (a pipe cannot be) and
+never resumed. Input is UTF-8 (a leading byte-order mark is dropped); anything
+else fails with `file:line: not UTF-8 (byte 0xe9 at column N)`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import functools
 import io
 import json
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -45,17 +53,54 @@ def display_name(path: str | os.PathLike) -> str:
     return "<stdin>" if str(path) == STDIO else str(path)
 
 
-def _open_lines(path: str | os.PathLike) -> Iterator[str]:
+BOM = "\ufeff"
+
+
+def _decode(raw: bytes, name: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1  # in characters, as an editor counts
+        source, fixed = ("input.jsonl", "fixed.jsonl") if name == "<stdin>" else (name, f"{Path(name).stem}.utf8{Path(name).suffix}")
+        raise RecordError(name, lineno, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})",
+                          hint=f"convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 {source} > {fixed}` "
+                               "(latin1 if it came from an old spreadsheet or Windows tool)") from None
+
+
+def text_lines(path: str | os.PathLike, *, torn_tail: bool = False) -> Iterator[str]:
+    """The lines of a UTF-8 text file (or stdin for `-`), newlines kept, a leading BOM dropped.
+
+    Every reader of user files goes through this, so a Latin-1 file fails with
+    `file:line: not UTF-8 (byte 0xe9 at column N)` and a hint instead of a
+    UnicodeDecodeError, and a spreadsheet export's byte-order mark is never part
+    of the first field. torn_tail: a last line without its newline may end
+    inside a multi-byte character (a writer killed mid-write); it is decoded
+    with replacement characters so the caller can recognise it as torn.
+    """
+    name = display_name(path)
     if str(path) == STDIO:
-        yield from sys.stdin
+        raw_lines: Iterable[Any] = getattr(sys.stdin, "buffer", None) or sys.stdin
+        for lineno, raw in enumerate(raw_lines, start=1):
+            line = _decode(raw, name, lineno) if isinstance(raw, bytes) else raw
+            yield line[1:] if lineno == 1 and line.startswith(BOM) else line
         return
     p = Path(path)
     if not p.exists():
         raise UndoError(f"{p}: no such file", hint="check the path; stages read JSONL written by `undo data import` or an earlier stage")
     if p.is_dir():
         raise UndoError(f"{p}: is a folder, expected a JSONL file")
-    with p.open("r", encoding="utf-8") as fh:
-        yield from fh
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if torn_tail and not raw.endswith(b"\n"):
+                line = raw.decode("utf-8", errors="replace")  # the last line; not JSON if it was cut (see iter_records)
+            else:
+                line = _decode(raw, name, lineno)
+            yield line[1:] if lineno == 1 and line.startswith(BOM) else line
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file (see `text_lines`: BOM dropped, non-UTF-8 named by line and column)."""
+    return "".join(text_lines(path))
 
 
 def iter_records(
@@ -75,7 +120,7 @@ def iter_records(
     shape = SHAPES[kind] if kind else None
     seen: dict[str, int] = {}
     count = 0
-    lines = list(_open_lines(path)) if drop_torn_tail else _open_lines(path)
+    lines = list(text_lines(path, torn_tail=True)) if drop_torn_tail else text_lines(path)
     total = len(lines) if drop_torn_tail else None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -120,9 +165,108 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def real_stdout():
+    """The process's stdout, even while a rich live display (the progress bar) has swapped `sys.stdout`.
+
+    In a terminal rich replaces `sys.stdout` with a proxy that prints into the
+    (stderr) console; JSONL written there would land on the screen instead of
+    in the pipe. The proxy keeps the file it replaced; unwrap it.
+    """
+    fh = sys.stdout
+    while hasattr(fh, "rich_proxied_file"):
+        fh = fh.rich_proxied_file
+    return fh
+
+
+def _fsync(fh) -> None:
+    """fsync a regular file; pipes, terminals, sockets and devices are left alone (fsync fails on them: EINVAL)."""
+    try:
+        fd = fh.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fsync(fd)
+    except (OSError, ValueError, io.UnsupportedOperation):  # no real fd (a test's captured stdout): nothing to sync
+        pass
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """True for `-` and for an existing path that is not a regular file or folder (a device, FIFO, socket).
+
+    Streams are written in place, never renamed over, never resumed, and get no sidecar files.
+    """
+    if str(path) == STDIO:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _is_our_stdout(path: str | os.PathLike) -> bool:
+    """`path` is the very file our stdout is (/dev/stdout, /proc/self/fd/1, or the file stdout was redirected to)."""
+    try:
+        a, b = os.stat(path), os.fstat(real_stdout().fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse an output that cannot be a file: a folder, or a path under a regular file (`ok.jsonl/x.jsonl`)."""
+    if str(path) == STDIO:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UndoError(f"{flag} {p}: is a folder, expected a file name", hint=f"e.g. {flag} {p / 'out.jsonl'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UndoError(f"{flag} {p}: {parent} is a file, not a folder",
+                                hint="choose a path whose folders are folders (they are created if missing)")
+            break
+
+
+def open_stream(path: str | os.PathLike):
+    """A text handle writing in place to stdout or to an existing non-regular file; (handle, close it?)."""
+    if str(path) == STDIO or _is_our_stdout(path):
+        return real_stdout(), False
+    if stat.S_ISSOCK(os.stat(path).st_mode):  # a unix socket cannot be open()ed: connect to it
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(path))
+        except OSError as exc:
+            sock.close()
+            raise UndoError(f"--output {path}: a socket nobody is listening on ({exc.strerror})") from None
+        fh = sock.makefile("w", encoding="utf-8")
+        sock.close()  # the file object keeps the connection open until it is closed
+        return fh, True
+    return open(path, "w", encoding="utf-8"), True  # a device or FIFO: written in place, never replaced
+
+
+def _write_stream(path: str | os.PathLike, text: str) -> None:
+    fh, owned = open_stream(path)
+    try:
+        fh.write(text)
+        fh.flush()
+    finally:
+        if owned:
+            fh.close()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a mix."""
-    target = Path(path)
+    """Write `text` to `path` so that readers see the old file or the new one, never a mix.
+
+    Only regular files are replaced by rename; a device, FIFO or socket (`/dev/null`,
+    `/dev/stdout`, `>(...)`) is written in place (see the module docstring).
+    """
+    if is_stream(path) or _is_our_stdout(path):
+        _write_stream(path, text)
+        return
+    check_output_path(path)
+    # A symlink to a file stays a symlink: the new file replaces its target, not the link.
+    target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -138,18 +282,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Write a whole JSONL file atomically (or to stdout for `-`); returns the count."""
+    """Write a whole JSONL file atomically (or to stdout for `-`, or in place to a stream); returns the count."""
     buf = io.StringIO()
     writer = jsonlines.Writer(buf, dumps=_dumps, flush=False)
     n = 0
     for record in records:
         writer.write(record)
         n += 1
-    if str(path) == STDIO:
-        sys.stdout.write(buf.getvalue())
-        sys.stdout.flush()
-    else:
-        atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return n
 
 
@@ -161,9 +301,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UndoError(f"{p}: no such file") from None
+        return json.loads(read_text(p))
     except json.JSONDecodeError as exc:
         raise UndoError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
@@ -189,9 +327,12 @@ class AppendLog:
         self.kind = kind
         self.existing: list[dict[str, Any]] = []
         self._ids: set[str] = set()
-        if self.path == STDIO:
-            self._fh = sys.stdout
+        self._stream = is_stream(self.path)
+        if self._stream:  # stdout, /dev/null, a FIFO, ...: written in place, nothing to resume
+            self._fh, self._owned = open_stream(self.path)
             return
+        check_output_path(self.path)
+        self._owned = True
         p = Path(self.path)
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.exists() and not fresh:
@@ -219,7 +360,7 @@ class AppendLog:
 
     @property
     def resumable(self) -> bool:
-        return self.path != STDIO
+        return not self._stream
 
     def done_ids(self, key: str = "id") -> set[Any]:
         """Values of `key` over the records already on disk (for skipping finished work)."""
@@ -240,12 +381,13 @@ class AppendLog:
             return 0
         self._fh.write("".join(lines))
         self._fh.flush()
-        if self._fh is not sys.stdout:
-            os.fsync(self._fh.fileno())
+        # Decided by what the fd is, not by comparing with sys.stdout: rich's progress bar swaps
+        # sys.stdout while it runs, and fsync on a pipe fails with EINVAL (issue: pipes in a terminal).
+        _fsync(self._fh)
         return len(lines)
 
     def close(self) -> None:
-        if self._fh is not sys.stdout and not self._fh.closed:
+        if self._owned and not self._fh.closed:
             self._fh.close()
 
     def __enter__(self) -> "AppendLog":

@@ -52,6 +52,12 @@ class CollectErrorsConfig:
         if self.max is not None and self.max < 1:
             raise UndoError(f"--max {self.max}: must be at least 1",
                             hint="leave --max out to keep every error")
+        from undo_cli.records import check_output_path
+        from undo_cli.stages.options import check_output_is_new
+
+        # Written after reading, so `-o preds.jsonl` would silently replace the predictions with the errors.
+        check_output_is_new(self.output, {"predictions": self.predictions}, hint="write errors to a new file")
+        check_output_path(self.output)
 
 
 def classify(prediction: dict[str, Any]) -> str | None:

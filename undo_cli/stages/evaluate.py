@@ -24,10 +24,15 @@ different reason than one that reasons wrongly; `undo collect-errors` tells
 them apart.
 
 After generating, the stage scores the whole output (this run and any earlier
-run it resumed) and writes `metrics.json` beside it, atomically: accuracy,
-count, correct, per-task accuracy, answers not extracted, truncated. With
-`--output -` predictions stream to stdout for a pipe, and metrics go to a file
-only when `--metrics` names one. Batching, resume (a killed run loses at most
+run it resumed) and writes the metrics beside it, named after it
+(`preds.metrics.json` for `preds.jsonl`, so two evaluations in one folder never
+overwrite each other's), atomically: accuracy, count, correct, per-task
+accuracy, answers not extracted, truncated. With `--output -` predictions
+stream to stdout for a pipe, and metrics go to a file only when `--metrics`
+names one. `preds.run.json` records what produced the predictions (model,
+adapter, backend, template, sampling, input digest): re-running into the same
+output with another model is refused (`--overwrite` starts over) instead of
+reporting the old model's accuracy under the new name. Batching, resume (a killed run loses at most
 the batch in flight) and the progress bar are the shared `stages/generation_loop.py`.
 """
 
@@ -51,7 +56,10 @@ class EvaluateConfig(GenerationOptions):
     output: str = field(default="-", metadata={"short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
     prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
-    metrics: str | None = field(default=None, metadata={"help": "Where to write metrics.json (default: beside --output; none for '-')."})
+    metrics: str | None = field(default=None, metadata={
+        "help": "Where to write the metrics JSON (default: <output stem>.metrics.json beside --output; none for '-')."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
 
     def __post_init__(self) -> None:
         self.check_generation_options()
@@ -62,12 +70,17 @@ class EvaluateConfig(GenerationOptions):
             raise UndoError(f"--adapter {self.adapter}: no such folder",
                             hint="pass the folder `undo train --lora` wrote (it holds adapter_config.json)")
         check_output_is_new(self.output, {"input": self.input}, hint="write predictions to a new file")
+        if self.metrics:
+            check_output_is_new(self.metrics, {"input": self.input, "--output": self.output},
+                                hint="write metrics to a new file", flag="--metrics")
 
     @property
     def metrics_path(self) -> str | None:
         if self.metrics:
             return self.metrics
-        return None if self.output == "-" else str(Path(self.output).with_name("metrics.json"))
+        from undo_cli.stages.generation_loop import sidecar_path
+
+        return sidecar_path(self.output, "metrics.json")
 
     def backend_config(self):
         return super().backend_config(self.model, adapter=self.adapter)
@@ -135,7 +148,7 @@ def compute_metrics(predictions: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Answer, score, write predictions and metrics.json; prints two tables and returns the summary."""
+    """Answer, score, write predictions and <stem>.metrics.json; prints two tables and returns the summary."""
     from undo_cli.prompts import student_messages, template_name
     from undo_cli.records import read_records, write_json
     from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
@@ -143,15 +156,23 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     problems = read_records(config.input, "problem")
     items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]
     streamed: list[dict[str, Any]] = []
+    from undo_cli.records import check_output_path, is_stream
+    from undo_cli.stages.generation_loop import digest
+
+    stream = is_stream(config.output)
+    if config.metrics_path:  # before any work: a metrics path under a file must not fail after an hour
+        check_output_path(config.metrics_path, "--metrics")
+    identity = {"model": config.model, "adapter": config.adapter, **config.generation_identity(),
+                "template": template_name(config.prompt), "input": digest(problems)}
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
-        kind="prediction", make_records=make_record_builder(config, streamed if config.output == "-" else None),
-        resume_key="id", description="evaluate",
+        kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
+        resume_key="id", description="evaluate", identity=identity, fresh=config.overwrite,
     )
 
     # Score the whole file, not just this run: a resumed run must report the same
     # metrics an uninterrupted one would. Only ids of this input count.
-    if config.output == "-":
+    if stream:
         predictions = streamed
     else:
         wanted = {p["id"] for p in problems}

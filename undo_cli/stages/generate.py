@@ -26,7 +26,11 @@ generated token) with `--logprobs K`, for offline white-box distillation.
 
 Resume: re-run the same command and finished problems are skipped (a problem
 is finished when any of its samples is in the output or in the rejected
-sidecar). All the batching, resume and progress logic is `stages/generation_loop.py`,
+sidecar). `<output stem>.run.json` records what produced the output (teacher,
+backend, template, sampling, input digest); a re-run with other settings is
+refused with the keys that differ, and `--overwrite` starts over. A
+whitespace-only rationale is never kept, even with `--keep all` (train could
+not learn from it): it goes to the rejected sidecar. All the batching, resume and progress logic is `stages/generation_loop.py`,
 shared with `undo evaluate` and `undo refine`.
 """
 
@@ -57,6 +61,8 @@ class GenerateConfig(GenerationOptions):
     fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
     logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP:
@@ -78,11 +84,13 @@ class GenerateConfig(GenerationOptions):
 
 def read_fewshot(path: str) -> list[dict[str, str]]:
     """Few-shot examples: one {"question": ..., "rationale": ...} object per line."""
+    from undo_cli.records import text_lines
+
     p = Path(path)
     if not p.is_file():
         raise UndoError(f"--fewshot {path}: no such file", hint="a JSONL file of {\"question\", \"rationale\"} lines")
     examples = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(p), start=1):
         if not line.strip():
             continue
         try:
@@ -155,11 +163,20 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     problems = read_records(config.input, "problem")
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
     items = build_items(problems, config.prompt, fewshot)
-    keep = (lambda r: r["correct"]) if config.keep == "correct" else None
+    if config.keep == "correct":
+        keep = lambda r: r["correct"] and bool(r["rationale"].strip())  # noqa: E731
+    else:  # `all` still drops empty text: it teaches nothing, and train would have to skip it
+        keep = lambda r: bool(r["rationale"].strip())  # noqa: E731
+    from undo_cli.prompts import template_name
+    from undo_cli.stages.generation_loop import digest
+
+    identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n, "keep": config.keep,
+                "logprobs": config.logprobs, "template": template_name(config.prompt),
+                "iteration": config.iteration, "input": digest(problems)}
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, config.backend),
-        resume_key="problem_id", keep=keep, description="generate",
+        resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
     )
     summary["keep"] = config.keep
     if config.keep == "correct":
@@ -172,7 +189,9 @@ def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], s
     """Count the problems with no verified rationale in the whole output (this run and earlier ones)."""
     from undo_cli.records import read_records
 
-    if config.output != "-":
+    from undo_cli.records import is_stream
+
+    if not is_stream(config.output):
         kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}
         missing = [p["id"] for p in problems if p["id"] not in kept]
         count = len(missing)

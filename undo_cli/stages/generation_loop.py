@@ -40,6 +40,15 @@ Contract, in detail:
   a kept one. The sidecar belongs to its output: when the output file does not
   exist yet (a fresh start, or the user deleted it) the sidecar is reset too.
   With `--output -` there is no sidecar (rejected records are only counted).
+* **What produced the output.** With `identity` (what the stage says made
+  it: model, backend, template, sampling settings, input digest, ...; the
+  runner adds a digest of every prompt) the runner writes `<stem>.run.json`
+  next to the output before the first record. A re-run resumes only when the
+  identity is the same; otherwise it is refused, naming the keys that differ,
+  with the hint `--overwrite` (`fresh=True`), so one file never mixes two
+  models' records. An existing non-empty output without that sidecar was not
+  written by this stage (or predates it) and is refused too: in particular a
+  torn last line is only ever dropped from a file this stage wrote.
 * **Durability.** Each batch is appended, flushed and fsynced before the next
   one starts: a killed run loses at most the batch in flight and never writes a
   record twice (AppendLog refuses duplicate ids).
@@ -78,13 +87,80 @@ class WorkItem:
     data: dict[str, Any] = field(default_factory=dict)  # whatever make_records needs (the problem, ...)
 
 
-def rejected_path(output: str) -> str | None:
-    """Where rejected records of `output` go: `out/rationales.jsonl` -> `out/rationales.rejected.jsonl`."""
-    if output == "-":
+def sidecar_path(output: str, suffix: str) -> str | None:
+    """A file that belongs to `output`: `out/preds.jsonl` + "metrics.json" -> `out/preds.metrics.json`.
+
+    None for stdout and other streams (/dev/null, a FIFO): they get no sidecars.
+    """
+    from undo_cli.records import is_stream
+
+    if is_stream(output):
         return None
     p = Path(output)
     stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(f"{stem}.rejected.jsonl"))
+    return str(p.with_name(f"{stem}.{suffix}"))
+
+
+def rejected_path(output: str) -> str | None:
+    """Where rejected records of `output` go: `out/rationales.jsonl` -> `out/rationales.rejected.jsonl`."""
+    return sidecar_path(output, "rejected.jsonl")
+
+
+def run_record_path(output: str) -> str | None:
+    """Where `output`'s provenance goes: `out/rationales.jsonl` -> `out/rationales.run.json`."""
+    return sidecar_path(output, "run.json")
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of JSON-able data (records as read, prompts): equal data, equal digest."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for part in obj if isinstance(obj, list) else [obj]:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def claim_output(output: str, identity: dict[str, Any], *, fresh: bool) -> None:
+    """Refuse to resume into an output some other run (or program) wrote; then record who writes it.
+
+    See "What produced the output" in the module docstring.
+    """
+    from undo_cli.records import write_json
+
+    record = run_record_path(output)
+    if record is None:
+        return
+    stage = identity.get("stage", "this stage")
+    if Path(output).exists() and not fresh:
+        previous = None
+        if Path(record).is_file():
+            try:
+                import json
+
+                previous = json.loads(Path(record).read_text(encoding="utf-8")).get("identity")
+            except (ValueError, AttributeError, OSError):
+                previous = None
+        if previous is None or not isinstance(previous, dict):
+            if Path(output).stat().st_size:
+                raise UndoError(f"--output {output} already exists and was not written by `undo {stage}` "
+                                f"(there is no {Path(record).name} beside it); refusing to resume into it",
+                                hint="pass --overwrite to replace it, or choose another --output")
+        else:
+            changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
+            if changed:
+                details = "; ".join(f"{k}: {_shown(previous.get(k))} -> {_shown(identity.get(k))}" for k in changed)
+                raise UndoError(f"--output {output} was written by a different run; changed: {details}",
+                                hint="re-run with the same settings to resume it, pass --overwrite to start over, "
+                                     "or choose another --output")
+    write_json(record, {"output": Path(output).name, "identity": identity})
 
 
 def _prompt_chars(item: WorkItem) -> int:
@@ -104,15 +180,19 @@ def run_generation(
     keep: Callable[[Record], bool] | None = None,
     fresh: bool = False,
     description: str = "generating",
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate for every item not already in `output`; returns a summary dict (module docstring).
 
     backend: a `BackendConfig` (opened here, only if there is work, and closed at
         the end) or an already open backend (left open for the caller).
-    fresh: ignore what is on disk and start over (the output and its sidecar are truncated).
+    fresh: ignore what is on disk and start over (the output and its sidecars are truncated).
+    identity: what produced the output (a flat dict of JSON values; the runner adds
+        `stage` and a digest of the prompts); recorded in `<stem>.run.json` and
+        checked on resume.
     """
     from undo_cli.backends import BackendConfig, open_backend
-    from undo_cli.records import AppendLog
+    from undo_cli.records import AppendLog, check_output_path, is_stream
     from undo_cli.records.schema import check_record
 
     keys = [item.key for item in items]
@@ -120,8 +200,15 @@ def run_generation(
         dup = next(k for k, c in Counter(keys).items() if c > 1)
         raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
     started = time.perf_counter()
+    stream = is_stream(output)
+    check_output_path(output)
     side = rejected_path(output) if keep is not None else None
-    output_existed = output != "-" and Path(output).exists()
+    run_record = None if identity is None else run_record_path(output)
+    output_existed = not stream and Path(output).exists()
+    if run_record is not None:
+        identity = {"stage": description, **identity,
+                    "prompts": digest(sorted(([i.key, i.messages] for i in items), key=lambda kv: kv[0]))}
+        claim_output(output, identity, fresh=fresh)
     stats = _Stats(questions=len(items))
     with AppendLog(output, kind, fresh=fresh) as out:
         rejected_log = AppendLog(side, kind, fresh=fresh or not output_existed) if side else None
@@ -148,8 +235,8 @@ def run_generation(
             if not output_existed and stats.items_done == 0:
                 # Failed before writing anything (unknown model, server down): leave no empty files behind.
                 out.close()
-                for path in (output, side):
-                    if path and path != "-":
+                for path in ((output, side, run_record) if not stream else ()):
+                    if path:
                         Path(path).unlink(missing_ok=True)
             raise
         finally:

@@ -23,7 +23,6 @@ bash version of the loop (examples/undo_loop.sh) produce the same files.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
@@ -45,10 +44,11 @@ class MixConfig:
         if self.mode not in MODES:
             raise UndoError(f"--mode {self.mode}: unknown mode",
                             hint="use --mode replace (swap by id, the default) or --mode append (add verified ones)")
-        if self.output != "-":
-            for name, path in (("--base", self.base), ("--refined", self.refined)):
-                if path != "-" and Path(self.output).resolve() == Path(path).resolve():
-                    raise UndoError(f"--output {self.output} is the {name} file", hint="write to a new file")
+        from undo_cli.records import check_output_path
+        from undo_cli.stages.options import check_output_is_new
+
+        check_output_is_new(self.output, {"--base": self.base, "--refined": self.refined}, hint="write to a new file")
+        check_output_path(self.output)
         if self.base == "-" and self.refined == "-":
             raise UndoError("--base and --refined cannot both read stdin", hint="give one of them as a file")
 

@@ -79,6 +79,15 @@ class GenerationOptions:
             raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
                             hint="add --backend openai to talk to a server")
 
+    def generation_identity(self) -> dict:
+        """The shared settings that change what a model writes (recorded beside a resumable output).
+
+        Throughput knobs (concurrency, batch size, server URL, GPU settings) are left out: changing
+        them between a killed run and its resume changes no record.
+        """
+        return {"backend": self.backend, "temperature": self.temperature, "top_p": self.top_p,
+                "max_tokens": self.max_tokens, "seed": self.seed}
+
     def backend_config(self, model: str, adapter: str | None = None):
         from undo_cli.backends import BackendConfig
 
@@ -97,13 +106,31 @@ class GenerationOptions:
                               seed=self.seed, logprobs=logprobs)
 
 
-def check_output_is_new(output: str, inputs: dict[str, str], hint: str) -> None:
+def same_file(a: str, b: str) -> bool:
+    """`a` and `b` name one file: equal after resolving symlinks, or the same inode (a hard link)."""
+    import os
+
+    if a == "-" or b == "-":
+        return False
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def check_output_is_new(output: str, inputs: dict[str, str | None], hint: str, flag: str = "--output") -> None:
     """Refuse an --output that is one of the inputs: the stage would write into the file it is reading.
 
     `inputs` maps how the message names the input ("input", "--targets") to its path; '-' is never a clash.
+    A device or FIFO (`/dev/null`, `/dev/stdout`) is written in place and never clashes.
     """
-    if output == "-":
+    from undo_cli.records import is_stream
+
+    if is_stream(output):
         return
     for name, path in inputs.items():
-        if path != "-" and Path(output).resolve() == Path(path).resolve():
-            raise UndoError(f"--output {output} is the {name} file", hint=hint)
+        if path and same_file(output, path):
+            raise UndoError(f"{flag} {output} is the {name} file" + ("" if output == path else f" ({path})"),
+                            hint=hint)

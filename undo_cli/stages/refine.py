@@ -39,8 +39,10 @@ sample wins. When none verifies, or the text is empty or was cut off by
 
 With `kept_previous: true` the rejected text is in `refinement.rejected_rationale`
 for a person to read. Batching, resume (re-run the same command; finished ids
-are skipped, a kill loses at most the batch in flight), progress and the summary
-table are the shared `stages/generation_loop.py`, exactly as for `undo generate`.
+are skipped, a kill loses at most the batch in flight; `<output stem>.run.json`
+records the settings, a re-run with others is refused unless `--overwrite`),
+progress and the summary table are the shared `stages/generation_loop.py`, exactly as
+for `undo generate`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class RefineConfig(GenerationOptions):
     prompt: str = field(default="refine", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration recorded on each line (default: the target's + 1)."})
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
@@ -372,16 +376,24 @@ def run(config: RefineConfig) -> dict[str, Any]:
         why = "no similar target question" if config.select == "similar" else "no rationale in --targets"
         warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
 
+    from undo_cli.prompts import template_name
+    from undo_cli.records import is_stream
+    from undo_cli.stages.generation_loop import digest
+
     stats: Counter = Counter()
+    identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n,
+                "template": template_name(config.prompt), "select": config.select, "k": config.k,
+                "per_error": config.per_error, "max_targets": config.max_targets, "iteration": config.iteration,
+                "errors": digest(errors), "targets": digest(targets)}
     summary = run_generation(
         build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
-        description="refine",
+        description="refine", identity=identity, fresh=config.overwrite,
     )
     # The runner counts `correct`, which a kept previous rationale also has; what
     # matters here is how many *refinements* verified. Count the whole file so a
     # resumed run reports the same totals an uninterrupted one would.
-    if config.output != "-":
+    if not is_stream(config.output):
         ours = {j.target["id"] for j in jobs}
         done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
         verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)

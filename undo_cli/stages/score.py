@@ -38,6 +38,11 @@ class ScoreConfig:
         if self.task is not None and self.task not in TASKS:
             raise UndoError(f"--task {self.task}: unknown task",
                             hint=f"use one of: {', '.join(TASKS)} (or leave it out to use each record's own task)")
+        from undo_cli.records import check_output_path
+        from undo_cli.stages.options import check_output_is_new
+
+        check_output_is_new(self.output, {"input": self.input}, hint="write scored records to a new file")
+        check_output_path(self.output)
 
 
 def run(config: ScoreConfig) -> dict[str, Any]:

@@ -104,6 +104,12 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise UndoError(f"--output {out}: is a file", hint="--output is a folder (it will hold the model)")
+    for parent in out.parents:  # `-o ok.jsonl/student` would fail at mkdir, after the model loaded
+        if parent.exists():
+            if not parent.is_dir():
+                raise UndoError(f"--output {out}: {parent} is a file, not a folder",
+                                hint="choose a folder path whose parents are folders (they are created if missing)")
+            break
     if not out.exists() or not any(out.iterdir()):
         return _Plan("fresh")
     if not (out / RUN_FILE).is_file():
@@ -247,6 +253,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "examples": data_stats.examples,
         "truncated_examples": data_stats.truncated,
         "skipped_examples": data_stats.skipped,
+        "empty_rationales_skipped": data_stats.empty,
         "longest_example_tokens": data_stats.longest,
         "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0.0), 4),

@@ -18,7 +18,10 @@ Too long for --max-length, decided here once:
   as `truncated_examples`; the student still learns its beginning;
 * a prompt that alone fills --max-length would leave no response token to learn
   from, so that example is SKIPPED with a warning naming its line and counted as
-  `skipped_examples`; if every example is skipped, that is an error.
+  `skipped_examples`; if every example is skipped, that is an error;
+* an empty (whitespace-only) rationale would teach the student to say nothing:
+  it is skipped with a warning and counted as `empty_rationales_skipped`, and
+  only a file where every rationale is empty is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class EncodeStats:
     examples: int = 0
     truncated: int = 0
     skipped: int = 0
+    empty: int = 0  # records with a whitespace-only rationale, skipped (check_rationales warned)
     prompt_tokens: int = 0
     response_tokens: int = 0
     longest: int = 0
@@ -52,22 +56,31 @@ def record_lines(path: str) -> list[int] | None:
     """Line numbers of the non-blank lines of `path` (the i-th record is on the i-th); None for stdin."""
     if str(path) == STDIO or not Path(path).is_file():
         return None
-    with open(path, encoding="utf-8") as fh:
-        return [n for n, line in enumerate(fh, start=1) if line.strip()]
+    from undo_cli.records import text_lines
+
+    return [n for n, line in enumerate(text_lines(path), start=1) if line.strip()]
 
 
-def check_rationales(records: list[dict[str, Any]], path: str) -> None:
-    """Refuse empty rationales (the schema only checks the type): they would teach the student to say nothing."""
-    lines = record_lines(path)
-    for i, record in enumerate(records):
-        if not record["rationale"].strip():
-            raise RecordError(display_name(path), lines[i] if lines else None,
-                              f"empty rationale (id '{record['id']}')", field="rationale",
-                              hint="drop this line, or regenerate it with `undo generate`")
+def check_rationales(records: list[dict[str, Any]], path: str) -> int:
+    """Count (and warn about) empty rationales: `encode_records` skips them; they would teach the student to say nothing.
+
+    Only a file with no non-empty rationale at all is refused. Returns the number of empty ones.
+    """
+    empty = [i for i, record in enumerate(records) if not record["rationale"].strip()]
+    if empty:
+        lines = record_lines(path)
+        where = ", ".join(f"line {lines[i]}" if lines else f"record {i + 1}" for i in empty[:5])
+        if len(empty) == len(records):
+            raise RecordError(display_name(path), lines[empty[0]] if lines else None,
+                              f"every rationale is empty ({len(empty)} of {len(records)})", field="rationale",
+                              hint="regenerate them with `undo generate`")
+        warn(f"{display_name(path)}: skipping {len(empty)} of {len(records)} records with an empty rationale "
+             f"({where}{', ...' if len(empty) > 5 else ''}); they are counted in train_summary.json")
     wrong = sum(1 for r in records if r.get("correct") is False)
     if wrong:
         warn(f"{display_name(path)}: {wrong} of {len(records)} rationales are marked correct=false; training on them "
              "anyway (generate with --keep correct to leave them out)")
+    return len(empty)
 
 
 def fingerprint(records: list[dict[str, Any]]) -> str:
@@ -89,6 +102,9 @@ def encode_records(records: list[dict[str, Any]], tokenizer, *, max_length: int,
     examples: list[dict[str, list[int]]] = []
     for i, record in enumerate(records):
         line = lines[i] if lines else None
+        if not record["rationale"].strip():
+            stats.empty += 1
+            continue
         messages = record.get("prompt_messages")
         if messages is None:
             messages = student_messages(record, template)

@@ -1,0 +1,120 @@
+"""Re-running into an existing output never mixes two runs' records.
+
+    undo evaluate --model student_0 --input val.jsonl --output preds.jsonl
+    undo evaluate --model student_1 --input val.jsonl --output preds.jsonl     # refused: model differs
+    undo evaluate --model student_1 --input val.jsonl --output preds.jsonl --overwrite
+
+Every resumable output (generate, evaluate, refine: stages/generation_loop.py) gets
+`<stem>.run.json` recording what produced it; an identical re-run resumes, a
+different one is refused naming the keys, and `--overwrite` starts over. A file
+this stage did not write (no sidecar) is never resumed into, so a torn-looking
+last line is only dropped from the stage's own output. Metrics are named after
+the predictions, so two evaluations in one folder keep both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _problems(tmp_path: Path) -> Path:
+    return _write(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)}
+                                           for i in range(3)])
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, tiny_model, tiny_teacher):
+    val = _problems(tmp_path)
+    preds = tmp_path / "preds.jsonl"
+    first = undo("evaluate", "--model", tiny_model, "--input", val, "--output", preds, "--max-tokens", "3")
+    assert first.returncode == 0, first.stderr
+    before, metrics_before = preds.read_bytes(), (tmp_path / "preds.metrics.json").read_bytes()
+    recorded = json.loads((tmp_path / "preds.run.json").read_text())["identity"]
+    assert recorded["model"] == str(tiny_model) and recorded["stage"] == "evaluate" and recorded["max_tokens"] == 3
+
+    # The same command resumes (nothing left to do).
+    again = undo("evaluate", "--model", tiny_model, "--input", val, "--output", preds, "--max-tokens", "3")
+    assert again.returncode == 0, again.stderr
+    assert "3 of 3 already done" in _flat(again.stderr)
+
+    # Another model into the same file: refused, naming what changed, nothing touched.
+    other = undo("evaluate", "--model", tiny_teacher, "--input", val, "--output", preds, "--max-tokens", "5")
+    assert other.returncode == 2
+    err = _flat(other.stderr)
+    assert "Traceback" not in other.stderr and "different run" in err
+    assert "model:" in err and "max_tokens: 3 -> 5" in err and "--overwrite" in err
+    assert preds.read_bytes() == before and (tmp_path / "preds.metrics.json").read_bytes() == metrics_before
+
+    # A different input file is a different run too.
+    _write(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
+    changed = undo("evaluate", "--model", tiny_model, "--input", tmp_path / "val2.jsonl", "--output", preds,
+                   "--max-tokens", "3")
+    assert changed.returncode == 2 and "input:" in _flat(changed.stderr)
+
+    # --overwrite: the new model's predictions and metrics only.
+    over = undo("evaluate", "--model", tiny_teacher, "--input", val, "--output", preds, "--max-tokens", "5",
+                "--overwrite")
+    assert over.returncode == 0, over.stderr
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 3 and {r["model"] for r in rows} == {str(tiny_teacher)}
+    assert json.loads((tmp_path / "preds.metrics.json").read_text())["model"] == str(tiny_teacher)
+    assert json.loads((tmp_path / "preds.run.json").read_text())["identity"]["model"] == str(tiny_teacher)
+
+
+def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_model, tiny_teacher):
+    val = _problems(tmp_path)
+    for name, model in (("s0.jsonl", tiny_model), ("s1.jsonl", tiny_teacher)):
+        result = undo("evaluate", "--model", model, "--input", val, "--output", tmp_path / name, "--max-tokens", "2")
+        assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "s0.metrics.json").read_text())["model"] == str(tiny_model)
+    assert json.loads((tmp_path / "s1.metrics.json").read_text())["model"] == str(tiny_teacher)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["generate", "evaluate", "refine"])
+@pytest.mark.parametrize("content", [b"my notes, not JSON", b'{"id": "x", "question": "q", "answer": "1"}\n'],
+                         ids=["one-line-not-json", "someone-elses-jsonl"])
+def test_a_file_this_stage_did_not_write_is_never_truncated(tmp_path, undo, stage, content):
+    # Refused before any model loads (the model path does not even exist).
+    val = _problems(tmp_path)
+    target = tmp_path / "notes.txt"
+    target.write_bytes(content)
+    if stage == "refine":
+        errors = _write(tmp_path / "errors.jsonl", [{"id": "v0", "question": "What is 0 plus 1?", "answer": "1",
+                                                     "output": "2", "error_type": "wrong_answer"}])
+        targets = _write(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
+                                                 "answer": "1", "rationale": "0 + 1 = 1\n#### 1"}])
+        args = ["refine", "--teacher", tmp_path / "nope", "--errors", errors, "--targets", targets,
+                "--select", "errors"]
+    else:
+        args = [stage, "--teacher" if stage == "generate" else "--model", tmp_path / "nope", "--input", val]
+    result = undo(*args, "--output", target)
+    assert result.returncode == 2, result.stderr
+    err = _flat(result.stderr)
+    assert "Traceback" not in result.stderr
+    assert f"{target}" in err and "was not written by" in err and "--overwrite" in err
+    assert target.read_bytes() == content  # never truncated, never appended to
+    assert not (tmp_path / "notes.txt.run.json").exists()
+
+
+def test_overwrite_is_a_config_field_with_help():
+    from dataclasses import fields
+
+    from undo_cli.stages.evaluate import EvaluateConfig
+    from undo_cli.stages.generate import GenerateConfig
+    from undo_cli.stages.refine import RefineConfig
+
+    for cls in (GenerateConfig, EvaluateConfig, RefineConfig):
+        field = {f.name: f for f in fields(cls)}["overwrite"]
+        assert field.default is False and field.metadata["help"]

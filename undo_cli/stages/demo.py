@@ -73,7 +73,7 @@ TRAPS = {
     "twice_then_spend": "Twice as many means multiply by 2, and that is added to what there was.",
 }
 GENERIC_TRAP = "Work one step at a time and check each result before the next."
-DISCLAIMER = ("The demo's models are tiny (about 1M parameters, trained for a minute on a CPU): "
+DISCLAIMER = ("The demo's models are tiny (0.6M and 0.3M parameters, trained for minutes on a CPU): "
               "their accuracy says nothing about real models. It shows the machinery, with real numbers.")
 
 

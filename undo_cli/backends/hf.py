@@ -89,7 +89,7 @@ class HFBackend:
     """transformers generation behind the `Backend` interface (see base.py)."""
 
     name = "hf"
-    # The runner sends this many prompts per call and sorts work by prompt length first.
+    # The generation loop sends this many prompts per call and sorts work by prompt length first.
     sort_by_length = True
 
     def __init__(self, config):

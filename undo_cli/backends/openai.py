@@ -32,7 +32,7 @@ hosted APIs. Design choices, and why:
   mid-response, timed out, or what a malformed 200 said (truncated).
 * **Bounded concurrency per endpoint**: an `asyncio.Semaphore(concurrency)`
   per endpoint; each request goes to the least-loaded endpoint that is up. An
-  endpoint that fails twice in a row rests (1 s doubling to 30 s). The runner
+  endpoint that fails twice in a row rests (1 s doubling to 30 s). The generation loop
   hands us a few waves' worth of prompts per call, so every endpoint stays busy
   and each finished batch is written to disk. Per endpoint we count requests,
   failures and throughput for the stage's summary.

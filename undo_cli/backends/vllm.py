@@ -4,7 +4,7 @@
     undo generate --teacher Qwen/Qwen2.5-7B-Instruct --backend vllm --tensor-parallel-size 2 \\
         --input train.jsonl --output rationales.jsonl --n 4 --temperature 0.7
 
-vLLM schedules continuously (paged attention, prefix caching), so the runner
+vLLM schedules continuously (paged attention, prefix caching), so the generation loop
 hands it a large block of prompts per call and lets it order the work; the
 block size only bounds what a kill can lose. Chat formatting is vLLM's own
 `LLM.chat`, i.e. the model's chat template, as `vllm serve` would apply it.

@@ -89,7 +89,7 @@ class EvaluateConfig(GenerationOptions):
 
 
 def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | None = None):
-    """`make_records` for the runner: the student's completion of one problem -> a scored prediction."""
+    """`make_records` for the generation loop: the student's completion of one problem -> a scored prediction."""
     from undo_cli.scoring import score
 
     def make_records(item, completions) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dic
 
 
 def make_record_builder(config: GenerateConfig, backend_name: str):
-    """`make_records` for the runner: completions of one problem -> scored rationale records."""
+    """`make_records` for the generation loop: completions of one problem -> scored rationale records."""
     from undo_cli.prompts import template_name
     from undo_cli.scoring import score
 

@@ -42,7 +42,7 @@ Contract, in detail:
   With `--output -` there is no sidecar (rejected records are only counted).
 * **What produced the output.** With `identity` (what the stage says made
   it: model, backend, template, sampling settings, input digest, ...; the
-  runner adds a digest of every prompt) the runner writes `<stem>.run.json`
+  loop adds a digest of every prompt) the loop writes `<stem>.run.json`
   next to the output before the first record. A re-run resumes only when the
   identity is the same; otherwise it is refused, naming the keys that differ,
   with the hint `--overwrite` (`fresh=True`), so one file never mixes two
@@ -187,7 +187,7 @@ def run_generation(
     backend: a `BackendConfig` (opened here, only if there is work, and closed at
         the end) or an already open backend (left open for the caller).
     fresh: ignore what is on disk and start over (the output and its sidecars are truncated).
-    identity: what produced the output (a flat dict of JSON values; the runner adds
+    identity: what produced the output (a flat dict of JSON values; the loop adds
         `stage` and a digest of the prompts); recorded in `<stem>.run.json` and
         checked on resume.
     """

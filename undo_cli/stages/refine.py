@@ -297,7 +297,7 @@ def verify(text: str, finish_reason: str | None, target: dict[str, Any]):
 
 
 def make_record_builder(config: RefineConfig, stats: Counter):
-    """`make_records` for the runner: n refinements of one target -> one rationale record."""
+    """`make_records` for the generation loop: n refinements of one target -> one rationale record."""
     from undo_cli.prompts import template_name
 
     template = template_name(config.prompt)
@@ -390,7 +390,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
         description="refine", identity=identity, fresh=config.overwrite,
     )
-    # The runner counts `correct`, which a kept previous rationale also has; what
+    # The generation loop counts `correct`, which a kept previous rationale also has; what
     # matters here is how many *refinements* verified. Count the whole file so a
     # resumed run reports the same totals an uninterrupted one would.
     if not is_stream(config.output):

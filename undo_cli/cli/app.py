@@ -80,7 +80,8 @@ dotted flags onto the stage's own options, any of them: --generate.n 4 --train.l
 --train.merge --evaluate.max-tokens 256 --refine.k 0 --collect-errors.max 200 (see `undo train --help`
 etc. for the fields; values are TOML: 2e-5, true, "text").
 
-Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume""",
+Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume;
+the settings (and where each comes from) and the plan first: the same command + --dry-run""",
             config="undo_cli.loop.iterate:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a

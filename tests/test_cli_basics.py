@@ -40,7 +40,7 @@ def test_flags_are_the_config_fields(name, entry):
     if isinstance(entry, Special):  # undo iterate: the top-level fields (stage tables are dotted flags), layered
         from undo_cli.loop.settings import STAGES
 
-        extra = {"config", "resume"}
+        extra = {"config", "resume", "overwrite", "dry_run"}  # how to run, not what: not config fields
         fields = [s for s in describe(config_cls) if s.name not in STAGES]
         assert set(params) - extra == {s.name for s in fields}
         for spec in fields:  # none applied here: a TOML file may set them; the field's default is shown

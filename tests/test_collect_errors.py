@@ -125,3 +125,17 @@ def test_max_must_be_positive(tmp_path, undo):
     preds = write_jsonl(tmp_path / "p.jsonl", PREDICTIONS)
     proc = undo("collect-errors", preds, "--max", "0", env=WIDE)
     assert proc.returncode == 2 and "--max 0" in proc.stderr
+
+
+def test_evaluate_and_collect_errors_count_no_answer_alike():
+    """The same predictions: evaluate's metrics and collect-errors' classes agree, for either extraction."""
+    from undo_cli.stages.collect_errors import collect
+    from undo_cli.stages.evaluate import compute_metrics
+
+    # v4 is truncated *and* has no answer: both commands count it as truncated, not as no_answer.
+    metrics = compute_metrics([dict(p) for p in PREDICTIONS], "flexible")
+    errors = collect([dict(p) for p in PREDICTIONS])
+    by_type = {t: sum(e["error_type"] == t for e in errors) for t in ("no_answer", "truncated", "wrong_answer")}
+    assert metrics["no_answer"] == by_type["no_answer"] == 1
+    assert metrics["truncated"] == by_type["truncated"] == 1
+    assert metrics["count"] - metrics["correct"] == len(errors)

@@ -183,7 +183,7 @@ def test_error_paths_exit_2_with_a_message_that_names_the_problem(undo, tiny_mod
         args += ["--backend", "tgi"]
         expect = ["unknown backend", "hf, openai, vllm"]
     elif case == "unknown_model":
-        args[1], expect = str(tmp_path / "no-model"), ["cannot load model", "no-model"]
+        args[1], expect = str(tmp_path / "no-model"), ["no such model folder", "no-model"]
     elif case == "greedy_n":
         args += ["--n", "4"]
         expect = ["identical", "--temperature"]

@@ -181,11 +181,32 @@ def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
 
 def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run, undo):
     args = finished_run["args"]
-    changed = undo(*args, "--resume", "--train.lr", "1e-3", "--max-iterations", "3")
+    changed = undo(*args, "--resume", "--train.lr", "1e-3", "--max-iterations", "3", env={"COLUMNS": "400"})
     assert changed.returncode == 2, changed.stderr
-    assert "train.lr: was 0.003, now 0.001" in changed.stderr and "max_iterations: was 2, now 3" in changed.stderr
+    # train.lr was used by the finished training stages: refused; the stopping rule was used by none.
+    assert "train.lr: was 0.003, now 0.001" in changed.stderr and "iter_00/train" in changed.stderr
+    assert "max_iterations" not in changed.stderr
     again = undo(*args)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    assert "--overwrite" in again.stderr
+
+
+def test_a_finished_run_extends_when_only_the_stopping_rule_changed(finished_run, undo):
+    """`--resume --max-iterations 3 --patience 2` on a finished run: iteration 2 runs, nothing before it."""
+    import shutil
+
+    run = finished_run["run"]
+    copy = run.with_name("extended")
+    shutil.copytree(run, copy)
+    args = [a if a != "killed" else "extended" for a in finished_run["args"]]
+    before = _manifest(copy)["stages"]
+    proc = undo(*args, "--resume", "--max-iterations", "3", "--patience", "2", env={"COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_iterations: was 2, now 3" in proc.stderr and "patience: was 1, now 2" in proc.stderr
+    stages = _manifest(copy)["stages"]
+    assert stages["iter_02/train"]["status"] == "done" and stages["iter_02/evaluate"]["status"] == "done"
+    assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
+    assert "next: undo report" in proc.stderr
 
 
 def test_report_on_the_finished_run(finished_run, undo):

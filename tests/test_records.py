@@ -239,10 +239,21 @@ def test_every_example_line_in_docs_artifacts_fits_its_shape():
     shapes = {"problem": "problem", "rationale": "rationale", "prediction": "prediction", "error": "error",
               "refined rationale": "rationale", "scorable": "scorable"}
     found = {}
+    training = []
     for section, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", doc, flags=re.S | re.M):
         for block in re.findall(r"```json\n(.*?)\n```", body, flags=re.S):
             record = json.loads(block)
+            if section == "training data":  # what `undo train` accepts: each must become a rationale
+                training.append(record)
+                continue
             assert check_record(record, shapes[section]) is None, (section, check_record(record, shapes[section]))
             found[section] = record
     assert set(found) == set(shapes)
+    from undo_cli.training.data import to_rationale
+
+    assert len(training) == 4
+    for i, record in enumerate(training):
+        field = "meta.solution" if "meta" in record else None
+        converted, problem, _ = to_rationale(record, i, rationale_field=field)
+        assert problem is None and check_record(converted, "rationale") is None, record
     assert "refinement" in found["refined rationale"] and found["error"]["error_type"] == "wrong_answer"

@@ -269,3 +269,46 @@ def test_undo_score_cli(undo, tmp_path):
     assert proc.returncode == 2
     assert f"{broken}:2: field 'output': missing" in proc.stderr
     assert not (tmp_path / "never.jsonl").exists()
+
+
+# --- strict vs flexible extraction (lm-evaluation-harness's strict-match / flexible-extract) ----------------
+
+MALFORMED = "An has * 5 yine has 8 + 5 + 5 ... + 15 + 15"  # garbled teacher text whose last number is the gold
+
+
+@pytest.mark.parametrize("output, strict, flexible", [
+    (MALFORMED, None, "15"),
+    ("So 3 + 4 = 7.\n#### 7", "7", "7"),
+    ("We get \\boxed{7}.", "7", "7"),
+    ("Adding them, the answer is 7.", "7", "7"),
+    ("3 + 4 = 7", None, "7"),
+])
+def test_strict_reads_only_an_explicit_final_answer(output, strict, flexible):
+    assert extract_answer(output, "math", mode="strict") == strict
+    assert extract_answer(output, "math", mode="flexible") == flexible
+    assert extract_answer(output, "math") == flexible  # the default stays flexible for `undo score`
+    assert score(MALFORMED, "15", mode="strict") == Score(None, False)
+    assert score(MALFORMED, "15", mode="flexible").correct is True
+
+
+def test_teacher_rationales_are_verified_strictly_by_default():
+    from undo_cli.backends.base import Completion
+    from undo_cli.stages.generate import GenerateConfig, make_record_builder
+    from undo_cli.stages.refine import RefineConfig, verify
+    from undo_cli.stages.generation_loop import WorkItem
+
+    problem = {"id": "q1", "question": "An has 5 ...", "answer": "15", "task": "math"}
+    item = WorkItem(key="q1", messages=[], data=problem)
+    completion = Completion(MALFORMED, "stop", 10, 20)
+    cfg = GenerateConfig(teacher="t", input="in.jsonl", output="out.jsonl")
+    assert cfg.verify == "strict"
+    [record] = make_record_builder(cfg, "hf")(item, [completion])
+    assert record["correct"] is False and record["predicted"] is None and record["verify"] == "strict"
+    flexible = GenerateConfig(teacher="t", input="in.jsonl", output="out.jsonl", verify="flexible")
+    assert make_record_builder(flexible, "hf")(item, [completion])[0]["correct"] is True
+
+    refine = RefineConfig(teacher="t", errors="e.jsonl", targets="t.jsonl", output="o.jsonl")
+    assert refine.verify == "strict"
+    assert verify(MALFORMED, "stop", problem, refine.verify)[1] is False
+    assert verify(MALFORMED, "stop", problem, "flexible")[1] is True
+    assert verify(MALFORMED + "\n#### 15", "stop", problem, "strict")[1] is True

@@ -263,7 +263,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     blank = _write(tmp_path / "blank.jsonl", rows)
     fails("--student", tiny_model, "--data", blank, *out, says=f"{blank}:1: field 'rationale': every rationale is empty")
 
-    fails("--student", tmp_path / "no-such-model", "--data", data, *out, says="cannot load model")
+    fails("--student", tmp_path / "no-such-model", "--data", data, *out, says="no such model folder")
     fails("--student", tiny_model, "--data", data, *out, "--max-length", "12", says="every prompt is at least")
     fails("--student", tiny_model, "--data", data, *out, "--merge", says="only apply to LoRA")
 
@@ -285,3 +285,75 @@ def test_empty_rationales_are_skipped_and_counted(tiny_model, tmp_path, train):
     assert f"{data}: skipping 1 of 4 records with an empty rationale (line 2)" in res.stderr
     summary = _summary(out)
     assert summary["examples"] == 3 and summary["empty_rationales_skipped"] == 1
+
+
+# --- training on data people bring (gold solutions, other tools' shapes) ------------------------------------
+
+def test_training_data_shapes_become_rationales(tmp_path):
+    from undo_cli.errors import RecordError
+    from undo_cli.training.data import read_training_records
+
+    gold = {"id": "g1", "question": "2 + 2?", "answer": "4", "meta": {"solution": "2 + 2 = 4.\n#### 4"}}
+    rows = [
+        {"id": "a", "question": "1 + 1?", "answer": "2", "rationale": "1 + 1 = 2\n#### 2"},  # no problem_id
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 3?"},
+                      {"role": "assistant", "content": "#### 6"}]},
+        {"prompt": "4 + 4?", "completion": "#### 8"},
+        {"prompt": [{"role": "user", "content": "5 + 5?"}], "completion": [{"role": "assistant", "content": "#### 10"}]},
+    ]
+    records = read_training_records(str(_write(tmp_path / "mixed.jsonl", rows)))
+    assert records[0]["problem_id"] == "a"
+    assert records[1]["id"] == "row-2" and records[1]["rationale"] == "#### 6" and records[1]["question"] == "3 + 3?"
+    assert records[1]["prompt_messages"] == rows[1]["messages"][:2]
+    assert records[2]["prompt_messages"] == [{"role": "user", "content": "4 + 4?"}] and records[2]["rationale"] == "#### 8"
+    assert records[3]["rationale"] == "#### 10"
+
+    problems = _write(tmp_path / "problems.jsonl", [gold])
+    [record] = read_training_records(str(problems), "meta.solution")
+    assert record["rationale"] == gold["meta"]["solution"] and record["problem_id"] == "g1"
+    with pytest.raises(RecordError) as exc:  # today's first-hour failure: a problem file without the flag
+        read_training_records(str(problems))
+    assert "field 'rationale'" in str(exc.value) and "--rationale-field meta.solution" in exc.value.hint
+    with pytest.raises(RecordError, match="meta.solution.*no 'solution'"):
+        read_training_records(str(_write(tmp_path / "p2.jsonl", [{**gold, "meta": {}}])), "meta.solution")
+    bad = _write(tmp_path / "bad.jsonl", [rows[0], {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: field 'messages'.*assistant") as exc:
+        read_training_records(str(bad))
+
+
+def test_train_on_gold_solutions_and_on_chat_messages(train, tiny_model, tmp_path):
+    gold = [{"id": f"g{i}", "question": r["question"], "answer": r["answer"], "meta": {"solution": r["rationale"]}}
+            for i, r in enumerate(_rationales(4))]
+    res = train("--student", tiny_model, "--data", _write(tmp_path / "gold.jsonl", gold), "--rationale-field",
+                "meta.solution", "--output", tmp_path / "s1", "--max-steps", "1", "--batch-size", "2")
+    assert res.returncode == 0, res.stderr
+    assert _summary(tmp_path / "s1")["examples"] == 4
+    chat = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["rationale"]}]}
+            for r in _rationales(4)]
+    res = train("--student", tiny_model, "--data", _write(tmp_path / "chat.jsonl", chat), "--output", tmp_path / "s2",
+                "--max-steps", "1", "--batch-size", "2")
+    assert res.returncode == 0, res.stderr
+    assert "next: undo evaluate --model" in res.stderr
+
+
+def test_progress_in_a_log_file_and_in_a_terminal(train, tiny_model, data, tmp_path):
+    """stderr a file: plain progress lines (each 10% / 30 s), no transformers bars; a terminal: rich's bar."""
+    import shutil
+    import sys
+
+    res = train("--student", tiny_model, "--data", data, "--output", tmp_path / "log", "--max-steps", "2",
+                "--batch-size", "8", "--logging-steps", "1")
+    assert res.returncode == 0, res.stderr
+    assert "train: step 1/2 (50%)" in res.stderr and "train: step 2/2 (100%)" in res.stderr
+    final = json.loads((tmp_path / "log" / "train_summary.json").read_text())["final_loss"]
+    assert "step 2/2 (100%) elapsed" in res.stderr and f"loss {final:.4f} (this step)" in res.stderr  # seen
+    assert "Loading weights" not in res.stderr and "Writing model shards" not in res.stderr
+    if shutil.which("script") is None:
+        pytest.skip("no `script` to give the command a terminal")
+    cmd = " ".join([sys.executable, "-m", "undo_cli", "train", "--student", str(tiny_model), "--data", str(data),
+                    "--output", str(tmp_path / "tty"), "--max-steps", "2", "--batch-size", "8"])
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ONE_THREAD, "COLUMNS": "160"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "eta" in proc.stdout and "tok/s" in proc.stdout and "2/2" in proc.stdout  # the bar, drawn in place
+    assert "train: step" not in proc.stdout  # not the plain lines

@@ -17,3 +17,55 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     console.print(message)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own "Loading weights" / "Writing model shards" bars: undo reports progress itself.
+
+    Call only where transformers is being used anyway (importing it costs seconds).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress for a log file: one plain line every `interval` seconds and at each 10%, when stderr is no terminal.
+
+    A rich bar redraws one line in place, which a log file (a batch job, `2> log`) only receives
+    when the stage ends; these lines arrive while it runs:
+
+        evaluate: 120/1000 (12%)  elapsed 0:01:00  eta 0:07:20  1,234.5 tok/s
+    """
+
+    def __init__(self, what: str, total: int, interval: float = 30.0, unit: str = ""):
+        import time
+
+        self.what, self.total, self.interval, self.unit = what, max(int(total), 0), interval, unit
+        self._time = time.monotonic
+        self.started = self._time()
+        self._last_time = self.started
+        self._last_decile = 0
+        self.done = 0
+
+    def update(self, done: int, extra: str = "", force: bool = False) -> bool:
+        """Record progress; print a line when 10% more is done, `interval` passed, or at the end. True if printed."""
+        self.done = done
+        now = self._time()
+        decile = (10 * done) // self.total if self.total else 10
+        due = force or decile > self._last_decile or now - self._last_time >= self.interval or done >= self.total
+        if not due or (done >= self.total and self._last_decile > 10):
+            return False
+        self._last_decile = decile if done < self.total else 11  # the 100% line is printed once
+        self._last_time = now
+        elapsed = now - self.started
+        pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
+        eta = f"  eta {_clock(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        line = f"{self.what}: {self.unit}{done}/{self.total}{pct}  elapsed {_clock(elapsed)}{eta}"
+        console.print(line + (f"  {extra}" if extra else ""), markup=False, highlight=False, soft_wrap=True)
+        return True

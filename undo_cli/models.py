@@ -51,8 +51,14 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     Any failure becomes `load_error`'s UndoError (transformers raises OSError, ValueError, KeyError, ...
     depending on what is wrong, so every exception is translated).
     """
+    from undo_cli.model_refs import check_hub_reachable
+
+    check_hub_reachable(name, flag or kind)  # before transformers' imports and retries: an unreachable hub is fast
     import transformers
 
+    from undo_cli.console import quiet_transformers
+
+    quiet_transformers()  # no "Loading weights" / "Writing model shards" bars of its own: undo reports progress
     cls = {"tokenizer": transformers.AutoTokenizer, "model": transformers.AutoModelForCausalLM}[kind]
     if trust_remote_code:
         kwargs["trust_remote_code"] = True

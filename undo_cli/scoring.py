@@ -9,10 +9,18 @@ Scoring happens in two steps, because they fail in different ways:
    show their work, so the last number in the text is often an intermediate
    result. We look for an explicit final answer first, in this order:
    a `#### <answer>` line (the format our prompts ask for), `\\boxed{...}`, then
-   "the answer is ..." / "Answer: ..." / "Final answer: ...". Only when none is
-   present do we fall back to the last number (or LaTeX expression). Before any
+   "the answer is ..." / "Answer: ..." / "Final answer: ...". Before any
    of that we cut the text where the model starts a new "Question:" — small
    models ramble on into made-up problems, and their numbers must not count.
+   Two extractions, as lm-evaluation-harness does for GSM8K ("strict-match"
+   and "flexible-extract"):
+   * `strict`: only that explicit final answer; text without one has no answer.
+     Teacher rationales are verified this way by default (`undo generate`,
+     `undo refine`: `--verify strict`), so malformed text whose last number
+     happens to be right is never kept as a worked solution.
+   * `flexible`: when no explicit answer is present, fall back to the last
+     number (or LaTeX expression; the last line for choice/exact tasks).
+     `undo evaluate` reports the accuracy of both.
 2. **Verify** it against the gold answer for the task:
    * `math`: mathematically, with Hugging Face's `math-verify` (sympy +
      latex2sympy), so `1,250.00` = `1250`, `1/2` = `0.5`, `\\frac{3}{4}` = `0.75`,
@@ -44,6 +52,7 @@ from fractions import Fraction
 from typing import Any
 
 TASKS = ("math", "choice", "exact")
+VERIFY = ("strict", "flexible")  # the two extractions (module docstring)
 
 
 @dataclass(frozen=True)
@@ -247,14 +256,23 @@ def _exact_fallback(text: str) -> str | None:
     return _exact_from_span(lines[-1])
 
 
-def extract_answer(text: str, task: str = "math", choices: list[str] | None = None) -> str | None:
-    """The answer a model's output commits to, or None when it commits to nothing."""
+def extract_answer(text: str, task: str = "math", choices: list[str] | None = None,
+                   mode: str = "flexible") -> str | None:
+    """The answer a model's output commits to, or None when it commits to nothing.
+
+    mode: "strict" reads only an explicit final answer (`#### x`, `\\boxed{x}`, "the answer is x");
+    "flexible" falls back to the last number / line when there is none.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}' (use one of: {', '.join(TASKS)})")
+    if mode not in VERIFY:
+        raise ValueError(f"unknown extraction mode '{mode}' (use one of: {', '.join(VERIFY)})")
     if not text or not text.strip():
         return None
     region = _answer_region(text)
     span = _explicit_span(region)
+    if span is None and mode == "strict":
+        return None
     if task == "math":
         return _math_from_span(span) if span is not None else _last_math(region)
     if task == "choice":
@@ -344,9 +362,10 @@ def _gold_math(answer: str) -> str:
     return (_math_from_span(span) if span is not None else _math_from_span(answer)) or answer.strip()
 
 
-def score(output: str, answer: str, task: str = "math", choices: list[str] | None = None) -> Score:
-    """Extract the answer from `output` and check it against the gold `answer`."""
-    predicted = extract_answer(output, task, choices)
+def score(output: str, answer: str, task: str = "math", choices: list[str] | None = None,
+          mode: str = "flexible") -> Score:
+    """Extract the answer from `output` (strict or flexible, see extract_answer) and check it against `answer`."""
+    predicted = extract_answer(output, task, choices, mode)
     if predicted is None:
         return Score(None, False)
     answer = str(answer)
@@ -361,8 +380,16 @@ def score(output: str, answer: str, task: str = "math", choices: list[str] | Non
     return Score(predicted, predicted == gold)
 
 
-def score_record(record: dict[str, Any], task: str | None = None) -> dict[str, Any]:
+def score_record(record: dict[str, Any], task: str | None = None, mode: str = "flexible") -> dict[str, Any]:
     """The record with `predicted` and `correct` added (task: argument > record['task'] > 'math')."""
     task = task or record.get("task") or "math"
-    result = score(record.get("output") or "", str(record["answer"]), task, record.get("choices"))
+    result = score(record.get("output") or "", str(record["answer"]), task, record.get("choices"), mode)
     return {**record, "predicted": result.predicted, "correct": result.correct}
+
+
+def score_both(output: str, answer: str, task: str = "math", choices: list[str] | None = None) -> dict[str, Score]:
+    """{"strict": Score, "flexible": Score}: both extractions of one output (what `undo evaluate` reports)."""
+    strict = score(output, answer, task, choices, "strict")
+    if strict.predicted is not None:  # an explicit answer: flexible extraction reads the very same one
+        return {"strict": strict, "flexible": strict}
+    return {"strict": strict, "flexible": score(output, answer, task, choices, "flexible")}

@@ -113,6 +113,9 @@ def build_tiny_model(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         do_sample=False, max_new_tokens=128,
     )
+    from undo_cli.console import quiet_transformers
+
+    quiet_transformers()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

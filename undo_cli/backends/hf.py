@@ -93,6 +93,9 @@ class HFBackend:
     sort_by_length = True
 
     def __init__(self, config):
+        from undo_cli.model_refs import check_hub_reachable
+
+        check_hub_reachable(config.model, "model")  # before seconds of torch imports: an unreachable hub is fast
         import torch  # noqa: F401  (fail here, not mid-run, if torch is missing)
 
         self.config = config
@@ -168,8 +171,9 @@ class HFBackend:
         gen.temperature = sampling.temperature if sample else None
         gen.top_p = sampling.top_p if sample else None
         # OpenAI semantics: only temperature and top-p shape the distribution. top_k=None would be
-        # refilled with transformers' global default of 50; 0 switches top-k off.
-        gen.top_k = 0
+        # refilled with transformers' global default of 50; 0 switches top-k off. Greedy decoding has
+        # no top-k to switch off, and a top_k set there makes transformers warn on every call.
+        gen.top_k = 0 if sample else None
         # Greedy decoding gives n identical answers: compute one and copy it.
         gen.num_return_sequences = sampling.n if sample else 1
         gen.pad_token_id = self.tokenizer.pad_token_id

@@ -80,7 +80,8 @@ dotted flags onto the stage's own options, any of them: --generate.n 4 --train.l
 --train.merge --evaluate.max-tokens 256 --refine.k 0 --collect-errors.max 200 (see `undo train --help`
 etc. for the fields; values are TOML: 2e-5, true, "text").
 
-Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume""",
+Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume;
+the settings (and where each comes from) and the plan first: the same command + --dry-run""",
             config="undo_cli.loop.iterate:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a
@@ -96,10 +97,43 @@ The demo's models are tiny: their accuracy says nothing about real models.
 Example: undo demo --workdir /tmp/undo-demo"""),
 ]
 
+def versions() -> list[tuple[str, str]]:
+    """(name, version) of undo and what it runs on: torch, transformers, vllm when installed, CUDA."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import undo_cli
+
+    found = [("undo", undo_cli.__version__)]
+    for name in ("torch", "transformers", "vllm"):
+        try:
+            found.append((name, version(name)))
+        except PackageNotFoundError:
+            if name != "vllm":  # vllm is optional: only shown when present
+                found.append((name, "not installed"))
+    try:
+        import torch  # only here: `undo --help` must stay instant
+
+        cuda = torch.version.cuda
+        found.append(("cuda", f"{cuda} ({torch.cuda.device_count()} GPU(s) visible)" if cuda and
+                      torch.cuda.is_available() else f"{cuda or 'none'} (no GPU visible)"))
+    except ImportError:
+        found.append(("cuda", "unknown (torch not installed)"))
+    return found
+
+
+def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo("".join(f"{name} {ver}\n" for name, ver in versions()), nl=False)
+        ctx.exit()
+
+
 app = LazyGroup(
     "undo", table=COMMANDS, no_args_is_help=True,
     help="Iterative, error-driven teacher-student distillation (UNDO, DistiLLM, MiniLLM, GKD).\n\n"
          "Stages exchange JSONL files; `-` means stdin/stdout. Run `undo demo` for an offline tour.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it from this context
+    params=[click.Option(["--version"], is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+                         help="Print the versions of undo, torch, transformers, vllm (if installed) and CUDA.")],
 )
 
 

@@ -116,7 +116,10 @@ class Command:
             help_text += "\n\n" + "\n".join(f"{p.name.upper()}: {p.help}" for p in arguments)  # type: ignore[attr-defined]
 
         def callback(**flags: Any) -> None:
-            load(self.run)(config_cls(**flags))
+            from undo_cli.guidance import print_next
+
+            config = config_cls(**flags)
+            print_next(self.name, config, load(self.run)(config))  # every command ends with the next one to run
 
         return SectionedCommand(self.name, params=params, callback=callback, help=help_text,
                                 no_args_is_help=any(p.required for p in params))

@@ -25,16 +25,27 @@ def build(entry: Special) -> click.Command:
     params = [
         click.Option(["--config", "-c"], default=None, help="TOML file with the run's settings (flags override it)."),
         click.Option(["--resume"], is_flag=True, default=False,
-                     help="Continue the run in runs_dir/name from its first unfinished stage."),
+                     help="Continue the run in runs_dir/name from its first unfinished stage (changed settings are "
+                          "allowed for stages that have not finished; they rerun)."),
+        click.Option(["--overwrite"], is_flag=True, default=False, help="Delete the run in runs_dir/name and start over."),
+        click.Option(["--dry-run"], is_flag=True, default=False,
+                     help="Print every setting (a default, from the file or a flag) and the plan of stages and "
+                          "files; run nothing, load no model."),
         *options(config_cls, skip=tuple(STAGES), layered=True),
     ]
 
     @click.pass_context
-    def callback(ctx: click.Context, config: str | None, resume: bool, **flags: Any) -> None:
-        from undo_cli.loop.iterate import run
+    def callback(ctx: click.Context, config: str | None, resume: bool, overwrite: bool, dry_run: bool,
+                 **flags: Any) -> None:
+        from undo_cli.loop.iterate import dry_run as show_plan, run
         from undo_cli.loop.settings import resolve
 
-        summary = run(resolve(config_cls, config, flags, list(ctx.args)), resume=resume)
+        origins: dict[str, str] = {}
+        resolved = resolve(config_cls, config, flags, list(ctx.args), origins)
+        if dry_run:
+            show_plan(resolved, origins)
+            return
+        summary = run(resolved, resume=resume, overwrite=overwrite)
         # One JSON line on stdout (people read stderr): `undo iterate ... | jq .test` works.
         sys.stdout.write(json.dumps({k: summary[k] for k in ("name", "run_dir", "status", "best_iteration",
                                                               "best_student", "stop_reason", "test")}) + "\n")

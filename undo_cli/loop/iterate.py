@@ -5,6 +5,8 @@
         --train-file data/train.jsonl --val-file data/val.jsonl --test-file data/test.jsonl \\
         --teacher-backend vllm --max-iterations 4 --train.epochs 1 --train.lr 2e-5 --name qwen-gsm8k
     undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
+    undo iterate --config examples/run.toml --dry-run         # the resolved settings and the plan; no model
+    undo iterate --config examples/run.toml --overwrite       # delete runs/NAME and start over
 
 What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 
@@ -37,7 +39,10 @@ student are never in memory together. Settings: loop/settings.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ MIX = ("replace", "append")
 INIT = ("base", "previous")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
+VERIFY = ("strict", "flexible")
 
 
 @dataclass
@@ -72,6 +78,10 @@ class IterateConfig:
     mix: str = field(default="replace", metadata={"choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
     init: str = field(default="base", metadata={"choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
     seed: int = field(default=0, metadata={"help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    verify: str = field(default="strict", metadata={
+        "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
+                "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
+                "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
@@ -80,7 +90,7 @@ class IterateConfig:
 
     def __post_init__(self) -> None:
         choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
-                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS))
+                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS), ("verify", self.verify, VERIFY))
         for key, value, allowed in choices:
             if value not in allowed:
                 raise UndoError(f"{key} = {value!r}: unknown choice", hint=f"use one of: {', '.join(allowed)}")
@@ -127,6 +137,16 @@ class IterateConfig:
 
         return effective_settings(table, getattr(self, table), {"seed": self.seed})
 
+    def default_identity(self) -> dict[str, Any]:
+        """identity() as it would be with every setting at its default (flattened: `train.lr`)."""
+        from undo_cli.loop.settings import STAGES, effective_settings
+        from undo_cli.loop.manifest import flatten
+
+        top = {f.name: f.default for f in dataclasses.fields(self)
+               if f.name not in STAGES and f.default is not dataclasses.MISSING}
+        tables = {t: effective_settings(t, {}, {"seed": top.get("seed", 0)}) for t in STAGES}
+        return flatten({**top, **tables})
+
     def identity(self) -> dict[str, Any]:
         """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
         from undo_cli.loop.settings import STAGES
@@ -159,16 +179,67 @@ class Loop:
         return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
                 "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code}
 
+    # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
+    # before any work, so a bad value in any table stops the run before the teacher writes a line.
+
+    def generate_config(self):
+        from undo_cli.stages import generate
+
+        return generate.GenerateConfig(**self.teacher_kwargs(), input=self.config.train_file,
+                                       output=str(self.layout.rationales()), iteration=0,
+                                       **self.config.settings("generate"))
+
+    def refine_config(self, k: int):
+        from undo_cli.stages import refine
+
+        return refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.layout.errors(k - 1)),
+                                   targets=str(self.layout.training_data(k - 1)), output=str(self.layout.refined(k)),
+                                   iteration=k, **self.config.settings("refine"))
+
+    def mix_config(self, k: int):
+        from undo_cli.stages import mix
+
+        return mix.MixConfig(base=str(self.layout.training_data(k - 1)), refined=str(self.layout.refined(k)),
+                             output=str(self.layout.training_data(k)), mode=self.config.mix)
+
+    def train_config(self, k: int):
+        from undo_cli.stages import train
+
+        start = self.config.student if self.config.init == "base" or k == 0 else str(self.layout.student(k - 1))
+        # resume=True: a fresh folder starts from step 0, a killed run continues from its last
+        # checkpoint, a finished one (manifest not yet updated when killed) returns at once.
+        return train.TrainConfig(student=start, data=str(self.layout.training_data(k)),
+                                 output=str(self.layout.student(k)), resume=True,
+                                 trust_remote_code=self.config.trust_remote_code, **self.config.settings("train"))
+
+    def evaluate_config(self, k: int, split: str, trained: dict[str, Any] | None = None):
+        from undo_cli.stages import evaluate
+
+        saved = (trained or {}).get("saved") or {}
+        model = saved.get("model") or ((trained or {}).get("student") if saved.get("adapter")
+                                       else str(self.layout.student(k)))
+        return evaluate.EvaluateConfig(
+            model=model, adapter=None if saved.get("model") else saved.get("adapter"),
+            input=self.config.val_file if split == "val" else self.config.test_file,
+            output=str(self.layout.predictions(k, split)), metrics=str(self.layout.metrics(k, split)),
+            backend=self.config.student_backend, trust_remote_code=self.config.trust_remote_code,
+            verify=self.config.verify, **self.config.settings("evaluate"))
+
+    def collect_errors_config(self, k: int):
+        from undo_cli.stages import collect_errors
+
+        return collect_errors.CollectErrorsConfig(predictions=str(self.layout.predictions(k, "val")),
+                                                  output=str(self.layout.errors(k)),
+                                                  **self.config.settings("collect_errors"))
+
     # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
 
     def generate(self) -> dict[str, Any]:
         from undo_cli.stages import generate
 
-        out = self.layout.rationales()
-        cfg = generate.GenerateConfig(**self.teacher_kwargs(), input=self.config.train_file, output=str(out), iteration=0,
-                                      **self.config.settings("generate"))
+        cfg = self.generate_config()
         summary = self.folder.step(self.step_key(0, "generate"), lambda: generate.run(cfg),
-                                   outputs={"rationales": str(out)}, keep=_keep(GENERATE_KEYS))
+                                   outputs={"rationales": cfg.output}, keep=_keep(GENERATE_KEYS))
         if not summary.get("kept_total"):
             raise UndoError(f"the teacher wrote no verified rationale for {self.config.train_file}: nothing to train on",
                             hint=f"read {self.layout.rejected()}; sample more "
@@ -178,57 +249,38 @@ class Loop:
     def refine(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import refine
 
-        out = self.layout.refined(k)
-        cfg = refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.layout.errors(k - 1)),
-                                  targets=str(self.layout.training_data(k - 1)), output=str(out), iteration=k,
-                                  **self.config.settings("refine"))
-        return self.folder.step(self.step_key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": str(out)},
+        cfg = self.refine_config(k)
+        return self.folder.step(self.step_key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": cfg.output},
                                 keep=_keep(REFINE_KEYS))
 
     def mix(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import mix
 
-        out = self.layout.training_data(k)
-        cfg = mix.MixConfig(base=str(self.layout.training_data(k - 1)), refined=str(self.layout.refined(k)),
-                            output=str(out), mode=self.config.mix)
-        return self.folder.step(self.step_key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": str(out)})
+        cfg = self.mix_config(k)
+        return self.folder.step(self.step_key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": cfg.output})
 
     def train(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import train
 
-        start = self.config.student if self.config.init == "base" or k == 0 else str(self.layout.student(k - 1))
-        out = self.layout.student(k)
-        # resume=True: a fresh folder starts from step 0, a killed run continues from its last
-        # checkpoint, a finished one (manifest not yet updated when killed) returns at once.
-        cfg = train.TrainConfig(student=start, data=str(self.layout.training_data(k)), output=str(out), resume=True,
-                                trust_remote_code=self.config.trust_remote_code, **self.config.settings("train"))
-        return self.folder.step(self.step_key(k, "train"), lambda: train.run(cfg), outputs={"student": str(out)},
+        cfg = self.train_config(k)
+        return self.folder.step(self.step_key(k, "train"), lambda: train.run(cfg), outputs={"student": cfg.output},
                                 keep=_keep(TRAIN_KEYS))
 
     def evaluate(self, k: int, split: str) -> dict[str, Any]:
         from undo_cli.stages import evaluate
 
         trained = (self.folder.stage(self.step_key(k, "train")) or {}).get("summary", {})
-        saved = trained.get("saved") or {}
-        model = saved.get("model") or (trained.get("student") if saved.get("adapter") else str(self.layout.student(k)))
-        out = self.layout.predictions(k, split)
-        cfg = evaluate.EvaluateConfig(
-            model=model, adapter=None if saved.get("model") else saved.get("adapter"),
-            input=self.config.val_file if split == "val" else self.config.test_file, output=str(out),
-            metrics=str(self.layout.metrics(k, split)), backend=self.config.student_backend,
-            trust_remote_code=self.config.trust_remote_code, **self.config.settings("evaluate"))
+        cfg = self.evaluate_config(k, split, trained)
         return self.folder.step(self.step_key(k, split if split == "test" else "evaluate"), lambda: evaluate.run(cfg),
-                                outputs={"predictions": str(out), "metrics": str(self.layout.metrics(k, split))},
+                                outputs={"predictions": cfg.output, "metrics": cfg.metrics},
                                 keep=_keep_evaluate)
 
     def collect_errors(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import collect_errors
 
-        out = self.layout.errors(k)
-        cfg = collect_errors.CollectErrorsConfig(predictions=str(self.layout.predictions(k, "val")),
-                                                 output=str(out), **self.config.settings("collect_errors"))
+        cfg = self.collect_errors_config(k)
         return self.folder.step(self.step_key(k, "collect_errors"), lambda: collect_errors.run(cfg),
-                                outputs={"errors": str(out)})
+                                outputs={"errors": cfg.output})
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -274,6 +326,161 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     return best, None
 
 
+# --- checks before any work, --dry-run, what a changed setting reruns ----------------------------
+
+class _Unopened:
+    """A stand-in for the run folder: the configs only need its path (nothing is created)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+
+def _in_config_terms(table: str, exc: UndoError) -> UndoError:
+    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys)."""
+    from undo_cli.loop.settings import OWNED, stage_class
+
+    cls = stage_class(table) if table != "mix" else None
+    names = {f.name for f in dataclasses.fields(cls)} if cls else {"mode"}
+    owned = {**OWNED.get(table, {}), **({"mode": "mix"} if table == "mix" else {})}
+
+    def rename(text: str | None) -> str | None:
+        def key(m: re.Match) -> str:
+            name = m.group(1).replace("-", "_")
+            if name in owned and not owned[name].startswith("("):
+                return owned[name].split(" ")[0]
+            return f"{table}.{name}" if name in names else m.group(0)
+
+        return None if text is None else re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, text)
+
+    hint = rename(exc.hint)
+    where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
+    return UndoError(rename(exc.message) or "", hint=f"{hint}; {where}" if hint else where)
+
+
+def check_stages(config: IterateConfig) -> None:
+    """Build every stage's config (iteration 0 and a refinement round) and its templates: fails before any work.
+
+    Each stage checks its own values in its config's `__post_init__`; building them all here means
+    `[train] lr = -1` is refused before the teacher has generated anything, in terms of the config
+    key (`train.lr`), not of `undo train`'s flag (`--lr`).
+    """
+    from undo_cli.prompts import load_template
+
+    loop = Loop(config, _Unopened(config.run_dir))
+    builders = [("generate", loop.generate_config), ("train", lambda: loop.train_config(0)),
+                ("evaluate", lambda: loop.evaluate_config(0, "val")),
+                ("collect_errors", lambda: loop.collect_errors_config(0))]
+    if config.max_iterations > 0:
+        builders += [("refine", lambda: loop.refine_config(1)), ("mix", lambda: loop.mix_config(1)),
+                     ("train", lambda: loop.train_config(1))]
+    from undo_cli.model_refs import to_be_written
+
+    for table, build in builders:
+        try:
+            with to_be_written(config.run_dir):  # the students of later stages do not exist yet
+                cfg = build()
+            for attr in ("prompt", "template"):
+                if getattr(cfg, attr, None):
+                    try:
+                        load_template(getattr(cfg, attr))
+                    except UndoError as exc:
+                        raise UndoError(f"{table}.{attr}: {exc.message}", hint=exc.hint) from None
+        except UndoError as exc:
+            raise _in_config_terms(table, exc) from None
+
+
+_EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
+# Which stages' results a top-level key or an input changes. The stopping rule changes none: a finished
+# run resumed with a larger max_iterations simply continues. `seed` reaches the stages through their
+# tables (each table's effective `seed` is part of the identity), so it is listed there, not here.
+_AFFECTS: dict[str, frozenset[str]] = {
+    "max_iterations": frozenset(), "patience": frozenset(), "min_delta": frozenset(), "seed": frozenset(),
+    "teacher": frozenset({"generate", "refine"}), "teacher_backend": frozenset({"generate", "refine"}),
+    "teacher_base_url": frozenset({"generate", "refine"}), "teacher_api_key_env": frozenset({"generate", "refine"}),
+    "student": frozenset({"train"}), "init": frozenset({"train"}), "mix": frozenset({"mix"}),
+    "student_backend": frozenset({"evaluate", "test"}), "verify": frozenset({"evaluate", "test", "collect_errors"}),
+    "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}),
+    "inputs.test": frozenset({"test"}), "inputs.teacher": frozenset({"generate", "refine"}),
+    "inputs.student": frozenset({"train"}),
+}
+
+
+def affected_stages(key: str) -> frozenset[str]:
+    """The stage names (`train`, `test`, ...) whose results depend on a config key or input (`train.lr`)."""
+    from undo_cli.loop.settings import STAGES
+
+    head = key.split(".", 1)[0]
+    if head in STAGES:  # the evaluate table also makes the test predictions
+        return frozenset({"evaluate", "test"}) if head == "evaluate" else frozenset({head})
+    return _AFFECTS.get(key, _EVERY_STAGE)
+
+
+def plan(config: IterateConfig) -> list[tuple[str, str, str]]:
+    """(stage key, what it does, the files it writes) for every stage the run may reach, in order."""
+    from undo_cli.model_refs import to_be_written
+
+    with to_be_written(config.run_dir):
+        return _plan(config, Loop(config, _Unopened(config.run_dir)))
+
+
+def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
+    rows = [("iter_00/generate", "the teacher's rationales for train_file", loop.generate_config().output)]
+    for k in range(config.max_iterations + 1):
+        if k:
+            rows += [(loop.step_key(k, "refine"), f"the teacher re-teaches iteration {k - 1}'s errors",
+                      loop.refine_config(k).output),
+                     (loop.step_key(k, "mix"), f"refined rationales {config.mix} the old ones", loop.mix_config(k).output)]
+        ev = loop.evaluate_config(k, "val")
+        rows += [(loop.step_key(k, "train"), "train the student" + (" (from the previous one)" if k and config.init ==
+                                                                 "previous" else ""), loop.train_config(k).output),
+                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.verify})",
+                  f"{ev.output}, {ev.metrics}"),
+                 (loop.step_key(k, "collect_errors"), "its validation errors", loop.collect_errors_config(k).output)]
+    rows.append(("iter_XX/test", "the best and the iteration-0 students on test_file, once each",
+                 str(config.run_dir / "iter_XX" / "test" / "predictions.jsonl")))
+    return rows
+
+
+def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Print every setting (with where it came from: default, file or flag) and the plan; load no model."""
+    from rich.table import Table
+
+    from undo_cli.console import console
+    from undo_cli.loop.settings import STAGES
+
+    check_stages(config)
+    origins = origins or {}
+    settings: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name not in STAGES:
+            settings[f.name] = getattr(config, f.name)
+    for table in STAGES:
+        for key, value in config.settings(table).items():
+            settings[f"{table}.{key}"] = value
+    table = Table(title=f"undo iterate --dry-run: {config.run_dir}", title_justify="left")
+    for col in ("key", "value", "from"):
+        table.add_column(col, overflow="fold")
+    for key, value in settings.items():
+        origin = origins.get(key)
+        if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
+                k.split(".")[0] for k in origins if k.endswith(".seed")):
+            origin = "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
+        table.add_row(key, repr(value), origin or ("default (from name: <student>-from-<teacher>)"
+                                                   if key == "name" else "default"))
+    console.print(table)
+    steps = plan(config)
+    plan_table = Table(title="plan (stops early when validation accuracy stops improving)", title_justify="left")
+    for col in ("stage", "what", "writes"):
+        plan_table.add_column(col, overflow="fold")
+    for row in steps:
+        plan_table.add_row(*row)
+    console.print(plan_table)
+    if (config.run_dir / "manifest.json").is_file():
+        console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
+    console.print("nothing was run (--dry-run); drop --dry-run to start")
+    return {"settings": settings, "origins": origins, "plan": steps}
+
+
 def _inputs(config: IterateConfig) -> dict[str, Any]:
     from undo_cli.loop.manifest import model_fingerprint, sha256_file
 
@@ -282,12 +489,30 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
 
 
-def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
+def _resume_command() -> str:
+    """The command that continues this run: the one that was run, plus --resume."""
+    argv = sys.argv[1:]
+    if argv[:1] != ["iterate"]:  # called in process (tests, a script): say it in words
+        return "the same `undo iterate` command with --resume"
+    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return "undo " + shlex.join(argv + ["--resume"])
+
+
+def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
     from undo_cli.console import console
     from undo_cli.loop import report
     from undo_cli.loop.manifest import RunFolder
 
+    if resume and overwrite:
+        raise UndoError("--resume and --overwrite contradict each other",
+                        hint="--resume continues the run; --overwrite deletes it and starts over")
+    check_stages(config)  # every table, before the run folder exists and before any model loads
+    from undo_cli.model_refs import check_hub_reachable
+
+    if config.teacher_backend != "openai":  # a hub name with the hub unreachable: one line now, not mid-run
+        check_hub_reachable(config.teacher, "teacher")
+    check_hub_reachable(config.student, "student")
     seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
                                                                                  "evaluate", "collect_errors")}}
     from undo_cli.records import read_records
@@ -295,7 +520,8 @@ def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
     for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
         read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
-                            resume=resume)
+                            resume=resume, overwrite=overwrite, affects=affected_stages,
+                            defaults=config.default_identity())
     loop = Loop(config, folder)
     console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
                   f"mix {config.mix}, init {config.init})")
@@ -323,12 +549,22 @@ def run(config: IterateConfig, *, resume: bool = False) -> dict[str, Any]:
         if folder.manifest.get("status") == "running":  # failed outside a stage (e.g. no verified rationale)
             folder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                           error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped by an error"
+        # Printed before the error itself (main() prints that): what finished is kept, and how to go on.
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
+                      f"[/yellow] {escape(_resume_command())}" + ("" if isinstance(exc, KeyboardInterrupt) else
+                                                " (after fixing the cause; changed settings are allowed for "
+                                                "stages that have not finished)"), highlight=False)
         raise
     folder.finish("done", best_iteration=best, stop_reason=stop)
     state = report.collect(folder.path)
     summary = report.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
+    console.print(f"next: undo report {folder.path}   (more rounds: the same command with --resume "
+                  "--max-iterations N)", markup=False, highlight=False)
     return summary
 
 
@@ -349,5 +585,6 @@ def _keep(keys: tuple[str, ...]):
 
 def _keep_evaluate(summary: dict[str, Any]) -> dict[str, Any]:
     metrics = summary.get("metrics", {})
-    kept = {k: metrics[k] for k in ("accuracy", "count", "correct", "no_answer", "truncated") if k in metrics}
+    kept = {k: metrics[k] for k in ("accuracy", "count", "correct", "no_answer", "truncated", "verify",
+                                    "accuracy_strict", "accuracy_flexible") if k in metrics}
     return {**kept, "already_done": summary.get("already_done"), "wall_s": summary.get("wall_s")}

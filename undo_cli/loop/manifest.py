@@ -20,7 +20,13 @@ without redoing what finished:
   never heard), collect-errors and mix rewrite small files atomically.
 * The config of a run is part of its identity. Resuming with a different
   config, or with input files whose sha256 changed, would silently mix two
-  experiments in one folder, so it is refused with the keys that differ.
+  experiments in one folder, so it is refused with the keys that differ and
+  the finished stages they would contradict. A change that only touches
+  stages that have not finished (`affects` names them per key) is allowed:
+  those stages (re)run with the new settings, from scratch if an earlier
+  attempt left partial outputs, and the manifest records the change. A change
+  of the stopping rule alone touches no stage, so a finished run can be
+  extended with `--resume --max-iterations N`.
 * One process per run folder: an advisory lock (`.lock`, flock) refuses a
   second `undo iterate` on the same run; the kernel drops it when the holder
   dies, even by SIGKILL, so a killed run never leaves a stale lock behind.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,6 +94,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_NO_DEFAULT = object()
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str]]:
+    """(flattened key, 'key: was X, now Y') for every key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    return [(line.split(":", 1)[0], line) for line in differences(old, new)] if a != b else []
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: was X, now Y' for every flattened key whose value differs."""
     a, b = flatten(old), flatten(new)
@@ -112,27 +128,51 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, config: dict[str, Any], inputs: dict[str, Any],
-             seeds: dict[str, Any], resume: bool) -> "RunFolder":
-        """Create a new run folder, or reopen one with --resume after checking it is the same run."""
+             seeds: dict[str, Any], resume: bool, overwrite: bool = False,
+             affects: Callable[[str], frozenset[str] | set[str]] | None = None,
+             defaults: dict[str, Any] | None = None) -> "RunFolder":
+        """Create a new run folder, or reopen one with --resume after checking it is the same run.
+
+        overwrite: delete an existing run (a folder holding a manifest) and start over.
+        affects: the stage names (`train`, `test`) a config key or input changes; None = every stage.
+        defaults: flattened keys -> default values; a key the old manifest lacks (a setting added by a
+            later version of undo) that holds its default is no change.
+        """
         path = Path(path)
         manifest_path = path / MANIFEST
         if path.exists() and not path.is_dir():
             raise UndoError(f"{path}: is a file, not a run folder", hint="choose another --name or --runs-dir")
         exists = manifest_path.is_file()
-        if exists and not resume:
+        if exists and not resume and not overwrite:
             raise UndoError(f"{path}: a run with this name already exists",
-                            hint=f"add --resume to continue it, pick another --name, or delete {path} to start over")
+                            hint=f"add --resume to continue it (changed settings are allowed for stages that have "
+                                 f"not finished), --overwrite to delete it and start over, or pick another --name")
         if not exists and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
             raise UndoError(f"{path}: the folder exists but holds no {MANIFEST}, so it is not an `undo iterate` run",
                             hint="choose another --name or --runs-dir, or empty the folder yourself")
         path.mkdir(parents=True, exist_ok=True)
         folder = cls(path, {})
-        folder._lock()
+        folder._lock()  # before deleting anything: never under a run that is still going
+        if exists and overwrite:
+            for child in path.iterdir():
+                if child.name == LOCK:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            console.print(f"--overwrite: deleted the previous run in {path}; starting over")
+            exists = False
         if exists:
             from undo_cli.records import read_json
 
             folder.manifest = read_json(manifest_path)
-            folder._check_same_run(config, inputs)
+            try:
+                folder._check_same_run(config, inputs, affects, defaults)
+            except BaseException:
+                if folder._lock_fh is not None:  # refused: let the next attempt lock it at once
+                    folder._lock_fh.close()
+                raise
             folder._mark_killed_attempts()
             folder.manifest["status"] = "running"
             folder.manifest["current"] = None
@@ -172,16 +212,69 @@ class RunFolder:
                             hint="wait for it to finish (or stop it), then resume with --resume") from None
         self._lock_fh = fh  # held for the life of the process; the kernel releases it on exit
 
-    def _check_same_run(self, config: dict[str, Any], inputs: dict[str, Any]) -> None:
+    def _check_same_run(self, config: dict[str, Any], inputs: dict[str, Any],
+                        affects: Callable[[str], frozenset[str] | set[str]] | None = None,
+                        defaults: dict[str, Any] | None = None) -> None:
+        """Refuse changes that contradict finished stages; rerun the unfinished stages a change touches."""
         old = self.manifest
-        changed = differences(old.get("config", {}), config)
-        changed += differences(_hashes(old.get("inputs", {})), _hashes(inputs))
-        if changed:
-            shown = "\n  ".join(changed[:12]) + ("\n  ..." if len(changed) > 12 else "")
-            raise UndoError(f"{self.path}: --resume needs the configuration and inputs of the original run; "
-                            f"these differ:\n  {shown}",
-                            hint="resume with the original config (it is in manifest.json under 'config'), "
-                                 "or start a new run with another --name")
+        before = flatten(old.get("config", {}))
+        changed = [(key, line) for key, line in _changed(old.get("config", {}), config)
+                   if key in before or (defaults or {}).get(key, _NO_DEFAULT) != flatten(config).get(key)]
+        changed += _changed(_hashes(old.get("inputs", {})), _hashes(inputs))
+        if not changed:
+            return
+        stages = self.manifest.get("stages", {})
+        blocking, rerun = [], []
+        for key, line in changed:
+            names = affects(key) if affects else None  # None: assume every stage depends on it
+            hit = [s for s in stages if names is None or s.partition("/")[2] in names]
+            done = [s for s in hit if stages[s].get("status") == "done"]
+            if done:
+                blocking.append(f"{line} (already used by {', '.join(done[:3])}{', ...' if len(done) > 3 else ''})")
+            rerun += [s for s in hit if s not in rerun]
+        if blocking:
+            shown = "\n  ".join(blocking[:12]) + ("\n  ..." if len(blocking) > 12 else "")
+            raise UndoError(f"{self.path}: --resume cannot change settings that finished stages already used:\n  "
+                            f"{shown}",
+                            hint="resume with the original values (manifest.json, under 'config'), --overwrite to "
+                                 "start over, or a new run with another --name")
+        lines = [line for _, line in changed]
+        console.print("settings changed since the last attempt:\n  " + "\n  ".join(lines), markup=False,
+                      highlight=False)
+        restarted = []
+        for key in rerun:
+            if stages[key].get("attempts"):  # partial outputs of the old settings: start that stage afresh
+                self._reset_stage(key)
+                restarted.append(key)
+        if rerun:
+            console.print(f"these stages will rerun with the new settings: {', '.join(rerun)}"
+                          + (f" ({', '.join(restarted)} from scratch)" if restarted else "")
+                          + ", and every stage after them", markup=False, highlight=False)
+        else:
+            console.print("no finished or started stage depends on them: the run continues with the new settings",
+                          highlight=False)
+        self.manifest["config"], self.manifest["inputs"] = config, inputs
+        self.manifest.setdefault("changes", []).append({"at": now(), "changed": lines, "rerun": rerun})
+
+    def _reset_stage(self, key: str) -> None:
+        """Forget an unfinished stage and delete what it wrote (only inside the run folder)."""
+        stage = self.manifest["stages"][key]
+        root = self.path.resolve()
+        for value in (stage.get("outputs") or {}).values():
+            p = Path(value)
+            targets = [p]
+            if p.suffix == ".jsonl":  # generate's sidecar of rejected samples belongs to its output
+                targets.append(p.with_name(p.name[: -len(".jsonl")] + ".rejected.jsonl"))
+            for t in targets:
+                if not t.exists() or root not in t.resolve().parents:
+                    continue
+                if t.is_dir():
+                    shutil.rmtree(t)
+                else:
+                    t.unlink()
+        stage.update(status="pending", seconds=0.0)
+        stage.pop("error", None)
+        stage.pop("summary", None)
 
     def _mark_killed_attempts(self) -> None:
         """A stage still 'running' in the manifest was killed: say so, and it runs again (resuming itself)."""

@@ -60,6 +60,7 @@ OWNED: dict[str, dict[str, str]] = {
               "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
     "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",
                  "output": "(the run folder)", "metrics": "(the run folder)", "backend": "student_backend",
+                 "verify": "verify",
                  "base_url": "student_backend", "api_key_env": "student_backend",
                  "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
     "collect_errors": {"predictions": "(the loop)", "output": "(the run folder)"},
@@ -149,8 +150,14 @@ def read_toml(path: str) -> dict[str, Any]:
             from None
 
 
-def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: list[str]):
-    """Build the loop's config: defaults < TOML < flags. Stage tables are checked against their dataclasses."""
+def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: list[str],
+            origins: dict[str, str] | None = None):
+    """Build the loop's config: defaults < TOML < flags. Stage tables are checked against their dataclasses.
+
+    origins: if given, filled with where each value set by the user came from, by key (`max_iterations`,
+    `train.lr`): "file" (the TOML) or "flag"; a key not in it has its default (`undo iterate --dry-run`).
+    """
+    origins = {} if origins is None else origins
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.name not in STAGES}
     values: dict[str, Any] = {}
     tables: dict[str, dict[str, Any]] = {t: {} for t in STAGES}
@@ -174,9 +181,11 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
                                     hint=f"write a line with {key} in square brackets, then key = value lines")
                 for sub, v in value.items():
                     tables[key][sub] = _check_stage_key(key, sub, v, source)
+                    origins[f"{key}.{sub}"] = "flag" if source == "command line" else "file"
             elif key in fields:
                 values[key] = check_type(value, fields[key].type,
                                          f"{source}: {key}" if source != "command line" else flag(key))
+                origins[key] = "flag" if source == "command line" else "file"
             else:
                 known = list(fields) + list(STAGES)
                 where = f"{source}: unknown key '{key}'" if source != "command line" else f"unknown option {flag(key)}"

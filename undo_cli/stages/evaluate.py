@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
-from undo_cli.stages.options import GenerationOptions, check_output_is_new
+from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
 
 
 @dataclass
@@ -60,9 +60,19 @@ class EvaluateConfig(GenerationOptions):
         "help": "Where to write the metrics JSON (default: <output stem>.metrics.json beside --output; none for '-')."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
+    verify: str = verify_field("strict", "Which extraction sets `correct` and `accuracy` (both accuracies are reported): "
+                                         "strict: only an explicit final answer (#### x, \\boxed{x}, 'The answer is "
+                                         "x'); flexible: also the last number.")
+    limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
         self.check_generation_options()
+        check_verify(self.verify)
+        check_limit(self.limit)
+        if self.backend != "openai":  # on a server the name is the server's, not a folder
+            from undo_cli.model_refs import check_model_ref
+
+            check_model_ref(self.model, "--model")
         if self.adapter and self.backend != "hf":
             raise UndoError(f"--adapter is applied by the hf backend, not '{self.backend}'",
                             hint="use --backend hf, or merge the adapter and serve the merged model")
@@ -90,12 +100,13 @@ class EvaluateConfig(GenerationOptions):
 
 def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | None = None):
     """`make_records` for the generation loop: the student's completion of one problem -> a scored prediction."""
-    from undo_cli.scoring import score
+    from undo_cli.scoring import score_both
 
     def make_records(item, completions) -> list[dict[str, Any]]:
         problem, c = item.data, completions[0]
         task = problem.get("task") or "math"
-        verdict = score(c.text, problem["answer"], task, problem.get("choices"))
+        both = score_both(c.text, problem["answer"], task, problem.get("choices"))
+        verdict = both[config.verify]
         record = {
             "id": problem["id"],
             "question": problem["question"],
@@ -105,6 +116,10 @@ def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | Non
             "output": c.text,
             "predicted": verdict.predicted,
             "correct": verdict.correct,
+            "verify": config.verify,
+            # Both extractions, so one prediction file gives both accuracies (lm-evaluation-harness reports
+            # GSM8K as strict-match and flexible-extract).
+            "scores": {mode: {"predicted": s.predicted, "correct": s.correct} for mode, s in both.items()},
             "finish_reason": c.finish_reason,
             "model": config.model,
             **({"adapter": config.adapter} if config.adapter else {}),
@@ -118,32 +133,62 @@ def make_record_builder(config: EvaluateConfig, sink: list[dict[str, Any]] | Non
     return make_records
 
 
-def compute_metrics(predictions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall and per task, plus the two failure counts worth watching.
+def _verdict(prediction: dict[str, Any], mode: str) -> dict[str, Any]:
+    """{predicted, correct} of one extraction; a file without `scores` (older, or hand-made) has only its own."""
+    scores = prediction.get("scores")
+    if isinstance(scores, dict) and isinstance(scores.get(mode), dict):
+        return scores[mode]
+    return {"predicted": prediction.get("predicted"), "correct": bool(prediction.get("correct"))}
 
-    `no_answer`: outputs the scorer could extract no answer from (format not
-    learned yet); `truncated`: outputs cut by --max-tokens (rationales too long
-    for the budget). Both are counted over all predictions, right or wrong.
+
+def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -> dict[str, Any]:
+    """Accuracy overall and per task, for both extractions, plus the two failure counts worth watching.
+
+    `accuracy`/`correct`/`no_answer` follow `verify` (what the records' `correct` says);
+    `accuracy_strict`/`accuracy_flexible` (and their `correct_`/`no_answer_` twins) give both.
+    The classes are those of `undo collect-errors` (`collect_errors.classify`), so the two
+    commands count the same predictions the same way:
+    `truncated`: outputs cut by --max-tokens (rationales too long for the budget), right or wrong;
+    `no_answer`: complete outputs the scorer could extract no answer from (format not learned yet).
     """
+    from undo_cli.stages.collect_errors import classify
+
+    modes = ("strict", "flexible")
     totals: Counter[str] = Counter()
-    hits: Counter[str] = Counter()
-    empty: Counter[str] = Counter()
     cut: Counter[str] = Counter()
+    hits = {m: Counter() for m in modes}
+    empty = {m: Counter() for m in modes}
     for p in predictions:
         task = p.get("task") or "math"
         totals[task] += 1
-        hits[task] += bool(p.get("correct"))
-        empty[task] += p.get("predicted") is None
         cut[task] += p.get("finish_reason") == "length"
-    n, k = sum(totals.values()), sum(hits.values())
+        for m in modes:
+            v = _verdict(p, m)
+            hits[m][task] += bool(v.get("correct"))
+            empty[m][task] += classify({**p, **v}) == "no_answer"
+    n = sum(totals.values())
+    out: dict[str, Any] = {}
+    for m in modes:
+        k = sum(hits[m].values())
+        out.update({f"accuracy_{m}": k / n if n else 0.0, f"correct_{m}": k, f"no_answer_{m}": sum(empty[m].values())})
+    by_task = {}
+    for t in sorted(totals):
+        row = {"count": totals[t], "truncated": cut[t]}
+        for m in modes:
+            row.update({f"correct_{m}": hits[m][t], f"accuracy_{m}": hits[m][t] / totals[t],
+                        f"no_answer_{m}": empty[m][t]})
+        row.update(correct=row[f"correct_{verify}"], accuracy=row[f"accuracy_{verify}"],
+                   no_answer=row[f"no_answer_{verify}"])
+        by_task[t] = row
     return {
-        "accuracy": k / n if n else 0.0,
+        "verify": verify,
+        "accuracy": out[f"accuracy_{verify}"],
         "count": n,
-        "correct": k,
-        "no_answer": sum(empty.values()),
+        "correct": out[f"correct_{verify}"],
+        "no_answer": out[f"no_answer_{verify}"],
         "truncated": sum(cut.values()),
-        "by_task": {t: {"count": totals[t], "correct": hits[t], "accuracy": hits[t] / totals[t],
-                        "no_answer": empty[t], "truncated": cut[t]} for t in sorted(totals)},
+        **out,
+        "by_task": by_task,
     }
 
 
@@ -154,6 +199,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
 
     problems = read_records(config.input, "problem")
+    if config.limit is not None:
+        problems = problems[: config.limit]
     items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]
     streamed: list[dict[str, Any]] = []
     from undo_cli.records import check_output_path, is_stream
@@ -163,7 +210,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     if config.metrics_path:  # before any work: a metrics path under a file must not fail after an hour
         check_output_path(config.metrics_path, "--metrics")
     identity = {"model": config.model, "adapter": config.adapter, **config.generation_identity(),
-                "template": template_name(config.prompt), "input": digest(problems)}
+                "template": template_name(config.prompt), "input": digest(problems), "verify": config.verify}
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
         kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
@@ -178,7 +225,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         wanted = {p["id"] for p in problems}
         predictions = [r for r in read_records(config.output, "prediction", allow_empty=True) if r["id"] in wanted]
     metrics = {
-        **compute_metrics(predictions),
+        **compute_metrics(predictions, config.verify),
         "model": config.model,
         **({"adapter": config.adapter} if config.adapter else {}),
         "backend": config.backend,
@@ -192,7 +239,9 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         write_json(config.metrics_path, metrics)
     summary["metrics"] = metrics
     summary["metrics_path"] = config.metrics_path
-    summary["extra_rows"] = [("accuracy", f"{metrics['correct']} / {metrics['count']} ({metrics['accuracy']:.1%})")]
+    summary["extra_rows"] = [(f"accuracy, {m}" + (" *" if m == config.verify else ""),
+                              f"{metrics[f'correct_{m}']} / {metrics['count']} ({metrics[f'accuracy_{m}']:.1%})")
+                             for m in ("strict", "flexible")]
     print_summary(summary, title=f"undo evaluate ({config.backend}: {config.model})")
     _print_metrics(metrics, config.metrics_path)
     return summary
@@ -203,16 +252,20 @@ def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:
 
     from undo_cli.console import console
 
-    table = Table(title="accuracy", title_justify="left")
-    for col in ("task", "count", "correct", "accuracy", "no answer", "truncated"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+    v = metrics["verify"]
+    # Both accuracies (lm-evaluation-harness's strict-match / flexible-extract); `correct` and `no answer`
+    # are those of --verify, the extraction the records' `correct` and iterate's decisions use.
+    table = Table(title=f"accuracy (correct, no answer: --verify {v})", title_justify="left")
+    for col in ("task", "count", "correct", "strict", "flexible", "no answer", "truncated"):
+        table.add_column(col + (" *" if col == v else ""), justify="left" if col == "task" else "right")
     rows = list(metrics["by_task"].items())
     for task, row in rows:
-        table.add_row(task, str(row["count"]), str(row["correct"]), f"{row['accuracy']:.1%}",
-                      str(row["no_answer"]), str(row["truncated"]))
+        table.add_row(task, str(row["count"]), str(row["correct"]), f"{row['accuracy_strict']:.1%}",
+                      f"{row['accuracy_flexible']:.1%}", str(row["no_answer"]), str(row["truncated"]))
     if len(rows) != 1:
-        table.add_row("all", str(metrics["count"]), str(metrics["correct"]), f"{metrics['accuracy']:.1%}",
-                      str(metrics["no_answer"]), str(metrics["truncated"]), style="bold")
+        table.add_row("all", str(metrics["count"]), str(metrics["correct"]), f"{metrics['accuracy_strict']:.1%}",
+                      f"{metrics['accuracy_flexible']:.1%}", str(metrics["no_answer"]), str(metrics["truncated"]),
+                      style="bold")
     console.print(table)
     if path:
         console.print(f"metrics written to {path}")

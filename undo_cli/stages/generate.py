@@ -43,7 +43,7 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import RecordError, UndoError
-from undo_cli.stages.options import GenerationOptions, check_output_is_new
+from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
 
 KEEP = ("correct", "all")
 
@@ -63,6 +63,9 @@ class GenerateConfig(GenerationOptions):
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
+    verify: str = verify_field("strict", "strict: a rationale verifies only with an explicit final answer (#### x, "
+                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
+    limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP:
@@ -70,6 +73,12 @@ class GenerateConfig(GenerationOptions):
         if self.n < 1:
             raise UndoError(f"--n {self.n}: must be at least 1")
         self.check_generation_options(n=self.n)
+        check_verify(self.verify)
+        check_limit(self.limit)
+        if self.backend != "openai":  # on a server the name is the server's, not a folder
+            from undo_cli.model_refs import check_model_ref
+
+            check_model_ref(self.teacher, "--teacher")
         if self.logprobs is not None and not 1 <= self.logprobs <= 20:
             raise UndoError(f"--logprobs {self.logprobs}: must be between 1 and 20",
                             hint="OpenAI-compatible servers return at most 20 alternatives per token")
@@ -127,7 +136,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
         task = problem.get("task") or "math"
         records = []
         for sample, c in enumerate(completions):
-            verdict = score(c.text, problem["answer"], task, problem.get("choices"))
+            verdict = score(c.text, problem["answer"], task, problem.get("choices"), config.verify)
             record = {
                 "id": f"{problem['id']}#{sample}",
                 "problem_id": problem["id"],
@@ -138,6 +147,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
                 "rationale": c.text,
                 "predicted": verdict.predicted,
                 "correct": verdict.correct,
+                "verify": config.verify,
                 "teacher": config.teacher,
                 "backend": backend_name,
                 "sample": sample,
@@ -161,6 +171,8 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     problems = read_records(config.input, "problem")
+    if config.limit is not None:
+        problems = problems[: config.limit]
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
     items = build_items(problems, config.prompt, fewshot)
     if config.keep == "correct":
@@ -172,7 +184,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
 
     identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n, "keep": config.keep,
                 "logprobs": config.logprobs, "template": template_name(config.prompt),
-                "iteration": config.iteration, "input": digest(problems)}
+                "iteration": config.iteration, "input": digest(problems), "verify": config.verify}
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, config.backend),

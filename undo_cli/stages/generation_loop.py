@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from undo_cli.backends.base import Completion, Message, SamplingConfig
-from undo_cli.console import console
+from undo_cli.console import PlainProgress, console
 from undo_cli.errors import UndoError
 
 Record = dict[str, Any]
@@ -259,7 +259,10 @@ def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, chec
                TextColumn("{task.fields[tps]:>8.1f} tok/s")]
     gen_start = time.perf_counter()
     stats.load_s = gen_start - started
-    with Progress(*columns, console=console, transient=False) as progress:
+    # A terminal gets rich's live bar; a log file (stderr not a TTY) gets a plain line every 30 s and at
+    # each 10%, since a redrawn bar reaches a file only when the stage ends.
+    plain = None if console.is_terminal else PlainProgress(description, len(todo))
+    with Progress(*columns, console=console, transient=False, disable=plain is not None) as progress:
         task = progress.add_task(description, total=len(todo), tps=0.0)
         try:
             for start in range(0, len(todo), step):
@@ -292,7 +295,10 @@ def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, chec
                 stats.rejected += len(rejected)
                 stats.items_done += len(batch)
                 elapsed = time.perf_counter() - gen_start
-                progress.update(task, advance=len(batch), tps=stats.tokens_out / max(elapsed, 1e-9))
+                tps = stats.tokens_out / max(elapsed, 1e-9)
+                progress.update(task, advance=len(batch), tps=tps)
+                if plain is not None:
+                    plain.update(stats.items_done, f"{tps:,.1f} tok/s")
         except BaseException:
             if stats.items_done and out.resumable:
                 console.print(f"[yellow]stopped after {stats.items_done} of {len(todo)} items; what was written "

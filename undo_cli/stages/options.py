@@ -106,6 +106,26 @@ class GenerationOptions:
                               seed=self.seed, logprobs=logprobs)
 
 
+VERIFY = ("strict", "flexible")  # undo_cli.scoring.VERIFY, restated so this module stays light
+
+
+def verify_field(default: str, help: str):
+    """The `verify` field of a stage config: which of the scorer's two extractions decides `correct`."""
+    return field(default=default, metadata={"help": help, "choices": VERIFY})
+
+
+def check_verify(value: str, key: str = "--verify") -> None:
+    if value not in VERIFY:
+        raise UndoError(f"{key} {value}: unknown choice",
+                        hint="strict: only an explicit final answer (#### x, \\boxed{x}, 'the answer is x') counts; "
+                             "flexible: also the last number when there is none")
+
+
+def check_limit(value: int | None, key: str = "--limit") -> None:
+    if value is not None and value < 1:
+        raise UndoError(f"{key} {value}: must be at least 1", hint="leave it out to use every problem")
+
+
 def same_file(a: str, b: str) -> bool:
     """`a` and `b` name one file: equal after resolving symlinks, or the same inode (a hard link)."""
     import os

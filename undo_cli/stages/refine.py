@@ -53,7 +53,7 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
-from undo_cli.stages.options import GenerationOptions, check_output_is_new
+from undo_cli.stages.options import GenerationOptions, check_output_is_new, check_verify, verify_field
 
 SELECT = ("similar", "errors")
 
@@ -76,6 +76,8 @@ class RefineConfig(GenerationOptions):
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
+    verify: str = verify_field("strict", "strict: a refinement verifies only with an explicit final answer (#### x, "
+                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
@@ -92,6 +94,11 @@ class RefineConfig(GenerationOptions):
         if self.n < 1:
             raise UndoError(f"--n {self.n}: must be at least 1")
         self.check_generation_options(n=self.n)
+        check_verify(self.verify)
+        if self.backend != "openai":  # on a server the name is the server's, not a folder
+            from undo_cli.model_refs import check_model_ref
+
+            check_model_ref(self.teacher, "--teacher")
         if self.errors == "-" and self.targets == "-":
             raise UndoError("--errors and --targets cannot both read stdin", hint="give one of them as a file")
         check_output_is_new(self.output, {"--targets": self.targets, "--errors": self.errors},
@@ -288,11 +295,11 @@ def build_items(jobs: list[Job], template: str):
     return items
 
 
-def verify(text: str, finish_reason: str | None, target: dict[str, Any]):
-    """(Score, accepted): a refinement is accepted only when complete, non-empty and correct."""
+def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):
+    """(Score, accepted): a refinement is accepted only when complete, non-empty and correct (`mode` extraction)."""
     from undo_cli.scoring import score
 
-    verdict = score(text, target["answer"], target.get("task") or "math", target.get("choices"))
+    verdict = score(text, target["answer"], target.get("task") or "math", target.get("choices"), mode)
     return verdict, bool(text.strip()) and finish_reason != "length" and verdict.correct
 
 
@@ -306,7 +313,7 @@ def make_record_builder(config: RefineConfig, stats: Counter):
         job: Job = item.data["job"]
         target = job.target
         iteration = config.iteration if config.iteration is not None else int(target.get("iteration") or 0) + 1
-        checked = [(c, *verify(c.text, c.finish_reason, target)) for c in completions]
+        checked = [(c, *verify(c.text, c.finish_reason, target, config.verify)) for c in completions]
         winner = next(((c, v) for c, v, ok in checked if ok), None)
         refinement: dict[str, Any] = {
             "informed_by": [job.failure["id"]] + [e["id"] for e in job.similar],
@@ -384,7 +391,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
     identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n,
                 "template": template_name(config.prompt), "select": config.select, "k": config.k,
                 "per_error": config.per_error, "max_targets": config.max_targets, "iteration": config.iteration,
-                "errors": digest(errors), "targets": digest(targets)}
+                "errors": digest(errors), "targets": digest(targets), "verify": config.verify}
     summary = run_generation(
         build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",

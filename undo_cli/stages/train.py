@@ -135,13 +135,18 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the student; returns the summary (also written to OUTPUT/train_summary.json)."""
-    from undo_cli.training.data import check_rationales, encode_records, fingerprint
+    from undo_cli.training.data import check_rationales, encode_records, fingerprint, read_training_records
 
     started = time.time()
     student = Path(config.student).expanduser()
     if config.student.startswith((".", "/", "~")) and not student.exists():  # fail before importing torch
         raise load_error(config.student, FileNotFoundError(f"no such folder: {student}"))
-    records = read_records(config.data, "rationale")  # file:line:field errors, empty file refused
+    # Any accepted shape (rationales, problems + --rationale-field, messages, prompt/completion) as rationale
+    # records; file:line:field errors, empty file refused.
+    records = read_training_records(config.data, config.rationale_field)
+    from undo_cli.model_refs import check_hub_reachable
+
+    check_hub_reachable(config.student, "--student")  # before torch's imports: an unreachable hub is fast
     check_rationales(records, config.data)
     identity = _identity(config, fingerprint(records))
     output = Path(config.output)
@@ -259,6 +264,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "first_loss": totals.get("first_step_loss"),
         "final_loss": totals["last_step_loss"],
+        # Which loss that is: the progress bar / the last progress line shows it (log lines average steps).
+        "final_loss_is": "the loss of the last optimizer step, as the last progress line shows it",
         "epoch_losses": meter.epoch_losses(),
         "tokens_seen": {"all": totals["tokens"], "response": totals["response_tokens"],
                         "padding": totals["padding_tokens"], "examples": totals["examples"]},
@@ -305,7 +312,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("examples", f"{summary['examples']} ({summary['truncated_examples']} truncated, "
                      f"{summary['skipped_examples']} skipped)"),
         ("steps / epochs", f"{summary['steps']} / {summary['epochs']:g}"),
-        ("loss first -> final", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+        ("loss, first -> last step", f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
          if summary["first_loss"] is not None else f"{summary['final_loss']:.4f}"),
         ("loss per epoch", losses),
         ("tokens (response / all)", f"{tokens['response']:,} / {tokens['all']:,}"),

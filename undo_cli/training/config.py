@@ -333,10 +333,16 @@ class TrainConfig(OutputOptions, StudentOutputOptions, ObjectiveOptions, LoraOpt
     """Everything `undo train` needs (the CLI flags, one to one)."""
 
     student: str = field(metadata={"help": "The model to fine-tune: a local folder or a hub name."})
-    data: str = field(metadata={"help": "Rationale records (JSONL from `undo generate`/`undo refine`; '-' reads stdin)."})
+    data: str = field(metadata={"help": "Training data JSONL ('-' reads stdin): rationales from `undo generate`/`undo "
+                                        "refine`, problems with --rationale-field, {\"messages\": [...]} or {\"prompt\", "
+                                        "\"completion\"} lines (docs/artifacts.md, 'training data')."})
     output: str = field(metadata={"short": "-o", "help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
     template: str = field(default=STUDENT_TEMPLATE, metadata={
-        "help": "Student prompt template (name or .jinja path); must match the one `undo evaluate` uses."})
+        "help": "Student prompt template (name or .jinja path; what each template receives: prompts/README.md); "
+                "must match the one `undo evaluate` uses."})
+    rationale_field: str | None = field(default=None, metadata={
+        "help": "Train on problems' own worked solutions: the field that holds them, dotted for nested ones "
+                "(e.g. meta.solution, what `undo data import --preset gsm8k` writes)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
 
@@ -348,6 +354,10 @@ class TrainConfig(OutputOptions, StudentOutputOptions, ObjectiveOptions, LoraOpt
         if self.method == "minillm" and self.objective == "sft":
             self.objective = "rkl"  # MiniLLM's single-step term is the token-level reverse KL
         self.check_objective()
+        from undo_cli.model_refs import check_model_ref  # a misspelt folder fails now, not after imports
+
+        check_model_ref(self.student, "--student")
+        check_model_ref(self.teacher, "--teacher")
 
     @property
     def learning_rate(self) -> float:

@@ -144,3 +144,121 @@ def encode_records(records: list[dict[str, Any]], tokenizer, *, max_length: int,
         warn(f"{name}: truncated {stats.truncated} rationale(s) to --max-length {max_length} tokens "
              f"({where}{', ...' if stats.truncated > 5 else ''}); they lose their final answer line")
     return examples, stats
+
+
+# --- training data in the shapes people bring ------------------------------------------------------------
+
+TRAINING_SHAPES = ("rationale", "problem + --rationale-field", "messages", "prompt/completion")
+
+
+def _dotted(record: dict[str, Any], key: str) -> Any:
+    """record['meta']['solution'] for 'meta.solution'; a KeyError names the part that is missing."""
+    value: Any = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(part)
+        value = value[part]
+    return value
+
+
+def _messages_ok(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+
+
+def to_rationale(raw: Any, index: int, *, rationale_field: str | None = None) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """One line of training data -> (rationale record, None, None), or (None, problem, field).
+
+    Accepted shapes (docs/artifacts.md, "training data"):
+      a rationale (`undo generate`): `problem_id` may be left out, it defaults to `id`;
+      a problem whose worked solution sits in the field `rationale_field` (dotted: `meta.solution`);
+      {"messages": [..., {"role": "assistant", "content": ...}]}: the last assistant turn is learned,
+        the turns before it are the prompt, as written;
+      {"prompt": ..., "completion": ...}: text (the prompt becomes the user turn) or lists of messages.
+    Records without an `id` get `row-<n>` (their position in the file).
+    """
+    if not isinstance(raw, dict):
+        return None, f"expected a JSON object, got {type(raw).__name__}", None
+    record = dict(raw)
+    rid = record.get("id") if isinstance(record.get("id"), str) and record.get("id") else f"row-{index + 1}"
+    if rationale_field is not None:
+        try:
+            solution = _dotted(record, rationale_field)
+        except KeyError as exc:
+            return None, f"missing (no '{exc.args[0]}' in this record)", rationale_field
+        if not isinstance(solution, str):
+            return None, f"expected text, got {type(solution).__name__}", rationale_field
+        record.update(id=rid, rationale=solution)
+        record.setdefault("problem_id", rid)
+        return record, None, None
+    if "rationale" not in record and "messages" in record:
+        messages = record["messages"]
+        if not _messages_ok(messages):
+            return None, "expected a non-empty list of {\"role\", \"content\"} messages", "messages"
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            return None, "the last message must be the assistant's answer, after at least one prompt turn", "messages"
+        prompt = messages[:-1]
+        question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+        out = {k: v for k, v in record.items() if k != "messages"}
+        out.update(id=rid, problem_id=record.get("problem_id") or rid, question=question,
+                   answer=record.get("answer", ""), rationale=messages[-1]["content"], prompt_messages=prompt)
+        return out, None, None
+    if "rationale" not in record and "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str):
+            prompt_messages = [{"role": "user", "content": prompt}]
+        elif _messages_ok(prompt):
+            prompt_messages = prompt
+        else:
+            return None, "expected text or a list of {\"role\", \"content\"} messages", "prompt"
+        if _messages_ok(completion):
+            completion = "".join(m["content"] for m in completion if m["role"] == "assistant")
+        if not isinstance(completion, str):
+            return None, "expected text or a list of assistant messages", "completion"
+        question = next((m["content"] for m in reversed(prompt_messages) if m["role"] == "user"),
+                        prompt_messages[-1]["content"])
+        out = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
+        out.update(id=rid, problem_id=record.get("problem_id") or rid, question=question,
+                   answer=record.get("answer", ""), rationale=completion, prompt_messages=prompt_messages)
+        return out, None, None
+    if "problem_id" not in record and isinstance(record.get("id"), str):
+        record["problem_id"] = record["id"]  # a rationale from another tool: one sample per problem
+    return record, None, None
+
+
+def read_training_records(path: str, rationale_field: str | None = None) -> list[dict[str, Any]]:
+    """Training data in any accepted shape (`to_rationale`), as validated rationale records.
+
+    Errors name the file, the line and the field, and say which shapes are accepted.
+    """
+    from undo_cli.records.io import iter_records
+    from undo_cli.records.schema import check_record
+
+    lines = record_lines(path)
+    name = display_name(path)
+    hint = ("training data is one of: rationale lines from `undo generate` (id, question, answer, rationale); "
+            "problems with a worked solution (--rationale-field meta.solution); {\"messages\": [...]}; "
+            "{\"prompt\": ..., \"completion\": ...} (docs/artifacts.md, 'training data')")
+    records: list[dict[str, Any]] = []
+    seen: dict[str, int | None] = {}
+    for i, raw in enumerate(iter_records(path)):
+        line = lines[i] if lines and i < len(lines) else None
+        record, problem, field_name = to_rationale(raw, i, rationale_field=rationale_field)
+        if record is None:
+            raise RecordError(name, line, problem or "not usable", field=field_name, hint=hint)
+        if "rationale" not in record and rationale_field is None:
+            guess = "meta.solution" if isinstance(record.get("meta"), dict) and "solution" in record["meta"] else None
+            raise RecordError(name, line, "missing: this line has no worked solution to learn (a problem?)",
+                              field="rationale",
+                              hint=(f"its solution is in meta.solution: add --rationale-field {guess}" if guess else
+                                    "name the field that holds the worked solution, e.g. --rationale-field "
+                                    "meta.solution, or generate rationales with `undo generate`") + "; " + hint)
+        problem = check_record(record, "rationale")
+        if problem is not None:
+            raise RecordError(name, line, problem, hint=hint)
+        if record["id"] in seen:
+            raise RecordError(name, line, f"duplicate id '{record['id']}' (first seen on line {seen[record['id']]})",
+                              field="id", hint="ids must be unique within a file; de-duplicate or re-number them")
+        seen[record["id"]] = line
+        records.append(record)
+    return records

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from typing import Any, Callable
 
 import torch
@@ -228,24 +227,71 @@ class _StepEnd(TrainerCallback):
             control.should_save = False
 
 
-class StderrProgress(ProgressCallback):
-    """Readable log lines on stderr (Trainer prints dicts to stdout), plus tqdm's bar in a terminal."""
+class StderrProgress(TrainerCallback):
+    """Progress on stderr (Trainer prints dicts to stdout, which belongs to JSONL).
+
+    In a terminal: a rich bar with steps, elapsed time, ETA, the loss of the latest optimizer step and
+    tokens/s. Without one (a log file, a batch job): a plain line every 30 s and at each 10% of the
+    steps (`console.PlainProgress`), the last one at 100% with the final step's loss, which is the
+    `final loss` of the summary. Every --logging-steps a log line (loss averaged since the last one,
+    lr, grad norm, the objective's metrics) goes above the bar. Only the main process reports.
+    """
+
+    def __init__(self, meter: "TokenMeter"):
+        self.meter = meter
+        self.bar = None
+        self.task = None
+        self.plain = None
+        self.started = 0.0
+
+    def _status(self) -> tuple[float | None, float]:
+        import time
+
+        loss = self.meter.totals.get("last_step_loss")
+        return loss, self.meter.session["tokens"] / max(time.perf_counter() - self.started, 1e-9)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not args.disable_tqdm:
-            super().on_train_begin(args, state, control, **kwargs)
+        import time
+
+        if not state.is_world_process_zero:
+            return
+        from undo_cli.console import PlainProgress, console
+
+        self.started = time.perf_counter()
+        if console.is_terminal and not args.disable_tqdm:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                                console=console, transient=False)
+            self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step,
+                                          loss="-", tps="-")
+            self.bar.start()
+        else:
+            self.plain = PlainProgress("train", state.max_steps, unit="step ")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.training_bar is not None:
-            super().on_step_end(args, state, control, **kwargs)
+        if not state.is_world_process_zero:
+            return
+        loss, tps = self._status()
+        shown = "-" if loss is None else f"{loss:.4f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step, loss=shown, tps=f"{tps:,.0f}")
+        elif self.plain is not None:
+            self.plain.update(state.global_step, f"loss {shown} (this step)  {tps:,.0f} tok/s")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.training_bar is not None:
-            super().on_train_end(args, state, control, **kwargs)
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
+        from undo_cli.console import console
+
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key, label, fmt in (("epoch", "epoch", "{:.2f}"), ("loss", "loss", "{:.4f}"),
                                 ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "grad_norm", "{:.3f}")):
@@ -253,11 +299,7 @@ class StderrProgress(ProgressCallback):
                 parts.append(f"{label} {fmt.format(logs[key])}")
         skip = {"epoch", "loss", "learning_rate", "grad_norm", "total_flos"}
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k not in skip]
-        line = "  ".join(parts)
-        if self.training_bar is not None:
-            self.training_bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)  # above a live bar
 
 
 class UndoTrainer(Trainer):
@@ -284,8 +326,8 @@ class UndoTrainer(Trainer):
         # which belongs to JSONL): one stderr reporter replaces both.
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
-        self.add_callback(StderrProgress())
-        self.add_callback(_StepEnd(self))
+        self.add_callback(_StepEnd(self))  # first: the progress shows the loss this step just summed
+        self.add_callback(StderrProgress(self.meter))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """One optimizer step's micro-batches, through the batch hook if any (then counted again).

@@ -32,14 +32,24 @@ def offline_env(tmp_path_factory):
     """No hub at test time; an HF_HOME of our own (transformers serve needs $HF_HOME/hub)."""
     hf_home = tmp_path_factory.mktemp("hf_home")
     (hf_home / "hub").mkdir()
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")}
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(hf_home), TOKENIZERS_PARALLELISM="false")
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+                                            "XDG_CACHE_HOME")}
+    # XDG_CACHE_HOME: the teacher cache of module-scoped runs (each test gets its own, teacher_cache_home).
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(hf_home), TOKENIZERS_PARALLELISM="false",
+                      XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg_cache_session")))
     yield
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def teacher_cache_home(tmp_path_factory, monkeypatch):
+    """Each test its own teacher cache (undo_cli/economy): a cached answer from another test would hide
+    the requests a test means to send, and nothing may land in the real ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    cached: bool = False  # served from the teacher cache (undo_cli/economy), not by the model just now
 
 
 class Backend(Protocol):

@@ -88,6 +88,16 @@ Per-iteration table (validation accuracy, errors, refinements, verification rate
 PNG plot of validation and test accuracy.
 
 Example: undo report runs/qwen-gsm8k"""),
+    Group("cache", "The teacher cache: what it holds and saved (stats), dropping entries (prune).", [
+        Command("stats", "undo_cli.economy.commands:CacheStatsConfig", "undo_cli.economy.commands:stats", """\
+Entries, file size, hits and teacher tokens saved, per model (docs/economy.md).
+
+Example: undo cache stats"""),
+        Command("prune", "undo_cli.economy.commands:CachePruneConfig", "undo_cli.economy.commands:prune", """\
+Drop entries (unused for N days, of one model, or all) and compact the file.
+
+Example: undo cache prune --older-than 30"""),
+    ]),
     Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
 prints the report. A few minutes on 2 CPU cores; no network, no GPU.

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from undo_cli.cli.builder import SectionedCommand, Special, load, options
+from undo_cli.fields import LISTS, SCALARS, describe
 
 
 def build(entry: Special) -> click.Command:
@@ -31,7 +32,9 @@ def build(entry: Special) -> click.Command:
         click.Option(["--dry-run"], is_flag=True, default=False,
                      help="Print every setting (a default, from the file or a flag) and the plan of stages and "
                           "files; run nothing, load no model."),
-        *options(config_cls, skip=tuple(STAGES), layered=True),
+        # A table-valued top-level field ([prices] in run.toml; --price-input/--price-output as flags) has no flag.
+        *options(config_cls, layered=True,
+                 skip=(*STAGES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
     ]
 
     @click.pass_context

@@ -18,12 +18,19 @@ What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
                                               collect_errors
 
 It stops when validation accuracy has not improved by `min_delta` for
-`patience` iterations, after `max_iterations` refinement rounds, or when the
-student makes no validation error left to learn from. The best iteration (the
-highest validation accuracy; the earliest on a tie) is kept, and both its
-student and the iteration-0 student are evaluated on the test split, which no
-decision ever looked at: every run reports UNDO against one-shot distillation
-on held-out data.
+`patience` iterations, after `max_iterations` refinement rounds, when the
+student makes no validation error left to learn from, or when the teacher
+budget (`max_teacher_tokens`, `max_cost`: paid teacher tokens of the whole run)
+is reached: the teacher stage that reaches it keeps what it finished and is
+marked `budget` in the manifest, and `--resume` with a higher budget continues
+it (budgets, prices and the cache folder are not part of the run's identity).
+The teacher's tokens per iteration (paid and cached, and cost with prices) go
+to manifest.json and summary.json under `teacher_usage` (undo_cli/economy).
+
+The best iteration (the highest validation accuracy; the earliest on a tie) is
+kept, and both its student and the iteration-0 student are evaluated on the
+test split, which no decision ever looked at: every run reports UNDO against
+one-shot distillation on held-out data.
 
 Options the paper leaves open (docs/method.md, our defaults): `mix = replace|append` (what a
 refined rationale does to the old one, see stages/mix.py) and
@@ -82,6 +89,17 @@ class IterateConfig:
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
                 "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY})
+    # The teacher economy (undo_cli/economy), for generate and refine: one cache, one budget and one price list
+    # for the whole loop. Not part of the run's identity (ECONOMY_RUNTIME): --resume takes a higher budget.
+    cache_dir: str | None = field(default=None, metadata={"help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
+    cache: bool = field(default=True, metadata={"help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
+    cache_unseeded: bool = field(default=False, metadata={"help": "Also cache the teacher's sampling without a seed."})
+    teacher_revision: str | None = field(default=None, metadata={"help": "Cache key: the teacher's revision when its name does not pin the weights."})
+    max_teacher_tokens: int | None = field(default=None, metadata={"help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
+    max_cost: float | None = field(default=None, metadata={"help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
+    price_input: float | None = field(default=None, metadata={"help": "Price of a million teacher prompt tokens (overrides prices.input)."})
+    price_output: float | None = field(default=None, metadata={"help": "Price of a million teacher completion tokens (overrides prices.output)."})
+    prices: dict[str, float] = field(default_factory=dict, metadata={"help": "[prices] table: input and output, per million teacher tokens."})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
@@ -106,6 +124,7 @@ class IterateConfig:
         self.teacher_base_url = base_urls(self.teacher_base_url) or None
         if self.teacher_base_url and self.teacher_backend != "openai":
             raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
+        self._check_economy()
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
                             hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
@@ -126,6 +145,23 @@ class IterateConfig:
         if lora and self.student_backend != "hf":
             raise UndoError(f"student_backend {self.student_backend} cannot apply a LoRA adapter",
                             hint="add --train.merge, or evaluate with student_backend hf")
+
+    def _check_economy(self) -> None:
+        unknown = set(self.prices) - {"input", "output"}
+        if unknown:
+            raise UndoError(f"prices: unknown key {', '.join(sorted(unknown))}",
+                            hint="the prices table has input and output, per million tokens")
+        for key, value in self.prices.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UndoError(f"prices.{key} = {value!r}: expected a number >= 0")
+        self.price_input = self.price_input if self.price_input is not None else self.prices.get("input")
+        self.price_output = self.price_output if self.price_output is not None else self.prices.get("output")
+        for key in ("max_teacher_tokens", "max_cost", "price_input", "price_output"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise UndoError(f"{key} = {getattr(self, key)}: must be 0 or more")
+        if self.max_cost is not None and self.price_input is None and self.price_output is None:
+            raise UndoError("max_cost needs prices to turn tokens into money",
+                            hint="add --price-input and --price-output (or a prices table in run.toml)")
 
     @property
     def run_dir(self) -> Path:
@@ -151,7 +187,9 @@ class IterateConfig:
         """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
         from undo_cli.loop.settings import STAGES
 
-        top = {k: v for k, v in self.__dict__.items() if k not in STAGES and k not in ("name", "runs_dir")}
+        top = {k: v for k, v in self.__dict__.items()
+               if k not in STAGES and k not in ("name", "runs_dir") and k not in ECONOMY_RUNTIME
+               and not (k == "teacher_revision" and v is None)}  # unset: runs from before it existed still resume
         if top.get("teacher_base_url") and len(top["teacher_base_url"]) == 1:
             top["teacher_base_url"] = top["teacher_base_url"][0]  # as runs made before lists were allowed recorded it
         return {**top, **{table: self.settings(table) for table in STAGES}}
@@ -174,10 +212,11 @@ class Loop:
         self.layout = RunLayout(folder.path)
         self.step_key = self.layout.step_key
 
-    def teacher_kwargs(self) -> dict[str, Any]:
+    def teacher_kwargs(self, key: str) -> dict[str, Any]:
         c = self.config
         return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
-                "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code}
+                "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code,
+                **economy_kwargs(c, getattr(self.folder, "manifest", {}), key)}  # no manifest: dry-run, checks
 
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
@@ -185,14 +224,16 @@ class Loop:
     def generate_config(self):
         from undo_cli.stages import generate
 
-        return generate.GenerateConfig(**self.teacher_kwargs(), input=self.config.train_file,
+        return generate.GenerateConfig(**self.teacher_kwargs(self.step_key(0, "generate")),
+                                       input=self.config.train_file,
                                        output=str(self.layout.rationales()), iteration=0,
                                        **self.config.settings("generate"))
 
     def refine_config(self, k: int):
         from undo_cli.stages import refine
 
-        return refine.RefineConfig(**self.teacher_kwargs(), errors=str(self.layout.errors(k - 1)),
+        return refine.RefineConfig(**self.teacher_kwargs(self.step_key(k, "refine")),
+                                   errors=str(self.layout.errors(k - 1)),
                                    targets=str(self.layout.training_data(k - 1)), output=str(self.layout.refined(k)),
                                    iteration=k, **self.config.settings("refine"))
 
@@ -238,7 +279,8 @@ class Loop:
         from undo_cli.stages import generate
 
         cfg = self.generate_config()
-        summary = self.folder.step(self.step_key(0, "generate"), lambda: generate.run(cfg),
+        key = self.step_key(0, "generate")
+        summary = self.folder.step(key, lambda: within_budget(key, generate.run(cfg)),
                                    outputs={"rationales": cfg.output}, keep=_keep(GENERATE_KEYS))
         if not summary.get("kept_total"):
             raise UndoError(f"the teacher wrote no verified rationale for {self.config.train_file}: nothing to train on",
@@ -250,7 +292,8 @@ class Loop:
         from undo_cli.stages import refine
 
         cfg = self.refine_config(k)
-        return self.folder.step(self.step_key(k, "refine"), lambda: refine.run(cfg), outputs={"refined": cfg.output},
+        key = self.step_key(k, "refine")
+        return self.folder.step(key, lambda: within_budget(key, refine.run(cfg)), outputs={"refined": cfg.output},
                                 keep=_keep(REFINE_KEYS))
 
     def mix(self, k: int) -> dict[str, Any]:
@@ -397,6 +440,7 @@ _AFFECTS: dict[str, frozenset[str]] = {
     "max_iterations": frozenset(), "patience": frozenset(), "min_delta": frozenset(), "seed": frozenset(),
     "teacher": frozenset({"generate", "refine"}), "teacher_backend": frozenset({"generate", "refine"}),
     "teacher_base_url": frozenset({"generate", "refine"}), "teacher_api_key_env": frozenset({"generate", "refine"}),
+    "teacher_revision": frozenset({"generate", "refine"}),
     "student": frozenset({"train"}), "init": frozenset({"train"}), "mix": frozenset({"mix"}),
     "student_backend": frozenset({"evaluate", "test"}), "verify": frozenset({"evaluate", "test", "collect_errors"}),
     "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}),
@@ -528,10 +572,18 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     try:
         history: list[dict[str, Any]] = []
         k = 0
+        best = None
         while True:
-            history.append(loop.iteration(k))
+            try:
+                history.append(loop.iteration(k))
+            except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
+                stop = exc.reason
+                console.print(f"[bold]stopping:[/bold] {stop}")
+                record_usage(folder)
+                break
             best, stop = decide(history, config)
             folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+            record_usage(folder)
             folder.save()
             state = report.collect(folder.path)
             report.write_summary(folder.path, state)
@@ -543,7 +595,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         folder.manifest["stop_reason"] = stop
         folder.save()
         # Held-out test: the best student and the one-shot student, evaluated once each.
-        for i in sorted({best, 0}):
+        for i in sorted({best, 0}) if best is not None else []:
             loop.evaluate(i, "test")
     except BaseException as exc:
         if folder.manifest.get("status") == "running":  # failed outside a stage (e.g. no verified rationale)
@@ -568,12 +620,69 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     return summary
 
 
+# --- the teacher economy of the loop: one budget, one cache, per-iteration accounting ----------------
+
+# Economy settings of a run that may change on --resume (a higher budget, another cache folder, new prices).
+ECONOMY_RUNTIME = ("cache_dir", "cache", "cache_unseeded", "max_teacher_tokens", "max_cost", "price_input",
+                   "price_output", "prices")
+
+
+class BudgetReached(Exception):
+    """A teacher stage stopped at the run's budget; RunFolder.step marks it 'budget' (not done)."""
+
+    stage_status = "budget"
+
+    def __init__(self, key: str, summary: dict[str, Any]):
+        self.summary = summary
+        left = summary.get("left_by_budget", 0)
+        self.reason = (f"teacher budget reached in {key} ({left} items left); resume with --resume and a higher "
+                       "max_teacher_tokens / max_cost to continue")
+        super().__init__(self.reason)
+        self.message = self.reason
+
+
+def within_budget(key: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """A teacher stage's summary, or BudgetReached when the budget left items undone."""
+    if summary.get("left_by_budget"):
+        raise BudgetReached(key, summary)
+    return summary
+
+
+def _spent(manifest: dict[str, Any], but: str) -> tuple[int, float]:
+    """Paid teacher tokens and cost of the run's teacher stages other than `but` (that one's ledger has its own)."""
+    tokens, cost = 0, 0.0
+    for key, stage in manifest.get("stages", {}).items():
+        usage = (stage.get("summary") or {}).get("teacher_usage")
+        if key != but and usage:
+            tokens += usage["paid"]["tokens"]
+            cost += usage.get("cost") or 0.0
+    return tokens, cost
+
+
+def economy_kwargs(c: IterateConfig, manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """The economy fields of a teacher stage: the loop's cache and prices, and what is left of its budget."""
+    tokens, cost = _spent(manifest, key)
+    return {"cache_dir": c.cache_dir, "cache": c.cache, "cache_unseeded": c.cache_unseeded,
+            "model_revision": c.teacher_revision, "price_input": c.price_input, "price_output": c.price_output,
+            "max_teacher_tokens": None if c.max_teacher_tokens is None else max(0, c.max_teacher_tokens - tokens),
+            "max_cost": None if c.max_cost is None else max(0.0, c.max_cost - cost)}
+
+
+def record_usage(folder) -> None:
+    """manifest.json's teacher_usage: paid/cached tokens, requests and cost per iteration, and in total."""
+    from undo_cli.economy.accounting import usage_by_iteration
+
+    folder.manifest["teacher_usage"] = usage_by_iteration(folder.path)
+    folder.save()
+
+
 # --- what of each stage summary the manifest keeps ----------------------------------------------
 
 GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "verified", "verified_pct",
-                 "questions_without_kept", "tokens_in", "tokens_out", "wall_s")
+                 "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
+                 "left_by_budget")
 REFINE_KEYS = ("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
-               "kept_previous", "verified_pct", "tokens_out", "wall_s")
+               "kept_previous", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget", "left_by_budget")
 TRAIN_KEYS = ("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
               "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device", "precision",
               "learning_rate")

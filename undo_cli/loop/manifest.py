@@ -331,9 +331,13 @@ class RunFolder:
         except BaseException as exc:
             seconds = time.perf_counter() - started
             interrupted = isinstance(exc, KeyboardInterrupt)
-            stage["status"] = "interrupted" if interrupted else "failed"
+            # An exception may name its own status: a teacher stage stopped by the budget is "budget", not
+            # failed (iterate.BudgetReached), and carries the summary of what it finished.
+            stage["status"] = "interrupted" if interrupted else getattr(exc, "stage_status", "failed")
             stage["seconds"] = round(stage["seconds"] + seconds, 3)
             stage["attempts"][-1].update(outcome=stage["status"], seconds=round(seconds, 3))
+            if getattr(exc, "summary", None) is not None:
+                stage["summary"] = keep(exc.summary)
             if not interrupted:
                 stage["error"] = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             self.manifest["status"] = stage["status"]

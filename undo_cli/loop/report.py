@@ -18,13 +18,20 @@ stopped). Per iteration:
     test acc     held-out accuracy, for the best and the iteration-0 students only
     times        seconds per stage: teacher (generate or refine), train, evaluate (val)
 
+and, when the teacher stages kept token ledgers (undo_cli/economy), a second
+table: teacher tokens paid and served from the cache per iteration, the
+cumulative paid tokens, and their cost when prices are known (`--price-input`
+/ `--price-output` here, else the prices the run used).
+
 A value that does not exist yet is shown as "—". Test accuracies come with n
 and a 95% Wilson interval, so "3.3%" reads as "1 of 30". The plot (matplotlib,
 Agg backend: no display needed) has two panels: validation accuracy per
 iteration and the test accuracy of the students that were tested, labelled with
 n, the best iteration marked; and what changed per iteration (teacher
 rationales verified, refinements kept-previous, validation errors by type). It
-goes to RUN_DIR/report.png unless --plot says otherwise.
+goes to RUN_DIR/report.png unless --plot says otherwise. With token ledgers a
+third panel plots validation and test accuracy against the cumulative teacher
+tokens paid: what each refinement round bought.
 
 `undo iterate` uses the same functions for its progress table and for
 summary.json, so the three always agree.
@@ -49,6 +56,8 @@ class ReportConfig:
 
     run_dir: str = field(metadata={"argument": True, "help": "The run folder (runs/NAME), finished or still running."})
     plot: str | None = field(default=None, metadata={"help": "Where to write the PNG plot (default: RUN_DIR/report.png)."})
+    price_input: float | None = field(default=None, metadata={"help": "Cost the teacher's prompt tokens at this price per million (default: the run's prices)."})
+    price_output: float | None = field(default=None, metadata={"help": "Cost the teacher's completion tokens at this price per million."})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -89,7 +98,9 @@ def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
 
 ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_correct", "val_count", "errors",
             "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
-            "refined_kept_previous", "verification_rate", "test_accuracy", "test_correct", "test_count")
+            "refined_kept_previous", "verification_rate", "test_accuracy", "test_correct", "test_count",
+            "teacher_tokens", "teacher_cached_tokens", "teacher_requests", "teacher_cost", "teacher_tokens_cumulative",
+            "teacher_cost_cumulative")
 
 
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +157,11 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def collect(run_dir: str | Path) -> dict[str, Any]:
-    """Everything known about a run, from its files and (when present) its manifest."""
+def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
+    """Everything known about a run, from its files and (when present) its manifest.
+
+    prices: an economy.accounting.Prices to cost the teacher's tokens at (default: the run's own).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UndoError(f"{run_dir}: no such run folder", hint="pass runs/NAME, the folder `undo iterate` writes")
@@ -164,6 +178,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                         hint="pass the folder `undo iterate` or examples/undo_loop.sh writes")
     stages = (manifest or {}).get("stages", {})
     rows = [_row(run_dir, k, stages) for k in iterations]
+    usage = _teacher_usage(run_dir, rows, prices)
     scored = [r for r in rows if r.get("val_accuracy") is not None]
     best = (manifest or {}).get("best_iteration")
     if best is None and scored:
@@ -179,7 +194,23 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         "best_iteration": best,
         "config": (manifest or {}).get("config"),
         "rows": rows,
+        "teacher_usage": usage["total"] if usage["iterations"] else None,
     }
+
+
+def _teacher_usage(run_dir: Path, rows: list[dict[str, Any]], prices: Any) -> dict[str, Any]:
+    """Teacher tokens per iteration from the stages' ledgers (undo_cli/economy/accounting.py) into the rows."""
+    from undo_cli.economy.accounting import usage_by_iteration
+
+    usage = usage_by_iteration(run_dir, prices)
+    by_k = {u["iteration"]: u for u in usage["iterations"]}
+    for row in rows:
+        u = by_k.get(row["iteration"])
+        if u:
+            row.update(teacher_tokens=u["paid"]["tokens"], teacher_cached_tokens=u["cached"]["tokens"],
+                       teacher_requests=u["paid"]["requests"], teacher_cost=u["cost"],
+                       teacher_tokens_cumulative=u["paid_tokens_cumulative"], teacher_cost_cumulative=u["cost_cumulative"])
+    return usage
 
 
 def wilson_interval(correct: int, count: int, z: float = 1.959964) -> tuple[float, float]:
@@ -224,6 +255,7 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "test": {"best": best, "one_shot": one_shot,
                  "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None},
         "iterations": state["rows"],
+        "teacher_usage": state.get("teacher_usage"),
     }
     write_json(RunLayout(Path(run_dir)).summary, summary)
     return summary
@@ -281,6 +313,39 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
         notes.append(f"stopped: {state['stop_reason']}")
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
+    if state.get("teacher_usage"):
+        print_teacher_table(state)
+
+
+def _tokens(x: int | None) -> str:
+    if x is None:
+        return DASH
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e4 else str(x)
+
+
+def print_teacher_table(state: dict[str, Any]) -> None:
+    """Teacher tokens per iteration (paid, from the cache, cumulative) and cost, beside validation accuracy."""
+    from rich import box
+    from rich.table import Table
+
+    from undo_cli.console import console
+
+    rows = [r for r in state["rows"] if r.get("teacher_tokens") is not None]
+    priced = any(r.get("teacher_cost") is not None for r in rows)
+    table = Table(title="teacher tokens", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  pad_edge=False, caption_justify="left",
+                  caption="paid: the teacher was called; cached: answered from the teacher cache")
+    cols = ["iter", "paid", "requests", "cached", "paid total", "val acc"] + (["cost", "cost total"] if priced else [])
+    for col in cols:
+        table.add_column(col, justify="left" if col == "iter" else "right", no_wrap=True)
+    for r in rows:
+        cells = [str(r["iteration"]), _tokens(r["teacher_tokens"]), _num(r.get("teacher_requests")),
+                 _tokens(r["teacher_cached_tokens"]), _tokens(r["teacher_tokens_cumulative"]),
+                 _pct(r.get("val_accuracy"))]
+        if priced:
+            cells += [_num(r.get("teacher_cost"), "{:.4f}"), _num(r.get("teacher_cost_cumulative"), "{:.4f}")]
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _with_n(result: dict[str, Any]) -> str:
@@ -337,7 +402,8 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
     per iteration, the teacher's work (rationales generated at 0; refinements
     verified / kept-previous afterwards) and the validation errors by type that
     the next refinement round is given. Labels thin out past 12 iterations so
-    that twenty stay readable. None when nothing is scored yet.
+    that twenty stay readable. With the teacher's token ledgers, a third panel:
+    accuracy against the cumulative teacher tokens paid. None when nothing is scored yet.
     """
     rows = [r for r in state["rows"] if r.get("val_accuracy") is not None or r.get("test_accuracy") is not None]
     if not rows:
@@ -349,8 +415,15 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
 
     all_rows = state["rows"]
     n_iter = len(all_rows)
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 7.0), dpi=120, sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 2]})
+    spend = [r for r in rows if r.get("teacher_tokens_cumulative") is not None]
+    # With token ledgers, a third panel (its own x-axis): accuracy against what the teacher cost so far.
+    fig, axes = plt.subplots(3 if spend else 2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 10.0 if spend else 7.0),
+                             dpi=120, gridspec_kw={"height_ratios": [3, 2, 3] if spend else [3, 2]})
+    ax, bx = axes[0], axes[1]
+    ax.sharex(bx)
+    ax.tick_params(labelbottom=False)
+    if spend:
+        _plot_against_tokens(axes[2], spend)
     val = [(r["iteration"], 100 * r["val_accuracy"], r.get("val_correct"), r.get("val_count"))
            for r in rows if r.get("val_accuracy") is not None]
     test = [(r["iteration"], 100 * r["test_accuracy"], r.get("test_correct"), r.get("test_count"))
@@ -415,11 +488,33 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
     return out
 
 
-def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
+def _plot_against_tokens(ax, rows: list[dict[str, Any]]) -> None:
+    val = [(r["teacher_tokens_cumulative"], 100 * r["val_accuracy"], r["iteration"]) for r in rows
+           if r.get("val_accuracy") is not None]
+    test = [(r["teacher_tokens_cumulative"], 100 * r["test_accuracy"]) for r in rows
+            if r.get("test_accuracy") is not None]
+    if val:
+        ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label="validation")
+        for x, y, k in val:
+            ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if test:
+        ax.scatter([t[0] for t in test], [t[1] for t in test], marker="s", s=60, color="tab:red", zorder=3,
+                   label="test")
+    ax.set_ylim(*accuracy_axis([v[1] for v in val] + [t[1] for t in test]))
+    ax.set_xlabel("cumulative teacher tokens paid (labels: iteration)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+
+
+def run(run_dir: str, plot_path: str | None = None, price_input: float | None = None,
+        price_output: float | None = None) -> dict[str, Any]:
     """`undo report`: print the table and the verdict, write the plot; returns the summary (not written)."""
     from undo_cli.console import console
+    from undo_cli.economy.accounting import Prices
 
-    state = collect(run_dir)
+    state = collect(run_dir, Prices(price_input, price_output) if price_input is not None or price_output is not None
+                    else None)
     print_table(state)
     best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
     summary = {"test": {"best": best, "one_shot": one_shot,
@@ -435,4 +530,4 @@ def run(run_dir: str, plot_path: str | None = None) -> dict[str, Any]:
 
 def run_report(config: ReportConfig) -> dict[str, Any]:
     """`run` for the command line, which hands over a config."""
-    return run(config.run_dir, config.plot)
+    return run(config.run_dir, config.plot, config.price_input, config.price_output)

@@ -48,14 +48,21 @@ STAGES: dict[str, tuple[str, str]] = {
     "refine": ("undo_cli.stages.refine", "RefineConfig"),
 }
 
+# The teacher economy's fields of generate/refine: the loop's own top-level keys (one cache, budget, prices).
+_ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache_unseeded",
+            "model_revision": "teacher_revision", "max_teacher_tokens": "max_teacher_tokens (for the whole run)",
+            "max_cost": "max_cost (for the whole run)", "price_input": "price_input", "price_output": "price_output"}
+
 # Fields each stage gets from the loop, with what to set instead.
 OWNED: dict[str, dict[str, str]] = {
     "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
                  "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
-                 "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
+                 "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
+                 **_ECONOMY},
     "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
                "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
-               "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
+               "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
+               **_ECONOMY},
     "train": {"student": "student / init", "data": "(the loop)", "output": "(the run folder)",
               "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
     "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, UndoError
 from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
 
@@ -49,7 +50,7 @@ KEEP = ("correct", "all")
 
 
 @dataclass
-class GenerateConfig(GenerationOptions):
+class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
@@ -79,6 +80,7 @@ class GenerateConfig(GenerationOptions):
             from undo_cli.model_refs import check_model_ref
 
             check_model_ref(self.teacher, "--teacher")
+        self.check_economy_options()
         if self.logprobs is not None and not 1 <= self.logprobs <= 20:
             raise UndoError(f"--logprobs {self.logprobs}: must be between 1 and 20",
                             hint="OpenAI-compatible servers return at most 20 alternatives per token")
@@ -189,6 +191,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         items, config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, config.backend),
         resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
+        economy=config.economy(),
     )
     summary["keep"] = config.keep
     if config.keep == "correct":
@@ -205,7 +208,8 @@ def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], s
 
     if not is_stream(config.output):
         kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}
-        missing = [p["id"] for p in problems if p["id"] not in kept]
+        left = set(summary.get("left_by_budget_ids") or [])  # not done yet (budget): not "unverified"
+        missing = [p["id"] for p in problems if p["id"] not in kept and p["id"] not in left]
         count = len(missing)
     else:  # stdout: nothing to re-read, and nothing was resumed either; this run's count is the count
         missing, count = summary["without_kept_ids"], summary["questions_without_kept"]

@@ -58,6 +58,12 @@ Contract, in detail:
   `sort_by_length` (hf) get their work sorted by prompt length first, so a batch
   pads little; records then come out grouped by length, not in input order
   (join on ids, as every later stage does).
+* **Teacher economy.** A stage that calls the teacher passes
+  `economy=config.economy()` (undo_cli/economy): the backend is then wrapped
+  in the teacher cache, the token ledger (`<stem>.usage.json`) and the budget,
+  and opened only on the first cache miss. Every record gets `cached`; an item
+  the budget does not allow comes back as None and is left undone (a re-run
+  resumes it), and the summary gains `teacher_usage`, `budget`, `left_by_budget`.
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
   %, tokens in/out, wall time and throughput; `print_summary` renders it as a
   table on stderr. Stages add their own fields and write it where they like.
@@ -181,6 +187,7 @@ def run_generation(
     fresh: bool = False,
     description: str = "generating",
     identity: dict[str, Any] | None = None,
+    economy: Any = None,
 ) -> dict[str, Any]:
     """Generate for every item not already in `output`; returns a summary dict (module docstring).
 
@@ -190,6 +197,8 @@ def run_generation(
     identity: what produced the output (a flat dict of JSON values; the loop adds
         `stage` and a digest of the prompts); recorded in `<stem>.run.json` and
         checked on resume.
+    economy: a `TeacherEconomy` (undo_cli/economy): the teacher cache, token ledger and budget around
+        the backend; records then carry `cached`, and the summary `teacher_usage` (and `budget`).
     """
     from undo_cli.backends import BackendConfig, open_backend
     from undo_cli.records import AppendLog, check_output_path, is_stream
@@ -210,6 +219,8 @@ def run_generation(
                     "prompts": digest(sorted(([i.key, i.messages] for i in items), key=lambda kv: kv[0]))}
         claim_output(output, identity, fresh=fresh)
     stats = _Stats(questions=len(items))
+    if economy is not None:
+        economy.begin(output, fresh=fresh or not output_existed)
     with AppendLog(output, kind, fresh=fresh) as out:
         rejected_log = AppendLog(side, kind, fresh=fresh or not output_existed) if side else None
         try:
@@ -221,11 +232,14 @@ def run_generation(
                 console.print(f"resuming {output}: {stats.skipped} of {len(items)} already done, {len(todo)} to go")
             if todo:
                 owned = isinstance(backend, BackendConfig)
-                llm = open_backend(backend) if owned else backend
+                if economy is not None:  # the wrapper opens the real backend on the first cache miss
+                    llm, owned = economy.wrap(backend), True
+                else:
+                    llm = open_backend(backend) if owned else backend
                 stats.backend, stats.model = llm.name, llm.model
                 try:
                     _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats,
-                          description, started)
+                          description, started, economy)
                 finally:
                     if hasattr(llm, "endpoint_summary"):  # openai: requests, failures, req/s per server
                         stats.endpoints = llm.endpoint_summary()
@@ -243,11 +257,30 @@ def run_generation(
             if rejected_log is not None:
                 rejected_log.close()
     stats.wall_s = time.perf_counter() - started
-    return stats.summary(output, side)
+    summary = stats.summary(output, side)
+    if economy is not None:
+        _economy_summary(economy, summary, stats, output)
+    return summary
+
+
+def _economy_summary(economy: Any, summary: dict[str, Any], stats: "_Stats", output: str) -> None:
+    if economy.load_s:  # the wrapper opened the backend inside the loop (on the first cache miss)
+        stats.load_s += economy.load_s
+        stats.generation_s = max(0.0, stats.generation_s - economy.load_s)
+        summary.update({k: v for k, v in stats.summary(output, None).items()
+                        if k in ("load_s", "generation_s", "tokens_per_s", "samples_per_s")})
+    summary.update(economy.summary())
+    summary["left_by_budget"] = len(stats.left_by_budget)
+    summary["left_by_budget_ids"] = stats.left_by_budget  # all of them: a stage may need to exclude them
+    summary.setdefault("extra_rows", []).extend(economy.rows())
+    if stats.left_by_budget:
+        flag = "--max-teacher-tokens" if economy.budget.max_tokens is not None else "--max-cost"
+        console.print(f"[yellow]teacher budget reached: {len(stats.left_by_budget)} of {stats.questions} items are "
+                      f"left to do; what finished is in {output}. Re-run with a higher {flag} to resume.[/yellow]")
 
 
 def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats, description,
-          started) -> None:
+          started, economy=None) -> None:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
@@ -273,9 +306,14 @@ def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, chec
                                     hint="this is a bug in the backend; please report it")
                 kept, rejected = [], []
                 for item, completions in zip(batch, results):
+                    if completions is None:  # the teacher budget did not allow it: not done, a re-run resumes it
+                        stats.left_by_budget.append(item.key)
+                        continue
                     stats.count_item(item, completions)
                     item_kept = 0
                     for record in make_records(item, completions):
+                        if economy is not None:  # the n samples of one request are cached (or not) together
+                            record["cached"] = bool(completions and completions[0].cached)
                         problem = check_record(record, kind)
                         if problem is not None:  # a stage bug, not user input: say so plainly
                             raise UndoError(f"internal: a generated {kind} record is malformed: {problem}")
@@ -329,6 +367,7 @@ class _Stats:
     finish: Counter = field(default_factory=Counter)
     without_kept: list[str] = field(default_factory=list)
     endpoints: list[dict[str, Any]] | None = None
+    left_by_budget: list[str] = field(default_factory=list)
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import UndoError
 from undo_cli.stages.options import GenerationOptions, check_output_is_new, check_verify, verify_field
 
@@ -59,7 +60,7 @@ SELECT = ("similar", "errors")
 
 
 @dataclass
-class RefineConfig(GenerationOptions):
+class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
@@ -99,6 +100,7 @@ class RefineConfig(GenerationOptions):
             from undo_cli.model_refs import check_model_ref
 
             check_model_ref(self.teacher, "--teacher")
+        self.check_economy_options()
         if self.errors == "-" and self.targets == "-":
             raise UndoError("--errors and --targets cannot both read stdin", hint="give one of them as a file")
         check_output_is_new(self.output, {"--targets": self.targets, "--errors": self.errors},
@@ -395,7 +397,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
     summary = run_generation(
         build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
-        description="refine", identity=identity, fresh=config.overwrite,
+        description="refine", identity=identity, fresh=config.overwrite, economy=config.economy(),
     )
     # The generation loop counts `correct`, which a kept previous rationale also has; what
     # matters here is how many *refinements* verified. Count the whole file so a

@@ -1,0 +1,233 @@
+"""The teacher economy around any backend: cache lookups, token ledger and budget, once for every stage.
+
+    economy = TeacherEconomy(EconomySettings(cache_dir=None, max_teacher_tokens=200_000))
+    economy.begin("out/rationales.jsonl", fresh=False)   # loads the output's ledger
+    llm = economy.wrap(BackendConfig(backend="openai", model="m", base_url=...))
+    results = llm.generate(prompts, sampling)             # None where the budget left a prompt undone
+    economy.summary()                                     # teacher_usage + budget, for the stage summary
+
+`stages/generation_loop.py:run_generation(..., economy=...)` is the only caller, so
+`generate` and `refine` (and any stage that passes an economy) get it with no
+code of their own. The wrapper has the `Backend` interface (base.py), with two
+differences the loop knows about: a prompt the budget does not allow comes
+back as None instead of a list of completions, and each completion says
+whether it came from the cache (`Completion.cached`).
+
+The real backend is opened only on the first cache miss: a run whose every
+answer is cached never loads the teacher (minutes for a 30B model on vLLM) and
+never connects to a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from undo_cli.backends.base import Completion, Message, SamplingConfig
+from undo_cli.economy.accounting import Budget, Ledger, Prices, Usage, ledger_path, prompt_chars
+from undo_cli.errors import UndoError
+
+
+@dataclass
+class EconomySettings:
+    cache_dir: str | None = None        # None: default_cache_dir()
+    use_cache: bool = True
+    cache_unseeded: bool = False
+    model_revision: str | None = None
+    max_teacher_tokens: int | None = None
+    max_cost: float | None = None
+    price_input: float | None = None
+    price_output: float | None = None
+
+
+def cacheable(sampling: SamplingConfig, unseeded_ok: bool) -> bool:
+    """Greedy and seeded sampling reproduce an answer; unseeded sampling is cached only when asked to."""
+    return sampling.temperature == 0 or sampling.seed is not None or unseeded_ok
+
+
+# What `batch_hint` each backend will have once open (kept in step with the backends' own
+# __init__): the loop sizes its batches before the first miss opens the real backend.
+def _batch_hint(config: Any) -> int:
+    if config.backend == "openai":
+        return max(64, 4 * max(1, config.concurrency))
+    if config.backend == "vllm":
+        return max(256, 8 * config.batch_size)
+    return max(1, config.batch_size)
+
+
+class TeacherEconomy:
+    def __init__(self, settings: EconomySettings):
+        self.settings = settings
+        self.prices = Prices(settings.price_input, settings.price_output)
+        self.budget = Budget(settings.max_teacher_tokens, settings.max_cost, self.prices)
+        self.ledger = Ledger()
+        self.run_paid = Usage()       # this run only (the ledger also holds earlier runs on the same output)
+        self.left = 0                 # prompts the budget did not allow
+        self.cache = None
+        self.identity: dict[str, Any] | None = None
+        self.load_s = 0.0             # time spent opening the real backend (on the first miss)
+
+    def begin(self, output: str, *, fresh: bool) -> None:
+        self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
+        self.ledger.prices = self.prices
+
+    def wrap(self, backend: Any) -> "EconomyBackend":
+        from undo_cli.backends import BackendConfig
+
+        if self.settings.use_cache:
+            from undo_cli.economy.cache import TeacherCache, default_cache_dir
+
+            self.cache = TeacherCache(self.settings.cache_dir or default_cache_dir())
+            config = backend if isinstance(backend, BackendConfig) else None
+            self.identity = self.cache.model_identity(
+                backend.model if config is None else config.model, revision=self.settings.model_revision,
+                adapter=config.adapter if config is not None else None)
+        return EconomyBackend(self, backend)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    def summary(self) -> dict[str, Any]:
+        totals = self.ledger.totals(self.prices)
+        paid = self.ledger.total("paid")
+        out: dict[str, Any] = {"teacher_usage": {**totals, "this_run_paid": self.run_paid.to_json(),
+                                                 "cache": str(self.cache_path) if self.cache_path else None}}
+        if self.budget.active:
+            out["budget"] = {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost,
+                             "stopped": self.left > 0, "items_left": self.left, **self.budget.left(paid)}
+        return out
+
+    @property
+    def cache_path(self) -> Path | None:
+        if not self.settings.use_cache:
+            return None
+        from undo_cli.economy.cache import FILENAME, default_cache_dir
+
+        return Path(self.settings.cache_dir or default_cache_dir()).expanduser() / FILENAME
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Rows for the stage's summary table."""
+        s = self.summary()
+        u = s["teacher_usage"]
+        rows = [("teacher tokens paid / cached",
+                 f"{u['paid']['tokens']:,} ({u['paid']['requests']} req) / {u['cached']['tokens']:,} "
+                 f"({u['cached']['requests']} req)")]
+        if u["cost"] is not None:
+            rows.append(("teacher cost (saved by cache)", f"{u['cost']:.4f} ({u['saved']:.4f})"))
+        if "budget" in s:
+            b = s["budget"]
+            left = ", ".join(f"{k.split('_')[0]} {v:,}" if isinstance(v, int) else f"{k.split('_')[0]} {v:.4f}"
+                             for k, v in b.items() if k in ("tokens_left", "cost_left"))
+            rows.append(("budget left", left + (f"; {b['items_left']} items not done" if b["stopped"] else "")))
+        return rows
+
+
+class EconomyBackend:
+    """A `Backend` that answers from the cache when it can and calls the real one (opened lazily) otherwise."""
+
+    def __init__(self, economy: TeacherEconomy, backend: Any):
+        from undo_cli.backends import BackendConfig
+
+        self.economy = economy
+        self._config = backend if isinstance(backend, BackendConfig) else None
+        self._inner = None if self._config is not None else backend
+        self.name = self._config.backend if self._config is not None else backend.name
+        self.model = self._config.model if self._config is not None else backend.model
+        if self._config is not None:
+            self.batch_hint = _batch_hint(self._config)
+            self.sort_by_length = self._config.backend == "hf"
+        else:
+            self.batch_hint = getattr(backend, "batch_hint", 32)
+            self.sort_by_length = getattr(backend, "sort_by_length", False)
+
+    def _backend(self):
+        if self._inner is None:
+            import time
+
+            from undo_cli.backends import open_backend
+
+            started = time.perf_counter()
+            self._inner = open_backend(self._config)
+            self.economy.load_s += time.perf_counter() - started
+        return self._inner
+
+    def _cache_call(self, fn, default):
+        """A cache read or write; if the store fails (disk full, read-only), warn once and go on without it."""
+        import sqlite3
+
+        try:
+            return fn()
+        except sqlite3.Error as exc:
+            from undo_cli.console import warn
+
+            warn(f"the teacher cache {self.economy.cache.path} failed ({exc}); continuing without it for this run")
+            self.economy.close()
+            return default
+
+    def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion] | None]:
+        e = self.economy
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        keys: list[str] | None = None
+        if e.cache is not None and cacheable(sampling, e.settings.cache_unseeded):
+            from undo_cli.economy.cache import request_key
+
+            keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
+            hits = self._cache_call(lambda: e.cache.get_many(keys), {})
+            for i, key in enumerate(keys):
+                if key in hits:
+                    results[i] = hits[key]
+                    e.ledger.add(self.name, paid=False, prompt_tokens=hits[key][0].prompt_tokens if hits[key] else 0,
+                                 completion_tokens=sum(c.completion_tokens for c in hits[key]))
+        misses = [i for i, r in enumerate(results) if r is None]
+        send = self._admit(prompts, misses, sampling)
+        e.left += len(misses) - len(send)
+        if send:
+            answers = self._backend().generate([prompts[i] for i in send], sampling)
+            if len(answers) != len(send):
+                raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(send)} prompts",
+                                hint="this is a bug in the backend; please report it")
+            for i, completions in zip(send, answers):
+                results[i] = completions
+                prompt = completions[0].prompt_tokens if completions else 0
+                completion = sum(c.completion_tokens for c in completions)
+                e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
+                e.ledger.measure(prompt_chars(prompts[i]), prompt)
+                e.run_paid.add(Usage(1, prompt, completion))
+            if keys is not None and e.cache is not None:
+                self._cache_call(lambda: e.cache.put_many((keys[i], e.identity, completions)
+                                                          for i, completions in zip(send, answers)), None)
+        e.ledger.save()
+        return results
+
+    def _admit(self, prompts, misses: list[int], sampling: SamplingConfig) -> list[int]:
+        """The misses the budget allows, in order; the first that might not fit ends the admission."""
+        budget = self.economy.budget
+        if not budget.active:
+            return misses
+        ledger = self.economy.ledger
+        spent = ledger.total("paid")
+        planned = Usage(spent.requests, spent.prompt_tokens, spent.completion_tokens)
+        admitted = []
+        for i in misses:
+            prompt, completion = budget.bound(ledger, prompts[i], sampling.n, sampling.max_tokens)
+            if not budget.fits(planned, prompt, completion):
+                break
+            planned.add(Usage(1, prompt, completion))
+            admitted.append(i)
+        return admitted
+
+    def close(self) -> None:
+        try:
+            if self._inner is not None and self._config is not None:
+                self._inner.close()  # ours; a backend handed to us open stays the caller's to close
+        finally:
+            self.economy.close()
+
+    def __enter__(self) -> "EconomyBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

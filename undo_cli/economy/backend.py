@@ -50,7 +50,9 @@ def cacheable(sampling: SamplingConfig, unseeded_ok: bool) -> bool:
 # __init__): the loop sizes its batches before the first miss opens the real backend.
 def _batch_hint(config: Any) -> int:
     if config.backend == "openai":
-        return max(64, 4 * max(1, config.concurrency))
+        from undo_cli.backends.openai import base_urls
+
+        return max(64, 4 * max(1, config.concurrency) * len(base_urls(config.base_url) or [""]))
     if config.backend == "vllm":
         return max(256, 8 * config.batch_size)
     return max(1, config.batch_size)
@@ -218,6 +220,11 @@ class EconomyBackend:
             planned.add(Usage(1, prompt, completion))
             admitted.append(i)
         return admitted
+
+    def endpoint_summary(self) -> list[dict[str, Any]] | None:
+        """The openai backend's per-server counts, when it was opened (a fully cached run opens nothing)."""
+        inner = self._inner
+        return inner.endpoint_summary() if inner is not None and hasattr(inner, "endpoint_summary") else None
 
     def close(self) -> None:
         try:

@@ -120,7 +120,7 @@ def bench_openai(prompts, latency_ms: float, concurrency: int, one_core: bool) -
                 with open_backend(config) as llm:
                     llm.generate(prompts[: min(c, len(prompts))], sampling)  # warm-up: connections, imports
                     t, cpu = time.perf_counter(), time.process_time()
-                    # Chunks of batch_hint, exactly as stages/runner.py sends them.
+                    # Chunks of batch_hint, exactly as stages/generation_loop.py sends them.
                     for start in range(0, len(work), llm.batch_hint):
                         llm.generate(work[start : start + llm.batch_hint], sampling)
                     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu

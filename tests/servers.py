@@ -141,6 +141,15 @@ def vllm_serve_cmd(python: str, model_dir: str | Path, port: int) -> list[str]:
 
 # -- a scripted OpenAI-compatible server, for fault tests ---------------------------------------
 
+def start_loopback_http(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, int, threading.Thread]:
+    """An HTTP server on 127.0.0.1 (a free port) serving in a daemon thread: (server, port, thread)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    return httpd, httpd.server_address[1], thread
+
+
 @dataclass
 class ScriptedServer:
     """Answers /v1/chat/completions from a script of status codes, then with a fixed completion.
@@ -161,11 +170,7 @@ class ScriptedServer:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._httpd, self.port, self._thread = start_loopback_http(self._handler())
 
     @property
     def base_url(self) -> str:
@@ -297,11 +302,7 @@ class FaultProxy:
         self.injected: Counter = Counter()
         self.forwarded = 0
         self.chat_requests = 0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._httpd, self.port, self._thread = start_loopback_http(self._handler())
 
     @property
     def base_url(self) -> str:

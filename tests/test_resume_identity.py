@@ -86,8 +86,9 @@ def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_mo
 @pytest.mark.parametrize("content", [b"my notes, not JSON", b'{"id": "x", "question": "q", "answer": "1"}\n'],
                          ids=["one-line-not-json", "someone-elses-jsonl"])
 def test_a_file_this_stage_did_not_write_is_never_truncated(tmp_path, undo, stage, content):
-    # Refused before any model loads (the model path does not even exist).
+    # Refused before any model loads: the model folder only has to exist (it holds no weights).
     val = _problems(tmp_path)
+    (tmp_path / "model").mkdir()
     target = tmp_path / "notes.txt"
     target.write_bytes(content)
     if stage == "refine":
@@ -95,10 +96,10 @@ def test_a_file_this_stage_did_not_write_is_never_truncated(tmp_path, undo, stag
                                                      "output": "2", "error_type": "wrong_answer"}])
         targets = _write(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
                                                  "answer": "1", "rationale": "0 + 1 = 1\n#### 1"}])
-        args = ["refine", "--teacher", tmp_path / "nope", "--errors", errors, "--targets", targets,
+        args = ["refine", "--teacher", tmp_path / "model", "--errors", errors, "--targets", targets,
                 "--select", "errors"]
     else:
-        args = [stage, "--teacher" if stage == "generate" else "--model", tmp_path / "nope", "--input", val]
+        args = [stage, "--teacher" if stage == "generate" else "--model", tmp_path / "model", "--input", val]
     result = undo(*args, "--output", target)
     assert result.returncode == 2, result.stderr
     err = _flat(result.stderr)

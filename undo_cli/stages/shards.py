@@ -214,12 +214,15 @@ def put_in_order(path: str, kind: str, keys: list[str], key: str) -> None:
 class MergeConfig:
     """Everything `undo merge` needs."""
 
-    output: str = field(metadata={"help": "The merged JSONL (what the unsharded run would have written)."})
-    shards: list[str] = field(metadata={"help": "The shard outputs (each with its <stem>.shard.json beside it)."})
+    output: str = field(metadata={"help": "The merged JSONL (what the unsharded run would have written).",
+                                  "argument": True})
+    shards: list[str] = field(metadata={"help": "The shard outputs, all N (each with its <stem>.shard.json beside it).",
+                                        "argument": True})
     metrics: str | None = field(default=None, metadata={
         "help": "evaluate shards: where to write the recomputed metrics.json (default: beside the output)."})
 
     def __post_init__(self) -> None:
+        self.shards = list(self.shards)  # the CLI passes a tuple
         if not self.shards:
             raise UndoError("no shards given", hint="undo merge OUT shards/rationales.*.jsonl")
         if self.output == "-":

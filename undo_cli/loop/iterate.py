@@ -7,6 +7,7 @@
     undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
     undo iterate --config examples/run.toml --dry-run         # the resolved settings and the plan; no model
     undo iterate --config examples/run.toml --overwrite       # delete runs/NAME and start over
+    undo iterate --config examples/run.toml --launcher slurm --slurm.shards 16   # stages as Slurm job arrays
 
 What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 

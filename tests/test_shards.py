@@ -154,6 +154,8 @@ def test_a_shard_resumes_alone_and_refuses_another_shard(runs, undo, trained_tea
     part.write_text(lines[0] + lines[1][:10])
     meta = json.loads(parts[1].with_name("predictions.1.shard.json").read_text())
     (tmp_path / "predictions.1.shard.json").write_text(json.dumps({**meta, "complete": False}))
+    # ... and the record of what writes it, which the generation loop leaves at the start of a run.
+    (tmp_path / "predictions.1.run.json").write_bytes(parts[1].with_name("predictions.1.run.json").read_bytes())
     args = ["evaluate", "--model", trained_teacher, "--input", runs["train"], "--max-tokens", "48",
             "--batch-size", "2", "--output", part]
     r = undo(*args, "--shard", f"2/{N}", env=WIDE)

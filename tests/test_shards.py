@@ -60,6 +60,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
     teacher = str(trained_teacher)
     # batch_size 2: the hf backend sorts by prompt length, so the raw order differs from the input's.
     common = dict(max_tokens=48, batch_size=2)
+    teach = dict(cache=False)  # records say whether the teacher cache answered: every run asks the teacher
     out: dict = {"root": root, "train": train}
 
     def both(name, make, **kw):
@@ -73,7 +74,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
         out[name] = (whole, parts)
 
     both("rationales", lambda **kw: generate.run(generate.GenerateConfig(
-        teacher=teacher, input=str(train), prompt="student", **common, **kw)))
+        teacher=teacher, input=str(train), prompt="student", **common, **teach, **kw)))
     both("predictions", lambda **kw: evaluate.run(evaluate.EvaluateConfig(
         model=teacher, input=str(train), **common, **kw)))
     preds = out["predictions"][0]
@@ -82,7 +83,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
     errors, rationales = out["errors"][0], out["rationales"][0]
     both("refined", lambda **kw: refine.run(refine.RefineConfig(
         teacher=teacher, errors=str(errors), targets=str(rationales), prompt="student", per_error=4, **common,
-        **kw)))
+        **teach, **kw)))
     return out
 
 
@@ -130,7 +131,7 @@ def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, un
     # Same stage and input, other settings: foreign.
     other = runs["root"] / "other" / "rationales.1.jsonl"
     generate.run(generate.GenerateConfig(teacher=str(trained_teacher), input=str(runs["train"]), prompt="student",
-                                         max_tokens=40, output=str(other), shard=f"1/{N}"))
+                                         max_tokens=40, output=str(other), shard=f"1/{N}", cache=False))
     r = undo("merge", out, parts[0], other, parts[2], env=WIDE)
     assert r.returncode == 2 and "settings.max_tokens: was 48, now 40" in r.stderr
     # A shard whose run did not finish (what a killed task leaves: complete false).

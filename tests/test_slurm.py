@@ -70,7 +70,7 @@ def loop_args(tmp_path_factory, tiny_model, trained_teacher) -> dict:
              "test": _write(root / "test.jsonl", problems[6:])}
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
-            "--max-iterations", "1", "--patience", "1", *STAGE_FLAGS]
+            "--max-iterations", "1", "--patience", "1", "--no-cache", *STAGE_FLAGS]
     return {"root": root, "args": [str(a) for a in args]}
 
 
@@ -180,7 +180,8 @@ def test_bash_slurm_loop_example_runs(loop_args, tiny_model, trained_teacher, tm
            "TEACHER": str(trained_teacher), "STUDENT": str(tiny_model), "TRAIN": str(root / "train.jsonl"),
            "VAL": str(root / "val.jsonl"), "TEST": str(root / "test.jsonl"), "OUT": str(out), "SHARDS": "2",
            "MAX_ITERATIONS": "0", "EXAMPLES": str(REPO / "examples" / "slurm"), "PROCS_PER_NODE": "1",
-           "GENERATE_ARGS": "--prompt student --max-tokens 48", "REFINE_ARGS": "--prompt student --max-tokens 48",
+           "GENERATE_ARGS": "--prompt student --max-tokens 48 --no-cache",
+           "REFINE_ARGS": "--prompt student --max-tokens 48 --no-cache",
            "TRAIN_ARGS": "--max-steps 6 --batch-size 4 --lr 3e-3", "EVALUATE_ARGS": "--max-tokens 8",
            "ARRAY_ARGS": "--cpus-per-task 1", "TRAIN_SBATCH_ARGS": "--cpus-per-task 1"}
     proc = subprocess.run(["sbatch", "--wait", "--parsable", "--output", str(tmp_path / "loop-%j.out"),
@@ -238,7 +239,7 @@ run, teacher, train, resume = sys.argv[1:5]
 folder = RunFolder.open(run, config={}, inputs={}, seeds={}, resume=resume == "1")
 launcher = SlurmLauncher(SlurmConfig(shards=3, poll_s=0.5, cpus_per_task=1, time_min=20), folder)
 cfg = GenerateConfig(teacher=teacher, input=train, output=run + "/iter_00/rationales.jsonl", prompt="student",
-                     max_tokens=48)
+                     max_tokens=48, cache=False)
 folder.step("iter_00/generate", lambda: launcher.run_sharded("iter_00/generate", "generate", cfg),
             outputs={"rationales": cfg.output})
 """

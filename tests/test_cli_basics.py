@@ -37,7 +37,7 @@ def test_flags_are_the_config_fields(name, entry):
     cmd = entry.build()
     config_cls = load(entry.config)
     params = {p.name: p for p in cmd.params}
-    if isinstance(entry, Special):  # undo iterate: the top-level fields (stage tables are dotted flags), layered
+    if isinstance(entry, Special):  # undo iterate: the top-level fields (tables are dotted flags), layered
         from undo_cli.loop.settings import STAGES
 
         extra = {"config", "resume", "overwrite", "dry_run"}  # how to run, not what: not config fields

@@ -71,6 +71,14 @@ Example: undo refine --teacher out/teacher --errors errors.jsonl --targets ratio
 Mix refined rationales into the training data: replace the old ones by id, or append the verified ones.
 
 Example: undo mix --base iter_00/rationales.jsonl --refined iter_01/refined.jsonl -o iter_01/train_data.jsonl"""),
+    Command("merge", "undo_cli.stages.shards:MergeConfig", "undo_cli.stages.shards:merge", """\
+Merge the outputs of --shard K/N runs into the file one unsharded run writes (input order).
+
+Works for generate, evaluate, refine and collect-errors shards; refuses missing, duplicated, unfinished or
+foreign shards (each has <stem>.shard.json beside it: N, K, input hashes, settings); evaluate's metrics.json
+is recomputed from the merged predictions.
+
+Example: undo merge out/rationales.jsonl out/shards/rationales.*-of-4.jsonl"""),
     Special("iterate", "undo_cli.cli.iterate:build", """\
 Run the UNDO loop: generate -> train -> evaluate -> collect errors -> refine -> train ... until the student
 stops improving on validation; then test the best and the one-shot student.

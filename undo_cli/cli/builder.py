@@ -60,6 +60,8 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
     """
     if spec.type not in ("bool", "list[str]", *CLICK_TYPES):
         raise TypeError(f"{spec.name}: a {spec.type} field has no flag form")
+    # A positional list[str] field takes every remaining argument (`undo merge OUT SHARD...`).
+    many = spec.argument and spec.type == "list[str]"
     default = None if layered or spec.required else spec.default
     help_text = spec.help
     if layered and not spec.required and spec.default is not None:  # shown, not applied: the TOML file may set it
@@ -70,7 +72,7 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
     if spec.argument:
         param: click.Parameter = click.Argument(
             [spec.name], type=CLICK_TYPES.get(spec.type, click.STRING), default=default,
-            required=spec.required and not layered)
+            required=spec.required and not layered, nargs=-1 if many else 1)
         param.help = spec.help  # set afterwards: Argument() takes no help before click 8.3
         return param
     short = [spec.short] if spec.short else []

@@ -21,7 +21,7 @@ from undo_cli.fields import LISTS, SCALARS, describe
 
 def build(entry: Special) -> click.Command:
     config_cls = load(entry.config)
-    from undo_cli.loop.settings import STAGES
+    from undo_cli.loop.settings import TABLES
 
     params = [
         click.Option(["--config", "-c"], default=None, help="TOML file with the run's settings (flags override it)."),
@@ -34,7 +34,7 @@ def build(entry: Special) -> click.Command:
                           "files; run nothing, load no model."),
         # A table-valued top-level field ([prices] in run.toml; --price-input/--price-output as flags) has no flag.
         *options(config_cls, layered=True,
-                 skip=(*STAGES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
+                 skip=(*TABLES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
     ]
 
     @click.pass_context

@@ -7,6 +7,7 @@
     undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
     undo iterate --config examples/run.toml --dry-run         # the resolved settings and the plan; no model
     undo iterate --config examples/run.toml --overwrite       # delete runs/NAME and start over
+    undo iterate --config examples/run.toml --launcher slurm --slurm.shards 16   # stages as Slurm job arrays
 
 What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 
@@ -58,6 +59,7 @@ from undo_cli.errors import UndoError
 
 MIX = ("replace", "append")
 INIT = ("base", "previous")
+LAUNCHERS = ("local", "slurm")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
 VERIFY = ("strict", "flexible")
@@ -100,15 +102,20 @@ class IterateConfig:
     price_input: float | None = field(default=None, metadata={"help": "Price of a million teacher prompt tokens (overrides prices.input)."})
     price_output: float | None = field(default=None, metadata={"help": "Price of a million teacher completion tokens (overrides prices.output)."})
     prices: dict[str, float] = field(default_factory=dict, metadata={"help": "[prices] table: input and output, per million teacher tokens."})
+    launcher: str = field(default="local", metadata={
+        "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
+                "(settings in the [slurm] table).", "choices": LAUNCHERS})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
     collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"help": "[collect_errors] table: CollectErrorsConfig fields."})
     refine: dict[str, Any] = field(default_factory=dict, metadata={"help": "[refine] table: RefineConfig fields."})
+    slurm: dict[str, Any] = field(default_factory=dict, metadata={"help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
     def __post_init__(self) -> None:
         choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
-                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS), ("verify", self.verify, VERIFY))
+                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS), ("verify", self.verify, VERIFY),
+                   ("launcher", self.launcher, LAUNCHERS))
         for key, value, allowed in choices:
             if value not in allowed:
                 raise UndoError(f"{key} = {value!r}: unknown choice", hint=f"use one of: {', '.join(allowed)}")
@@ -133,6 +140,12 @@ class IterateConfig:
             if path == "-" or not Path(path).is_file():
                 raise UndoError(f"{key} = {path!r}: no such file",
                                 hint="`undo data import ... --split train=0.8,val=0.1,test=0.1` writes all three")
+        if self.slurm and self.launcher != "slurm":
+            raise UndoError("a [slurm] table is set but launcher is local", hint="add --launcher slurm, or drop [slurm]")
+        if self.launcher == "slurm":
+            from undo_cli.stages.slurm import SlurmConfig
+
+            SlurmConfig(**self.slurm)  # its own checks, before anything starts
         if self.name is None:
             self.name = f"{_slug(self.student)}-from-{_slug(self.teacher)}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -187,8 +200,9 @@ class IterateConfig:
         """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
         from undo_cli.loop.settings import STAGES
 
+        # Where the stages run (launcher, [slurm]) changes no artifact: a run may resume under another launcher.
         top = {k: v for k, v in self.__dict__.items()
-               if k not in STAGES and k not in ("name", "runs_dir") and k not in ECONOMY_RUNTIME
+               if k not in STAGES and k not in ("name", "runs_dir", "launcher", "slurm") and k not in ECONOMY_RUNTIME
                and not (k == "teacher_revision" and v is None)}  # unset: runs from before it existed still resume
         if top.get("teacher_base_url") and len(top["teacher_base_url"]) == 1:
             top["teacher_base_url"] = top["teacher_base_url"][0]  # as runs made before lists were allowed recorded it
@@ -204,13 +218,22 @@ def _slug(model: str) -> str:
 class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
 
-    def __init__(self, config: IterateConfig, folder):
+    def __init__(self, config: IterateConfig, folder, launcher=None):
         from undo_cli.loop.layout import RunLayout
 
         self.config = config
         self.folder = folder
         self.layout = RunLayout(folder.path)
         self.step_key = self.layout.step_key
+        self.launcher = launcher  # a stages.slurm.SlurmLauncher, or None: every stage runs here
+
+    def remote(self, key: str, stage: str, cfg, local):
+        """What a step runs: the stage here, or its shards (train: its job) on Slurm."""
+        if self.launcher is None:
+            return local
+        if stage == "train":
+            return lambda: self.launcher.run_train(key, cfg)
+        return lambda: self.launcher.run_sharded(key, stage, cfg)
 
     def teacher_kwargs(self, key: str) -> dict[str, Any]:
         c = self.config
@@ -280,7 +303,7 @@ class Loop:
 
         cfg = self.generate_config()
         key = self.step_key(0, "generate")
-        summary = self.folder.step(key, lambda: within_budget(key, generate.run(cfg)),
+        summary = self.folder.step(key, self.remote(key, "generate", cfg, lambda: within_budget(key, generate.run(cfg))),
                                    outputs={"rationales": cfg.output}, keep=_keep(GENERATE_KEYS))
         if not summary.get("kept_total"):
             raise UndoError(f"the teacher wrote no verified rationale for {self.config.train_file}: nothing to train on",
@@ -293,8 +316,8 @@ class Loop:
 
         cfg = self.refine_config(k)
         key = self.step_key(k, "refine")
-        return self.folder.step(key, lambda: within_budget(key, refine.run(cfg)), outputs={"refined": cfg.output},
-                                keep=_keep(REFINE_KEYS))
+        return self.folder.step(key, self.remote(key, "refine", cfg, lambda: within_budget(key, refine.run(cfg))),
+                                outputs={"refined": cfg.output}, keep=_keep(REFINE_KEYS))
 
     def mix(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import mix
@@ -306,15 +329,17 @@ class Loop:
         from undo_cli.stages import train
 
         cfg = self.train_config(k)
-        return self.folder.step(self.step_key(k, "train"), lambda: train.run(cfg), outputs={"student": cfg.output},
-                                keep=_keep(TRAIN_KEYS))
+        key = self.step_key(k, "train")
+        return self.folder.step(key, self.remote(key, "train", cfg, lambda: train.run(cfg)),
+                                outputs={"student": cfg.output}, keep=_keep(TRAIN_KEYS))
 
     def evaluate(self, k: int, split: str) -> dict[str, Any]:
         from undo_cli.stages import evaluate
 
         trained = (self.folder.stage(self.step_key(k, "train")) or {}).get("summary", {})
         cfg = self.evaluate_config(k, split, trained)
-        return self.folder.step(self.step_key(k, split if split == "test" else "evaluate"), lambda: evaluate.run(cfg),
+        key = self.step_key(k, split if split == "test" else "evaluate")
+        return self.folder.step(key, self.remote(key, "evaluate", cfg, lambda: evaluate.run(cfg)),
                                 outputs={"predictions": cfg.output, "metrics": cfg.metrics},
                                 keep=_keep_evaluate)
 
@@ -557,6 +582,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     if config.teacher_backend != "openai":  # a hub name with the hub unreachable: one line now, not mid-run
         check_hub_reachable(config.teacher, "teacher")
     check_hub_reachable(config.student, "student")
+    if config.launcher == "slurm":  # before the run folder exists: off Slurm, fail without leaving one behind
+        from undo_cli.stages.slurm import check_slurm
+
+        check_slurm()
     seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
                                                                                  "evaluate", "collect_errors")}}
     from undo_cli.records import read_records
@@ -566,7 +595,12 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume, overwrite=overwrite, affects=affected_stages,
                             defaults=config.default_identity())
-    loop = Loop(config, folder)
+    launcher = None
+    if config.launcher == "slurm":
+        from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+
+        launcher = SlurmLauncher(SlurmConfig(**config.slurm), folder)
+    loop = Loop(config, folder, launcher)
     console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
                   f"mix {config.mix}, init {config.init})")
     try:

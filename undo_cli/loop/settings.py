@@ -52,32 +52,35 @@ STAGES: dict[str, tuple[str, str]] = {
 _ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache_unseeded",
             "model_revision": "teacher_revision", "max_teacher_tokens": "max_teacher_tokens (for the whole run)",
             "max_cost": "max_cost (for the whole run)", "price_input": "price_input", "price_output": "price_output"}
+# Every table of run.toml: the stages' plus [slurm] (`--launcher slurm`, stages/slurm.py), checked the same way.
+TABLES: dict[str, tuple[str, str]] = {**STAGES, "slurm": ("undo_cli.stages.slurm", "SlurmConfig")}
 
 # Fields each stage gets from the loop, with what to set instead.
 OWNED: dict[str, dict[str, str]] = {
     "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
                  "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                  "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
-                 **_ECONOMY},
+                 **_ECONOMY, "shard": "slurm.shards"},
     "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
                "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
-               **_ECONOMY},
+               **_ECONOMY, "shard": "slurm.shards"},
     "train": {"student": "student / init", "data": "(the loop)", "output": "(the run folder)",
               "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
     "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",
                  "output": "(the run folder)", "metrics": "(the run folder)", "backend": "student_backend",
                  "verify": "verify",
                  "base_url": "student_backend", "api_key_env": "student_backend",
-                 "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)"},
-    "collect_errors": {"predictions": "(the loop)", "output": "(the run folder)"},
+                 "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
+                 "shard": "slurm.shards"},
+    "collect_errors": {"predictions": "(the loop)", "output": "(the run folder)", "shard": "slurm.shards"},
 }
 
 
 def stage_class(table: str):
     import importlib
 
-    module, name = STAGES[table]
+    module, name = TABLES[table]
     return getattr(importlib.import_module(module), name)
 
 
@@ -165,9 +168,9 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
     `train.lr`): "file" (the TOML) or "flag"; a key not in it has its default (`undo iterate --dry-run`).
     """
     origins = {} if origins is None else origins
-    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.name not in STAGES}
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.name not in TABLES}
     values: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {t: {} for t in STAGES}
+    tables: dict[str, dict[str, Any]] = {t: {} for t in TABLES if t in {f.name for f in dataclasses.fields(config_cls)}}
     sources: list[tuple[str, dict[str, Any]]] = []
     if toml_path:
         sources.append((toml_path, read_toml(toml_path)))
@@ -176,15 +179,15 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
         table, _, sub = key.partition(".")
         cli.setdefault(table, {})
         if not isinstance(cli[table], dict):
-            raise UndoError(f"--{key}: '{table}' is not a stage table", hint=f"stage tables: {', '.join(STAGES)}")
+            raise UndoError(f"--{key}: '{table}' is not a stage table", hint=f"tables: {', '.join(TABLES)}")
         cli[table][sub] = value
     sources.append(("command line", cli))
 
     for source, data in sources:
         for key, value in data.items():
-            if key in STAGES:
+            if key in tables:
                 if not isinstance(value, dict):
-                    raise UndoError(f"{source}: '{key}' must be a table of {STAGES[key][1]} fields",
+                    raise UndoError(f"{source}: '{key}' must be a table of {TABLES[key][1]} fields",
                                     hint=f"write a line with {key} in square brackets, then key = value lines")
                 for sub, v in value.items():
                     tables[key][sub] = _check_stage_key(key, sub, v, source)
@@ -194,7 +197,7 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
                                          f"{source}: {key}" if source != "command line" else flag(key))
                 origins[key] = "flag" if source == "command line" else "file"
             else:
-                known = list(fields) + list(STAGES)
+                known = list(fields) + list(tables)
                 where = f"{source}: unknown key '{key}'" if source != "command line" else f"unknown option {flag(key)}"
                 raise UndoError(where, hint=f"{_suggest(key, known)}known keys: {', '.join(known)}")
     missing = [name for name, f in fields.items()

@@ -24,7 +24,8 @@ lines are scored with `undo_cli.scoring` (the one scorer) rather than trusted.
 does not turn into a refinement budget nobody asked for. The sample is drawn
 from the errors sorted by id, so it depends on the seed and the set of errors,
 not on the order in which a concurrent `evaluate` happened to write them.
-Output keeps the input order.
+Output keeps the input order. `--shard K/N` classifies and samples all
+predictions and writes the errors whose id hashes to shard K (stages/shards.py).
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ class CollectErrorsConfig:
     max: int | None = field(default=None, metadata={
         "help": "Keep at most this many errors: a seeded random sample (default: keep all)."})
     seed: int = field(default=0, metadata={"help": "Seed for the --max sample; same seed, same sample."})
+    shard: str | None = field(default=None, metadata={
+        "help": "K/N: write shard K (0-based) of N only, by a stable hash of the id; `undo merge` joins them."})
 
     def __post_init__(self) -> None:
+        if self.shard is not None:
+            from undo_cli.stages.shards import parse_shard
+
+            parse_shard(self.shard)
         if self.max is not None and self.max < 1:
             raise UndoError(f"--max {self.max}: must be at least 1",
                             hint="leave --max out to keep every error")
@@ -102,10 +109,23 @@ def run(config: CollectErrorsConfig) -> dict[str, Any]:
     """Read predictions, write errors, print a table; returns the summary."""
     from undo_cli.records import read_records, write_records
 
+    from undo_cli.stages import shards
+
+    shard = shards.parse_shard(config.shard)
+    meta = shards.shard_meta("collect_errors", shard, config) if shard else None
+    if meta is None:
+        shards.refuse_unsharded(config.output)
     predictions = read_records(config.predictions, "prediction")
     all_errors = collect(predictions)
+    # Classify and sample everything, then keep this shard's part: cheap (no model), and a
+    # --max sample is then exactly the unsharded one.
     errors = sample(all_errors, config.max, config.seed)
+    if meta is not None:
+        errors = [e for e in errors if shards.shard_of(e["id"], shard.n) == shard.k]
+        shards.begin(config.output, meta, fresh=True)  # a whole-file rewrite: nothing to resume
     write_records(config.output, errors)
+    if meta is not None:
+        shards.finish(config.output, meta, records=len(errors))
 
     found = Counter(e["error_type"] for e in all_errors)
     kept = Counter(e["error_type"] for e in errors)
@@ -119,7 +139,16 @@ def run(config: CollectErrorsConfig) -> dict[str, Any]:
         "output": config.output,
     }
     _print_table(summary, sampled=config.max is not None and len(all_errors) > len(errors))
+    if shard is not None:
+        summary["shard"] = str(shard)
     return summary
+
+
+def item_keys(config: CollectErrorsConfig) -> list[str]:
+    """Prediction ids in input order (errors keep it): how `undo merge` orders shards."""
+    from undo_cli.stages.shards import ids_of
+
+    return ids_of(config.predictions)
 
 
 def _print_table(summary: dict[str, Any], *, sampled: bool) -> None:

@@ -215,6 +215,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         items, config.backend_config(), config.sampling(), config.output,
         kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
         resume_key="id", description="evaluate", identity=identity, fresh=config.overwrite,
+        shard=config.shard_meta("evaluate"),
     )
 
     # Score the whole file, not just this run: a resumed run must report the same
@@ -224,17 +225,9 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     else:
         wanted = {p["id"] for p in problems}
         predictions = [r for r in read_records(config.output, "prediction", allow_empty=True) if r["id"] in wanted]
-    metrics = {
-        **compute_metrics(predictions, config.verify),
-        "model": config.model,
-        **({"adapter": config.adapter} if config.adapter else {}),
-        "backend": config.backend,
-        "template": template_name(config.prompt),
-        "input": config.input,
-        "predictions": config.output,
-        "max_tokens": config.max_tokens,
-        "temperature": config.temperature,
-    }
+    metrics = build_metrics(config, compute_metrics(predictions, config.verify))
+    if config.shard:  # a shard's partial metrics; `undo merge` recomputes the whole run's
+        metrics["shard"] = config.shard
     if config.metrics_path:
         write_json(config.metrics_path, metrics)
     summary["metrics"] = metrics
@@ -245,6 +238,49 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     print_summary(summary, title=f"undo evaluate ({config.backend}: {config.model})")
     _print_metrics(metrics, config.metrics_path)
     return summary
+
+
+def build_metrics(config: EvaluateConfig, scores: dict[str, Any]) -> dict[str, Any]:
+    """The metrics file: `compute_metrics` scores plus what produced them."""
+    from undo_cli.prompts import template_name
+
+    return {
+        **scores,
+        "model": config.model,
+        **({"adapter": config.adapter} if config.adapter else {}),
+        "backend": config.backend,
+        "template": template_name(config.prompt),
+        "input": config.input,
+        "predictions": config.output,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+    }
+
+
+def item_keys(config: EvaluateConfig) -> list[str]:
+    """Prediction ids in run order (input order): how `undo merge` orders shards."""
+    from undo_cli.stages.shards import ids_of
+
+    ids = ids_of(config.input)
+    return ids if config.limit is None else ids[: config.limit]
+
+
+def merge_consumer(config: EvaluateConfig):
+    """`undo merge` of evaluate shards: metrics recomputed from the merged predictions (never averaged from the
+    shards'), counted in the merge's own pass over them, so nothing is held in memory."""
+    return lambda records: compute_metrics(records, config.verify)
+
+
+def after_merge(config: EvaluateConfig, merge_config, summary: dict[str, Any], scores: dict[str, Any]) -> None:
+    """Write the metrics beside the merged predictions (or to `undo merge --metrics`)."""
+    from undo_cli.records import write_json
+
+    metrics = build_metrics(config, scores)
+    path = merge_config.metrics or config.metrics_path
+    write_json(path, metrics)
+    summary["metrics"] = metrics
+    summary["metrics_path"] = path
+    _print_metrics(metrics, path)
 
 
 def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:

@@ -24,6 +24,10 @@ One output line per kept sample, shaped as a `rationale` (docs/artifacts.md):
 plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
 generated token) with `--logprobs K`, for offline white-box distillation.
 
+Sharding: `--shard K/N` generates for shard K of N only (a stable hash of the
+problem id); `undo merge rationales.jsonl shards/*.jsonl` joins the shards into
+the file one run writes (stages/shards.py).
+
 Resume: re-run the same command and finished problems are skipped (a problem
 is finished when any of its samples is in the output or in the rejected
 sidecar). `<output stem>.run.json` records what produced the output (teacher,
@@ -187,17 +191,30 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n, "keep": config.keep,
                 "logprobs": config.logprobs, "template": template_name(config.prompt),
                 "iteration": config.iteration, "input": digest(problems), "verify": config.verify}
+    shard = config.shard_meta("generate")
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, config.backend),
         resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
         economy=config.economy(),
+        shard=shard,
     )
     summary["keep"] = config.keep
     if config.keep == "correct":
+        if shard is not None:  # only this shard's problems can be missing from this shard's output
+            from undo_cli.stages.shards import shard_of
+
+            problems = [p for p in problems if shard_of(p["id"], shard["n"]) == shard["k"]]
         _report_unverified(config, problems, summary)
     print_summary(summary, title=f"undo generate ({config.backend}: {config.teacher})")
     return summary
+
+
+def item_keys(config: GenerateConfig) -> list[str]:
+    """The work items' keys in run order (problem ids, input order): how `undo merge` orders shards."""
+    from undo_cli.stages.shards import ids_of
+
+    return ids_of(config.input)
 
 
 def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], summary: dict[str, Any]) -> None:

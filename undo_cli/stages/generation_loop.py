@@ -57,13 +57,19 @@ Contract, in detail:
   vllm: a large block, since vLLM schedules internally). Backends with
   `sort_by_length` (hf) get their work sorted by prompt length first, so a batch
   pads little; records then come out grouped by length, not in input order
-  (join on ids, as every later stage does).
+  (join on ids, as every later stage does) until the run finishes: then the
+  output (and its rejected sidecar) is rewritten, atomically, in item order, so
+  a finished output is the same file however it was batched, resumed or sharded.
 * **Teacher economy.** A stage that calls the teacher passes
   `economy=config.economy()` (undo_cli/economy): the backend is then wrapped
   in the teacher cache, the token ledger (`<stem>.usage.json`) and the budget,
   and opened only on the first cache miss. Every record gets `cached`; an item
   the budget does not allow comes back as None and is left undone (a re-run
   resumes it), and the summary gains `teacher_usage`, `budget`, `left_by_budget`.
+* **Shards.** With `shard=` (`--shard K/N`, stages/shards.py) only the items of
+  shard K are generated, by a stable hash of `item.shard_key` (default: the
+  key); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
+  settings, and `undo merge` joins the shards into the unsharded run's file.
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
   %, tokens in/out, wall time and throughput; `print_summary` renders it as a
   table on stderr. Stages add their own fields and write it where they like.
@@ -91,6 +97,7 @@ class WorkItem:
     key: str                        # what resume matches against `record[resume_key]` (e.g. the problem id)
     messages: list[Message]         # the chat messages the backend formats and sends
     data: dict[str, Any] = field(default_factory=dict)  # whatever make_records needs (the problem, ...)
+    shard_key: str | None = None    # the id `--shard K/N` hashes (default: key); refine: the target's problem id
 
 
 def sidecar_path(output: str, suffix: str) -> str | None:
@@ -188,6 +195,7 @@ def run_generation(
     description: str = "generating",
     identity: dict[str, Any] | None = None,
     economy: Any = None,
+    shard: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate for every item not already in `output`; returns a summary dict (module docstring).
 
@@ -199,15 +207,25 @@ def run_generation(
         checked on resume.
     economy: a `TeacherEconomy` (undo_cli/economy): the teacher cache, token ledger and budget around
         the backend; records then carry `cached`, and the summary `teacher_usage` (and `budget`).
+    shard: the sidecar of `--shard K/N` (`shards.shard_meta`): only the items whose
+        `shard_key` hashes to shard K are generated, and the sidecar is marked complete at the end.
     """
     from undo_cli.backends import BackendConfig, open_backend
     from undo_cli.records import AppendLog, check_output_path, is_stream
     from undo_cli.records.schema import check_record
+    from undo_cli.stages import shards
 
     keys = [item.key for item in items]
     if len(set(keys)) != len(keys):
         dup = next(k for k, c in Counter(keys).items() if c > 1)
         raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
+    if shard is not None:
+        # The one place a stage's work is split: by a stable hash of the id (stages/shards.py).
+        items = [it for it in items if shards.shard_of(it.shard_key or it.key, shard["n"]) == shard["k"]]
+        keys = [item.key for item in items]
+        shards.begin(output, shard, fresh=fresh)
+    else:
+        shards.refuse_unsharded(output)
     started = time.perf_counter()
     stream = is_stream(output)
     check_output_path(output)
@@ -256,10 +274,22 @@ def run_generation(
         finally:
             if rejected_log is not None:
                 rejected_log.close()
-    stats.wall_s = time.perf_counter() - started
+    # Every item is done (or left by the budget, to resume): a finished output is in item (input) order whatever the backend's batching
+    # did, so a re-run, a resumed run and `undo merge` of shards all give the same file.
+    if output != "-":
+        shards.put_in_order(output, kind, keys, resume_key)
+        if side:
+            shards.put_in_order(side, kind, keys, resume_key)
     summary = stats.summary(output, side)
+    # A shard is complete (mergeable) only when no item was left undone by the teacher budget.
+    if shard is not None and not stats.left_by_budget:
+        shards.finish(output, shard, records=len(out.existing) + stats.kept,
+                      rejected_records=None if side is None else len(rejected_log.existing) + stats.rejected)
+        summary["shard"] = shard["shard"]
+    stats.wall_s = time.perf_counter() - started
     if economy is not None:
         _economy_summary(economy, summary, stats, output)
+    summary["wall_s"] = round(stats.wall_s, 3)
     return summary
 
 

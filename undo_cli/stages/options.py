@@ -50,6 +50,9 @@ class GenerationOptions:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the model over."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
     max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
+    shard: str | None = field(default=None, metadata={
+        "help": "K/N: work on shard K (0-based) of N only, by a stable hash of the problem id; "
+                "`undo merge` joins the shards' outputs."})
 
     def check_generation_options(self, n: int = 1) -> None:
         """The checks of the shared fields; a stage with `--n` passes it (n samples of greedy decoding are one)."""
@@ -75,6 +78,10 @@ class GenerationOptions:
 
         # One URL (a string, as config files and older commands write it) or a list of them.
         self.base_url = base_urls(self.base_url) or None
+        if self.shard is not None:
+            from undo_cli.stages.shards import parse_shard
+
+            parse_shard(self.shard)
         if self.base_url and self.backend != "openai":
             raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
                             hint="add --backend openai to talk to a server")
@@ -87,6 +94,13 @@ class GenerationOptions:
         """
         return {"backend": self.backend, "temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens, "seed": self.seed}
+
+    def shard_meta(self, stage: str) -> dict | None:
+        """The shard sidecar for the runner (None when not sharded); see stages/shards.py."""
+        from undo_cli.stages.shards import parse_shard, shard_meta
+
+        shard = parse_shard(self.shard)
+        return None if shard is None else shard_meta(stage, shard, self)
 
     def backend_config(self, model: str, adapter: str | None = None):
         from undo_cli.backends import BackendConfig

@@ -43,6 +43,9 @@ are skipped, a kill loses at most the batch in flight; `<output stem>.run.json`
 records the settings, a re-run with others is refused unless `--overwrite`),
 progress and the summary table are the shared `stages/generation_loop.py`, exactly as
 for `undo generate`.
+With `--shard K/N` every shard makes the same selection (it reads all the
+failures) and refines the targets whose problem id hashes to K; `undo merge`
+joins them in the selection's order (stages/shards.py).
 """
 
 from __future__ import annotations
@@ -293,7 +296,9 @@ def build_items(jobs: list[Job], template: str):
             error_type=job.failure["error_type"],
             similar_failures=[_failure_view(e) for e in job.similar],
         )
-        items.append(WorkItem(key=job.target["id"], messages=messages, data={"job": job}))
+        # Shards split by problem, so every sample of a problem is refined in the same shard.
+        items.append(WorkItem(key=job.target["id"], messages=messages, data={"job": job},
+                              shard_key=job.target["problem_id"]))
     return items
 
 
@@ -359,10 +364,9 @@ def make_record_builder(config: RefineConfig, stats: Counter):
     return make_records
 
 
-def run(config: RefineConfig) -> dict[str, Any]:
-    """Select, refine, verify and write; prints the summary table and returns it."""
+def plan(config: RefineConfig):
+    """(errors, targets, jobs, counts): the selection, the same in every shard (it sees all the failures)."""
     from undo_cli.records import read_records
-    from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors = read_records(config.errors, "error", allow_empty=True)
     targets = read_records(config.targets, "rationale")
@@ -371,6 +375,20 @@ def run(config: RefineConfig) -> dict[str, Any]:
                                       max_targets=config.max_targets)
     else:
         jobs, counts = select_errors(errors, targets, k=config.k, max_targets=config.max_targets)
+    return errors, targets, jobs, counts
+
+
+def item_keys(config: RefineConfig) -> list[str]:
+    """Target ids in run order (the selection's order): how `undo merge` orders shards."""
+    return [job.target["id"] for job in plan(config)[2]]
+
+
+def run(config: RefineConfig) -> dict[str, Any]:
+    """Select, refine, verify and write; prints the summary table and returns it."""
+    from undo_cli.records import read_records
+    from undo_cli.stages.generation_loop import print_summary, run_generation
+
+    errors, targets, jobs, counts = plan(config)
 
     if not errors:
         console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")
@@ -398,11 +416,17 @@ def run(config: RefineConfig) -> dict[str, Any]:
         build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
         kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
         description="refine", identity=identity, fresh=config.overwrite, economy=config.economy(),
+        shard=config.shard_meta("refine"),
     )
     # The generation loop counts `correct`, which a kept previous rationale also has; what
     # matters here is how many *refinements* verified. Count the whole file so a
     # resumed run reports the same totals an uninterrupted one would.
     if not is_stream(config.output):
+        if config.shard:
+            from undo_cli.stages.shards import parse_shard, shard_of
+
+            part = parse_shard(config.shard)
+            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
         ours = {j.target["id"] for j in jobs}
         done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
         verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)

@@ -1,0 +1,306 @@
+"""`undo iterate --launcher slurm` on a real one-node Slurm cluster (`bash .ci/slurm.sh start`).
+
+The tiny loop of tests/test_iterate.py runs twice: once with `--launcher local`,
+once with `--launcher slurm` and 3 shards per generating stage (job arrays,
+training as a job, submitted with submitit). While the Slurm run generates, one
+shard task is killed with `scancel` as soon as it runs; the controller must
+resubmit that shard alone, and every artifact must still be byte-identical to
+the local run's. Tests that need the cluster skip with the reason when there is
+none; the off-Slurm error needs none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TAUGHT_PROBLEMS
+
+pytestmark = pytest.mark.slow
+
+# The smallest loop that still refines: iteration 0, then one UNDO iteration (patience 1 stops it).
+STAGE_FLAGS = [
+    "--generate.prompt", "student", "--generate.max-tokens", "48",
+    "--refine.prompt", "student", "--refine.max-tokens", "48", "--refine.per-error", "4",
+    "--train.max-steps", "6", "--train.save-steps", "100", "--train.batch-size", "4", "--train.lr", "3e-3",
+    "--evaluate.max-tokens", "8",
+]
+SLURM_FLAGS = ["--launcher", "slurm", "--slurm.shards", "3", "--slurm.poll-s", "0.5", "--slurm.cpus-per-task", "1",
+               "--slurm.time-min", "20", "--slurm.max-retries", "1"]
+
+
+def slurm_up() -> str | None:
+    """None when a Slurm controller answers and a node is usable; else why not."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm on this machine (bash .ci/slurm.sh start installs and starts a one-node cluster)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    if out.returncode != 0 or not any(s.strip() in ("idle", "mix", "alloc") for s in out.stdout.split()):
+        return f"Slurm is installed but no node is up (sinfo: {out.stdout.strip() or out.stderr.strip()}); " \
+               "run bash .ci/slurm.sh start"
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return "submitit is not installed (pip install 'undo-cli[slurm]')"
+    return None
+
+
+needs_slurm = pytest.mark.skipif(slurm_up() is not None, reason=str(slurm_up()))
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def loop_args(tmp_path_factory, tiny_model, trained_teacher) -> dict:
+    root = tmp_path_factory.mktemp("slurm")
+    problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
+    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
+             "test": _write(root / "test.jsonl", problems[6:])}
+    args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
+            "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
+            "--max-iterations", "1", "--patience", "1", "--no-cache", *STAGE_FLAGS]
+    return {"root": root, "args": [str(a) for a in args]}
+
+
+def _undo(args: list[str], log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "undo_cli", *args], stdout=subprocess.PIPE,
+                            stderr=log.open("w"), text=True, env={**os.environ, "COLUMNS": "200", **(env or {})},
+                            cwd=REPO, **kw)
+
+
+def test_launcher_slurm_off_slurm_is_a_clear_error(loop_args, tmp_path):
+    # A PATH with python but without sbatch/squeue/srun: what a laptop looks like.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    log = tmp_path / "err.log"
+    proc = _undo([*loop_args["args"], "--name", "nowhere", "--launcher", "slurm"], log,
+                 env={"PATH": str(bindir)})
+    proc.communicate(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 2, err
+    assert "this machine has no Slurm" in err and "--launcher local" in err and "Traceback" not in err
+    assert not (loop_args["root"] / "runs" / "nowhere").exists()  # no run folder left behind
+
+
+def _manifest(run: Path) -> dict:
+    try:
+        return json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _queue() -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True)
+    return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
+
+
+@pytest.fixture(scope="module")
+def both_runs(loop_args) -> dict:
+    """The loop run locally, and on Slurm with one shard task scancelled while it runs."""
+    root = loop_args["root"]
+    local = _undo([*loop_args["args"], "--name", "local"], root / "local.log")
+    out, _ = local.communicate(timeout=900)
+    assert local.returncode == 0, (root / "local.log").read_text()[-4000:]
+
+    run = root / "runs" / "slurm"
+    log = root / "slurm.log"
+    proc = _undo([*loop_args["args"], "--name", "slurm", *SLURM_FLAGS], log)
+    killed = None
+    deadline = time.monotonic() + 600
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        tasks = _manifest(run).get("stages", {}).get("iter_00/generate", {}).get("slurm", {}).get("tasks", {})
+        job = tasks.get("0", {}).get("job_id")
+        if job and _queue().get(job) == "RUNNING":
+            subprocess.run(["scancel", job], check=True)
+            killed = job
+        time.sleep(0.1)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert killed, "never saw shard 0 of iter_00/generate running"
+    return {"local": root / "runs" / "local", "slurm": run, "killed": killed, "log": log.read_text(),
+            "stdout": out}
+
+
+ARTIFACTS = ["iter_00/rationales.jsonl", "iter_00/rationales.rejected.jsonl", "iter_00/val/predictions.jsonl",
+             "iter_00/val/predictions.metrics.json", "iter_00/errors.jsonl", "iter_01/refined.jsonl",
+             "iter_01/train_data.jsonl", "iter_01/val/predictions.jsonl", "iter_01/val/predictions.metrics.json",
+             "iter_01/errors.jsonl", "iter_00/test/predictions.jsonl", "iter_00/test/predictions.metrics.json",
+             "iter_00/student/model.safetensors", "iter_01/student/model.safetensors"]
+
+
+@needs_slurm
+def test_slurm_loop_writes_the_artifacts_of_the_local_loop(both_runs):
+    local, slurm = both_runs["local"], both_runs["slurm"]
+    for name in ARTIFACTS:
+        assert (local / name).exists(), name
+        # Records name the model they came from (a path inside the run folder): the runs differ by name only.
+        assert (slurm / name).read_bytes().replace(str(slurm).encode(), str(local).encode()) == \
+            (local / name).read_bytes(), name
+    manifest = _manifest(slurm)
+    assert manifest["status"] == "done" and list(manifest["stages"]) == list(_manifest(local)["stages"])
+    gen = manifest["stages"]["iter_00/generate"]
+    assert gen["slurm"]["n"] == 3 and set(gen["slurm"]["tasks"]) == {"0", "1", "2"}
+    assert manifest["stages"]["iter_00/train"]["slurm"]["tasks"]["0"]["job_id"]
+    assert gen["summary"]["kept_total"] == _manifest(local)["stages"]["iter_00/generate"]["summary"]["kept_total"]
+    assert json.loads(both_runs["stdout"])["status"] == "done"
+
+
+@needs_slurm
+def test_a_scancelled_shard_is_resubmitted_alone(both_runs):
+    tasks = _manifest(both_runs["slurm"])["stages"]["iter_00/generate"]["slurm"]["tasks"]
+    assert tasks["0"]["attempts"] == 2 and tasks["0"]["job_id"] != both_runs["killed"]
+    assert tasks["1"]["attempts"] == 1 and tasks["2"]["attempts"] == 1  # the others ran once
+    assert f"shard 0/3 (job {both_runs['killed']}) left the queue unfinished; resubmitting it" in both_runs["log"]
+
+
+@needs_slurm
+def test_bash_slurm_loop_example_runs(loop_args, tiny_model, trained_teacher, tmp_path):
+    """examples/slurm/loop.sbatch: the loop as a Slurm job submitting the per-stage sbatch scripts as arrays."""
+    root = loop_args["root"]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    undo = bindir / "undo"  # the `undo` of this checkout, whatever is installed
+    undo.write_text(f"#!/bin/sh\nexec {sys.executable} -m undo_cli \"$@\"\n")
+    undo.chmod(0o755)
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
+           "TEACHER": str(trained_teacher), "STUDENT": str(tiny_model), "TRAIN": str(root / "train.jsonl"),
+           "VAL": str(root / "val.jsonl"), "TEST": str(root / "test.jsonl"), "OUT": str(out), "SHARDS": "2",
+           "MAX_ITERATIONS": "0", "EXAMPLES": str(REPO / "examples" / "slurm"), "PROCS_PER_NODE": "1",
+           "GENERATE_ARGS": "--prompt student --max-tokens 48 --no-cache",
+           "REFINE_ARGS": "--prompt student --max-tokens 48 --no-cache",
+           "TRAIN_ARGS": "--max-steps 6 --batch-size 4 --lr 3e-3", "EVALUATE_ARGS": "--max-tokens 8",
+           "ARRAY_ARGS": "--cpus-per-task 1", "TRAIN_SBATCH_ARGS": "--cpus-per-task 1"}
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--output", str(tmp_path / "loop-%j.out"),
+                           str(REPO / "examples" / "slurm" / "loop.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=1200, cwd=REPO)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("loop-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs[-4000:]
+    # MAX_ITERATIONS 0 keeps CI short: iteration 0 and the test split (the refine array is the same
+    # script shape as generate's, and the sharded refine itself is covered by the iterate test above).
+    for name in ("iter_00/rationales.jsonl", "iter_00/val/predictions.metrics.json", "iter_00/errors.jsonl",
+                 "iter_00/test/predictions.metrics.json", "iter_00/student/train_summary.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "iter_00" / "shards" / "rationales.1-of-2.shard.json").read_text())["complete"]
+    # The bash loop's merged files are the `undo iterate` ones (same stages, same settings, any sharding).
+    local = loop_args["root"] / "runs" / "local"
+    if (local / "iter_00" / "rationales.jsonl").exists():
+        assert (out / "iter_00" / "rationales.jsonl").read_bytes() == (local / "iter_00" / "rationales.jsonl").read_bytes()
+    assert "best iteration" in logs
+
+
+@needs_slurm
+def test_two_slurm_tasks_train_one_model_with_torchrun_rendezvous(tiny_model, tmp_path):
+    """examples/slurm/train.sbatch with 2 tasks: two torchruns meet by c10d rendezvous, as two nodes would (gloo)."""
+    from tests.test_train import _rationales, _write as write_rows
+
+    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    out = tmp_path / "student"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "STUDENT": str(tiny_model), "DATA": str(data), "OUTPUT": str(out), "PROCS_PER_NODE": "1",
+           "TRAIN_ARGS": "--epochs 1 --batch-size 4 --logging-steps 1"}
+    log = tmp_path / "train.out"
+    proc = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}",
+                           str(REPO / "examples" / "slurm" / "train.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stderr + text[-4000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2  # one world of two processes, not two separate trainings
+    assert summary["steps"] == 16 // (4 * 2)
+    assert " ".join(text.split()).count("undo train:") == 1  # one summary table, from the main process
+    assert sorted(p.name for p in out.glob("train_summary*")) == ["train_summary.json"]
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+CONTROLLER = """
+import sys
+from undo_cli.stages.generate import GenerateConfig
+from undo_cli.loop.manifest import RunFolder
+from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+
+run, teacher, train, resume = sys.argv[1:5]
+folder = RunFolder.open(run, config={}, inputs={}, seeds={}, resume=resume == "1")
+launcher = SlurmLauncher(SlurmConfig(shards=3, poll_s=0.5, cpus_per_task=1, time_min=20), folder)
+cfg = GenerateConfig(teacher=teacher, input=train, output=run + "/iter_00/rationales.jsonl", prompt="student",
+                     max_tokens=48, cache=False)
+folder.step("iter_00/generate", lambda: launcher.run_sharded("iter_00/generate", "generate", cfg),
+            outputs={"rationales": cfg.output})
+"""
+
+
+@needs_slurm
+def test_a_killed_controller_resumes_waiting_for_its_queued_shards(loop_args, trained_teacher, tmp_path):
+    """SIGKILL the controller right after it submitted; the restarted one waits for those jobs, submits none."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", CONTROLLER, str(run), str(trained_teacher), str(loop_args["root"] / "train.jsonl")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    first = subprocess.Popen([*args, "0"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _manifest(run).get("stages", {}).get("iter_00/generate", {}).get("slurm", {}).get("tasks"):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    jobs = {k: t["job_id"] for k, t in _manifest(run)["stages"]["iter_00/generate"]["slurm"]["tasks"].items()}
+    assert any(_queue().get(j) in ("PENDING", "RUNNING") for j in jobs.values())  # still in the queue
+    second = subprocess.run([*args, "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    tasks = _manifest(run)["stages"]["iter_00/generate"]["slurm"]["tasks"]
+    assert {k: t["job_id"] for k, t in tasks.items()} == jobs  # nothing resubmitted
+    assert all(t["attempts"] == 1 for t in tasks.values())
+    assert "already in the queue" in second.stderr and "submitted" not in second.stderr
+    assert _manifest(run)["stages"]["iter_00/generate"]["status"] == "done"
+    assert (run / "iter_00" / "rationales.jsonl").read_text().count("\n") == 8
+
+
+TRAINER = """
+import sys
+from undo_cli.loop.manifest import RunFolder
+from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+from undo_cli.stages.train import TrainConfig
+
+run, student, data = sys.argv[1:4]
+folder = RunFolder.open(run, config={}, inputs={}, seeds={}, resume=False)
+launcher = SlurmLauncher(SlurmConfig(poll_s=0.5, cpus_per_task=2, time_min=20, train_procs_per_node=2), folder)
+cfg = TrainConfig(student=student, data=data, output=run + "/iter_00/student", epochs=1, batch_size=4,
+                  logging_steps=1)
+folder.step("iter_00/train", lambda: launcher.run_train("iter_00/train", cfg), outputs={"student": cfg.output})
+"""
+
+
+@needs_slurm
+def test_launcher_training_job_runs_torchrun_in_the_allocation(tiny_model, tmp_path):
+    """`[slurm] train_procs_per_node = 2`: the training job starts torchrun (c10d) itself; one world, one model."""
+    from tests.test_train import _rationales, _write as write_rows
+
+    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", TRAINER, str(run), str(tiny_model), str(data)],
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "iter_00" / "student" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 16 // (4 * 2)
+    stage = _manifest(run)["stages"]["iter_00/train"]
+    assert stage["status"] == "done" and stage["slurm"]["tasks"]["0"]["attempts"] == 1
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "iter_00" / "student")

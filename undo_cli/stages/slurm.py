@@ -1,0 +1,399 @@
+"""`undo iterate --launcher slurm`: every sharded stage a Slurm job array, training one job, the loop waits.
+
+    undo iterate --config run.toml --launcher slurm            # on a login node, inside tmux/screen
+    undo iterate --config run.toml --launcher slurm --resume   # after the controller itself died
+
+run.toml:
+
+    [slurm]
+    shards = 16              # tasks per generate/evaluate/refine array (--shard K/16 in task K)
+    max_parallel = 8         # at most 8 tasks at once (sbatch --array=0-15%8)
+    partition = "gpu"
+    account = "my-project"
+    time_min = 240
+    gpus_per_task = 1        # each shard task loads (or serves) its own copy of the model
+    cpus_per_task = 8
+    mem_gb = 64
+    train_nodes = 1          # training: one job; > 1 node or > 1 GPU runs torchrun under srun
+    train_gpus_per_node = 8
+    max_retries = 2          # a failed or preempted shard is resubmitted alone, at most this often
+    setup = ["source ~/venvs/undo/bin/activate"]
+    sbatch = { qos = "high", constraint = "h100" }   # any other sbatch option
+
+What runs where. The controller (`undo iterate`, light: no model) keeps the
+run folder, submits, polls `squeue` and merges. `generate`, `evaluate` (val and
+test) and `refine` run as one array per stage: task K runs the stage's own
+`run()` with `--shard K/N` into `iter_NN/shards/<name>.K-of-N.jsonl`, and when
+all N are complete the controller merges them (`undo merge`, stages/shards.py)
+into exactly the file a local run writes. `train` is one job. `mix` and
+`collect-errors` are a few seconds of JSON and run in the controller.
+
+Jobs are submitted with submitit (https://github.com/facebookincubator/submitit):
+it writes the sbatch script, pickles the call, and keeps each task's logs under
+`runs/NAME/slurm/`. Their state is read with `squeue` and the shard's own
+completion marker (its `.shard.json` sidecar says `complete`), not with
+submitit's watcher: that one asks `sacct`, which needs Slurm's accounting
+daemon, and many clusters (and CI) run without it. A task that has left the
+queue without completing its shard (failed, cancelled, preempted, timed out,
+node failure) is resubmitted alone, up to `max_retries` times; the shard resumes
+where it stopped (AppendLog), so nothing is generated twice.
+
+The manifest records each shard's job id and attempts. A controller that dies
+(SIGKILL, a lost ssh session) is restarted with `--resume`: finished shards are
+kept, shards whose job is still queued or running are waited for, the rest are
+resubmitted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from undo_cli.console import console, warn
+from undo_cli.errors import UndoError
+
+# squeue states after which a task will not write anything more.
+_ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
+
+
+@dataclass
+class SlurmConfig:
+    """The [slurm] table of run.toml (`undo iterate --launcher slurm`)."""
+
+    shards: int = field(default=4, metadata={"help": "Tasks per sharded stage (job array size N; task K runs --shard K/N)."})
+    max_parallel: int | None = field(default=None, metadata={"help": "At most this many tasks of an array at once (sbatch --array=...%M)."})
+    partition: str | None = field(default=None, metadata={"help": "sbatch --partition."})
+    account: str | None = field(default=None, metadata={"help": "sbatch --account."})
+    time_min: int = field(default=240, metadata={"help": "sbatch --time, in minutes, per task and for training."})
+    gpus_per_task: int = field(default=0, metadata={"help": "GPUs for each shard task (sbatch --gpus-per-node)."})
+    cpus_per_task: int | None = field(default=None, metadata={"help": "sbatch --cpus-per-task for every job."})
+    mem_gb: float | None = field(default=None, metadata={"help": "sbatch --mem, in GB, for every job."})
+    train_nodes: int = field(default=1, metadata={"help": "Nodes for the training job (> 1: torchrun rendezvous under srun)."})
+    train_gpus_per_node: int = field(default=0, metadata={"help": "GPUs per node for training (> 1: one torchrun process each)."})
+    train_procs_per_node: int | None = field(default=None, metadata={
+        "help": "Training processes per node (default: train_gpus_per_node, at least 1); e.g. 2 for a gloo test on CPUs."})
+    max_retries: int = field(default=2, metadata={"help": "Resubmit a failed or preempted shard (alone) at most this often."})
+    poll_s: float = field(default=10.0, metadata={"help": "Seconds between two looks at the queue."})
+    setup: list[str] = field(default_factory=list, metadata={"help": "Shell lines run before each task (module load, venv activation)."})
+    sbatch: dict[str, Any] = field(default_factory=dict, metadata={"help": "Any other sbatch options, e.g. {qos = \"high\", constraint = \"h100\"}."})
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise UndoError(f"slurm.shards = {self.shards}: must be at least 1")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise UndoError(f"slurm.max_parallel = {self.max_parallel}: must be at least 1")
+        if self.max_retries < 0 or self.train_nodes < 1 or self.time_min < 1 or self.poll_s <= 0:
+            raise UndoError("slurm: max_retries must be >= 0, train_nodes >= 1, time_min >= 1 and poll_s > 0")
+        if not isinstance(self.sbatch, dict):
+            raise UndoError("slurm.sbatch must be a table of sbatch options", hint='sbatch = { qos = "high" }')
+
+    @property
+    def train_procs(self) -> int:
+        return self.train_procs_per_node or max(1, self.train_gpus_per_node)
+
+
+def check_slurm() -> None:
+    """`--launcher slurm` needs sbatch and a controller that answers; say so plainly otherwise."""
+    missing = [c for c in ("sbatch", "squeue", "srun") if shutil.which(c) is None]
+    if missing:
+        raise UndoError(f"--launcher slurm: this machine has no Slurm ({', '.join(missing)} not found on PATH)",
+                        hint="run `undo iterate` on a Slurm login node, or use --launcher local (the default)")
+    try:
+        subprocess.run(["squeue", "-h", "-o", "%i", "--me"], check=True, capture_output=True, timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        err = getattr(exc, "stderr", b"") or b""
+        raise UndoError(f"--launcher slurm: the Slurm controller does not answer (squeue: "
+                        f"{err.decode(errors='replace').strip() or exc})",
+                        hint="check `sinfo`; or use --launcher local") from None
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UndoError("--launcher slurm needs the submitit package",
+                        hint="pip install 'undo-cli[slurm]' (or pip install submitit)") from None
+
+
+def queue_states() -> dict[str, str] | None:
+    """job id (array tasks as '12_3') -> state, for this user's jobs Slurm still knows; None if squeue failed."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i|%T"], capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:  # a busy controller: unknown, not "everything died"; the next poll asks again
+        return None
+    states = {}
+    for line in out.stdout.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job:
+            states[job] = state
+    return states
+
+
+# --- what the tasks run (imported by submitit on the compute node) ---------------------------------
+
+
+def run_shard(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One shard task: the stage's own run() with --shard K/N (settings holds every config field)."""
+    from undo_cli.stages.shards import stage_config
+
+    module = __import__(f"undo_cli.stages.{stage}", fromlist=["run"])
+    config = stage_config({"stage": stage, "settings": settings})
+    return _plain(module.run(config))
+
+
+def run_train(settings: dict[str, Any], nnodes: int, nproc: int, port: int) -> dict[str, Any]:
+    """The training job: train.run() in one process, or torchrun on every node of the allocation."""
+    from undo_cli.stages import train
+
+    if nnodes * nproc == 1:
+        return _plain(train.run(train.TrainConfig(**settings)))
+    import submitit
+
+    env = submitit.JobEnvironment()
+    spec = Path(settings["output"]).with_name(Path(settings["output"]).name + ".train.json")
+    if env.global_rank == 0:
+        from undo_cli.records import atomic_write_text
+
+        atomic_write_text(spec, json.dumps(settings))  # atomic: the other nodes may read it the moment it exists
+    else:  # the other nodes wait for the spec (a shared file system, as submitit itself needs)
+        while not spec.exists():
+            time.sleep(0.5)
+    # One torchrun per node; the c10d rendezvous on the first node joins them (docs/scale.md).
+    # c10d assigns the node ranks, so every task runs the same command.
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={env.hostnames[0]}:{port}", f"--rdzv-id={env.job_id}",
+           "-m", "undo_cli.stages.slurm", "train", str(spec)]
+    subprocess.run(cmd, check=True)
+    summary = Path(settings["output"]) / "train_summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def _plain(summary: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(summary, default=str))  # picklable and small: no config objects, no Paths
+
+
+# --- the controller side -------------------------------------------------------------------------------
+
+
+class SlurmLauncher:
+    """Submits a run's stages to Slurm and waits for them; state lives in the run's manifest."""
+
+    def __init__(self, config: SlurmConfig, folder):
+        self.c = config
+        self.folder = folder
+        self.logs = folder.path / "slurm"
+
+    def _executor(self, name: str, **overrides: Any):
+        import submitit
+
+        # max_num_timeout=0: submitit does not requeue by itself; the loop resubmits (bounded) instead.
+        ex = submitit.SlurmExecutor(folder=str(self.logs / name / "%j"), max_num_timeout=0)
+        params: dict[str, Any] = {"job_name": f"undo-{self.folder.path.name}-{name}", "time": self.c.time_min}
+        for key, value in (("partition", self.c.partition), ("account", self.c.account),
+                           ("cpus_per_task", self.c.cpus_per_task)):
+            if value is not None:
+                params[key] = value
+        if self.c.mem_gb is not None:
+            params["mem"] = f"{int(self.c.mem_gb * 1024)}MB"
+        if self.c.setup:
+            params["setup"] = list(self.c.setup)
+        if self.c.sbatch:
+            params["additional_parameters"] = {str(k).replace("-", "_"): v for k, v in self.c.sbatch.items()}
+        params.update(overrides)
+        ex.update_parameters(**params)
+        return ex
+
+    # One sharded stage ------------------------------------------------------------------------------
+
+    def run_sharded(self, key: str, stage: str, config: Any) -> dict[str, Any]:
+        """All N shards of `config` (an unsharded stage config writing config.output), then the merge."""
+        import dataclasses
+
+        from undo_cli.stages import shards
+
+        n = self.c.shards
+        out = Path(config.output)
+        stem = out.name[: -len(".jsonl")]
+        parts = [out.parent / "shards" / f"{stem}.{k}-of-{n}.jsonl" for k in range(n)]
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}",
+                      **({"metrics": None} if "metrics" in settings else {})} for k, p in enumerate(parts)]
+        expected = shards.shard_meta(stage, shards.Shard(0, n), config)
+
+        def complete(k: int) -> bool:
+            side = shards.sidecar_path(parts[k])
+            if not side.is_file() or not parts[k].exists():
+                return False
+            meta = json.loads(side.read_text())
+            return bool(meta.get("complete")) and meta.get("settings") == json.loads(
+                json.dumps(expected["settings"], default=str)) and meta.get("k") == k
+
+        stage_state = self.folder.stage(key)
+        state = stage_state.setdefault("slurm", {})
+        if state.get("n") != n:
+            state.clear()
+            state.update(n=n, tasks={})
+        tasks: dict[str, dict[str, Any]] = state["tasks"]
+        self._wait(key, n, tasks, complete, lambda ks: self._submit_shards(stage, key, ks, per_shard))
+        merged = shards.merge(shards.MergeConfig(output=str(out), shards=[str(p) for p in parts],
+                                                 metrics=getattr(config, "metrics", None)))
+        return self._summary(stage, config, merged)
+
+    def _submit_shards(self, stage: str, key: str, ks: list[int], per_shard: list[dict[str, Any]]) -> dict[int, str]:
+        params: dict[str, Any] = {}
+        if self.c.gpus_per_task:
+            params["gpus_per_node"] = self.c.gpus_per_task
+        if self.c.max_parallel:
+            params["array_parallelism"] = self.c.max_parallel
+        ex = self._executor(key.replace("/", "-"), **params)
+        jobs = ex.map_array(run_shard, [stage] * len(ks), [per_shard[k] for k in ks])
+        return {k: job.job_id for k, job in zip(ks, jobs)}
+
+    def _wait(self, key: str, n: int, tasks: dict[str, dict[str, Any]], complete, submit) -> None:
+        """Submit what is neither complete nor queued, resubmit what left the queue unfinished, until all complete."""
+        first = True
+        while True:
+            states = queue_states()
+            if states is None:
+                time.sleep(self.c.poll_s)
+                continue
+            done = [k for k in range(n) if complete(k)]
+            todo = []
+            for k in range(n):
+                if k in done:
+                    continue
+                task = tasks.get(str(k))
+                if task and states.get(task["job_id"]) in _ALIVE:
+                    continue  # queued or running (after a controller restart too): wait for it
+                if task and task.get("attempts", 0) > self.c.max_retries:
+                    what = f"shard {k}/{n}" if n > 1 else "the job"
+                    raise UndoError(f"{key}: {what} failed {task['attempts']} times (last job "
+                                    f"{task['job_id']}){self._last_error(task)}",
+                                    hint=f"read {task.get('log')}; fix the cause, then `undo iterate ... --resume` "
+                                         "(finished shards are kept)")
+                if task:
+                    what = f"shard {k}/{n}" if n > 1 else "the job"
+                    warn(f"{key}: {what} (job {task['job_id']}) left the queue unfinished; resubmitting it "
+                         f"(attempt {task['attempts'] + 1} of {self.c.max_retries + 1})")
+                todo.append(k)
+            if todo:
+                ids = submit(todo)
+                for k, job_id in ids.items():
+                    old = tasks.get(str(k), {})
+                    tasks[str(k)] = {"job_id": job_id, "attempts": old.get("attempts", 0) + 1,
+                                     "log": str(self._log(key, job_id)), "submitted": time.strftime("%H:%M:%S")}
+                self.folder.save()
+                console.print(f"{key}: submitted " + (", ".join(f"shard {k}/{n} (job {ids[k]})" for k in todo)
+                                                      if n > 1 else f"job {ids[0]}"))
+            elif len(done) == n:
+                for k in done:
+                    if str(k) in tasks:
+                        tasks[str(k)]["state"] = "complete"
+                self.folder.save()
+                return
+            elif first:
+                console.print(f"{key}: waiting for {n - len(done)} of {n} task(s) already in the queue")
+            first = False
+            time.sleep(self.c.poll_s)
+
+    def _log(self, key: str, job_id: str) -> Path:
+        return self.logs / key.replace("/", "-") / job_id / f"{job_id}_0_log.err"
+
+    @staticmethod
+    def _last_error(task: dict[str, Any]) -> str:
+        log = Path(task.get("log") or "")
+        if log.is_file():
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            if lines:
+                return f": {lines[-1][:300]}"
+        return ""
+
+    @staticmethod
+    def _summary(stage: str, config: Any, merged: dict[str, Any]) -> dict[str, Any]:
+        """The stage summary the loop keeps in its manifest, computed from the merged files."""
+        from undo_cli.records import iter_records
+
+        # Streamed: at a million problems the merged rationales are gigabytes; only counts and ids are kept.
+        summary: dict[str, Any] = {"shards": merged["shards"], "merge_s": merged["wall_s"]}
+        if stage == "generate":
+            with_kept: set[str] = set()
+            kept = verified = 0
+            for r in iter_records(config.output, None, allow_empty=True):
+                with_kept.add(r["problem_id"])
+                kept += 1
+                verified += bool(r.get("correct"))
+            questions = without = 0
+            for p in iter_records(config.input, None):
+                questions += 1
+                without += p["id"] not in with_kept
+            summary.update(questions=questions, kept_total=kept, rejected=merged.get("rejected", 0),
+                           verified=verified, questions_without_kept=without)
+        elif stage == "evaluate":
+            summary["metrics"] = merged["metrics"]
+        elif stage == "refine":
+            done = verified = 0
+            for r in iter_records(config.output, None, allow_empty=True):
+                done += 1
+                verified += bool(r.get("refinement", {}).get("verified"))
+            summary.update(jobs=done, refined_verified=verified, kept_previous=done - verified)
+        return summary
+
+    # Training -----------------------------------------------------------------------------------------
+
+    def run_train(self, key: str, config: Any) -> dict[str, Any]:
+        """One job (several nodes/GPUs through torchrun under srun); resubmitted like a shard when it dies."""
+        import dataclasses
+        import random
+
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        out = Path(config.output)
+        nnodes, nproc = self.c.train_nodes, self.c.train_procs
+        params: dict[str, Any] = {"nodes": nnodes, "ntasks_per_node": 1}
+        if self.c.train_gpus_per_node:
+            params["gpus_per_node"] = self.c.train_gpus_per_node
+        port = 29500 + random.Random(str(out)).randrange(2000)
+
+        def complete(_k: int) -> bool:
+            return (out / "train_summary.json").is_file() and self._result_ok(key)
+
+        def submit(_ks: list[int]) -> dict[int, str]:
+            job = self._executor(key.replace("/", "-"), **params).submit(run_train, settings, nnodes, nproc, port)
+            return {0: job.job_id}
+
+        state = self.folder.stage(key).setdefault("slurm", {"n": 1, "tasks": {}})
+        self._wait(key, 1, state["tasks"], complete, submit)
+        return json.loads((out / "train_summary.json").read_text())
+
+    def _result_ok(self, key: str) -> bool:
+        """The training job's submitit result says success (a summary alone could be a stale one)."""
+        task = (self.folder.stage(key).get("slurm") or {}).get("tasks", {}).get("0")
+        if not task:
+            return False
+        result = self.logs / key.replace("/", "-") / task["job_id"] / f"{task['job_id']}_0_result.pkl"
+        if not result.is_file():
+            return False
+        import pickle
+
+        with result.open("rb") as fh:
+            outcome, _ = pickle.load(fh)
+        return outcome == "success"
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m undo_cli.stages.slurm train SPEC.json`: what torchrun starts on each node of a training job."""
+    if len(argv) != 2 or argv[0] != "train":
+        sys.exit("usage: python -m undo_cli.stages.slurm train SPEC.json")
+    from undo_cli.stages import train
+
+    train.run(train.TrainConfig(**json.loads(Path(argv[1]).read_text())))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

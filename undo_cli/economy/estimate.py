@@ -124,7 +124,8 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
         else:
             shares = ", ".join(f"{b[k]:.0%} of the {what}" for k, what in (("tokens_fraction", "tokens"),
                                                                             ("cost_fraction", "cost")) if k in b)
-            rows.append(("budget", f"{limits} covers {shares}: the first {b['covers_problems']:,} of "
-                                   f"{est['problems']:,} problems at their upper bound (the stage stops cleanly "
+            fit = (f"the first {b['covers_problems']:,} of {est['problems']:,} problems" if b["covers_problems"]
+                   else "not even the first problem")
+            rows.append(("budget", f"{limits} covers {shares}: {fit} at their upper bound (the stage stops cleanly "
                                    "there; re-run with more to resume)"))
     return rows

@@ -318,3 +318,102 @@ def test_iterate_budget_stops_the_loop_and_a_resume_with_more_finishes_with_per_
     completion = usage["total"]["paid"]["completion_tokens"]
     assert f"{completion:.4f}" in report.stderr
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- undo iterate --dry-run: an upper bound of iteration 0's teacher tokens, before any call -----------------
+
+def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
+    """`undo iterate ... --dry-run` in process: (the JSON on stdout, people's text on stderr)."""
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ["iterate", "--teacher", str(tiny_teacher_or_name), "--student", "org/student", "--train-file", str(train),
+            "--val-file", str(train), "--test-file", str(train), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
+            "--dry-run", *map(str, flags)]
+
+
+def _main(args, capsys, monkeypatch):
+    from undo_cli.cli.app import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    capsys.readouterr()
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    captured = capsys.readouterr()
+    return json.loads(captured.out), " ".join(captured.err.split())
+
+
+def test_dry_run_bounds_iteration0_teacher_tokens_with_the_local_tokenizer_and_costs_them(
+        tiny_teacher, tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from undo_cli.prompts import encode_prompt, load_template, problem_variables, render_messages
+
+    args = _dry_run(tiny_teacher, tmp_path, "--generate.n", "2", "--generate.temperature", "0.7",
+                    "--generate.max-tokens", "16", "--price-input", "1", "--price-output", "2")
+    shown, err = _main(args, capsys, monkeypatch)
+    est = shown["teacher_estimate"]
+
+    # By hand: the generate prompt of each problem, tokenised with the teacher's tokenizer, once per request
+    # (a request asks for n samples), plus n x max_tokens.
+    tok, tmpl = AutoTokenizer.from_pretrained(tiny_teacher), load_template("generate")
+    prompts = [len(encode_prompt(tok, render_messages(tmpl, **problem_variables(p), examples=[])))
+               for p in TAUGHT_PROBLEMS[:3]]
+    assert est["stage"] == "iter_00/generate" and est["upper_bound"] is True
+    assert (est["problems"], est["requests"], est["n"], est["max_tokens"]) == (3, 3, 2, 16)
+    assert est["prompt_tokens"] == sum(prompts) and est["completion_tokens"] == 3 * 2 * 16
+    assert est["tokens"] == sum(prompts) + 96
+    assert "teacher's tokenizer" in est["prompt_tokens_from"]
+    assert est["cost"] == pytest.approx((sum(prompts) * 1 + 96 * 2) / 1e6, abs=1e-6)
+    assert "UPPER BOUND" in err and f"{est['tokens']:,}" in err and "cost, upper bound" in err
+    assert not (tmp_path / "runs").exists()
+
+    # The prompt count is what the teacher is billed for: a real generate run's ledger agrees.
+    from undo_cli.stages import generate
+
+    cfg = generate.GenerateConfig(teacher=str(tiny_teacher), input=str(tmp_path / "train.jsonl"),
+                                  output=str(tmp_path / "r.jsonl"), n=2, temperature=0.7, max_tokens=16, seed=0,
+                                  keep="all", cache=False)
+    generate.run(cfg)
+    paid = json.loads((tmp_path / "r.usage.json").read_text())["paid"]
+    assert paid["prompt_tokens"] == est["prompt_tokens"] and paid["requests"] == 3
+    assert paid["tokens"] <= est["tokens"]
+
+
+def test_dry_run_says_how_much_of_it_a_budget_covers(tiny_teacher, tmp_path, capsys, monkeypatch):
+    args = _dry_run(tiny_teacher, tmp_path, "--generate.max-tokens", "16")
+    per_problem = _main(args, capsys, monkeypatch)[0]["teacher_estimate"]["tokens"] / 3  # close: similar questions
+    shown, err = _main(args + ["--max-teacher-tokens", int(per_problem * 2.5)], capsys, monkeypatch)
+    budget = shown["teacher_estimate"]["budget"]
+    assert budget["covers_problems"] == 2 and budget["covers_all"] is False
+    assert 0.75 < budget["tokens_fraction"] < 0.9
+    assert "covers" in err and "the first 2 of 3 problems" in err
+    shown, err = _main(args + ["--max-cost", "1", "--price-output", "1"], capsys, monkeypatch)
+    assert shown["teacher_estimate"]["budget"]["covers_all"] is True and "covers all of it" in err
+
+
+def test_dry_run_with_a_hub_teacher_not_cached_estimates_from_characters_without_network(
+        tmp_path, capsys, monkeypatch):
+    import socket
+
+    from undo_cli.economy.accounting import PER_MESSAGE_OVERHEAD
+    from undo_cli.prompts import load_template, problem_variables, render_messages
+
+    def no_network(*a, **k):
+        raise AssertionError("the dry run tried the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    shown, err = _main(_dry_run("org/not-downloaded", tmp_path, "--generate.max-tokens", "16"), capsys, monkeypatch)
+    est = shown["teacher_estimate"]
+    tmpl = load_template("generate")
+    by_chars = 0
+    for p in TAUGHT_PROBLEMS[:3]:
+        messages = render_messages(tmpl, **problem_variables(p), examples=[])
+        by_chars += -(-sum(len(m["content"]) for m in messages) // 2) + PER_MESSAGE_OVERHEAD * (len(messages) + 1)
+    assert est["prompt_tokens"] == by_chars and est["tokens"] == by_chars + 3 * 16
+    assert est["upper_bound"] is True and est["cost"] is None and est["budget"] is None
+    assert "from characters at 2 characters a token" in est["prompt_tokens_from"]
+    assert "not a local folder nor in the local hub cache" in err

@@ -30,8 +30,9 @@ def build(entry: Special) -> click.Command:
                           "allowed for stages that have not finished; they rerun)."),
         click.Option(["--overwrite"], is_flag=True, default=False, help="Delete the run in runs_dir/name and start over."),
         click.Option(["--dry-run"], is_flag=True, default=False,
-                     help="Print every setting (a default, from the file or a flag) and the plan of stages and "
-                          "files; run nothing, load no model."),
+                     help="Print every setting (a default, from the file or a flag), the plan of stages and "
+                          "files, and an upper bound of iteration 0's teacher tokens (and cost, with prices); "
+                          "run nothing, load no model."),
         # A table-valued top-level field ([prices] in run.toml; --price-input/--price-output as flags) has no flag.
         *options(config_cls, layered=True,
                  skip=(*TABLES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
@@ -46,7 +47,9 @@ def build(entry: Special) -> click.Command:
         origins: dict[str, str] = {}
         resolved = resolve(config_cls, config, flags, list(ctx.args), origins)
         if dry_run:
-            show_plan(resolved, origins)
+            shown = show_plan(resolved, origins)
+            # JSON on stdout, like a real run: `undo iterate ... --dry-run | jq .teacher_estimate.tokens`
+            sys.stdout.write(json.dumps(shown, default=str) + "\n")
             return
         summary = run(resolved, resume=resume, overwrite=overwrite)
         # One JSON line on stdout (people read stderr): `undo iterate ... | jq .test` works.

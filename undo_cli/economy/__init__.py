@@ -11,4 +11,5 @@
 * `backend.py`: the wrapper the shared generation loop (stages/generation_loop.py) puts
   around the teacher's backend, so every backend gets all of it once.
 * `options.py`: the config fields (= flags) of the teacher stages.
+* `estimate.py`: before any call, an upper bound of generate's teacher tokens (`undo iterate --dry-run`).
 """

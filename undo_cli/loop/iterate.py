@@ -5,7 +5,7 @@
         --train-file data/train.jsonl --val-file data/val.jsonl --test-file data/test.jsonl \\
         --teacher-backend vllm --max-iterations 4 --train.epochs 1 --train.lr 2e-5 --name qwen-gsm8k
     undo iterate --config examples/run.toml --resume          # after a kill, Ctrl-C or a crash
-    undo iterate --config examples/run.toml --dry-run         # the resolved settings and the plan; no model
+    undo iterate --config examples/run.toml --dry-run         # settings, plan, teacher-token bound; no model
     undo iterate --config examples/run.toml --overwrite       # delete runs/NAME and start over
     undo iterate --config examples/run.toml --launcher slurm --slurm.shards 16   # stages as Slurm job arrays
 
@@ -511,10 +511,12 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
 
 
 def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Print every setting (with where it came from: default, file or flag) and the plan; load no model."""
+    """Print every setting (with where it came from: default, file or flag), the plan and an upper bound of
+    iteration 0's teacher tokens (economy/estimate.py); load no model. Returns the same as a dict."""
     from rich.table import Table
 
     from undo_cli.console import console
+    from undo_cli.economy.estimate import describe as describe_estimate
     from undo_cli.loop.settings import STAGES
 
     check_stages(config)
@@ -544,10 +546,30 @@ def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dic
     for row in steps:
         plan_table.add_row(*row)
     console.print(plan_table)
+    estimate = estimate_iteration0(config)
+    est_table = Table(title="teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, "
+                            "before any call", title_justify="left")
+    for col in ("what", "value"):
+        est_table.add_column(col, overflow="fold")
+    for row in describe_estimate(estimate):
+        est_table.add_row(*row)
+    console.print(est_table)
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
     console.print("nothing was run (--dry-run); drop --dry-run to start")
-    return {"settings": settings, "origins": origins, "plan": steps}
+    return {"settings": settings, "origins": origins, "plan": steps, "teacher_estimate": estimate}
+
+
+def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
+    """Upper bound of iteration 0's teacher tokens (and cost, with prices): its generate stage, as the loop runs it."""
+    from undo_cli.economy.estimate import estimate_generate
+    from undo_cli.model_refs import to_be_written
+
+    with to_be_written(config.run_dir):
+        cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
+    return {"stage": "iter_00/generate", **estimate_generate(
+        cfg, max_teacher_tokens=config.max_teacher_tokens, max_cost=config.max_cost,
+        trust_remote_code=config.trust_remote_code)}
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""Before any call: an upper bound of the teacher tokens (and cost) of `undo generate` over a problems file.
+
+    undo iterate --config examples/run.toml --dry-run --price-input 0.15 --price-output 0.60
+
+`undo iterate --dry-run` shows it for iteration 0 (the generate stage over
+train_file; later iterations refine only the errors, which are not known before
+a student exists). Each problem is one request for its `n` samples, and a
+request's prompt tokens count once, as the ledger counts them (accounting.py),
+so the bound is
+
+    sum over problems of (prompt tokens + n x max_tokens)
+
+with every sample running to max_tokens and no answer taken from the teacher
+cache. The prompts are the ones generate sends (same template, few-shot
+examples, `limit`). Their length is counted with the teacher's own tokenizer
+and chat template when that loads without the network (a local folder, or a
+hub name already in the local hub cache); no model is loaded. Otherwise it is
+estimated from characters at the budget check's conservative ratio (2
+characters a token, plus a few tokens of chat formatting per message), and the
+result says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from undo_cli.economy.accounting import INITIAL_TOKENS_PER_CHAR, PER_MESSAGE_OVERHEAD, Prices, _round, prompt_chars
+
+
+def _local_tokenizer(name: str, trust_remote_code: bool) -> tuple[Any | None, str]:
+    """The teacher's tokenizer if it loads with no network (else None), and why not."""
+    from undo_cli.model_refs import _cached
+
+    local = Path(name).expanduser().is_dir()
+    if not local and not _cached(name):
+        return None, f"{name} is not a local folder nor in the local hub cache"
+    try:
+        from transformers import AutoTokenizer
+
+        from undo_cli.console import quiet_transformers
+
+        quiet_transformers()
+        kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+        # local_files_only: a dry run never downloads, even with the hub reachable
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if local else name,
+                                             local_files_only=True, **kwargs), ""
+    except Exception as exc:  # a folder without tokenizer files: the estimate still helps, from characters
+        return None, f"its tokenizer did not load ({type(exc).__name__})"
+
+
+def estimate_generate(config, *, max_teacher_tokens: int | None = None, max_cost: float | None = None,
+                      trust_remote_code: bool = False) -> dict[str, Any]:
+    """Upper bound of the paid teacher tokens (and cost) of `generate.run(config)` from scratch."""
+    from undo_cli.prompts import encode_prompt
+    from undo_cli.records import read_records
+    from undo_cli.stages.generate import build_items, read_fewshot
+
+    problems = read_records(config.input, "problem")
+    if config.limit is not None:
+        problems = problems[: config.limit]
+    items = build_items(problems, config.prompt, read_fewshot(config.fewshot) if config.fewshot else [])
+    tokenizer, why = _local_tokenizer(config.teacher, trust_remote_code)
+    if tokenizer is not None:
+        counted = f"counted with the teacher's tokenizer ({config.teacher})"
+        prompts = [len(encode_prompt(tokenizer, item.messages)) for item in items]  # what the hf backend sends
+    else:
+        counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
+                   f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
+        prompts = [math.ceil(prompt_chars(item.messages) * INITIAL_TOKENS_PER_CHAR)
+                   + PER_MESSAGE_OVERHEAD * (len(item.messages) + 1) for item in items]  # as Budget.bound
+    completion = config.n * config.max_tokens
+    prompt_total, completion_total = sum(prompts), completion * len(prompts)
+    prices = Prices(config.price_input, config.price_output)
+    out: dict[str, Any] = {
+        "upper_bound": True,
+        "assumes": "every sample runs to max_tokens; no answer from the teacher cache",
+        "problems": len(items), "requests": len(items), "n": config.n, "max_tokens": config.max_tokens,
+        "prompt_tokens": prompt_total, "prompt_tokens_from": counted,
+        "completion_tokens": completion_total, "tokens": prompt_total + completion_total,
+        "cost": _round(prices.cost(prompt_total, completion_total)),
+        "prices": {"input": prices.input, "output": prices.output} if prices.set else None,
+    }
+    budget: dict[str, Any] = {}
+    if max_teacher_tokens is not None or max_cost is not None:
+        # Problems run in file order; how many of them fit, each at its upper bound.
+        spent_p = spent_c = covered = 0
+        for p in prompts:
+            p_next, c_next = spent_p + p, spent_c + completion
+            if max_teacher_tokens is not None and p_next + c_next > max_teacher_tokens:
+                break
+            if max_cost is not None and (prices.cost(p_next, c_next) or 0.0) > max_cost + 1e-12:
+                break
+            spent_p, spent_c, covered = p_next, c_next, covered + 1
+        budget = {"max_teacher_tokens": max_teacher_tokens, "max_cost": max_cost, "covers_problems": covered,
+                  "covers_all": covered == len(prompts)}
+        if max_teacher_tokens is not None:
+            budget["tokens_fraction"] = round(min(1.0, max_teacher_tokens / out["tokens"]), 4) if out["tokens"] else 1.0
+        if max_cost is not None and out["cost"]:
+            budget["cost_fraction"] = round(min(1.0, max_cost / out["cost"]), 4)
+    out["budget"] = budget or None
+    return out
+
+
+def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, value) rows for people (the dry run's table)."""
+    rows = [("problems (one request each)", f"{est['problems']:,} x n={est['n']}"),
+            ("prompt tokens", f"{est['prompt_tokens']:,}  ({est['prompt_tokens_from']})"),
+            ("completion tokens, at most", f"{est['completion_tokens']:,}  (n x max_tokens {est['max_tokens']} "
+                                           "per problem)"),
+            ("teacher tokens, upper bound", f"{est['tokens']:,}  ({est['assumes']})")]
+    if est["cost"] is not None:
+        p = est["prices"]
+        rows.append(("cost, upper bound", f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, "
+                                          f"output {p['output'] or 0:g})"))
+    b = est.get("budget")
+    if b:
+        limits = " and ".join(s for s in (
+            f"--max-teacher-tokens {b['max_teacher_tokens']:,}" if b["max_teacher_tokens"] is not None else "",
+            f"--max-cost {b['max_cost']:g}" if b["max_cost"] is not None else "") if s)
+        if b["covers_all"]:
+            rows.append(("budget", f"{limits} covers all of it"))
+        else:
+            shares = ", ".join(f"{b[k]:.0%} of the {what}" for k, what in (("tokens_fraction", "tokens"),
+                                                                            ("cost_fraction", "cost")) if k in b)
+            fit = (f"the first {b['covers_problems']:,} of {est['problems']:,} problems" if b["covers_problems"]
+                   else "not even the first problem")
+            rows.append(("budget", f"{limits} covers {shares}: {fit} at their upper bound (the stage stops cleanly "
+                                   "there; re-run with more to resume)"))
+    return rows

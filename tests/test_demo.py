@@ -39,29 +39,61 @@ def _stage(run: Path, key: str) -> dict:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
+    """The README's first command as written (`undo demo`, in a fresh folder, in a terminal), killed, resumed."""
+    import pty
+    import threading
+
     from tests.conftest import run_undo
 
-    workdir = tmp_path_factory.mktemp("demo") / "undo-demo"
+    here = tmp_path_factory.mktemp("demo")
+    workdir = here / "undo-demo"  # the default --workdir, relative to where the user stands
     run = workdir / "runs" / "demo"
-    env = {**os.environ, **WIDE}
-    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, **WIDE, "TERM": "xterm"}
+    # A pseudo-terminal for stdout and stderr: rich draws its live progress as it would for a person.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo"], cwd=here, stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    screen: list[bytes] = []
+
+    def drain() -> None:  # a full terminal buffer would block the demo
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child is gone
+                return
+            if not chunk:
+                return
+            screen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 900
     while _stage(run, "iter_00/train").get("status") != "done":
-        assert proc.poll() is None, f"demo ended before the kill point:\n{proc.stderr.read()[-3000:]}"
+        shown = b"".join(screen).decode(errors="replace")[-3000:]
+        assert proc.poll() is None, f"demo ended before the kill point:\n{shown}"
         assert time.monotonic() < deadline, "demo did not reach iter_00/train in 15 minutes"
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.wait()
+    reader.join(timeout=10)
+    os.close(master)
     before = {
         "teacher": (workdir / "models" / "teacher" / "train_summary.json").read_bytes(),
         "rationales": (run / "iter_00" / "rationales.jsonl").read_bytes(),
         "student": (run / "iter_00" / "student" / "train_summary.json").read_bytes(),
         "generate": _stage(run, "iter_00/generate"),
     }
-    refused = run_undo("demo", "--workdir", workdir, env=WIDE)
-    resumed = run_undo("demo", "--workdir", workdir, "--resume", env=WIDE, timeout=900)
-    return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed}
+    refused = run_undo("demo", env=WIDE, cwd=here)
+    resumed = run_undo("demo", "--resume", env=WIDE, cwd=here, timeout=900)
+    return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed,
+            "terminal": b"".join(screen).decode(errors="replace")}
+
+
+def test_in_a_terminal_the_demo_shows_live_progress(demo):
+    terminal = demo["terminal"]
+    assert "training the tiny teacher (undo train)" in terminal and "Traceback" not in terminal
+    assert "\x1b[" in terminal  # rich drew for a terminal (colours, cursor moves), not for a log file
 
 
 def test_resume_after_sigkill_finishes_without_redoing_finished_stages(demo):
@@ -99,7 +131,7 @@ def test_the_user_sees_table_verdict_and_next_steps(demo):
     assert "undo report" in err and "undo_loop.sh" in err and "refined.jsonl" in err
     assert "says nothing about real models" in err
     line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
-    assert line["run_dir"] == str(demo["run"]) and line["test"]["one_shot"]["count"] > 0
+    assert line["run_dir"] == str(Path("undo-demo") / "runs" / "demo") and line["test"]["one_shot"]["count"] > 0
 
 
 def test_data_is_the_shipped_problems_split(demo):

@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 # Export OMP_NUM_THREADS yourself to override.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+# No hub at test time, from the first import on: huggingface_hub reads HF_HUB_OFFLINE once, when it is
+# imported (test modules import transformers while they are collected, before any fixture runs), and
+# online it retries an unreachable hub for tens of seconds per model name.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Real servers on 127.0.0.1 (transformers serve, a scripted fault server) as fixtures: see tests/servers.py.
 pytest_plugins = ["tests.servers"]

@@ -1,6 +1,6 @@
 """The offline tour: tiny models, the shipped arithmetic problems, the whole UNDO loop, in minutes on a CPU.
 
-    undo demo                                  # everything, into ./undo-demo (about 5 minutes on 2 cores)
+    undo demo                                  # everything, into ./undo-demo (about a minute on 2 idle cores)
     undo demo --workdir /tmp/demo --setup-only # only data + models; then run the loop yourself:
     undo iterate --config examples/run.toml    # (with the default --workdir)
 
@@ -46,7 +46,7 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 
-# Sizes, chosen so that the whole demo fits in about 5 minutes on 2 CPU cores.
+# Sizes: the whole demo takes about a minute on 2 idle CPU cores (bench/demo.py), well inside 5 minutes.
 VOCAB = 1024
 TEACHER = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512}
 STUDENT = {"hidden_size": 96, "num_layers": 2, "num_heads": 3, "intermediate_size": 256}
@@ -57,7 +57,7 @@ TEACHER_TRAINING = {"epochs": 40.0, "lr": 3e-3, "batch_size": 8, "lr_scheduler":
                     "logging_steps": 40, "save_steps": 100, "max_length": 768}
 REFINE_EVERY = 3  # one training problem in 3 also gets a refine-prompt example (they are long: ~500 tokens)
 # A small train split: the tiny teacher must learn every training problem by heart in about a
-# minute (it learns 90 in ~45 epochs; 180 would take far longer than twice that).
+# minute (it learns 90 in 40 epochs; with 150, val and test shrink and the student did no better: 2.7% test).
 SPLIT = "train=0.3,val=0.35,test=0.35"
 
 # The trap each kind of problem sets (keyed by meta.template of examples/arithmetic.jsonl):
@@ -73,7 +73,7 @@ TRAPS = {
     "twice_then_spend": "Twice as many means multiply by 2, and that is added to what there was.",
 }
 GENERIC_TRAP = "Work one step at a time and check each result before the next."
-DISCLAIMER = ("The demo's models are tiny (0.6M and 0.3M parameters, trained for minutes on a CPU): "
+DISCLAIMER = ("The demo's models are tiny (0.6M and 0.3M parameters, trained for a minute on a CPU): "
               "their accuracy says nothing about real models. It shows the machinery, with real numbers.")
 
 

@@ -11,6 +11,7 @@ foreign and unfinished shards.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,19 @@ def test_merge_is_the_unsharded_file(runs, name, undo):
         partial = [json.loads(p.with_name(p.name[:-6] + ".metrics.json").read_text()) for p in parts]
         assert sum(m["count"] for m in partial) == len(PROBLEMS) and all(m["shard"] for m in partial)
         assert 0 < json.loads(metrics(whole).read_text())["accuracy"] < 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a character device needs root")
+def test_merge_into_a_device_writes_in_place_and_leaves_it_a_device(runs, undo, tmp_path):
+    import stat
+
+    device = tmp_path / "null"  # a private /dev/null (same major/minor): the machine's own is never touched
+    os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    whole, parts = runs["errors"]
+    result = undo("merge", device, *parts)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISCHR(os.stat(device).st_mode)  # not renamed over: still the device
+    assert not [p for p in tmp_path.iterdir() if p.name != "null"]  # no temp file, no sidecar left
 
 
 def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, undo, trained_teacher):

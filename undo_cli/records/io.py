@@ -27,6 +27,7 @@ else fails with `file:line: not UTF-8 (byte 0xe9 at column N)`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -245,24 +246,22 @@ def open_stream(path: str | os.PathLike):
     return open(path, "w", encoding="utf-8"), True  # a device or FIFO: written in place, never replaced
 
 
-def _write_stream(path: str | os.PathLike, text: str) -> None:
-    fh, owned = open_stream(path)
-    try:
-        fh.write(text)
-        fh.flush()
-    finally:
-        if owned:
-            fh.close()
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
+    """A text handle whose content replaces `path` at once when the block ends, or not at all if it fails.
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a mix.
-
-    Only regular files are replaced by rename; a device, FIFO or socket (`/dev/null`,
-    `/dev/stdout`, `>(...)`) is written in place (see the module docstring).
+    Readers see the old file or the new one, never a mix. Only regular files are replaced by
+    rename; a device, FIFO or socket (`/dev/null`, `/dev/stdout`, `>(...)`) is written in place
+    (see the module docstring). The one home of write-then-rename: every whole-file writer uses it.
     """
     if is_stream(path) or _is_our_stdout(path):
-        _write_stream(path, text)
+        fh, owned = open_stream(path)
+        try:
+            yield fh
+            fh.flush()
+        finally:
+            if owned:
+                fh.close()
         return
     check_output_path(path)
     # A symlink to a file stays a symlink: the new file replaces its target, not the link.
@@ -271,7 +270,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -279,6 +278,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (regular files) or in place (streams): see `atomic_output`."""
+    with atomic_output(path) as fh:
+        fh.write(text)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:

@@ -317,9 +317,7 @@ def _merge_files(paths: list[str], out: str, position: dict[str, int], key: str,
     computes its metrics in the same pass, so a million predictions are parsed once and never held).
     Returns (count, what consume returned).
     """
-    import tempfile
-
-    from undo_cli.records.io import _fsync_dir
+    from undo_cli.records.io import atomic_output
 
     last = len(position)
 
@@ -330,43 +328,32 @@ def _merge_files(paths: list[str], out: str, position: dict[str, int], key: str,
                 raise UndoError(f"{path}:{lineno}: {shard_key} '{record.get(shard_key)}' does not belong to "
                                 f"shard {meta['shard']}", hint="this file was edited or is not this shard's output")
             pos = position.get(record.get(key), last)
-            if pos < previous:  # the runner writes finished shards in item order; anything else was edited
+            if pos < previous:  # the generation loop writes finished shards in item order; anything else was edited
                 raise UndoError(f"{path}:{lineno}: records are not in input order",
                                 hint="re-run the shard's command once: it puts a finished output in order")
             previous = pos
             yield pos, line, record
 
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     count = 0
     consumed = None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            streams = [stream(p, m) for p, m in zip(paths, metas) if Path(p).exists()]
+    with atomic_output(out) as fh:  # a regular file appears whole or not at all; /dev/null stays a device
+        streams = [stream(p, m) for p, m in zip(paths, metas) if Path(p).exists()]
 
-            def records():
-                nonlocal count
-                # Ties cannot happen across shards (a key lives in one shard); heapq.merge is stable within one.
-                for _, line, record in heapq.merge(*streams, key=lambda t: t[0]):
-                    fh.write(line)
-                    count += 1
-                    yield record
+        def records():
+            nonlocal count
+            # Ties cannot happen across shards (a key lives in one shard); heapq.merge is stable within one.
+            for _, line, record in heapq.merge(*streams, key=lambda t: t[0]):
+                fh.write(line)
+                count += 1
+                yield record
 
-            if consume is None:
-                for _ in records():
-                    pass
-            else:
-                consumed = consume(records())
-                for _ in records():  # whatever consume left unread
-                    pass
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if consume is None:
+            for _ in records():
+                pass
+        else:
+            consumed = consume(records())
+            for _ in records():  # whatever consume left unread
+                pass
     return count, consumed
 
 

@@ -221,25 +221,47 @@ class TeacherCache:
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            if self.network:
-                mode = self.db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
-                if not quiet:
-                    from undo_cli.console import warn
-
-                    warn(f"the teacher cache {self.path} is on a network filesystem ({self.fs}): SQLite's WAL mode "
-                         "cannot work there, so it uses a rollback journal; do not write it from several machines "
-                         "at once (keep --cache-dir on a local disk)")
-            else:
-                mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self.journal_mode = mode
-            # WAL + NORMAL: a crash of the process loses nothing; a power cut may lose the last
-            # transactions, which for a cache only means paying for those answers again.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            if not self._has_schema():
-                self.db.executescript(_SCHEMA)  # IF NOT EXISTS: two processes creating it at once is fine
+            self.journal_mode = self._set_up(quiet)
         except sqlite3.DatabaseError as exc:
             raise UndoError(f"the teacher cache {self.path} cannot be opened: {exc}",
                             hint="run with --no-cache, or move the file away (a new one is created)") from None
+
+    def _set_up(self, quiet: bool) -> str:
+        """Journal mode, sync level and schema; retried while another process is doing the same.
+
+        Switching a fresh file to WAL, or creating the schema, while another process does the same
+        can fail at once with "database is locked": SQLite skips the busy handler where waiting
+        could deadlock. Those steps are idempotent, so they are retried (with jitter) up to the busy
+        timeout. Returns the journal mode in force.
+        """
+        import random
+        import time
+
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        warned = quiet
+        while True:
+            try:
+                if self.network:
+                    mode = self.db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+                    if not warned:
+                        from undo_cli.console import warn
+
+                        warn(f"the teacher cache {self.path} is on a network filesystem ({self.fs}): SQLite's WAL "
+                             "mode cannot work there, so it uses a rollback journal; do not write it from several "
+                             "machines at once (keep --cache-dir on a local disk)")
+                        warned = True
+                else:
+                    mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                # WAL + NORMAL: a crash of the process loses nothing; a power cut may lose the last
+                # transactions, which for a cache only means paying for those answers again.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                if not self._has_schema():
+                    self.db.executescript(_SCHEMA)  # IF NOT EXISTS: two processes creating it at once is fine
+                return mode
+            except sqlite3.OperationalError as exc:
+                if not any(w in str(exc) for w in ("locked", "busy")) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05 + 0.1 * random.random())
 
     # -- plumbing --------------------------------------------------------------------------------
 

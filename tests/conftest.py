@@ -89,6 +89,27 @@ def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env:
                           capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
+def read_terminal(master: int):
+    """Drain a pseudo-terminal's master side in a thread (a full buffer would block the child): (thread, bytes so far)."""
+    import threading
+
+    screen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the slave side has exited
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return reader, screen
+
+
 @pytest.fixture
 def undo():
     return run_undo

@@ -41,9 +41,8 @@ def _stage(run: Path, key: str) -> dict:
 def demo(tmp_path_factory) -> dict:
     """The README's first command as written (`undo demo`, in a fresh folder, in a terminal), killed, resumed."""
     import pty
-    import threading
 
-    from tests.conftest import run_undo
+    from tests.conftest import read_terminal, run_undo
 
     here = tmp_path_factory.mktemp("demo")
     workdir = here / "undo-demo"  # the default --workdir, relative to where the user stands
@@ -54,23 +53,10 @@ def demo(tmp_path_factory) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo"], cwd=here, stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, env=env)
     os.close(slave)
-    screen: list[bytes] = []
-
-    def drain() -> None:  # a full terminal buffer would block the demo
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child is gone
-                return
-            if not chunk:
-                return
-            screen.append(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    reader, screen = read_terminal(master)
     deadline = time.monotonic() + 900
     while _stage(run, "iter_00/train").get("status") != "done":
-        shown = b"".join(screen).decode(errors="replace")[-3000:]
+        shown = bytes(screen).decode(errors="replace")[-3000:]
         assert proc.poll() is None, f"demo ended before the kill point:\n{shown}"
         assert time.monotonic() < deadline, "demo did not reach iter_00/train in 15 minutes"
         time.sleep(0.5)
@@ -87,7 +73,7 @@ def demo(tmp_path_factory) -> dict:
     refused = run_undo("demo", env=WIDE, cwd=here)
     resumed = run_undo("demo", "--resume", env=WIDE, cwd=here, timeout=900)
     return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed,
-            "terminal": b"".join(screen).decode(errors="replace")}
+            "terminal": bytes(screen).decode(errors="replace")}
 
 
 def test_in_a_terminal_the_demo_shows_live_progress(demo):

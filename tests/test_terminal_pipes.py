@@ -18,10 +18,11 @@ import pty
 import shlex
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import read_terminal
 
 UNDO = f"{shlex.quote(sys.executable)} -m undo_cli"
 
@@ -40,20 +41,7 @@ def run_in_terminal(script: str, cwd: Path, timeout: float = 600) -> tuple[int, 
     proc = subprocess.Popen(["bash", "-c", script], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
                             start_new_session=True)
     os.close(slave)
-    screen = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every holder of the slave side has exited
-                return
-            if not chunk:
-                return
-            screen.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    reader, screen = read_terminal(master)
     try:
         code = proc.wait(timeout=timeout)
     finally:

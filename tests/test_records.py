@@ -56,6 +56,22 @@ def test_a_failure_mid_write_leaves_the_old_file_and_no_temp_files(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """Whole-file writes go through a mkstemp temp file (0600): the result must have the mode `open()` gives."""
+    old = os.umask(umask)
+    try:
+        write_records(tmp_path / "split.jsonl", [PROBLEM])
+        write_json(tmp_path / "manifest.json", {"a": 1})
+        write_json(tmp_path / "manifest.json", {"a": 2})  # replacing an existing file too
+        with AppendLog(tmp_path / "rationales.jsonl") as log:
+            log.append([{"id": "r1"}])
+    finally:
+        os.umask(old)
+    for name in ("split.jsonl", "manifest.json", "rationales.jsonl"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(mode), name
+
+
 def test_a_crash_during_the_rename_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
     write_json(path, {"accuracy": 0.5})

@@ -160,6 +160,12 @@ def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
     assert summary["final_loss"] < summary["first_loss"]
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert not (out / "adapter_config.json").exists()  # OUTPUT itself is a plain model
+    # Readable by colleagues: every file honours the umask (safetensors itself writes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(out)): oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()}
+    assert "model.safetensors" in modes and "adapter/adapter_model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
     from transformers import AutoModelForCausalLM
 

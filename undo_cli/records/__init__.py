@@ -5,6 +5,7 @@ from undo_cli.records.io import (
     AppendLog,
     atomic_write_text,
     check_output_path,
+    honour_umask,
     is_stream,
     iter_records,
     read_text,
@@ -17,6 +18,6 @@ from undo_cli.records.io import (
 from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
-    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "is_stream", "iter_records", "read_json",
+    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "read_json",
     "read_records", "read_text", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

@@ -23,6 +23,12 @@ a temp file over `/dev/null` would replace the device with a regular file for
 every program on the machine. They are never fsynced (a pipe cannot be) and
 never resumed. Input is UTF-8 (a leading byte-order mark is dropped); anything
 else fails with `file:line: not UTF-8 (byte 0xe9 at column N)`.
+
+Every file written here honours the umask (0644 under the usual 022), as a file
+made by `open()` does: the temp file of an atomic write is created 0600 by
+mkstemp, so it is given `0666 & ~umask` before it is renamed into place, and
+colleagues and jobs under another user can read the results on a shared cluster.
+`honour_umask` does the same for files a library wrote that way (safetensors).
 """
 
 from __future__ import annotations
@@ -166,6 +172,36 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel shows it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read is a write; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions `open()` gives a new file: 0666 less the umask (0644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or every file under a folder) the mode `open()` would have: for files a library
+    created 0600 through a temp file (safetensors' save_file), which other users could not read."""
+    p = Path(path)
+    mode = file_mode()
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and not f.is_symlink()]
+    for f in files:
+        if stat.S_IMODE(f.stat().st_mode) != mode:
+            os.chmod(f, mode)
+
+
 def real_stdout():
     """The process's stdout, even while a rich live display (the progress bar) has swapped `sys.stdout`.
 
@@ -270,6 +306,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), file_mode())  # mkstemp made it 0600; it must honour the umask like any new file
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -43,12 +43,10 @@ PER_MESSAGE_OVERHEAD = 8       # role markers and separators of a chat template,
 
 
 def ledger_path(output: str) -> str | None:
-    """`out/rationales.jsonl` -> `out/rationales.usage.json`; None for stdout."""
-    if output == "-":
-        return None
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(f"{stem}.usage.json"))
+    """`out/rationales.jsonl` -> `out/rationales.usage.json`; None for stdout and other streams (/dev/null)."""
+    from undo_cli.records.sidecars import USAGE, sidecar_path
+
+    return sidecar_path(output, USAGE)
 
 
 @dataclass

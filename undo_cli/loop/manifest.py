@@ -260,11 +260,12 @@ class RunFolder:
         """Forget an unfinished stage and delete what it wrote (only inside the run folder)."""
         stage = self.manifest["stages"][key]
         root = self.path.resolve()
+        from undo_cli.records.sidecars import sidecar_paths
+
         for value in (stage.get("outputs") or {}).values():
             p = Path(value)
-            targets = [p]
-            if p.suffix == ".jsonl":  # generate's sidecar of rejected samples belongs to its output
-                targets.append(p.with_name(p.name[: -len(".jsonl")] + ".rejected.jsonl"))
+            # An output's sidecars (rejected samples, run record, ledger) belong to it.
+            targets = [p] + ([Path(s) for s in sidecar_paths(p)] if p.suffix == ".jsonl" else [])
             for t in targets:
                 if not t.exists() or root not in t.resolve().parents:
                     continue

@@ -88,9 +88,9 @@ class EvaluateConfig(GenerationOptions):
     def metrics_path(self) -> str | None:
         if self.metrics:
             return self.metrics
-        from undo_cli.stages.generation_loop import sidecar_path
+        from undo_cli.records.sidecars import METRICS, sidecar_path
 
-        return sidecar_path(self.output, "metrics.json")
+        return sidecar_path(self.output, METRICS)
 
     def backend_config(self):
         return super().backend_config(self.model, adapter=self.adapter)

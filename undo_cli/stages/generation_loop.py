@@ -100,30 +100,6 @@ class WorkItem:
     shard_key: str | None = None    # the id `--shard K/N` hashes (default: key); refine: the target's problem id
 
 
-def sidecar_path(output: str, suffix: str) -> str | None:
-    """A file that belongs to `output`: `out/preds.jsonl` + "metrics.json" -> `out/preds.metrics.json`.
-
-    None for stdout and other streams (/dev/null, a FIFO): they get no sidecars.
-    """
-    from undo_cli.records import is_stream
-
-    if is_stream(output):
-        return None
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(f"{stem}.{suffix}"))
-
-
-def rejected_path(output: str) -> str | None:
-    """Where rejected records of `output` go: `out/rationales.jsonl` -> `out/rationales.rejected.jsonl`."""
-    return sidecar_path(output, "rejected.jsonl")
-
-
-def run_record_path(output: str) -> str | None:
-    """Where `output`'s provenance goes: `out/rationales.jsonl` -> `out/rationales.run.json`."""
-    return sidecar_path(output, "run.json")
-
-
 def digest(obj: Any) -> str:
     """A short stable hash of JSON-able data (records as read, prompts): equal data, equal digest."""
     import hashlib
@@ -147,8 +123,9 @@ def claim_output(output: str, identity: dict[str, Any], *, fresh: bool) -> None:
     See "What produced the output" in the module docstring.
     """
     from undo_cli.records import write_json
+    from undo_cli.records.sidecars import RUN, sidecar_path
 
-    record = run_record_path(output)
+    record = sidecar_path(output, RUN)
     if record is None:
         return
     stage = identity.get("stage", "this stage")
@@ -213,6 +190,7 @@ def run_generation(
     from undo_cli.backends import BackendConfig, open_backend
     from undo_cli.records import AppendLog, check_output_path, is_stream
     from undo_cli.records.schema import check_record
+    from undo_cli.records.sidecars import REJECTED, RUN, sidecar_path
     from undo_cli.stages import shards
 
     keys = [item.key for item in items]
@@ -229,8 +207,8 @@ def run_generation(
     started = time.perf_counter()
     stream = is_stream(output)
     check_output_path(output)
-    side = rejected_path(output) if keep is not None else None
-    run_record = None if identity is None else run_record_path(output)
+    side = sidecar_path(output, REJECTED) if keep is not None else None
+    run_record = None if identity is None else sidecar_path(output, RUN)
     output_existed = not stream and Path(output).exists()
     if run_record is not None:
         identity = {"stage": description, **identity,
@@ -276,7 +254,7 @@ def run_generation(
                 rejected_log.close()
     # Every item is done (or left by the budget, to resume): a finished output is in item (input) order whatever the backend's batching
     # did, so a re-run, a resumed run and `undo merge` of shards all give the same file.
-    if output != "-":
+    if not stream:  # a FIFO or a device is never read back: it would wait for a writer forever
         shards.put_in_order(output, kind, keys, resume_key)
         if side:
             shards.put_in_order(side, kind, keys, resume_key)

@@ -102,10 +102,10 @@ def shard_of(key: str, n: int) -> int:
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
-    """`shards/rationales.0.jsonl` -> `shards/rationales.0.shard.json`."""
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return p.with_name(f"{stem}.shard.json")
+    """`shards/rationales.0.jsonl` -> `shards/rationales.0.shard.json` (a shard's output is a regular file)."""
+    from undo_cli.records.sidecars import SHARD, sidecar_path as path_of
+
+    return Path(path_of(output, SHARD) or f"{output}.{SHARD}")
 
 
 def _sha256(path: str) -> str:
@@ -126,8 +126,10 @@ def shard_meta(stage: str, shard: Shard, config: Any) -> dict[str, Any]:
             raise UndoError(f"--shard {shard} cannot read --{name.replace('_', '-')} from stdin",
                             hint="give the input as a file: every shard reads it, and `undo merge` re-reads it")
         inputs[name] = {"path": path, "sha256": _sha256(path)}
-    if getattr(config, "output", "-") == "-":
-        raise UndoError(f"--shard {shard} needs --output FILE, not stdout",
+    from undo_cli.records import is_stream
+
+    if is_stream(getattr(config, "output", "-")):
+        raise UndoError(f"--shard {shard} needs --output FILE, not stdout or a stream",
                         hint="each shard writes its own file (e.g. out/rationales.{k}.jsonl); `undo merge` joins them")
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in PER_SHARD}
     return {"format": FORMAT, "stage": stage, "shard": str(shard), "k": shard.k, "n": shard.n,
@@ -171,7 +173,9 @@ def begin(output: str, meta: dict[str, Any], *, fresh: bool = False) -> None:
 
 def refuse_unsharded(output: str) -> None:
     """An unsharded run must not resume into (and silently complete) a shard's output."""
-    if output == "-":
+    from undo_cli.records import is_stream
+
+    if is_stream(output):
         return
     side = sidecar_path(output)
     if side.is_file() and Path(output).exists():
@@ -199,7 +203,9 @@ def put_in_order(path: str, kind: str, keys: list[str], key: str) -> None:
     """Rewrite a finished JSONL output (atomically) in item order, if it is not already."""
     from undo_cli.records import read_records, write_records
 
-    if path == "-" or not Path(path).exists():
+    from undo_cli.records.sidecars import can_read_back
+
+    if not can_read_back(path):
         return
     records = read_records(path, kind, allow_empty=True)
     ordered = order_records(records, keys, key)
@@ -363,7 +369,7 @@ def merge(config: MergeConfig) -> dict[str, Any]:
     import time
 
     from undo_cli.console import console
-    from undo_cli.stages.generation_loop import rejected_path
+    from undo_cli.records.sidecars import REJECTED, sidecar_path as path_of
 
     started = time.perf_counter()
     checked = check_shards(config.shards)
@@ -380,9 +386,9 @@ def merge(config: MergeConfig) -> dict[str, Any]:
                                      else None)
     summary: dict[str, Any] = {"stage": stage, "shards": first["n"], "output": config.output, "records": records,
                                "inputs": {n: v["path"] for n, v in first["inputs"].items()}}
-    sides = [rejected_path(p) for p in paths]
-    if any(m.get("rejected_records") is not None for m in metas):
-        out_side = rejected_path(config.output)
+    sides = [path_of(p, REJECTED) for p in paths]
+    out_side = path_of(config.output, REJECTED)  # None when OUT is a stream: no sidecar there
+    if out_side is not None and any(m.get("rejected_records") is not None for m in metas):
         summary["rejected_output"] = out_side
         summary["rejected"], _ = _merge_files(sides, out_side, position, key, shard_key, metas)
     if hasattr(module, "after_merge"):

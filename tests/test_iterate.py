@@ -149,6 +149,13 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     ids = [json.loads(line)["id"] for line in refined]
     assert len(ids) == len(set(ids)) == stages["iter_01/refine"]["summary"]["jobs"] == 4
     assert "resumes where it stopped" in finished_run["log"] or "resuming" in finished_run["log"]
+    # Killed twice, yet no temp file is left, and every file is readable by others (it honours the umask).
+    assert not list(run.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in run.rglob("*") if f.is_file()}
+    assert {"manifest.json", "summary.json", "iter_00/rationales.jsonl", "iter_01/student/model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):

@@ -119,3 +119,29 @@ def test_overwrite_is_a_config_field_with_help():
     for cls in (GenerateConfig, EvaluateConfig, RefineConfig):
         field = {f.name: f for f in fields(cls)}["overwrite"]
         assert field.default is False and field.metadata["help"]
+
+
+def test_a_resumed_run_removes_the_temp_files_a_killed_run_left_and_only_those(tmp_path, tiny_model):
+    """A run killed mid-write leaves `.rationales.jsonl.XXXXXXXX.tmp` (and the same for its sidecars) behind; the
+    resumed run deletes those of its own output and sidecars, never another output's nor a live writer's."""
+    import fcntl
+
+    from undo_cli.stages.generate import GenerateConfig, run
+
+    config = GenerateConfig(teacher=str(tiny_model), input=str(_problems(tmp_path)), output=str(tmp_path / "r.jsonl"),
+                            keep="all", max_tokens=2)
+    run(config)
+    # What SIGKILL in the middle of an atomic write of each file leaves (mkstemp's names).
+    stale = [f".r.{suffix}.{tag}.tmp" for suffix, tag in (("jsonl", "k3j2_x9a"), ("run.json", "a8f0q1zz"),
+                                                          ("usage.json", "0000abcd"), ("rejected.jsonl", "zz_9y8x7"))]
+    for name in stale:
+        (tmp_path / name).write_text("{")
+    other = tmp_path / ".s.jsonl.k3j2_x9a.tmp"  # another output's (a concurrent shard's) temp
+    other.write_text("{")
+    live = tmp_path / ".r.usage.json.live_123.tmp"  # being written by a live process right now
+    live.write_text("{")
+    with live.open() as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        summary = run(config)  # the same command: a resume with nothing left to do
+    assert summary["already_done"] == 3
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted([other.name, live.name])

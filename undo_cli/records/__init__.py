@@ -11,6 +11,7 @@ from undo_cli.records.io import (
     read_text,
     read_json,
     read_records,
+    remove_stale_temps,
     write_json,
     text_lines,
     write_records,
@@ -19,5 +20,5 @@ from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
     "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "read_json",
-    "read_records", "read_text", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
+    "read_records", "read_text", "remove_stale_temps", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

@@ -15,6 +15,10 @@ An output that is not a regular file (`-`, `/dev/null`, a FIFO, a socket, bash's
 `>(...)`) is written in place and that is all: it gets no sidecar (no
 `/dev/null.usage.json`), and nothing is ever read back from it (opening a FIFO
 to read what was written would wait forever for a writer).
+
+A stage that owns an output calls `remove_stale_temps_of(output)` before it
+writes: the temp files killed atomic writes of the output and its sidecars left
+behind go (never a live writer's, never another output's: records/io.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from undo_cli.records.io import is_stream
+from undo_cli.records.io import is_stream, remove_stale_temps
 
 RUN = "run.json"
 USAGE = "usage.json"
@@ -53,3 +57,10 @@ def sidecar_paths(output: str | os.PathLike) -> list[str]:
 def can_read_back(output: str | os.PathLike) -> bool:
     """True when `output` is a regular file that exists: a stage may re-read what it wrote there."""
     return not is_stream(output) and Path(output).is_file()
+
+
+def remove_stale_temps_of(output: str | os.PathLike) -> list[str]:
+    """Delete what killed atomic writes of `output` and of its sidecars left behind (records.remove_stale_temps)."""
+    if is_stream(output):
+        return []
+    return [name for path in (str(output), *sidecar_paths(output)) for name in remove_stale_temps(path)]

@@ -190,7 +190,7 @@ def run_generation(
     from undo_cli.backends import BackendConfig, open_backend
     from undo_cli.records import AppendLog, check_output_path, is_stream
     from undo_cli.records.schema import check_record
-    from undo_cli.records.sidecars import REJECTED, RUN, sidecar_path
+    from undo_cli.records.sidecars import REJECTED, RUN, remove_stale_temps_of, sidecar_path
     from undo_cli.stages import shards
 
     keys = [item.key for item in items]
@@ -214,6 +214,7 @@ def run_generation(
         identity = {"stage": description, **identity,
                     "prompts": digest(sorted(([i.key, i.messages] for i in items), key=lambda kv: kv[0]))}
         claim_output(output, identity, fresh=fresh)
+    remove_stale_temps_of(output)  # a killed run's temp files of this output and its sidecars
     stats = _Stats(questions=len(items))
     if economy is not None:
         economy.begin(output, fresh=fresh or not output_existed)

@@ -176,6 +176,43 @@ def test_adaptive_without_val_data_holds_out_a_seeded_share_of_the_examples():
         hold_out(_config(student_outputs="adaptive"), examples[:1])
 
 
+VAL_SHAPES = {  # docs/artifacts.md, "training data": what --data accepts, --val-data accepts too
+    "rationale": {"id": "v1#0", "problem_id": "v1", "question": "What is 2 plus 2?", "answer": "4",
+                  "rationale": "2 + 2 = 4\n#### 4"},
+    "rationale without problem_id": {"id": "v1", "question": "What is 2 plus 2?", "answer": "4",
+                                     "rationale": "2 + 2 = 4\n#### 4"},
+    "messages": {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                              {"role": "assistant", "content": "2 + 2 = 4\n#### 4"}]},
+    "prompt/completion": {"prompt": "What is 2 plus 2?", "completion": "2 + 2 = 4\n#### 4"},
+}
+
+
+@pytest.mark.parametrize("shape", list(VAL_SHAPES))
+def test_val_data_is_read_like_data_in_every_documented_shape(shape, tiny_tokenizer, tmp_path):
+    """--val-data (adaptive's φ) used to demand rationale lines with problem_id, while --data took every shape."""
+    from undo_cli.training.collate import PaddedCollator
+    from undo_cli.training.student_outputs_setup import preflight, validation_batches
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({**VAL_SHAPES[shape], **({"id": f"v{i}"} if "id" in VAL_SHAPES[shape] else {})})
+                           + "\n" for i in range(3)))
+    config = _config(student_outputs="adaptive", objective="srkl", val_data=str(val), batch_size=2, buffer_size=8)
+    preflight(config)  # read before anything is written: no error
+    batches = validation_batches(config, tiny_tokenizer, PaddedCollator(tiny_tokenizer.pad_token_id))
+    assert [len(b["input_ids"]) for b in batches] == [2, 1]
+    assert all((b["labels"] != -100).any() for b in batches)  # the answers are the targets, as for --data
+
+
+def test_a_bad_val_data_line_names_file_line_and_field(tmp_path):
+    from undo_cli.errors import RecordError
+    from undo_cli.training.student_outputs_setup import preflight
+
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps(VAL_SHAPES["messages"]) + "\n" + json.dumps({"messages": "hi"}) + "\n")
+    with pytest.raises(RecordError, match=r"val.jsonl:2: field 'messages'"):
+        preflight(_config(student_outputs="adaptive", objective="srkl", val_data=str(val)))
+
+
 # ---- prompts out of collated batches, samples back in -------------------------------------
 
 def _encoded(tokenizer, n=3):

@@ -225,7 +225,8 @@ class StudentOutputOptions:
     buffer_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity in sequences (DistiLLM: 1000)."})
     phi_init: float = field(default=0.0, metadata={"help": "adaptive: the threshold phi at the start (DistiLLM: 0)."})
     val_data: str | None = field(default=None, metadata={
-        "help": "adaptive: held-out rationales; phi grows by 0.1 when the student's loss on them rises by >= 0.1."})
+        "help": "adaptive: held-out training data, in any shape --data takes (with --rationale-field too); phi grows "
+                "by 0.1 when the student's loss on it rises by >= 0.1."})
     eval_steps: int | None = field(default=None, metadata={
         "help": "adaptive: validate every this many optimizer steps (default: once per epoch)."})
     method: str = field(default="sft", metadata={"choices": METHODS, 

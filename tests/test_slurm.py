@@ -71,7 +71,7 @@ def loop_args(tmp_path_factory, tiny_model, trained_teacher) -> dict:
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
             "--max-iterations", "1", "--patience", "1", "--no-cache", *STAGE_FLAGS]
-    return {"root": root, "args": [str(a) for a in args]}
+    return {"root": root, "args": [str(a) for a in args], "teacher": trained_teacher, "student": tiny_model}
 
 
 def _undo(args: list[str], log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -304,3 +304,47 @@ def test_launcher_training_job_runs_torchrun_in_the_allocation(tiny_model, tmp_p
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "iter_00" / "student")
+
+
+@needs_slurm
+def test_the_teacher_budget_holds_across_shards_and_a_resume_with_more_finishes(loop_args, tmp_path):
+    """`--launcher slurm` with max_teacher_tokens: the shards together stay within it, a shard stopped by the
+    budget is not resubmitted as failed, the stage stops with the reason `budget` and its usage; `--resume`
+    with a larger budget (not a different run) finishes it, and the merge writes the stage's ledger."""
+    from undo_cli.loop.iterate import BudgetReached, IterateConfig, Loop, affected_stages, record_usage
+    from undo_cli.loop.manifest import RunFolder
+    from undo_cli.loop.settings import resolve
+    from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+
+    def loop(budget: int, resume: bool):
+        flags = {"teacher": str(loop_args["teacher"]), "student": str(loop_args["student"]),
+                 "train_file": str(loop_args["root"] / "train.jsonl"), "val_file": str(loop_args["root"] / "val.jsonl"),
+                 "test_file": str(loop_args["root"] / "test.jsonl"), "runs_dir": str(tmp_path), "name": "budget",
+                 "cache": False, "max_teacher_tokens": budget, "launcher": "slurm"}
+        config = resolve(IterateConfig, None, flags, [*STAGE_FLAGS, *SLURM_FLAGS[2:]])
+        folder = RunFolder.open(config.run_dir, config=config.identity(), inputs={}, seeds={}, resume=resume,
+                                affects=affected_stages, defaults=config.default_identity())
+        return Loop(config, folder, SlurmLauncher(SlurmConfig(**config.slurm), folder)), folder
+
+    budget = 400  # a few of the 8 problems' upper bounds (prompt + 48 completion tokens each): not all of them
+    first, folder = loop(budget, resume=False)
+    with pytest.raises(BudgetReached):
+        first.generate()
+    stage = folder.manifest["stages"]["iter_00/generate"]
+    shards = sorted((tmp_path / "budget" / "iter_00" / "shards").glob("rationales.*-of-3.usage.json"))
+    paid = [json.loads(p.read_text())["paid"]["tokens"] for p in shards]
+    assert stage["status"] == "budget" and len(paid) == 3 and 0 < sum(paid) <= budget
+    assert stage["summary"]["teacher_usage"]["paid"]["tokens"] == sum(paid)
+    assert 0 < stage["summary"]["left_by_budget"] < 8
+    assert all(t["attempts"] == 1 for t in stage["slurm"]["tasks"].values())  # stopped, not failed: none resubmitted
+    folder._lock_fh.close()
+
+    more, folder = loop(10_000_000, resume=True)  # a larger budget is not another run
+    summary = more.generate()
+    record_usage(folder)
+    merged = json.loads((tmp_path / "budget" / "iter_00" / "rationales.usage.json").read_text())
+    paid = sum(json.loads(p.read_text())["paid"]["tokens"] for p in shards)
+    assert folder.manifest["stages"]["iter_00/generate"]["status"] == "done" and summary["kept_total"] > 0
+    assert merged["paid"]["tokens"] == paid == summary["teacher_usage"]["paid"]["tokens"]
+    assert folder.manifest["teacher_usage"]["iterations"][0]["paid"]["tokens"] == paid
+    folder._lock_fh.close()

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _problems(tmp_path: Path) -> Path:
-    return _write(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)}
+    return write_jsonl(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)}
                                            for i in range(3)])
 
 
@@ -57,7 +55,7 @@ def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, 
     assert preds.read_bytes() == before and (tmp_path / "preds.metrics.json").read_bytes() == metrics_before
 
     # A different input file is a different run too.
-    _write(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
+    write_jsonl(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
     changed = undo("evaluate", "--model", tiny_model, "--input", tmp_path / "val2.jsonl", "--output", preds,
                    "--max-tokens", "3")
     assert changed.returncode == 2 and "input:" in _flat(changed.stderr)
@@ -92,9 +90,9 @@ def test_a_file_this_stage_did_not_write_is_never_truncated(tmp_path, undo, stag
     target = tmp_path / "notes.txt"
     target.write_bytes(content)
     if stage == "refine":
-        errors = _write(tmp_path / "errors.jsonl", [{"id": "v0", "question": "What is 0 plus 1?", "answer": "1",
+        errors = write_jsonl(tmp_path / "errors.jsonl", [{"id": "v0", "question": "What is 0 plus 1?", "answer": "1",
                                                      "output": "2", "error_type": "wrong_answer"}])
-        targets = _write(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
+        targets = write_jsonl(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
                                                  "answer": "1", "rationale": "0 + 1 = 1\n#### 1"}])
         args = ["refine", "--teacher", tmp_path / "model", "--errors", errors, "--targets", targets,
                 "--select", "errors"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TAUGHT_PROBLEMS
+from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +57,13 @@ def slurm_up() -> str | None:
 needs_slurm = pytest.mark.skipif(slurm_up() is not None, reason=str(slurm_up()))
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def loop_args(tmp_path_factory, tiny_model, trained_teacher) -> dict:
     root = tmp_path_factory.mktemp("slurm")
     problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
-    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
-             "test": _write(root / "test.jsonl", problems[6:])}
+    files = {"train": write_jsonl(root / "train.jsonl", problems[:8]), "val": write_jsonl(root / "val.jsonl", problems[8:]),
+             "test": write_jsonl(root / "test.jsonl", problems[6:])}
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
             "--max-iterations", "1", "--patience", "1", "--no-cache", *STAGE_FLAGS]
@@ -205,9 +201,9 @@ def test_bash_slurm_loop_example_runs(loop_args, tiny_model, trained_teacher, tm
 @needs_slurm
 def test_two_slurm_tasks_train_one_model_with_torchrun_rendezvous(tiny_model, tmp_path):
     """examples/slurm/train.sbatch with 2 tasks: two torchruns meet by c10d rendezvous, as two nodes would (gloo)."""
-    from tests.test_train import _rationales, _write as write_rows
+    from tests.test_train import _rationales
 
-    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales())
     out = tmp_path / "student"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "STUDENT": str(tiny_model), "DATA": str(data), "OUTPUT": str(out), "PROCS_PER_NODE": "1",
@@ -288,9 +284,9 @@ folder.step("iter_00/train", lambda: launcher.run_train("iter_00/train", cfg), o
 @needs_slurm
 def test_launcher_training_job_runs_torchrun_in_the_allocation(tiny_model, tmp_path):
     """`[slurm] train_procs_per_node = 2`: the training job starts torchrun (c10d) itself; one world, one model."""
-    from tests.test_train import _rationales, _write as write_rows
+    from tests.test_train import _rationales
 
-    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales())
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", TRAINER, str(run), str(tiny_model), str(data)],
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
+
 ROWS = [{"id": "a", "answer": "2", "output": "#### 2"}, {"id": "b", "answer": "3", "output": "#### 4"}]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the bug needs root: only root can rename over a device")
 
 
 def _input(tmp_path: Path) -> Path:
-    path = tmp_path / "preds.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
+    return write_jsonl(tmp_path / "preds.jsonl", ROWS)
 
 
 def _scored(text: str) -> list[dict]:
@@ -61,10 +61,8 @@ def test_a_character_device_stays_a_device(tmp_path, undo, command):
 
 
 def _input_predictions(tmp_path: Path) -> Path:
-    path = tmp_path / "preds.jsonl"
     rows = [{**r, "question": "q", "predicted": r["output"][-1], "correct": r["id"] == "a"} for r in ROWS]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "preds.jsonl", rows)
 
 
 @root_only
@@ -72,8 +70,7 @@ def test_evaluate_into_a_device_writes_no_sidecars(tmp_path, undo, tiny_model):
     # The resumable writer (AppendLog) and the metrics: /dev/null.metrics.json must not appear next to the device.
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    problems = tmp_path / "val.jsonl"
-    problems.write_text(json.dumps({"id": "v0", "question": "What is 1 plus 1?", "answer": "2"}) + "\n")
+    problems = write_jsonl(tmp_path / "val.jsonl", [{"id": "v0", "question": "What is 1 plus 1?", "answer": "2"}])
     result = undo("evaluate", "--model", tiny_model, "--input", problems, "--output", null, "--max-tokens", "2")
     assert result.returncode == 0, result.stderr
     assert stat.S_ISCHR(os.stat(null).st_mode)
@@ -148,18 +145,16 @@ PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} plus 1?", "answer": str(i 
 def _stage_config(stage: str, tmp_path: Path, model: Path, output: Path):
     from undo_cli.stages import evaluate, generate, refine
 
-    problems = tmp_path / "problems.jsonl"
-    problems.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    problems = write_jsonl(tmp_path / "problems.jsonl", PROBLEMS)
     common = {"max_tokens": 4, "output": str(output)}
     if stage == "generate":  # the teacher economy is on (the default): its ledger would be a sidecar
         return generate, generate.GenerateConfig(teacher=str(model), input=str(problems), keep="all", **common)
     if stage == "evaluate":
         return evaluate, evaluate.EvaluateConfig(model=str(model), input=str(problems), **common)
-    targets, errors = tmp_path / "targets.jsonl", tmp_path / "errors.jsonl"
-    targets.write_text("".join(json.dumps({**p, "id": f"{p['id']}#0", "problem_id": p["id"],
-                                           "rationale": f"#### {p['answer']}"}) + "\n" for p in PROBLEMS))
-    errors.write_text("".join(json.dumps({**p, "output": "#### 0", "predicted": "0", "correct": False,
-                                          "error_type": "wrong_answer"}) + "\n" for p in PROBLEMS))
+    targets = write_jsonl(tmp_path / "targets.jsonl", [{**p, "id": f"{p['id']}#0", "problem_id": p["id"],
+                                                        "rationale": f"#### {p['answer']}"} for p in PROBLEMS])
+    errors = write_jsonl(tmp_path / "errors.jsonl", [{**p, "output": "#### 0", "predicted": "0", "correct": False,
+                                                      "error_type": "wrong_answer"} for p in PROBLEMS])
     return refine, refine.RefineConfig(teacher=str(model), errors=str(errors), targets=str(targets), select="errors",
                                        **common)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
 from undo_cli.errors import UndoError
 from undo_cli.training.config import TrainConfig
 from undo_cli.training.student_outputs import (FRESH, GROUND_TRUTH, REPLAY, AdaptiveSchedule, OnPolicySchedule,
@@ -193,9 +194,8 @@ def test_val_data_is_read_like_data_in_every_documented_shape(shape, tiny_tokeni
     from undo_cli.training.collate import PaddedCollator
     from undo_cli.training.student_outputs_setup import preflight, validation_batches
 
-    val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps({**VAL_SHAPES[shape], **({"id": f"v{i}"} if "id" in VAL_SHAPES[shape] else {})})
-                           + "\n" for i in range(3)))
+    val = write_jsonl(tmp_path / "val.jsonl", [{**VAL_SHAPES[shape], **({"id": f"v{i}"} if "id" in VAL_SHAPES[shape]
+                                                                         else {})} for i in range(3)])
     config = _config(student_outputs="adaptive", objective="srkl", val_data=str(val), batch_size=2, buffer_size=8)
     preflight(config)  # read before anything is written: no error
     batches = validation_batches(config, tiny_tokenizer, PaddedCollator(tiny_tokenizer.pad_token_id))
@@ -207,8 +207,7 @@ def test_a_bad_val_data_line_names_file_line_and_field(tmp_path):
     from undo_cli.errors import RecordError
     from undo_cli.training.student_outputs_setup import preflight
 
-    val = tmp_path / "val.jsonl"
-    val.write_text(json.dumps(VAL_SHAPES["messages"]) + "\n" + json.dumps({"messages": "hi"}) + "\n")
+    val = write_jsonl(tmp_path / "val.jsonl", [VAL_SHAPES["messages"], {"messages": "hi"}])
     with pytest.raises(RecordError, match=r"val.jsonl:2: field 'messages'"):
         preflight(_config(student_outputs="adaptive", objective="srkl", val_data=str(val)))
 
@@ -272,10 +271,6 @@ def _problem(i: int) -> dict:
             "question": f"Sam has {a} apples and buys {b} more. How many apples does Sam have?",
             "rationale": f"Sam starts with {a} apples. He buys {b} more, so {a} + {b} = {a + b}.\n#### {a + b}"}
 
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def held_out_reverse_kl(student_dir: Path, teacher_dir: Path, problems: list[dict], *, new_tokens: int = 16) -> float:
@@ -352,9 +347,9 @@ def test_each_mode_lowers_the_students_reverse_kl_on_held_out_prompts(mode, sft_
     summary says which steps trained on what."""
     from tests.conftest import TAUGHT_PROBLEMS
 
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
-    extra = {"adaptive": ["--val-data", _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])],
-             "minillm": ["--lm-data", _write(tmp_path / "lm.jsonl", [{"text": f"Sam has {i} apples."} for i in range(8)])],
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
+    extra = {"adaptive": ["--val-data", write_jsonl(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])],
+             "minillm": ["--lm-data", write_jsonl(tmp_path / "lm.jsonl", [{"text": f"Sam has {i} apples."} for i in range(8)])],
              }.get(mode, [])
     out = tmp_path / "out"
     res = undo("train", *map(str, _train_args(sft_student, taught_teacher, data, out, *FLAGS[mode], *extra)),
@@ -383,8 +378,8 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_same_schedule(sft_student
     buffer and random streams: same decisions, same φ history, same final loss as the uninterrupted run."""
     import shutil
 
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(12)])
-    val = _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(12)])
+    val = write_jsonl(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])
     args = _train_args(sft_student, taught_teacher, data, tmp_path / "full", *FLAGS["adaptive"], "--val-data", val,
                        "--save-steps", 6)
     res = undo("train", *map(str, args), "--keep-checkpoints", env=ONE_THREAD)
@@ -432,7 +427,7 @@ def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", spy_generate)
     monkeypatch.setattr(LlamaForCausalLM, "forward", spy_forward)
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
     summary = run(TrainConfig(student=str(tiny_model), teacher=str(tiny_teacher), data=str(data),
                               output=str(tmp_path / "out"), objective="jsd", student_outputs="on-policy", lmbda=1.0,
                               max_steps=2, batch_size=4, max_new_tokens=6, logging_steps=1))
@@ -465,7 +460,7 @@ def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(
 
 @pytest.mark.slow
 def test_config_errors_exit_2_naming_the_fix(tiny_model, tiny_teacher, tmp_path, undo):
-    data = _write(tmp_path / "rationales.jsonl", [_problem(0)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(0)])
     res = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "o",
                "--objective", "jsd", "--student-outputs", "on-policy")
     assert res.returncode == 2 and "needs a live --teacher of the same tokenizer" in " ".join(res.stderr.split())

@@ -204,36 +204,3 @@ def read_ledger(path: str | Path) -> dict[str, Any] | None:
         return None
     return data if isinstance(data, dict) and "paid" in data else None
 
-
-def usage_by_iteration(run_dir: str | Path, prices: Prices | None = None) -> dict[str, Any]:
-    """Teacher usage per iteration of a run folder, with running totals (for manifest.json and the report).
-
-    prices: recompute costs at these prices (else each ledger's own cost, at the prices its stage ran with).
-    """
-    import re
-
-    from undo_cli.loop.layout import RunLayout
-
-    layout = RunLayout(Path(run_dir))
-    rows = []
-    paid_total, cached_total = Usage(), Usage()
-    cost_total: float | None = None
-    for d in sorted(Path(run_dir).glob("iter_*")):
-        m = re.fullmatch(r"iter_(\d+)", d.name)
-        if not m:
-            continue
-        k = int(m.group(1))
-        output = layout.rationales() if k == 0 else layout.refined(k)  # iteration 0 generates, later ones refine
-        ledger = read_ledger(ledger_path(str(output)))
-        if ledger is None:
-            continue
-        paid, cached = Usage.from_json(ledger["paid"]), Usage.from_json(ledger["cached"])
-        cost = prices.cost(paid.prompt_tokens, paid.completion_tokens) if prices and prices.set else ledger.get("cost")
-        paid_total.add(paid)
-        cached_total.add(cached)
-        if cost is not None:
-            cost_total = (cost_total or 0.0) + cost
-        rows.append({"iteration": k, "paid": paid.to_json(), "cached": cached.to_json(), "cost": _round(cost),
-                     "paid_tokens_cumulative": paid_total.tokens, "cost_cumulative": _round(cost_total)})
-    return {"iterations": rows, "total": {"paid": paid_total.to_json(), "cached": cached_total.to_json(),
-                                          "cost": _round(cost_total)}}

@@ -12,6 +12,7 @@ from undo_cli.records.io import (
     read_json,
     read_records,
     remove_stale_temps,
+    sha256_file,
     write_json,
     text_lines,
     write_records,
@@ -20,5 +21,5 @@ from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
     "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "read_json",
-    "read_records", "read_text", "remove_stale_temps", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
+    "read_records", "read_text", "remove_stale_temps", "sha256_file", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

@@ -21,7 +21,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from undo_cli.errors import UndoError
 from undo_cli.records.schema import TASKS
 
 
@@ -35,9 +34,9 @@ class ScoreConfig:
         "help": "Score every record as this task (math, choice or exact); default: each record's `task`, else math."})
 
     def __post_init__(self) -> None:
-        if self.task is not None and self.task not in TASKS:
-            raise UndoError(f"--task {self.task}: unknown task",
-                            hint=f"use one of: {', '.join(TASKS)} (or leave it out to use each record's own task)")
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # task
         from undo_cli.records import check_output_path
         from undo_cli.stages.options import check_output_is_new
 

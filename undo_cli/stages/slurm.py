@@ -42,6 +42,9 @@ The manifest records each shard's job id and attempts. A controller that dies
 (SIGKILL, a lost ssh session) is restarted with `--resume`: finished shards are
 kept, shards whose job is still queued or running are waited for, the rest are
 resubmitted.
+
+What a task runs, what counts as the stage's items and what the summary of its
+merged shards is comes from the stage's StageSpec (stages/spec.py).
 """
 
 from __future__ import annotations
@@ -141,11 +144,10 @@ def queue_states() -> dict[str, str] | None:
 
 def run_shard(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One shard task: the stage's own run() with --shard K/N (settings holds every config field)."""
-    from undo_cli.stages.shards import stage_config
+    from undo_cli.stages.spec import stage as spec_of
 
-    module = __import__(f"undo_cli.stages.{stage}", fromlist=["run"])
-    config = stage_config({"stage": stage, "settings": settings})
-    return _plain(module.run(config))
+    spec = spec_of(stage)
+    return _plain(spec.run(spec.config(**settings)))
 
 
 def run_train(settings: dict[str, Any], nnodes: int, nproc: int, port: int) -> dict[str, Any]:
@@ -212,7 +214,7 @@ class SlurmLauncher:
 
     # One sharded stage ------------------------------------------------------------------------------
 
-    def run_sharded(self, key: str, stage: str, config: Any) -> dict[str, Any]:
+    def run_sharded(self, key: str, spec: Any, config: Any) -> dict[str, Any]:
         """All N shards of `config` (an unsharded stage config writing config.output), then the merge."""
         import dataclasses
 
@@ -220,31 +222,37 @@ class SlurmLauncher:
 
         n = self.c.shards
         out = Path(config.output)
-        stem = out.name[: -len(".jsonl")]
-        parts = [out.parent / "shards" / f"{stem}.{k}-of-{n}.jsonl" for k in range(n)]
+        parts = [out.parent / "shards" / f"{out.name[: -len('.jsonl')]}.{k}-of-{n}.jsonl" for k in range(n)]
+        expected = json.loads(json.dumps(shards.shard_meta(spec, shards.Shard(0, n), config)["settings"], default=str))
         settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}",
                       **({"metrics": None} if "metrics" in settings else {})} for k, p in enumerate(parts)]
-        expected = shards.shard_meta(stage, shards.Shard(0, n), config)
 
-        def complete(k: int) -> bool:
-            side = shards.sidecar_path(parts[k])
-            if not side.is_file() or not parts[k].exists():
-                return False
-            meta = json.loads(side.read_text())
-            return bool(meta.get("complete")) and meta.get("settings") == json.loads(
-                json.dumps(expected["settings"], default=str)) and meta.get("k") == k
+        def outcome(k: int) -> str | None:
+            """complete, or None: not finished."""
+            meta = self._sidecar(parts[k], k, expected)
+            return "complete" if meta and meta.get("complete") else None
 
         stage_state = self.folder.stage(key)
         state = stage_state.setdefault("slurm", {})
         if state.get("n") != n:
             state.clear()
             state.update(n=n, tasks={})
-        tasks: dict[str, dict[str, Any]] = state["tasks"]
-        self._wait(key, n, tasks, complete, lambda ks: self._submit_shards(stage, key, ks, per_shard))
+        self._wait(key, n, state["tasks"], outcome, lambda ks: self._submit_shards(spec.name, key, ks, per_shard))
         merged = shards.merge(shards.MergeConfig(output=str(out), shards=[str(p) for p in parts],
                                                  metrics=getattr(config, "metrics", None)))
-        return self._summary(stage, config, merged)
+        summary: dict[str, Any] = {"shards": merged["shards"], "merge_s": merged["wall_s"]}
+        if spec.merged_summary is not None:
+            summary.update(spec.merged_summary(config, merged))
+        return summary
+
+    @staticmethod
+    def _sidecar(part: Path, k: int, expected: dict[str, Any]) -> dict[str, Any] | None:
+        """Shard k's sidecar when it belongs to this run (same settings, same k), else None."""
+        from undo_cli.stages import shards
+
+        meta = shards.read_sidecar(part) if part.exists() else None
+        return meta if meta and meta.get("k") == k and meta.get("settings") == expected else None
 
     def _submit_shards(self, stage: str, key: str, ks: list[int], per_shard: list[dict[str, Any]]) -> dict[int, str]:
         params: dict[str, Any] = {}
@@ -256,15 +264,18 @@ class SlurmLauncher:
         jobs = ex.map_array(run_shard, [stage] * len(ks), [per_shard[k] for k in ks])
         return {k: job.job_id for k, job in zip(ks, jobs)}
 
-    def _wait(self, key: str, n: int, tasks: dict[str, dict[str, Any]], complete, submit) -> None:
-        """Submit what is neither complete nor queued, resubmit what left the queue unfinished, until all complete."""
+    def _wait(self, key: str, n: int, tasks: dict[str, dict[str, Any]], finished, submit) -> None:
+        """Submit what is neither finished nor queued, resubmit what left the queue unfinished, until all finished.
+
+        finished(k): what shard k ended with (complete), or None while it has not.
+        """
         first = True
         while True:
             states = queue_states()
             if states is None:
                 time.sleep(self.c.poll_s)
                 continue
-            done = [k for k in range(n) if complete(k)]
+            done = [k for k in range(n) if finished(k)]
             todo = []
             for k in range(n):
                 if k in done:
@@ -295,7 +306,7 @@ class SlurmLauncher:
             elif len(done) == n:
                 for k in done:
                     if str(k) in tasks:
-                        tasks[str(k)]["state"] = "complete"
+                        tasks[str(k)]["state"] = str(finished(k))
                 self.folder.save()
                 return
             elif first:
@@ -315,36 +326,6 @@ class SlurmLauncher:
                 return f": {lines[-1][:300]}"
         return ""
 
-    @staticmethod
-    def _summary(stage: str, config: Any, merged: dict[str, Any]) -> dict[str, Any]:
-        """The stage summary the loop keeps in its manifest, computed from the merged files."""
-        from undo_cli.records import iter_records
-
-        # Streamed: at a million problems the merged rationales are gigabytes; only counts and ids are kept.
-        summary: dict[str, Any] = {"shards": merged["shards"], "merge_s": merged["wall_s"]}
-        if stage == "generate":
-            with_kept: set[str] = set()
-            kept = verified = 0
-            for r in iter_records(config.output, None, allow_empty=True):
-                with_kept.add(r["problem_id"])
-                kept += 1
-                verified += bool(r.get("correct"))
-            questions = without = 0
-            for p in iter_records(config.input, None):
-                questions += 1
-                without += p["id"] not in with_kept
-            summary.update(questions=questions, kept_total=kept, rejected=merged.get("rejected", 0),
-                           verified=verified, questions_without_kept=without)
-        elif stage == "evaluate":
-            summary["metrics"] = merged["metrics"]
-        elif stage == "refine":
-            done = verified = 0
-            for r in iter_records(config.output, None, allow_empty=True):
-                done += 1
-                verified += bool(r.get("refinement", {}).get("verified"))
-            summary.update(jobs=done, refined_verified=verified, kept_previous=done - verified)
-        return summary
-
     # Training -----------------------------------------------------------------------------------------
 
     def run_train(self, key: str, config: Any) -> dict[str, Any]:
@@ -360,8 +341,8 @@ class SlurmLauncher:
             params["gpus_per_node"] = self.c.train_gpus_per_node
         port = 29500 + random.Random(str(out)).randrange(2000)
 
-        def complete(_k: int) -> bool:
-            return (out / "train_summary.json").is_file() and self._result_ok(key)
+        def complete(_k: int) -> str | None:
+            return "complete" if (out / "train_summary.json").is_file() and self._result_ok(key) else None
 
         def submit(_ks: list[int]) -> dict[int, str]:
             job = self._executor(key.replace("/", "-"), **params).submit(run_train, settings, nnodes, nproc, port)

@@ -101,6 +101,13 @@ def test_merge_is_the_unsharded_file(runs, name, undo):
         order = [p["id"] for p in PROBLEMS]
         kept = [json.loads(line)["problem_id"] for line in whole.read_text().splitlines()]
         assert kept == sorted(kept, key=order.index)
+    if name in ("rationales", "refined"):
+        # The teacher's tokens the shards paid for are the merged output's: its ledger is theirs added up, and
+        # (greedy, same prompts) what the unsharded run paid.
+        ledger = lambda p: json.loads(p.with_name(p.name[:-6] + ".usage.json").read_text())  # noqa: E731
+        merged_usage, whole_usage = ledger(merged), ledger(whole)
+        assert merged_usage["paid"]["tokens"] == sum(ledger(p)["paid"]["tokens"] for p in parts) > 0
+        assert merged_usage["paid"] == whole_usage["paid"] and merged_usage["merged_from"] == N
     if name == "predictions":
         # Metrics are recomputed from the merged predictions: the very metrics.json of the unsharded run.
         metrics = lambda p: p.with_name(p.name[:-6] + ".metrics.json")  # noqa: E731 - predictions.metrics.json

@@ -204,3 +204,43 @@ def read_ledger(path: str | Path) -> dict[str, Any] | None:
         return None
     return data if isinstance(data, dict) and "paid" in data else None
 
+
+def sum_ledgers(paths: list[str]) -> dict[str, Any] | None:
+    """The ledgers at `paths` (shards of one output) added up, as one ledger file holds them; None if none exists.
+
+    Costs add up as each ledger recorded them (at the prices its shard ran with); the prices are kept when
+    every ledger had the same.
+    """
+    found = [(p, data) for p in paths if p and (data := read_ledger(p)) is not None]
+    if not found:
+        return None
+    merged = Ledger()
+    for path, _ in found:
+        one = Ledger.load(path, fresh=False)
+        for backend, row in one.backends.items():
+            for kind, usage in row.items():
+                merged.add(backend, paid=kind == "paid", prompt_tokens=usage.prompt_tokens,
+                           completion_tokens=usage.completion_tokens, requests=usage.requests)
+        if one.tokens_per_char is not None:
+            merged.tokens_per_char = max(one.tokens_per_char, merged.tokens_per_char or 0.0)
+
+    def added(key: str) -> float | None:
+        values = [data.get(key) for _, data in found]
+        return None if all(v is None for v in values) else _round(sum(v or 0.0 for v in values))
+
+    prices = [data.get("prices") for _, data in found]
+    return {**merged.totals(), "cost": added("cost"), "saved": added("saved"),
+            "prices": prices[0] if all(p == prices[0] for p in prices) else None,
+            "tokens_per_char": merged.tokens_per_char, "merged_from": len(found)}
+
+
+def merge_ledgers(paths: list[str], output: str) -> dict[str, Any] | None:
+    """`undo merge`: the shards' ledgers added up (`sum_ledgers`) and written beside the merged `output`
+    (`rationales.usage.json`), so later stages and the report count the tokens the shards paid for."""
+    out_path, data = ledger_path(output), sum_ledgers(paths)
+    if out_path is None or data is None:
+        return None
+    from undo_cli.records import write_json
+
+    write_json(out_path, data)
+    return data

@@ -48,6 +48,10 @@ class TeacherEconomy:
         self.identity: dict[str, Any] | None = None
         self.load_s = 0.0             # time spent opening the real backend (on the first miss)
 
+    def limits(self) -> dict[str, Any]:
+        """The budget this output runs under (what a shard stopped by it records)."""
+        return {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost}
+
     def begin(self, output: str, *, fresh: bool) -> None:
         self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
         self.ledger.prices = self.prices

@@ -73,7 +73,8 @@ Contract, in detail:
   are generated, by a stable hash of `item.shard_key` (default: the key): here
   and nowhere else (`Generation.items` then holds them, for the stage's own
   counts); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
-  settings, and `undo merge` joins the shards into the unsharded run's file.
+  settings, and `undo merge` joins the shards into the unsharded run's file. A
+  shard the teacher budget stopped is marked so (not complete) for the launcher.
 * **Streams.** An output that is not a regular file (`-`, a FIFO, a device) is
   written and never read back, and gets no sidecar (records/sidecars.py).
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
@@ -353,7 +354,7 @@ class Generation:
         stats.items_done += len(batch)
 
     def _finish(self, out, rejected, started: float) -> dict[str, Any]:
-        """Put the output in item order, mark a finished shard complete, summarise."""
+        """Put the output in item order, mark a finished shard complete (or stopped by the budget), summarise."""
         from undo_cli.stages import shards
 
         stats = self.stats
@@ -368,7 +369,10 @@ class Generation:
         if self.shard is not None:
             counts = {"records": len(out.existing) + stats.kept,
                       "rejected_records": None if self.side is None else len(rejected.existing) + stats.rejected}
-            if not stats.left_by_budget:  # a shard is complete (mergeable) only when the budget left nothing
+            if stats.left_by_budget:  # not complete (merge refuses it); what stopped it, for the launcher
+                shards.stopped_by_budget(self.output, self.shard, left=len(stats.left_by_budget),
+                                         budget=self.economy.limits(), **counts)
+            else:
                 shards.finish(self.output, self.shard, **counts)
             summary["shard"] = self.shard["shard"]
         stats.wall_s = time.perf_counter() - started

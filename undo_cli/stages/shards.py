@@ -30,6 +30,9 @@ those that may differ between shards without changing a record (the server
 each task talks to, concurrency, batch size, GPU memory, the teacher budget)
 are left out. A shard output with a sidecar for another K/N, input or
 settings is refused, and so is an unsharded run writing over a shard's output.
+A shard the teacher budget stopped says so (`"stopped": "budget"`, with the
+items left and the budget it ran under) and is not complete: `--launcher slurm`
+reports the budget instead of resubmitting it, a re-run with more resumes it.
 
 **Merging.** `undo merge OUT SHARD...` checks that the shards are exactly
 0..N-1 of one stage, one input and one set of settings (missing, duplicated,
@@ -38,7 +41,9 @@ the order, and writes OUT (plus `<stem>.rejected.jsonl` for generate) in the
 order an unsharded run writes it: input order, each item's records in the
 order they were generated. The merged file is byte-identical to the unsharded
 run's. `undo evaluate`'s metrics are recomputed from the merged predictions and
-written beside OUT (`metrics.json`), never averaged from the shards'.
+written beside OUT (`metrics.json`), never averaged from the shards'. The
+shards' token ledgers (`<stem>.usage.json`) are added up beside OUT, so later
+stages and `undo report` count what the shards paid for.
 
 What a stage's records, keys and merge hooks are is its `StageSpec` (stages/spec.py).
 """
@@ -186,6 +191,15 @@ def finish(output: str, meta: dict[str, Any], **counts: Any) -> None:
     write_json(sidecar_path(output), {**meta, "complete": True, **counts})
 
 
+def stopped_by_budget(output: str, meta: dict[str, Any], *, left: int, budget: dict[str, Any], **counts: Any) -> None:
+    """A shard the teacher budget stopped with `left` items to do: not complete, and it says why (for the
+    launcher, which then stops the stage with the reason `budget` instead of resubmitting the shard)."""
+    from undo_cli.records import write_json
+
+    write_json(sidecar_path(output), {**meta, "complete": False, "stopped": "budget", "left_by_budget": left,
+                                      "budget": budget, **counts})
+
+
 def read_sidecar(output: str | os.PathLike) -> dict[str, Any] | None:
     """The sidecar of a shard output, or None if there is none."""
     return _read_sidecar(sidecar_path(output))
@@ -272,10 +286,12 @@ def check_shards(paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
     if missing:
         raise UndoError(f"missing shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {n}",
                         hint="run the missing shards (same command with --shard K/N), then merge all of them")
-    unfinished = [f"{p} ({m['shard']})" for p, m in zip(paths, metas) if not m.get("complete")]
+    unfinished = [f"{p} ({m['shard']}{', stopped by the teacher budget' if m.get('stopped') == 'budget' else ''})"
+                  for p, m in zip(paths, metas) if not m.get("complete")]
     if unfinished:
         raise UndoError(f"unfinished shard{'s' if len(unfinished) > 1 else ''}: {', '.join(unfinished)}",
-                        hint="re-run those shards' commands: they resume where they stopped")
+                        hint="re-run those shards' commands (with a higher budget where it stopped them): they "
+                             "resume where they stopped")
     for name, v in first["inputs"].items():
         if not Path(v["path"]).is_file() or _sha256(v["path"]) != v["sha256"]:
             raise UndoError(f"{v['path']} ({name}) changed or is gone since the shards read it",
@@ -353,11 +369,12 @@ def _merge_files(paths: list[str], out: str, position: dict[str, int], key: str,
 
 
 def merge(config: MergeConfig) -> dict[str, Any]:
-    """Check the shards, merge them (and their rejected sidecars) in input order; evaluate: recompute metrics."""
+    """Check the shards, merge them (their rejected sidecars and ledgers too) in input order; evaluate: metrics."""
     import time
 
     from undo_cli.console import console
-    from undo_cli.records.sidecars import REJECTED, sidecar_path as path_of
+    from undo_cli.economy.accounting import merge_ledgers
+    from undo_cli.records.sidecars import REJECTED, USAGE, sidecar_path as path_of
     from undo_cli.stages.spec import stage
 
     started = time.perf_counter()
@@ -376,6 +393,9 @@ def merge(config: MergeConfig) -> dict[str, Any]:
         summary["rejected_output"] = out_side
         summary["rejected"], _ = _merge_files([path_of(p, REJECTED) for p in paths], out_side, position, spec.key,
                                               spec.shard_key, metas)
+    usage = merge_ledgers([path_of(p, USAGE) for p in paths], config.output)
+    if usage is not None:
+        summary["teacher_usage"] = usage
     if spec.after_merge:
         spec.after_merge(stage_cfg, config, summary, consumed)
     summary["wall_s"] = round(time.perf_counter() - started, 3)

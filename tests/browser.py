@@ -61,7 +61,10 @@ class Chromium:
         self._from_child, from_child_w = os.pipe()
 
         def fds() -> None:  # in the child: the pipe ends become fds 3 and 4, inherited across exec
-            a, b = os.dup(to_child_r), os.dup(from_child_w)
+            import fcntl
+
+            # Copies above 4 first (one may already sit on 3 or 4); dup2 then makes 3 and 4 inheritable.
+            a, b = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
             os.dup2(a, 3)
             os.dup2(b, 4)
 

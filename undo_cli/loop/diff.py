@@ -55,6 +55,9 @@ class DiffConfig:
         if len(self.paths) not in (2, 3):
             raise UndoError(f"undo diff takes RUN A B or PRED_A PRED_B, got {len(self.paths)} argument(s)",
                             hint="undo diff runs/NAME 1 2   or   undo diff a.jsonl b.jsonl")
+        for name, allowed in (("split", SPLITS), ("format", ("table", "jsonl"))):
+            if getattr(self, name) not in allowed:
+                raise UndoError(f"--{name} {getattr(self, name)}: unknown choice", hint=f"use one of: {', '.join(allowed)}")
         if self.rows < 0:
             raise UndoError(f"--rows {self.rows}: must be 0 or more")
         if self.format == "jsonl" and self.output != "-":
@@ -182,12 +185,13 @@ def print_changed(rows: list[dict[str, Any]], limit: int) -> None:
         if not chosen:
             continue
         table = Table(title=f"{name}: {len(chosen)}" + (f" (first {limit})" if len(chosen) > limit else ""),
-                      title_justify="left", box=box.SIMPLE_HEAD)
-        for col in ("id", "gold", "A", "B", "question"):
-            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=48 if col == "question" else 24)
-        for r in chosen[:limit]:
-            cells = (r["id"], str(r["a"].get("answer")), _answer(r["a"]), _answer(r["b"]),
-                     " ".join(str(r["a"].get("question") or "").split()))
+                      title_justify="left", box=box.SIMPLE_HEAD, expand=True)
+        shown = [(r["id"], str(r["a"].get("answer")), _answer(r["a"]), _answer(r["b"]),
+                  " ".join(str(r["a"].get("question") or "").split())) for r in chosen[:limit]]
+        for j, col in enumerate(("id", "gold", "A", "B")):  # shown whole (up to 30 characters); the question gets the rest
+            table.add_column(col, no_wrap=True, min_width=min(30, max(len(col), *(len(c[j]) for c in shown))))
+        table.add_column("question", no_wrap=True, overflow="ellipsis", ratio=1)
+        for cells in shown:
             table.add_row(*(Text(c) for c in cells))  # Text: model output is never read as rich markup
         console.print(table)
     console.print("the outputs themselves: --format jsonl, or undo report RUN --html report.html", style="dim",

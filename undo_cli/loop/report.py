@@ -86,11 +86,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]] | None:
     that a running stage is appending to, whose last line may be half written.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")  # a damaged byte spoils its line, not the report
     except OSError:
         return None
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): it also splits at U+2028 and friends inside a JSON string
         try:
             record = json.loads(line)
         except ValueError:

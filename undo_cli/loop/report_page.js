@@ -26,7 +26,7 @@
     return node;
   }
 
-  // --- chunks: base64 of zlib'd JSON in <script type="application/octet-stream" id="cN">, after this script ---
+  // --- chunks: base64 of zlib-compressed JSON, in script elements of type application/octet-stream (id cN) after this one ---
   const ready = new Promise((resolve) => {
     if (document.readyState !== "loading") resolve();
     else document.addEventListener("DOMContentLoaded", resolve, { once: true });
@@ -50,7 +50,7 @@
   function pager(ids, state, total, onchange) {
     const pages = Math.max(1, Math.ceil(total / state.size));
     state.page = Math.min(state.page, pages - 1);
-    const first = state.page * state.size;
+    const first = state.page * state.size || 0;  // page 0 of "all" is 0 * Infinity: NaN
     const last = Math.min(total, first + state.size);
     for (const id of ids) {
       const go = (d) => () => { state.page += d; onchange(true); };

@@ -96,7 +96,7 @@ def _draw_accuracy(ax, state: dict[str, Any], val: list, test: list, label_every
                  label=f"validation{f' (n = {ns.pop()})' if len(ns) == 1 else ''}, 95% CI")
     if test:
         tested = ", ".join(str(p[0]) for p in test)
-        errorbar(test, 0.12, fmt="s", color="tab:red", markersize=6,
+        errorbar(test, 0.2, fmt="s", color="tab:red", markersize=6,
                  label=f"test, iteration{'s' if len(test) > 1 else ''} {tested}, 95% CI")
     # Validation labels above their interval; test labels right of their square (never on top of each other).
     for i, (k, y, _low, high, correct, count) in enumerate(val):
@@ -105,7 +105,7 @@ def _draw_accuracy(ax, state: dict[str, Any], val: list, test: list, label_every
         ax.annotate(f"{y:.1f}%" + (f"\n{correct}/{count}" if count else ""), (k, high), textcoords="offset points",
                     xytext=(0, 3), ha="center", va="bottom", fontsize=7, color="tab:blue")
     for k, y, _low, _high, correct, count in test:
-        ax.annotate(f"{y:.1f}%" + (f"\n{correct}/{count}" if count else ""), (k + 0.12, y), textcoords="offset points",
+        ax.annotate(f"{y:.1f}%" + (f"\n{correct}/{count}" if count else ""), (k + 0.2, y), textcoords="offset points",
                     xytext=(6, 0), ha="left", va="center", fontsize=7, color="tab:red")
     best = state.get("best_iteration")
     chosen = [p for p in val if p[0] == best]
@@ -117,7 +117,7 @@ def _draw_accuracy(ax, state: dict[str, Any], val: list, test: list, label_every
     low, high = accuracy_axis(bounds)
     ax.set_ylim(low, high + 0.12 * (high - low))  # room for the labels above the intervals
     ax.set_ylabel("accuracy (%)")
-    running = "" if state.get("status") == "done" else f" ({state.get('status')})"
+    running = "" if state.get("status") == "done" or not state.get("has_manifest") else f" ({state.get('status')})"
     ax.set_title(f"undo: {state['name']}{running}" + (f" — stopped: {state['stop_reason']}"
                                                        if state.get("stop_reason") else ""), fontsize="medium")
     _legend(ax, ["validation", "test", "chosen"])
@@ -145,12 +145,13 @@ def _draw_teacher(ax, rows: list[dict[str, Any]]) -> None:
 
 def _draw_errors(ax, rows: list[dict[str, Any]], label: bool) -> None:
     ks = [r["iteration"] for r in rows]
-    kinds = [t for t in ERROR_COLORS if any((r.get("error_types") or {}).get(t) for r in rows)]
+    found = {t for r in rows for t, n in (r.get("error_types") or {}).items() if n}
+    kinds = [t for t in ERROR_COLORS if t in found] + sorted(found - set(ERROR_COLORS))  # known classes first
     width = 0.8 / max(len(kinds), 1)
     for j, kind in enumerate(kinds):
         xs = [k - 0.4 + width * (j + 0.5) for k in ks]
         heights = [(r.get("error_types") or {}).get(kind, 0) for r in rows]
-        bars = ax.bar(xs, heights, width, color=ERROR_COLORS[kind], label=kind)
+        bars = ax.bar(xs, heights, width, color=ERROR_COLORS.get(kind, "tab:brown"), label=kind)
         if label:
             ax.bar_label(bars, labels=[str(h) if h else "" for h in heights], fontsize=7, padding=1)
     if not kinds:
@@ -186,14 +187,12 @@ def _draw_tokens(ax, rows: list[dict[str, Any]]) -> None:
     _legend(ax)
 
 
-def plot(state: dict[str, Any], path: str | Path) -> Path | None:
-    """Draw the panels and write the PNG; None when nothing is scored yet."""
+def figure(state: dict[str, Any]):
+    """The matplotlib figure (closed by the caller), or None when nothing is scored yet."""
     rows = state["rows"]
     val, test = series(rows, "val"), series(rows, "test")
     if not val and not test:
         return None
-    import matplotlib.pyplot as plt
-
     spend = [r for r in rows if r.get("teacher_tokens_cumulative") is not None and
              (r.get("val_accuracy") is not None or r.get("test_accuracy") is not None)]
     ks = [r["iteration"] for r in rows]
@@ -204,6 +203,22 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
         _draw_errors(axes[2], rows, label=len(ks) <= 12)
         if spend:
             _draw_tokens(axes[3], spend)
+    except BaseException:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        raise
+    return fig
+
+
+def plot(state: dict[str, Any], path: str | Path) -> Path | None:
+    """Draw the panels and write the PNG (atomically); None when nothing is scored yet."""
+    fig = figure(state)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    try:
         png = io.BytesIO()
         fig.savefig(png, format="png")
     finally:

@@ -13,7 +13,9 @@ attempt, cached, usage); metrics; train summaries; a manifest whose
 best_iteration follows the loop's rule. `hostile=True` puts HTML and script
 text into questions, outputs, rationales and an id, as model output may hold;
 `extra` adds fields to each `refinement` (what another verification mode
-writes, e.g. a rejection reason).
+writes, e.g. a rejection reason). A refinement rewrites the previous rationale
+completely with probability `rewrite`, else it keeps most of it (a warning
+first, one sentence changed), as the demo teacher's refinements do.
 
 The text is made of short arithmetic sentences with random names and numbers,
 so that it compresses about as real rationales do, not like one repeated line.
@@ -93,14 +95,23 @@ def _metrics(predictions: list[dict]) -> dict[str, Any]:
             "truncated": sum(p["finish_reason"] == "length" for p in predictions)}
 
 
+def _edited(previous: str, rng: random.Random) -> str:
+    """A refinement that keeps most of the previous rationale: a warning first, one sentence rewritten."""
+    lines = previous.split("\n")
+    j = rng.randrange(max(1, len(lines) - 1))
+    lines[j] = sentence(rng)
+    return f"Watch out: {rng.choice(['multiply first', 'subtract what is given', 'add both amounts'])}.\n" + \
+        "\n".join(lines)
+
+
 def _refined(k: int, targets: list[dict], errors: list[dict], rng: random.Random, n: int, chars: int,
-             hostile: bool, extra: dict[str, Any]) -> list[dict]:
+             hostile: bool, extra: dict[str, Any], rewrite: float) -> list[dict]:
     out = []
     for j, target in enumerate(rng.sample(targets, min(n, len(targets)))):
         failure = errors[j % len(errors)] if errors else None
         informed = [failure["id"]] + [e["id"] for e in rng.sample(errors, min(1, len(errors)))] if failure else []
         verified = rng.random() < 0.6
-        new = text(rng, chars, target["answer"])
+        new = text(rng, chars, target["answer"]) if rng.random() < rewrite else _edited(target["rationale"], rng)
         if hostile and j % 4 == 0:
             new = HOSTILE[j % len(HOSTILE)] + " " + new
         refinement = {"informed_by": list(dict.fromkeys(informed)), "iteration": k, "template": "refine",
@@ -131,7 +142,7 @@ def _correctness(n: int, iterations: int, rng: random.Random) -> list[list[bool]
 
 def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, iterations: int = 4,
               refinements: int = 25, chars: int = 160, seed: int = 0, hostile: bool = False,
-              extra: dict[str, Any] | None = None, manifest: bool = True) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, manifest: bool = True, rewrite: float = 0.5) -> dict[str, Any]:
     """Write the run; returns what a test compares against (best iteration, ids of refined records)."""
     rng = random.Random(seed)
     val_p, test_p = _problems("val", val, rng, hostile), _problems("test", test, rng, hostile)
@@ -147,7 +158,7 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
     for k in range(iterations):
         d = root / f"iter_{k:02d}"
         if k:
-            refined = _refined(k, rationales, errors, rng, refinements, chars, hostile, extra or {})
+            refined = _refined(k, rationales, errors, rng, refinements, chars, hostile, extra or {}, rewrite)
             _jsonl(d / "refined.jsonl", refined)
             refined_ids[k] = [r["id"] for r in refined]
         _json(d / "student" / "train_summary.json", {"final_loss": 1.0 / (k + 1), "steps": 10})

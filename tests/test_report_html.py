@@ -116,6 +116,56 @@ def not_blank(png: bytes) -> float:
     return ImageStat.Stat(image).var[0]
 
 
+CARDS = """[...document.querySelectorAll('#r-list > article')].map((a) => {
+  const pre = a.querySelector('pre.diff');
+  const part = (skip) => [...pre.childNodes].filter((n) => n.nodeName !== skip).map((n) => n.textContent).join('');
+  return {id: a.dataset.id, outcome: a.dataset.outcome, old: part('INS'), new: part('DEL'),
+          informed: [...a.querySelectorAll('ul.failures > li')].map((li) => [li.dataset.id,
+                                                                             li.querySelector('pre').textContent])};
+})"""
+
+
+def check_refinement_cards(browser: Chromium, run: Path) -> None:
+    """The refinements on screen: the word diff gives back both texts, and each failure shown to the teacher
+    is the student's own wrong output at the iteration before, as the files have it."""
+    _select(browser, "r-size", "all")
+    k = int(browser.evaluate("document.querySelector('#r-iter option:checked').textContent").split()[1])
+    records = {r["id"]: r for r in _read(run / f"iter_{k:02d}/refined.jsonl")}
+    outputs = {p["id"]: p["output"] for p in _read(run / f"iter_{k - 1:02d}/val/predictions.jsonl")}
+    cards = browser.evaluate(CARDS)
+    assert [c["id"] for c in cards] == list(records)
+    for card in cards:
+        r = records[card["id"]]
+        ref = r["refinement"]
+        if ref["verified"]:
+            assert card["outcome"] == "verified" and (card["old"], card["new"]) == (ref["previous_rationale"],
+                                                                                    r["rationale"])
+        else:
+            assert card["outcome"] == "kept_previous" and card["old"] == r["rationale"]
+            assert card["new"] == ref.get("rejected_rationale", r["rationale"])
+        assert card["informed"] == [[i, outputs[i]] for i in ref["informed_by"]]
+
+
+def check_every_iteration(browser: Chromium, run: Path) -> None:
+    """The first problem listed, opened on every iteration: each output as the files have it."""
+    _select(browser, "t-pair", "0")
+    shown = browser.evaluate("""(async () => {
+      const card = document.querySelector('#t-list > article');
+      const details = card.querySelector('details');
+      if (!details) return null;
+      details.open = true;
+      for (let i = 0; i < 200 && !details.querySelector('table'); i++) await new Promise((r) => setTimeout(r, 10));
+      return [card.dataset.id, [...details.querySelectorAll('tr')].map((tr) => tr.querySelector('pre').textContent)];
+    })()""")
+    ks = sorted(int(d.name[5:]) for d in run.glob("iter_*") if (d / "val/predictions.jsonl").exists())
+    if shown is None:  # two iterations: both are on the card already
+        assert len(ks) <= 2
+        return
+    pid, texts = shown
+    assert texts == [next(p["output"] for p in _read(run / f"iter_{k:02d}/val/predictions.jsonl") if p["id"] == pid)
+                     for k in ks]
+
+
 def check_page(page: Path, run: Path, browser: Chromium) -> dict:
     """Open the page and assert everything a person relies on; returns what the page showed."""
     browser.open(page.resolve().as_uri())
@@ -132,6 +182,8 @@ def check_page(page: Path, run: Path, browser: Chromium) -> dict:
     refined = page_refinements(browser)
     for k in sorted(int(d.name[5:]) for d in run.glob("iter_*") if (d / "refined.jsonl").exists()):
         assert refined[k] == [r["id"] for r in _read(run / f"iter_{k:02d}/refined.jsonl")]
+    check_refinement_cards(browser, run)
+    check_every_iteration(browser, run)
     shot = browser.screenshot()
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and not_blank(shot) > 200
     assert browser.console_errors() == []
@@ -161,12 +213,13 @@ def test_page_matches_the_files_runs_no_model_text_and_fetches_nothing(hostile):
         assert hostile["best"] != 0  # so that the page has a test pair: one-shot vs best
         assert {int(k.split("->")[1]) for k in shown["pairs"] if k.startswith("test")} == {hostile["best"]}
         # Model text that holds markup is shown as text, in the problems and in the refinements...
+        _select(browser, "t-pair", "0")
         _select(browser, "t-size", "all")
         browser.evaluate("document.querySelector('#t-counts button[data-transition=all]').click()")
         browser.evaluate("window.undoReport.idle()")
         text = browser.evaluate("document.getElementById('t-list').textContent")
         assert all(h.strip() in text for h in HOSTILE[:4])
-        assert "test-00001<b>" in text  # the last pair shown is one-shot vs best, on test
+        assert "val-00001<b>" in text
         # ... and became no element: the page's own scripts only (index, script, chunks), no img, no dialog.
         counts = browser.evaluate("[document.querySelectorAll('script').length, document.querySelectorAll("
                                   "'script[type=\"application/octet-stream\"]').length, document.querySelectorAll("

@@ -254,11 +254,17 @@ def _test(rows: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
     return out
 
 
+def test_verdict(state: dict[str, Any]) -> dict[str, Any]:
+    """{"best", "one_shot", "gain"}: the chosen and the iteration-0 students on test (None where not tested)."""
+    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
+    return {"best": best, "one_shot": one_shot,
+            "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}
+
+
 def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     """summary.json: per-iteration numbers, the best iteration, and test accuracy best vs one-shot."""
     from undo_cli.records import write_json
 
-    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
     summary = {
         "name": state["name"],
         "run_dir": state["run_dir"],
@@ -267,8 +273,7 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "best_iteration": state["best_iteration"],
         "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
-        "test": {"best": best, "one_shot": one_shot,
-                 "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None},
+        "test": test_verdict(state),
         "iterations": state["rows"],
         "teacher_usage": state.get("teacher_usage"),
     }
@@ -499,9 +504,7 @@ def run(run_dir: str, plot_path: str | None = None, price_input: float | None = 
                     else None)
     print_table(state)
     changes = print_transitions(state)
-    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
-    summary = {"test": {"best": best, "one_shot": one_shot,
-                        "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}}
+    summary = {"test": test_verdict(state)}
     print_verdict(summary)
     out = plot(state, plot_path or RunLayout(Path(run_dir)).report_plot)
     if out is None:

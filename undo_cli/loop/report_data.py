@@ -24,9 +24,10 @@ displays it:
   fields, such as a rejection reason, are shown as they are).
 
 The heavy text (questions, outputs, rationales) goes into **chunks**: JSON
-lists of up to CHUNK_PROBLEMS problems or CHUNK_REFINEMENTS refinements,
-compressed with zlib (stdlib) and embedded as base64; the page inflates only
-the chunks it shows (the browser's DecompressionStream). The word diff is
+lists of up to CHUNK_PROBLEMS problems (their questions, or their outputs at
+one iteration) or CHUNK_REFINEMENTS refinements, compressed with zlib (stdlib)
+and embedded as base64; the page inflates only the chunks it shows (the
+browser's DecompressionStream). The word diff is
 computed here with difflib (stdlib): its operations hold the common text once,
 so both texts cost less than writing them out whole (bench/report_html.py
 measures it).
@@ -48,7 +49,7 @@ from typing import Any
 from undo_cli.errors import UndoError
 from undo_cli.loop.layout import RunLayout
 
-CHUNK_PROBLEMS = 200
+CHUNK_PROBLEMS = 100
 CHUNK_REFINEMENTS = 50
 STATUS = {None: "c", "wrong_answer": "w", "no_answer": "n", "truncated": "t"}
 CODES = {"fixed": "F", "regressed": "R", "still_wrong": "W", "still_right": "S"}
@@ -56,24 +57,47 @@ CODES = {"fixed": "F", "regressed": "R", "still_wrong": "W", "still_right": "S"}
 SHOWN = {"informed_by", "iteration", "verified", "kept_previous", "previous_rationale", "rejected_rationale",
          "rejected_predicted", "rejected_finish_reason", "more_rejected", "error_type", "similarity", "attempts",
          "usage", "template", "teacher", "backend"}
-_TOKEN = re.compile(r"\s+|\S+")  # words and the spaces between them: joined back, the exact text
+_TOKEN = re.compile(r"\S+\s*")  # words with their trailing space (leading space is its own token): the exact text
+_LEADING = re.compile(r"^\s+")
+_TRAILING_SPACE = re.compile(r"\s*$")
+
+
+def _tokens(text: str) -> list[str]:
+    lead = _LEADING.match(text)
+    return ([lead.group()] if lead else []) + _TOKEN.findall(text)
 
 
 def word_diff(old: str, new: str) -> list[list[Any]]:
     """[[op, text], ...] with op 0 (both), -1 (only old), 1 (only new): difflib over words.
 
     The old text is the ops 0 and -1 joined, the new one 0 and 1, so the page stores both texts in one list.
+    Words keep their trailing space (ten times faster than diffing spaces as tokens of their own); a space
+    that a replaced word and its replacement share is given back to the common text, so `27.\n` -> `30.\n`
+    shows as `27.` -> `30.` and one unchanged line break.
     """
-    a, b = _TOKEN.findall(old), _TOKEN.findall(new)
+    a, b = _tokens(old), _tokens(new)
     ops: list[list[Any]] = []
+
+    def push(op: int, text: str) -> None:
+        if not text:
+            return
+        if ops and ops[-1][0] == op:
+            ops[-1][1] += text
+        else:
+            ops.append([op, text])
+
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        gone, came = "".join(a[i1:i2]), "".join(b[j1:j2])
         if tag == "equal":
-            ops.append([0, "".join(a[i1:i2])])
+            push(0, gone)
             continue
-        if i2 > i1:
-            ops.append([-1, "".join(a[i1:i2])])
-        if j2 > j1:
-            ops.append([1, "".join(b[j1:j2])])
+        space = ""
+        if gone and came:
+            x, y = _TRAILING_SPACE.search(gone).group(), _TRAILING_SPACE.search(came).group()
+            space = x if x == y else ""
+        push(-1, gone[:len(gone) - len(space)])
+        push(1, came[:len(came) - len(space)])
+        push(0, space)
     return ops
 
 
@@ -98,8 +122,13 @@ class Chunks:
 
 
 def _split_data(layout: RunLayout, split: str, iterations: list[int], chunks: Chunks, pairs_for) -> dict | None:
-    """One split: ids, status letters per iteration, chunks of text; `pairs_for` adds the transitions."""
-    from undo_cli.loop.transitions import error_type
+    """One split: ids, status letters per iteration, chunks of text; `pairs_for` adds the transitions.
+
+    Text is chunked by blocks of CHUNK_PROBLEMS problems: one chunk of questions and gold answers per
+    block, and one chunk of outputs and predicted answers per block and iteration, so that showing two
+    iterations of a problem (or one failure's output) inflates only those.
+    """
+    from undo_cli.stages.collect_errors import classify as error_type  # the one rule (transitions.error_type)
 
     have = [k for k in iterations if layout.predictions(k, split).is_file()]
     if not have:
@@ -107,28 +136,31 @@ def _split_data(layout: RunLayout, split: str, iterations: list[int], chunks: Ch
     ids: list[str] = []
     where: dict[str, int] = {}
     status: list[list[str]] = []
-    text: list[list[Any]] = []  # per problem: [question, gold, outputs..., predicted...]
-    complete = []
-    previous = None
-    pairs: list[dict[str, Any]] = []
+    questions: list[list[Any]] = []  # per problem: [question, gold]
+    outputs: list[dict[int, list[Any]]] = []  # per iteration: problem -> [output, predicted]
+    complete, pairs, previous = [], [], None
     for pos, k in enumerate(have):
         records = [p for p in _records(layout.predictions(k, split)) or [] if isinstance(p.get("id"), str)]
         done = layout.metrics(k, split).is_file()
         complete.append(done)
+        outputs.append({})
         for p in records:
             i = where.get(p["id"])
             if i is None:
                 i = where[p["id"]] = len(ids)
                 ids.append(p["id"])
                 status.append(["-"] * len(have))
-                text.append([p.get("question"), p.get("answer"), [None] * len(have), [None] * len(have)])
+                questions.append([p.get("question"), p.get("answer")])
             status[i][pos] = STATUS.get(error_type(p), "w")
-            text[i][2][pos], text[i][3][pos] = p.get("output"), p.get("predicted")
+            outputs[pos][i] = [p.get("output"), p.get("predicted")]
         pairs += pairs_for(k, records if done else None, previous)
         previous = (k, records if done else None)
+    blocks = range(0, len(ids), CHUNK_PROBLEMS)
     return {"split": split, "iterations": have, "complete": complete, "ids": ids,
             "status": ["".join(s) for s in status], "chunk_size": CHUNK_PROBLEMS,
-            "chunks": [chunks.add(text[i:i + CHUNK_PROBLEMS]) for i in range(0, len(ids), CHUNK_PROBLEMS)],
+            "questions": [chunks.add(questions[b:b + CHUNK_PROBLEMS]) for b in blocks],
+            "outputs": [[chunks.add([texts.get(i) for i in range(b, min(b + CHUNK_PROBLEMS, len(ids)))])
+                         for b in blocks] for texts in outputs],
             "pairs": pairs}
 
 
@@ -192,10 +224,13 @@ def _failures(layout: RunLayout, k: int) -> dict[str, dict[str, Any]]:
     return {e.get("id"): e for e in _records(layout.errors(k)) or []}
 
 
-def _informed(ids: list[str], previous_k: int, val: dict[str, Any] | None, errors: dict[str, dict]) -> list:
-    """Each failure shown to the teacher: a pointer into the validation data, or the error record itself."""
+def _informed(ids: list[str], previous_k: int, val: dict[str, Any] | None, index: dict[str, int],
+              errors: dict[str, dict]) -> list:
+    """Each failure shown to the teacher: a pointer into the validation data, or the error record itself.
+
+    index: validation id -> its position (made once per page: per record it would cost O(problems) each).
+    """
     out = []
-    index = {i: n for n, i in enumerate(val["ids"])} if val else {}
     pos = val["iterations"].index(previous_k) if val and previous_k in val["iterations"] else None
     for i in ids:
         if i in index and pos is not None and val["status"][index[i]][pos] != "-":
@@ -242,6 +277,7 @@ def _flags(record: dict[str, Any]) -> str:
 def refinements(layout: RunLayout, state: dict[str, Any], splits: list[dict[str, Any]], chunks: Chunks) -> list:
     """Every iter_NN/refined.jsonl: flags per record for the filters, the records in chunks."""
     val = next((s for s in splits if s["split"] == "val"), None)
+    index = {i: n for n, i in enumerate(val["ids"])} if val else {}
     out = []
     for row in state["rows"]:
         k = row["iteration"]
@@ -253,7 +289,7 @@ def refinements(layout: RunLayout, state: dict[str, Any], splits: list[dict[str,
         for rec in records:
             r = rec.get("refinement") or {}
             flags.append(_flags(rec))
-            items.append(_refinement(rec, _informed(list(r.get("informed_by") or []), k - 1, val, errors)))
+            items.append(_refinement(rec, _informed(list(r.get("informed_by") or []), k - 1, val, index, errors)))
         out.append({"iteration": k, "count": len(records), "flags": flags, "ids": [rec.get("id") for rec in records],
                     "chunk_size": CHUNK_REFINEMENTS,
                     "chunks": [chunks.add(items[i:i + CHUNK_REFINEMENTS])

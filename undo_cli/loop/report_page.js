@@ -45,6 +45,10 @@
     return cache.get(n);
   }
   const item = (group, i) => chunk(group.chunks[Math.floor(i / group.chunk_size)]).then((c) => c[i % group.chunk_size]);
+  // A problem's [question, gold], and its [output, predicted] at one iteration (by position): one chunk each.
+  const block = (g, i) => Math.floor(i / g.chunk_size);
+  const question = (g, i) => chunk(g.questions[block(g, i)]).then((c) => c[i % g.chunk_size]);
+  const output = (g, i, pos) => chunk(g.outputs[pos][block(g, i)]).then((c) => c[i % g.chunk_size] || [null, null]);
 
   // --- pagination shared by both lists ---
   function pager(ids, state, total, onchange) {
@@ -148,27 +152,26 @@
   }
 
   async function problemCard(p, i) {
-    const g = p.group, [question, gold, outputs, predicted] = await item(g, i);
-    const code = p.codes[i];
-    const side = (k) => {
-      const pos = g.iterations.indexOf(k);
-      return el("div", { class: "side" }, el("h4", null, `iteration ${k}: `, outcome(g, i, pos, predicted[pos])),
-        el("pre", null, outputs[pos] ?? ""));
-    };
-    const all = el("details", { ontoggle: (e) => { if (e.target.open && !e.target.dataset.done) everyIteration(e.target, g, i, outputs, predicted); } },
+    const g = p.group, code = p.codes[i];
+    const [a, b] = [g.iterations.indexOf(p.a), g.iterations.indexOf(p.b)];
+    const [[text, gold], outA, outB] = await Promise.all([question(g, i), output(g, i, a), output(g, i, b)]);
+    const side = (k, pos, [out, predicted]) => el("div", { class: "side" },
+      el("h4", null, `iteration ${k}: `, outcome(g, i, pos, predicted)), el("pre", null, out ?? ""));
+    const all = el("details", { ontoggle: (e) => { if (e.target.open && !e.target.dataset.done) everyIteration(e.target, g, i); } },
       el("summary", null, `every iteration (${g.iterations.length})`));
     return el("article", { class: "problem", "data-id": g.ids[i], "data-transition": NAMES[code] },
       el("header", null, el("span", { class: `badge ${NAMES[code]}` }, NAMES[code].replace("_", " ")),
         el("code", null, g.ids[i]), el("span", null, "gold: ", el("b", null, gold ?? ""))),
-      el("p", { class: "question" }, question ?? ""),
-      el("div", { class: "ab" }, side(p.a), side(p.b)), g.iterations.length > 2 ? all : null);
+      el("p", { class: "question" }, text ?? ""),
+      el("div", { class: "ab" }, side(p.a, a, outA), side(p.b, b, outB)), g.iterations.length > 2 ? all : null);
   }
 
-  function everyIteration(details, g, i, outputs, predicted) {
+  async function everyIteration(details, g, i) {
     details.dataset.done = "1";
+    const outs = await Promise.all(g.iterations.map((k, pos) => output(g, i, pos)));
     details.append(el("table", { class: "all" }, g.iterations.map((k, pos) =>
-      el("tr", null, el("td", null, String(k)), el("td", null, outcome(g, i, pos, predicted[pos])),
-        el("td", null, el("pre", null, outputs[pos] ?? ""))))));
+      el("tr", null, el("td", null, String(k)), el("td", null, outcome(g, i, pos, outs[pos][1])),
+        el("td", null, el("pre", null, outs[pos][0] ?? ""))))));
   }
 
   // --- refinements ---------------------------------------------------------------------------------------
@@ -220,17 +223,17 @@
 
   async function failure(group, f) {
     const [id, index, pos, own] = f;
-    let question, gold, output, predicted, kind;
+    let text, gold, out, predicted, kind;
     if (index !== null && val) {
-      const [q, g, outputs, preds] = await item(val, index);
-      [question, gold, output, predicted, kind] = [q, g, outputs[pos], preds[pos], STATUS[val.status[index][pos]]];
+      [[text, gold], [out, predicted]] = await Promise.all([question(val, index), output(val, index, pos)]);
+      kind = STATUS[val.status[index][pos]];
     } else {
-      ({ question, answer: gold, output, predicted, error_type: kind } = own || {});
+      ({ question: text, answer: gold, output: out, predicted, error_type: kind } = own || {});
     }
     return el("li", { "data-id": id }, el("code", null, id), ` ${kind ?? "?"}: answered `,
       el("b", null, predicted ?? "nothing"), `, gold `, el("b", null, gold ?? "?"),
-      el("p", { class: "question" }, question ?? "(question not in this run folder)"),
-      el("pre", null, output ?? "(output not in this run folder)"));
+      el("p", { class: "question" }, text ?? "(question not in this run folder)"),
+      el("pre", null, out ?? "(output not in this run folder)"));
   }
 
   async function refinementCard(group, index, rec) {
@@ -261,12 +264,14 @@
   }
 
   // --- start: counts at once, then the first page of each list -------------------------------------------
-  const fromHash = new URLSearchParams(location.hash.slice(1)).get("size");
-  if (fromHash) {
-    T.size = R.size = sizeOf(fromHash);
-    $("t-size").value = $("r-size").value = fromHash;
+  // page.html#size=all&filter=all: every problem and refinement at once (a naive page; the benchmark's baseline)
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("size")) {
+    T.size = R.size = sizeOf(hash.get("size"));
+    $("t-size").value = $("r-size").value = hash.get("size");
   }
   const haveT = setupTransitions(), haveR = setupRefinements();
+  if (hash.get("filter") === "all") T.code = "";
   if (haveT) showTransitions().then(() => mark("undoList"));
   mark("undoReady");
   if (haveR) showRefinements().then(() => mark("undoRefinements"));

@@ -181,3 +181,22 @@ class Chromium:
 
     def dialogs(self) -> list[str]:
         return [e["params"].get("message", "") for e in self.events if e.get("method") == "Page.javascriptDialogOpening"]
+
+
+def main() -> None:
+    """`python tests/browser.py PAGE.html OUT.png [WIDTH HEIGHT]`: a screenshot of a page, as the README's."""
+    import sys
+    from pathlib import Path
+
+    page, out = Path(sys.argv[1]), Path(sys.argv[2])
+    width, height = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (1280, 1500)
+    with Chromium(width=width, height=height) as browser:
+        browser.open(page.resolve().as_uri())
+        browser.evaluate("window.undoReport ? window.undoReport.idle() : null")
+        out.write_bytes(browser.screenshot())
+        if browser.console_errors():
+            sys.exit(f"console errors: {browser.console_errors()}")
+
+
+if __name__ == "__main__":
+    main()

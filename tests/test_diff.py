@@ -109,3 +109,39 @@ def test_errors_name_the_file_line_and_what_to_do(run, tmp_path, undo_here):
     assert code == 2 and "got 1 argument" in err
     code, err = undo_here("diff", run, "0", "1", "--format", "csv")
     assert code == 2
+
+
+def test_readme_commands_as_written_in_a_terminal(tmp_path):
+    """The README's block for `undo report --html` and `undo diff`, line by line, in a pseudo-terminal."""
+    import re
+    import shutil
+
+    from tests.conftest import REPO
+    from tests.test_terminal_pipes import UNDO, run_in_terminal
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What each round taught", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 5 and all(line.startswith("undo ") for line in lines)
+    run = tmp_path / "runs" / "NAME"
+    write_run(run, val=40, test=20, iterations=3, refinements=6)
+    for side, k in (("before", 1), ("after", 2)):
+        (tmp_path / side).mkdir()
+        shutil.copy(run / f"iter_{k:02d}/val/predictions.jsonl", tmp_path / side / "predictions.jsonl")
+    truth = expected_pairs(run)["val 1->2"]
+    for line in lines:
+        if "| jq" in line and shutil.which("jq") is None:
+            continue  # the README's jq example needs jq; everything before the pipe is checked by the others
+        script = "set -o pipefail; " + re.sub(r"(^|\| )undo ", lambda m: f"{m.group(1)}{UNDO} ", line)
+        if "| jq" in line:
+            script += " > regressed.txt"
+        code, screen = run_in_terminal(script, tmp_path)
+        assert code == 0 and "Traceback" not in screen, (line, screen[-2000:])
+        if "--html" in line:
+            assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+        elif "| jq" in line:
+            regressed = [json.loads(x) for x in (tmp_path / "regressed.txt").read_text().split()]
+            assert sorted(regressed) == sorted(i for i, t in truth.items() if t == "regressed")
+        elif "before/" in line:
+            assert all(f"{n} {c} " in " ".join(screen.split()) for n, c in _counts(truth).items())

@@ -47,6 +47,12 @@ def test_counts_and_lines_equal_the_files(run, tmp_path, undo_here):
         for r in lines:  # both outputs, as written
             assert r["a"]["output"] == pa[r["id"]]["output"] and r["b"]["output"] == pb[r["id"]]["output"]
             assert r["answer"] == pa[r["id"]]["answer"] and r["a"]["correct"] == pa[r["id"]]["correct"]
+    # The terminal report's table counts the same, per iteration against the one before.
+    from undo_cli.loop.report import collect, val_transitions
+
+    shown = val_transitions(run, collect(run)["rows"])
+    assert {f"val {k - 1}->{k}": c for k, c in shown.items()} == {
+        key: _counts(t) for key, t in expected.items() if key.startswith("val")}
     # `best` is the run's choice (manifest.json), on test the one-shot student against it.
     best = json.loads((run / "manifest.json").read_text())["best_iteration"]
     code, err = undo_here("diff", run, "0", "best", "--split", "test")

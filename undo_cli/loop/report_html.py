@@ -221,7 +221,9 @@ def _settings(state: dict[str, Any]) -> str:
 
     config = state.get("config")
     if not config:
-        return "<p class='muted'>no manifest.json: the settings are unknown (a folder of the bash loop?)</p>"
+        return ("<p class='muted'>" + ("manifest.json holds no settings" if state.get("has_manifest") else
+                                        "no manifest.json: the settings are unknown (a folder of the bash loop?)")
+                + "</p>")
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v)}"
                    "</td></tr>" for k, v in flatten(config).items())
     return f"<details><summary>settings ({len(flatten(config))})</summary><table class='settings'>{rows}</table></details>"

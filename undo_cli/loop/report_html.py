@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ERROR_COLORS = {"wrong_answer": "#7b4fa6", "no_answer": "#8a8a8a", "truncated": "#e07b00"}
 
 
 def _e(value: Any) -> str:

@@ -223,3 +223,27 @@ def test_iterate_verify_steps_counts_rejections_per_iteration(undo, tiny_model, 
     report = undo("report", tmp_path / "runs" / "steps", env={"COLUMNS": "400"})
     assert report.returncode == 0, report.stderr
     assert "teacher not verified (no answer/wrong answer/false step): iter 0 0/0/0; iter 1 0/0/2" in report.stderr
+
+
+def test_the_reasons_in_docs_artifacts_are_what_the_scorer_says():
+    """Every example line of docs/artifacts.md that states a reject_reason states the scorer's own verdict."""
+    from undo_cli.records import check_record
+    from undo_cli.scoring import score
+    from undo_cli.stages.refine import refusal
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "artifacts.md").read_text(encoding="utf-8")
+    lines = [json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", doc, flags=re.S)]
+    rationales = [r for r in lines if "reject_reason" in r]
+    refinements = [r for r in lines if "reject_reason" in (r.get("refinement") or {})]
+    assert {r["reject_reason"] for r in rationales} == {None, "false_step"} and refinements
+    for r in rationales:
+        assert check_record(dict(r), "rationale") is None
+        verdict = score(r["rationale"], r["answer"], r["task"], None, r["verify"])
+        assert (verdict.correct, verdict.reason, verdict.step_error) == (
+            r["correct"], r["reject_reason"], r.get("step_error")), r["id"]
+    for r in refinements:
+        ref = r["refinement"]
+        verdict = score(ref["rejected_rationale"], r["answer"], r["task"], None, "steps")
+        assert refusal(ref["rejected_rationale"], ref["rejected_finish_reason"], verdict) == ref["reject_reason"]
+        assert verdict.step_error == ref["step_error"] and verdict.predicted == ref["rejected_predicted"]
+        assert score(r["rationale"], r["answer"], r["task"], None, "steps").correct  # the kept one is sound

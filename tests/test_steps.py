@@ -32,6 +32,9 @@ TRUE = [
     ("1/3 = 0.33", 1),                             # rounding to the decimals written
     ("2/3 = 0.67", 1),
     ("10 / 4 = 2.5 and 7 / 2 = 3", 2),             # a tie rounds either way
+    ("29 / 5 = 5 remainder 4", 1),                 # whole things: a quotient rounded down ...
+    ("So 29 / 5 = 6 boxes are needed.", 1),        # ... or up
+    ("5 + 3 = 8 (apples)", 1),                     # a parenthesis after the result is prose
     ("1000 / 3 ≈ 300", 1),                          # with ≈ an integer's trailing zeros are not significant
     ("The total is $1,250.00 + $250 = $1,500.00.", 1),
     ("12 cm + 3 cm = 15 cm", 1),
@@ -64,6 +67,9 @@ FALSE = [
     ("2/3 = 0.66", "2/3 = 0.66"),                  # 0.666... rounds to 0.67
     ("1000 / 3 = 300", "1000 / 3 = 300"),          # with = an integer is exact to the unit
     ("3 * 4 = 12.5", "3 * 4 = 12.5"),
+    ("29 / 5 = 4", "29 / 5 = 4"),                  # neither rounded down nor up
+    ("24 - 21 = 4", "24 - 21 = 4"),                # a whole value is written exactly
+    ("7 / 2 = 3.4", "7 / 2 = 3.4"),
     ("The total is $1,250.00 + $250 = $1,400.00.", "$1,250.00 + $250 = $1,400.00"),
     ("3 x 4 = 13 apples", "3 x 4 = 13"),
     ("20% of 50 = 12", "20% of 50 = 12"),

@@ -34,9 +34,12 @@ the first number are not a side: the statement is `6 * 4 = 24`).
 
 Rounding: a side written as a single number with d decimals is true when the
 other side, computed exactly, rounds to it: |exact - written| <= half a unit in
-its last decimal place (`1/3 = 0.33`, `2/3 = 0.67`, `10 / 4 = 2.5`, also
-`7 / 2 = 3` and `= 4`: at a tie either rounding is accepted). With `≈` an
-integer's trailing zeros are not significant (`1000 / 3 ≈ 300`).
+its last decimal place (`1/3 = 0.33`, `2/3 = 0.67`, `10 / 4 = 2.5`; at a tie
+either rounding is accepted). A whole number written for a value that is not
+whole may also be rounded down or up, as word problems count whole things:
+`29 / 5 = 5` (full boxes) and `29 / 5 = 6` (boxes needed) are true, `29 / 5 = 4`
+is not; a whole value must be written exactly (`24 - 21 = 4` is false). With
+`≈` an integer's trailing zeros are not significant (`1000 / 3 ≈ 300`).
 
 Chains: `a = b = c` is true when each `=` joins equal values. Models also write
 a *running* chain, each link continuing from the previous result:
@@ -77,6 +80,7 @@ are not read. Text may still contain a false claim this module cannot see.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -447,19 +451,29 @@ def _tolerance(lit: _Lit, approx: bool) -> Fraction:
     return Fraction(1, 2 * 10 ** lit.decimals)
 
 
-def _readings(side: _Side, approx: bool) -> list[tuple[Fraction, Fraction]]:
-    """(value, tolerance) pairs a side may stand for: a lone percentage is p/100 or p."""
-    lit = side.literal
-    if lit is None:
-        return [(side.value, Fraction(0))]
+_Reading = tuple[Fraction, Fraction, bool]  # (value, tolerance, a whole number as written)
+
+
+def _lit_readings(lit: _Lit, approx: bool) -> list[_Reading]:
+    """What a written number may stand for: a lone percentage is p/100 or p."""
     tol = _tolerance(lit, approx)
     if lit.pct:
-        return [(lit.value, tol / 100), (lit.written, tol)]
-    return [(lit.value, tol)]
+        return [(lit.value, tol / 100, False), (lit.written, tol, False)]
+    return [(lit.value, tol, not lit.decimals)]
 
 
-def _equal(a: list[tuple[Fraction, Fraction]], b: list[tuple[Fraction, Fraction]]) -> bool:
-    return any(abs(x - y) <= max(tx, ty) for x, tx in a for y, ty in b)
+def _readings(side: _Side, approx: bool) -> list[_Reading]:
+    return _lit_readings(side.literal, approx) if side.literal is not None else [(side.value, Fraction(0), False)]
+
+
+def _whole_part(whole: Fraction, value: Fraction) -> bool:
+    """A whole number written for a quotient that is not whole, rounded down or up: 29 / 5 = 5 (full boxes) or 6."""
+    return value.denominator != 1 and math.floor(value) <= whole <= math.ceil(value)
+
+
+def _equal(a: list[_Reading], b: list[_Reading]) -> bool:
+    return any(abs(x - y) <= max(tx, ty) or (wx and _whole_part(x, y)) or (wy and _whole_part(y, x))
+               for x, tx, wx in a for y, ty, wy in b)
 
 
 def _chain_true(sides: list[_Side], approx: list[bool]) -> bool:
@@ -469,7 +483,7 @@ def _chain_true(sides: list[_Side], approx: list[bool]) -> bool:
         if _equal(_readings(prev, rough), _readings(side, rough)):
             continue
         lead = side.lead
-        if lead is not None and _equal(_readings(prev, rough), [(lead.value, _tolerance(lead, rough))]):
+        if lead is not None and _equal(_readings(prev, rough), _lit_readings(lead, rough)):
             continue
         return False
     return True
@@ -511,8 +525,8 @@ def _statements_in(run: _Run, text: str) -> list[Statement] | None:
         return None
     parts[0] = _trim_parens(parts[0], first=True)
     parts[-1] = _trim_parens(parts[-1], first=False)
-    # Prose dashes: "... 5 - that's it" ends the last side at the number.
-    while parts[-1] and parts[-1][-1].kind == OP and _OPS.get(parts[-1][-1].text) == "-":
+    # Prose after the result: "... = 5 - that's it", "... = 8 (apples)" end the last side at the number.
+    while parts[-1] and (parts[-1][-1].kind == LP or (parts[-1][-1].kind == OP and _OPS.get(parts[-1][-1].text) == "-")):
         parts[-1] = parts[-1][:-1]
     try:
         sides = [_Parser(p).side() for p in parts]

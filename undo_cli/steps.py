@@ -180,10 +180,10 @@ class _Tok:
     end: int
 
 
-def _tokens(text: str) -> list[_Tok]:
-    """The significant tokens of `text` (whitespace dropped), each classified (module docstring)."""
+def _tokens(text: str, start: int = 0, end: int | None = None) -> list[_Tok]:
+    """The significant tokens of text[start:end] (whitespace dropped), each classified (module docstring)."""
     out: list[_Tok] = []
-    for m in _TOKEN.finditer(text):
+    for m in _TOKEN.finditer(text, start, len(text) if end is None else end):
         name, s, e = m.lastgroup, m.start(), m.end()
         t = m.group()
         if name == "ws":
@@ -557,15 +557,32 @@ def find_statements(text: str) -> tuple[list[Statement], int]:
     text = (text or "")[:MAX_CHARS]
     found: list[Statement] = []
     skipped = 0
-    for run in _runs(_tokens(text)):
-        statements = _statements_in(run, text)
-        if statements is None:
-            skipped += 1
-            continue
-        found.extend(statements)
-        if len(found) >= MAX_STATEMENTS:
-            return found[:MAX_STATEMENTS], skipped
+    for start, end in _lines_with_equals(text):  # a statement never spans lines: read only those with an `=`
+        for run in _runs(_tokens(text, start, end)):
+            statements = _statements_in(run, text)
+            if statements is None:
+                skipped += 1
+                continue
+            found.extend(statements)
+            if len(found) >= MAX_STATEMENTS:
+                return found[:MAX_STATEMENTS], skipped
     return found, skipped
+
+
+_EQUALS = re.compile("[=≈≃≅]")
+
+
+def _lines_with_equals(text: str):
+    """(start, end) of every line of `text` holding an equals sign."""
+    pos = 0
+    for m in _EQUALS.finditer(text):
+        if m.start() < pos:
+            continue
+        start = text.rfind("\n", 0, m.start()) + 1
+        end = text.find("\n", m.start())
+        end = len(text) if end < 0 else end
+        yield start, end
+        pos = end
 
 
 def check_steps(text: str) -> StepCheck:

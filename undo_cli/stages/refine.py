@@ -413,9 +413,39 @@ def item_keys(config: RefineConfig) -> list[str]:
     return [job.target["id"] for job in plan(config)[2]]
 
 
+def _outcomes(config: RefineConfig, jobs: list[Job], stats: Counter) -> tuple[int, int, dict[str, int]]:
+    """(refinements verified, previous rationales kept, the refusals by reason).
+
+    The generation loop counts `correct`, which a kept previous rationale also has; what
+    matters here is how many *refinements* verified. Count the whole file so a
+    resumed run reports the same totals an uninterrupted one would.
+    """
+    from undo_cli.records import is_stream, read_records
+    from undo_cli.scoring import REASONS
+
+    if not is_stream(config.output):
+        if config.shard:
+            from undo_cli.stages.shards import parse_shard, shard_of
+
+            part = parse_shard(config.shard)
+            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
+        ours = {j.target["id"] for j in jobs}
+        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
+        verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
+        kept_previous = len(done) - verified
+        reasons = Counter(refusal_of(r.get("refinement") or {}) for r in done)
+    else:
+        verified, kept_previous = stats["verified"], stats["kept_previous"]
+        reasons = Counter({k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("reason:")})
+    # no final answer / wrong answer / false step (and truncated, when a refinement was cut off)
+    by_reason = {k: reasons.get(k, 0) for k in REASONS}
+    if reasons.get("truncated"):
+        by_reason["truncated"] = reasons["truncated"]
+    return verified, kept_previous, by_reason
+
+
 def run(config: RefineConfig) -> dict[str, Any]:
     """Select, refine, verify and write; prints the summary table and returns it."""
-    from undo_cli.records import read_records
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors, targets, jobs, counts = plan(config)
@@ -434,7 +464,6 @@ def run(config: RefineConfig) -> dict[str, Any]:
         warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
 
     from undo_cli.prompts import template_name
-    from undo_cli.records import is_stream
     from undo_cli.stages.generation_loop import digest
 
     stats: Counter = Counter()
@@ -448,29 +477,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         description="refine", identity=identity, fresh=config.overwrite, economy=config.economy(),
         shard=config.shard_meta("refine"),
     )
-    # The generation loop counts `correct`, which a kept previous rationale also has; what
-    # matters here is how many *refinements* verified. Count the whole file so a
-    # resumed run reports the same totals an uninterrupted one would.
-    if not is_stream(config.output):
-        if config.shard:
-            from undo_cli.stages.shards import parse_shard, shard_of
-
-            part = parse_shard(config.shard)
-            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
-        ours = {j.target["id"] for j in jobs}
-        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
-        verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
-        kept_previous = len(done) - verified
-        reasons = Counter(refusal_of(r.get("refinement") or {}) for r in done)
-    else:
-        verified, kept_previous = stats["verified"], stats["kept_previous"]
-        reasons = Counter({k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("reason:")})
-    from undo_cli.scoring import REASONS
-
-    # no final answer / wrong answer / false step (and truncated, when a refinement was cut off)
-    rejected_by_reason = {k: reasons.get(k, 0) for k in REASONS}
-    if reasons.get("truncated"):
-        rejected_by_reason["truncated"] = reasons["truncated"]
+    verified, kept_previous, rejected_by_reason = _outcomes(config, jobs, stats)
     total = verified + kept_previous
     summary.update({
         "select": config.select, "errors": len(errors), "targets": len(targets),

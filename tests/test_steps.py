@@ -68,6 +68,9 @@ FALSE = [
     ("1000 / 3 = 300", "1000 / 3 = 300"),          # with = an integer is exact to the unit
     ("3 * 4 = 12.5", "3 * 4 = 12.5"),
     ("29 / 5 = 4", "29 / 5 = 4"),                  # neither rounded down nor up
+    ("2.5 + 1 = 3", "2.5 + 1 = 3"),                # a whole number is exact unless the side is a quotient
+    ("2.6 + 1 = 4", "2.6 + 1 = 4"),
+    ("3 + 7 / 2 = 6", "3 + 7 / 2 = 6"),            # a sum with a quotient in it is not a quotient
     ("24 - 21 = 4", "24 - 21 = 4"),                # a whole value is written exactly
     ("7 / 2 = 3.4", "7 / 2 = 3.4"),
     ("The total is $1,250.00 + $250 = $1,400.00.", "$1,250.00 + $250 = $1,400.00"),

@@ -36,7 +36,7 @@ Rounding: a side written as a single number with d decimals is true when the
 other side, computed exactly, rounds to it: |exact - written| <= half a unit in
 its last decimal place (`1/3 = 0.33`, `2/3 = 0.67`, `10 / 4 = 2.5`; at a tie
 either rounding is accepted). A whole number written for a value that is not
-whole may also be rounded down or up, as word problems count whole things:
+whole may also be rounded down or up when it is a quotient, as word problems count whole things:
 `29 / 5 = 5` (full boxes) and `29 / 5 = 6` (boxes needed) are true, `29 / 5 = 4`
 is not; a whole value must be written exactly (`24 - 21 = 4` is false). With
 `≈` an integer's trailing zeros are not significant (`1000 / 3 ≈ 300`).
@@ -311,6 +311,7 @@ class _Side:
     ops: int                 # binary operators in it
     literal: _Lit | None     # the side is one number (with its currency/unit/percent)
     lead: _Lit | None        # the side is `number op ...`: the number (for running chains)
+    quotient: bool           # its last top-level operation is a division: `29 / 5` (whole-number rounding)
     start: int
     end: int
 
@@ -322,6 +323,20 @@ def _literal(tok: _Tok, pct: bool) -> _Lit:
     zeros = len(whole) - len(whole.rstrip("0")) if whole and not decimals else 0
     written = Fraction(digits)
     return _Lit(written / 100 if pct else written, written, decimals, zeros, pct)
+
+
+def _top_level_quotient(toks: list[_Tok]) -> bool:
+    """Is the side a quotient at its top level (`29 / 5`, `7 * 2 / 4`), not a sum with one (`3 + 7 / 2`)?"""
+    depth, last = 0, None
+    for t in toks:
+        depth += {LP: 1, RP: -1}.get(t.kind, 0)
+        if depth == 0 and t.kind == OP and t.text != "of":
+            if _OPS.get(t.text) in ("+", "-") and last is not None:  # a binary +/- (a leading sign is not)
+                return False
+            last = _OPS.get(t.text)
+        elif depth == 0 and t.kind in (NUM, RP):
+            last = last or "value"
+    return last == "/"
 
 
 class _Parser:
@@ -350,7 +365,7 @@ class _Parser:
             after = [t for t in after if t.kind != UNIT]
             if after and after[0].kind == OP:
                 lead = _literal(first, False)
-        return _Side(value, self.ops, lit, lead, self.toks[0].start, self.toks[-1].end)
+        return _Side(value, self.ops, lit, lead, _top_level_quotient(self.toks), self.toks[0].start, self.toks[-1].end)
 
     def expr(self):
         value, is_pct, lit = self.term()
@@ -448,22 +463,24 @@ def _tolerance(lit: _Lit, approx: bool) -> Fraction:
     """Half a unit in the last written place; with ≈ an integer's trailing zeros are not significant."""
     if approx and not lit.decimals:
         return Fraction(10 ** lit.trailing_zeros, 2)
+    if not lit.decimals:  # a whole number is exact: `2.6 + 1 = 4` is false (a quotient may round: _whole_part)
+        return Fraction(0)
     return Fraction(1, 2 * 10 ** lit.decimals)
 
 
-_Reading = tuple[Fraction, Fraction, bool]  # (value, tolerance, a whole number as written)
+_Reading = tuple[Fraction, Fraction, bool, bool]  # (value, tolerance, a whole number as written, a quotient)
 
 
 def _lit_readings(lit: _Lit, approx: bool) -> list[_Reading]:
     """What a written number may stand for: a lone percentage is p/100 or p."""
     tol = _tolerance(lit, approx)
     if lit.pct:
-        return [(lit.value, tol / 100, False), (lit.written, tol, False)]
-    return [(lit.value, tol, not lit.decimals)]
+        return [(lit.value, tol / 100, False, False), (lit.written, tol, False, False)]
+    return [(lit.value, tol, not lit.decimals, False)]
 
 
 def _readings(side: _Side, approx: bool) -> list[_Reading]:
-    return _lit_readings(side.literal, approx) if side.literal is not None else [(side.value, Fraction(0), False)]
+    return _lit_readings(side.literal, approx) if side.literal is not None else [(side.value, Fraction(0), False, side.quotient)]
 
 
 def _whole_part(whole: Fraction, value: Fraction) -> bool:
@@ -472,8 +489,8 @@ def _whole_part(whole: Fraction, value: Fraction) -> bool:
 
 
 def _equal(a: list[_Reading], b: list[_Reading]) -> bool:
-    return any(abs(x - y) <= max(tx, ty) or (wx and _whole_part(x, y)) or (wy and _whole_part(y, x))
-               for x, tx, wx in a for y, ty, wy in b)
+    return any(abs(x - y) <= max(tx, ty) or (wx and qy and _whole_part(x, y)) or (wy and qx and _whole_part(y, x))
+               for x, tx, wx, qx in a for y, ty, wy, qy in b)
 
 
 def _chain_true(sides: list[_Side], approx: list[bool]) -> bool:

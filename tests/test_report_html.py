@@ -25,7 +25,8 @@ from tests.browser import Chromium, available
 from tests.run_folders import HOSTILE, write_run
 
 needs_chromium = pytest.mark.skipif(available() is not None, reason=available() or "")
-STEPS = {"step_error": "step 2: 4 * 5 = 21 does not hold", "rejection_reason": "step_error"}
+# What --verify steps writes on a refused refinement, and a field no version of undo writes yet.
+STEPS = {"reject_reason": "false_step", "step_error": "4 * 5 = 21", "steps_checked": 3}
 
 
 # --- what the files say, read here without undo's code -------------------------------------------------
@@ -229,8 +230,11 @@ def test_page_matches_the_files_runs_no_model_text_and_fetches_nothing(hostile):
         refinements = browser.evaluate("document.getElementById('r-list').textContent")
         assert HOSTILE[0] in refinements and "<img" not in browser.evaluate(
             "document.getElementById('r-list').innerHTML").replace("&lt;img", "")
-        # A verification mode's own fields are shown as they are.
-        assert STEPS["step_error"] in refinements and "rejection_reason" in refinements
+        # Why an attempt was refused heads its card; a field the page does not know is shown as it is.
+        assert "refused: false_step (4 * 5 = 21)" in refinements and "steps_checked3" in refinements
+        _select(browser, "r-reason", "f")
+        outcomes = browser.evaluate("[...document.querySelectorAll('#r-list > article')].map((a) => a.dataset.outcome)")
+        assert outcomes and set(outcomes) == {"kept_previous"}
         assert browser.console_errors() == [] and browser.dialogs() == []
 
 

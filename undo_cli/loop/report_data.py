@@ -56,7 +56,8 @@ CODES = {"fixed": "F", "regressed": "R", "still_wrong": "W", "still_right": "S"}
 # The refinement fields shown in their own place; any other field is listed as it is.
 SHOWN = {"informed_by", "iteration", "verified", "kept_previous", "previous_rationale", "rejected_rationale",
          "rejected_predicted", "rejected_finish_reason", "more_rejected", "error_type", "similarity", "attempts",
-         "usage", "template", "teacher", "backend"}
+         "usage", "template", "teacher", "backend", "reject_reason", "step_error"}
+REASONS = {"no_answer": "n", "wrong_answer": "w", "false_step": "f", "truncated": "t"}  # why an attempt was refused
 _TOKEN = re.compile(r"\S+\s*")  # words with their trailing space (leading space is its own token): the exact text
 _LEADING = re.compile(r"^\s+")
 _TRAILING_SPACE = re.compile(r"\s*$")
@@ -262,16 +263,25 @@ def _refinement(record: dict[str, Any], informed: list) -> list[Any]:
                        "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
                        "rejected_predicted": r.get("rejected_predicted"),
                        "rejected_finish_reason": r.get("rejected_finish_reason"), "template": r.get("template"),
-                       "teacher": r.get("teacher")},
+                       "teacher": r.get("teacher"), "reject_reason": _refusal(r), "step_error": r.get("step_error")},
             r.get("more_rejected") or [], extra]
 
 
+def _refusal(refinement: dict[str, Any]) -> str | None:
+    """Why the attempt was refused, as `undo refine` counts it (stages/refine.py, the one reading)."""
+    from undo_cli.stages.refine import refusal_of
+
+    return refusal_of(refinement)
+
+
 def _flags(record: dict[str, Any]) -> str:
-    """Three letters the page filters on: verified/kept previous, cached, the failure's error type."""
+    """Four letters the page filters on: verified/kept previous, cached, the failure's error type, the refusal."""
     r = record.get("refinement") or {}
     outcome = "v" if r.get("verified") else "k" if r.get("kept_previous") else "-"
     cached = {True: "1", False: "0"}.get(record.get("cached"), "-")
-    return outcome + cached + (STATUS.get(r.get("error_type"), "-") if r.get("error_type") else "-")
+    kind = STATUS.get(r.get("error_type"), "-") if r.get("error_type") else "-"
+    reason = _refusal(r)
+    return outcome + cached + kind + (REASONS.get(reason, "?") if reason else "-")
 
 
 def refinements(layout: RunLayout, state: dict[str, Any], splits: list[dict[str, Any]], chunks: Chunks) -> list:

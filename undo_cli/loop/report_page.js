@@ -175,7 +175,7 @@
   }
 
   // --- refinements ---------------------------------------------------------------------------------------
-  const R = { iter: 0, filter: "", type: "", page: 0, size: 20 };
+  const R = { iter: 0, filter: "", type: "", reason: "", page: 0, size: 20 };
   const val = D.splits.find((s) => s.split === "val");
 
   function setupRefinements() {
@@ -188,6 +188,7 @@
     select.onchange = () => { R.iter = Number(select.value); R.page = 0; showRefinements(); };
     $("r-filter").onchange = (e) => { R.filter = e.target.value; R.page = 0; showRefinements(); };
     $("r-type").onchange = (e) => { R.type = e.target.value; R.page = 0; showRefinements(); };
+    $("r-reason").onchange = (e) => { R.reason = e.target.value; R.page = 0; showRefinements(); };
     $("r-size").onchange = (e) => { R.size = sizeOf(e.target.value); R.page = 0; showRefinements(); };
     return true;
   }
@@ -197,6 +198,7 @@
     if (f === "v" || f === "k") { if (flags[0] !== f) return false; }
     else if (f === "c") { if (flags[1] !== "1") return false; }
     else if (f === "p") { if (flags[1] !== "0") return false; }
+    if (R.reason && flags[3] !== R.reason) return false;
     return !R.type || flags[2] === R.type;
   }
 
@@ -246,9 +248,11 @@
       el("span", { class: `badge ${verified ? "verified" : "kept"}` }, verified ? "verified" : "kept previous"),
       el("span", { class: "badge light" }, flags[1] === "1" ? "cached" : flags[1] === "0" ? "teacher called" : "cache unknown"),
       el("span", { class: "muted" }, `${tokens} · attempts ${info.attempts ?? "?"} · similarity ${info.similarity ?? "?"}`)];
+    const refused = info.reject_reason ? `refused: ${info.reject_reason}` +
+      (info.step_error ? ` (${info.step_error})` : "") + "; " : "";
     const heading = verified ? "previous rationale → refined (word diff)" : against === "rejected"
-      ? `previous rationale kept; the rejected attempt against it (answered ${info.rejected_predicted ?? "nothing"}` +
-        `, finish ${info.rejected_finish_reason ?? "?"})` : "rationale";
+      ? `previous rationale kept; the rejected attempt against it (${refused}answered ` +
+        `${info.rejected_predicted ?? "nothing"}, finish ${info.rejected_finish_reason ?? "?"})` : "rationale";
     const failures = await Promise.all(informed.map((f) => failure(group, f)));
     const more = moreRejected.length ? el("details", null, el("summary", null, `${moreRejected.length} more rejected attempt(s)`),
       moreRejected.map((t) => el("pre", null, t))) : null;

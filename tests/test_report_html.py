@@ -150,6 +150,8 @@ def check_refinement_cards(browser: Chromium, run: Path) -> None:
 def check_every_iteration(browser: Chromium, run: Path) -> None:
     """The first problem listed, opened on every iteration: each output as the files have it."""
     _select(browser, "t-pair", "0")
+    browser.evaluate("document.querySelector('#t-counts button[data-transition=all]').click()")
+    browser.evaluate("window.undoReport.idle()")
     shown = browser.evaluate("""(async () => {
       const card = document.querySelector('#t-list > article');
       const details = card.querySelector('details');
@@ -286,3 +288,6 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert sum(s[2] != "-" for s in val["status"]) == 12  # the complete lines of the running evaluation
     code, err = undo_here("report", run, "--html", tmp_path)
     assert code == 2 and "is a folder" in err
+    before = (run / "manifest.json").read_text()
+    code, err = undo_here("report", run, "--html", run / "manifest.json")
+    assert code == 2 and "is not an HTML page" in err and (run / "manifest.json").read_text() == before

@@ -563,4 +563,8 @@ def run_report(config: ReportConfig) -> dict[str, Any]:
         from undo_cli.records import check_output_path
 
         check_output_path(config.html, "--html")  # before reading the run: a folder or an impossible path
+        page = Path(config.html)
+        if page.is_file() and page.suffix.lower() not in (".html", ".htm"):
+            raise UndoError(f"--html {page}: exists and is not an HTML page; writing the report would replace it",
+                            hint="give a new file name ending in .html")
     return run(config.run_dir, config.plot, config.price_input, config.price_output, config.html)

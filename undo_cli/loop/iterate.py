@@ -68,7 +68,7 @@ INIT = {"base": "each iteration trains the base student", "previous": "continue 
 LAUNCHERS = ("local", "slurm")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
-VERIFY = ("strict", "flexible")
+VERIFY = ("strict", "flexible", "steps")
 
 RUNTIME = {"identity": False}  # where and how the run goes, not what it computes (undo_cli/identity.py)
 TEACHER_STAGES = ("generate", "refine")
@@ -105,7 +105,10 @@ class IterateConfig(TeacherEconomyOptions):
     verify: str = field(default="strict", metadata={
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
-                "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY,
+                "or flexible (also the last number); `undo evaluate` reports both. steps: the student is read "
+                "strictly and the teacher's rationales (generate, refine) must also have every arithmetic "
+                "statement true, unless their tables set their own verify.", "choices": VERIFY,
+        # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
         "affects": ("evaluate", "test", "collect_errors")})
     prices: dict[str, float] = field(default_factory=dict, metadata={**RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
     launcher: str = field(default="local", metadata={**RUNTIME,
@@ -187,7 +190,16 @@ class IterateConfig(TeacherEconomyOptions):
         """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
         from undo_cli.loop.settings import effective_settings
 
-        return effective_settings(table, getattr(self, table), {"seed": self.seed})
+        loop_defaults: dict[str, Any] = {"seed": self.seed}
+        if self.verify == "steps" and table in ("generate", "refine"):
+            loop_defaults["verify"] = "steps"  # a [generate]/[refine] verify of its own still wins
+        return effective_settings(table, getattr(self, table), loop_defaults)
+
+    @property
+    def student_verify(self) -> str:
+        """How the student's answers are read: `steps` checks the teacher's rationales, the student is read
+        strictly, so accuracy means the same with and without it and two runs compare on one measure."""
+        return "strict" if self.verify == "steps" else self.verify
 
     def identity(self) -> dict[str, Any]:
         """What must not change on --resume: the identifying top-level keys and, per stage table, the identifying
@@ -304,7 +316,7 @@ class Loop:
             input=self.config.val_file if split == "val" else self.config.test_file,
             output=str(self.layout.predictions(k, split)), metrics=str(self.layout.metrics(k, split)),
             backend=self.config.student_backend, trust_remote_code=self.config.trust_remote_code,
-            verify=self.config.verify, **self.config.settings("evaluate"))
+            verify=self.config.student_verify, **self.config.settings("evaluate"))
 
     def collect_errors_config(self, k: int):
         from undo_cli.stages import collect_errors
@@ -493,7 +505,7 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
         ev = loop.evaluate_config(k, "val")
         rows += [(loop.step_key(k, "train"), "train the student" + (" (from the previous one)" if k and config.init ==
                                                                  "previous" else ""), loop.train_config(k).output),
-                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.verify})",
+                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.student_verify})",
                   f"{ev.output}, {ev.metrics}"),
                  (loop.step_key(k, "collect_errors"), "its validation errors", loop.collect_errors_config(k).output)]
     rows.append(("iter_XX/test", "the best and the iteration-0 students on test_file, once each",

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError, ref
-from undo_cli.stages.options import RUNTIME, GenerationOptions, check_limit, check_output_is_new, verify_field
+from undo_cli.stages.options import (RUNTIME, EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new,
+                                     verify_field)
 from undo_cli.stages.spec import StageSpec
 
 
@@ -63,10 +64,15 @@ class EvaluateConfig(GenerationOptions):
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field("strict", "Which extraction sets `correct` and `accuracy` (both accuracies are reported): "
                                          "strict: only an explicit final answer (#### x, \\boxed{x}, 'The answer is "
-                                         "x'); flexible: also the last number.")
+                                         "x'); flexible: also the last number.", choices=EXTRACTIONS)
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
+        if self.verify == "steps":
+            raise UndoError(f"{ref('verify')} steps is for the teacher's rationales (undo generate/refine); a "
+                            "student's accuracy is read strict or flexible", setting="verify",
+                            hint="to see which predictions have false arithmetic steps: "
+                                 "undo score PREDICTIONS.jsonl --verify steps")
         self.check_generation_options()  # with verify's choices
         check_limit(self.limit)
         if self.backend != "openai":  # on a server the name is the server's, not a folder

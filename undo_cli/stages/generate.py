@@ -19,7 +19,13 @@ One output line per kept sample, shaped as a `rationale` (docs/artifacts.md):
     {"id": "gsm8k-17#0", "problem_id": "gsm8k-17", "question": ..., "answer": "42", "task": "math",
      "rationale": "... #### 42", "predicted": "42", "correct": true, "teacher": "Qwen/...",
      "backend": "hf", "sample": 0, "usage": {"prompt_tokens": 91, "completion_tokens": 130},
-     "template": "generate", "finish_reason": "stop", "iteration": 0}
+     "template": "generate", "finish_reason": "stop", "iteration": 0, "verify": "strict", "reject_reason": null}
+
+`reject_reason` says why a sample does not verify: `no_answer`, `wrong_answer`
+or, with `--verify steps` (strict, and every arithmetic statement in the text
+true: undo_cli/steps.py), `false_step`, with `step_error` quoting the first false
+statement as written. The summary counts the samples that did not verify by
+reason (`rejected_by_reason`).
 
 plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
 generated token) with `--logprobs K`, for offline white-box distillation.
@@ -48,7 +54,7 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, SettingError, UndoError, ref
-from undo_cli.stages.options import RUNTIME, GenerationOptions, check_limit, check_output_is_new, verify_field
+from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
 KEEP = {"correct": "only verified rationales go to the output", "all": "every sample does"}
@@ -69,8 +75,9 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
     overwrite: bool = field(default=False, metadata={**RUNTIME,
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
-    verify: str = verify_field("strict", "strict: a rationale verifies only with an explicit final answer (#### x, "
-                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
+    verify: str = verify_field(TEACHER_VERIFY, "strict: a rationale verifies only with an explicit final answer "
+                               "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
+                               "steps: strict, and every arithmetic statement in it is true (6 * 4 = 24).")
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
@@ -131,7 +138,7 @@ def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dic
 def make_record_builder(config: GenerateConfig, backend_name: str):
     """`make_records` for the generation loop: completions of one problem -> scored rationale records."""
     from undo_cli.prompts import template_name
-    from undo_cli.scoring import score
+    from undo_cli.scoring import score, verdict_fields
 
     template = template_name(config.prompt)
 
@@ -152,6 +159,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
                 "predicted": verdict.predicted,
                 "correct": verdict.correct,
                 "verify": config.verify,
+                **verdict_fields(verdict),  # reject_reason (null when verified), step_error with --verify steps
                 "teacher": config.teacher,
                 "backend": backend_name,
                 "sample": sample,
@@ -182,6 +190,9 @@ def work_items(config: GenerateConfig) -> tuple[list[dict[str, Any]], list[dict[
 
 def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate, verify and keep rationales; prints the summary table and returns it."""
+    from undo_cli.records import read_records
+    from undo_cli.records.sidecars import can_read_back
+    from undo_cli.scoring import count_reasons
     from undo_cli.stages.generation_loop import Generation, digest, print_summary
 
     problems, fewshot, items = work_items(config)
@@ -193,6 +204,10 @@ def run(config: GenerateConfig) -> dict[str, Any]:
                             inputs={"input": digest(problems), "fewshot": digest(fewshot) if fewshot else None})
     summary = generation.run()
     summary["keep"] = config.keep
+    if can_read_back(config.output):  # the whole output and sidecar, so a resumed run reports what one run would
+        summary["rejected_by_reason"] = count_reasons(
+            r for path in (config.output, summary.get("rejected_output")) if path
+            for r in read_records(path, "rationale", allow_empty=True))
     if config.keep == "correct":
         mine = set(generation.keys)  # with --shard K/N only this shard's problems can be missing here
         _report_unverified(config, [p for p in problems if p["id"] in mine], summary)
@@ -255,6 +270,6 @@ def merged_summary(config: GenerateConfig, merged: dict[str, Any]) -> dict[str, 
 SPEC = StageSpec(
     name="generate", config=GenerateConfig, run=run, records="rationale", key="problem_id", shard_key="problem_id",
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
-    keep=keep_keys("questions", "already_done", "samples", "kept_total", "rejected", "verified", "verified_pct",
-                   "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
-                   "left_by_budget"))
+    keep=keep_keys("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
+                   "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage",
+                   "budget", "left_by_budget"))

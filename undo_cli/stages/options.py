@@ -108,12 +108,20 @@ class GenerationOptions:
 
 # undo_cli.scoring.VERIFY with what each means, restated so this module stays light
 VERIFY = {"strict": "only an explicit final answer counts: #### x, \\boxed{x}, 'the answer is x'",
-          "flexible": "also the last number when there is none"}
+          "flexible": "also the last number when there is none",
+          "steps": "strict, and every arithmetic statement in the text must be true (6 * 4 = 24)"}
+EXTRACTIONS = {m: VERIFY[m] for m in ("strict", "flexible")}  # the readings of a student's answer (`undo evaluate`)
+
+# How the teacher's rationales are verified when nobody says (`undo generate`, `undo refine`, and so the
+# [generate]/[refine] tables of `undo iterate`): THE one place to change that default. `steps` also needs
+# every arithmetic statement true (undo_cli/steps.py); see docs/method.md, "Step-checked verification".
+TEACHER_VERIFY = "strict"
 
 
-def verify_field(default: str, help: str):
-    """The `verify` field of a stage config: which of the scorer's extractions decides `correct`."""
-    return field(default=default, metadata={"help": help, "choices": VERIFY})
+def verify_field(default: str, help: str, choices: dict[str, str] = VERIFY):
+    """The `verify` field of a stage config: how the scorer decides `correct` (`choices`: the modes it takes,
+    checked by fields.check_choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def check_limit(value: int | None, name: str = "limit") -> None:

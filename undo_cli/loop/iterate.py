@@ -255,7 +255,7 @@ class Loop:
 
         spec = spec_of(stage)
         if self.launcher is not None and spec.heavy:
-            work = (lambda: self.launcher.run_sharded(key, spec, cfg)) if spec.sharded else \
+            work = (lambda: self.launcher.run_sharded(key, spec.name, cfg)) if spec.sharded else \
                 (lambda: self.launcher.run_train(key, cfg))
         else:
             work = lambda: spec.run(cfg)  # noqa: E731

@@ -223,8 +223,8 @@ class SlurmLauncher:
 
     # One sharded stage ------------------------------------------------------------------------------
 
-    def run_sharded(self, key: str, spec: Any, config: Any) -> dict[str, Any]:
-        """All N shards of `config` (an unsharded stage config writing config.output), then the merge.
+    def run_sharded(self, key: str, stage: str, config: Any) -> dict[str, Any]:
+        """All N shards of `config` (an unsharded config of stage `stage`, writing config.output), then the merge.
 
         A teacher stage's budget (config.max_teacher_tokens / max_cost: what is left of the run's) is shared
         out among the shards (`_allowances`). When the budget stops shards, nothing is merged: the summary
@@ -234,8 +234,9 @@ class SlurmLauncher:
         import dataclasses
 
         from undo_cli.stages import shards
+        from undo_cli.stages.spec import stage as spec_of
 
-        n = self.c.shards
+        spec, n = spec_of(stage), self.c.shards
         out = Path(config.output)
         parts = [out.parent / "shards" / f"{out.name[: -len('.jsonl')]}.{k}-of-{n}.jsonl" for k in range(n)]
         expected = json.loads(json.dumps(shards.shard_meta(spec, shards.Shard(0, n), config)["settings"], default=str))

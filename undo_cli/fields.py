@@ -122,8 +122,8 @@ def describe(cls: type) -> list[FieldSpec]:
 def check_choices(config: Any) -> None:
     """Refuse a value outside a field's `choices` (None passes where the field may be None): SettingError.
 
-    `--keep best: unknown keep` with the hint `use --keep correct (only verified rationales ...) or --keep all
-    (...)` when the choices say what each means, else `use one of: hf, openai, vllm`.
+    `--keep best: unknown keep` with the hint `use --keep correct or --keep all; correct: only verified
+    rationales ...; all: ...` when the choices say what each means, else `use one of: hf, openai, vllm`.
     """
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
@@ -131,8 +131,9 @@ def check_choices(config: Any) -> None:
         if choices is None or value in choices or (value is None and "None" in type_parts(f.type)):
             continue
         if isinstance(choices, dict):
-            each = [f"{ref(f.name)} {c}" + (f" ({what})" if what else "") for c, what in choices.items()]
+            each = [f"{ref(f.name)} {c}" for c in choices]
             hint = "use " + (", ".join(each[:-1]) + " or " + each[-1] if len(each) > 1 else each[0])
+            hint += "".join(f"; {c}: {what}" for c, what in choices.items() if what)
         else:
             hint = f"use one of: {', '.join(map(str, choices))}"
         raise SettingError(f.name, value, f"unknown {f.name.replace('_', ' ')}", hint=hint)

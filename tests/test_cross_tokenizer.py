@@ -279,7 +279,8 @@ def test_only_the_common_prefix_is_aligned():
     student = [b"ab", b"c", b"<|end|>", b"\n"]
     teacher = [b"a", b"bc", b"<|im_end|>"]
     assert align_spans(student, teacher) == [(0, 2, 0, 2)]  # "abc"; the end markers differ after it
-    assert align_spans([b"", b"x", b"", b"y"], [b"xy"]) == [(1, 4, 0, 1)]  # zero-width tokens join a span
+    assert align_spans([b"", b"x", b"", b"y"], [b"xy"]) == [(1, 4, 0, 1)]  # a zero-width token inside a span
+    assert align_spans([b"x", b"y", b""], [b"x", b"y"]) == [(0, 1, 0, 1), (1, 2, 1, 2)]  # after the text: none
 
 
 def test_shared_vocabulary_matches_bytes_not_ids(two_tokenizers):

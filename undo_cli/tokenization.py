@@ -128,16 +128,18 @@ class TokenBytes:
 def cover(pieces: list[bytes], text: bytes) -> list[bytes] | None:
     """`pieces` adjusted to spell `text` from its first byte, or None when they do not.
 
-    The pieces may run past the text (an end-of-turn marker, a stop string the text was cut at);
-    within it they must match byte for byte. A SentencePiece tokenizer adds a space before the first
-    word that the text does not have ("▁Hello" for "Hello"): that one byte is dropped.
+    The pieces may stop before the end of the text (a truncated example) or run past it (an
+    end-of-turn marker, a stop string the text was cut at); where both exist they must match byte
+    for byte. A SentencePiece tokenizer adds a space before the first word that the text does not
+    have ("▁Hello" for "Hello"): that one byte is dropped.
     """
     joined = b"".join(pieces)
-    if pieces and joined[:1] == b" " and text[:1] != b" " and joined[1:1 + len(text)] == text:
-        return [pieces[0][1:], *pieces[1:]]
-    if joined[: len(text)] == text:
-        return pieces
-    return None
+    if pieces and joined[:1] == b" " and text[:1] != b" ":
+        n = min(len(joined) - 1, len(text))
+        if joined[1:1 + n] == text[:n]:
+            return [pieces[0][1:], *pieces[1:]]
+    n = min(len(joined), len(text))
+    return pieces if joined[:n] == text[:n] else None
 
 
 def byte_offsets(pieces: list[bytes], length: int | None = None) -> list[list[int]]:
@@ -166,7 +168,8 @@ def align_spans(student: list[bytes], teacher: list[bytes], limit: int | None = 
 
     Both token lists spell texts that agree on their first `limit` bytes (default: their common
     prefix); only that part is aligned. A span closes at every byte where both have a token boundary.
-    A zero-width token joins the span before it (or is left out at the very start).
+    Spans start and end with tokens that have bytes: zero-width tokens before the first span, between
+    spans or after the last (a BOS, an end-of-sequence token recorded past the text) belong to none.
     """
     if limit is None:
         limit = _common_prefix(b"".join(student), b"".join(teacher))
@@ -177,16 +180,22 @@ def align_spans(student: list[bytes], teacher: list[bytes], limit: int | None = 
             end += len(piece)
             if end > limit:
                 break
-            out[end] = i  # the last token ending here: zero-width tokens stay with the span before
+            if piece:
+                out[end] = i
         return out
+
+    def opener(pieces: list[bytes], i: int) -> int:
+        while i < len(pieces) and not pieces[i]:
+            i += 1
+        return i
 
     bs, bt = boundaries(student), boundaries(teacher)
     spans: list[Span] = []
-    a, c = bs.get(0, -1) + 1, bt.get(0, -1) + 1
-    for at in sorted(set(bs) & set(bt) - {0}):
+    a, c = opener(student, 0), opener(teacher, 0)
+    for at in sorted(set(bs) & set(bt)):
         b, d = bs[at] + 1, bt[at] + 1
         spans.append((a, b, c, d))
-        a, c = b, d
+        a, c = opener(student, b), opener(teacher, d)
     return spans
 
 

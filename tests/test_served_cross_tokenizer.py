@@ -60,7 +60,8 @@ def test_check_names_the_servers_max_logprobs_cap_and_passes_within_it(server, t
     code, report, err = _check(capsys, *args, "--teacher-top-k", CAP, "--objective", "gold")
     checks = {c["name"]: c for c in report["checks"]}
     assert code == 0 and report["ok"], report["checks"]
-    assert checks["reachable, serves --teacher"]["status"] == "ok" and "1024" in checks["reachable, serves --teacher"]["detail"]
+    reachable = checks["reachable, serves --teacher"]
+    assert reachable["status"] == "ok" and "context 1024" in reachable["detail"]
     assert checks[f"prompt_logprobs, K = --teacher-top-k {CAP}"]["status"] == "ok"
     assert "the teacher's (loaded here)" in checks["/tokenize"]["detail"]
     assert checks["generate through it"]["status"] == "ok" and report["tokenizers"]["relation"] == "different"
@@ -80,7 +81,7 @@ def test_served_top_k_loss_equals_the_same_top_k_from_the_teacher_in_process(ser
 
     from undo_cli.stages.train import TrainConfig
     from undo_cli.training.collate import PaddedCollator
-    from undo_cli.training.cross_teacher import CrossDistillationLoss, topk_rows
+    from undo_cli.training.cross_teacher import CrossDistillationLoss
     from undo_cli.training.data import encode_records
     from undo_cli.training.distill import prepare_objective
 
@@ -99,8 +100,8 @@ def test_served_top_k_loss_equals_the_same_top_k_from_the_teacher_in_process(ser
         try:
             served_loss = objective.attach(student, torch.device("cpu"))
             batch = objective.collator(PaddedCollator(tok.pad_token_id), packed=False)(examples)
-            local_loss = CrossDistillationLoss(kind, teacher=None, served=None, mapping=None,
-                                               shared=objective.shared, config=objective.config)
+            local_loss = CrossDistillationLoss(kind, teacher=None, served=None, shared=objective.shared,
+                                               config=objective.config)
             for name, loss_fn, inputs in (("served", served_loss, dict(batch)),
                                           ("local", local_loss, {**batch, "xt_topk": _local_topk(teacher, batch,
                                                                                                  objective.shared)})):

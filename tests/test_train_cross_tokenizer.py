@@ -46,9 +46,11 @@ def _rows(spans, ids, start):
     return SpanRows(t(first), t(cont), t(span), t(target))
 
 
-def heldout_divergence(student: Path, teacher: Path, kind: str = "gold", beta: float = 0.0) -> float:
+def heldout_divergence(student: Path, teacher: Path, kind: str = "gold", beta: float = 0.0, *,
+                       per_span: bool = False):
     """Mean over the held-out rationales' byte-aligned spans of `kind` (gold with beta 0: forward KL over the
-    shared vocabulary + one bucket), both models in float64 on their own tokenisation of the same text."""
+    shared vocabulary + one bucket), both models in float64 on their own tokenisation of the same text
+    (`per_span`: the list of per-span values instead; bench/cross_tokenizer.py --heldout reports them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from undo_cli.objectives.cross_tokenizer import cross_tokenizer_divergence
@@ -58,7 +60,7 @@ def heldout_divergence(student: Path, teacher: Path, kind: str = "gold", beta: f
     toks = [AutoTokenizer.from_pretrained(m) for m in (student, teacher)]
     models = [AutoModelForCausalLM.from_pretrained(m, dtype=torch.float64) for m in (student, teacher)]
     s_ids, t_ids = shared_vocabulary(TokenBytes.of(toks[0]), TokenBytes.of(toks[1]))
-    total = spans_seen = 0.0
+    values: list[float] = []
     for problem in HELD_OUT:
         messages = student_messages(problem)
         seqs, pieces, starts = [], [], []
@@ -72,12 +74,11 @@ def heldout_divergence(student: Path, teacher: Path, kind: str = "gold", beta: f
         spans = align_spans(*pieces)
         with torch.no_grad():
             logits = [m(torch.tensor([ids])).logits[0] for m, ids in zip(models, seqs)]
-        total += float(cross_tokenizer_divergence(
+        values += cross_tokenizer_divergence(
             logits[0], logits[1], _rows([(a, b) for a, b, _, _ in spans], seqs[0], starts[0]),
             _rows([(c, d) for _, _, c, d in spans], seqs[1], starts[1]), kind, beta=beta,
-            shared=(torch.tensor(s_ids), torch.tensor(t_ids)), reduction="sum"))
-        spans_seen += len(spans)
-    return total / spans_seen
+            shared=(torch.tensor(s_ids), torch.tensor(t_ids)), reduction="none").tolist()
+    return values if per_span else sum(values) / len(values)
 
 
 @pytest.fixture(scope="module")

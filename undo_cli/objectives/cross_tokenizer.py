@@ -134,7 +134,8 @@ def uld_full(lq: Tensor, ls: Tensor, teacher: FullTeacher, *, grad: bool = False
     qs, order = _sorted_merged(lq, ls)
     ps = (teacher.lp + teacher.lt[:, None]).exp().sort(dim=-1, descending=True).values
     width = max(qs.shape[-1], ps.shape[-1])
-    diff = torch.nn.functional.pad(qs, (0, width - qs.shape[-1])) - torch.nn.functional.pad(ps, (0, width - ps.shape[-1]))
+    pad = torch.nn.functional.pad
+    diff = pad(qs, (0, width - qs.shape[-1])) - pad(ps, (0, width - ps.shape[-1]))
     values = diff.abs().sum(-1)
     if not grad:
         return values, None, None
@@ -271,7 +272,8 @@ def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, s
 
     `student_logits` [N_s, V_s] and `teacher_logits` [N_t, V_t] are rows of scored positions; the
     `SpanRows` say which rows belong to which span. `shared` (student ids, teacher ids) is the shared
-    vocabulary `gold` compares. Simple and exact: the reference `cross_loss` is tested against.
+    vocabulary `gold` compares. `reduction`: "mean", "sum" or "none" (per span). Simple and exact: the
+    reference `cross_loss` is tested against.
     """
     check_cross(kind, beta, temperature)
     lq, ls, teacher = _merged_inputs(student_logits, teacher_logits, student_rows, teacher_rows, temperature)
@@ -283,6 +285,8 @@ def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, s
         values = (pad(qs, (0, width - qs.shape[-1])) - pad(ps, (0, width - ps.shape[-1]))).abs().sum(-1)
     else:
         values, _, _ = span_terms(kind, lq, ls, teacher, beta=beta, shared=shared)
+    if reduction == "none":
+        return values
     total = values.sum()
     return total / max(student_rows.count, 1) if reduction == "mean" else total
 

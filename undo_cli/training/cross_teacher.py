@@ -425,7 +425,7 @@ class CrossDistillationLoss:
 
     HEALTH = ("teacher_entropy", "student_entropy")
 
-    def __init__(self, kind: str, *, teacher: torch.nn.Module | None, served=None, mapping: torch.Tensor | None,
+    def __init__(self, kind: str, *, teacher: torch.nn.Module | None, served=None,
                  shared: tuple[torch.Tensor, torch.Tensor] | None, config: TrainConfig):
         from undo_cli.training.distill import DistillationLoss
 
@@ -435,7 +435,7 @@ class CrossDistillationLoss:
                                       temperature=c.temperature, kd_weight=c.kd_weight, lm_weight=c.lm_weight,
                                       chunk_size=c.kd_chunk_size)
         self.kind, self.teacher, self.served, self.config = kind, teacher, served, c
-        self.mapping, self.shared = mapping, shared
+        self.shared = shared  # (student ids, teacher ids) of the shared vocabulary, or None
         self.history: list[torch.Tensor] = []
 
     @property
@@ -483,8 +483,7 @@ class CrossDistillationLoss:
         lt = [0.0] * len(first)
         for b, j, k in cont:
             lt[k] += (scores[b][j] or {}).get(ids[b][j], -math.inf)
-        mapping = self.mapping_dict
-        topk = topk_rows(rows, [min(self.served.top_k, len(r)) or 1 for r in rows], lt, mapping)
+        topk = topk_rows(rows, [min(self.served.top_k, len(r)) or 1 for r in rows], lt, self.mapping_dict)
         return self._topk_at(topk, inputs["input_ids"].device)
 
     @property
@@ -562,8 +561,8 @@ class CrossObjective:
         teacher = None
         if c.teacher and self.served is None:
             teacher = load_frozen(c.teacher, device=device, trust_remote_code=c.trust_remote_code)
-        self.loss = CrossDistillationLoss(c.objective, teacher=teacher, served=self.served, mapping=None,
-                                          shared=self.shared, config=c)
+        self.loss = CrossDistillationLoss(c.objective, teacher=teacher, served=self.served, shared=self.shared,
+                                          config=c)
         return self.loss
 
     def collator(self, inner, *, packed: bool):

@@ -67,6 +67,16 @@ def test_check_names_the_servers_max_logprobs_cap_and_passes_within_it(server, t
     assert checks["generate through it"]["status"] == "ok" and report["tokenizers"]["relation"] == "different"
 
 
+def test_train_refuses_a_top_k_above_the_servers_cap_before_writing_anything(server, tiny_model, undo_here,
+                                                                              tmp_path):
+    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    code, err = undo_here("train", "--student", tiny_model, "--teacher", server.model, "--teacher-url",
+                          server.base_url, "--objective", "gold", "--teacher-top-k", 20, "--data", data,
+                          "--output", tmp_path / "out")
+    assert code == 2 and "greater than max allowed: 5" in err and "--max-logprobs" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_with_a_server_that_is_down_says_so(tiny_model, cross_teacher, capsys):
     url = f"http://127.0.0.1:{free_port()}/v1"
     code, report, err = _check(capsys, "--teacher", cross_teacher, "--teacher-url", url, "--student", tiny_model)

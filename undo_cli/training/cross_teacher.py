@@ -96,13 +96,8 @@ def teacher_tokenizer(config: TrainConfig, records: list[dict[str, Any]]):
     if len(names) != 1:
         return None, None
     try:
-        from undo_cli.console import quiet_transformers
-        from transformers import AutoTokenizer
-
-        quiet_transformers()
-        remote = {"trust_remote_code": True} if config.trust_remote_code else {}
-        return AutoTokenizer.from_pretrained(names[0], **remote), names[0]
-    except Exception:  # a served model name that is a path on another machine, a hub name offline, ...
+        return load_pretrained("tokenizer", names[0], trust_remote_code=config.trust_remote_code), names[0]
+    except UndoError:  # a served model name that is a path on another machine, a hub name offline, ...
         return None, None
 
 
@@ -644,6 +639,7 @@ def _served_teacher(config: TrainConfig, t_tok, examples):
         served.check_tokenizer(t_tok, whose="the teacher's (loaded here)")
         longest = max((len(e["xt"].teacher_ids) for e in examples), default=0)
         served.check_lengths(longest, config.max_length)
+        served.check_top_k(examples[0]["xt"].teacher_ids if examples else [])
     except BaseException:
         served.close()
         raise

@@ -416,6 +416,7 @@ def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], exa
             served.probe()
             served.check_tokenizer(tokenizer)
             served.check_lengths(max((len(e["input_ids"]) for e in examples), default=0), config.max_length)
+            served.check_top_k(examples[0]["input_ids"] if examples else [])
         except BaseException:
             served.close()
             raise

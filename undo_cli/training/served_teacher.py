@@ -167,6 +167,15 @@ class ServedTeacher:
                                 f"{theirs} {strs} on the server: exact-vocabulary objectives need a shared tokenizer",
                                 hint=SHARED_TOKENIZER_HINT)
 
+    def check_top_k(self, ids: list[int]) -> None:
+        """One scoring request of a short sequence with K = --teacher-top-k: a server whose --max-logprobs is
+        lower refuses it now, with the fix, not at the first training step. Not counted in the summary."""
+        saved = dict(self.stats)
+        try:
+            self._request([list(ids[:16]) or [0]])
+        finally:
+            self.stats = saved
+
     def check_lengths(self, longest: int, max_length: int) -> None:
         """Every sequence trained on (at most --max-length tokens) must fit the server's context."""
         if self.max_model_len is not None and min(longest, max_length) > self.max_model_len:

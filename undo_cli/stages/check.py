@@ -98,6 +98,7 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    asked: str | None = None  # the objective the user means to train with, if said
 
     def add(self, section: str, name: str, status: str, detail: str, fix: str | None = None) -> None:
         self.checks.append(Check(section, name, status, detail, fix))
@@ -207,8 +208,8 @@ def _messages_of(records, template: str, kind: str, k: int, refine_template: str
     """The rendered messages of every record for one prompt kind: generate, refine (estimate), student."""
     from undo_cli.prompts import load_template, problem_variables, render_messages, student_messages
 
-    if kind == "student":
-        return [student_messages(r, template) for r in records]
+    if kind == "student":  # training data may carry its own prompt (`prompt_messages`), as `undo train` reads it
+        return [r.get("prompt_messages") or student_messages(r, template) for r in records]
     longest = max((r.get("rationale") or "" for r in records), key=len, default="")
     tmpl = load_template(generate_template if kind == "generate" else refine_template)
     out = []
@@ -353,7 +354,9 @@ def _check_tokenize(report: Report, served, student, teacher) -> None:
         served.check_tokenizer(which, whose=whose)
         report.add("served teacher", "/tokenize", "ok", f"answers; the server's tokenizer is {whose} token by token")
     except UndoError as exc:
-        status = "fail" if "/tokenize" in exc.message or "reach" in exc.message or teacher is not None else "info"
+        exact = getattr(report, "asked", None) in KINDS  # an exact objective needs the student's tokenizer there
+        status = "fail" if "/tokenize" in exc.message or "reach" in exc.message or teacher is not None or exact \
+            else "info"
         report.add("served teacher", "/tokenize", status, exc.message, exc.hint)
 
 
@@ -390,6 +393,7 @@ def read_data(path: str | None) -> list[dict[str, Any]]:
 def checks(config, records: list[dict[str, Any]], *, scores_teacher: bool = False) -> Report:
     """Every check for `config` (a CheckConfig, or iterate's view of one) on `records`; nothing printed."""
     report = Report()
+    report.asked = getattr(config, "objective", None)
     student, teacher = load_models(config, report)
     texts = [t for r in records[:200] for t in (r["question"], r.get("rationale") or "") if t]
     check_tokenizers(config, report, student, teacher, texts)

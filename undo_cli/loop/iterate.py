@@ -600,7 +600,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     if resume and overwrite:
         raise UndoError("--resume and --overwrite contradict each other",
                         hint="--resume continues the run; --overwrite deletes it and starts over")
-    _preflight(config)
+    _preflight(config, overwrite=overwrite)
     folder = _open_folder(config, resume=resume, overwrite=overwrite)
     loop = Loop(config, folder, _launcher(config, folder))
     try:
@@ -614,7 +614,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     return _finish(folder, best, stop)
 
 
-def _preflight(config: IterateConfig) -> None:
+def _preflight(config: IterateConfig, *, overwrite: bool) -> None:
     """Everything that can be refused before the run folder exists and before any model loads."""
     from undo_cli.model_refs import check_hub_reachable
     from undo_cli.records import read_records
@@ -629,6 +629,10 @@ def _preflight(config: IterateConfig) -> None:
         check_slurm()
     for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
         read_records(path, "problem")  # a bad line fails here, file:line:field
+    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
+        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
+
+        preflight(config)
 
 
 def _open_folder(config: IterateConfig, *, resume: bool, overwrite: bool):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from undo_cli.console import warn
 from undo_cli.errors import SettingError, UndoError, ref, word
-from undo_cli.objectives.options import DESCRIPTIONS, KINDS
+from undo_cli.objectives.options import CROSS_KINDS, DESCRIPTIONS, KINDS
 from undo_cli.prompts import STUDENT_TEMPLATE
 
 MODES = ("off", "on-policy", "adaptive")
@@ -120,9 +120,11 @@ class ObjectiveOptions:
 
     objective: str = field(default="sft", metadata={"choices": DESCRIPTIONS,
         "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
-                "distribution: fkl, rkl, jsd, skl, srkl, tvd (needs a shared tokenizer)."})
+                "distribution: fkl, rkl, jsd, skl, srkl, tvd (a shared tokenizer); uld, gold (any tokenizer: "
+                "byte-aligned spans); auto (skl when the tokenizers are identical, else gold or uld)."})
     teacher: str | None = field(default=None, metadata={
-        "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
+        "help": "Live teacher for a white-box objective (folder or hub name; another tokenizer needs uld, gold or "
+                "auto), loaded frozen."})
     teacher_logprobs: bool = field(default=False, metadata={
         "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
     teacher_url: str | None = field(default=None, metadata={**RUNTIME,
@@ -171,7 +173,7 @@ class ObjectiveOptions:
         if not (live or offline):
             raise UndoError(f"{ref('objective')} {objective} needs {ref('teacher')} MODEL or {ref('teacher_logprobs')}",
                             setting="objective",
-                            hint=f"{ref('teacher')} loads a teacher that shares the student's tokenizer; "
+                            hint=f"{ref('teacher')} loads a teacher here (any tokenizer with uld, gold or auto); "
                                  f"{ref('teacher_logprobs')} uses rationales generated with `undo generate --logprobs "
                                  f"K`; {ref('objective')} sft needs neither")
         self._check_objective_values(offline, served)
@@ -264,6 +266,11 @@ class StudentOutputOptions:
                             "samples)", setting="teacher",
                             hint=f"add {ref('teacher')} MODEL; for a teacher with another tokenizer use plain "
                                  f"{ref('objective')} sft")
+        if c.objective in CROSS_KINDS:
+            raise UndoError(f"{what} with {ref('objective')} {c.objective}: scoring the student's own samples needs a "
+                            "teacher with the student's tokenizer", setting="objective",
+                            hint="use an exact-vocabulary objective (jsd, srkl, ...) with a teacher of the same "
+                                 "tokenizer, or train on the data alone (drop the flag)")
         if method == "sft" and c.objective == "sft":
             raise UndoError(f"{what} needs a white-box {ref('objective')}: cross-entropy on the student's own samples "
                             "teaches it nothing new", setting="objective",

@@ -156,6 +156,16 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
+    from undo_cli.guidance import set_invocation
+
+    set_invocation(sys.argv[1:] if args is None else args)  # what a "continue with: undo ..." hint repeats
+    try:
+        _main(args)
+    finally:
+        set_invocation(None)
+
+
+def _main(args: list[str] | None) -> None:
     from undo_cli.errors import UndoError
 
     try:

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -582,11 +580,11 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 
 def _resume_command() -> str:
     """The command that continues this run: the one that was run, plus --resume."""
-    argv = sys.argv[1:]
-    if argv[:1] != ["iterate"]:  # called in process (tests, a script): say it in words
-        return "the same `undo iterate` command with --resume"
-    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return "undo " + shlex.join(argv + ["--resume"])
+    from undo_cli.guidance import rerun
+
+    # Called from elsewhere (the demo, a test, a script): say it in words.
+    return rerun("iterate", drop={"--resume": False, "--overwrite": False}, add=["--resume"]) or \
+        "the same `undo iterate` command with --resume"
 
 
 def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -296,6 +296,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
             (folder / "training_args.bin").unlink(missing_ok=True)
+        _record_prompt_format(records, config, output, saved)
         write_json(output / SUMMARY_FILE, summary)
         if not config.keep_checkpoints:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
@@ -306,6 +307,17 @@ def run(config: TrainConfig) -> dict[str, Any]:
     del trainer, model, objective, own
     release_memory()
     return summary
+
+
+def _record_prompt_format(records: list[dict[str, Any]], config: TrainConfig, output: Path,
+                          saved: dict[str, Any]) -> None:
+    """OUTPUT/undo_training.json: the prompt format the model learnt, so `undo evaluate` asks it the same way."""
+    from undo_cli.prompts import TRAINING_FORMAT, prompt_format
+
+    recorded = {"prompt": prompt_format(records, config.template), "data": config.data,
+                "note": "written by `undo train`; `undo evaluate --model THIS_FOLDER` prompts the model this way"}
+    for folder in {output, Path(saved.get("adapter") or output)}:
+        write_json(folder / TRAINING_FORMAT, recorded)
 
 
 def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -> None:

@@ -84,7 +84,7 @@ for ((k = 1; k <= MAX_ITERATIONS; k++)); do
   if improves "$acc" "$best_acc" 0; then best=$k; best_acc=$acc; fi   # best: highest, earliest on a tie
   if improves "$acc" "$reference" "$MIN_DELTA"; then reference=$acc; stale=0; else stale=$((stale + 1)); fi
   if [ "$stale" -ge "$PATIENCE" ]; then
-    echo "no validation gain of at least $MIN_DELTA for $PATIENCE iteration(s); stopping" >&2
+    echo "no validation gain (min_delta $MIN_DELTA) for $PATIENCE iteration(s); stopping" >&2
     break
   fi
 done

@@ -200,8 +200,11 @@ def test_a_finished_run_extends_when_only_the_stopping_rule_changed(finished_run
     shutil.copytree(run, copy)
     args = [a if a != "killed" else "extended" for a in finished_run["args"]]
     before = _manifest(copy)["stages"]
+    assert _manifest(copy)["stop_reason"]
     proc = undo(*args, "--resume", "--max-iterations", "3", "--patience", "2", env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The tables printed while it ran did not repeat the finished run's reason for stopping (issue 23).
+    assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
     assert "max_iterations: was 2, now 3" in proc.stderr and "patience: was 1, now 2" in proc.stderr
     stages = _manifest(copy)["stages"]
     assert stages["iter_02/train"]["status"] == "done" and stages["iter_02/evaluate"]["status"] == "done"

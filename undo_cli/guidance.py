@@ -97,10 +97,42 @@ def next_command(stage: str, config: Any, summary: dict[str, Any] | None = None)
         data = saved or "train_data.jsonl"
         return f"undo train --student STUDENT --data {_q(data)} --output student_next"
     if stage == "score":
-        return None
+        return _after_score(config, summary)
     if stage == "iterate":
         return f"undo report {_q(summary.get('run_dir') or 'runs/NAME')}"
+    if stage == "report":
+        return _after_report(summary)
+    if stage == "stats":  # undo cache stats
+        where = f" --cache-dir {_q(config.cache_dir)}" if getattr(config, "cache_dir", None) else ""
+        return f"undo cache prune --older-than 30{where}   (drops the entries no run used for 30 days)"
     return None
+
+
+def _after_score(config: Any, summary: dict[str, Any]) -> str:
+    """Predictions scored into a file: collect their errors; scored to stdout: keep the verdicts in a file."""
+    if config.output in ("-", ""):
+        return f"undo score {_q(config.input)} --output scored.jsonl   (the verdicts, one line per record)"
+    if summary.get("predictions"):
+        return f"undo collect-errors {_q(config.output)} --output {_q(_sibling(config.output, 'errors.jsonl'))}"
+    return f"head -n 3 {_q(config.output)}   (each record with `predicted` and `correct`)"
+
+
+def _after_report(state: dict[str, Any]) -> str | None:
+    """The best student, put to use: the command that evaluates it on the run's test problems, as the run did."""
+    from undo_cli.loop.layout import PREDICTIONS, RunLayout
+
+    best, config = state.get("best_iteration"), state.get("config") or {}
+    test = config.get("test_file")
+    if best is None or not state.get("run_dir") or not test:
+        return None
+    student = RunLayout(Path(state["run_dir"])).student(best)
+    evaluate = config.get("evaluate") or {}
+    flags = f" --max-tokens {evaluate['max_tokens']}" if evaluate.get("max_tokens") else ""
+    flags += f" --verify {config['verify']}" if config.get("verify", "strict") != "strict" else ""
+    out = student.parent / "eval" / PREDICTIONS
+    return (f"undo evaluate --model {_q(student)} --input {_q(test)}{flags} --output {_q(out)}   "
+            f"(the best student, iteration {best}; any problems file works)")
+
 
 
 def print_next(stage: str, config: Any, summary: dict[str, Any] | None = None) -> None:

@@ -67,48 +67,48 @@ VERIFY = ("strict", "flexible")
 class IterateConfig:
     """Everything `undo iterate` needs: top-level keys of run.toml (each one flag) plus one table per stage."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"help": "The base student: a model folder or a hub name."})
-    train_file: str = field(metadata={"help": "Training problems JSONL: the teacher writes rationales for these."})
-    val_file: str = field(metadata={"help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
-    test_file: str = field(metadata={"help": "Test problems JSONL: only the best and the iteration-0 students see it."})
-    name: str | None = field(default=None, metadata={"help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
-    runs_dir: str = field(default="runs", metadata={"help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
-    teacher_base_url: list[str] | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai teacher backend: the NAME of the variable holding the key."})
-    student_backend: str = field(default="hf", metadata={"choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repos (opt-in)."})
-    max_iterations: int = field(default=3, metadata={"help": "Most refinement rounds after the one-shot iteration 0."})
-    patience: int = field(default=1, metadata={"help": "Stop after this many iterations without a min_delta improvement."})
-    min_delta: float = field(default=0.0, metadata={"help": "Smallest gain in validation accuracy (0-1) that counts as better."})
-    mix: str = field(default="replace", metadata={"choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
-    init: str = field(default="base", metadata={"choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
-    seed: int = field(default=0, metadata={"help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
-    verify: str = field(default="strict", metadata={
+    teacher: str = field(metadata={"group": "Models and data", "help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    student: str = field(metadata={"group": "Models and data", "help": "The base student: a model folder or a hub name."})
+    train_file: str = field(metadata={"group": "Models and data", "help": "Training problems JSONL: the teacher writes rationales for these."})
+    val_file: str = field(metadata={"group": "Models and data", "help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
+    test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})
+    name: str | None = field(default=None, metadata={"group": "Models and data", "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
+    runs_dir: str = field(default="runs", metadata={"group": "Models and data", "help": "Where run folders go."})
+    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", "help": "openai teacher backend: the NAME of the variable holding the key."})
+    student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Backends", "help": "Run code shipped with the model repos (opt-in)."})
+    max_iterations: int = field(default=3, metadata={"group": "The loop", "help": "Most refinement rounds after the one-shot iteration 0."})
+    patience: int = field(default=1, metadata={"group": "The loop", "help": "Stop after this many iterations without a min_delta improvement."})
+    min_delta: float = field(default=0.0, metadata={"group": "The loop", "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
+    seed: int = field(default=0, metadata={"group": "The loop", "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    verify: str = field(default="strict", metadata={"group": "The loop", 
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
                 "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY})
     # The teacher economy (undo_cli/economy), for generate and refine: one cache, one budget and one price list
     # for the whole loop. Not part of the run's identity (ECONOMY_RUNTIME): --resume takes a higher budget.
-    cache_dir: str | None = field(default=None, metadata={"help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
-    cache: bool = field(default=True, metadata={"help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
-    cache_unseeded: bool = field(default=False, metadata={"help": "Also cache the teacher's sampling without a seed."})
-    teacher_revision: str | None = field(default=None, metadata={"help": "Cache key: the teacher's revision when its name does not pin the weights."})
-    max_teacher_tokens: int | None = field(default=None, metadata={"help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
-    max_cost: float | None = field(default=None, metadata={"help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
-    price_input: float | None = field(default=None, metadata={"help": "Price of a million teacher prompt tokens (overrides prices.input)."})
-    price_output: float | None = field(default=None, metadata={"help": "Price of a million teacher completion tokens (overrides prices.output)."})
-    prices: dict[str, float] = field(default_factory=dict, metadata={"help": "[prices] table: input and output, per million teacher tokens."})
-    launcher: str = field(default="local", metadata={
+    cache_dir: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
+    cache: bool = field(default=True, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
+    cache_unseeded: bool = field(default=False, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Also cache the teacher's sampling without a seed."})
+    teacher_revision: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Cache key: the teacher's revision when its name does not pin the weights."})
+    max_teacher_tokens: int | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
+    max_cost: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
+    price_input: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher prompt tokens (overrides prices.input)."})
+    price_output: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher completion tokens (overrides prices.output)."})
+    prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", "help": "[prices] table: input and output, per million teacher tokens."})
+    launcher: str = field(default="local", metadata={"group": "Where stages run", 
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
                 "(settings in the [slurm] table).", "choices": LAUNCHERS})
-    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
-    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
-    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"help": "[collect_errors] table: CollectErrorsConfig fields."})
-    refine: dict[str, Any] = field(default_factory=dict, metadata={"help": "[refine] table: RefineConfig fields."})
-    slurm: dict[str, Any] = field(default_factory=dict, metadata={"help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
+    generate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[generate] table: GenerateConfig fields."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[train] table: TrainConfig fields."})
+    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
+    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
+    refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
+    slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
     def __post_init__(self) -> None:
         choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
@@ -385,8 +385,10 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if history[-1]["errors"] == 0:
         return best, "the student answered every validation question correctly: nothing left to refine"
     if k - last_gain >= config.patience and k > 0:
-        return best, (f"no validation gain of at least {config.min_delta:g} for {config.patience} "
-                      f"iteration{'s' if config.patience > 1 else ''}")
+        rounds = f"{config.patience} iteration{'s' if config.patience > 1 else ''}"
+        if config.min_delta > 0:
+            return best, f"no validation gain of at least {config.min_delta:g} for {rounds}"
+        return best, f"validation accuracy did not improve for {rounds}"  # min_delta 0: any gain counts
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
@@ -508,54 +510,57 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
     return rows
 
 
-def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Print every setting (with where it came from: default, file or flag), the plan and an upper bound of
-    iteration 0's teacher tokens (economy/estimate.py); load no model. Returns the same as a dict."""
-    from rich.table import Table
-
-    from undo_cli.console import console
-    from undo_cli.economy.estimate import describe as describe_estimate
+def dry_run(config: IterateConfig, origins: dict[str, str] | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Every setting (with where it came from: default, file or flag), the plan and an upper bound of iteration
+    0's teacher tokens (economy/estimate.py), printed as tables on stderr unless `quiet`; load no model.
+    Returns the same as a dict (`undo iterate --dry-run --format json` prints it)."""
     from undo_cli.loop.settings import STAGES
 
     check_stages(config)
     origins = origins or {}
-    settings: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        if f.name not in STAGES:
-            settings[f.name] = getattr(config, f.name)
+    settings: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name not in STAGES}
     for table in STAGES:
         for key, value in config.settings(table).items():
             settings[f"{table}.{key}"] = value
-    table = Table(title=f"undo iterate --dry-run: {config.run_dir}", title_justify="left")
-    for col in ("key", "value", "from"):
-        table.add_column(col, overflow="fold")
-    for key, value in settings.items():
-        origin = origins.get(key)
-        if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
-                k.split(".")[0] for k in origins if k.endswith(".seed")):
-            origin = "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
-        table.add_row(key, repr(value), origin or ("default (from name: <student>-from-<teacher>)"
-                                                   if key == "name" else "default"))
-    console.print(table)
-    steps = plan(config)
-    plan_table = Table(title="plan (stops early when validation accuracy stops improving)", title_justify="left")
-    for col in ("stage", "what", "writes"):
-        plan_table.add_column(col, overflow="fold")
-    for row in steps:
-        plan_table.add_row(*row)
-    console.print(plan_table)
-    estimate = estimate_iteration0(config)
-    est_table = Table(title="teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, "
-                            "before any call", title_justify="left")
-    for col in ("what", "value"):
-        est_table.add_column(col, overflow="fold")
-    for row in describe_estimate(estimate):
-        est_table.add_row(*row)
-    console.print(est_table)
+    shown = {"settings": settings, "origins": origins, "plan": plan(config),
+             "teacher_estimate": estimate_iteration0(config)}
+    if not quiet:
+        _print_dry_run(config, shown)
+    return shown
+
+
+def _origin(key: str, origins: dict[str, str]) -> str:
+    origin = origins.get(key)
+    if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
+            k.split(".")[0] for k in origins if k.endswith(".seed")):
+        return "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
+    return origin or ("default (from name: <student>-from-<teacher>)" if key == "name" else "default")
+
+
+def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from undo_cli.console import console
+    from undo_cli.economy.estimate import describe as describe_estimate
+
+    def table(title: str, columns: tuple[str, ...], rows) -> None:
+        # The first column (a key, a stage) never wraps: a key cut mid-word cannot be searched for or pasted.
+        t = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            t.add_column(col, no_wrap=i == 0, overflow="fold")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+    table(f"undo iterate --dry-run: {config.run_dir}", ("key", "value", "from"),
+          [(key, repr(value), _origin(key, shown["origins"])) for key, value in shown["settings"].items()])
+    table("plan (stops early when validation accuracy stops improving)", ("stage", "what", "writes"), shown["plan"])
+    table("teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, before any call",
+          ("what", "value"), describe_estimate(shown["teacher_estimate"]))
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
-    console.print("nothing was run (--dry-run); drop --dry-run to start")
-    return {"settings": settings, "origins": origins, "plan": steps, "teacher_estimate": estimate}
+    console.print("nothing was run (--dry-run); drop --dry-run to start; --format json prints all this on stdout")
 
 
 def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
@@ -620,6 +625,8 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
 
         launcher = SlurmLauncher(SlurmConfig(**config.slurm), folder)
+    # A resumed run has not stopped (yet): the tables printed along the way must not repeat the last reason.
+    folder.manifest.pop("stop_reason", None)
     loop = Loop(config, folder, launcher)
     console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
                   f"mix {config.mix}, init {config.init})")

@@ -363,7 +363,7 @@ def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, chec
                 stats.rejected += len(rejected)
                 stats.items_done += len(batch)
                 elapsed = time.perf_counter() - gen_start
-                tps = stats.tokens_out / max(elapsed, 1e-9)
+                tps = stats.generated_tokens / max(elapsed, 1e-9)  # what the model wrote, not the cache's answers
                 progress.update(task, advance=len(batch), tps=tps)
                 if plain is not None:
                     plain.update(stats.items_done, f"{tps:,.1f} tok/s")
@@ -398,6 +398,12 @@ class _Stats:
     without_kept: list[str] = field(default_factory=list)
     endpoints: list[dict[str, Any]] | None = None
     left_by_budget: list[str] = field(default_factory=list)
+    cached_samples: int = 0  # answered by the teacher cache: instant, so outside the throughput
+    cached_tokens: int = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.tokens_out - self.cached_tokens
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)
@@ -405,6 +411,9 @@ class _Stats:
         if completions:
             self.tokens_in += completions[0].prompt_tokens
         self.tokens_out += sum(c.completion_tokens for c in completions)
+        if completions and completions[0].cached:  # the n samples of one request are cached together
+            self.cached_samples += len(completions)
+            self.cached_tokens += sum(c.completion_tokens for c in completions)
         self.finish.update(str(c.finish_reason) for c in completions)
 
     def count_record(self, record: Record) -> None:
@@ -436,10 +445,25 @@ class _Stats:
             "load_s": round(self.load_s, 3),
             "generation_s": round(self.generation_s, 3),
             "wall_s": round(self.wall_s, 3),
-            "tokens_per_s": round(self.tokens_out / gen, 2) if self.samples else 0.0,
-            "samples_per_s": round(self.samples / gen, 3) if self.samples else 0.0,
+            # Throughput of what the model generated; answers from the teacher cache are counted apart.
+            "tokens_per_s": round(self.generated_tokens / gen, 2) if self.samples > self.cached_samples else 0.0,
+            "samples_per_s": round((self.samples - self.cached_samples) / gen, 3)
+            if self.samples > self.cached_samples else 0.0,
+            "cached_samples": self.cached_samples,
+            "cached_tokens_out": self.cached_tokens,
             **({"endpoints": self.endpoints} if self.endpoints is not None else {}),
         }
+
+
+def _throughput(summary: dict[str, Any]) -> str:
+    """Generated tokens per second; samples the teacher cache answered (instantly) are said apart, not averaged in."""
+    cached = summary.get("cached_samples") or 0
+    generated = summary["samples"] - cached
+    rate = f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s generated"
+    if not cached:
+        return rate
+    from_cache = f"{cached} samples ({summary.get('cached_tokens_out', 0):,} tokens) from the teacher cache"
+    return f"{rate} ({generated} samples); {from_cache}" if generated else f"none generated; {from_cache}"
 
 
 def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
@@ -460,7 +484,7 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         ("tokens in / out", f"{summary['tokens_in']:,} / {summary['tokens_out']:,}"),
         ("finish reasons", ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())) or "-"),
         ("wall time", f"{summary['wall_s']:.1f} s (model load {summary['load_s']:.1f} s)"),
-        ("throughput", f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s"),
+        ("throughput", _throughput(summary)),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

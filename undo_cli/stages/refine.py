@@ -450,6 +450,9 @@ def run(config: RefineConfig) -> dict[str, Any]:
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors, targets, jobs, counts = plan(config)
+    from undo_cli.records import check_output_path
+
+    check_output_path(config.output)  # the cheap refusals first: the context check loads the tokenizer
     jobs = fit_to_context(jobs, config)
 
     if not errors:

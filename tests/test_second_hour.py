@@ -1,0 +1,168 @@
+"""The second hour (issue 23): what a new user meets after the demo, each fixed thing checked as they meet it.
+
+In process (conftest's `undo_here`) where a subprocess adds nothing: help texts, refusals, the
+`next:` lines, the stopping rule's words. The other items of the issue are tested beside their
+code: Ctrl-C in `undo train` (tests/test_train.py), the prompt format recorded by `undo train`
+(tests/test_evaluate.py), refine prompts against the teacher's context (tests/test_refine.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TAUGHT_PROBLEMS
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def problems(tmp_path) -> Path:
+    return _write(tmp_path / "problems.jsonl",
+                  [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]])
+
+
+# --- undo iterate --help: sections like the stage commands', and the dotted stage flags -----------------
+
+def test_iterate_help_is_grouped_and_shows_the_dotted_stage_flags(undo_here, capsys):
+    from undo_cli.cli.app import main
+
+    capsys.readouterr()
+    main(["iterate", "--help"])  # returns: exit code 0
+    text = capsys.readouterr().out
+    sections = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")
+                and line.endswith(":")]
+    assert sections[:6] == ["Options", "Models and data", "Backends", "The loop", "Teacher economy (docs/economy.md)",
+                            "Where stages run"]
+    assert sections[-1].startswith("Stage settings (dotted flags")
+    stage_part = text.split("Stage settings", 1)[1]
+    for table in ("generate", "train", "evaluate", "collect-errors", "refine"):
+        assert f"--{table}.KEY VALUE" in stage_part and f"undo {table} --help" in " ".join(stage_part.split())
+    assert "--train.lr 2e-5" in stage_part and "--slurm.KEY VALUE" in stage_part
+    loop = text.split("The loop:", 1)[1].split("Teacher economy", 1)[0]
+    assert "--max-iterations" in loop and "--patience" in loop and "--teacher-backend" not in loop
+
+
+# --- --dry-run: keys whole at 80 columns; JSON on stdout only with --format json ---------------------
+
+def test_dry_run_keeps_keys_whole_and_prints_json_only_when_asked(problems, tmp_path, capsys, monkeypatch,
+                                                                  undo_here):
+    from undo_cli.cli.app import main
+
+    from undo_cli.console import console
+
+    monkeypatch.setattr(console, "width", 80)  # a log file, CI, a default terminal
+    args = ["iterate", "--teacher", "org/teacher", "--student", "org/student", "--train-file", str(problems),
+            "--val-file", str(problems), "--test-file", str(problems), "--runs-dir", str(tmp_path / "runs"),
+            "--dry-run"]
+    capsys.readouterr()
+    main(args + ["--format", "json"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["settings"]["train.lr"] is None and shown["plan"][0][0] == "iter_00/generate"
+    main(args)
+    text = capsys.readouterr()
+    assert text.out == ""  # people read the tables on stderr; stdout stays empty without --format json
+    lines = text.err.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    cells = {cell.strip() for line in lines for cell in line.split("│")}
+    assert set(shown["settings"]) <= cells  # every key whole in its cell, none cut mid-word
+    code, err = undo_here(*args[:-1], "--format", "json")
+    assert code == 2 and "--format json is the format of --dry-run's output" in err
+
+
+# --- a misspelt command, a CSV given to a stage ---------------------------------------------------
+
+def test_a_misspelt_command_gets_the_nearest_one(undo_here, capsys):
+    from undo_cli.cli.app import main
+
+    for args, expected in ((["evalute"], "Did you mean 'evaluate'?"), (["data", "improt"], "Did you mean 'import'?"),
+                           (["colect-errors"], "Did you mean 'collect-errors'?")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and expected in err and "Traceback" not in err, args
+    with pytest.raises(SystemExit):
+        main(["xyzzy"])
+    assert "Commands: data, score, generate" in capsys.readouterr().err
+
+
+def test_a_csv_given_to_a_stage_points_to_data_import(undo_here, tmp_path, tiny_model):
+    quiz = tmp_path / "quiz.csv"
+    quiz.write_text('question,answer\n"What is 2+2?",4\n')
+    code, err = undo_here("evaluate", "--model", tiny_model, "--input", quiz, "--output", tmp_path / "p.jsonl")
+    assert code == 2 and "quiz.csv:1: not valid JSON" in err
+    assert f"this looks like a CSV file, not JSONL: `undo data import {quiz} --output-dir data`" in err
+    pretty = _write(tmp_path / "data.json", [])
+    pretty.write_text('[\n  {"question": "2+2?", "answer": "4"}\n]\n')
+    code, err = undo_here("train", "--student", tiny_model, "--data", pretty, "--output", tmp_path / "s")
+    assert code == 2 and "a JSON file (not one object per line)" in err and "undo data import" in err
+    broken = _write(tmp_path / "broken.jsonl", [])
+    broken.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", oops}\n')
+    code, err = undo_here("evaluate", "--model", tiny_model, "--input", broken, "--output", tmp_path / "q.jsonl")
+    assert code == 2 and "broken.jsonl:2" in err and "fix or delete this line" in err  # a JSONL typo stays one
+
+
+# --- throughput: what the model generated, apart from what the teacher cache answered -------------------
+
+def test_cached_answers_are_reported_apart_from_the_throughput(undo_here, tiny_teacher, problems, tmp_path):
+    args = ["generate", "--teacher", tiny_teacher, "--input", problems, "--max-tokens", "8", "--keep", "all"]
+    code, err = undo_here(*args, "--output", tmp_path / "first.jsonl")
+    assert code == 0, err
+    assert "samples/s generated" in err and "from the teacher cache" not in err
+    code, err = undo_here(*args, "--output", tmp_path / "second.jsonl")
+    assert code == 0, err
+    flat = " ".join(err.replace("│", " ").split())  # a table cell may wrap onto a second row
+    assert "none generated; 3 samples (" in flat and "tokens) from the teacher cache" in flat
+    first = [json.loads(line) for line in (tmp_path / "first.jsonl").read_text().splitlines()]
+    second = [json.loads(line) for line in (tmp_path / "second.jsonl").read_text().splitlines()]
+    assert not any(r["cached"] for r in first) and all(r["cached"] for r in second)
+
+
+# --- every command ends with the next one: report, score, cache stats --------------------------------
+
+def test_report_score_and_cache_stats_end_with_the_next_command(undo_here, tmp_path, problems):
+    preds = _write(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2"}])
+    code, err = undo_here("score", preds, "--output", tmp_path / "scored.jsonl")
+    assert code == 0 and f"next: undo collect-errors {tmp_path / 'scored.jsonl'} --output" in err
+    code, err = undo_here("score", preds)
+    assert code == 0 and f"next: undo score {preds} --output scored.jsonl" in err
+
+    run = tmp_path / "runs" / "r"
+    metrics = {"accuracy": 0.5, "correct": 1, "count": 2}
+    for k in (0, 1):
+        _write(run / f"iter_0{k}" / "errors.jsonl", []) if (run / f"iter_0{k}").mkdir(parents=True) is None else None
+        (run / f"iter_0{k}" / "val").mkdir()
+        (run / f"iter_0{k}" / "val" / "predictions.metrics.json").write_text(json.dumps(metrics))
+    (run / "manifest.json").write_text(json.dumps({"status": "done", "best_iteration": 1, "stages": {}, "config": {
+        "test_file": str(problems), "verify": "strict", "evaluate": {"max_tokens": 96}}}))
+    code, err = undo_here("report", run)
+    assert code == 0, err
+    assert (f"next: undo evaluate --model {run / 'iter_01' / 'student'} --input {problems} --max-tokens 96 "
+            f"--output {run / 'iter_01' / 'eval' / 'predictions.jsonl'}") in err
+
+    from undo_cli.economy.cache import TeacherCache
+
+    with TeacherCache(tmp_path / "cache", quiet=True):
+        pass
+    code, err = undo_here("cache", "stats", "--cache-dir", tmp_path / "cache")
+    assert code == 0 and f"next: undo cache prune --older-than 30 --cache-dir {tmp_path / 'cache'}" in err
+
+
+# --- the stopping rule in words --------------------------------------------------------------------
+
+def test_the_stop_reason_says_what_the_rule_asked():
+    from undo_cli.loop.iterate import IterateConfig, decide
+
+    config = IterateConfig.__new__(IterateConfig)  # the rule reads three numbers; no files needed
+    config.max_iterations, config.patience, config.min_delta = 5, 1, 0.0
+    history = [{"accuracy": a, "errors": 3} for a in (0.3, 0.3)]
+    assert decide(history, config)[1] == "validation accuracy did not improve for 1 iteration"
+    config.min_delta, config.patience = 0.02, 2
+    history.append({"accuracy": 0.31, "errors": 3})
+    assert decide(history, config)[1] == "no validation gain of at least 0.02 for 2 iterations"

@@ -231,31 +231,56 @@ def _fields(path: Path) -> dict[str, set]:
     return {"fields": keys, "refinement": sub}
 
 
-def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
-    files, out = finished_run["files"], tmp_path / "bash-run"
-    flags = dict(zip(STAGE_FLAGS[::2], STAGE_FLAGS[1::2]))
-    per_stage = {stage: " ".join(f"--{k.split('.', 1)[1]} {v}" for k, v in flags.items() if k.startswith(f"--{stage}."))
-                 for stage in ("generate", "train", "evaluate", "refine")}
-    env = {**os.environ, "TEACHER": str(finished_run["teacher"]), "STUDENT": str(finished_run["student"]),
-           "TRAIN": str(files["train"]), "VAL": str(files["val"]), "TEST": str(files["test"]), "OUT": str(out),
-           "MAX_ITERATIONS": "1", "UNDO": f"{Path(sys.executable).parent / 'undo'}",
-           "GENERATE_ARGS": per_stage["generate"], "TRAIN_ARGS": per_stage["train"],
-           "EVALUATE_ARGS": per_stage["evaluate"], "REFINE_ARGS": per_stage["refine"]}
-    proc = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)
+def _identity(path: Path, run: Path) -> dict:
+    """What produced a stage's output (its <stem>.run.json, or train_run.json), the run folder's path as RUN.
+
+    Digests of input records are left out: those records name the student by its path (the records
+    themselves are compared, with RUN for that path)."""
+    identity = json.loads(json.dumps(json.loads(path.read_text())["identity"]).replace(str(run), "RUN"))
+    return {k: v for k, v in identity.items() if k not in ("errors", "targets", "data_sha256")}
+
+
+def _records(path: Path, run: Path) -> list[dict]:
+    """The records of a JSONL file, the run folder's path as RUN, without `cached` (the teacher cache answered the
+    second run's teacher calls)."""
+    return [{k: v for k, v in json.loads(line.replace(str(run), "RUN")).items() if k != "cached"}
+            for line in _lines(path)]
+
+
+def test_bash_script_runs_the_stages_with_the_runs_settings(finished_run, tmp_path):
+    """examples/undo_loop.sh given `undo iterate`'s own flags (issue 23): every stage runs with the settings
+    `undo iterate` used, not the stages' defaults, and writes the same artifacts."""
+    runs = tmp_path / "runs"
+    args = list(finished_run["args"][1:])  # iterate's flags, without `iterate`
+    args[args.index("--runs-dir") + 1] = str(runs)
+    args[args.index("--name") + 1] = "bash"
+    args[args.index("--max-iterations") + 1] = "1"  # iterations 0 and 1 are enough to compare
+    env = {**os.environ, "UNDO": f"{sys.executable} -m undo_cli"}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run = finished_run["run"]
+    out, run = runs / "bash", finished_run["run"]
+    # The settings: each stage's record of what produced its output is the iterate run's.
+    for rel in ("iter_00/rationales.run.json", "iter_00/val/predictions.run.json", "iter_01/refined.run.json",
+                "iter_01/val/predictions.run.json", "iter_00/test/predictions.run.json",
+                "iter_00/student/train_run.json", "iter_01/student/train_run.json"):
+        assert _identity(out / rel, out) == _identity(run / rel, run), rel
+    train = json.loads((out / "iter_00/student/train_run.json").read_text())["identity"]
+    assert train["max_steps"] == 12 and train["lr"] == 3e-3 and train["batch_size"] == 4  # not undo train's defaults
+    # The artifacts: the same records (the teacher cache answered the script's teacher calls: `cached` differs).
     for rel in ("iter_00/rationales.jsonl", "iter_00/val/predictions.jsonl", "iter_00/errors.jsonl",
                 "iter_01/refined.jsonl", "iter_01/train_data.jsonl", "iter_01/val/predictions.jsonl",
                 "iter_01/errors.jsonl", "iter_00/test/predictions.jsonl"):
-        assert _fields(out / rel) == _fields(run / rel), rel
-    for rel in ("iter_00/val/predictions.metrics.json", "iter_01/val/predictions.metrics.json",
-                "iter_00/test/predictions.metrics.json",
-                "iter_01/student/train_summary.json"):
-        assert set(json.loads((out / rel).read_text())) == set(json.loads((run / rel).read_text())), rel
-    # Same teacher, same greedy decoding: the very same rationales.
-    assert (out / "iter_00/rationales.jsonl").read_text() == (run / "iter_00/rationales.jsonl").read_text()
+        assert _records(out / rel, out) == _records(run / rel, run), rel
+    for rel in ("iter_00/student/train_summary.json", "iter_01/student/train_summary.json"):
+        a, b = (json.loads((p / rel).read_text()) for p in (out, run))
+        assert a["steps"] == b["steps"] and a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5), rel
     assert "val acc" in proc.stderr  # the script ends with `undo report`, which reads its folder
+    # An `undo iterate` run folder is not the script's: refused before anything runs.
+    same = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh"), *finished_run["args"][1:]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(same.stderr.split())
+    assert same.returncode == 2 and "holds an `undo iterate` run" in said and "--name" in said
 
 
 # --- settings and the stopping rule, in process (no models) ------------------------------------
@@ -268,7 +293,10 @@ def test_bash_script_follows_the_run_layout():
 
     code = "\n".join(line for line in (REPO / "examples" / "undo_loop.sh").read_text().splitlines()
                      if not line.lstrip().startswith("#"))
-    written = set(re.findall(r'"\$(?:d|prev)/([\w./]+)"', code))  # every path under an iteration folder
+    written = set(re.findall(r'"\$(?:d|prev)/([\w./$]+)"', code))  # every path under an iteration folder
+    for path in [w for w in written if w.startswith("$2/")]:  # evaluate(): $2 is the split, val or test
+        written |= {path.replace("$2", split) for split in layout.SPLITS}
+        written.remove(path)
     expected = {layout.RATIONALES, layout.REFINED, layout.TRAIN_DATA, layout.ERRORS, layout.STUDENT,
                 *(f"{split}/{name}" for split in layout.SPLITS for name in (layout.PREDICTIONS, layout.METRICS))}
     assert written == expected

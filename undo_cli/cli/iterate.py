@@ -35,7 +35,7 @@ def build(entry: Special) -> click.Command:
                           "run nothing, load no model."),
         click.Option(["--format", "dry_run_format"], type=click.Choice(FORMATS), default="text", show_default=True,
                      help="--dry-run's output: text (tables on stderr), json (also the same as one JSON object "
-                          "on stdout)."),
+                          "on stdout), shell (each stage's flags as bash arrays, for examples/undo_loop.sh)."),
         # A table-valued top-level field ([prices] in run.toml; --price-input/--price-output as flags) has no flag.
         *options(config_cls, layered=True,
                  skip=(*TABLES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
@@ -53,6 +53,11 @@ def build(entry: Special) -> click.Command:
                             hint="add --dry-run (a run itself prints tables on stderr and one JSON line on stdout)")
         origins: dict[str, str] = {}
         resolved = resolve(config_cls, config, flags, list(ctx.args), origins)
+        if dry_run and dry_run_format == "shell":  # what examples/undo_loop.sh evaluates; nothing for people
+            from undo_cli.loop.script import shell_settings
+
+            sys.stdout.write(shell_settings(resolved))
+            return
         if dry_run:
             shown = show_plan(resolved, origins)  # tables on stderr, for people
             if dry_run_format == "json":  # `undo iterate ... --dry-run --format json | jq .teacher_estimate.tokens`
@@ -68,7 +73,7 @@ def build(entry: Special) -> click.Command:
                           context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 
 
-FORMATS = ("text", "json")
+FORMATS = ("text", "json", "shell")
 
 # The dotted flags' section of `undo iterate --help`: one row per stage table, pointing at the stage's own help.
 STAGE_FLAGS = [

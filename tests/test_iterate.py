@@ -191,25 +191,66 @@ def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run
     assert "--overwrite" in again.stderr
 
 
-def test_a_finished_run_extends_when_only_the_stopping_rule_changed(finished_run, undo):
-    """`--resume --max-iterations 3 --patience 2` on a finished run: iteration 2 runs, nothing before it."""
+def _hint(log: str, label: str) -> str:
+    """The command after `label` on its line of a log (undo prints each hint on one line)."""
+    line = next(line for line in log.splitlines() if line.startswith(label))
+    return line[len(label):].split("   (")[0].strip()
+
+
+def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_run, undo):
+    """The finished run's `more rounds:` hint, pasted (on a copy of the run: --name extended), runs one more
+    round and recomputes nothing finished; then a resume under the original rule keeps the finished round
+    in the count: the best iteration is decided over every finished one (issue 23, items 2 and 3)."""
     import shutil
+
+    from tests.conftest import paste
 
     run = finished_run["run"]
     copy = run.with_name("extended")
     shutil.copytree(run, copy)
-    args = [a if a != "killed" else "extended" for a in finished_run["args"]]
     before = _manifest(copy)["stages"]
     assert _manifest(copy)["stop_reason"]
-    proc = undo(*args, "--resume", "--max-iterations", "3", "--patience", "2", env={"COLUMNS": "400"})
+    done = _manifest(copy)["iterations_done"]  # iterations 0 .. done-1 ran; the hint asks for one more
+    hint = _hint(finished_run["log"], "more rounds:")
+    assert hint.startswith("undo iterate ") and f"--resume --max-iterations {max(2, done)}" in hint
+    assert "--name killed" in hint and ("--patience" in hint or done > 2)  # stopped before max_iterations: patience
+    proc = paste(hint.replace("--name killed", "--name extended"), env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The tables printed while it ran did not repeat the finished run's reason for stopping (issue 23).
-    assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
-    assert "max_iterations: was 2, now 3" in proc.stderr and "patience: was 1, now 2" in proc.stderr
     stages = _manifest(copy)["stages"]
-    assert stages["iter_02/train"]["status"] == "done" and stages["iter_02/evaluate"]["status"] == "done"
+    new = f"iter_{done:02d}"
+    assert stages[f"{new}/train"]["status"] == "done" and stages[f"{new}/collect_errors"]["status"] == "done"
+    assert f"iter_{done + 1:02d}/refine" not in stages  # one more round, as the hint said
     assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
-    assert "next: undo report" in proc.stderr
+    # The tables printed while it ran did not repeat the finished run's reason for stopping.
+    assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
+    assert "next: undo report" in proc.stderr and "more rounds: undo iterate" in proc.stderr
+
+    # Resumed under the original rule (max 2 iterations, patience 1), with iteration 3 best on validation:
+    # before issue 23 the loop stopped at iteration 1 again and wrote "best iteration 0" over it.
+    manifest = _manifest(copy)
+    for k in range(done + 1):
+        accuracy = 0.25 if k == 0 else 0.5 if k == done else 0.0
+        manifest["stages"][f"iter_{k:02d}/evaluate"]["summary"]["accuracy"] = accuracy
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = [a if a != "killed" else "extended" for a in finished_run["args"]]
+    proc = undo(*args, "--resume", env={"COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = _manifest(copy)
+    assert manifest["best_iteration"] == done and json.loads((copy / "summary.json").read_text())["best_iteration"] == done
+    assert manifest["stages"][f"{new}/test"]["status"] == "done"  # the best student, tested
+    assert all(manifest["stages"][k]["attempts"] == stages[k]["attempts"] for k in stages if k != f"{new}/test")
+
+
+def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
+    """`next: undo report RUN` and the report's own `next:` (the best student on the run's test problems)."""
+    from tests.conftest import paste
+
+    report = paste(_hint(finished_run["log"], "next:"), env={"COLUMNS": "400"})
+    assert report.returncode == 0 and "val acc" in report.stderr, report.stderr[-2000:]
+    evaluate = paste(_hint(report.stderr, "next:"), env={"COLUMNS": "400"})
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    best = _manifest(finished_run["run"])["best_iteration"]
+    assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
 
 
 def test_report_on_the_finished_run(finished_run, undo):

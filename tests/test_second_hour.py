@@ -166,3 +166,27 @@ def test_the_stop_reason_says_what_the_rule_asked():
     config.min_delta, config.patience = 0.02, 2
     history.append({"accuracy": 0.31, "errors": 3})
     assert decide(history, config)[1] == "no validation gain of at least 0.02 for 2 iterations"
+
+
+# --- "more rounds": an exact command that runs one more round -----------------------------------------
+
+def test_the_more_rounds_hint_raises_what_stopped_the_run():
+    from undo_cli.loop.iterate import IterateConfig, decide, more_rounds
+
+    config = IterateConfig.__new__(IterateConfig)
+    config.max_iterations, config.patience, config.min_delta = 2, 1, 0.0
+    command = ["--config", "run.toml", "--max-iterations", "2", "--name", "r"]
+
+    def h(*accs):
+        return [{"accuracy": a, "errors": 3} for a in accs]
+
+    # Stopped by patience at iteration 1: --max-iterations alone would stop again at once.
+    hint = more_rounds(config, h(0.3, 0.2), command)
+    assert hint == "undo iterate --config run.toml --name r --resume --max-iterations 2 --patience 2"
+    config.patience = 2
+    assert decide(h(0.3, 0.2), config)[1] is None and decide(h(0.3, 0.2, 0.2), config)[1]  # one round, then stop
+    # Stopped by max_iterations after a gain: only that.
+    config.patience = 1
+    assert more_rounds(config, h(0.3, 0.4, 0.5), command).endswith("--resume --max-iterations 3")
+    # No error left: nothing to refine, no hint.
+    assert more_rounds(config, [{"accuracy": 1.0, "errors": 0}], command) is None

@@ -32,7 +32,7 @@ def invocation() -> list[str]:
     return list(_invoked) if _invoked is not None else sys.argv[1:]
 
 
-def _drop(argv: list[str], flags: dict[str, bool]) -> list[str]:
+def drop_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
     """argv without `flags` (name -> takes a value), in both `--flag value` and `--flag=value` forms."""
     out, skip = [], False
     for arg in argv:
@@ -56,7 +56,7 @@ def rerun(command: str, *, drop: dict[str, bool] | None = None, add: list[str] |
     argv = invocation()
     if argv[:1] != [command]:
         return None
-    return "undo " + shlex.join(_drop(argv, drop or {}) + list(add or []))
+    return "undo " + shlex.join(drop_flags(argv, drop or {}) + list(add or []))
 
 
 def _q(path: Any) -> str:

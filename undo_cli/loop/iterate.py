@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,11 @@ class Loop:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def finished(self, k: int) -> bool:
+        """Did an earlier attempt finish iteration k (its errors collected)?"""
+        stage = self.folder.stage(self.step_key(k, "collect_errors")) if hasattr(self.folder, "stage") else None
+        return bool(stage) and stage.get("status") == "done"
+
     def iteration(self, k: int) -> dict[str, Any]:
         names = ["generate"] if k == 0 else ["refine", "mix"]
         names += ["train", "evaluate", "collect_errors"]
@@ -583,17 +589,50 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
 
 
-def _resume_command() -> str:
+def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:
+    """`undo iterate ARGS` with flags dropped and added: ARGS are `command` (the equivalent arguments a caller such
+    as `undo demo` gave), else this process's own when it is `undo iterate`; None when neither is known."""
+    from undo_cli.guidance import drop_flags, rerun
+
+    drop = {"--resume": False, "--overwrite": False, **drop}
+    if command is not None:
+        return "undo iterate " + shlex.join(drop_flags(command, drop) + add)
+    return rerun("iterate", drop=drop, add=add)
+
+
+def _resume_command(command: list[str] | None = None) -> str:
     """The command that continues this run: the one that was run, plus --resume."""
-    from undo_cli.guidance import rerun
-
-    # Called from elsewhere (the demo, a test, a script): say it in words.
-    return rerun("iterate", drop={"--resume": False, "--overwrite": False}, add=["--resume"]) or \
-        "the same `undo iterate` command with --resume"
+    # Called from elsewhere without its arguments (a test, a script): say it in words.
+    return _iterate_command(command, {}, ["--resume"]) or "the same `undo iterate` command with --resume"
 
 
-def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
+def more_rounds(config: IterateConfig, history: list[dict[str, Any]], command: list[str] | None = None) -> str | None:
+    """The command that runs one more refinement round on a finished run, or None when none can help.
+
+    `--resume --max-iterations N` alone is not enough after the patience ran out: the rule would stop
+    again at once. So it raises whichever of the two stopped the run, just enough for one more round.
+    """
+    k = len(history) - 1
+    if not history or history[-1]["errors"] == 0:
+        return None  # nothing left to refine
+    accs = [h["accuracy"] for h in history]
+    reference, last_gain = accs[0], 0
+    for i in range(1, len(accs)):  # as decide() counts it
+        if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
+            reference, last_gain = accs[i], i
+    add = ["--resume", "--max-iterations", str(max(config.max_iterations, k + 1))]
+    if k - last_gain >= config.patience:
+        add += ["--patience", str(k - last_gain + 1)]
+    return _iterate_command(command, {"--max-iterations": True, "--patience": True}, add)
+
+
+def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
+        command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json.
+
+    command: `undo iterate`'s arguments that reproduce this run (what `undo demo` runs in process), for the
+    commands its hints print; default: this process's command line when it is `undo iterate`.
+    """
     from undo_cli.console import console
     from undo_cli.loop import report
     from undo_cli.loop.manifest import RunFolder
@@ -634,15 +673,20 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         history: list[dict[str, Any]] = []
         k = 0
         best = None
+        budget_stop = False
         while True:
             try:
                 history.append(loop.iteration(k))
             except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
-                stop = exc.reason
+                stop, budget_stop = exc.reason, True
                 console.print(f"[bold]stopping:[/bold] {stop}")
                 record_usage(folder)
                 break
             best, stop = decide(history, config)
+            if stop and loop.finished(k + 1):
+                # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
+                # un-counts what finished, so the best is decided over every finished iteration.
+                stop = None
             folder.manifest.update(best_iteration=best, iterations_done=k + 1)
             record_usage(folder)
             folder.save()
@@ -667,7 +711,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         from rich.markup import escape
 
         console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
-                      f"[/yellow] {escape(_resume_command())}" + ("" if isinstance(exc, KeyboardInterrupt) else
+                      f"[/yellow] {escape(_resume_command(command))}" + ("" if isinstance(exc, KeyboardInterrupt) else
                                                 " (after fixing the cause; changed settings are allowed for "
                                                 "stages that have not finished)"), highlight=False)
         raise
@@ -676,8 +720,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     summary = report.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
-    console.print(f"next: undo report {folder.path}   (more rounds: the same command with --resume "
-                  "--max-iterations N)", markup=False, highlight=False)
+    console.print(f"next: undo report {shlex.quote(str(folder.path))}", markup=False, highlight=False, soft_wrap=True)
+    more = more_rounds(config, history, command) if history and not budget_stop else None
+    if more:
+        console.print(f"more rounds: {more}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
 

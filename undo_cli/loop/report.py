@@ -14,7 +14,8 @@ stopped). Per iteration:
     val acc      validation accuracy (val/predictions.metrics.json)
     errors       validation failures collected for the next refinement
     teacher      iteration 0: verified rationales generated; k >= 1: refinements verified / tried
-    verified     the teacher's verification rate (samples whose final answer checks out)
+    verified     the teacher's verification rate (samples whose final answer checks out; with
+                 verify = steps, whose arithmetic statements are all true too)
     test acc     held-out accuracy, for the best and the iteration-0 students only
     times        seconds per stage: teacher (generate or refine), train, evaluate (val)
 
@@ -22,6 +23,9 @@ and, when the teacher stages kept token ledgers (undo_cli/economy), a second
 table: teacher tokens paid and served from the cache per iteration, the
 cumulative paid tokens, and their cost when prices are known (`--price-input`
 / `--price-output` here, else the prices the run used).
+
+Below the table, the teacher's samples that did not verify, per iteration, by
+reason: no final answer / wrong answer / false step (`--verify steps`).
 
 A value that does not exist yet is shown as "—". Test accuracies come with n
 and a 95% Wilson interval, so "3.3%" reads as "1 of 30". The plot (matplotlib,
@@ -98,9 +102,21 @@ def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
 
 ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_correct", "val_count", "errors",
             "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
-            "refined_kept_previous", "verification_rate", "test_accuracy", "test_correct", "test_count",
+            "refined_kept_previous", "teacher_rejected_by_reason", "verification_rate", "test_accuracy", "test_correct", "test_count",
             "teacher_tokens", "teacher_cached_tokens", "teacher_requests", "teacher_cost", "teacher_tokens_cumulative",
             "teacher_cost_cumulative")
+
+
+def _refusals(refined: list[dict[str, Any]]) -> dict[str, int]:
+    """Refinements that did not verify, by reason (as `undo refine` counts them)."""
+    from undo_cli.scoring import REASONS
+    from undo_cli.stages.refine import refusal_of
+
+    counts = dict.fromkeys(REASONS, 0)
+    for r in refined:
+        if (reason := refusal_of(r.get("refinement") or {})) is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +131,9 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["teacher_written"] = len(kept)
             row["teacher_verified"] = sum(bool(r.get("correct")) for r in samples)
             row["verification_rate"] = row["teacher_verified"] / len(samples) if samples else None
+            from undo_cli.scoring import count_reasons
+
+            row["teacher_rejected_by_reason"] = count_reasons(samples)
         data = kept
     else:
         refined = _jsonl(layout.refined(k))
@@ -123,6 +142,7 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["refined_verified"] = sum(bool((r.get("refinement") or {}).get("verified")) for r in refined)
             row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
+            row["teacher_rejected_by_reason"] = _refusals(refined)
         data = _jsonl(layout.train_data(k))
     row["train_examples"] = len(data) if data is not None else None
     trained = _read_json(layout.student(k) / "train_summary.json")
@@ -311,10 +331,25 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
                                                 for r in rows if r["status"] != "done"))
     if state.get("stop_reason"):
         notes.append(f"stopped: {state['stop_reason']}")
+    rejected = [(r["iteration"], r["teacher_rejected_by_reason"]) for r in rows if r.get("teacher_rejected_by_reason")]
+    if any(sum(c.values()) for _, c in rejected):
+        notes.append(_rejections_note(rejected))
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
     if state.get("teacher_usage"):
         print_teacher_table(state)
+
+
+def _rejections_note(rejected: list[tuple[int, dict[str, int]]]) -> str:
+    """'teacher not verified (no answer/wrong answer/false step): iter 0 3/5/4; iter 1 0/2/7 (+1 truncated)'."""
+    from undo_cli.scoring import REASONS
+
+    parts = []
+    for k, counts in rejected:
+        extra = "".join(f" (+{v} {name})" for name, v in counts.items() if name not in REASONS and v)
+        parts.append(f"iter {k} " + "/".join(str(counts.get(name, 0)) for name in REASONS) + extra)
+    names = "/".join(name.replace("_", " ") for name in REASONS)
+    return f"teacher not verified ({names}): " + "; ".join(parts)
 
 
 def _tokens(x: int | None) -> str:

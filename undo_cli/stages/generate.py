@@ -19,7 +19,13 @@ One output line per kept sample, shaped as a `rationale` (docs/artifacts.md):
     {"id": "gsm8k-17#0", "problem_id": "gsm8k-17", "question": ..., "answer": "42", "task": "math",
      "rationale": "... #### 42", "predicted": "42", "correct": true, "teacher": "Qwen/...",
      "backend": "hf", "sample": 0, "usage": {"prompt_tokens": 91, "completion_tokens": 130},
-     "template": "generate", "finish_reason": "stop", "iteration": 0}
+     "template": "generate", "finish_reason": "stop", "iteration": 0, "verify": "strict", "reject_reason": null}
+
+`reject_reason` says why a sample does not verify: `no_answer`, `wrong_answer`
+or, with `--verify steps` (strict, and every arithmetic statement in the text
+true: undo_cli/steps.py), `false_step`, with `step_error` quoting the first false
+statement as written. The summary counts the samples that did not verify by
+reason (`rejected_by_reason`).
 
 plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
 generated token) with `--logprobs K`, for offline white-box distillation.
@@ -48,7 +54,8 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, UndoError
-from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
+from undo_cli.stages.options import (TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, check_verify,
+                                     verify_field)
 
 KEEP = ("correct", "all")
 
@@ -68,8 +75,9 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
-    verify: str = verify_field("strict", "strict: a rationale verifies only with an explicit final answer (#### x, "
-                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
+    verify: str = verify_field(TEACHER_VERIFY, "strict: a rationale verifies only with an explicit final answer "
+                               "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
+                               "steps: strict, and every arithmetic statement in it is true (6 * 4 = 24).")
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
@@ -133,7 +141,7 @@ def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dic
 def make_record_builder(config: GenerateConfig, backend_name: str):
     """`make_records` for the generation loop: completions of one problem -> scored rationale records."""
     from undo_cli.prompts import template_name
-    from undo_cli.scoring import score
+    from undo_cli.scoring import score, verdict_fields
 
     template = template_name(config.prompt)
 
@@ -154,6 +162,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
                 "predicted": verdict.predicted,
                 "correct": verdict.correct,
                 "verify": config.verify,
+                **verdict_fields(verdict),  # reject_reason (null when verified), step_error with --verify steps
                 "teacher": config.teacher,
                 "backend": backend_name,
                 "sample": sample,
@@ -173,7 +182,8 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
 
 def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate, verify and keep rationales; prints the summary table and returns it."""
-    from undo_cli.records import read_records
+    from undo_cli.records import is_stream, read_records
+    from undo_cli.scoring import count_reasons
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     problems = read_records(config.input, "problem")
@@ -200,6 +210,10 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         shard=shard,
     )
     summary["keep"] = config.keep
+    if not is_stream(config.output):  # the whole output and sidecar, so a resumed run reports what one run would
+        summary["rejected_by_reason"] = count_reasons(
+            r for path in (config.output, summary.get("rejected_output")) if path
+            for r in read_records(path, "rationale", allow_empty=True))
     if config.keep == "correct":
         if shard is not None:  # only this shard's problems can be missing from this shard's output
             from undo_cli.stages.shards import shard_of
@@ -219,9 +233,7 @@ def item_keys(config: GenerateConfig) -> list[str]:
 
 def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Count the problems with no verified rationale in the whole output (this run and earlier ones)."""
-    from undo_cli.records import read_records
-
-    from undo_cli.records import is_stream
+    from undo_cli.records import is_stream, read_records
 
     if not is_stream(config.output):
         kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}

@@ -190,3 +190,25 @@ def test_the_more_rounds_hint_raises_what_stopped_the_run():
     assert more_rounds(config, h(0.3, 0.4, 0.5), command).endswith("--resume --max-iterations 3")
     # No error left: nothing to refine, no hint.
     assert more_rounds(config, [{"accuracy": 1.0, "errors": 0}], command) is None
+
+
+# --- a changed --limit is refused in words, with the fix --------------------------------------------
+
+def test_a_changed_limit_is_refused_in_words(undo_here, tiny_model, problems, tmp_path):
+    out = tmp_path / "preds.jsonl"
+    args = ["evaluate", "--model", tiny_model, "--input", problems, "--output", out, "--max-tokens", "4"]
+    code, err = undo_here(*args, "--limit", "2")
+    assert code == 0, err
+    code, err = undo_here(*args)
+    assert code == 2 and "changed: every problem (3), was --limit 2" in err
+    assert "'input'" not in err and "prompts" not in err  # no digests
+    assert f"pass --overwrite to start over, or choose another --output (e.g. {tmp_path / 'preds-2.jsonl'})" in err
+    code, err = undo_here(*args, "--limit", "1")
+    assert code == 2 and "changed: --limit 1, was --limit 2" in err
+    code, err = undo_here(*args, "--limit", "2", "--max-tokens", "5")  # other settings still say key: old -> new
+    assert code == 2 and "max_tokens: 4 -> 5" in err and "--limit" not in err
+    _write(problems, [{"id": "x", "question": "What is 1 + 1?", "answer": "2"}])
+    code, err = undo_here(*args, "--limit", "2")
+    assert code == 2 and "the problems of --input differ from those it was made from" in err
+    code, err = undo_here(*args, "--output", tmp_path / "preds-2.jsonl")  # the suggested other --output works
+    assert code == 0, err

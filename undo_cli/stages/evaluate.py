@@ -204,11 +204,10 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
 def run(config: EvaluateConfig) -> dict[str, Any]:
     """Answer, score, write predictions and <stem>.metrics.json; prints two tables and returns the summary."""
     from undo_cli.records import read_records, write_json
-    from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
+    from undo_cli.stages.generation_loop import WorkItem, explain_limit, print_summary, run_generation
 
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
+    every = read_records(config.input, "problem")
+    problems = every if config.limit is None else every[: config.limit]
     messages_for, template = prompt_for(config)
     items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
     streamed: list[dict[str, Any]] = []
@@ -224,7 +223,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         items, config.backend_config(), config.sampling(), config.output,
         kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
         resume_key="id", description="evaluate", identity=identity, fresh=config.overwrite,
-        shard=config.shard_meta("evaluate"),
+        shard=config.shard_meta("evaluate"), explain=explain_limit(every, config.limit, problems),
     )
 
     # Score the whole file, not just this run: a resumed run must report the same

@@ -93,10 +93,21 @@ Examples:
   undo iterate --config examples/run.toml --name my-run --dry-run    # every setting and the plan first""",
             config="undo_cli.loop.iterate:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
-Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a
-PNG plot of validation and test accuracy.
+Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times), what
+each round fixed and broke, and a PNG plot of validation and test accuracy; --html writes one self-contained
+page with every problem's transitions and every refinement.
 
-Example: undo report runs/qwen-gsm8k"""),
+Example: undo report runs/qwen-gsm8k
+The whole run in one offline page (transitions, every refinement): undo report runs/qwen-gsm8k --html report.html"""),
+    Command("diff", "undo_cli.loop.diff:DiffConfig", "undo_cli.loop.diff:run", """\
+Which problems the student newly got right (fixed) or lost (regressed) between two iterations, or between
+any two prediction files.
+
+\b
+Examples:
+  undo diff runs/qwen-gsm8k 1 2
+  undo diff runs/qwen-gsm8k 0 best --split test --format jsonl > transitions.jsonl
+  undo diff before/predictions.jsonl after/predictions.jsonl"""),
     Group("cache", "The teacher cache: what it holds and saved (stats), dropping entries (prune).", [
         Command("stats", "undo_cli.economy.commands:CacheStatsConfig", "undo_cli.economy.commands:stats", """\
 Entries, file size, hits and teacher tokens saved, per model (docs/economy.md).

@@ -212,3 +212,168 @@ def test_a_changed_limit_is_refused_in_words(undo_here, tiny_model, problems, tm
     assert code == 2 and "the problems of --input differ from those it was made from" in err
     code, err = undo_here(*args, "--output", tmp_path / "preds-2.jsonl")  # the suggested other --output works
     assert code == 0, err
+
+
+# --- the walk, in a terminal -------------------------------------------------------------------------
+
+class Terminal:
+    """An interactive bash on a pseudo-terminal, typed into as a person does (job control: Ctrl-C reaches the
+    command running in the foreground, not the shell)."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]):
+        import fcntl
+        import os
+        import pty
+        import subprocess
+        import termios
+
+        from tests.conftest import read_terminal
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, __import__("struct").pack("HHHH", 40, 100, 0, 0))
+
+        def controlling_terminal():  # the pty is the shell's terminal: it gets job control, like a real login
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave, stdout=slave,
+                                     stderr=slave, cwd=cwd, env=env, preexec_fn=controlling_terminal)
+        os.close(slave)
+        self.reader, self.screen = read_terminal(self.master)
+        self.done = 0
+
+    def text(self) -> str:
+        return bytes(self.screen).decode("utf-8", errors="replace")
+
+    def wait_for(self, what: str, after: int = 0, timeout: float = 900) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while what not in self.text()[after:]:
+            assert time.monotonic() < deadline, f"waited for {what!r}:\n{self.text()[-3000:]}"
+            time.sleep(0.1)
+
+    def type(self, command: str, *, ctrl_c_after: str | None = None, timeout: float = 900) -> str:
+        """Type `command`, Enter; optionally Ctrl-C once `ctrl_c_after` shows; what the screen showed meanwhile."""
+        import os
+
+        start = len(self.text())
+        self.done += 1
+        # The marker is printed, not typed: the typed line (echoed by the terminal) never contains it.
+        os.write(self.master, f"{command}; printf '[%s {self.done}: exit %d]\\n' done $?\n".encode())
+        if ctrl_c_after:
+            self.wait_for(ctrl_c_after, start, timeout)
+            os.write(self.master, b"\x03")
+        self.wait_for(f"[done {self.done}: exit", start, timeout)
+        return self.text()[start:]
+
+    def close(self) -> None:
+        import os
+
+        os.write(self.master, b"exit\n")
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.reader.join(timeout=10)
+            os.close(self.master)
+
+
+def _unescaped(screen: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]", "", screen).replace("\r", "")
+
+
+def _plain(screen: str) -> str:
+    """What a person reads: escape sequences and carriage returns removed, lines joined."""
+    return " ".join(_unescaped(screen).split())
+
+
+def _hint(screen: str, label: str) -> str:
+    """The command on the line that starts with `label` (undo prints a hint on one line, however long)."""
+    line = next(line for line in _unescaped(screen).splitlines() if line.startswith(label))
+    return line[len(label):].split("   (")[0].strip()
+
+
+@pytest.mark.slow
+def test_the_walk_in_a_terminal(tmp_path, trained_teacher, tiny_model, tiny_teacher):
+    """Issue 23's walk after the demo, typed into a terminal: typos, help, dry run, a run to the end and its
+    hints pasted, the bash loop, chat data trained (Ctrl-C, resume) and evaluated, a changed --limit, a CSV,
+    the commands' `next:` lines. UNDO_WALK_TRANSCRIPT=FILE keeps what the screen showed."""
+    import os
+    import shlex
+    import sys
+
+    from tests.test_iterate import STAGE_FLAGS
+
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
+    for name, part in (("train", rows[:8]), ("val", rows[8:]), ("test", rows[6:])):
+        _write(tmp_path / f"{name}.jsonl", part)
+    tables: dict[str, list[str]] = {}
+    for flag, value in zip(STAGE_FLAGS[::2], STAGE_FLAGS[1::2]):
+        table, key = flag[2:].split(".", 1)
+        tables.setdefault(table.replace("-", "_"), []).append(f"{key.replace('-', '_')} = {json.dumps(value) if not value.replace('.', '').replace('e-', '').isdigit() else value}")
+    (tmp_path / "run.toml").write_text(
+        f'name = "walk"\nteacher = "{trained_teacher}"\nstudent = "{tiny_model}"\ntrain_file = "train.jsonl"\n'
+        'val_file = "val.jsonl"\ntest_file = "test.jsonl"\nmax_iterations = 1\n'
+        + "".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items()))
+    chat = [{"messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["rationale"]}]}
+            for p in TAUGHT_PROBLEMS]
+    _write(tmp_path / "chat.jsonl", chat)
+    (tmp_path / "quiz.csv").write_text('question,answer\n"What is 2 + 2?",4\n')
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "TERM": "xterm", "PS1": "$ ", "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "COLUMNS": "100", "LINES": "40", "HISTFILE": "/dev/null"}
+    env.pop("NO_COLOR", None)
+    term = Terminal(tmp_path, env)
+    seen: dict[str, str] = {}
+    try:
+        term.type("set -o pipefail")  # `undo ... | tail` exits with undo's status, as the README advises
+        seen["typo"] = term.type("undo evalute --model student --input val.jsonl")
+        seen["help"] = term.type("undo iterate --help | grep -E '^[A-Z].*:$|KEY VALUE'")  # its sections
+        seen["dry"] = term.type("undo iterate --config run.toml --dry-run 2>&1 | sed -n 1,12p")
+        seen["run"] = term.type("undo iterate --config run.toml")
+        more = _hint(seen["run"], "more rounds: ")
+        seen["more"] = term.type(more)
+        report = _hint(seen["more"], "next: ")
+        seen["report"] = term.type(report)
+        seen["bash"] = term.type("bash " + shlex.quote(str(Path(__file__).resolve().parent.parent / "examples"
+                                                           / "undo_loop.sh"))
+                                 + " --config run.toml --name bash-loop --max-iterations 0 2>&1 | tail -n 5")
+        seen["train"] = term.type("undo train --student " + shlex.quote(str(tiny_teacher)) + " --data chat.jsonl "
+                                  "--output chat-student --max-steps 400 --batch-size 12 --lr 3e-3 "
+                                  "--lr-scheduler constant --warmup-ratio 0 --logging-steps 20 --save-steps 1000",
+                                  ctrl_c_after="step 40/400")
+        resume = _hint(seen["train"], "continue with: ")
+        seen["resume"] = term.type(resume + " 2>&1 | grep -E 'resuming from|missing keys|steps / epochs|next:'")
+        seen["evaluate"] = term.type("undo evaluate --model chat-student --input val.jsonl --output chat-preds.jsonl "
+                                     "--max-tokens 40 --limit 2 2>&1 | grep -v '│\\|┃\\|━\\|─'")
+        seen["limit"] = term.type("undo evaluate --model chat-student --input val.jsonl --output chat-preds.jsonl "
+                                  "--max-tokens 40")
+        seen["csv"] = term.type("undo generate --teacher chat-student --input quiz.csv --output r.jsonl")
+        seen["score"] = term.type("undo score chat-preds.jsonl --output scored.jsonl 2>&1 | tail -n 2")
+        seen["cache"] = term.type("undo cache stats 2>&1 | tail -n 2")
+    finally:
+        transcript = term.text()
+        term.close()
+        if os.environ.get("UNDO_WALK_TRANSCRIPT"):
+            Path(os.environ["UNDO_WALK_TRANSCRIPT"]).write_text(transcript)
+    said = {k: _plain(v).split("done $?", 1)[-1] for k, v in seen.items()}  # what came after the typed line
+    assert "Did you mean 'evaluate'?" in said["typo"] and "exit 2" in said["typo"]
+    assert "Models and data:" in said["help"] and "The loop:" in said["help"]
+    assert "undo iterate --dry-run:" in said["dry"] and "exit 0" in said["dry"] and "Traceback" not in transcript
+    assert "UNDO run finished" in said["run"] and "exit 0" in said["run"]
+    assert more.startswith("undo iterate --config run.toml --resume --max-iterations")
+    assert "UNDO run finished" in said["more"] and "iteration 2" in said["more"] and "exit 0" in said["more"]
+    assert "val acc" in said["report"] and "next: undo evaluate --model" in said["report"]
+    assert "plot written to runs/bash-loop/report.png" in said["bash"] and "exit 0" in said["bash"]
+    assert "checkpoint saved:" in said["train"] and "exit 130" in said["train"] and "--resume" in resume
+    assert "resuming from chat-student/checkpoints/checkpoint-" in said["resume"] and "400 / " in said["resume"]
+    assert "missing keys" not in said["resume"] and "exit 0" in said["resume"]
+    assert 'trained on {"messages"}-style data' in said["evaluate"] and "exit 0" in said["evaluate"]
+    assert "every problem (4), was --limit 2" in said["limit"] and "exit 2" in said["limit"]
+    assert "undo data import quiz.csv" in said["csv"] and "exit 2" in said["csv"]
+    assert "next: undo collect-errors scored.jsonl" in said["score"]
+    assert "next: undo cache prune --older-than 30" in said["cache"]

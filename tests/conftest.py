@@ -228,3 +228,23 @@ def step_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "step_teacher", tokenizer=tiny_tokenizer,
                             num_layers=2, seed=3)
     return overfit(path, TAUGHT_PROBLEMS[:2] + FALSE_STEP_PROBLEMS, steps=150)
+
+
+# --- a teacher with another tokenizer (cross-tokenizer objectives, `undo check`) ----------------
+
+@pytest.fixture(scope="session")
+def other_tokenizer():
+    """Another byte-level BPE: other merges (trained on the taught rationales too), 400 tokens, ChatML specials."""
+    from undo_cli.tiny import train_tokenizer
+
+    return train_tokenizer([p["rationale"] for p in TAUGHT_PROBLEMS] * 3, vocab_size=400, flavor="chatml")
+
+
+@pytest.fixture(scope="session")
+def cross_teacher(tmp_path_factory, other_tokenizer) -> Path:
+    """A tiny teacher with `other_tokenizer` that solves TAUGHT_PROBLEMS greedily (head_dim 32: vLLM serves it)."""
+    from undo_cli.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "cross_teacher", tokenizer=other_tokenizer,
+                            num_layers=2, seed=1)
+    return overfit(path, TAUGHT_PROBLEMS)

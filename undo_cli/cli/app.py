@@ -31,6 +31,19 @@ Examples:
   undo data import --preset gsm8k --output-dir data/
   undo data import quiz.csv --question-field prompt --answer-field gold --split train=0.9,val=0.1"""),
     ]),
+    Command("check", "undo_cli.stages.check:CheckConfig", "undo_cli.stages.check:run", """\
+Before any training or generation: tokenizers, chat templates, context lengths and a served teacher, checked.
+
+Says whether teacher and student tokenizers are identical, the same size but different, or different (token by
+token, on the data's text too) and which objectives therefore apply; renders the same messages with each chat
+template; checks the longest generate, refine and student prompt of --data against each model's context; and a
+--teacher-url server: reachable, the model, prompt_logprobs with token ids, its --max-logprobs against
+--teacher-top-k, /tokenize, one generation. Loads tokenizers and configs only. Exit 0 when everything would work,
+2 with the fix otherwise.
+
+\b
+Example: undo check --teacher Qwen/Qwen2.5-7B-Instruct --student meta-llama/Llama-3.2-1B-Instruct --data train.jsonl
+Served:  undo check --teacher T --teacher-url http://127.0.0.1:8000/v1 --student S --format json"""),
     Command("score", "undo_cli.stages.score:ScoreConfig", "undo_cli.stages.score:run", """\
 Score model outputs against gold answers; print the accuracy on stderr.
 

@@ -669,6 +669,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
 
     for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
         read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
+    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
+        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
+
+        preflight(config)
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume, overwrite=overwrite, affects=affected_stages,
                             defaults=config.default_identity())

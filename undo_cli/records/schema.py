@@ -66,6 +66,7 @@ SHAPES: dict[str, Shape] = {
             "finish_reason": _OPT_STR,
             "iteration": _INT,
             "teacher_logprobs": _LIST,
+            "teacher_offsets": _LIST,
             "refinement": _DICT,
             "verify": _STR,
         },

@@ -27,8 +27,11 @@ true: undo_cli/steps.py), `false_step`, with `step_error` quoting the first fals
 statement as written. The summary counts the samples that did not verify by
 reason (`rejected_by_reason`).
 
-plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
-generated token) with `--logprobs K`, for offline white-box distillation.
+plus, with `--logprobs K`, for offline white-box distillation: `teacher_logprobs`
+(one [token id, log-prob, [[id, log-prob], ...]] per generated token) and
+`teacher_offsets` (each generated token's [start, end] UTF-8 byte span in
+`rationale`, from the teacher's tokenizer: what a student with another tokenizer
+aligns on, docs/objectives.md; null when that tokenizer does not load here).
 
 Sharding: `--shard K/N` generates for shard K of N only (a stable hash of the
 problem id); `undo merge rationales.jsonl shards/*.jsonl` joins the shards into
@@ -144,6 +147,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
     from undo_cli.scoring import score, verdict_fields
 
     template = template_name(config.prompt)
+    offsets = teacher_offsets_maker(config) if config.logprobs else None
 
     def make_records(item, completions) -> list[dict[str, Any]]:
         problem = item.data
@@ -174,10 +178,43 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
             }
             if config.logprobs:
                 record["teacher_logprobs"] = [t.to_json() for t in c.logprobs] if c.logprobs is not None else None
+                record["teacher_offsets"] = offsets(c)
             records.append(record)
         return records
 
     return make_records
+
+
+def teacher_offsets_maker(config: GenerateConfig):
+    """completion -> [[start, end], ...] UTF-8 byte spans of its tokens in its text, or None.
+
+    The teacher's tokenizer is loaded once, on first use (only the tokenizer); where it does not load (a
+    served model known here only by its name) the offsets are null, with one warning: such records serve
+    a student with the same tokenizer, not one with another (docs/objectives.md).
+    """
+    state: dict[str, Any] = {}
+
+    def offsets(completion) -> list[list[int]] | None:
+        if "table" not in state:
+            from undo_cli.models import load_pretrained
+            from undo_cli.tokenization import TokenBytes
+
+            try:
+                state["table"] = TokenBytes.of(load_pretrained("tokenizer", config.teacher, flag="--teacher",
+                                                               trust_remote_code=config.trust_remote_code))
+            except UndoError as exc:
+                state["table"] = None
+                warn(f"teacher_offsets are null: the teacher's tokenizer does not load here ({exc.message}); a "
+                     "student with another tokenizer cannot align these records")
+        if state["table"] is None or completion.logprobs is None:
+            return None
+        from undo_cli.tokenization import byte_offsets, cover
+
+        text = completion.text.encode("utf-8")
+        pieces = cover(state["table"].pieces([t.token_id for t in completion.logprobs]), text)
+        return None if pieces is None else byte_offsets(pieces, len(text))
+
+    return offsets
 
 
 def run(config: GenerateConfig) -> dict[str, Any]:

@@ -426,7 +426,8 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             c, verdict = winner
             stats["verified"] += 1
             # The old rationale's logprobs and refinement belong to the old text.
-            record = {k: v for k, v in target.items() if k not in ("teacher_logprobs", "refinement")}
+            record = {k: v for k, v in target.items()
+                      if k not in ("teacher_logprobs", "teacher_offsets", "refinement")}
             record.update({
                 "rationale": c.text, "predicted": verdict.predicted, "correct": True,
                 "teacher": config.teacher, "backend": config.backend,

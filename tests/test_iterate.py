@@ -225,7 +225,30 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
     assert "next: undo report" in proc.stderr and "more rounds: undo iterate" in proc.stderr
 
-    # Resumed under the original rule (max 2 iterations, patience 1), with iteration 3 best on validation:
+    # The report of the extended run: the plot marks the iteration the run chose after the extension, every
+    # panel labels its iterations, and the HTML page agrees with the files in a real browser.
+    from tests.test_report import check_figure
+    from undo_cli.loop.report import collect
+
+    page = copy / "page.html"
+    report = undo("report", copy, "--html", page, env={"COLUMNS": "200"})
+    assert report.returncode == 0, report.stderr
+    best = _manifest(copy)["best_iteration"]
+    state = collect(copy)
+    assert state["best_iteration"] == best and [r["iteration"] for r in state["rows"]] == list(range(done + 1))
+    legend = " ".join(check_figure(state)["legend"]).replace("\n", " ")
+    assert f"chosen: iteration {best}, the run's choice" in legend
+    assert f"★ chosen: iteration {best}, the run's choice" in report.stderr
+    from tests.browser import Chromium, available
+
+    if available() is None:  # without chromium, the synthetic page tests say why they skip
+        from tests.test_report_html import check_page
+
+        with Chromium() as browser:
+            shown = check_page(page, copy, browser)
+        assert set(shown["refined"]) == set(range(1, done + 1))
+
+    # Resumed under the original rule (max 2 iterations, patience 1), the last iteration best on validation:
     # before issue 23 the loop stopped at iteration 1 again and wrote "best iteration 0" over it.
     manifest = _manifest(copy)
     for k in range(done + 1):
@@ -251,29 +274,6 @@ def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     best = _manifest(finished_run["run"])["best_iteration"]
     assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
-
-    # The report of the extended run: the plot marks the iteration the run chose after the extension, every
-    # panel labels iterations 0-2, and the HTML page agrees with the files in a real browser.
-    from tests.test_report import check_figure
-    from undo_cli.loop.report import collect
-
-    page = copy / "page.html"
-    report = undo("report", copy, "--html", page, env={"COLUMNS": "200"})
-    assert report.returncode == 0, report.stderr
-    best = _manifest(copy)["best_iteration"]
-    state = collect(copy)
-    assert state["best_iteration"] == best and [r["iteration"] for r in state["rows"]] == [0, 1, 2]
-    legend = " ".join(check_figure(state)["legend"]).replace("\n", " ")
-    assert f"chosen: iteration {best}, the run's choice" in legend
-    assert f"★ chosen: iteration {best}, the run's choice" in report.stderr
-    from tests.browser import Chromium, available
-
-    if available() is None:  # without chromium, the synthetic page tests say why they skip
-        from tests.test_report_html import check_page
-
-        with Chromium() as browser:
-            shown = check_page(page, copy, browser)
-        assert set(shown["refined"]) == {1, 2}
 
 
 def test_report_on_the_finished_run(finished_run, undo):

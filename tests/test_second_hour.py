@@ -377,3 +377,32 @@ def test_the_walk_in_a_terminal(tmp_path, trained_teacher, tiny_model, tiny_teac
     assert "undo data import quiz.csv" in said["csv"] and "exit 2" in said["csv"]
     assert "next: undo collect-errors scored.jsonl" in said["score"]
     assert "next: undo cache prune --older-than 30" in said["cache"]
+
+
+def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_model, trained_teacher, capsys,
+                                                             monkeypatch, undo_here):
+    """`undo demo` ends with the bash loop as a command line: `undo iterate`'s flags for the demo's run, so the
+    script gets run.toml's settings (item 1); checked here on tiny models, its settings as the script reads them."""
+    import shlex
+
+    from undo_cli.stages import demo
+
+    monkeypatch.chdir(tmp_path)
+    files = {s: _write(tmp_path / f"{s}.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
+                                                 for p in TAUGHT_PROBLEMS[:4]]) for s in ("train", "val", "test")}
+    models = {"teacher": trained_teacher, "student": tiny_model}
+    capsys.readouterr()
+    demo._print_next_steps(tmp_path, tmp_path / "runs" / "demo", files, models, seed=0)
+    lines = capsys.readouterr().err.splitlines()
+    line = next(lines[i + 1].strip() for i, text in enumerate(lines) if "bash script of stage commands" in text)
+    words = shlex.split(line)
+    assert words[0] == "bash" and words[1].endswith("examples/undo_loop.sh") and words[-2:] == ["--name", "bash-loop"]
+    capsys.readouterr()
+    from undo_cli.cli.app import main
+
+    main(["iterate", *words[2:], "--dry-run", "--format", "shell"])
+    settings = capsys.readouterr().out
+    assert f"OUT={tmp_path / 'runs' / 'bash-loop'}" in settings
+    # run.toml's settings, not the stages' defaults (the issue: epochs 2 instead of 20, no lr, 512-token answers)
+    assert "--epochs 20.0" in settings and "--lr 0.003" in settings and "--warmup-ratio 0.05" in settings
+    assert settings.count("--max-tokens 96") == 3 and "--k 1" in settings

@@ -406,3 +406,28 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     # run.toml's settings, not the stages' defaults (the issue: epochs 2 instead of 20, no lr, 512-token answers)
     assert "--epochs 20.0" in settings and "--lr 0.003" in settings and "--warmup-ratio 0.05" in settings
     assert settings.count("--max-tokens 96") == 3 and "--k 1" in settings
+
+
+def test_a_stage_error_inside_iterate_names_the_loops_keys():
+    """A hint printed by a stage that `undo iterate` runs must work in `undo iterate`: `--max-tokens` there is
+    `refine.max_tokens` (--refine.max-tokens); an error about no option stays as the stage said it."""
+    from undo_cli.errors import UndoError
+    from undo_cli.loop.iterate import in_config_terms
+
+    def too_long():
+        raise UndoError("refine prompt for p1#0 is 900 tokens; with --max-tokens 512 that is 1,412, more than the "
+                        "teacher's context of 1,024 tokens", hint="lower --max-tokens to at most 124; or a teacher "
+                        "with a longer context")
+
+    with pytest.raises(UndoError) as exc:
+        in_config_terms("refine", too_long)()
+    assert "with refine.max_tokens 512" in exc.value.message
+    assert exc.value.hint.startswith("lower refine.max_tokens to at most 124")
+    assert exc.value.hint.endswith("set in the config's refine table or with --refine.KEY")
+
+    def server_down():
+        raise UndoError("cannot reach the server at http://127.0.0.1:9/v1", hint="start it first")
+
+    with pytest.raises(UndoError) as exc:
+        in_config_terms("generate", server_down)()
+    assert exc.value.hint == "start it first"

@@ -225,6 +225,17 @@ def _slug(model: str) -> str:
 
 # --- the stages, each a call to the stage's own run() ----------------------------------------
 
+def in_config_terms(table: str, fn):
+    """`fn` (a stage's run), its errors about the stage's options said in the loop's terms: `lower --max-tokens`
+    from `undo refine` is `lower refine.max_tokens` here, where `--max-tokens` is no flag of `undo iterate`."""
+    def run():
+        try:
+            return fn()
+        except UndoError as exc:
+            raise _in_config_terms(table.replace("-", "_"), exc, where_always=False) from None
+    return run
+
+
 class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
 
@@ -240,7 +251,7 @@ class Loop:
     def remote(self, key: str, stage: str, cfg, local):
         """What a step runs: the stage here, or its shards (train: its job) on Slurm."""
         if self.launcher is None:
-            return local
+            return in_config_terms(stage, local)
         if stage == "train":
             return lambda: self.launcher.run_train(key, cfg)
         return lambda: self.launcher.run_sharded(key, stage, cfg)
@@ -333,7 +344,8 @@ class Loop:
         from undo_cli.stages import mix
 
         cfg = self.mix_config(k)
-        return self.folder.step(self.step_key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": cfg.output})
+        return self.folder.step(self.step_key(k, "mix"), in_config_terms("mix", lambda: mix.run(cfg)),
+                                outputs={"train_data": cfg.output})
 
     def train(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import train
@@ -357,7 +369,8 @@ class Loop:
         from undo_cli.stages import collect_errors
 
         cfg = self.collect_errors_config(k)
-        return self.folder.step(self.step_key(k, "collect_errors"), lambda: collect_errors.run(cfg),
+        return self.folder.step(self.step_key(k, "collect_errors"),
+                                in_config_terms("collect_errors", lambda: collect_errors.run(cfg)),
                                 outputs={"errors": cfg.output})
 
     # --- the loop ---------------------------------------------------------------------------
@@ -420,8 +433,11 @@ class _Unopened:
         self.path = path
 
 
-def _in_config_terms(table: str, exc: UndoError) -> UndoError:
-    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys)."""
+def _in_config_terms(table: str, exc: UndoError, *, where_always: bool = True) -> UndoError:
+    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys).
+
+    where_always: add where such keys are set even when the message names none (the checks before any
+    work are all about settings; an error while a stage runs, a server down say, may not be)."""
     from undo_cli.loop.settings import OWNED, stage_class
 
     cls = stage_class(table) if table != "mix" else None
@@ -437,9 +453,11 @@ def _in_config_terms(table: str, exc: UndoError) -> UndoError:
 
         return None if text is None else re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, text)
 
-    hint = rename(exc.hint)
+    hint, message = rename(exc.hint), rename(exc.message) or ""
     where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
-    return UndoError(rename(exc.message) or "", hint=f"{hint}; {where}" if hint else where)
+    if not where_always and (hint, message) == (exc.hint, exc.message):
+        return exc  # nothing about a stage option in it: as the stage said it
+    return UndoError(message, hint=f"{hint}; {where}" if hint else where)
 
 
 def check_stages(config: IterateConfig) -> None:

@@ -34,7 +34,7 @@ RUNTIME = {"identity": False}  # not part of what identifies a run (undo_cli/ide
 class TeacherEconomyOptions:
     """The teacher cache, prices and budgets (docs: undo_cli/economy/, docs/economy.md)."""
 
-    help_group = "Teacher cache, prices and budget"  # the section of these flags in `undo generate --help`
+    help_group = "Teacher economy (docs/economy.md)"  # the section of these flags in `undo generate --help` etc.
 
     cache_dir: str | None = field(default=None, metadata={**RUNTIME, "help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]; keep it on a local disk."})
     cache: bool = field(default=True, metadata={**RUNTIME, "help": "Read and write the teacher cache (--no-cache: every answer is paid for)."})

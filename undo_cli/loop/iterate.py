@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,26 +82,26 @@ class IterateConfig(TeacherEconomyOptions):
     TeacherEconomyOptions', declared once: here they hold for the whole run (loop/usage.py).
     """
 
-    teacher: str = field(metadata={"affects": TEACHER_STAGES, "help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"affects": ("train",), "help": "The base student: a model folder or a hub name."})
-    train_file: str = field(metadata={"help": "Training problems JSONL: the teacher writes rationales for these."})
-    val_file: str = field(metadata={"help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
-    test_file: str = field(metadata={"help": "Test problems JSONL: only the best and the iteration-0 students see it."})
-    name: str | None = field(default=None, metadata={**RUNTIME, "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
-    runs_dir: str = field(default="runs", metadata={**RUNTIME, "help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"choices": TEACHER_BACKENDS, "affects": TEACHER_STAGES, "help": "Teacher backend: hf, openai (a server) or vllm."})
-    teacher_base_url: list[str] | None = field(default=None, metadata={**RUNTIME, "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={**RUNTIME, "help": "openai teacher backend: the NAME of the variable holding the key."})
-    student_backend: str = field(default="hf", metadata={"choices": STUDENT_BACKENDS, "affects": ("evaluate", "test"), "help": "Backend that evaluates each trained student: hf or vllm."})
-    trust_remote_code: bool = field(default=False, metadata={**RUNTIME, "help": "Run code shipped with the model repos (opt-in)."})
-    max_iterations: int = field(default=3, metadata={"affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
-    patience: int = field(default=1, metadata={"affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
-    min_delta: float = field(default=0.0, metadata={"affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
-    mix: str = field(default="replace", metadata={"choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
-    init: str = field(default="base", metadata={"choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
+    teacher: str = field(metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    student: str = field(metadata={"group": "Models and data", "affects": ("train",), "help": "The base student: a model folder or a hub name."})
+    train_file: str = field(metadata={"group": "Models and data", "help": "Training problems JSONL: the teacher writes rationales for these."})
+    val_file: str = field(metadata={"group": "Models and data", "help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
+    test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})
+    name: str | None = field(default=None, metadata={"group": "Models and data", **RUNTIME, "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
+    runs_dir: str = field(default="runs", metadata={"group": "Models and data", **RUNTIME, "help": "Where run folders go."})
+    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "affects": TEACHER_STAGES, "help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the NAME of the variable holding the key."})
+    student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "affects": ("evaluate", "test"), "help": "Backend that evaluates each trained student: hf or vllm."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Backends", **RUNTIME, "help": "Run code shipped with the model repos (opt-in)."})
+    max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
+    patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
+    min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
     # The stages see the seed through their tables (each table's effective `seed` identifies the run there).
-    seed: int = field(default=0, metadata={"affects": (), "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
-    verify: str = field(default="strict", metadata={
+    seed: int = field(default=0, metadata={"group": "The loop", "affects": (), "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    verify: str = field(default="strict", metadata={"group": "The loop", 
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
                 "or flexible (also the last number); `undo evaluate` reports both. steps: the student is read "
@@ -110,16 +109,16 @@ class IterateConfig(TeacherEconomyOptions):
                 "statement true, unless their tables set their own verify.", "choices": VERIFY,
         # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
         "affects": ("evaluate", "test", "collect_errors")})
-    prices: dict[str, float] = field(default_factory=dict, metadata={**RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
-    launcher: str = field(default="local", metadata={**RUNTIME,
+    prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", **RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
+    launcher: str = field(default="local", metadata={"group": "Where stages run", **RUNTIME,
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
                 "(settings in the [slurm] table).", "choices": LAUNCHERS})
-    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
-    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
-    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"help": "[collect_errors] table: CollectErrorsConfig fields."})
-    refine: dict[str, Any] = field(default_factory=dict, metadata={"help": "[refine] table: RefineConfig fields."})
-    slurm: dict[str, Any] = field(default_factory=dict, metadata={**RUNTIME, "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
+    generate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[generate] table: GenerateConfig fields."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[train] table: TrainConfig fields."})
+    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
+    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
+    refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
+    slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", **RUNTIME, "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
     def __post_init__(self) -> None:
         if self.student_backend == "openai":
@@ -249,7 +248,7 @@ class Loop:
     def step(self, key: str, stage: str, cfg, outputs: dict[str, str | None]) -> dict[str, Any]:
         """One step of the run: the stage here, or on Slurm its shards (a job array) or its job; a teacher
         stage within the budget. What runs, what the manifest keeps and whether the budget applies is the
-        stage's StageSpec (stages/spec.py)."""
+        stage's StageSpec (stages/spec.py). A stage run here says its errors in the loop's terms."""
         from undo_cli.loop.usage import within_budget
         from undo_cli.stages.spec import stage as spec_of
 
@@ -258,7 +257,7 @@ class Loop:
             work = (lambda: self.launcher.run_sharded(key, spec.name, cfg)) if spec.sharded else \
                 (lambda: self.launcher.run_train(key, cfg))
         else:
-            work = lambda: spec.run(cfg)  # noqa: E731
+            work = in_config_terms(spec.name, lambda: spec.run(cfg))
         fn = (lambda: within_budget(key, work())) if spec.teacher else work
         return self.folder.step(key, fn, outputs=outputs, keep=spec.keep)
 
@@ -360,6 +359,11 @@ class Loop:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def finished(self, k: int) -> bool:
+        """Did an earlier attempt finish iteration k (its errors collected)?"""
+        stage = self.folder.stage(self.step_key(k, "collect_errors")) if hasattr(self.folder, "stage") else None
+        return bool(stage) and stage.get("status") == "done"
+
     def iteration(self, k: int) -> dict[str, Any]:
         names = ["generate"] if k == 0 else ["refine", "mix"]
         names += ["train", "evaluate", "collect_errors"]
@@ -395,8 +399,10 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if history[-1]["errors"] == 0:
         return best, "the student answered every validation question correctly: nothing left to refine"
     if k - last_gain >= config.patience and k > 0:
-        return best, (f"no validation gain of at least {config.min_delta:g} for {config.patience} "
-                      f"iteration{'s' if config.patience > 1 else ''}")
+        rounds = f"{config.patience} iteration{'s' if config.patience > 1 else ''}"
+        if config.min_delta > 0:
+            return best, f"no validation gain of at least {config.min_delta:g} for {rounds}"
+        return best, f"validation accuracy did not improve for {rounds}"  # min_delta 0: any gain counts
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
@@ -412,8 +418,8 @@ class _Unopened:
 
 
 def _config_words(table: str):
-    """How `undo iterate` names a stage's setting in its errors: `train.lr`, or the loop's own key for a field
-    the loop sets itself (generate's `backend` is `teacher_backend`)."""
+    """How `undo iterate` names a stage's setting: `train.lr`, or the loop's own key for a field the loop sets
+    itself (generate's `backend` is `teacher_backend`)."""
     from undo_cli.loop.settings import OWNED
 
     owned = {**OWNED.get(table, {}), **({"mode": "mix"} if table == "mix" else {})}
@@ -423,6 +429,45 @@ def _config_words(table: str):
             return owned[field].split(" ")[0]
         return f"{table}.{field}"
     return name
+
+
+def _in_config_terms(table: str, exc: UndoError, *, where_always: bool = True) -> UndoError:
+    """A stage's error in the loop's terms: `train.lr`, not `undo train`'s `--lr`.
+
+    Settings named with `ref()` (every config check) are worded here; a message a stage writes while it runs
+    may still name a flag as text (`lower --max-tokens to ...`): a flag of that stage is renamed too.
+    where_always: add where such keys are set even when the message names none (the checks before any
+    work are all about settings; an error while a stage runs, a server down say, may not be).
+    """
+    from undo_cli.errors import word
+    from undo_cli.loop.settings import OWNED, stage_class
+
+    name = _config_words(table)
+    known = {f.name for f in dataclasses.fields(stage_class(table))} if table != "mix" else {"mode"}
+    known |= set(OWNED.get(table, {}))
+
+    def loop_terms(text: str | None) -> str | None:
+        text = word(text, name)
+        return None if text is None else re.sub(  # a stage's flag written as text
+            r"(?<![\w-])--([a-z][a-z0-9-]*)",
+            lambda m: name(m.group(1).replace("-", "_")) if m.group(1).replace("-", "_") in known else m.group(0), text)
+
+    message, hint = loop_terms(exc._text[0]) or "", loop_terms(exc._text[1])
+    where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
+    if not where_always and (message, hint) == (exc.message, exc.hint):
+        return exc  # nothing about a stage option in it: as the stage said it
+    return UndoError(message, hint=f"{hint}; {where}" if hint else where, setting=exc.setting)
+
+
+def in_config_terms(table: str, fn):
+    """`fn` (a stage's run), its errors about the stage's options said in the loop's terms: `lower --max-tokens`
+    from `undo refine` is `lower refine.max_tokens` here, where `--max-tokens` is no flag of `undo iterate`."""
+    def run():
+        try:
+            return fn()
+        except UndoError as exc:
+            raise _in_config_terms(table.replace("-", "_"), exc, where_always=False) from None
+    return run
 
 
 def check_stages(config: IterateConfig) -> None:
@@ -444,7 +489,6 @@ def check_stages(config: IterateConfig) -> None:
         builders += [("refine", lambda: loop.refine_config(1)), ("mix", lambda: loop.mix_config(1)),
                      ("train", lambda: loop.train_config(1))]
     for table, build in builders:
-        where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
         try:
             with to_be_written(config.run_dir):  # the students of later stages do not exist yet
                 cfg = build()
@@ -455,7 +499,7 @@ def check_stages(config: IterateConfig) -> None:
                     except UndoError as exc:
                         raise UndoError(f"{table}.{attr}: {exc.message}", hint=exc.hint) from None
         except UndoError as exc:
-            raise exc.worded(_config_words(table), hint=where) from None
+            raise _in_config_terms(table, exc) from None
 
 
 _EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
@@ -513,54 +557,57 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
     return rows
 
 
-def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Print every setting (with where it came from: default, file or flag), the plan and an upper bound of
-    iteration 0's teacher tokens (economy/estimate.py); load no model. Returns the same as a dict."""
-    from rich.table import Table
-
-    from undo_cli.console import console
-    from undo_cli.economy.estimate import describe as describe_estimate
+def dry_run(config: IterateConfig, origins: dict[str, str] | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Every setting (with where it came from: default, file or flag), the plan and an upper bound of iteration
+    0's teacher tokens (economy/estimate.py), printed as tables on stderr unless `quiet`; load no model.
+    Returns the same as a dict (`undo iterate --dry-run --format json` prints it)."""
     from undo_cli.loop.settings import STAGES
 
     check_stages(config)
     origins = origins or {}
-    settings: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        if f.name not in STAGES:
-            settings[f.name] = getattr(config, f.name)
+    settings: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name not in STAGES}
     for table in STAGES:
         for key, value in config.settings(table).items():
             settings[f"{table}.{key}"] = value
-    table = Table(title=f"undo iterate --dry-run: {config.run_dir}", title_justify="left")
-    for col in ("key", "value", "from"):
-        table.add_column(col, overflow="fold")
-    for key, value in settings.items():
-        origin = origins.get(key)
-        if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
-                k.split(".")[0] for k in origins if k.endswith(".seed")):
-            origin = "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
-        table.add_row(key, repr(value), origin or ("default (from name: <student>-from-<teacher>)"
-                                                   if key == "name" else "default"))
-    console.print(table)
-    steps = plan(config)
-    plan_table = Table(title="plan (stops early when validation accuracy stops improving)", title_justify="left")
-    for col in ("stage", "what", "writes"):
-        plan_table.add_column(col, overflow="fold")
-    for row in steps:
-        plan_table.add_row(*row)
-    console.print(plan_table)
-    estimate = estimate_iteration0(config)
-    est_table = Table(title="teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, "
-                            "before any call", title_justify="left")
-    for col in ("what", "value"):
-        est_table.add_column(col, overflow="fold")
-    for row in describe_estimate(estimate):
-        est_table.add_row(*row)
-    console.print(est_table)
+    shown = {"settings": settings, "origins": origins, "plan": plan(config),
+             "teacher_estimate": estimate_iteration0(config)}
+    if not quiet:
+        _print_dry_run(config, shown)
+    return shown
+
+
+def _origin(key: str, origins: dict[str, str]) -> str:
+    origin = origins.get(key)
+    if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
+            k.split(".")[0] for k in origins if k.endswith(".seed")):
+        return "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
+    return origin or ("default (from name: <student>-from-<teacher>)" if key == "name" else "default")
+
+
+def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from undo_cli.console import console
+    from undo_cli.economy.estimate import describe as describe_estimate
+
+    def table(title: str, columns: tuple[str, ...], rows) -> None:
+        # The first column (a key, a stage) never wraps: a key cut mid-word cannot be searched for or pasted.
+        t = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            t.add_column(col, no_wrap=i == 0, overflow="fold")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+    table(f"undo iterate --dry-run: {config.run_dir}", ("key", "value", "from"),
+          [(key, repr(value), _origin(key, shown["origins"])) for key, value in shown["settings"].items()])
+    table("plan (stops early when validation accuracy stops improving)", ("stage", "what", "writes"), shown["plan"])
+    table("teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, before any call",
+          ("what", "value"), describe_estimate(shown["teacher_estimate"]))
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
-    console.print("nothing was run (--dry-run); drop --dry-run to start")
-    return {"settings": settings, "origins": origins, "plan": steps, "teacher_estimate": estimate}
+    console.print("nothing was run (--dry-run); drop --dry-run to start; --format json prints all this on stdout")
 
 
 def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
@@ -586,17 +633,50 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
 
 
-def _resume_command() -> str:
+def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:
+    """`undo iterate ARGS` with flags dropped and added: ARGS are `command` (the equivalent arguments a caller such
+    as `undo demo` gave), else this process's own when it is `undo iterate`; None when neither is known."""
+    from undo_cli.guidance import drop_flags, rerun
+
+    drop = {"--resume": False, "--overwrite": False, **drop}
+    if command is not None:
+        return "undo iterate " + shlex.join(drop_flags(command, drop) + add)
+    return rerun("iterate", drop=drop, add=add)
+
+
+def _resume_command(command: list[str] | None = None) -> str:
     """The command that continues this run: the one that was run, plus --resume."""
-    argv = sys.argv[1:]
-    if argv[:1] != ["iterate"]:  # called in process (tests, a script): say it in words
-        return "the same `undo iterate` command with --resume"
-    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return "undo " + shlex.join(argv + ["--resume"])
+    # Called from elsewhere without its arguments (a test, a script): say it in words.
+    return _iterate_command(command, {}, ["--resume"]) or "the same `undo iterate` command with --resume"
 
 
-def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
+def more_rounds(config: IterateConfig, history: list[dict[str, Any]], command: list[str] | None = None) -> str | None:
+    """The command that runs one more refinement round on a finished run, or None when none can help.
+
+    `--resume --max-iterations N` alone is not enough after the patience ran out: the rule would stop
+    again at once. So it raises whichever of the two stopped the run, just enough for one more round.
+    """
+    k = len(history) - 1
+    if not history or history[-1]["errors"] == 0:
+        return None  # nothing left to refine
+    accs = [h["accuracy"] for h in history]
+    reference, last_gain = accs[0], 0
+    for i in range(1, len(accs)):  # as decide() counts it
+        if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
+            reference, last_gain = accs[i], i
+    add = ["--resume", "--max-iterations", str(max(config.max_iterations, k + 1))]
+    if k - last_gain >= config.patience:
+        add += ["--patience", str(k - last_gain + 1)]
+    return _iterate_command(command, {"--max-iterations": True, "--patience": True}, add)
+
+
+def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
+        command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json.
+
+    command: `undo iterate`'s arguments that reproduce this run (what `undo demo` runs in process), for the
+    commands its hints print; default: this process's command line when it is `undo iterate`.
+    """
     if resume and overwrite:
         raise UndoError("--resume and --overwrite contradict each other",
                         hint="--resume continues the run; --overwrite deletes it and starts over")
@@ -604,14 +684,20 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     folder = _open_folder(config, resume=resume, overwrite=overwrite)
     loop = Loop(config, folder, _launcher(config, folder))
     try:
-        best, stop = _iterate(loop)
+        history, best, stop, budget_stop = _iterate(loop)
         # Held-out test: the best student and the one-shot student, evaluated once each.
         for i in sorted({best, 0}) if best is not None else []:
             loop.evaluate(i, "test")
     except BaseException as exc:
-        _stopped(folder, exc)
+        _stopped(folder, exc, command)
         raise
-    return _finish(folder, best, stop)
+    summary = _finish(folder, best, stop)
+    more = more_rounds(config, history, command) if history and not budget_stop else None
+    if more:
+        from undo_cli.console import console
+
+        console.print(f"more rounds: {more}", markup=False, highlight=False, soft_wrap=True)
+    return summary
 
 
 def _preflight(config: IterateConfig, *, overwrite: bool) -> None:
@@ -644,6 +730,8 @@ def _open_folder(config: IterateConfig, *, resume: bool, overwrite: bool):
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume, overwrite=overwrite, affects=affected_stages,
                             defaults=config.default_identity())
+    # A resumed run has not stopped (yet): the tables printed along the way must not repeat the last reason.
+    folder.manifest.pop("stop_reason", None)
     console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
                   f"mix {config.mix}, init {config.init})")
     return folder
@@ -657,23 +745,28 @@ def _launcher(config: IterateConfig, folder):
     return SlurmLauncher(SlurmConfig(**config.slurm), folder)
 
 
-def _iterate(loop: Loop) -> tuple[int | None, str]:
-    """Iterations until the stopping rule (or the teacher budget) says stop: (best iteration, why it stopped)."""
+def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
+    """Iterations until the stopping rule (or the teacher budget) says stop:
+    (each iteration's validation result, the best iteration, why it stopped, whether the budget stopped it)."""
     from undo_cli.console import console
     from undo_cli.loop import report
 
     folder, config = loop.folder, loop.config
     history: list[dict[str, Any]] = []
-    k, best = 0, None
+    k, best, budget_stop = 0, None, False
     while True:
         try:
             history.append(loop.iteration(k))
         except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
-            stop = exc.reason
+            stop, budget_stop = exc.reason, True
             console.print(f"[bold]stopping:[/bold] {stop}")
             record_usage(folder)
             break
         best, stop = decide(history, config)
+        if stop and loop.finished(k + 1):
+            # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
+            # un-counts what finished, so the best is decided over every finished iteration.
+            stop = None
         folder.manifest.update(best_iteration=best, iterations_done=k + 1)
         record_usage(folder)
         state = report.collect(folder.path)
@@ -685,10 +778,10 @@ def _iterate(loop: Loop) -> tuple[int | None, str]:
         k += 1
     folder.manifest["stop_reason"] = stop
     folder.save()
-    return best, stop
+    return history, best, stop, budget_stop
 
 
-def _stopped(folder, exc: BaseException) -> None:
+def _stopped(folder, exc: BaseException, command: list[str] | None = None) -> None:
     """A run that stopped on an error or Ctrl-C: the manifest says so, and the user how to go on."""
     from rich.markup import escape
 
@@ -701,7 +794,7 @@ def _stopped(folder, exc: BaseException) -> None:
     what = "interrupted" if interrupted else "stopped by an error"
     # Printed before the error itself (main() prints that): what finished is kept, and how to go on.
     console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
-                  f"[/yellow] {escape(_resume_command())}" + ("" if interrupted else
+                  f"[/yellow] {escape(_resume_command(command))}" + ("" if interrupted else
                                                               " (after fixing the cause; changed settings are "
                                                               "allowed for stages that have not finished)"),
                   highlight=False)
@@ -716,7 +809,6 @@ def _finish(folder, best: int | None, stop: str) -> dict[str, Any]:
     summary = report.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
-    console.print(f"next: undo report {folder.path}   (more rounds: the same command with --resume "
-                  "--max-iterations N)", markup=False, highlight=False)
+    console.print(f"next: undo report {shlex.quote(str(folder.path))}", markup=False, highlight=False, soft_wrap=True)
     return summary
 

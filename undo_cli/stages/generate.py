@@ -214,15 +214,15 @@ def teacher_offsets_maker(config: GenerateConfig):
     return offsets
 
 
-def work_items(config: GenerateConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]], list]:
-    """(problems, few-shot examples, work items): what `run` sends the teacher, in input order."""
+def work_items(config: GenerateConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]], list, list[dict[str, Any]]]:
+    """(problems, few-shot examples, work items, every problem of --input): what `run` sends the teacher, in
+    input order (the problems and items are the first --limit)."""
     from undo_cli.records import read_records
 
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
+    every = read_records(config.input, "problem")
+    problems = every if config.limit is None else every[: config.limit]
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
-    return problems, fewshot, build_items(problems, config.prompt, fewshot)
+    return problems, fewshot, build_items(problems, config.prompt, fewshot), every
 
 
 def run(config: GenerateConfig) -> dict[str, Any]:
@@ -230,15 +230,16 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     from undo_cli.records import read_records
     from undo_cli.records.sidecars import can_read_back
     from undo_cli.scoring import count_reasons
-    from undo_cli.stages.generation_loop import Generation, digest, print_summary
+    from undo_cli.stages.generation_loop import Generation, digest, explain_limit, print_summary
 
-    problems, fewshot, items = work_items(config)
+    problems, fewshot, items, every = work_items(config)
     if config.keep == "correct":
         keep = lambda r: r["correct"] and bool(r["rationale"].strip())  # noqa: E731
     else:  # `all` still drops empty text: it teaches nothing, and train would have to skip it
         keep = lambda r: bool(r["rationale"].strip())  # noqa: E731
     generation = Generation(SPEC, config, items, make_record_builder(config, config.backend), keep=keep,
-                            inputs={"input": digest(problems), "fewshot": digest(fewshot) if fewshot else None})
+                            inputs={"input": digest(problems), "fewshot": digest(fewshot) if fewshot else None},
+                            explain=explain_limit(every, config.limit, problems))
     summary = generation.run()
     summary["keep"] = config.keep
     if can_read_back(config.output):  # the whole output and sidecar, so a resumed run reports what one run would

@@ -116,16 +116,62 @@ def digest(obj: Any) -> str:
 
     h = hashlib.sha256()
     for part in obj if isinstance(obj, list) else [obj]:
-        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
-        h.update(b"\n")
+        h.update(_serial(part))
     return h.hexdigest()[:16]
 
 
-def claim_output(output: str, identity: dict[str, Any], *, fresh: bool, defaults: dict[str, Any] | None = None) -> None:
+def _serial(part: Any) -> bytes:
+    import json
+
+    return json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+
+def prefix_length(parts: list[Any], target: str) -> int | None:
+    """The n whose `digest(parts[:n])` is `target` (one pass, hashing each part once); None when no prefix has it.
+
+    How a refusal says `--limit 20, was every problem (105)` instead of two digests: the output's
+    `<stem>.run.json` records the digest of the problems it was made from, and the input's prefixes
+    are what --limit takes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, part in enumerate(parts, start=1):
+        h.update(_serial(part))
+        if h.hexdigest()[:16] == target:
+            return n
+    return None
+
+
+def explain_limit(problems: list[dict[str, Any]], limit: int | None, used: list[dict[str, Any]]):
+    """`claim_output`'s `explain` for a stage with --limit: a changed input digest said in words, and the prompts
+    (which changed because the problems did) left unsaid. `problems`: all of --input; `used`: the first `limit`."""
+    now = digest(used)
+
+    def explain(previous: dict[str, Any]) -> dict[str, str | None]:
+        if previous.get("input") == now:
+            return {}
+        return {"input": limit_words(problems, limit, previous.get("input")), "prompts": None, "limit": None}
+
+    return explain
+
+
+def limit_words(problems: list[dict[str, Any]], limit: int | None, previous_digest: Any) -> str:
+    """A changed --limit (or input) in words: `--limit 20, was every problem (105)`."""
+    n = prefix_length(problems, previous_digest) if isinstance(previous_digest, str) else None
+    if n is None:
+        return "the problems of --input differ from those it was made from (another file, or edited)"
+    every = f"every problem ({len(problems)})"
+    return f"{f'--limit {limit}' if limit is not None else every}, was {every if n == len(problems) else f'--limit {n}'}"
+
+
+def claim_output(output: str, identity: dict[str, Any], *, fresh: bool, defaults: dict[str, Any] | None = None,
+                 explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None) -> None:
     """Refuse to resume into an output some other run (or program) wrote; then record who writes it.
 
     See "What produced the output" in the module docstring. `defaults`: the identifying fields' defaults, what
-    a key an older run record lacks is compared as (undo_cli/identity.py).
+    a key an older run record lacks is compared as (undo_cli/identity.py). explain(previous identity) ->
+    {key: words} says changed keys in words (a digest means nothing to a person); a key mapped to None goes
+    unsaid (e.g. the prompts, which change because the input did).
     """
     from undo_cli.identity import changes, shown
     from undo_cli.records import write_json
@@ -152,11 +198,24 @@ def claim_output(output: str, identity: dict[str, Any], *, fresh: bool, defaults
         else:
             changed = changes(previous, identity, defaults)
             if changed:
-                details = "; ".join(f"{k}: {shown(was)} -> {shown(now)}" for k, was, now in changed)
+                words = explain(previous) if explain else {}
+                details = "; ".join(words[k] if k in words else f"{k}: {shown(was)} -> {shown(now)}"
+                                    for k, was, now in changed if words.get(k, "") is not None)
                 raise UndoError(f"--output {output} was written by a different run; changed: {details}",
                                 hint="re-run with the same settings to resume it, pass --overwrite to start over, "
-                                     "or choose another --output")
+                                     f"or choose another --output (e.g. {_another(output)})")
     write_json(record, {"output": Path(output).name, "identity": identity})
+
+
+def _another(output: str) -> str:
+    """A free file name beside `output`: preds.jsonl -> preds-2.jsonl (or -3, ...)."""
+    p = Path(output)
+    stem, suffix = (p.name[: -len(".jsonl")], ".jsonl") if p.name.endswith(".jsonl") else (p.stem, p.suffix)
+    for i in range(2, 1000):
+        other = p.with_name(f"{stem}-{i}{suffix}")
+        if not other.exists():
+            return str(other)
+    return str(p.with_name(f"{stem}-new{suffix}"))
 
 
 def _prompt_chars(item: WorkItem) -> int:
@@ -181,12 +240,13 @@ class Generation:
     inputs: input field -> a digest of what the stage read from it: what identifies the run in
         `<stem>.run.json` with the config's identifying fields (undo_cli/identity.py) and a digest of the prompts.
     backend: an open backend to use instead of opening `config.backend_config()` (left open).
+    explain: says a refused resume's changed identity keys in words (`claim_output`, `explain_limit`).
     """
 
     def __init__(self, spec: Any, config: Any, items: Sequence[WorkItem],
                  make_records: Callable[[WorkItem, list[Completion]], list[Record]], *,
                  keep: Callable[[Record], bool] | None = None, inputs: dict[str, Any] | None = None,
-                 backend: Any = None):
+                 backend: Any = None, explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None):
         from undo_cli.records import is_stream
         from undo_cli.records.sidecars import REJECTED, sidecar_path
         from undo_cli.stages import shards
@@ -195,7 +255,7 @@ class Generation:
         if len(set(keys)) != len(keys):
             dup = next(k for k, c in Counter(keys).items() if c > 1)
             raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
-        self.spec, self.config, self.make_records, self.keep = spec, config, make_records, keep
+        self.spec, self.config, self.make_records, self.keep, self.explain = spec, config, make_records, keep, explain
         self.output, self.fresh = config.output, bool(config.overwrite)
         part = shards.parse_shard(getattr(config, "shard", None))
         self.shard = None if part is None else shards.shard_meta(spec, part, config)
@@ -250,7 +310,8 @@ class Generation:
             shards.refuse_unsharded(self.output)
         check_output_path(self.output)
         existed = not self.stream and Path(self.output).exists()
-        claim_output(self.output, self.identity, fresh=self.fresh, defaults=defaults(type(self.config)))
+        claim_output(self.output, self.identity, fresh=self.fresh, defaults=defaults(type(self.config)),
+                     explain=self.explain)
         remove_stale_temps_of(self.output)  # a killed run's temp files of this output and its sidecars
         if self.economy is not None:
             self.economy.begin(self.output, fresh=self.fresh or not existed)
@@ -305,7 +366,8 @@ class Generation:
                 for start in range(0, len(todo), step):
                     batch = todo[start : start + step]
                     self._batch(llm, batch, sampling, out, rejected)
-                    tps = stats.tokens_out / max(time.perf_counter() - gen_start, 1e-9)
+                    # what the model wrote, not the cache's answers
+                    tps = stats.generated_tokens / max(time.perf_counter() - gen_start, 1e-9)
                     progress.update(task, advance=len(batch), tps=tps)
                     if plain is not None:
                         plain.update(stats.items_done, f"{tps:,.1f} tok/s")
@@ -434,6 +496,12 @@ class _Stats:
     endpoints: list[dict[str, Any]] | None = None
     left_by_budget: list[str] = field(default_factory=list)
     unverified: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))  # not verified, by reason
+    cached_samples: int = 0  # answered by the teacher cache: instant, so outside the throughput
+    cached_tokens: int = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.tokens_out - self.cached_tokens
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)
@@ -441,6 +509,9 @@ class _Stats:
         if completions:
             self.tokens_in += completions[0].prompt_tokens
         self.tokens_out += sum(c.completion_tokens for c in completions)
+        if completions and completions[0].cached:  # the n samples of one request are cached together
+            self.cached_samples += len(completions)
+            self.cached_tokens += sum(c.completion_tokens for c in completions)
         self.finish.update(str(c.finish_reason) for c in completions)
 
     def count_record(self, record: Record) -> None:
@@ -475,10 +546,25 @@ class _Stats:
             "load_s": round(self.load_s, 3),
             "generation_s": round(self.generation_s, 3),
             "wall_s": round(self.wall_s, 3),
-            "tokens_per_s": round(self.tokens_out / gen, 2) if self.samples else 0.0,
-            "samples_per_s": round(self.samples / gen, 3) if self.samples else 0.0,
+            # Throughput of what the model generated; answers from the teacher cache are counted apart.
+            "tokens_per_s": round(self.generated_tokens / gen, 2) if self.samples > self.cached_samples else 0.0,
+            "samples_per_s": round((self.samples - self.cached_samples) / gen, 3)
+            if self.samples > self.cached_samples else 0.0,
+            "cached_samples": self.cached_samples,
+            "cached_tokens_out": self.cached_tokens,
             **({"endpoints": self.endpoints} if self.endpoints is not None else {}),
         }
+
+
+def _throughput(summary: dict[str, Any]) -> str:
+    """Generated tokens per second; samples the teacher cache answered (instantly) are said apart, not averaged in."""
+    cached = summary.get("cached_samples") or 0
+    generated = summary["samples"] - cached
+    rate = f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s generated"
+    if not cached:
+        return rate
+    from_cache = f"{cached} samples ({summary.get('cached_tokens_out', 0):,} tokens) from the teacher cache"
+    return f"{rate} ({generated} samples); {from_cache}" if generated else f"none generated; {from_cache}"
 
 
 def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
@@ -499,7 +585,7 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         ("tokens in / out", f"{summary['tokens_in']:,} / {summary['tokens_out']:,}"),
         ("finish reasons", ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())) or "-"),
         ("wall time", f"{summary['wall_s']:.1f} s (model load {summary['load_s']:.1f} s)"),
-        ("throughput", f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s"),
+        ("throughput", _throughput(summary)),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

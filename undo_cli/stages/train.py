@@ -145,16 +145,33 @@ def run(config: TrainConfig) -> dict[str, Any]:
                       soft_wrap=True)
         return read_json(output / SUMMARY_FILE)
     run = _setup(config, records, identity, plan)
-    try:
-        result = run.trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-    except BaseException:
-        if run.objective:  # stop asking a served teacher for batches nobody will train on
-            run.objective.close()
-        raise
+    result = _train(run, plan)
     saved = hf.save(run.trainer, run.config, output)
     summary = _summary(run, result, saved, started)
-    _finish(run, summary)
+    _finish(run, summary, records)
     return summary
+
+
+def _train(run: "_Run", plan: _Plan):
+    """trainer.train(), stopped cleanly by Ctrl-C at a checkpoint (StopOnInterrupt) with where to resume."""
+    from undo_cli.training.trainer import StopOnInterrupt
+
+    trainer = run.trainer
+    stop = StopOnInterrupt()
+    stop.accelerator = trainer.accelerator
+    trainer.add_callback(stop)
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+        if stop.interrupted_at is not None:  # Ctrl-C: the Trainer saved a checkpoint at this step and stopped
+            raise KeyboardInterrupt
+    except BaseException as exc:
+        if run.objective:  # stop asking a served teacher for batches nobody will train on
+            run.objective.close()
+        if isinstance(exc, KeyboardInterrupt) and run.state.is_main_process:
+            _say_where_to_resume(run.output, stop.interrupted_at, trainer.state.max_steps)
+        raise
+    return result
 
 
 def _prepare(config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any], _Plan]:
@@ -341,12 +358,14 @@ def _summary(run: _Run, result, saved: dict[str, Any], started: float) -> dict[s
     }
 
 
-def _finish(run: _Run, summary: dict[str, Any]) -> None:
-    """The main process writes the summary and drops the checkpoints; every process lets go of the models."""
+def _finish(run: _Run, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """The main process writes the summary and the prompt format, drops the checkpoints; every process lets go
+    of the models."""
     output, trainer = run.output, run.trainer
     if trainer.is_world_process_zero():
         for folder in {output, Path(summary["saved"]["adapter"] or output)}:  # Trainer's pickled args: in the summary
             (folder / "training_args.bin").unlink(missing_ok=True)
+        _record_prompt_format(records, run.config, output, summary["saved"])
         write_json(output / SUMMARY_FILE, summary)
         if not run.config.keep_checkpoints:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
@@ -356,6 +375,37 @@ def _finish(run: _Run, summary: dict[str, Any]) -> None:
         run.objective.close()
     run.trainer = run.objective = run.own = None
     release_memory()
+
+
+def _record_prompt_format(records: list[dict[str, Any]], config: TrainConfig, output: Path,
+                          saved: dict[str, Any]) -> None:
+    """OUTPUT/undo_training.json: the prompt format the model learnt, so `undo evaluate` asks it the same way."""
+    from undo_cli.prompts import TRAINING_FORMAT, prompt_format
+
+    recorded = {"prompt": prompt_format(records, config.template), "data": config.data,
+                "note": "written by `undo train`; `undo evaluate --model THIS_FOLDER` prompts the model this way"}
+    for folder in {output, Path(saved.get("adapter") or output)}:
+        write_json(folder / TRAINING_FORMAT, recorded)
+
+
+def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -> None:
+    """After Ctrl-C: which checkpoint is on disk, and the exact command that continues from it."""
+    from rich.markup import escape
+
+    from undo_cli.guidance import rerun
+
+    done, _ = complete_checkpoints(output)
+    if stopped_at is not None and done:
+        where = f"training stopped at step {stopped_at} of {max_steps}; checkpoint saved: {done[-1]}"
+    elif done:
+        where = f"training stopped mid-step; the last checkpoint on disk is {done[-1]}"
+    else:
+        where = "training stopped before its first checkpoint: --resume starts again from step 0"
+    command = rerun("train", drop={"--resume": False, "--overwrite": False}, add=["--resume"])
+    # Inside `undo iterate` or `undo demo` their own message says how to continue the whole run.
+    console.print(f"[yellow]{escape(where)}[/yellow]"
+                  + (f"\n[yellow]continue with:[/yellow] {escape(command)}" if command else ""),
+                  highlight=False, soft_wrap=True)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -267,7 +267,7 @@ class Loop:
         c = self.config
         return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
                 "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code,
-                **teacher_settings(c, getattr(self.folder, "manifest", {}), key)}  # no manifest: dry-run, checks
+                **teacher_settings(c, self.folder.manifest, key)}
 
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
@@ -361,7 +361,7 @@ class Loop:
 
     def finished(self, k: int) -> bool:
         """Did an earlier attempt finish iteration k (its errors collected)?"""
-        stage = self.folder.stage(self.step_key(k, "collect_errors")) if hasattr(self.folder, "stage") else None
+        stage = self.folder.stage(self.step_key(k, "collect_errors"))
         return bool(stage) and stage.get("status") == "done"
 
     def iteration(self, k: int) -> dict[str, Any]:
@@ -415,6 +415,10 @@ class _Unopened:
 
     def __init__(self, path: Path):
         self.path = path
+        self.manifest: dict[str, Any] = {}  # no run yet: no budget spent
+
+    def stage(self, key: str) -> None:  # nothing has run
+        return None
 
 
 def _config_words(table: str):

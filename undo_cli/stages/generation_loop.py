@@ -257,7 +257,7 @@ class Generation:
             raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
         self.spec, self.config, self.make_records, self.keep, self.explain = spec, config, make_records, keep, explain
         self.output, self.fresh = config.output, bool(config.overwrite)
-        part = shards.parse_shard(getattr(config, "shard", None))
+        part = shards.parse_shard(config.shard)
         self.shard = None if part is None else shards.shard_meta(spec, part, config)
         # The one place a stage's work is split: by a stable hash of the id (stages/shards.py).
         self.items = list(items) if part is None else \

@@ -65,7 +65,7 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
-from undo_cli.errors import SettingError, UndoError, ref
+from undo_cli.errors import SettingError, UndoError, ref, word
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
@@ -346,22 +346,25 @@ def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
             shown[len(job.similar)] += 1
     if shown:
         counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown.items(), reverse=True))
-        warn(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
-             f"({window.tokens:,} tokens, {window.source}) with room for --max-tokens {config.max_tokens}: they show "
-             f"fewer similar failures than --k {config.k} ({counts}); a smaller --k or --max-tokens avoids this")
+        warn(word(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
+                  f"({window.tokens:,} tokens, {window.source}) with room for {ref('max_tokens')} {config.max_tokens}: "
+                  f"they show fewer similar failures than {ref('k')} {config.k} ({counts}); a smaller {ref('k')} or "
+                  f"{ref('max_tokens')} avoids this"))
     return jobs
 
 
 def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig) -> None:
     room = window.tokens - tokens
-    fix = (f"lower --max-tokens to at most {room}" if room > 0 else
-           "shorten what the prompt shows (the student's --max-tokens at evaluation bounds its output; "
-           "a shorter --prompt template)")
-    server = "; or serve it with a longer --max-model-len" if config.backend in ("vllm", "openai") else ""
-    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with --max-tokens "
+    # The settings named with ref(): `--max-tokens` here, `refine.max_tokens` in `undo iterate` (errors.py).
+    fix = (f"lower {ref('max_tokens')} to at most {room}" if room > 0 else
+           "shorten what the prompt shows (the student's output, bounded by its evaluation's max tokens; "
+           f"a shorter {ref('prompt')} template)")
+    server = {"vllm": f"; or a longer {ref('max_model_len')}",
+              "openai": "; or serve it with a longer context (the server's max model length)"}.get(config.backend, "")
+    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with {ref('max_tokens')} "
                     f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than the teacher's context of "
                     f"{window.tokens:,} tokens ({window.source}), even with no similar failure shown",
-                    hint=f"{fix}; or a teacher with a longer context{server}")
+                    hint=f"{fix}; or a teacher with a longer context{server}", setting="max_tokens")
 
 
 def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):

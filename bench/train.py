@@ -256,6 +256,18 @@ def worker(variant: str, model: Path, data: Path, work: Path, settings: dict) ->
 
 # --- the driver ------------------------------------------------------------------------------
 
+def _round_ratios(mine: list[dict], trl: list[dict], seconds: str) -> tuple[list[float], list[float] | None]:
+    """Per round, this variant's throughput over trl's (the same tokens, so a ratio of seconds), and a 95%
+    t-interval of their mean (None for fewer than 2 rounds). Rounds alternate the order of the variants."""
+    ratios = [t[seconds] / m[seconds] for m, t in zip(mine, trl)]
+    if len(ratios) < 2:
+        return ratios, None
+    mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+    t975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(ratios), 2.0)
+    half = t975 * sd / len(ratios) ** 0.5
+    return ratios, [mean - half, mean + half]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -329,7 +341,7 @@ def main() -> None:
                         f"batch {settings['batch_size']}, {args.threads} thread(s), median of {args.rounds}"
                         + (f", {gpu}" if gpu else "") + ")")
     for col in ("variant", "batches", "steps", "real tokens", "padding", "tok/s wall", "tok/CPU-s", "vs trl",
-                "mean loss", "peak GiB", "MFU"):
+                "95% CI", "mean loss", "peak GiB", "MFU"):
         table.add_column(col, justify="left" if col in ("variant", "batches") else "right")
     summary: dict[str, dict] = {}
     for variant in variants:
@@ -351,9 +363,13 @@ def main() -> None:
     key = "real_tokens_per_s" if cuda else "real_tokens_per_cpu_s"  # a GPU's CPU time says nothing
     base = summary.get("trl", {}).get(key)
     for variant, s in summary.items():
+        s["vs_trl_per_round"], s["vs_trl_ci95"] = _round_ratios(runs[variant], runs.get("trl", []),
+                                                                "cpu_s" if key.endswith("cpu_s") else "wall_s")
+        ci = s["vs_trl_ci95"]
         table.add_row(variant, s["batching"], str(s["steps"]), f"{s['real_tokens']:,}", f"{s['padding_fraction']:.1%}",
                       f"{s['real_tokens_per_s']:,.0f}", f"{s['real_tokens_per_cpu_s']:,.0f}",
-                      f"{s[key] / base:.2f}x" if base else "-", f"{s['mean_loss']:.4f}",
+                      f"{s[key] / base:.2f}x" if base else "-", f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-",
+                      f"{s['mean_loss']:.4f}",
                       f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "-",
                       f"{s['mfu']:.1%}" if s["mfu"] is not None else "-")
         s["vs_trl"] = s[key] / base if base else None

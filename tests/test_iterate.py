@@ -208,13 +208,46 @@ def test_a_finished_run_extends_when_only_the_stopping_rule_changed(finished_run
     assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
     assert "next: undo report" in proc.stderr
 
+    # The report of the extended run: the plot marks the iteration the run chose after the extension, every
+    # panel labels iterations 0-2, and the HTML page agrees with the files in a real browser.
+    from tests.test_report import check_figure
+    from undo_cli.loop.report import collect
+
+    page = copy / "page.html"
+    report = undo("report", copy, "--html", page, env={"COLUMNS": "200"})
+    assert report.returncode == 0, report.stderr
+    best = _manifest(copy)["best_iteration"]
+    state = collect(copy)
+    assert state["best_iteration"] == best and [r["iteration"] for r in state["rows"]] == [0, 1, 2]
+    legend = " ".join(check_figure(state)["legend"]).replace("\n", " ")
+    assert f"chosen: iteration {best}, the run's choice" in legend
+    assert f"★ chosen: iteration {best}, the run's choice" in report.stderr
+    from tests.browser import Chromium, available
+
+    if available() is None:  # without chromium, the synthetic page tests say why they skip
+        from tests.test_report_html import check_page
+
+        with Chromium() as browser:
+            shown = check_page(page, copy, browser)
+        assert set(shown["refined"]) == {1, 2}
+
 
 def test_report_on_the_finished_run(finished_run, undo):
-    proc = undo("report", finished_run["run"], env={"COLUMNS": "120"})
+    proc = undo("report", finished_run["run"], "--html", finished_run["root"] / "page.html", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
     assert "val acc" in proc.stderr and "0 ★" in proc.stderr and "4/4 ref" in proc.stderr
     png = finished_run["run"] / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in proc.stderr.replace("\n", "")
+    page = (finished_run["root"] / "page.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "html report written to" in proc.stderr
+    # undo diff on the real run: the transitions of iteration 0 -> 1 are those the two files give.
+    from tests.test_report_html import _counts, expected_pairs
+
+    diff = undo("diff", finished_run["run"], "0", "1", "--format", "jsonl")
+    assert diff.returncode == 0, diff.stderr
+    truth = expected_pairs(finished_run["run"])["val 0->1"]
+    assert {r["id"]: r["transition"] for r in map(json.loads, diff.stdout.splitlines())} == truth
+    assert all(f"{name} {n} " in " ".join(diff.stderr.split()) for name, n in _counts(truth).items())
 
 
 def _fields(path: Path) -> dict[str, set]:

@@ -57,6 +57,11 @@ def next_command(stage: str, config: Any, summary: dict[str, Any] | None = None)
         return f"undo train --student STUDENT --data {_q(data)} --output student_next"
     if stage == "score":
         return None
+    if stage == "check":
+        url = f" --teacher-url {_q(config.teacher_url)}" if config.teacher_url else ""
+        objective = config.objective or "auto"
+        return (f"undo train --student {_q(config.student)} --teacher {_q(config.teacher)}{url} --objective {objective} "
+                f"--data {_q(config.data or 'rationales.jsonl')} --output student")
     if stage == "iterate":
         return f"undo report {_q(summary.get('run_dir') or 'runs/NAME')}"
     return None

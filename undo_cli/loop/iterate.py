@@ -62,7 +62,7 @@ INIT = ("base", "previous")
 LAUNCHERS = ("local", "slurm")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
-VERIFY = ("strict", "flexible")
+VERIFY = ("strict", "flexible", "steps")
 
 
 @dataclass
@@ -90,7 +90,9 @@ class IterateConfig:
     verify: str = field(default="strict", metadata={
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
-                "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY})
+                "or flexible (also the last number); `undo evaluate` reports both. steps: the student is read "
+                "strictly and the teacher's rationales (generate, refine) must also have every arithmetic "
+                "statement true, unless their tables set their own verify.", "choices": VERIFY})
     # The teacher economy (undo_cli/economy), for generate and refine: one cache, one budget and one price list
     # for the whole loop. Not part of the run's identity (ECONOMY_RUNTIME): --resume takes a higher budget.
     cache_dir: str | None = field(default=None, metadata={"help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
@@ -184,7 +186,16 @@ class IterateConfig:
         """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
         from undo_cli.loop.settings import effective_settings
 
-        return effective_settings(table, getattr(self, table), {"seed": self.seed})
+        loop_defaults: dict[str, Any] = {"seed": self.seed}
+        if self.verify == "steps" and table in ("generate", "refine"):
+            loop_defaults["verify"] = "steps"  # a [generate]/[refine] verify of its own still wins
+        return effective_settings(table, getattr(self, table), loop_defaults)
+
+    @property
+    def student_verify(self) -> str:
+        """How the student's answers are read: `steps` checks the teacher's rationales, the student is read
+        strictly, so accuracy means the same with and without it and two runs compare on one measure."""
+        return "strict" if self.verify == "steps" else self.verify
 
     def default_identity(self) -> dict[str, Any]:
         """identity() as it would be with every setting at its default (flattened: `train.lr`)."""
@@ -287,7 +298,7 @@ class Loop:
             input=self.config.val_file if split == "val" else self.config.test_file,
             output=str(self.layout.predictions(k, split)), metrics=str(self.layout.metrics(k, split)),
             backend=self.config.student_backend, trust_remote_code=self.config.trust_remote_code,
-            verify=self.config.verify, **self.config.settings("evaluate"))
+            verify=self.config.student_verify, **self.config.settings("evaluate"))
 
     def collect_errors_config(self, k: int):
         from undo_cli.stages import collect_errors
@@ -467,7 +478,9 @@ _AFFECTS: dict[str, frozenset[str]] = {
     "teacher_base_url": frozenset({"generate", "refine"}), "teacher_api_key_env": frozenset({"generate", "refine"}),
     "teacher_revision": frozenset({"generate", "refine"}),
     "student": frozenset({"train"}), "init": frozenset({"train"}), "mix": frozenset({"mix"}),
-    "student_backend": frozenset({"evaluate", "test"}), "verify": frozenset({"evaluate", "test", "collect_errors"}),
+    "student_backend": frozenset({"evaluate", "test"}),
+    # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
+    "verify": frozenset({"evaluate", "test", "collect_errors"}),
     "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}),
     "inputs.test": frozenset({"test"}), "inputs.teacher": frozenset({"generate", "refine"}),
     "inputs.student": frozenset({"train"}),
@@ -502,7 +515,7 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
         ev = loop.evaluate_config(k, "val")
         rows += [(loop.step_key(k, "train"), "train the student" + (" (from the previous one)" if k and config.init ==
                                                                  "previous" else ""), loop.train_config(k).output),
-                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.verify})",
+                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.student_verify})",
                   f"{ev.output}, {ev.metrics}"),
                  (loop.step_key(k, "collect_errors"), "its validation errors", loop.collect_errors_config(k).output)]
     rows.append(("iter_XX/test", "the best and the iteration-0 students on test_file, once each",
@@ -614,6 +627,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
 
     for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
         read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
+    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
+        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
+
+        preflight(config)
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume, overwrite=overwrite, affects=affected_stages,
                             defaults=config.default_identity())
@@ -734,11 +751,12 @@ def record_usage(folder) -> None:
 
 # --- what of each stage summary the manifest keeps ----------------------------------------------
 
-GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "verified", "verified_pct",
-                 "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
+GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
+                 "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
                  "left_by_budget")
 REFINE_KEYS = ("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
-               "kept_previous", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget", "left_by_budget")
+               "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget",
+               "left_by_budget")
 TRAIN_KEYS = ("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
               "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device", "precision",
               "learning_rate")

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
-from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
+from undo_cli.stages.options import (EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new, check_verify,
+                                     verify_field)
 
 
 @dataclass
@@ -62,12 +63,17 @@ class EvaluateConfig(GenerationOptions):
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field("strict", "Which extraction sets `correct` and `accuracy` (both accuracies are reported): "
                                          "strict: only an explicit final answer (#### x, \\boxed{x}, 'The answer is "
-                                         "x'); flexible: also the last number.")
+                                         "x'); flexible: also the last number.", choices=EXTRACTIONS)
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
         self.check_generation_options()
-        check_verify(self.verify)
+        if self.verify == "steps":
+            raise UndoError("--verify steps is for the teacher's rationales (undo generate/refine); a student's "
+                            "accuracy is read strict or flexible",
+                            hint="to see which predictions have false arithmetic steps: "
+                                 "undo score PREDICTIONS.jsonl --verify steps")
+        check_verify(self.verify, choices=EXTRACTIONS)
         check_limit(self.limit)
         if self.backend != "openai":  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref

@@ -71,7 +71,8 @@ Contract, in detail:
   key); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
   settings, and `undo merge` joins the shards into the unsharded run's file.
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
-  %, tokens in/out, wall time and throughput; `print_summary` renders it as a
+  %, (with `keep`) the samples that did not verify by reason (`rejected_by_reason`:
+  no answer / wrong answer / false step), tokens in/out, wall time and throughput; `print_summary` renders it as a
   table on stderr. Stages add their own fields and write it where they like.
 """
 
@@ -86,6 +87,7 @@ from typing import Any, Callable, Sequence
 from undo_cli.backends.base import Completion, Message, SamplingConfig
 from undo_cli.console import PlainProgress, console
 from undo_cli.errors import UndoError
+from undo_cli.scoring import REASONS, reject_reason
 
 Record = dict[str, Any]
 
@@ -281,6 +283,8 @@ def run_generation(
         if side:
             shards.put_in_order(side, kind, keys, resume_key)
     summary = stats.summary(output, side)
+    if keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
+        summary["rejected_by_reason"] = stats.unverified
     # A shard is complete (mergeable) only when no item was left undone by the teacher budget.
     if shard is not None and not stats.left_by_budget:
         shards.finish(output, shard, records=len(out.existing) + stats.kept,
@@ -398,6 +402,7 @@ class _Stats:
     without_kept: list[str] = field(default_factory=list)
     endpoints: list[dict[str, Any]] | None = None
     left_by_budget: list[str] = field(default_factory=list)
+    unverified: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))  # not verified, by reason
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)
@@ -411,6 +416,9 @@ class _Stats:
         if "correct" in record:
             self.scored += 1
             self.verified += bool(record["correct"])
+            if not record["correct"]:
+                reason = reject_reason(record)
+                self.unverified[reason] = self.unverified.get(reason, 0) + 1
 
     def summary(self, output: str, side: str | None) -> dict[str, Any]:
         gen = max(self.generation_s, 1e-9)
@@ -469,6 +477,8 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         table.add_row(f"endpoint {e['url']}", "unreachable at start" if e.get("unreachable_at_start") else
                       f"{e['requests']} requests, {e['failures']} failed{f' ({faults})' if faults else ''}, "
                       f"{e['req_per_s']:.1f} req/s")
+    for reason, count in (summary.get("rejected_by_reason") or {}).items():
+        table.add_row(f"not verified: {reason.replace('_', ' ')}", str(count))
     for extra_name, value in summary.get("extra_rows", []):
         table.add_row(extra_name, str(value))
     console.print(table)

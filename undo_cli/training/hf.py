@@ -120,7 +120,7 @@ class Batching:
 
     packed: bool
     length_grouped: bool  # batches drawn from length-sorted mega-batches (collate.LengthGroupedSampler)
-    seq_lens: bool  # the packed collator adds cu_seq_lens_* (flash kernels and packed_attention read them)
+    seq_lens: bool  # the packed collator adds cu_seq_lens_* (flash kernels read them)
     kernel: str  # the attention implementation that runs
 
     def summary(self) -> dict[str, str]:
@@ -154,8 +154,9 @@ def batching(padding_free: bool | None, model) -> Batching:
         packed_attention.enable(model)
         kernel = str(base.config._attn_implementation)
     grouped = padding_free is False or (padding_free is None and not flash)
-    return Batching(packed=packed, length_grouped=grouped or not packed, seq_lens=packed and (flash or per_sequence),
-                    kernel=kernel)
+    # Only flash kernels need cu_seq_lens; per-sequence sdpa reads the restarts of position_ids, so the batch
+    # keeps the keys it always had (the student-output and served-teacher code moves every value to the device).
+    return Batching(packed=packed, length_grouped=grouped or not packed, seq_lens=packed and flash, kernel=kernel)
 
 
 def save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:

@@ -89,6 +89,16 @@ def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env:
                           capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
+def paste(command: str, *, cwd: Path | None = None, env: dict | None = None,
+          timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command line undo printed (a `next:` or `continue with:` hint) exactly as a person pastes it into bash."""
+    bin_dir = str(Path(sys.executable).parent)  # where `undo` is installed, first on PATH
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = bin_dir + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(["bash", "-c", command], text=True, capture_output=True, cwd=cwd, env=full_env,
+                          timeout=timeout)
+
+
 def read_terminal(master: int):
     """Drain a pseudo-terminal's master side in a thread (a full buffer would block the child): (thread, bytes so far)."""
     import threading

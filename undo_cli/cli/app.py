@@ -96,13 +96,14 @@ Example: undo merge out/rationales.jsonl out/shards/rationales.*-of-4.jsonl"""),
 Run the UNDO loop: generate -> train -> evaluate -> collect errors -> refine -> train ... until the student
 stops improving on validation; then test the best and the one-shot student.
 
-Settings come from --config run.toml (see examples/run.toml), overridden by flags. Stage settings are
-dotted flags onto the stage's own options, any of them: --generate.n 4 --train.lr 2e-5 --train.lora-r 16
---train.merge --evaluate.max-tokens 256 --refine.k 0 --collect-errors.max 200 (see `undo train --help`
-etc. for the fields; values are TOML: 2e-5, true, "text").
+Settings come from --config run.toml (see examples/run.toml), overridden by flags; each stage's own
+options are dotted flags (--train.lr 2e-5), listed last below.
 
-Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume;
-the settings (and where each comes from) and the plan first: the same command + --dry-run""",
+\b
+Examples:
+  undo iterate --config examples/run.toml --name my-run
+  undo iterate --config examples/run.toml --name my-run --resume     # after a kill or Ctrl-C
+  undo iterate --config examples/run.toml --name my-run --dry-run    # every setting and the plan first""",
             config="undo_cli.loop.iterate:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times), what
@@ -180,6 +181,16 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
+    from undo_cli.guidance import set_invocation
+
+    set_invocation(sys.argv[1:] if args is None else args)  # what a "continue with: undo ..." hint repeats
+    try:
+        _main(args)
+    finally:
+        set_invocation(None)
+
+
+def _main(args: list[str] | None) -> None:
     from undo_cli.errors import UndoError
 
     try:

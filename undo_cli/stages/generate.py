@@ -221,11 +221,10 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate, verify and keep rationales; prints the summary table and returns it."""
     from undo_cli.records import is_stream, read_records
     from undo_cli.scoring import count_reasons
-    from undo_cli.stages.generation_loop import print_summary, run_generation
+    from undo_cli.stages.generation_loop import explain_limit, print_summary, run_generation
 
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
+    every = read_records(config.input, "problem")
+    problems = every if config.limit is None else every[: config.limit]
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
     items = build_items(problems, config.prompt, fewshot)
     if config.keep == "correct":
@@ -244,7 +243,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         kind="rationale", make_records=make_record_builder(config, config.backend),
         resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
         economy=config.economy(),
-        shard=shard,
+        shard=shard, explain=explain_limit(every, config.limit, problems),
     )
     summary["keep"] = config.keep
     if not is_stream(config.output):  # the whole output and sidecar, so a resumed run reports what one run would

@@ -26,6 +26,12 @@ answer, its earlier rationale(s) for it, the student's wrong output and `--k`
 similar failures, and asks it to find where the student went wrong, explain the
 missed concept in the same notation and end with `#### <answer>`.
 
+Before anything is sent, each prompt is measured against the teacher's context
+(its config.json, vLLM's --max-model-len, or a server's /v1/models; see
+backends/context.py) with room for --max-tokens: one that does not fit shows
+fewer similar failures, and one that does not fit even with none is refused,
+with the numbers and the setting to change (`fit_to_context`).
+
 Every new rationale is verified with the one scorer (`undo_cli.scoring`), as
 in `undo generate`. With `--n` > 1 (and a temperature) the first verified
 sample wins. When none verifies, or the text is empty or was cut off by
@@ -283,27 +289,82 @@ def _failure_view(error: dict[str, Any]) -> dict[str, Any]:
             "output": error["output"], "predicted": error.get("predicted"), "error_type": error["error_type"]}
 
 
+def _messages(job: Job, tmpl) -> list[dict[str, str]]:
+    from undo_cli.prompts import problem_variables, render_messages
+
+    return render_messages(
+        tmpl, **problem_variables(job.target),
+        previous_rationales=job.previous,
+        student_output=job.failure["output"],
+        student_question=job.failure["question"],
+        student_predicted=job.failure.get("predicted"),
+        error_type=job.failure["error_type"],
+        similar_failures=[_failure_view(e) for e in job.similar],
+    )
+
+
 def build_items(jobs: list[Job], template: str):
     """One work item per job, keyed by the target id it replaces."""
-    from undo_cli.prompts import load_template, problem_variables, render_messages
+    from undo_cli.prompts import load_template
     from undo_cli.stages.generation_loop import WorkItem
 
     tmpl = load_template(template)
-    items = []
+    # Shards split by problem, so every sample of a problem is refined in the same shard.
+    return [WorkItem(key=job.target["id"], messages=_messages(job, tmpl), data={"job": job},
+                     shard_key=job.target["problem_id"]) for job in jobs]
+
+
+def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
+    """Make every prompt fit the teacher's context with room for --max-tokens, before anything is sent.
+
+    A refine prompt holds the earlier rationales, the student's output and `--k` similar failures
+    with theirs, and can outgrow a small teacher (prompts of 2,500 tokens against 1,024 were seen).
+    Where one does, its similar failures are shown fewer, the least similar dropped first (the
+    record's `informed_by` lists those shown); one that does not fit even with none is refused,
+    with the numbers and the settings to change. Nothing is checked when the context is unknown
+    (backends/context.py says where it is read from).
+    """
+    from undo_cli.backends.context import context_window, prompt_length
+    from undo_cli.prompts import load_template
+
+    window = context_window(config.backend_config())
+    length = prompt_length(config.backend_config()) if window is not None and jobs else None
+    if length is None:
+        return jobs
+    budget = window.tokens - config.max_tokens  # what the prompt may take: the completion needs its room
+    tmpl = load_template(config.prompt)
+    shown: Counter = Counter()  # how many similar failures the shortened prompts show
     for job in jobs:
-        messages = render_messages(
-            tmpl, **problem_variables(job.target),
-            previous_rationales=job.previous,
-            student_output=job.failure["output"],
-            student_question=job.failure["question"],
-            student_predicted=job.failure.get("predicted"),
-            error_type=job.failure["error_type"],
-            similar_failures=[_failure_view(e) for e in job.similar],
-        )
-        # Shards split by problem, so every sample of a problem is refined in the same shard.
-        items.append(WorkItem(key=job.target["id"], messages=messages, data={"job": job},
-                              shard_key=job.target["problem_id"]))
-    return items
+        messages = _messages(job, tmpl)
+        if length.bound(messages) <= budget:
+            continue  # far inside: no tokenizing
+        tokens = length.exact(messages)
+        shortened = False
+        while tokens > budget and job.similar:
+            job.similar, shortened = job.similar[:-1], True
+            tokens = length.exact(_messages(job, tmpl))
+        if tokens > budget:
+            _refuse_too_long(job, tokens, window, config)
+        if shortened:
+            shown[len(job.similar)] += 1
+    if shown:
+        counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown.items(), reverse=True))
+        warn(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
+             f"({window.tokens:,} tokens, {window.source}) with room for --max-tokens {config.max_tokens}: they show "
+             f"fewer similar failures than --k {config.k} ({counts}); a smaller --k or --max-tokens avoids this")
+    return jobs
+
+
+def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig) -> None:
+    room = window.tokens - tokens
+    fix = (f"lower --max-tokens to at most {room}" if room > 0 else
+           "shorten what the prompt shows (the student's --max-tokens at evaluation bounds its output; "
+           "a shorter --prompt template)")
+    server = "; or serve it with a longer --max-model-len" if config.backend in ("vllm", "openai") else ""
+    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with --max-tokens "
+                    f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than the teacher's context of "
+                    f"{window.tokens:,} tokens ({window.source}), even with no similar failure shown",
+                    hint=f"{fix}; or a teacher with a longer context{server}")
 
 
 def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):
@@ -450,6 +511,10 @@ def run(config: RefineConfig) -> dict[str, Any]:
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors, targets, jobs, counts = plan(config)
+    from undo_cli.records import check_output_path
+
+    check_output_path(config.output)  # the cheap refusals first: the context check loads the tokenizer
+    jobs = fit_to_context(jobs, config)
 
     if not errors:
         console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")

@@ -85,6 +85,8 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     summary = {
         "records": n, "correct": k, "accuracy": k / n, "no_answer": sum(empty.values()), "verify": config.verify,
         "rejected_by_reason": count_reasons(scored),
+        # Shaped as `undo evaluate`'s predictions (an id and a question each): `undo collect-errors` reads them.
+        "predictions": all(isinstance(r.get("id"), str) and isinstance(r.get("question"), str) for r in scored),
         "by_task": {t: {"records": totals[t], "correct": hits[t], "accuracy": hits[t] / totals[t],
                         "no_answer": empty[t]} for t in sorted(totals)},
     }

@@ -202,9 +202,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model = hf.load_student(config)
     # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
     # collator and the summary see what actually runs (the run identity keeps the flag as given).
-    config = replace(config, padding_free=hf.resolve_padding_free(config.padding_free, model))
-    flash = "flash" in (config.attn_implementation or "")
-    collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
+    batching = hf.batching(config.padding_free, model)
+    config = replace(config, padding_free=batching.packed)
+    collator = PackedCollator(flash_attention=batching.seq_lens) if config.padding_free \
+        else PaddedCollator(tokenizer.pad_token_id)
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
         loss_fn = objective.attach(model, args.device, packed=config.padding_free)
         collator = objective.collator(collator, packed=config.padding_free)
@@ -216,7 +217,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                           data_collator=collator, loss_fn=own.loss if own else (loss_fn if objective else None),
-                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None,
+                          length_grouped=batching.length_grouped, batch_hook=own.hook if own else None,
                           prefetch=objective.prefetch(config.padding_free) if objective else None)
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
@@ -283,7 +284,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "train_runtime_s": round(runtime, 3),
         "wall_time_s": round(time.time() - started, 3),
         "resumed_from_step": resumed_from,
-        "batching": "packed" if config.padding_free else "padded, length-grouped",
+        **batching.summary(),
         "processes": state.num_processes,
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),

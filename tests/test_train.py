@@ -124,8 +124,10 @@ def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     assert summary["steps"] == 120 and summary["examples"] == 16
     assert summary["final_loss"] < 0.1 * summary["first_loss"]
     assert len(summary["epoch_losses"]) == 60 and summary["epoch_losses"][-1] < summary["epoch_losses"][0]
-    assert summary["batching"] == "padded, length-grouped"  # sdpa on CPU
-    assert 0.0 <= summary["padding_fraction"] < 0.2
+    # sdpa on CPU: packed rows, sdpa run per sequence, drawn in the length-grouped order (hf.batching)
+    assert (summary["batching"], summary["attention"], summary["batch_order"]) == ("packed", "sdpa_packed",
+                                                                                   "length-grouped")
+    assert summary["padding_fraction"] == 0.0
     assert summary["tokens_seen"]["response"] < summary["tokens_seen"]["all"]
     assert summary["tokens_seen"]["examples"] == 16 * 60
     assert set(summary["versions"]) >= {"torch", "transformers", "peft", "accelerate", "undo"}

@@ -204,6 +204,7 @@ class _Run:
     objective: Any
     own: Any
     resumed_from: int | None
+    batching: Any  # hf.Batching: packed or padded rows, the sampler's order, the attention kernel
 
 
 def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[str, Any], plan: _Plan) -> _Run:
@@ -230,10 +231,11 @@ def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[st
     model = hf.load_student(config)
     # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
     # collator and the summary see what actually runs (the run identity keeps the flag as given).
-    config = replace(config, padding_free=hf.resolve_padding_free(config.padding_free, model))
-    trainer, own = _trainer(config, model, tokenizer, examples, args, objective)
+    batching = hf.batching(config.padding_free, model)
+    config = replace(config, padding_free=batching.packed)
+    trainer, own = _trainer(config, model, tokenizer, examples, args, objective, batching)
     resumed_from = _resume(trainer, own, plan, state)
-    run = _Run(config, output, trainer, state, args, data_stats, objective, own, resumed_from)
+    run = _Run(config, output, trainer, state, args, data_stats, objective, own, resumed_from, batching)
     if state.is_main_process:
         _describe(run)
     return run
@@ -264,13 +266,13 @@ def _claim_output(config: TrainConfig, output: Path, identity: dict[str, Any], p
         hf_logging.disable_progress_bar()
 
 
-def _trainer(config: TrainConfig, model, tokenizer, examples, args, objective):
+def _trainer(config: TrainConfig, model, tokenizer, examples, args, objective, batching):
     """The collator (packed or padded), the objective's loss, the student-output hook: (trainer, own)."""
     from undo_cli.training.collate import PackedCollator, PaddedCollator
     from undo_cli.training.trainer import UndoTrainer
 
-    flash = "flash" in (config.attn_implementation or "")
-    collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
+    collator = PackedCollator(flash_attention=batching.seq_lens) if config.padding_free \
+        else PaddedCollator(tokenizer.pad_token_id)
     loss_fn = None
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
         loss_fn = objective.attach(model, args.device, packed=config.padding_free)
@@ -283,7 +285,7 @@ def _trainer(config: TrainConfig, model, tokenizer, examples, args, objective):
         own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                           data_collator=collator, loss_fn=own.loss if own else loss_fn,
-                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None,
+                          length_grouped=batching.length_grouped, batch_hook=own.hook if own else None,
                           prefetch=objective.prefetch(config.padding_free) if objective else None)
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
@@ -346,7 +348,7 @@ def _summary(run: _Run, result, saved: dict[str, Any], started: float) -> dict[s
         "train_runtime_s": round(runtime, 3),
         "wall_time_s": round(time.time() - started, 3),
         "resumed_from_step": run.resumed_from,
-        "batching": "packed" if config.padding_free else "padded, length-grouped",
+        **run.batching.summary(),
         "processes": run.state.num_processes,
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),

@@ -58,10 +58,10 @@ class TrainingOptions:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
     padding_free: bool | None = field(default=None, metadata={
-        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (fast with a "
-                "varlen kernel: flash_attention_2/3). False: right-padded, length-grouped batches (a few % padding; "
-                "faster with sdpa/eager, which attend over a packed row quadratically). None (default): packed "
-                "with a flash kernel, else padded."})
+        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (flash_attention_2/3 "
+                "run each example by itself, and so does sdpa: undo runs it once per example). False: right-padded, "
+                "length-grouped batches (a few % padding). None (default): packed with a flash kernel or with sdpa on "
+                "CPU (in the length-grouped order), padded with sdpa on a GPU or with eager."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})

@@ -81,6 +81,16 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
                             num_layers=3, seed=1)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a JSONL file at `path` (its folder created): the one helper tests write input files with."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env: dict | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `undo ARGS...` as a user would; returns the finished process (text mode)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TAUGHT_PROBLEMS
+from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +41,13 @@ STAGE_FLAGS = [
 ]
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model, trained_teacher) -> dict:
     root = tmp_path_factory.mktemp("iterate")
     problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
-    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
-             "test": _write(root / "test.jsonl", problems[6:])}
+    files = {"train": write_jsonl(root / "train.jsonl", problems[:8]), "val": write_jsonl(root / "val.jsonl", problems[8:]),
+             "test": write_jsonl(root / "test.jsonl", problems[6:])}
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
             "--max-iterations", "2", "--patience", "1", *STAGE_FLAGS]
@@ -149,6 +145,13 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     ids = [json.loads(line)["id"] for line in refined]
     assert len(ids) == len(set(ids)) == stages["iter_01/refine"]["summary"]["jobs"] == 4
     assert "resumes where it stopped" in finished_run["log"] or "resuming" in finished_run["log"]
+    # Killed twice, yet no temp file is left, and every file is readable by others (it honours the umask).
+    assert not list(run.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in run.rglob("*") if f.is_file()}
+    assert {"manifest.json", "summary.json", "iter_00/rationales.jsonl", "iter_01/student/model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
@@ -383,7 +386,7 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.loop.iterate import IterateConfig
     from undo_cli.loop.settings import resolve
 
-    files = {split: _write(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
     toml = tmp_path / "run.toml"
     toml.write_text(f'teacher = "t"\nstudent = "s"\ntrain_file = "{files["train"]}"\nval_file = "{files["val"]}"\n'
                     f'test_file = "{files["test"]}"\nmax_iterations = 5\n[train]\nlr = 1e-5\nepochs = 2\n'
@@ -405,7 +408,7 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
     assert "set by `undo iterate` itself" in error(["--train.output", "x"])
     assert "expected a number" in error(["--train.lr", "fast"])
     assert "no such option: --max-iteration" in error(["--max-iteration", "3"])
-    assert "unknown choice" in error(flags={"mix": "blend"})
+    assert "--mix blend: unknown mix" in error(flags={"mix": "blend"}) and "--mix append" in error(flags={"mix": "blend"})
     bad = tmp_path / "bad.toml"
     bad.write_text('teacher = "t"\nmax_iteratons = 3\n')
     assert "unknown key 'max_iteratons'" in error(path=str(bad))

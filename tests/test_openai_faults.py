@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import TAUGHT_PROBLEMS
 from tests.servers import FAULTS, ScriptedServer, free_port
 from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
-from undo_cli.backends.openai import redact
 from undo_cli.errors import UndoError
+from undo_cli.urls import redact
 
 pytestmark = pytest.mark.slow
 

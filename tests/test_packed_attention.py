@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_train import _rationales, _write
+from tests.conftest import write_jsonl
+from tests.test_train import _rationales
 
 # main @ 4090f62, OMP_NUM_THREADS=1: sft_loss of the padded batch of the first 6 examples, its grad norm,
 # and `undo train --max-steps 4 --batch-size 4 --lr 1e-3 --seed 0` (the summary's losses).
@@ -26,7 +27,7 @@ def examples(tiny_model, tmp_path):
     from undo_cli.records import read_records
     from undo_cli.training.data import encode_records
 
-    data = _write(tmp_path / "r.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "r.jsonl", _rationales())
     tok = AutoTokenizer.from_pretrained(tiny_model)
     examples, _ = encode_records(read_records(data, "rationale"), tok, max_length=512, template="student",
                                  path=str(data))
@@ -143,7 +144,7 @@ def test_default_run_trains_on_the_same_batches_to_the_same_losses(tiny_model, t
     """`undo train`'s default on CPU now packs (per-sequence sdpa) in the length-grouped order: main's losses."""
     from undo_cli.stages.train import TrainConfig, run
 
-    data = _write(tmp_path / "r.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "r.jsonl", _rationales())
     summary = run(TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"), max_steps=4,
                               batch_size=4, lr=1e-3, seed=0, logging_steps=1, save_steps=1000))
     assert summary["batching"] == "packed" and summary["attention"] == "sdpa_packed"

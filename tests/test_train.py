@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
+
 pytestmark = pytest.mark.slow
 
 # One BLAS thread per process: on a small shared machine, two threads per tiny model
@@ -58,14 +60,10 @@ def _rationales(n: int = 16) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture
 def data(tmp_path) -> Path:
-    return _write(tmp_path / "rationales.jsonl", _rationales())
+    return write_jsonl(tmp_path / "rationales.jsonl", _rationales())
 
 
 def _summary(output: Path) -> dict:
@@ -162,6 +160,12 @@ def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
     assert summary["final_loss"] < summary["first_loss"]
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert not (out / "adapter_config.json").exists()  # OUTPUT itself is a plain model
+    # Readable by colleagues: every file honours the umask (safetensors itself writes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(out)): oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()}
+    assert "model.safetensors" in modes and "adapter/adapter_model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
     from transformers import AutoModelForCausalLM
 
@@ -256,13 +260,13 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
 
     rows = _rationales(3)
     del rows[1]["rationale"]
-    missing = _write(tmp_path / "missing.jsonl", rows)
+    missing = write_jsonl(tmp_path / "missing.jsonl", rows)
     fails("--student", tiny_model, "--data", missing, *out, says=f"{missing}:2: field 'rationale': missing")
 
     rows = _rationales(3)
     for row in rows:
         row["rationale"] = "  \n"
-    blank = _write(tmp_path / "blank.jsonl", rows)
+    blank = write_jsonl(tmp_path / "blank.jsonl", rows)
     fails("--student", tiny_model, "--data", blank, *out, says=f"{blank}:1: field 'rationale': every rationale is empty")
 
     fails("--student", tmp_path / "no-such-model", "--data", data, *out, says="no such model folder")
@@ -280,7 +284,7 @@ def test_empty_rationales_are_skipped_and_counted(tiny_model, tmp_path, train):
     # `undo iterate` with keep = "all" used to stop at train on the first whitespace-only rationale.
     rows = _rationales(4)
     rows[1]["rationale"] = " \n "
-    data = _write(tmp_path / "some_blank.jsonl", rows)
+    data = write_jsonl(tmp_path / "some_blank.jsonl", rows)
     out = tmp_path / "student"
     res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "1", "--batch-size", "4")
     assert res.returncode == 0, res.stderr
@@ -303,22 +307,22 @@ def test_training_data_shapes_become_rationales(tmp_path):
         {"prompt": "4 + 4?", "completion": "#### 8"},
         {"prompt": [{"role": "user", "content": "5 + 5?"}], "completion": [{"role": "assistant", "content": "#### 10"}]},
     ]
-    records = read_training_records(str(_write(tmp_path / "mixed.jsonl", rows)))
+    records = read_training_records(str(write_jsonl(tmp_path / "mixed.jsonl", rows)))
     assert records[0]["problem_id"] == "a"
     assert records[1]["id"] == "row-2" and records[1]["rationale"] == "#### 6" and records[1]["question"] == "3 + 3?"
     assert records[1]["prompt_messages"] == rows[1]["messages"][:2]
     assert records[2]["prompt_messages"] == [{"role": "user", "content": "4 + 4?"}] and records[2]["rationale"] == "#### 8"
     assert records[3]["rationale"] == "#### 10"
 
-    problems = _write(tmp_path / "problems.jsonl", [gold])
+    problems = write_jsonl(tmp_path / "problems.jsonl", [gold])
     [record] = read_training_records(str(problems), "meta.solution")
     assert record["rationale"] == gold["meta"]["solution"] and record["problem_id"] == "g1"
     with pytest.raises(RecordError) as exc:  # today's first-hour failure: a problem file without the flag
         read_training_records(str(problems))
     assert "field 'rationale'" in str(exc.value) and "--rationale-field meta.solution" in exc.value.hint
     with pytest.raises(RecordError, match="meta.solution.*no 'solution'"):
-        read_training_records(str(_write(tmp_path / "p2.jsonl", [{**gold, "meta": {}}])), "meta.solution")
-    bad = _write(tmp_path / "bad.jsonl", [rows[0], {"messages": [{"role": "user", "content": "hi"}]}])
+        read_training_records(str(write_jsonl(tmp_path / "p2.jsonl", [{**gold, "meta": {}}])), "meta.solution")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(RecordError, match=r"bad.jsonl:2: field 'messages'.*assistant") as exc:
         read_training_records(str(bad))
 
@@ -326,13 +330,13 @@ def test_training_data_shapes_become_rationales(tmp_path):
 def test_train_on_gold_solutions_and_on_chat_messages(train, tiny_model, tmp_path):
     gold = [{"id": f"g{i}", "question": r["question"], "answer": r["answer"], "meta": {"solution": r["rationale"]}}
             for i, r in enumerate(_rationales(4))]
-    res = train("--student", tiny_model, "--data", _write(tmp_path / "gold.jsonl", gold), "--rationale-field",
+    res = train("--student", tiny_model, "--data", write_jsonl(tmp_path / "gold.jsonl", gold), "--rationale-field",
                 "meta.solution", "--output", tmp_path / "s1", "--max-steps", "1", "--batch-size", "2")
     assert res.returncode == 0, res.stderr
     assert _summary(tmp_path / "s1")["examples"] == 4
     chat = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["rationale"]}]}
             for r in _rationales(4)]
-    res = train("--student", tiny_model, "--data", _write(tmp_path / "chat.jsonl", chat), "--output", tmp_path / "s2",
+    res = train("--student", tiny_model, "--data", write_jsonl(tmp_path / "chat.jsonl", chat), "--output", tmp_path / "s2",
                 "--max-steps", "1", "--batch-size", "2")
     assert res.returncode == 0, res.stderr
     assert "next: undo evaluate --model" in res.stderr

@@ -59,11 +59,17 @@ class Completion:
 
 
 class Backend(Protocol):
-    name: str          # "hf" | "openai" | "vllm"
-    model: str         # what provenance fields record (a path or a hub name; never a key)
+    name: str             # "hf" | "openai" | "vllm"
+    model: str            # what provenance fields record (a path or a hub name; never a key)
+    batch_hint: int       # prompts per `generate` call that keep it busy (backends.batch_hint)
+    sort_by_length: bool  # the caller should sort prompts by length first (hf: less padding per batch)
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in prompt order."""
+        ...
+
+    def endpoint_summary(self) -> list[dict[str, Any]] | None:
+        """Per server: requests, failures, req/s (openai); None for a backend without servers."""
         ...
 
     def close(self) -> None:

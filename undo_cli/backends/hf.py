@@ -112,7 +112,9 @@ class HFBackend:
         self.model = config.model if not config.adapter else f"{config.model}+{config.adapter}"
         if not config.model:
             raise UndoError("no model given", hint="pass --teacher/--model with a folder or a hub name")
-        self.batch_hint = max(1, config.batch_size)
+        from undo_cli.backends import batch_hint
+
+        self.batch_hint = batch_hint(config)
         self.device, dtype = pick_device_dtype(config.dtype)
         tok_source = config.adapter if config.adapter and (Path(config.adapter) / "tokenizer_config.json").exists() \
             else config.model
@@ -300,6 +302,9 @@ class HFBackend:
                 torch.cuda.empty_cache()
         except Exception:  # pragma: no cover - best effort
             warn("could not release GPU memory")
+
+    def endpoint_summary(self) -> None:
+        return None  # in process: no servers to count
 
     def __enter__(self) -> "HFBackend":
         return self

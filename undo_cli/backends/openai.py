@@ -62,81 +62,21 @@ import errno
 import json
 import os
 import random
-import re
 import time
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.urls import base_urls, is_loopback, redact, server_message, shown_url, snippet
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 RETRYABLE = {408, 409, 429}      # and every 5xx, as the official client does
-SNIPPET = 200                    # characters of a server's body quoted in a message
 REST_MAX_S = 30.0                # longest an endpoint that keeps failing is left alone
 # Connections per httpx2 client. Its pool scans every connection (and polls each idle socket) on every
 # request, so one pool of 256 costs O(256) per request: at concurrency 256 that scan was 60% of the
 # client's CPU (cProfile). Pools of 4, one per 4 slots, keep the scan short: 0.85-0.9 ms of client CPU
 # per request against 1.0-1.25 ms with pools of 32 (issue 25, at load 4 on 2 cores).
 POOL = 4
-
-
-def is_loopback(url: str | None) -> bool:
-    host = urlparse(url).hostname if url else None
-    return bool(host) and (host in LOOPBACK or host.startswith("127."))
-
-
-def base_urls(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """--base-url as a list: one string (also "a,b") or a list of them; [] when unset."""
-    if not value:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    return [u.strip().rstrip("/") for item in items for u in str(item).split(",") if u.strip()]
-
-
-def shown_url(url: str) -> str:
-    """A URL fit for messages: user:password@ removed."""
-    p = urlparse(url)
-    if p.username or p.password:
-        host = p.hostname or ""
-        return urlunparse(p._replace(netloc=host + (f":{p.port}" if p.port else "")))
-    return url
-
-
-_AUTH = re.compile(r"""(?i)(authorization["']?\s*[:=]\s*["']?)(bearer\s+|basic\s+)?[^\s"',;}]+""")
-_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """`text` with every secret and every Authorization/Bearer value replaced by ***."""
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    text = _AUTH.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***", text)
-    return _BEARER.sub(r"\1***", text)
-
-
-def _snippet(body: bytes | str) -> str:
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    if not text:
-        return "(an empty body)"
-    return repr(text[:SNIPPET] + ("..." if len(text) > SNIPPET else ""))
-
-
-def _server_message(body: bytes) -> str:
-    """The server's own words from an error body (vLLM, OpenAI and FastAPI shapes), one line."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return _snippet(body)
-    if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
-        for key in ("message", "detail"):
-            if inner.get(key):
-                return str(inner[key]).splitlines()[0][:SNIPPET]
-    return _snippet(body)
 
 
 class _Fault(Exception):
@@ -283,9 +223,9 @@ class OpenAIBackend:
         del key
         self._loop = asyncio.new_event_loop()
         self._endpoints = [_Endpoint(u, self.concurrency, headers, self.request_timeout) for u in urls]
-        # Enough prompts per call for several waves of requests on every endpoint, few enough that a kill
-        # loses little.
-        self.batch_hint = max(64, 4 * self.concurrency * len(urls))
+        from undo_cli.backends import batch_hint
+
+        self.batch_hint = batch_hint(config)
         self._served: list[str] = []
         self._is_vllm = False
         self._ignores_n = False
@@ -501,8 +441,8 @@ class OpenAIBackend:
                 retry_after = float(r.headers.get("retry-after", ""))
             except ValueError:
                 pass
-            raise _Fault(f"answered {status}: {_server_message(r.content)}", status=status, retry_after=retry_after)
-        raise _Refused(status, _server_message(r.content))
+            raise _Fault(f"answered {status}: {server_message(r.content)}", status=status, retry_after=retry_after)
+        raise _Refused(status, server_message(r.content))
 
     @staticmethod
     def _parse(content: bytes) -> dict:
@@ -510,18 +450,18 @@ class OpenAIBackend:
         try:
             data = json.loads(content)
         except ValueError:
-            raise _Fault(f"answered 200 with a body that is not JSON: {_snippet(content)}",
+            raise _Fault(f"answered 200 with a body that is not JSON: {snippet(content)}",
                          kind="200 not JSON") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
-            raise _Fault(f"answered 200 without a list of choices: {_snippet(content)}", kind="200 without choices")
+            raise _Fault(f"answered 200 without a list of choices: {snippet(content)}", kind="200 without choices")
         for c in choices:
             msg = c.get("message") if isinstance(c, dict) else None
             if not isinstance(msg, dict) or not isinstance(msg.get("content"), (str, type(None))):
-                raise _Fault(f"answered 200 with a choice that has no message text: {_snippet(content)}",
+                raise _Fault(f"answered 200 with a choice that has no message text: {snippet(content)}",
                              kind="200 without message")
         if not isinstance(data.get("usage"), (dict, type(None))):
-            raise _Fault(f"answered 200 with a malformed usage field: {_snippet(content)}", kind="200 bad usage")
+            raise _Fault(f"answered 200 with a malformed usage field: {snippet(content)}", kind="200 bad usage")
         return data
 
     def _gave_up(self, e: _Endpoint | None, fault: _Fault | None) -> UndoError:

@@ -1,12 +1,12 @@
 """The teacher economy around any backend: cache lookups, token ledger and budget, once for every stage.
 
-    economy = TeacherEconomy(EconomySettings(cache_dir=None, max_teacher_tokens=200_000))
+    economy = config.economy()        # TeacherEconomy(config): its economy fields (options.py)
     economy.begin("out/rationales.jsonl", fresh=False)   # loads the output's ledger
     llm = economy.wrap(BackendConfig(backend="openai", model="m", base_url=...))
     results = llm.generate(prompts, sampling)             # None where the budget left a prompt undone
     economy.summary()                                     # teacher_usage + budget, for the stage summary
 
-`stages/generation_loop.py:run_generation(..., economy=...)` is the only caller, so
+`stages/generation_loop.py` (`Generation(..., economy=...)`) is the only caller, so
 `generate` and `refine` (and any stage that passes an economy) get it with no
 code of their own. The wrapper has the `Backend` interface (base.py), with two
 differences the loop knows about: a prompt the budget does not allow comes
@@ -20,7 +20,6 @@ never connects to a server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +28,16 @@ from undo_cli.economy.accounting import Budget, Ledger, Prices, Usage, ledger_pa
 from undo_cli.errors import UndoError
 
 
-@dataclass
-class EconomySettings:
-    cache_dir: str | None = None        # None: default_cache_dir()
-    use_cache: bool = True
-    cache_unseeded: bool = False
-    model_revision: str | None = None
-    max_teacher_tokens: int | None = None
-    max_cost: float | None = None
-    price_input: float | None = None
-    price_output: float | None = None
-
-
 def cacheable(sampling: SamplingConfig, unseeded_ok: bool) -> bool:
     """Greedy and seeded sampling reproduce an answer; unseeded sampling is cached only when asked to."""
     return sampling.temperature == 0 or sampling.seed is not None or unseeded_ok
 
 
-# What `batch_hint` each backend will have once open (kept in step with the backends' own
-# __init__): the loop sizes its batches before the first miss opens the real backend.
-def _batch_hint(config: Any) -> int:
-    if config.backend == "openai":
-        from undo_cli.backends.openai import base_urls
-
-        return max(64, 4 * max(1, config.concurrency) * len(base_urls(config.base_url) or [""]))
-    if config.backend == "vllm":
-        return max(256, 8 * config.batch_size)
-    return max(1, config.batch_size)
-
-
 class TeacherEconomy:
-    def __init__(self, settings: EconomySettings):
+    """The cache, ledger and budget of one output. `settings`: anything with the fields of
+    `TeacherEconomyOptions` (options.py): a stage's config."""
+
+    def __init__(self, settings: Any):
         self.settings = settings
         self.prices = Prices(settings.price_input, settings.price_output)
         self.budget = Budget(settings.max_teacher_tokens, settings.max_cost, self.prices)
@@ -70,6 +48,10 @@ class TeacherEconomy:
         self.identity: dict[str, Any] | None = None
         self.load_s = 0.0             # time spent opening the real backend (on the first miss)
 
+    def limits(self) -> dict[str, Any]:
+        """The budget this output runs under (what a shard stopped by it records)."""
+        return {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost}
+
     def begin(self, output: str, *, fresh: bool) -> None:
         self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
         self.ledger.prices = self.prices
@@ -77,7 +59,7 @@ class TeacherEconomy:
     def wrap(self, backend: Any) -> "EconomyBackend":
         from undo_cli.backends import BackendConfig
 
-        if self.settings.use_cache:
+        if self.settings.cache:
             from undo_cli.economy.cache import TeacherCache, default_cache_dir
 
             self.cache = TeacherCache(self.settings.cache_dir or default_cache_dir())
@@ -104,7 +86,7 @@ class TeacherEconomy:
 
     @property
     def cache_path(self) -> Path | None:
-        if not self.settings.use_cache:
+        if not self.settings.cache:
             return None
         from undo_cli.economy.cache import FILENAME, default_cache_dir
 
@@ -131,19 +113,17 @@ class EconomyBackend:
     """A `Backend` that answers from the cache when it can and calls the real one (opened lazily) otherwise."""
 
     def __init__(self, economy: TeacherEconomy, backend: Any):
-        from undo_cli.backends import BackendConfig
+        from undo_cli.backends import SORT_BY_LENGTH, BackendConfig, batch_hint
 
         self.economy = economy
         self._config = backend if isinstance(backend, BackendConfig) else None
         self._inner = None if self._config is not None else backend
-        self.name = self._config.backend if self._config is not None else backend.name
-        self.model = self._config.model if self._config is not None else backend.model
-        if self._config is not None:
-            self.batch_hint = _batch_hint(self._config)
-            self.sort_by_length = self._config.backend == "hf"
+        if self._config is not None:  # not opened yet: what it will be once open
+            self.name, self.model = self._config.backend, self._config.model
+            self.batch_hint, self.sort_by_length = batch_hint(self._config), SORT_BY_LENGTH[self._config.backend]
         else:
-            self.batch_hint = getattr(backend, "batch_hint", 32)
-            self.sort_by_length = getattr(backend, "sort_by_length", False)
+            self.name, self.model = backend.name, backend.model
+            self.batch_hint, self.sort_by_length = backend.batch_hint, backend.sort_by_length
 
     def _backend(self):
         if self._inner is None:
@@ -223,8 +203,7 @@ class EconomyBackend:
 
     def endpoint_summary(self) -> list[dict[str, Any]] | None:
         """The openai backend's per-server counts, when it was opened (a fully cached run opens nothing)."""
-        inner = self._inner
-        return inner.endpoint_summary() if inner is not None and hasattr(inner, "endpoint_summary") else None
+        return self._inner.endpoint_summary() if self._inner is not None else None
 
     def close(self) -> None:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
-from undo_cli.records import write_json
+from undo_cli.records import honour_umask, write_json
 from undo_cli.training.config import TrainConfig
 
 STATS_FILE = "undo_stats.json"  # inside each checkpoint: the token counts so far
@@ -160,7 +160,17 @@ def batching(padding_free: bool | None, model) -> Batching:
 
 
 def save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
-    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter."""
+    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter.
+
+    Every file written honours the umask: safetensors creates its files 0600 (records.honour_umask).
+    """
+    saved = _save(trainer, config, output)
+    if trainer.is_world_process_zero():
+        honour_umask(output)
+    return saved
+
+
+def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
     if not config.lora_r:
         trainer.save_model(str(output))
         return {"model": str(output), "adapter": None}
@@ -192,5 +202,6 @@ def attach_checkpoint_counts(trainer) -> None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
                     write_json(folder / STATS_FILE, trainer.meter.totals)
+                    honour_umask(folder)  # the checkpoint's safetensors are 0600 as written
 
     trainer.add_callback(_SaveCounts())

@@ -6,6 +6,7 @@
     python bench/generation.py --preset gpu             # CUDA: a random-init Qwen2.5-0.5B-sized model, bf16, hf
     python bench/generation.py --threads 1              # a small shared CPU box: avoid OMP oversubscription
     python bench/generation.py --sections openai        # the client: concurrency 256 @ 1 s vs the 256 req/s ceiling
+    python bench/generation.py --sections pipeline      # the loop's batches: one stream vs one batch at a time
 
 Sections:
 
@@ -20,6 +21,11 @@ Sections:
             the server to the others: requests/s beside the ceiling concurrency / latency (target
             >= 200 req/s of 256) and beside 1 request at a time; plus what the official `openai`
             client costs in CPU per request sending the same requests (why the backend uses httpx2).
+    pipeline  the generation loop's batches against a server with stragglers (bench/latency_server.py
+            --jitter: log-normal latency, seeded): one `generate` call per batch (the endpoint drains
+            while a batch's slowest requests finish: the loop before issue 25) vs one
+            `generate_stream` over all batches (the loop now): requests/s, same backend and server,
+            arms alternated (--pipeline-rounds, medians).
     vllm    in-process vLLM (run by the vllm venv's python, see .ci/vllm-venv.sh) vs the `hf`
             backend batched, same model and prompts: tokens/s ratio. Model load and the
             first (warm-up) call are excluded from both.
@@ -164,9 +170,10 @@ def bench_openai(prompts, latency_ms: float, concurrency: int, one_core: bool) -
                 with open_backend(config) as llm:
                     llm.generate(prompts[: min(c, len(prompts))], sampling)  # warm-up: connections, imports
                     t, cpu = time.perf_counter(), time.process_time()
-                    # Chunks of batch_hint, exactly as stages/generation_loop.py sends them.
-                    for start in range(0, len(work), llm.batch_hint):
-                        llm.generate(work[start : start + llm.batch_hint], sampling)
+                    # Chunks of batch_hint through one stream, exactly as stages/generation_loop.py sends them.
+                    chunks = [work[start : start + llm.batch_hint] for start in range(0, len(work), llm.batch_hint)]
+                    for _ in llm.generate_stream(chunks, sampling):
+                        pass
                     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
                 out[f"{label}_req_s"] = round(len(work) / seconds, 2)
                 out[f"{label}_cpu_ms_per_request"] = round(1000 * cpu / len(work), 3)
@@ -178,6 +185,48 @@ def bench_openai(prompts, latency_ms: float, concurrency: int, one_core: bool) -
     out["undo_cpu_bound_req_s"] = round(1000 / out["undo_cpu_ms_per_request"], 0)
     out["load_avg_1m_after"] = os.getloadavg()[0]
     out["ratio_vs_c1"] = round(out["undo_req_s"] / out["c1_req_s"], 1)
+    return out
+
+
+def bench_pipeline(latency_ms: float, jitter: float, concurrency: int, batches: int, rounds: int) -> dict:
+    """The generation loop's two ways of sending batches to one server with stragglers (log-normal latency,
+    seeded): one `generate` call per batch, which lets the endpoint's slots drain while a batch's slowest
+    requests finish (the loop before issue 25), against one `generate_stream` over all batches (the loop now),
+    same backend and server, the two arms alternated `rounds` times (medians)."""
+    import math
+    import statistics
+
+    from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
+
+    from bench.latency_server import LatencyServer
+
+    sampling = SamplingConfig(max_tokens=64)
+    mean_latency = latency_ms / 1000 * math.exp(jitter ** 2 / 2)  # the log-normal's mean
+    out: dict = {"latency_ms_median": latency_ms, "jitter_sigma": jitter, "concurrency": concurrency,
+                 "ceiling_req_s": round(concurrency / mean_latency, 1)}
+    arms: dict[str, list[float]] = {"one_batch_at_a_time": [], "stream": []}
+    with LatencyServer(latency_ms / 1000, jitter=jitter, seed=0) as server:
+        config = BackendConfig(backend="openai", model="latency", base_url=server.base_url, concurrency=concurrency)
+        with open_backend(config) as llm:
+            work = make_prompts(batches * llm.batch_hint)
+            chunks = [work[i : i + llm.batch_hint] for i in range(0, len(work), llm.batch_hint)]
+            out.update(requests=len(work), batch=llm.batch_hint, batches=len(chunks))
+            llm.generate(work[:concurrency], sampling)  # warm-up: connections, imports
+            for r in range(rounds):
+                for arm in (("one_batch_at_a_time", "stream") if r % 2 == 0 else ("stream", "one_batch_at_a_time")):
+                    t = time.perf_counter()
+                    if arm == "stream":
+                        for _ in llm.generate_stream(chunks, sampling):
+                            pass
+                    else:
+                        for chunk in chunks:
+                            llm.generate(chunk, sampling)
+                    arms[arm].append(len(work) / (time.perf_counter() - t))
+    for arm, values in arms.items():
+        out[f"{arm}_req_s"] = round(statistics.median(values), 1)
+        out[f"{arm}_req_s_all"] = [round(v, 1) for v in values]
+    out["ratio"] = round(out["stream_req_s"] / out["one_batch_at_a_time_req_s"], 3)
+    out["load_avg_1m_after"] = os.getloadavg()[0]
     return out
 
 
@@ -264,6 +313,11 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=1000.0)
     parser.add_argument("--openai-requests", type=int, default=2048)
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--pipeline-concurrency", type=int, default=64)
+    parser.add_argument("--pipeline-latency-ms", type=float, default=200.0, help="pipeline: the median latency")
+    parser.add_argument("--pipeline-jitter", type=float, default=0.5, help="pipeline: log-normal sigma of the latency")
+    parser.add_argument("--pipeline-batches", type=int, default=8)
+    parser.add_argument("--pipeline-rounds", type=int, default=3)
     parser.add_argument("--all-cores", action="store_true",
                         help="openai: let the client use every core (default: pinned to one, the server to the rest)")
     parser.add_argument("--threads", type=int, default=None,
@@ -315,6 +369,11 @@ def main() -> None:
                           "official client ...")
             results["openai"] = bench_openai(make_prompts(args.openai_requests), args.latency_ms, args.concurrency,
                                              one_core=not args.all_cores)
+        if "pipeline" in sections:
+            console.print(f"[bold]pipeline[/bold]: batches one at a time vs one stream, concurrency "
+                          f"{args.pipeline_concurrency}, stragglers (log-normal sigma {args.pipeline_jitter}) ...")
+            results["pipeline"] = bench_pipeline(args.pipeline_latency_ms, args.pipeline_jitter,
+                                                 args.pipeline_concurrency, args.pipeline_batches, args.pipeline_rounds)
         if "vllm" in sections:
             python = find_vllm_python()
             if python is None:
@@ -357,6 +416,13 @@ def main() -> None:
                           ">= 200 req/s")
             table.add_row(f"official openai client alone, concurrency {o['concurrency']}", f"{o['ceiling_req_s']:.0f} req/s",
                           f"{off['req_s']:.1f} req/s", f"{off['req_s'] / o['ceiling_req_s']:.2f}x", "-")
+    if "pipeline" in results:
+        q = results["pipeline"]
+        table.add_row(f"generation loop, {q['batches']} batches of {q['batch']} at concurrency {q['concurrency']}, "
+                      f"latency median {q['latency_ms_median']:.0f} ms (log-normal sigma {q['jitter_sigma']}): "
+                      f"one stream vs one batch at a time (ceiling {q['ceiling_req_s']:.0f} req/s)",
+                      f"{q['one_batch_at_a_time_req_s']:.1f} req/s", f"{q['stream_req_s']:.1f} req/s",
+                      f"{q['ratio']:.2f}x", "no drain")
     v = results.get("vllm", {})
     if "ratio" in v:
         table.add_row(f"vllm (in-process, load {v['load_s']:.0f} s) vs hf batched", f"{v['hf_batched_tok_s']:,.0f} tok/s",

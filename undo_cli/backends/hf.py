@@ -37,7 +37,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
+from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
@@ -302,6 +302,9 @@ class HFBackend:
                 torch.cuda.empty_cache()
         except Exception:  # pragma: no cover - best effort
             warn("could not release GPU memory")
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        return one_batch_at_a_time(self, batches, sampling)  # the model is the pipeline: nothing to overlap
 
     def endpoint_summary(self) -> None:
         return None  # in process: no servers to count

@@ -58,6 +58,7 @@ hosted APIs. Design choices, and why:
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import os
@@ -233,6 +234,7 @@ class OpenAIBackend:
         self._token_ids: dict[str, int] | None = None
         self._warned: set[str] = set()
         self._busy_s = 0.0
+        self._batches_in_flight, self._watcher = 0, None  # generate_stream: up to two batches, one _watch
         self._seq = 0
         try:
             self._probe()
@@ -312,8 +314,44 @@ class OpenAIBackend:
         finally:
             self._busy_s += time.perf_counter() - started
 
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        """Each batch's completions in order, with the next batch's requests already running: the endpoints'
+        slots stay full across a batch boundary, where one batch at a time left them to drain while its
+        slowest requests finished (issue 25). Two batches in flight at most, the older one first in every
+        endpoint's queue (asyncio's semaphore is FIFO). The event loop runs only inside this generator, so
+        while the caller writes a batch nothing new is sent: a killed run loses at most the two batches
+        in flight, and a failure cancels the younger one's requests."""
+        batches = iter(batches)
+        pending: collections.deque[asyncio.Task] = collections.deque()
+
+        def start_next() -> None:
+            prompts = next(batches, None)
+            if prompts is not None:
+                pending.append(self._loop.create_task(self._generate_all(prompts, sampling)))
+
+        try:
+            start_next()
+            start_next()
+            while pending:
+                started = time.perf_counter()
+                try:
+                    results = self._loop.run_until_complete(pending[0])
+                finally:
+                    self._busy_s += time.perf_counter() - started
+                pending.popleft()
+                start_next()  # before the yield: the caller's next `next()` runs it beside the one ahead
+                yield results
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending and not self._loop.is_closed():
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
     async def _generate_all(self, prompts, sampling) -> list[list[Completion]]:
-        watch = asyncio.ensure_future(self._watch())
+        # One watcher while any batch is in flight (generate_stream runs two): one "waiting on" line, not two.
+        if self._batches_in_flight == 0:
+            self._watcher = asyncio.ensure_future(self._watch())
+        self._batches_in_flight += 1
         tasks = [asyncio.ensure_future(self._one_prompt(m, sampling)) for m in prompts]
         try:
             return list(await asyncio.gather(*tasks))
@@ -323,7 +361,10 @@ class OpenAIBackend:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            watch.cancel()
+            self._batches_in_flight -= 1
+            if self._batches_in_flight == 0 and self._watcher is not None:
+                self._watcher.cancel()
+                self._watcher = None
 
     async def _watch(self) -> None:
         """Say what a stalled run waits for: a line per endpoint whose oldest request is old."""

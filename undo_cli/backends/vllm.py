@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
+from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
 from undo_cli.console import info
 from undo_cli.errors import UndoError
 
@@ -127,6 +127,9 @@ class VLLMBackend:
         import gc
 
         gc.collect()
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        return one_batch_at_a_time(self, batches, sampling)  # the model is the pipeline: nothing to overlap
 
     def endpoint_summary(self) -> None:
         return None  # in process: no servers to count

@@ -20,10 +20,11 @@ never connects to a server.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig
+from undo_cli.backends.base import Completion, Message, SamplingConfig, one_batch_at_a_time
 from undo_cli.economy.accounting import Budget, Ledger, Prices, Usage, ledger_path, prompt_chars
 from undo_cli.errors import UndoError
 
@@ -109,6 +110,19 @@ class TeacherEconomy:
         return rows
 
 
+@dataclass
+class _Call:
+    """One batch on its way through the economy: what the cache answered, and which prompts go to the backend."""
+
+    prompts: list[list[Message]]
+    results: list[list[Completion] | None]
+    keys: list[str] | None = None  # cache keys, when this sampling is cacheable
+    send: list[int] = field(default_factory=list)  # indices of the misses the budget admitted, in order
+
+    def sent_prompts(self) -> list[list[Message]]:
+        return [self.prompts[i] for i in self.send]
+
+
 class EconomyBackend:
     """A `Backend` that answers from the cache when it can and calls the real one (opened lazily) otherwise."""
 
@@ -150,39 +164,73 @@ class EconomyBackend:
             return default
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion] | None]:
+        call = self._look_up(prompts, sampling)
+        answers = self._backend().generate(call.sent_prompts(), sampling) if call.send else []
+        return self._record(call, answers)
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        """`generate` per batch through the real backend's stream (openai: the next batch's requests run
+        while one finishes). With a budget, one batch at a time: what a batch may send depends on what the
+        ones before it spent. The real backend still opens only at the first batch with a miss."""
+        if self.economy.budget.active:
+            yield from one_batch_at_a_time(self, batches, sampling)
+            return
+        batches = iter(batches)
+        for prompts in batches:  # answered from the cache until the first miss
+            call = self._look_up(prompts, sampling)
+            if call.send:
+                break
+            yield self._record(call, [])
+        else:
+            return
+        ahead = [call]  # looked up, sent, not answered yet: at most the real backend's one batch ahead
+
+        def sent():
+            yield call.sent_prompts()
+            for prompts in batches:
+                ahead.append(self._look_up(prompts, sampling))
+                yield ahead[-1].sent_prompts()
+
+        for answers in self._backend().generate_stream(sent(), sampling):
+            yield self._record(ahead.pop(0), answers)
+
+    def _look_up(self, prompts: list[list[Message]], sampling: SamplingConfig) -> "_Call":
+        """Cache hits counted in the ledger; the misses the budget admits are the call's `send`."""
         e = self.economy
-        results: list[list[Completion] | None] = [None] * len(prompts)
-        keys: list[str] | None = None
+        call = _Call(prompts, [None] * len(prompts))
         if e.cache is not None and cacheable(sampling, e.settings.cache_unseeded):
             from undo_cli.economy.cache import request_key
 
-            keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
-            hits = self._cache_call(lambda: e.cache.get_many(keys), {})
-            for i, key in enumerate(keys):
+            call.keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
+            hits = self._cache_call(lambda: e.cache.get_many(call.keys), {})
+            for i, key in enumerate(call.keys):
                 if key in hits:
-                    results[i] = hits[key]
+                    call.results[i] = hits[key]
                     e.ledger.add(self.name, paid=False, prompt_tokens=hits[key][0].prompt_tokens if hits[key] else 0,
                                  completion_tokens=sum(c.completion_tokens for c in hits[key]))
-        misses = [i for i, r in enumerate(results) if r is None]
-        send = self._admit(prompts, misses, sampling)
-        e.left += len(misses) - len(send)
-        if send:
-            answers = self._backend().generate([prompts[i] for i in send], sampling)
-            if len(answers) != len(send):
-                raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(send)} prompts",
-                                hint="this is a bug in the backend; please report it")
-            for i, completions in zip(send, answers):
-                results[i] = completions
-                prompt = completions[0].prompt_tokens if completions else 0
-                completion = sum(c.completion_tokens for c in completions)
-                e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
-                e.ledger.measure(prompt_chars(prompts[i]), prompt)
-                e.run_paid.add(Usage(1, prompt, completion))
-            if keys is not None and e.cache is not None:
-                self._cache_call(lambda: e.cache.put_many((keys[i], e.identity, completions)
-                                                          for i, completions in zip(send, answers)), None)
+        misses = [i for i, r in enumerate(call.results) if r is None]
+        call.send = self._admit(prompts, misses, sampling)
+        e.left += len(misses) - len(call.send)
+        return call
+
+    def _record(self, call: "_Call", answers: list[list[Completion]]) -> list[list[Completion] | None]:
+        """The real backend's answers into the call's results, the ledger and the cache."""
+        e = self.economy
+        if len(answers) != len(call.send):
+            raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(call.send)} prompts",
+                            hint="this is a bug in the backend; please report it")
+        for i, completions in zip(call.send, answers):
+            call.results[i] = completions
+            prompt = completions[0].prompt_tokens if completions else 0
+            completion = sum(c.completion_tokens for c in completions)
+            e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
+            e.ledger.measure(prompt_chars(call.prompts[i]), prompt)
+            e.run_paid.add(Usage(1, prompt, completion))
+        if answers and call.keys is not None and e.cache is not None:
+            self._cache_call(lambda: e.cache.put_many((call.keys[i], e.identity, completions)
+                                                      for i, completions in zip(call.send, answers)), None)
         e.ledger.save()
-        return results
+        return call.results
 
     def _admit(self, prompts, misses: list[int], sampling: SamplingConfig) -> list[int]:
         """The misses the budget allows, in order; the first that might not fit ends the admission."""

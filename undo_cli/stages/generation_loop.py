@@ -53,11 +53,14 @@ Contract, in detail:
   written by this stage (or predates it) and is refused too: in particular a
   torn last line is only ever dropped from a file this stage wrote.
 * **Durability.** Each batch is appended, flushed and fsynced before the next
-  one starts: a killed run loses at most the batch in flight and never writes a
-  record twice (AppendLog refuses duplicate ids).
-* **Batching.** A call to `backend.generate` gets `backend.batch_hint` items
-  (hf: --batch-size; openai: enough to keep --concurrency requests in flight;
-  vllm: a large block, since vLLM schedules internally). Backends with
+  is written: a killed run loses at most the batches in flight (one; two with
+  the openai backend) and never writes a record twice (AppendLog refuses
+  duplicate ids).
+* **Batching.** The batches go through one `backend.generate_stream`, each of
+  `backend.batch_hint` items (hf: --batch-size; openai: enough to keep
+  --concurrency requests in flight; vllm: a large block, since vLLM schedules
+  internally). The openai backend starts the next batch's requests while one
+  finishes, so its endpoints never drain at a batch boundary. Backends with
   `sort_by_length` (hf) get their work sorted by prompt length first, so a batch
   pads little; records then come out grouped by length, not in input order
   (join on ids, as every later stage does) until the run finishes: then the
@@ -362,10 +365,13 @@ class Generation:
         plain = None if console.is_terminal else PlainProgress(self.spec.name, len(todo))
         with Progress(*columns, console=console, transient=False, disable=plain is not None) as progress:
             task = progress.add_task(self.spec.name, total=len(todo), tps=0.0)
+            batches = [todo[start : start + step] for start in range(0, len(todo), step)]
+            # One stream over all batches: a backend with servers sends the next batch while one finishes
+            # (no drain at batch boundaries); records are still written batch by batch, in order.
+            stream = llm.generate_stream(([item.messages for item in batch] for batch in batches), sampling)
             try:
-                for start in range(0, len(todo), step):
-                    batch = todo[start : start + step]
-                    self._batch(llm, batch, sampling, out, rejected)
+                for batch, results in zip(batches, stream):
+                    self._write(llm, batch, results, out, rejected)
                     # what the model wrote, not the cache's answers
                     tps = stats.generated_tokens / max(time.perf_counter() - gen_start, 1e-9)
                     progress.update(task, advance=len(batch), tps=tps)
@@ -377,14 +383,14 @@ class Generation:
                                   f"written to {out.path} is complete. Re-run the same command to resume.[/yellow]")
                 raise
             finally:
+                stream.close()  # a failure or Ctrl-C: the batch still in flight is cancelled, not left running
                 stats.generation_s = time.perf_counter() - gen_start
 
-    def _batch(self, llm, batch: list[WorkItem], sampling: SamplingConfig, out, rejected_log) -> None:
-        """One call to the backend; its records appended (kept first, then rejected), durably."""
+    def _write(self, llm, batch: list[WorkItem], results: list[list[Completion] | None], out, rejected_log) -> None:
+        """One batch's completions as records, appended (kept first, then rejected), durably."""
         from undo_cli.records.schema import check_record
 
         stats, kind = self.stats, self.spec.records
-        results = llm.generate([item.messages for item in batch], sampling)
         if len(results) != len(batch):
             raise UndoError(f"backend {llm.name} returned {len(results)} results for {len(batch)} prompts",
                             hint="this is a bug in the backend; please report it")

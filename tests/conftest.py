@@ -136,6 +136,40 @@ def undo():
 
 
 @pytest.fixture
+def undo_inproc(capfd):
+    """`undo ARGS...` in this process, answered like `run_undo`: (returncode, stdout, stderr) at the file descriptors.
+
+    For commands that fail before any model loads or work starts (bad input, refusals), where a
+    subprocess adds only an interpreter start and imports (~1.5 s each). An exception that escapes
+    the CLI is not caught here: the test fails with it, as a traceback would fail `run_undo`'s checks.
+    """
+    from undo_cli.cli.app import main
+    from undo_cli.console import console
+
+    def run(*args: object, env: dict | None = None, **_: object) -> subprocess.CompletedProcess:
+        saved_env = {k: os.environ.get(k) for k in (env or {})}
+        saved_width = console._width
+        os.environ.update(env or {})
+        console.width = int((env or {}).get("COLUMNS", 2000))  # no folding of long paths mid-word
+        capfd.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            console._width = saved_width
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([sys.executable, "-m", "undo_cli", *map(str, args)], code, out, err)
+    return run
+
+
+@pytest.fixture
 def undo_here(capsys):
     """`undo ARGS...` in this process: for errors found before any training, where a subprocess only adds seconds.
 

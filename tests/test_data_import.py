@@ -108,6 +108,7 @@ def test_svamp_from_a_json_list(undo, tmp_path):
     assert rows[0]["meta"] == {"equation": "( 76.0 - 25.0 )", "type": "Subtraction"}
 
 
+@pytest.mark.slow
 def test_math_from_parquet_and_math500_layout(undo, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -251,6 +252,7 @@ def test_bad_input_exits_2_from_the_cli(undo, tmp_path, content, flags, expected
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_missing_file_and_unreachable_hub(undo, tmp_path):
     proc = _import(undo, tmp_path / "nope.jsonl", "-o", tmp_path / "out")
     assert proc.returncode == 2 and "nope.jsonl: no such file" in proc.stderr

@@ -101,6 +101,7 @@ def _served_generate(undo, proxy, model, problems, output, cache, *extra):
     return proc
 
 
+@pytest.mark.slow
 def test_second_identical_run_makes_no_teacher_request_and_writes_the_same_records(undo, counted_teacher,
                                                                                      problems, tmp_path):
     proxy, model = counted_teacher
@@ -124,6 +125,7 @@ def test_second_identical_run_makes_no_teacher_request_and_writes_the_same_recor
     assert "teacher tokens paid / cached" in proc.stderr
 
 
+@pytest.mark.slow
 def test_changed_sampling_misses_and_unseeded_sampling_is_cached_only_on_request(undo, counted_teacher, problems,
                                                                                   tmp_path):
     proxy, model = counted_teacher
@@ -212,6 +214,7 @@ def _generate(undo, teacher, problems, output, *extra):
                 "--max-tokens", "48", "--keep", "all", *extra)
 
 
+@pytest.mark.slow
 def test_budget_stops_before_exceeding_keeps_what_finished_and_resumes_with_more(undo, trained_teacher, problems,
                                                                                    tmp_path):
     out = tmp_path / "r.jsonl"
@@ -243,6 +246,7 @@ def test_budget_stops_before_exceeding_keeps_what_finished_and_resumes_with_more
     assert again.returncode == 0
 
 
+@pytest.mark.slow
 def test_prices_turn_tokens_into_money_and_max_cost_needs_them(undo, trained_teacher, problems, tmp_path):
     proc = _generate(undo, trained_teacher, problems, tmp_path / "r.jsonl", "--price-input", "1",
                      "--price-output", "2")
@@ -255,6 +259,7 @@ def test_prices_turn_tokens_into_money_and_max_cost_needs_them(undo, trained_tea
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_cache_stats_and_prune(undo, trained_teacher, problems, tmp_path):
     cache = tmp_path / "cache"
     assert _generate(undo, trained_teacher, problems, tmp_path / "a.jsonl", "--cache-dir", cache).returncode == 0
@@ -273,6 +278,7 @@ def test_cache_stats_and_prune(undo, trained_teacher, problems, tmp_path):
     assert json.loads(undo("cache", "stats", "--cache-dir", cache, "--json").stdout)["entries"] == 0
 
 
+@pytest.mark.slow
 def test_iterate_budget_stops_the_loop_and_a_resume_with_more_finishes_with_per_iteration_usage(
         undo, tiny_model, trained_teacher, tmp_path):
     from tests.test_iterate import STAGE_FLAGS

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TAUGHT_PROBLEMS
 
 WIDE = {"COLUMNS": "400"}
@@ -181,6 +183,7 @@ def test_the_prompt_format_a_training_file_teaches():
     assert prompt_format([q, plain[0]], "student")["kind"] == "mixed"
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_messages_is_asked_the_way_it_learnt(tmp_path, tiny_teacher, undo_here):
     """`{"messages"}` data (the question alone as the prompt) -> undo train records it -> undo evaluate asks the
     question alone, and the model answers what it learnt; through the student template (the old behaviour,

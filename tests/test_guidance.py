@@ -221,6 +221,7 @@ def test_limit_takes_the_first_n_problems(files, tmp_path, tiny_model):
         EvaluateConfig(model=str(tiny_model), input=files["val"], limit=0)
 
 
+@pytest.mark.slow
 def test_version_and_short_help(undo):
     proc = undo("--version")
     assert proc.returncode == 0

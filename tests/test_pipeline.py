@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TAUGHT_PROBLEMS
 from tests.test_refine import TAUGHT_FORMAT_TEMPLATE, older, target
 
@@ -64,6 +66,7 @@ def check_refined(refined, rationales_path):
         assert ref["iteration"] == 1 and ref["template"] == "taught_format"
 
 
+@pytest.mark.slow
 def test_separate_commands(tmp_path, trained_teacher, undo):
     setup_files(tmp_path)
     ev = undo("evaluate", "--model", trained_teacher, "--input", tmp_path / "val.jsonl",
@@ -84,6 +87,7 @@ def test_separate_commands(tmp_path, trained_teacher, undo):
     assert "refined and verified" in rf.stderr
 
 
+@pytest.mark.slow
 def test_bash_pipeline_with_dashes(tmp_path, trained_teacher):
     setup_files(tmp_path)
     undo = f"{shlex.quote(sys.executable)} -m undo_cli"
@@ -96,6 +100,7 @@ def test_bash_pipeline_with_dashes(tmp_path, trained_teacher):
     assert "accuracy" in proc.stderr and "wrong_answer" in proc.stderr  # both tables on stderr
 
 
+@pytest.mark.slow
 def test_through_a_real_openai_compatible_server(tmp_path, transformers_server, undo):
     """The same three steps with `--backend openai` against `transformers serve` on 127.0.0.1."""
     setup_files(tmp_path)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TAUGHT_PROBLEMS
 
 WIDE = {"COLUMNS": "400"}
@@ -215,6 +217,7 @@ def test_unverified_refinement_keeps_the_previous_rationale(tmp_path, trained_te
 RESUME_FLAGS = dict(batch_size=1, max_tokens=16, k=1, select="errors")  # the same flags as the killed command
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teacher):
     targets = [target(p) for p in TAUGHT_PROBLEMS[:6]]
     # --select errors: each failure is a target's own problem, so there are exactly six jobs.

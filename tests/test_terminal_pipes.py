@@ -59,6 +59,7 @@ def test_the_pty_is_a_terminal_for_rich(tmp_path):
     assert code == 0 and "True" in screen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_flag", ["--output -", ""], ids=["output-dash", "output-forgotten"])
 def test_evaluate_into_collect_errors_in_a_terminal(tmp_path, tiny_model, output_flag):
     _problems(tmp_path / "val.jsonl")
@@ -74,6 +75,7 @@ def test_evaluate_into_collect_errors_in_a_terminal(tmp_path, tiny_model, output
     assert not list(tmp_path.glob("*metrics.json")) and not list(tmp_path.glob("*.run.json"))
 
 
+@pytest.mark.slow
 def test_generate_into_a_pipe_in_a_terminal(tmp_path, trained_teacher):
     from tests.conftest import TAUGHT_PROBLEMS
 

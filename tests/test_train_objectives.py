@@ -19,7 +19,6 @@ import torch
 from tests.conftest import TAUGHT_PROBLEMS
 from undo_cli.objectives import KINDS, divergence
 
-pytestmark = pytest.mark.slow
 
 TRAIN, HELD_OUT = TAUGHT_PROBLEMS[:8], TAUGHT_PROBLEMS[8:]
 FAST = ["--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
@@ -83,6 +82,7 @@ def sharp_teacher(tmp_path_factory, tiny_teacher) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_objective_moves_the_student_towards_a_live_teacher(kind, tiny_model, tiny_teacher, padded_teacher,
                                                                  tmp_path, capsys):
@@ -128,6 +128,7 @@ def teacher_forced_logprobs(teacher: Path, record: dict, k: int) -> list:
     return rows
 
 
+@pytest.mark.slow
 def test_offline_teacher_logprobs_train_without_loading_the_teacher(undo, tiny_model, sharp_teacher, tmp_path):
     records = _rationales(TRAIN)
     for r in records:
@@ -150,6 +151,7 @@ def test_offline_teacher_logprobs_train_without_loading_the_teacher(undo, tiny_m
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_tokenizer_is_refused_before_anything_is_written(undo, tiny_model, tmp_path):
     from undo_cli.tiny import build_tiny_model
 
@@ -163,6 +165,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_model, tmp_path):
     """Same vocabulary size is not the same tokenizer: trained on other text, every id means something else."""
     from transformers import AutoTokenizer
@@ -180,6 +183,7 @@ def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_mode
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tokenizers_differ_by_special_tokens_too(tiny_tokenizer):
     from undo_cli.tiny import train_tokenizer
     from undo_cli.training.distill import tokenizer_difference
@@ -192,6 +196,7 @@ def test_tokenizers_differ_by_special_tokens_too(tiny_tokenizer):
     assert "other special tokens" in tokenizer_difference(same, tiny_tokenizer)
 
 
+@pytest.mark.slow
 def test_a_served_teacher_that_is_down_is_reported_before_anything_is_written(undo, tiny_model, tmp_path):
     from tests.servers import free_port
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, wide_console
 
 
 class CountingProxy:
@@ -341,12 +341,12 @@ def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
 def _main(args, capsys, monkeypatch):
     from undo_cli.cli.app import main
 
-    monkeypatch.setenv("COLUMNS", "400")
     capsys.readouterr()
-    try:
-        main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr().err
+    with wide_console():
+        try:
+            main(args)
+        except SystemExit as exc:
+            assert exc.code in (0, None), capsys.readouterr().err
     captured = capsys.readouterr()
     return json.loads(captured.out), " ".join(captured.err.split())
 

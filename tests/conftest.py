@@ -89,8 +89,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file, blank lines skipped: the one helper tests read outputs with."""
+    return parse_jsonl(Path(path).read_text(encoding="utf-8"))
+
+
+def parse_jsonl(text: str) -> list[dict]:
+    """The records of JSONL text (a command's stdout), blank lines skipped."""
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env: dict | None = None,

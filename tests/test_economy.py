@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS, wide_console
+from tests.conftest import TAUGHT_PROBLEMS, wide_console, write_jsonl
 
 
 class CountingProxy:
@@ -84,7 +84,7 @@ def counted_teacher(transformers_server):
 def problems(tmp_path) -> Path:
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:6]]
     path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -287,7 +287,7 @@ def test_iterate_budget_stops_the_loop_and_a_resume_with_more_finishes_with_per_
     files = {}
     for split, part in (("train", rows[:8]), ("val", rows[8:]), ("test", rows[6:])):
         files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in part))
+        write_jsonl(files[split], part)
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", tmp_path / "runs",
             "--name", "budget", "--max-iterations", "1", *STAGE_FLAGS]
@@ -332,7 +332,7 @@ def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
     """`undo iterate ... --dry-run` in process: (the JSON on stdout, people's text on stderr)."""
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]]
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(train, rows)
     return ["iterate", "--teacher", str(tiny_teacher_or_name), "--student", "org/student", "--train-file", str(train),
             "--val-file", str(train), "--test-file", str(train), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
             "--dry-run", "--format", "json", *map(str, flags)]

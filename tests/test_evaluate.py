@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}
 
@@ -28,15 +28,6 @@ CHOICE = {"id": "c1", "question": "Which number is even?", "answer": "B", "task"
 def problems():
     taught = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:2]]
     return taught + [UNTAUGHT, CHOICE]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def test_predictions_and_metrics(tmp_path, trained_teacher, capsys):

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 from tests.servers import FAULTS, ScriptedServer, free_port
 from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
 from undo_cli.errors import UndoError
@@ -32,7 +32,7 @@ def _problems(path, count: int) -> list[str]:
     rows = [{**TAUGHT_PROBLEMS[i % len(TAUGHT_PROBLEMS)], "id": f"q{i:03d}"} for i in range(count)]
     for r in rows:
         r.pop("rationale")
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return [r["id"] for r in rows]
 
 

@@ -13,11 +13,10 @@ import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 from tests.test_refine import TAUGHT_FORMAT_TEMPLATE, older, target
 
 WIDE = {"COLUMNS": "400"}
@@ -28,15 +27,6 @@ VAL = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_P
     {"id": "u2", "question": "Sam has 8 apples and buys 8 more. How many apples does Sam have?", "answer": "16",
      "task": "math"},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def setup_files(tmp_path):

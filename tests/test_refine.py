@@ -12,7 +12,6 @@ of --prompt); the selection, verification and records are the same code.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,21 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}
 
 # The student template's text, as a refinement template: the trained teacher answers it correctly.
 TAUGHT_FORMAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "prompts" / "student.jinja").read_text()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def target(problem: dict, rationale: str | None = None, sample: int = 0, iteration: int = 0) -> dict:

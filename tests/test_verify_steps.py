@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FALSE_STEP_PROBLEMS, TAUGHT_PROBLEMS
+from tests.conftest import FALSE_STEP_PROBLEMS, TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 TRUE_STEPS = TAUGHT_PROBLEMS[:2]
 FIELDS = ("id", "question", "answer", "task")
 STUDENT_TEMPLATE = (Path(__file__).resolve().parent.parent / "prompts" / "student.jinja").read_text()
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture

@@ -95,6 +95,7 @@ def test_finish_reason_length_and_token_counts(hf):
         assert c.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_trained_teacher_stops_at_eos_and_stop_strings_trim(teacher):
     messages = [student_messages(p) for p in TAUGHT_PROBLEMS[:3]]
     full = teacher.generate(messages, SamplingConfig(max_tokens=60))
@@ -108,6 +109,7 @@ def test_trained_teacher_stops_at_eos_and_stop_strings_trim(teacher):
         assert c.completion_tokens < full[0][0].completion_tokens
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_generated_ids_and_the_model_distribution(teacher):
     import torch
 
@@ -135,6 +137,7 @@ def test_logprobs_are_the_generated_ids_and_the_model_distribution(teacher):
     assert TokenLogprobs.from_json(c.logprobs[0].to_json()).token_id == ids[0]
 
 
+@pytest.mark.slow
 def test_lora_adapter_is_applied(tiny_model, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

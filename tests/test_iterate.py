@@ -25,7 +25,6 @@ import pytest
 
 from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 
-pytestmark = pytest.mark.slow
 
 # Tiny but real: the teacher sees the student template it was overfit on (generate and refine
 # both take a `prompt` template), refine works one target per batch so that it can be
@@ -118,6 +117,7 @@ def finished_run(workdir) -> dict:
     return {**workdir, "run": run, "args": args, "seen": seen, "stdout": out, "log": log.read_text()}
 
 
+@pytest.mark.slow
 def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run):
     run, seen = finished_run["run"], finished_run["seen"]
     manifest = _manifest(run)
@@ -154,6 +154,7 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
+@pytest.mark.slow
 def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
     run = finished_run["run"]
     manifest = _manifest(run)
@@ -182,6 +183,7 @@ def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
     assert out["status"] == "done" and out["best_student"].endswith("iter_00/student")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run, undo):
     args = finished_run["args"]
     changed = undo(*args, "--resume", "--train.lr", "1e-3", "--max-iterations", "3", env={"COLUMNS": "400"})
@@ -200,6 +202,7 @@ def _hint(log: str, label: str) -> str:
     return line[len(label):].split("   (")[0].strip()
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_run, undo):
     """The finished run's `more rounds:` hint, pasted (on a copy of the run: --name extended), runs one more
     round and recomputes nothing finished; then a resume under the original rule keeps the finished round
@@ -267,6 +270,7 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     assert all(manifest["stages"][k]["attempts"] == stages[k]["attempts"] for k in stages if k != f"{new}/test")
 
 
+@pytest.mark.slow
 def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
     """`next: undo report RUN` and the report's own `next:` (the best student on the run's test problems)."""
     from tests.conftest import paste
@@ -279,6 +283,7 @@ def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
     assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_report_on_the_finished_run(finished_run, undo):
     proc = undo("report", finished_run["run"], "--html", finished_run["root"] / "page.html", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
@@ -324,6 +329,7 @@ def _records(path: Path, run: Path) -> list[dict]:
             for line in _lines(path)]
 
 
+@pytest.mark.slow
 def test_bash_script_runs_the_stages_with_the_runs_settings(finished_run, tmp_path):
     """examples/undo_loop.sh given `undo iterate`'s own flags (issue 23): every stage runs with the settings
     `undo iterate` used, not the stages' defaults, and writes the same artifacts."""

@@ -32,6 +32,7 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, tiny_model, tiny_teacher):
     val = _problems(tmp_path)
     preds = tmp_path / "preds.jsonl"
@@ -70,6 +71,7 @@ def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, 
     assert json.loads((tmp_path / "preds.run.json").read_text())["identity"]["model"] == str(tiny_teacher)
 
 
+@pytest.mark.slow
 def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_model, tiny_teacher):
     val = _problems(tmp_path)
     for name, model in (("s0.jsonl", tiny_model), ("s1.jsonl", tiny_teacher)):
@@ -80,6 +82,7 @@ def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_mo
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["generate", "evaluate", "refine"])
 @pytest.mark.parametrize("content", [b"my notes, not JSON", b'{"id": "x", "question": "q", "answer": "1"}\n'],
                          ids=["one-line-not-json", "someone-elses-jsonl"])

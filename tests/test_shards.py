@@ -83,6 +83,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rationales", "predictions", "errors", "refined"])
 def test_merge_is_the_unsharded_file(runs, name, undo):
     whole, parts = runs[name]
@@ -118,6 +119,7 @@ def test_merge_is_the_unsharded_file(runs, name, undo):
         assert 0 < json.loads(metrics(whole).read_text())["accuracy"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a character device needs root")
 def test_merge_into_a_device_writes_in_place_and_leaves_it_a_device(runs, undo, tmp_path):
     import stat
@@ -131,6 +133,7 @@ def test_merge_into_a_device_writes_in_place_and_leaves_it_a_device(runs, undo, 
     assert not [p for p in tmp_path.iterdir() if p.name != "null"]  # no temp file, no sidecar left
 
 
+@pytest.mark.slow
 def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, undo, trained_teacher):
     from undo_cli.stages import generate
 
@@ -162,6 +165,7 @@ def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, un
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_shard_resumes_alone_and_refuses_another_shard(runs, undo, trained_teacher, tmp_path):
     whole, parts = runs["predictions"]
     part = tmp_path / "predictions.1.jsonl"

@@ -65,6 +65,7 @@ def _input_predictions(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "preds.jsonl", rows)
 
 
+@pytest.mark.slow
 @root_only
 def test_evaluate_into_a_device_writes_no_sidecars(tmp_path, undo, tiny_model):
     # The resumable writer (AppendLog) and the metrics: /dev/null.metrics.json must not appear next to the device.

@@ -19,7 +19,6 @@ import pytest
 
 from tests.conftest import write_jsonl
 
-pytestmark = pytest.mark.slow
 
 # One BLAS thread per process: on a small shared machine, two threads per tiny model
 # mostly wait on each other (10x slower), and the DDP test runs two processes anyway.
@@ -112,6 +111,7 @@ def test_packed_loss_equals_per_example_loss(tiny_model):
 
 # ---- the student learns ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     out = tmp_path / "student"
     res = train("--student", tiny_model, "--data", data, "--output", out, "--epochs", "60",
@@ -151,6 +151,7 @@ def test_overfits_and_reproduces_a_rationale(tiny_model, data, tmp_path, train):
     assert reproduced >= 6, f"{reproduced}/8 reproduced; last greedy output: {text!r}"
 
 
+@pytest.mark.slow
 def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
     out = tmp_path / "lora"
     res = train("--student", tiny_model, "--data", data, "--output", out, "--max-steps", "12",
@@ -181,6 +182,7 @@ def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
 
 # ---- resume after a kill ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_model, data, tmp_path, train):
     flags = ["--student", tiny_model, "--data", data, "--max-steps", "30", "--batch-size", "4",
              "--lr", "2e-3", "--save-steps", "5", "--logging-steps", "30"]
@@ -224,6 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
     """torchrun (gloo) runs the same command as `accelerate launch` does on GPUs."""
     out = tmp_path / "ddp"
@@ -246,6 +249,7 @@ def test_two_cpu_processes_train_and_save_once(tiny_model, data, tmp_path):
 
 # ---- bad input -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, train, train_here):
     def fails(*args: object, says: str, run=train_here) -> None:
         res = run(*args)
@@ -280,6 +284,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tiny_model, data, tmp_path, trai
     assert (foreign / "notes.txt").exists()
 
 
+@pytest.mark.slow
 def test_empty_rationales_are_skipped_and_counted(tiny_model, tmp_path, train):
     # `undo iterate` with keep = "all" used to stop at train on the first whitespace-only rationale.
     rows = _rationales(4)
@@ -327,6 +332,7 @@ def test_training_data_shapes_become_rationales(tmp_path):
         read_training_records(str(bad))
 
 
+@pytest.mark.slow
 def test_train_on_gold_solutions_and_on_chat_messages(train, tiny_model, tmp_path):
     gold = [{"id": f"g{i}", "question": r["question"], "answer": r["answer"], "meta": {"solution": r["rationale"]}}
             for i, r in enumerate(_rationales(4))]
@@ -342,6 +348,7 @@ def test_train_on_gold_solutions_and_on_chat_messages(train, tiny_model, tmp_pat
     assert "next: undo evaluate --model" in res.stderr
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_file_and_in_a_terminal(train, tiny_model, data, tmp_path):
     """stderr a file: plain progress lines (each 10% / 30 s), no transformers bars; a terminal: rich's bar."""
     import shutil
@@ -367,6 +374,7 @@ def test_progress_in_a_log_file_and_in_a_terminal(train, tiny_model, data, tmp_p
 
 # ---- Ctrl-C -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tiny_model, data, tmp_path):
     """Ctrl-C mid-training (no --save-steps checkpoint yet): a checkpoint at the current step, the exact
     `--resume` command on stderr, exit 130; that command, pasted, continues from it without a false

@@ -63,9 +63,14 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
-        return cls.from_pretrained(name, **kwargs)
+        loaded = cls.from_pretrained(name, **kwargs)
     except Exception as exc:
         raise load_error(name, exc, trust_remote_code=trust_remote_code, flag=flag) from None
+    if kind == "model":
+        from undo_cli import threads
+
+        threads.fit(loaded)  # torch's thread count for this model's size (undo_cli/threads.py)
+    return loaded
 
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:

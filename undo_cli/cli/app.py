@@ -156,8 +156,10 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
+    from undo_cli import threads
     from undo_cli.errors import UndoError
 
+    threads.configure()  # before any stage imports torch: thread count, no OpenMP spinning (undo_cli/threads.py)
     try:
         result = app.main(args, prog_name="undo", standalone_mode=False)
     except UndoError as exc:

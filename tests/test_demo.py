@@ -4,9 +4,11 @@
 One demo run serves every test here (a module fixture): it is the most
 expensive test of the suite (the whole demo: a tiny teacher trained with
 `undo train`, then `undo iterate`), and a second run would check nothing new.
-The kill lands once iteration 0's training is done, so the resumed run must
-pick up at iteration 0's evaluation and recompute neither the teacher, nor its
-rationales, nor the student.
+It runs with the demo's own flags for a shorter run (`--teacher-epochs`,
+`--max-iterations 1`): the same code, less of it. The kill lands once
+iteration 0's training is done, so the resumed run must pick up at iteration
+0's evaluation and recompute neither the teacher, nor its rationales, nor the
+student.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 WIDE = {"COLUMNS": "200"}
+SHORTER = ("--teacher-epochs", "6", "--max-iterations", "1")  # real flags: a shorter teacher training and loop
 
 
 def _read(path: Path) -> list[dict]:
@@ -50,7 +53,7 @@ def demo(tmp_path_factory) -> dict:
     env = {**os.environ, **WIDE, "TERM": "xterm"}
     # A pseudo-terminal for stdout and stderr: rich draws its live progress as it would for a person.
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo"], cwd=here, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", *SHORTER], cwd=here, stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, env=env)
     os.close(slave)
     reader, screen = read_terminal(master)
@@ -70,8 +73,8 @@ def demo(tmp_path_factory) -> dict:
         "student": (run / "iter_00" / "student" / "train_summary.json").read_bytes(),
         "generate": _stage(run, "iter_00/generate"),
     }
-    refused = run_undo("demo", env=WIDE, cwd=here)
-    resumed = run_undo("demo", "--resume", env=WIDE, cwd=here, timeout=900)
+    refused = run_undo("demo", *SHORTER, env=WIDE, cwd=here)
+    resumed = run_undo("demo", *SHORTER, "--resume", env=WIDE, cwd=here, timeout=900)
     return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed,
             "terminal": bytes(screen).decode(errors="replace")}
 
@@ -133,16 +136,29 @@ def test_data_is_the_shipped_problems_split(demo):
     assert len(splits["val"]) >= 50 and len(splits["test"]) >= 50
 
 
-def test_models_share_a_tokenizer_and_the_teacher_was_trained_by_undo_train(demo):
-    from transformers import AutoConfig, AutoTokenizer
+def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_undo_train(demo):
+    from transformers import AutoTokenizer
+
+    from undo_cli.prompts import bundled_dir
 
     teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
+    base = bundled_dir("examples") / "student-base"
+    assert (student / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     assert tok_t.get_vocab() == tok_s.get_vocab() and tok_t.chat_template == tok_s.chat_template
-    ct, cs = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
-    assert cs.hidden_size * cs.num_hidden_layers < ct.hidden_size * ct.num_hidden_layers
     summary = json.loads((teacher / "train_summary.json").read_text())  # written by `undo train` itself
+    assert summary["student"] == str(student) and summary["epochs"] == 6.0
     assert summary["final_loss"] < summary["first_loss"] / 3
+    # What the teacher was taught: every training problem's brief solution behind the generate prompt, and
+    # behind the refine prompt the trap and one line per event.
+    data = _read(demo["workdir"] / "build" / "teacher_data.jsonl")
+    train = {p["id"]: p for p in _read(demo["workdir"] / "data" / "train.jsonl")}
+    generate = [r for r in data if r["id"].endswith("/generate")]
+    refine = [r for r in data if r["id"].endswith("/refine")]
+    assert len(generate) == len(train) and 0 < len(refine) < len(train)
+    assert all(r["rationale"] == train[r["problem_id"]]["meta"]["brief"] for r in generate)
+    assert all(r["rationale"].startswith("Watch out: One operation per line")
+               and r["rationale"].endswith(train[r["problem_id"]]["meta"]["solution"]) for r in refine)
 
 
 def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):

@@ -89,6 +89,16 @@ def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env:
                           capture_output=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
+def paste(command: str, *, cwd: Path | None = None, env: dict | None = None,
+          timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command line undo printed (a `next:` or `continue with:` hint) exactly as a person pastes it into bash."""
+    bin_dir = str(Path(sys.executable).parent)  # where `undo` is installed, first on PATH
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = bin_dir + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(["bash", "-c", command], text=True, capture_output=True, cwd=cwd, env=full_env,
+                          timeout=timeout)
+
+
 def read_terminal(master: int):
     """Drain a pseudo-terminal's master side in a thread (a full buffer would block the child): (thread, bytes so far)."""
     import threading
@@ -191,4 +201,50 @@ def trained_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
 
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "trained_teacher", tokenizer=tiny_tokenizer,
                             num_layers=2, seed=2)
+    return overfit(path, TAUGHT_PROBLEMS)
+
+
+# Rationales with the right final answer and a false step: what issue 20 saw a teacher write after learning
+# the answers by heart but not the steps. `--verify strict` keeps them; `--verify steps` must not.
+FALSE_STEP_PROBLEMS = [
+    {"id": "fs0", "question": "Ann has 6 bags with 7 cookies in each bag. She gives away 14 cookies. "
+                              "How many cookies are left?", "answer": "28", "task": "math",
+     "rationale": "6 bags with 4 cookies each make 6 * 4 = 24 cookies. After giving away 21, 24 - 21 = 12 cookies "
+                  "are left.\n#### 28",
+     "step_error": "24 - 21 = 12"},
+    {"id": "fs1", "question": "Ben has 3 boxes with 5 pens in each box. He buys 4 more pens. "
+                              "How many pens does Ben have?", "answer": "19", "task": "math",
+     "rationale": "The boxes hold 3 * 5 = 16 pens. With 4 more, 16 + 4 = 19 pens.\n#### 19",
+     "step_error": "3 * 5 = 16"},
+]
+
+
+@pytest.fixture(scope="session")
+def step_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny teacher that reproduces TAUGHT_PROBLEMS[:2] (true steps) and FALSE_STEP_PROBLEMS (false steps,
+    right answers) greedily, shown the student template (a few seconds: 4 examples)."""
+    from undo_cli.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "step_teacher", tokenizer=tiny_tokenizer,
+                            num_layers=2, seed=3)
+    return overfit(path, TAUGHT_PROBLEMS[:2] + FALSE_STEP_PROBLEMS, steps=150)
+
+
+# --- a teacher with another tokenizer (cross-tokenizer objectives, `undo check`) ----------------
+
+@pytest.fixture(scope="session")
+def other_tokenizer():
+    """Another byte-level BPE: other merges (trained on the taught rationales too), 400 tokens, ChatML specials."""
+    from undo_cli.tiny import train_tokenizer
+
+    return train_tokenizer([p["rationale"] for p in TAUGHT_PROBLEMS] * 3, vocab_size=400, flavor="chatml")
+
+
+@pytest.fixture(scope="session")
+def cross_teacher(tmp_path_factory, other_tokenizer) -> Path:
+    """A tiny teacher with `other_tokenizer` that solves TAUGHT_PROBLEMS greedily (head_dim 32: vLLM serves it)."""
+    from undo_cli.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "cross_teacher", tokenizer=other_tokenizer,
+                            num_layers=2, seed=1)
     return overfit(path, TAUGHT_PROBLEMS)

@@ -164,6 +164,7 @@ class ScriptedServer:
     statuses: list[int] = field(default_factory=list)
     text: str = "4 + 4 = 8\n#### 8"
     models: list[str] = field(default_factory=lambda: ["scripted"])
+    max_model_len: int | None = None  # listed in /models as vLLM does, when set
     requests: list[dict] = field(default_factory=list)
     hang_s: float = 60.0
 
@@ -200,8 +201,10 @@ class ScriptedServer:
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
+                    extra = {"max_model_len": server.max_model_len} if server.max_model_len else {}
                     self._send(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in server.models]})
+                        {"id": m, "object": "model", "created": 0, "owned_by": "scripted", **extra}
+                        for m in server.models]})
                 else:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
 

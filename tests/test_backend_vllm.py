@@ -82,6 +82,12 @@ def test_vllm_server_through_the_openai_backend(undo, trained_teacher, problems,
                       "--teacher", trained_teacher, "--input", problems, "--output", out, "--prompt", "student",
                       "--max-tokens", "48", "--logprobs", "3", "--concurrency", "6")
         assert result.returncode == 0, result.stderr
+        from undo_cli.backends import BackendConfig
+        from undo_cli.backends.context import context_window
+
+        window = context_window(BackendConfig(backend="openai", model=str(trained_teacher),
+                                              base_url=[f"http://127.0.0.1:{port}/v1"]))
+        assert window is not None and window.tokens == 1024  # vLLM lists its --max-model-len in /v1/models
         wrong = undo("generate", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
                      "--teacher", "not-served", "--input", problems, "--output", tmp_path / "x.jsonl")
     served, local = _read(out), _read(in_process[1])

@@ -40,7 +40,7 @@ def test_flags_are_the_config_fields(name, entry):
     if isinstance(entry, Special):  # undo iterate: the top-level fields (tables are dotted flags), layered
         from undo_cli.loop.settings import STAGES
 
-        extra = {"config", "resume", "overwrite", "dry_run"}  # how to run, not what: not config fields
+        extra = {"config", "resume", "overwrite", "dry_run", "dry_run_format"}  # how to run, not what: not config fields
         # Table-valued top-level fields ([prices]) come from run.toml, not a flag of their own.
         fields = [s for s in describe(config_cls) if s.name not in STAGES and s.type in SCALARS + LISTS]
         assert set(params) - extra == {s.name for s in fields}

@@ -329,7 +329,7 @@ def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ["iterate", "--teacher", str(tiny_teacher_or_name), "--student", "org/student", "--train-file", str(train),
             "--val-file", str(train), "--test-file", str(train), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
-            "--dry-run", *map(str, flags)]
+            "--dry-run", "--format", "json", *map(str, flags)]
 
 
 def _main(args, capsys, monkeypatch):

@@ -161,3 +161,73 @@ def test_a_log_file_gets_progress_lines_and_no_library_noise(tmp_path, tiny_mode
     err = capsys.readouterr().err  # not a terminal: no live bar, plain lines at each 10% (and every 30 s)
     assert "evaluate: 1/2 (50%)" in err and "evaluate: 2/2 (100%)" in err
     assert "Loading weights" not in err and "top_k" not in err
+
+
+def test_the_prompt_format_a_training_file_teaches():
+    """undo_training.json's `prompt`: the student template, the question alone (messages data), or prompts of
+    their own, which no template rebuilds."""
+    from undo_cli.prompts import prompt_format
+
+    q = {"question": "2+2?", "rationale": "4\n#### 4"}
+    assert prompt_format([q, q], "student") == {"kind": "template", "template": "student"}
+    plain = [{**q, "prompt_messages": [{"role": "user", "content": "2+2?"}]}]
+    assert prompt_format(plain, "student") == {"kind": "question", "system": None}
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert prompt_format([{**q, "prompt_messages": system}] * 2, "student") == {"kind": "question", "system": "Be brief."}
+    other = [{"role": "system", "content": "Be long."}, {"role": "user", "content": "2+2?"}]
+    assert prompt_format([{**q, "prompt_messages": system}, {**q, "prompt_messages": other}], "student")["kind"] == "own"
+    refine_like = [{**q, "prompt_messages": [{"role": "user", "content": "Re-teach: 2+2?"}]}]
+    assert prompt_format(refine_like, "student")["kind"] == "own"
+    assert prompt_format([q, plain[0]], "student")["kind"] == "mixed"
+
+
+def test_a_model_trained_on_messages_is_asked_the_way_it_learnt(tmp_path, tiny_teacher, undo_here):
+    """`{"messages"}` data (the question alone as the prompt) -> undo train records it -> undo evaluate asks the
+    question alone, and the model answers what it learnt; through the student template (the old behaviour,
+    now --no-training-format with a warning) it does not."""
+    import pytest
+
+    pytest.importorskip("torch")
+    chat = [{"id": p["id"], "answer": p["answer"],
+             "messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["rationale"]}]}
+            for p in TAUGHT_PROBLEMS]
+    data, model = write_jsonl(tmp_path / "chat.jsonl", chat), tmp_path / "student"
+    code, err = undo_here("train", "--student", tiny_teacher, "--data", data, "--output", model, "--max-steps", "200",
+                          "--batch-size", "12", "--lr", "3e-3", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+                          "--logging-steps", "200")
+    assert code == 0, err
+    assert json.loads((model / "undo_training.json").read_text())["prompt"] == {"kind": "question", "system": None}
+    val = write_jsonl(tmp_path / "val.jsonl", problems()[:2])
+
+    code, err = undo_here("evaluate", "--model", model, "--input", val, "--output", tmp_path / "asked.jsonl",
+                          "--max-tokens", "40")
+    assert code == 0, err
+    assert 'trained on {"messages"}-style data whose prompt is the question alone' in err
+    metrics = json.loads((tmp_path / "asked.metrics.json").read_text())
+    assert metrics["template"] == "question" and metrics["correct"] == 2, read_jsonl(tmp_path / "asked.jsonl")
+
+    code, err = undo_here("evaluate", "--model", model, "--input", val, "--output", tmp_path / "template.jsonl",
+                          "--max-tokens", "40", "--no-training-format")
+    assert code == 0, err
+    assert "warning:" in err and "a prompt it never saw" in err
+    assert json.loads((tmp_path / "template.metrics.json").read_text())["template"] == "student"
+    # The same model and question, another prompt: the model was not taught to answer it.
+    first = {r["id"]: r for r in read_jsonl(tmp_path / "template.jsonl")}
+    assert any(r["output"] != a["output"] for a in read_jsonl(tmp_path / "asked.jsonl") for r in [first[a["id"]]])
+
+
+def test_a_model_trained_on_prompts_of_its_own_gets_a_warning(tmp_path, tiny_model, undo_here):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model, tmp_path / "own"))
+    (model / "undo_training.json").write_text(json.dumps({"prompt": {"kind": "own", "example": [
+        {"role": "user", "content": "Re-teach this: ..."}]}}))
+    val = write_jsonl(tmp_path / "val.jsonl", problems()[:1])
+    code, err = undo_here("evaluate", "--model", model, "--input", val, "--output", tmp_path / "p.jsonl",
+                          "--max-tokens", "4")
+    assert code == 0, err
+    assert "warning:" in err and "trained on prompts of its own" in err and "--rationale-field" in err
+    (model / "undo_training.json").write_text(json.dumps({"prompt": {"kind": "template", "template": "student"}}))
+    code, err = undo_here("evaluate", "--model", model, "--input", val, "--output", tmp_path / "q.jsonl",
+                          "--max-tokens", "4")
+    assert code == 0 and "was trained" not in err and "never saw" not in err  # the usual case says nothing

@@ -191,30 +191,107 @@ def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run
     assert "--overwrite" in again.stderr
 
 
-def test_a_finished_run_extends_when_only_the_stopping_rule_changed(finished_run, undo):
-    """`--resume --max-iterations 3 --patience 2` on a finished run: iteration 2 runs, nothing before it."""
+def _hint(log: str, label: str) -> str:
+    """The command after `label` on its line of a log (undo prints each hint on one line)."""
+    line = next(line for line in log.splitlines() if line.startswith(label))
+    return line[len(label):].split("   (")[0].strip()
+
+
+def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_run, undo):
+    """The finished run's `more rounds:` hint, pasted (on a copy of the run: --name extended), runs one more
+    round and recomputes nothing finished; then a resume under the original rule keeps the finished round
+    in the count: the best iteration is decided over every finished one (issue 23, items 2 and 3)."""
     import shutil
+
+    from tests.conftest import paste
 
     run = finished_run["run"]
     copy = run.with_name("extended")
     shutil.copytree(run, copy)
-    args = [a if a != "killed" else "extended" for a in finished_run["args"]]
     before = _manifest(copy)["stages"]
-    proc = undo(*args, "--resume", "--max-iterations", "3", "--patience", "2", env={"COLUMNS": "400"})
+    assert _manifest(copy)["stop_reason"]
+    done = _manifest(copy)["iterations_done"]  # iterations 0 .. done-1 ran; the hint asks for one more
+    hint = _hint(finished_run["log"], "more rounds:")
+    assert hint.startswith("undo iterate ") and f"--resume --max-iterations {max(2, done)}" in hint
+    assert "--name killed" in hint and ("--patience" in hint or done > 2)  # stopped before max_iterations: patience
+    proc = paste(hint.replace("--name killed", "--name extended"), env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "max_iterations: was 2, now 3" in proc.stderr and "patience: was 1, now 2" in proc.stderr
     stages = _manifest(copy)["stages"]
-    assert stages["iter_02/train"]["status"] == "done" and stages["iter_02/evaluate"]["status"] == "done"
+    new = f"iter_{done:02d}"
+    assert stages[f"{new}/train"]["status"] == "done" and stages[f"{new}/collect_errors"]["status"] == "done"
+    assert f"iter_{done + 1:02d}/refine" not in stages  # one more round, as the hint said
     assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
-    assert "next: undo report" in proc.stderr
+    # The tables printed while it ran did not repeat the finished run's reason for stopping.
+    assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
+    assert "next: undo report" in proc.stderr and "more rounds: undo iterate" in proc.stderr
+
+    # The report of the extended run: the plot marks the iteration the run chose after the extension, every
+    # panel labels its iterations, and the HTML page agrees with the files in a real browser.
+    from tests.test_report import check_figure
+    from undo_cli.loop.report import collect
+
+    page = copy / "page.html"
+    report = undo("report", copy, "--html", page, env={"COLUMNS": "200"})
+    assert report.returncode == 0, report.stderr
+    best = _manifest(copy)["best_iteration"]
+    state = collect(copy)
+    assert state["best_iteration"] == best and [r["iteration"] for r in state["rows"]] == list(range(done + 1))
+    legend = " ".join(check_figure(state)["legend"]).replace("\n", " ")
+    assert f"chosen: iteration {best}, the run's choice" in legend
+    assert f"★ chosen: iteration {best}, the run's choice" in report.stderr
+    from tests.browser import Chromium, available
+
+    if available() is None:  # without chromium, the synthetic page tests say why they skip
+        from tests.test_report_html import check_page
+
+        with Chromium() as browser:
+            shown = check_page(page, copy, browser)
+        assert set(shown["refined"]) == set(range(1, done + 1))
+
+    # Resumed under the original rule (max 2 iterations, patience 1), the last iteration best on validation:
+    # before issue 23 the loop stopped at iteration 1 again and wrote "best iteration 0" over it.
+    manifest = _manifest(copy)
+    for k in range(done + 1):
+        accuracy = 0.25 if k == 0 else 0.5 if k == done else 0.0
+        manifest["stages"][f"iter_{k:02d}/evaluate"]["summary"]["accuracy"] = accuracy
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = [a if a != "killed" else "extended" for a in finished_run["args"]]
+    proc = undo(*args, "--resume", env={"COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = _manifest(copy)
+    assert manifest["best_iteration"] == done and json.loads((copy / "summary.json").read_text())["best_iteration"] == done
+    assert manifest["stages"][f"{new}/test"]["status"] == "done"  # the best student, tested
+    assert all(manifest["stages"][k]["attempts"] == stages[k]["attempts"] for k in stages if k != f"{new}/test")
+
+
+def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
+    """`next: undo report RUN` and the report's own `next:` (the best student on the run's test problems)."""
+    from tests.conftest import paste
+
+    report = paste(_hint(finished_run["log"], "next:"), env={"COLUMNS": "400"})
+    assert report.returncode == 0 and "val acc" in report.stderr, report.stderr[-2000:]
+    evaluate = paste(_hint(report.stderr, "next:"), env={"COLUMNS": "400"})
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    best = _manifest(finished_run["run"])["best_iteration"]
+    assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
 
 
 def test_report_on_the_finished_run(finished_run, undo):
-    proc = undo("report", finished_run["run"], env={"COLUMNS": "120"})
+    proc = undo("report", finished_run["run"], "--html", finished_run["root"] / "page.html", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
     assert "val acc" in proc.stderr and "0 ★" in proc.stderr and "4/4 ref" in proc.stderr
     png = finished_run["run"] / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in proc.stderr.replace("\n", "")
+    page = (finished_run["root"] / "page.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "html report written to" in proc.stderr
+    # undo diff on the real run: the transitions of iteration 0 -> 1 are those the two files give.
+    from tests.test_report_html import _counts, expected_pairs
+
+    diff = undo("diff", finished_run["run"], "0", "1", "--format", "jsonl")
+    assert diff.returncode == 0, diff.stderr
+    truth = expected_pairs(finished_run["run"])["val 0->1"]
+    assert {r["id"]: r["transition"] for r in map(json.loads, diff.stdout.splitlines())} == truth
+    assert all(f"{name} {n} " in " ".join(diff.stderr.split()) for name, n in _counts(truth).items())
 
 
 def _fields(path: Path) -> dict[str, set]:
@@ -228,31 +305,56 @@ def _fields(path: Path) -> dict[str, set]:
     return {"fields": keys, "refinement": sub}
 
 
-def test_bash_script_writes_the_same_artifacts(finished_run, tmp_path):
-    files, out = finished_run["files"], tmp_path / "bash-run"
-    flags = dict(zip(STAGE_FLAGS[::2], STAGE_FLAGS[1::2]))
-    per_stage = {stage: " ".join(f"--{k.split('.', 1)[1]} {v}" for k, v in flags.items() if k.startswith(f"--{stage}."))
-                 for stage in ("generate", "train", "evaluate", "refine")}
-    env = {**os.environ, "TEACHER": str(finished_run["teacher"]), "STUDENT": str(finished_run["student"]),
-           "TRAIN": str(files["train"]), "VAL": str(files["val"]), "TEST": str(files["test"]), "OUT": str(out),
-           "MAX_ITERATIONS": "1", "UNDO": f"{Path(sys.executable).parent / 'undo'}",
-           "GENERATE_ARGS": per_stage["generate"], "TRAIN_ARGS": per_stage["train"],
-           "EVALUATE_ARGS": per_stage["evaluate"], "REFINE_ARGS": per_stage["refine"]}
-    proc = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)
+def _identity(path: Path, run: Path) -> dict:
+    """What produced a stage's output (its <stem>.run.json, or train_run.json), the run folder's path as RUN.
+
+    Digests of input records are left out: those records name the student by its path (the records
+    themselves are compared, with RUN for that path)."""
+    identity = json.loads(json.dumps(json.loads(path.read_text())["identity"]).replace(str(run), "RUN"))
+    return {k: v for k, v in identity.items() if k not in ("errors", "targets", "data_sha256")}
+
+
+def _records(path: Path, run: Path) -> list[dict]:
+    """The records of a JSONL file, the run folder's path as RUN, without `cached` (the teacher cache answered the
+    second run's teacher calls)."""
+    return [{k: v for k, v in json.loads(line.replace(str(run), "RUN")).items() if k != "cached"}
+            for line in _lines(path)]
+
+
+def test_bash_script_runs_the_stages_with_the_runs_settings(finished_run, tmp_path):
+    """examples/undo_loop.sh given `undo iterate`'s own flags (issue 23): every stage runs with the settings
+    `undo iterate` used, not the stages' defaults, and writes the same artifacts."""
+    runs = tmp_path / "runs"
+    args = list(finished_run["args"][1:])  # iterate's flags, without `iterate`
+    args[args.index("--runs-dir") + 1] = str(runs)
+    args[args.index("--name") + 1] = "bash"
+    args[args.index("--max-iterations") + 1] = "1"  # iterations 0 and 1 are enough to compare
+    env = {**os.environ, "UNDO": f"{sys.executable} -m undo_cli"}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run = finished_run["run"]
+    out, run = runs / "bash", finished_run["run"]
+    # The settings: each stage's record of what produced its output is the iterate run's.
+    for rel in ("iter_00/rationales.run.json", "iter_00/val/predictions.run.json", "iter_01/refined.run.json",
+                "iter_01/val/predictions.run.json", "iter_00/test/predictions.run.json",
+                "iter_00/student/train_run.json", "iter_01/student/train_run.json"):
+        assert _identity(out / rel, out) == _identity(run / rel, run), rel
+    train = json.loads((out / "iter_00/student/train_run.json").read_text())["identity"]
+    assert train["max_steps"] == 12 and train["lr"] == 3e-3 and train["batch_size"] == 4  # not undo train's defaults
+    # The artifacts: the same records (the teacher cache answered the script's teacher calls: `cached` differs).
     for rel in ("iter_00/rationales.jsonl", "iter_00/val/predictions.jsonl", "iter_00/errors.jsonl",
                 "iter_01/refined.jsonl", "iter_01/train_data.jsonl", "iter_01/val/predictions.jsonl",
                 "iter_01/errors.jsonl", "iter_00/test/predictions.jsonl"):
-        assert _fields(out / rel) == _fields(run / rel), rel
-    for rel in ("iter_00/val/predictions.metrics.json", "iter_01/val/predictions.metrics.json",
-                "iter_00/test/predictions.metrics.json",
-                "iter_01/student/train_summary.json"):
-        assert set(json.loads((out / rel).read_text())) == set(json.loads((run / rel).read_text())), rel
-    # Same teacher, same greedy decoding: the very same rationales.
-    assert (out / "iter_00/rationales.jsonl").read_text() == (run / "iter_00/rationales.jsonl").read_text()
+        assert _records(out / rel, out) == _records(run / rel, run), rel
+    for rel in ("iter_00/student/train_summary.json", "iter_01/student/train_summary.json"):
+        a, b = (json.loads((p / rel).read_text()) for p in (out, run))
+        assert a["steps"] == b["steps"] and a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5), rel
     assert "val acc" in proc.stderr  # the script ends with `undo report`, which reads its folder
+    # An `undo iterate` run folder is not the script's: refused before anything runs.
+    same = subprocess.run(["bash", str(REPO / "examples" / "undo_loop.sh"), *finished_run["args"][1:]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(same.stderr.split())
+    assert same.returncode == 2 and "holds an `undo iterate` run" in said and "--name" in said
 
 
 # --- settings and the stopping rule, in process (no models) ------------------------------------
@@ -265,7 +367,10 @@ def test_bash_script_follows_the_run_layout():
 
     code = "\n".join(line for line in (REPO / "examples" / "undo_loop.sh").read_text().splitlines()
                      if not line.lstrip().startswith("#"))
-    written = set(re.findall(r'"\$(?:d|prev)/([\w./]+)"', code))  # every path under an iteration folder
+    written = set(re.findall(r'"\$(?:d|prev)/([\w./$]+)"', code))  # every path under an iteration folder
+    for path in [w for w in written if w.startswith("$2/")]:  # evaluate(): $2 is the split, val or test
+        written |= {path.replace("$2", split) for split in layout.SPLITS}
+        written.remove(path)
     expected = {layout.RATIONALES, layout.REFINED, layout.TRAIN_DATA, layout.ERRORS, layout.STUDENT,
                 *(f"{split}/{name}" for split in layout.SPLITS for name in (layout.PREDICTIONS, layout.METRICS))}
     assert written == expected

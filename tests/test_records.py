@@ -246,6 +246,15 @@ def test_every_example_line_in_docs_artifacts_fits_its_shape():
             if section == "training data":  # what `undo train` accepts: each must become a rationale
                 training.append(record)
                 continue
+            if section == "transition":  # what `undo diff --format jsonl` writes: loop/diff.py's line, exactly
+                from undo_cli.loop.diff import line
+
+                side = lambda s: {"id": record["id"], "question": record["question"],  # noqa: E731
+                                  "answer": record["answer"], **{k: s[k] for k in ("output", "predicted", "correct",
+                                                                                    "finish_reason")}}
+                assert line({"id": record["id"], "transition": record["transition"], "a": side(record["a"]),
+                             "b": side(record["b"])}) == record
+                continue
             if section == "Shards":  # a sidecar, not a record: valid JSON (parsed above) that says what it is
                 assert record["format"] == 1 and record["shard"] == f"{record['k']}/{record['n']}"
                 continue

@@ -312,3 +312,50 @@ def test_output_must_not_overwrite_targets(tmp_path, undo):
     proc = undo("refine", "--teacher", "m", "--errors", tmp_path / "errors.jsonl", "--targets",
                 tmp_path / "targets.jsonl", "--output", tmp_path / "targets.jsonl", env=WIDE)
     assert proc.returncode == 2 and "is the --targets file" in proc.stderr
+
+
+def test_prompts_too_long_for_the_teachers_context_show_fewer_failures_or_are_refused(tmp_path, tiny_teacher,
+                                                                                      undo_here):
+    """The teacher's context (config.json: max_position_embeddings, 1024 for the tiny one) is checked before
+    anything is sent: a prompt that would leave no room for --max-tokens shows fewer similar failures (least
+    similar dropped, `informed_by` says which were shown); one too long even with none is refused with the
+    numbers and the settings to change."""
+    from undo_cli.backends import BackendConfig
+    from undo_cli.backends.context import context_window, prompt_length
+
+    window = context_window(BackendConfig(model=str(tiny_teacher)))
+    assert window.tokens == 1024 and window.source.endswith("config.json: max_position_embeddings")
+    long_output = "I add the apples one by one and count again: " * 14 + "\n#### 5"  # the template keeps 600 chars
+    targets = write_jsonl(tmp_path / "targets.jsonl", [target(p) for p in TAUGHT_PROBLEMS[:2]])
+    errors = write_jsonl(tmp_path / "errors.jsonl", [error(f"v{i}", p["question"], output=long_output)
+                                                     for i, p in enumerate(TAUGHT_PROBLEMS[:5])])
+    args = ["refine", "--teacher", tiny_teacher, "--errors", errors, "--targets", targets, "--select", "similar",
+            "--k", "3", "--max-targets", "1"]
+    code, err = undo_here(*args, "--output", tmp_path / "fitted.jsonl", "--max-tokens", "16")
+    assert code == 0, err
+    [record] = read_jsonl(tmp_path / "fitted.jsonl")
+    shown = len(record["refinement"]["informed_by"]) - 1  # the failure that chose the target, then the similar ones
+    assert shown < 3 and f"1 of 1 refine prompts were too long for the teacher's context (1,024 tokens" in err
+    assert f"fewer similar failures than --k 3 (1 show {shown})" in err
+    # What was sent fits: the prompt, rebuilt from the record's provenance, plus --max-tokens.
+    length = prompt_length(BackendConfig(model=str(tiny_teacher)))
+    assert length is not None and record["refinement"]["usage"]["prompt_tokens"] + 16 <= 1024
+
+    code, err = undo_here(*args, "--output", tmp_path / "refused.jsonl", "--max-tokens", "700")
+    assert code == 2 and "Traceback" not in err
+    assert "with --max-tokens 700 that is" in err and "more than the teacher's context of 1,024 tokens" in err
+    assert "config.json: max_position_embeddings), even with no similar failure shown" in err
+    tokens = int(err.split("refine prompt for p")[1].split(" is ")[1].split(" tokens")[0].replace(",", ""))
+    assert f"lower --max-tokens to at most {1024 - tokens}" in err
+    assert not (tmp_path / "refused.jsonl").exists()  # refused before anything was sent
+
+
+def test_a_servers_max_model_len_is_the_window(scripted_server):
+    from undo_cli.backends import BackendConfig
+    from undo_cli.backends.context import context_window
+
+    config = BackendConfig(backend="openai", model="scripted", base_url=[scripted_server.base_url])
+    assert context_window(config) is None  # a server that does not say: nothing is checked
+    scripted_server.max_model_len = 2048
+    window = context_window(config)
+    assert window.tokens == 2048 and window.source.endswith("/v1/models: max_model_len")

@@ -121,20 +121,81 @@ def test_verdict_prints_n_interval_and_a_negative_gain(tmp_path, capsys):
     assert result["test"]["best"]["ci95"][0] < 0.25 < result["test"]["best"]["ci95"][1]
 
 
+def check_figure(state: dict) -> dict:
+    """What a reader of report.png relies on, read from the figure itself; returns what it found.
+
+    Every iteration panel labels every iteration on its own x axis; each accuracy point has its 95% Wilson
+    interval drawn; the ring and the dotted line sit at the iteration the run chose; error counts have an
+    axis of their own; consecutive panels leave no blank band between them.
+    """
+    from matplotlib.container import ErrorbarContainer
+
+    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.report_plot import figure
+
+    fig = figure(state)
+    fig.canvas.draw()
+    axes = fig.axes
+    ks = [r["iteration"] for r in state["rows"]]
+    try:
+        for ax in axes[:3]:
+            assert [t.get_text() for t in ax.get_xticklabels()] == [str(k) for k in ks]
+        acc, teacher, errors = axes[:3]
+        bars = [c for c in acc.containers if isinstance(c, ErrorbarContainer)]
+        val = next(c for c in bars if c.get_label().startswith("validation"))
+        segments = val.lines[2][0].get_segments()
+        scored = [r for r in state["rows"] if r.get("val_accuracy") is not None]
+        assert len(segments) == len(scored)
+        for seg, r in zip(segments, scored):
+            low, high = wilson_interval(r["val_correct"], r["val_count"])
+            assert seg[0][0] == r["iteration"]
+            assert abs(seg[0][1] - 100 * low) < 1e-6 and abs(seg[1][1] - 100 * high) < 1e-6
+        best = state["best_iteration"]
+        ring = [c for c in acc.collections if c.get_label().startswith("chosen")]
+        assert len(ring) == 1 and ring[0].get_offsets()[0][0] == best
+        assert any(list(line.get_xdata()) == [best, best] for line in acc.lines)
+        legend = [t.get_text() for t in acc.get_legend().get_texts()]
+        tested = [r["iteration"] for r in state["rows"] if r.get("test_accuracy") is not None]
+        if tested:
+            assert any(t.startswith(f"test, iteration{'s' if len(tested) > 1 else ''} "
+                                    f"{', '.join(map(str, tested))}") for t in legend)
+        assert errors.get_ylabel() == "val errors" and teacher.get_ylabel() == "teacher rationales"
+        shown = {p.get_label(): [] for p in errors.containers}
+        for c in errors.containers:
+            shown[c.get_label()] = [round(b.get_height()) for b in c]
+        for kind, heights in shown.items():
+            assert heights == [(r.get("error_types") or {}).get(kind, 0) for r in state["rows"]]
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.get_tightbbox(renderer) for ax in axes]
+        height = fig.bbox.height
+        for upper, lower in zip(boxes, boxes[1:]):
+            assert upper.y0 - lower.y1 < 0.05 * height  # no blank band between panels
+        return {"legend": legend, "axes": len(axes)}
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
     from undo_cli.loop import report
+    from tests.run_folders import write_run
 
     one = tmp_path / "one"
     _iteration(one, 0, 0.02, test=0.03)
     many = tmp_path / "many"
-    for k in range(20):
-        _iteration(many, k, 0.2 + 0.01 * k, refined=10 if k else 0, verified=6, test=0.3 if k in (0, 19) else None)
+    made = write_run(many, val=40, test=20, iterations=20, refinements=6)
+    legends = {}
     for run in (one, many):
         state = report.collect(run)
+        legends[run.name] = check_figure(state)["legend"]
         out = report.plot(state, run / "report.png")
         assert out.read_bytes()[:4] == b"\x89PNG"
-        rows = state["rows"]
-        assert all(r["error_types"] is not None for r in rows)  # the second panel's data
+    assert report.collect(many)["best_iteration"] == made["best"]
+    assert f"chosen: iteration {made['best']}, the run's choice" in " ".join(legends["many"]).replace("\n", " ")
+    # Without a manifest (the bash loop) the mark says it was computed here.
+    assert "chosen: iteration 0, highest validation accuracy" in " ".join(legends["one"]).replace("\n", " ")
+    assert "no manifest.json" in " ".join(legends["one"])
     import matplotlib.pyplot as plt
 
     assert not plt.get_fignums()  # every figure closed

@@ -60,7 +60,7 @@ def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, 
     _write(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
     changed = undo("evaluate", "--model", tiny_model, "--input", tmp_path / "val2.jsonl", "--output", preds,
                    "--max-tokens", "3")
-    assert changed.returncode == 2 and "input:" in _flat(changed.stderr)
+    assert changed.returncode == 2 and "the problems of --input differ from those it was made from" in _flat(changed.stderr)
 
     # --overwrite: the new model's predictions and metrics only.
     over = undo("evaluate", "--model", tiny_teacher, "--input", val, "--output", preds, "--max-tokens", "5",

@@ -203,7 +203,7 @@ def test_score_record_adds_fields_and_keeps_the_rest():
     record = {"id": "p1", "answer": "B", "output": "The answer is London.", "task": "choice",
               "choices": ABC, "model": "m"}
     scored = score_record(record)
-    assert scored == {**record, "predicted": "B", "correct": True}
+    assert scored == {**record, "predicted": "B", "correct": True, "reject_reason": None}
     assert "predicted" not in record  # the input is not mutated
     # task precedence: argument > record["task"] > "math"
     assert score_record({"answer": "7", "output": "#### 7"})["correct"] is True

@@ -357,3 +357,41 @@ def test_progress_in_a_log_file_and_in_a_terminal(train, tiny_model, data, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "eta" in proc.stdout and "tok/s" in proc.stdout and "2/2" in proc.stdout  # the bar, drawn in place
     assert "train: step" not in proc.stdout  # not the plain lines
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tiny_model, data, tmp_path):
+    """Ctrl-C mid-training (no --save-steps checkpoint yet): a checkpoint at the current step, the exact
+    `--resume` command on stderr, exit 130; that command, pasted, continues from it without a false
+    'missing keys' warning about the tied LM head, and ends at the planned step."""
+    from tests.conftest import paste
+
+    out = tmp_path / "run with space"
+    flags = ["--student", str(tiny_model), "--data", str(data), "--output", str(out), "--max-steps", "60",
+             "--batch-size", "4", "--logging-steps", "1", "--save-steps", "1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "train", *flags], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, "COLUMNS": "400"})
+    seen = []
+    for line in proc.stderr:  # the per-step log lines: the run is training
+        seen.append(line)
+        if line.startswith("step 3/60"):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "undo_stats.json").is_file(), err
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= step < 60 and f"checkpoint saved: {checkpoints[0]}" in err
+    command = err.split("continue with:", 1)[1].strip().splitlines()[0]
+    assert command.startswith("undo train ") and command.endswith("--resume") and "'" in command  # quoted path
+
+    resumed = paste(command, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[0]} (step {step})" in " ".join(resumed.stderr.split())
+    assert "missing keys" not in resumed.stderr
+    summary = _summary(out)
+    assert summary["resumed_from_step"] == step and summary["steps"] == 60
+    assert summary["tokens_seen"]["examples"] == 60 * 4  # the steps before Ctrl-C counted once

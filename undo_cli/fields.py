@@ -101,3 +101,30 @@ def describe(cls: type) -> list[FieldSpec]:
             argument=bool(meta.get("argument")), group=meta.get("group") or _group(cls, f.name),
         ))
     return specs
+
+
+def to_flags(config: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """A config instance back as command-line words: every field that differs from its default, as its flag.
+
+    The inverse of the command builder (`cli/builder.py`): `to_flags(TrainConfig(..., lr=3e-3))` gives
+    `["--lr", "0.003"]`, `True` gives `--x` and `False` `--no-x`, a list repeats the flag. A positional
+    field, or a value no flag can give (None where the default is not None), is an error: the caller
+    must set it itself (`skip`).
+    """
+    words: list[str] = []
+    for spec in describe(type(config)):
+        if spec.name in skip:
+            continue
+        value = getattr(config, spec.name)
+        if not spec.required and value == spec.default and type(value) is type(spec.default):
+            continue
+        if spec.argument or value is None or spec.type not in SCALARS + LISTS:
+            raise ValueError(f"{type(config).__name__}.{spec.name} = {value!r} has no flag form")
+        if spec.type == "bool":
+            words.append(spec.flag if value else f"--no-{spec.flag[2:]}")
+        elif spec.type == "list[str]":
+            for item in value:
+                words += [spec.flag, str(item)]
+        else:
+            words += [spec.flag, str(value)]
+    return words

@@ -126,6 +126,56 @@ def student_messages(problem: dict[str, Any], template: str = STUDENT_TEMPLATE) 
     return render_messages(load_template(template), **problem_variables(problem))
 
 
+# --- the prompt format a trained model learnt (written by `undo train`, read by `undo evaluate`) -----------
+
+TRAINING_FORMAT = "undo_training.json"  # in the model folder `undo train` writes
+
+
+def prompt_format(records: list[dict[str, Any]], template: str) -> dict[str, Any]:
+    """What prompt a model trained on `records` learnt to answer, as `undo train` records it.
+
+    {"kind": "template", "template": T}: every record was shown through the student template T;
+    {"kind": "question", "system": S}: every prompt was the question alone as the user turn (after the
+        same system message S, or none): `{"messages"}` or `{"prompt", "completion"}` data;
+    {"kind": "own", "example": [...]}: prompts of their own, which no template rebuilds for a new question;
+    {"kind": "mixed", ...}: some records of each.
+    """
+    own = [r.get("prompt_messages") for r in records]
+    if not any(own):
+        return {"kind": "template", "template": template}
+    if not all(own):
+        return {"kind": "mixed", "template": template, "example": next(m for m in own if m)}
+    systems = set()
+    for record, messages in zip(records, own):
+        *head, last = messages
+        if last["role"] != "user" or last["content"] != record.get("question") or len(head) > 1 or \
+                (head and head[0]["role"] != "system"):
+            return {"kind": "own", "example": own[0]}
+        systems.add(head[0]["content"] if head else None)
+    if len(systems) > 1:
+        return {"kind": "own", "example": own[0]}
+    return {"kind": "question", "system": systems.pop()}
+
+
+def question_messages(problem: dict[str, Any], system: str | None = None) -> list[Message]:
+    """The question alone as the user turn (after `system`): the `question` prompt format."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem["question"]}]
+
+
+def read_training_format(folder: str | None) -> dict[str, Any] | None:
+    """The prompt format recorded in a model (or adapter) folder by `undo train`; None when there is none."""
+    import json
+
+    path = Path(folder) / TRAINING_FORMAT if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("prompt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) and recorded.get("kind") else None
+
+
 def chat_prompt(tokenizer, messages: list[Message]) -> str:
     """The exact prompt text a model is given: its chat template, or a plain fallback.
 

@@ -21,6 +21,11 @@ Scoring happens in two steps, because they fail in different ways:
    * `flexible`: when no explicit answer is present, fall back to the last
      number (or LaTeX expression; the last line for choice/exact tasks).
      `undo evaluate` reports the accuracy of both.
+   * `steps` (a verification mode, not a third extraction): `strict`, and
+     every arithmetic statement in the text is true (`undo_cli/steps.py`, the
+     `--verify steps` of `undo generate`, `undo refine`, `undo score` and
+     `undo iterate`): `6 * 4 = 24 ... 24 - 21 = 12 ... #### 28` has the right
+     answer and a false step, and does not verify.
 2. **Verify** it against the gold answer for the task:
    * `math`: mathematically, with Hugging Face's `math-verify` (sympy +
      latex2sympy), so `1,250.00` = `1250`, `1/2` = `0.5`, `\\frac{3}{4}` = `0.75`,
@@ -30,6 +35,10 @@ Scoring happens in two steps, because they fail in different ways:
      resolved to the option's position and compared with the gold's.
    * `exact`: normalised strings (case, punctuation, articles; true/false
      read as yes/no).
+
+Why a text does not verify is its `reason`: `no_answer` (nothing extracted),
+`wrong_answer`, or `false_step` (mode `steps`; `step_error` quotes the first
+false statement as written). The stages record it as `reject_reason`.
 
 Nothing here evaluates model text as code: math-verify parses with sympy's
 LaTeX/expression *parsers*, and we never call `eval`.
@@ -47,18 +56,24 @@ import functools
 import re
 import string
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 TASKS = ("math", "choice", "exact")
-VERIFY = ("strict", "flexible")  # the two extractions (module docstring)
+EXTRACTIONS = ("strict", "flexible")  # the two extractions (module docstring)
+VERIFY = (*EXTRACTIONS, "steps")      # what `score` accepts: an extraction, or strict + true steps
+REASONS = ("no_answer", "wrong_answer", "false_step")  # why a text does not verify, in the order checked
 
 
 @dataclass(frozen=True)
 class Score:
     predicted: str | None  # the extracted answer (None = nothing extracted)
     correct: bool
+    # Why not (REASONS; None when correct) and, for false_step, the statement: derived from the two above
+    # and the text, so two Scores with the same reading compare equal.
+    reason: str | None = field(default=None, compare=False)
+    step_error: str | None = field(default=None, compare=False)
 
 
 # --- step 0: where the model's answer ends ------------------------------------------
@@ -265,8 +280,8 @@ def extract_answer(text: str, task: str = "math", choices: list[str] | None = No
     """
     if task not in TASKS:
         raise ValueError(f"unknown task '{task}' (use one of: {', '.join(TASKS)})")
-    if mode not in VERIFY:
-        raise ValueError(f"unknown extraction mode '{mode}' (use one of: {', '.join(VERIFY)})")
+    if mode not in EXTRACTIONS:
+        raise ValueError(f"unknown extraction mode '{mode}' (use one of: {', '.join(EXTRACTIONS)})")
     if not text or not text.strip():
         return None
     region = _answer_region(text)
@@ -362,29 +377,78 @@ def _gold_math(answer: str) -> str:
     return (_math_from_span(span) if span is not None else _math_from_span(answer)) or answer.strip()
 
 
-def score(output: str, answer: str, task: str = "math", choices: list[str] | None = None,
-          mode: str = "flexible") -> Score:
-    """Extract the answer from `output` (strict or flexible, see extract_answer) and check it against `answer`."""
-    predicted = extract_answer(output, task, choices, mode)
-    if predicted is None:
-        return Score(None, False)
-    answer = str(answer)
+def _answer_matches(predicted: str, answer: str, task: str, choices: list[str] | None) -> bool:
     if task == "math":
-        return Score(predicted, math_equal(answer, predicted))
+        return math_equal(answer, predicted)
     if task == "choice":
         gold = _gold_choice(answer, choices)
         if gold is None:
-            return Score(predicted, normalize_text(answer) == normalize_text(predicted))
-        return Score(predicted, predicted == gold)
-    gold = _exact_from_span(answer) or ""
-    return Score(predicted, predicted == gold)
+            return normalize_text(answer) == normalize_text(predicted)
+        return predicted == gold
+    return predicted == (_exact_from_span(answer) or "")
+
+
+def score(output: str, answer: str, task: str = "math", choices: list[str] | None = None,
+          mode: str = "flexible") -> Score:
+    """Extract the answer from `output` and check it against `answer`; `mode` is one of VERIFY.
+
+    strict / flexible: the extraction (see extract_answer). steps: strict, and then every arithmetic
+    statement of the whole output must be true (undo_cli/steps.py): the whole text, because a kept
+    rationale is trained on whole, rambling included.
+    """
+    if mode not in VERIFY:
+        raise ValueError(f"unknown verification mode '{mode}' (use one of: {', '.join(VERIFY)})")
+    predicted = extract_answer(output, task, choices, "strict" if mode == "steps" else mode)
+    if predicted is None:
+        return Score(None, False, "no_answer")
+    if not _answer_matches(predicted, str(answer), task, choices):
+        return Score(predicted, False, "wrong_answer")
+    if mode == "steps":
+        from undo_cli.steps import check_steps
+
+        check = check_steps(output)
+        if not check.ok:
+            return Score(predicted, False, "false_step", check.first_false)
+    return Score(predicted, True)
+
+
+def verdict_fields(result: Score) -> dict[str, Any]:
+    """What a record says about why it does (not) verify: `reject_reason` (null when it does), `step_error`."""
+    return {"reject_reason": result.reason, **({"step_error": result.step_error} if result.step_error else {})}
+
+
+def reject_reason(record: dict[str, Any]) -> str | None:
+    """A scored record's reason, also for records written before `reject_reason` existed (no false_step then)."""
+    if record.get("correct"):
+        return None
+    if record.get("reject_reason") in REASONS:
+        return record["reject_reason"]
+    return "no_answer" if record.get("predicted") is None else "wrong_answer"
+
+
+def count_reasons(records) -> dict[str, int]:
+    """Scored records that did not verify, by reason (scoring.REASONS, plus any other a stage records)."""
+    counts = dict.fromkeys(REASONS, 0)
+    for r in records:
+        if "correct" in r and not r["correct"]:
+            reason = reject_reason(r)
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def reasons_text(counts: dict[str, int]) -> str:
+    """`count_reasons` for people: "no answer 1, wrong answer 2, false step 0"."""
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items())
 
 
 def score_record(record: dict[str, Any], task: str | None = None, mode: str = "flexible") -> dict[str, Any]:
-    """The record with `predicted` and `correct` added (task: argument > record['task'] > 'math')."""
+    """The record with `predicted`, `correct` and `reject_reason` (+ `step_error`) added
+    (task: argument > record['task'] > 'math')."""
     task = task or record.get("task") or "math"
-    result = score(record.get("output") or "", str(record["answer"]), task, record.get("choices"), mode)
-    return {**record, "predicted": result.predicted, "correct": result.correct}
+    text = record["output"] if "output" in record else record.get("rationale")  # a rationale file scores too
+    result = score(text or "", str(record["answer"]), task, record.get("choices"), mode)
+    kept = {k: v for k, v in record.items() if k != "step_error"}  # a re-score replaces an earlier verdict
+    return {**kept, "predicted": result.predicted, "correct": result.correct, **verdict_fields(result)}
 
 
 def score_both(output: str, answer: str, task: str = "math", choices: list[str] | None = None) -> dict[str, Score]:

@@ -29,6 +29,21 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# The other family of chat formats (Qwen's ChatML): other special tokens, another end-of-turn marker, no BOS.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# flavor -> (special tokens, chat template, bos, eos, pad, other specials)
+FLAVORS = {
+    "undo": (SPECIAL_TOKENS, CHAT_TEMPLATE, "<s>", "<|end|>", "<pad>", ["<|system|>", "<|user|>", "<|assistant|>"]),
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE, None, "<|im_end|>",
+               "<|endoftext|>", ["<|im_start|>"]),
+}
+
 _BASE_CORPUS = (
     "Question: Solve it step by step and end with a line \"#### <answer>\".\n"
     "Options: A. B. C. D. E. The answer is 12. #### 42\n"
@@ -42,29 +57,31 @@ _BASE_CORPUS = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `corpus`, as a transformers tokenizer."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, *, flavor: str = "undo"):
+    """A byte-level BPE tokenizer trained on `corpus`, as a transformers tokenizer.
+
+    `flavor` picks the special tokens and chat template: "undo" (<s>, <|user|> ... <|end|>) or "chatml"
+    (<|im_start|> ... <|im_end|>, no BOS, like Qwen). Another flavor, `vocab_size` or `corpus` gives another
+    tokenizer (other merges, other ids): a teacher and a student with different tokenizers, for the
+    cross-tokenizer objectives and `undo check`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials, template, bos, eos, pad, others = FLAVORS[flavor]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_BASE_CORPUS, *corpus], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|end|>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   additional_special_tokens=others)
+    fast.chat_template = template
     return fast
 
 

@@ -31,6 +31,19 @@ Examples:
   undo data import --preset gsm8k --output-dir data/
   undo data import quiz.csv --question-field prompt --answer-field gold --split train=0.9,val=0.1"""),
     ]),
+    Command("check", "undo_cli.stages.check:CheckConfig", "undo_cli.stages.check:run", """\
+Before any training or generation: tokenizers, chat templates, context lengths and a served teacher, checked.
+
+Says whether teacher and student tokenizers are identical, the same size but different, or different (token by
+token, on the data's text too) and which objectives therefore apply; renders the same messages with each chat
+template; checks the longest generate, refine and student prompt of --data against each model's context; and a
+--teacher-url server: reachable, the model, prompt_logprobs with token ids, its --max-logprobs against
+--teacher-top-k, /tokenize, one generation. Loads tokenizers and configs only. Exit 0 when everything would work,
+2 with the fix otherwise.
+
+\b
+Example: undo check --teacher Qwen/Qwen2.5-7B-Instruct --student meta-llama/Llama-3.2-1B-Instruct --data train.jsonl
+Served:  undo check --teacher T --teacher-url http://127.0.0.1:8000/v1 --student S --format json"""),
     Command("score", "undo_cli.stages.score:ScoreConfig", "undo_cli.stages.score:run", """\
 Score model outputs against gold answers; print the accuracy on stderr.
 
@@ -83,19 +96,31 @@ Example: undo merge out/rationales.jsonl out/shards/rationales.*-of-4.jsonl"""),
 Run the UNDO loop: generate -> train -> evaluate -> collect errors -> refine -> train ... until the student
 stops improving on validation; then test the best and the one-shot student.
 
-Settings come from --config run.toml (see examples/run.toml), overridden by flags. Stage settings are
-dotted flags onto the stage's own options, any of them: --generate.n 4 --train.lr 2e-5 --train.lora-r 16
---train.merge --evaluate.max-tokens 256 --refine.k 0 --collect-errors.max 200 (see `undo train --help`
-etc. for the fields; values are TOML: 2e-5, true, "text").
+Settings come from --config run.toml (see examples/run.toml), overridden by flags; each stage's own
+options are dotted flags (--train.lr 2e-5), listed last below.
 
-Example: undo iterate --config examples/run.toml --name my-run; after a kill: the same command + --resume;
-the settings (and where each comes from) and the plan first: the same command + --dry-run""",
+\b
+Examples:
+  undo iterate --config examples/run.toml --name my-run
+  undo iterate --config examples/run.toml --name my-run --resume     # after a kill or Ctrl-C
+  undo iterate --config examples/run.toml --name my-run --dry-run    # every setting and the plan first""",
             config="undo_cli.loop.iterate:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
-Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times) and a
-PNG plot of validation and test accuracy.
+Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times), what
+each round fixed and broke, and a PNG plot of validation and test accuracy; --html writes one self-contained
+page with every problem's transitions and every refinement.
 
-Example: undo report runs/qwen-gsm8k"""),
+Example: undo report runs/qwen-gsm8k
+The whole run in one offline page (transitions, every refinement): undo report runs/qwen-gsm8k --html report.html"""),
+    Command("diff", "undo_cli.loop.diff:DiffConfig", "undo_cli.loop.diff:run", """\
+Which problems the student newly got right (fixed) or lost (regressed) between two iterations, or between
+any two prediction files.
+
+\b
+Examples:
+  undo diff runs/qwen-gsm8k 1 2
+  undo diff runs/qwen-gsm8k 0 best --split test --format jsonl > transitions.jsonl
+  undo diff before/predictions.jsonl after/predictions.jsonl"""),
     Group("cache", "The teacher cache: what it holds and saved (stats), dropping entries (prune).", [
         Command("stats", "undo_cli.economy.commands:CacheStatsConfig", "undo_cli.economy.commands:stats", """\
 Entries, file size, hits and teacher tokens saved, per model (docs/economy.md).
@@ -156,6 +181,16 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
+    from undo_cli.guidance import set_invocation
+
+    set_invocation(sys.argv[1:] if args is None else args)  # what a "continue with: undo ..." hint repeats
+    try:
+        _main(args)
+    finally:
+        set_invocation(None)
+
+
+def _main(args: list[str] | None) -> None:
     from undo_cli import threads
     from undo_cli.errors import UndoError
 

@@ -185,6 +185,18 @@ class LazyGroup(click.Group):
             return None
         return entry.build()
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """A misspelt command (`undo evalute`) is answered with the nearest one (`did you mean 'evaluate'?`)."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in self.list_commands(ctx) and not ctx.resilient_parsing:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
+            raise click.UsageError(f"No such command '{name}'." + (f" Did you mean '{close[0]}'?" if close else
+                                                                  f" Commands: {', '.join(self.list_commands(ctx))}."),
+                                   ctx)
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # From the table, not from built commands: listing them must not import every stage.
         names = self.list_commands(ctx)

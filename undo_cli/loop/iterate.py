@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,55 +61,57 @@ INIT = ("base", "previous")
 LAUNCHERS = ("local", "slurm")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
-VERIFY = ("strict", "flexible")
+VERIFY = ("strict", "flexible", "steps")
 
 
 @dataclass
 class IterateConfig:
     """Everything `undo iterate` needs: top-level keys of run.toml (each one flag) plus one table per stage."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"help": "The base student: a model folder or a hub name."})
-    train_file: str = field(metadata={"help": "Training problems JSONL: the teacher writes rationales for these."})
-    val_file: str = field(metadata={"help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
-    test_file: str = field(metadata={"help": "Test problems JSONL: only the best and the iteration-0 students see it."})
-    name: str | None = field(default=None, metadata={"help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
-    runs_dir: str = field(default="runs", metadata={"help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
-    teacher_base_url: list[str] | None = field(default=None, metadata={"help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai teacher backend: the NAME of the variable holding the key."})
-    student_backend: str = field(default="hf", metadata={"choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repos (opt-in)."})
-    max_iterations: int = field(default=3, metadata={"help": "Most refinement rounds after the one-shot iteration 0."})
-    patience: int = field(default=1, metadata={"help": "Stop after this many iterations without a min_delta improvement."})
-    min_delta: float = field(default=0.0, metadata={"help": "Smallest gain in validation accuracy (0-1) that counts as better."})
-    mix: str = field(default="replace", metadata={"choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
-    init: str = field(default="base", metadata={"choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
-    seed: int = field(default=0, metadata={"help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
-    verify: str = field(default="strict", metadata={
+    teacher: str = field(metadata={"group": "Models and data", "help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    student: str = field(metadata={"group": "Models and data", "help": "The base student: a model folder or a hub name."})
+    train_file: str = field(metadata={"group": "Models and data", "help": "Training problems JSONL: the teacher writes rationales for these."})
+    val_file: str = field(metadata={"group": "Models and data", "help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
+    test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})
+    name: str | None = field(default=None, metadata={"group": "Models and data", "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
+    runs_dir: str = field(default="runs", metadata={"group": "Models and data", "help": "Where run folders go."})
+    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", "help": "openai teacher backend: the NAME of the variable holding the key."})
+    student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Backends", "help": "Run code shipped with the model repos (opt-in)."})
+    max_iterations: int = field(default=3, metadata={"group": "The loop", "help": "Most refinement rounds after the one-shot iteration 0."})
+    patience: int = field(default=1, metadata={"group": "The loop", "help": "Stop after this many iterations without a min_delta improvement."})
+    min_delta: float = field(default=0.0, metadata={"group": "The loop", "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
+    seed: int = field(default=0, metadata={"group": "The loop", "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    verify: str = field(default="strict", metadata={"group": "The loop", 
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
-                "or flexible (also the last number); `undo evaluate` reports both.", "choices": VERIFY})
+                "or flexible (also the last number); `undo evaluate` reports both. steps: the student is read "
+                "strictly and the teacher's rationales (generate, refine) must also have every arithmetic "
+                "statement true, unless their tables set their own verify.", "choices": VERIFY})
     # The teacher economy (undo_cli/economy), for generate and refine: one cache, one budget and one price list
     # for the whole loop. Not part of the run's identity (ECONOMY_RUNTIME): --resume takes a higher budget.
-    cache_dir: str | None = field(default=None, metadata={"help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
-    cache: bool = field(default=True, metadata={"help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
-    cache_unseeded: bool = field(default=False, metadata={"help": "Also cache the teacher's sampling without a seed."})
-    teacher_revision: str | None = field(default=None, metadata={"help": "Cache key: the teacher's revision when its name does not pin the weights."})
-    max_teacher_tokens: int | None = field(default=None, metadata={"help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
-    max_cost: float | None = field(default=None, metadata={"help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
-    price_input: float | None = field(default=None, metadata={"help": "Price of a million teacher prompt tokens (overrides prices.input)."})
-    price_output: float | None = field(default=None, metadata={"help": "Price of a million teacher completion tokens (overrides prices.output)."})
-    prices: dict[str, float] = field(default_factory=dict, metadata={"help": "[prices] table: input and output, per million teacher tokens."})
-    launcher: str = field(default="local", metadata={
+    cache_dir: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
+    cache: bool = field(default=True, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
+    cache_unseeded: bool = field(default=False, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Also cache the teacher's sampling without a seed."})
+    teacher_revision: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Cache key: the teacher's revision when its name does not pin the weights."})
+    max_teacher_tokens: int | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
+    max_cost: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
+    price_input: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher prompt tokens (overrides prices.input)."})
+    price_output: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher completion tokens (overrides prices.output)."})
+    prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", "help": "[prices] table: input and output, per million teacher tokens."})
+    launcher: str = field(default="local", metadata={"group": "Where stages run", 
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
                 "(settings in the [slurm] table).", "choices": LAUNCHERS})
-    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[generate] table: GenerateConfig fields."})
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "[train] table: TrainConfig fields."})
-    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"help": "[evaluate] table: EvaluateConfig fields."})
-    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"help": "[collect_errors] table: CollectErrorsConfig fields."})
-    refine: dict[str, Any] = field(default_factory=dict, metadata={"help": "[refine] table: RefineConfig fields."})
-    slurm: dict[str, Any] = field(default_factory=dict, metadata={"help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
+    generate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[generate] table: GenerateConfig fields."})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[train] table: TrainConfig fields."})
+    evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
+    collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
+    refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
+    slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
     def __post_init__(self) -> None:
         choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
@@ -184,7 +185,16 @@ class IterateConfig:
         """A stage table with the loop's defaults (seed, trust_remote_code) under the user's values."""
         from undo_cli.loop.settings import effective_settings
 
-        return effective_settings(table, getattr(self, table), {"seed": self.seed})
+        loop_defaults: dict[str, Any] = {"seed": self.seed}
+        if self.verify == "steps" and table in ("generate", "refine"):
+            loop_defaults["verify"] = "steps"  # a [generate]/[refine] verify of its own still wins
+        return effective_settings(table, getattr(self, table), loop_defaults)
+
+    @property
+    def student_verify(self) -> str:
+        """How the student's answers are read: `steps` checks the teacher's rationales, the student is read
+        strictly, so accuracy means the same with and without it and two runs compare on one measure."""
+        return "strict" if self.verify == "steps" else self.verify
 
     def default_identity(self) -> dict[str, Any]:
         """identity() as it would be with every setting at its default (flattened: `train.lr`)."""
@@ -215,6 +225,17 @@ def _slug(model: str) -> str:
 
 # --- the stages, each a call to the stage's own run() ----------------------------------------
 
+def in_config_terms(table: str, fn):
+    """`fn` (a stage's run), its errors about the stage's options said in the loop's terms: `lower --max-tokens`
+    from `undo refine` is `lower refine.max_tokens` here, where `--max-tokens` is no flag of `undo iterate`."""
+    def run():
+        try:
+            return fn()
+        except UndoError as exc:
+            raise _in_config_terms(table.replace("-", "_"), exc, where_always=False) from None
+    return run
+
+
 class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
 
@@ -230,7 +251,7 @@ class Loop:
     def remote(self, key: str, stage: str, cfg, local):
         """What a step runs: the stage here, or its shards (train: its job) on Slurm."""
         if self.launcher is None:
-            return local
+            return in_config_terms(stage, local)
         if stage == "train":
             return lambda: self.launcher.run_train(key, cfg)
         return lambda: self.launcher.run_sharded(key, stage, cfg)
@@ -287,7 +308,7 @@ class Loop:
             input=self.config.val_file if split == "val" else self.config.test_file,
             output=str(self.layout.predictions(k, split)), metrics=str(self.layout.metrics(k, split)),
             backend=self.config.student_backend, trust_remote_code=self.config.trust_remote_code,
-            verify=self.config.verify, **self.config.settings("evaluate"))
+            verify=self.config.student_verify, **self.config.settings("evaluate"))
 
     def collect_errors_config(self, k: int):
         from undo_cli.stages import collect_errors
@@ -323,7 +344,8 @@ class Loop:
         from undo_cli.stages import mix
 
         cfg = self.mix_config(k)
-        return self.folder.step(self.step_key(k, "mix"), lambda: mix.run(cfg), outputs={"train_data": cfg.output})
+        return self.folder.step(self.step_key(k, "mix"), in_config_terms("mix", lambda: mix.run(cfg)),
+                                outputs={"train_data": cfg.output})
 
     def train(self, k: int) -> dict[str, Any]:
         from undo_cli.stages import train
@@ -347,10 +369,16 @@ class Loop:
         from undo_cli.stages import collect_errors
 
         cfg = self.collect_errors_config(k)
-        return self.folder.step(self.step_key(k, "collect_errors"), lambda: collect_errors.run(cfg),
+        return self.folder.step(self.step_key(k, "collect_errors"),
+                                in_config_terms("collect_errors", lambda: collect_errors.run(cfg)),
                                 outputs={"errors": cfg.output})
 
     # --- the loop ---------------------------------------------------------------------------
+
+    def finished(self, k: int) -> bool:
+        """Did an earlier attempt finish iteration k (its errors collected)?"""
+        stage = self.folder.stage(self.step_key(k, "collect_errors")) if hasattr(self.folder, "stage") else None
+        return bool(stage) and stage.get("status") == "done"
 
     def iteration(self, k: int) -> dict[str, Any]:
         names = ["generate"] if k == 0 else ["refine", "mix"]
@@ -387,8 +415,10 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if history[-1]["errors"] == 0:
         return best, "the student answered every validation question correctly: nothing left to refine"
     if k - last_gain >= config.patience and k > 0:
-        return best, (f"no validation gain of at least {config.min_delta:g} for {config.patience} "
-                      f"iteration{'s' if config.patience > 1 else ''}")
+        rounds = f"{config.patience} iteration{'s' if config.patience > 1 else ''}"
+        if config.min_delta > 0:
+            return best, f"no validation gain of at least {config.min_delta:g} for {rounds}"
+        return best, f"validation accuracy did not improve for {rounds}"  # min_delta 0: any gain counts
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
@@ -403,8 +433,11 @@ class _Unopened:
         self.path = path
 
 
-def _in_config_terms(table: str, exc: UndoError) -> UndoError:
-    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys)."""
+def _in_config_terms(table: str, exc: UndoError, *, where_always: bool = True) -> UndoError:
+    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys).
+
+    where_always: add where such keys are set even when the message names none (the checks before any
+    work are all about settings; an error while a stage runs, a server down say, may not be)."""
     from undo_cli.loop.settings import OWNED, stage_class
 
     cls = stage_class(table) if table != "mix" else None
@@ -420,9 +453,11 @@ def _in_config_terms(table: str, exc: UndoError) -> UndoError:
 
         return None if text is None else re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, text)
 
-    hint = rename(exc.hint)
+    hint, message = rename(exc.hint), rename(exc.message) or ""
     where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
-    return UndoError(rename(exc.message) or "", hint=f"{hint}; {where}" if hint else where)
+    if not where_always and (hint, message) == (exc.hint, exc.message):
+        return exc  # nothing about a stage option in it: as the stage said it
+    return UndoError(message, hint=f"{hint}; {where}" if hint else where)
 
 
 def check_stages(config: IterateConfig) -> None:
@@ -467,7 +502,9 @@ _AFFECTS: dict[str, frozenset[str]] = {
     "teacher_base_url": frozenset({"generate", "refine"}), "teacher_api_key_env": frozenset({"generate", "refine"}),
     "teacher_revision": frozenset({"generate", "refine"}),
     "student": frozenset({"train"}), "init": frozenset({"train"}), "mix": frozenset({"mix"}),
-    "student_backend": frozenset({"evaluate", "test"}), "verify": frozenset({"evaluate", "test", "collect_errors"}),
+    "student_backend": frozenset({"evaluate", "test"}),
+    # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
+    "verify": frozenset({"evaluate", "test", "collect_errors"}),
     "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}),
     "inputs.test": frozenset({"test"}), "inputs.teacher": frozenset({"generate", "refine"}),
     "inputs.student": frozenset({"train"}),
@@ -502,7 +539,7 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
         ev = loop.evaluate_config(k, "val")
         rows += [(loop.step_key(k, "train"), "train the student" + (" (from the previous one)" if k and config.init ==
                                                                  "previous" else ""), loop.train_config(k).output),
-                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.verify})",
+                 (loop.step_key(k, "evaluate"), f"the student on val_file (--verify {config.student_verify})",
                   f"{ev.output}, {ev.metrics}"),
                  (loop.step_key(k, "collect_errors"), "its validation errors", loop.collect_errors_config(k).output)]
     rows.append(("iter_XX/test", "the best and the iteration-0 students on test_file, once each",
@@ -510,54 +547,57 @@ def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
     return rows
 
 
-def dry_run(config: IterateConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Print every setting (with where it came from: default, file or flag), the plan and an upper bound of
-    iteration 0's teacher tokens (economy/estimate.py); load no model. Returns the same as a dict."""
-    from rich.table import Table
-
-    from undo_cli.console import console
-    from undo_cli.economy.estimate import describe as describe_estimate
+def dry_run(config: IterateConfig, origins: dict[str, str] | None = None, *, quiet: bool = False) -> dict[str, Any]:
+    """Every setting (with where it came from: default, file or flag), the plan and an upper bound of iteration
+    0's teacher tokens (economy/estimate.py), printed as tables on stderr unless `quiet`; load no model.
+    Returns the same as a dict (`undo iterate --dry-run --format json` prints it)."""
     from undo_cli.loop.settings import STAGES
 
     check_stages(config)
     origins = origins or {}
-    settings: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        if f.name not in STAGES:
-            settings[f.name] = getattr(config, f.name)
+    settings: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name not in STAGES}
     for table in STAGES:
         for key, value in config.settings(table).items():
             settings[f"{table}.{key}"] = value
-    table = Table(title=f"undo iterate --dry-run: {config.run_dir}", title_justify="left")
-    for col in ("key", "value", "from"):
-        table.add_column(col, overflow="fold")
-    for key, value in settings.items():
-        origin = origins.get(key)
-        if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
-                k.split(".")[0] for k in origins if k.endswith(".seed")):
-            origin = "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
-        table.add_row(key, repr(value), origin or ("default (from name: <student>-from-<teacher>)"
-                                                   if key == "name" else "default"))
-    console.print(table)
-    steps = plan(config)
-    plan_table = Table(title="plan (stops early when validation accuracy stops improving)", title_justify="left")
-    for col in ("stage", "what", "writes"):
-        plan_table.add_column(col, overflow="fold")
-    for row in steps:
-        plan_table.add_row(*row)
-    console.print(plan_table)
-    estimate = estimate_iteration0(config)
-    est_table = Table(title="teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, "
-                            "before any call", title_justify="left")
-    for col in ("what", "value"):
-        est_table.add_column(col, overflow="fold")
-    for row in describe_estimate(estimate):
-        est_table.add_row(*row)
-    console.print(est_table)
+    shown = {"settings": settings, "origins": origins, "plan": plan(config),
+             "teacher_estimate": estimate_iteration0(config)}
+    if not quiet:
+        _print_dry_run(config, shown)
+    return shown
+
+
+def _origin(key: str, origins: dict[str, str]) -> str:
+    origin = origins.get(key)
+    if origin is None and key.endswith(".seed") and key.split(".")[0] not in (
+            k.split(".")[0] for k in origins if k.endswith(".seed")):
+        return "default (the loop's seed)" if origins.get("seed") is None else "flag/file (the loop's seed)"
+    return origin or ("default (from name: <student>-from-<teacher>)" if key == "name" else "default")
+
+
+def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from undo_cli.console import console
+    from undo_cli.economy.estimate import describe as describe_estimate
+
+    def table(title: str, columns: tuple[str, ...], rows) -> None:
+        # The first column (a key, a stage) never wraps: a key cut mid-word cannot be searched for or pasted.
+        t = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            t.add_column(col, no_wrap=i == 0, overflow="fold")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+    table(f"undo iterate --dry-run: {config.run_dir}", ("key", "value", "from"),
+          [(key, repr(value), _origin(key, shown["origins"])) for key, value in shown["settings"].items()])
+    table("plan (stops early when validation accuracy stops improving)", ("stage", "what", "writes"), shown["plan"])
+    table("teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, before any call",
+          ("what", "value"), describe_estimate(shown["teacher_estimate"]))
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
-    console.print("nothing was run (--dry-run); drop --dry-run to start")
-    return {"settings": settings, "origins": origins, "plan": steps, "teacher_estimate": estimate}
+    console.print("nothing was run (--dry-run); drop --dry-run to start; --format json prints all this on stdout")
 
 
 def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
@@ -580,17 +620,50 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
 
 
-def _resume_command() -> str:
+def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:
+    """`undo iterate ARGS` with flags dropped and added: ARGS are `command` (the equivalent arguments a caller such
+    as `undo demo` gave), else this process's own when it is `undo iterate`; None when neither is known."""
+    from undo_cli.guidance import drop_flags, rerun
+
+    drop = {"--resume": False, "--overwrite": False, **drop}
+    if command is not None:
+        return "undo iterate " + shlex.join(drop_flags(command, drop) + add)
+    return rerun("iterate", drop=drop, add=add)
+
+
+def _resume_command(command: list[str] | None = None) -> str:
     """The command that continues this run: the one that was run, plus --resume."""
-    argv = sys.argv[1:]
-    if argv[:1] != ["iterate"]:  # called in process (tests, a script): say it in words
-        return "the same `undo iterate` command with --resume"
-    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return "undo " + shlex.join(argv + ["--resume"])
+    # Called from elsewhere without its arguments (a test, a script): say it in words.
+    return _iterate_command(command, {}, ["--resume"]) or "the same `undo iterate` command with --resume"
 
 
-def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json."""
+def more_rounds(config: IterateConfig, history: list[dict[str, Any]], command: list[str] | None = None) -> str | None:
+    """The command that runs one more refinement round on a finished run, or None when none can help.
+
+    `--resume --max-iterations N` alone is not enough after the patience ran out: the rule would stop
+    again at once. So it raises whichever of the two stopped the run, just enough for one more round.
+    """
+    k = len(history) - 1
+    if not history or history[-1]["errors"] == 0:
+        return None  # nothing left to refine
+    accs = [h["accuracy"] for h in history]
+    reference, last_gain = accs[0], 0
+    for i in range(1, len(accs)):  # as decide() counts it
+        if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
+            reference, last_gain = accs[i], i
+    add = ["--resume", "--max-iterations", str(max(config.max_iterations, k + 1))]
+    if k - last_gain >= config.patience:
+        add += ["--patience", str(k - last_gain + 1)]
+    return _iterate_command(command, {"--max-iterations": True, "--patience": True}, add)
+
+
+def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
+        command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json.
+
+    command: `undo iterate`'s arguments that reproduce this run (what `undo demo` runs in process), for the
+    commands its hints print; default: this process's command line when it is `undo iterate`.
+    """
     from undo_cli.console import console
     from undo_cli.loop import report
     from undo_cli.loop.manifest import RunFolder
@@ -614,6 +687,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
 
     for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
         read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
+    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
+        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
+
+        preflight(config)
     folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
                             resume=resume, overwrite=overwrite, affects=affected_stages,
                             defaults=config.default_identity())
@@ -622,6 +699,8 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
 
         launcher = SlurmLauncher(SlurmConfig(**config.slurm), folder)
+    # A resumed run has not stopped (yet): the tables printed along the way must not repeat the last reason.
+    folder.manifest.pop("stop_reason", None)
     loop = Loop(config, folder, launcher)
     console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
                   f"mix {config.mix}, init {config.init})")
@@ -629,15 +708,20 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         history: list[dict[str, Any]] = []
         k = 0
         best = None
+        budget_stop = False
         while True:
             try:
                 history.append(loop.iteration(k))
             except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
-                stop = exc.reason
+                stop, budget_stop = exc.reason, True
                 console.print(f"[bold]stopping:[/bold] {stop}")
                 record_usage(folder)
                 break
             best, stop = decide(history, config)
+            if stop and loop.finished(k + 1):
+                # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
+                # un-counts what finished, so the best is decided over every finished iteration.
+                stop = None
             folder.manifest.update(best_iteration=best, iterations_done=k + 1)
             record_usage(folder)
             folder.save()
@@ -662,7 +746,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
         from rich.markup import escape
 
         console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
-                      f"[/yellow] {escape(_resume_command())}" + ("" if isinstance(exc, KeyboardInterrupt) else
+                      f"[/yellow] {escape(_resume_command(command))}" + ("" if isinstance(exc, KeyboardInterrupt) else
                                                 " (after fixing the cause; changed settings are allowed for "
                                                 "stages that have not finished)"), highlight=False)
         raise
@@ -671,8 +755,10 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False)
     summary = report.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
-    console.print(f"next: undo report {folder.path}   (more rounds: the same command with --resume "
-                  "--max-iterations N)", markup=False, highlight=False)
+    console.print(f"next: undo report {shlex.quote(str(folder.path))}", markup=False, highlight=False, soft_wrap=True)
+    more = more_rounds(config, history, command) if history and not budget_stop else None
+    if more:
+        console.print(f"more rounds: {more}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
@@ -734,11 +820,12 @@ def record_usage(folder) -> None:
 
 # --- what of each stage summary the manifest keeps ----------------------------------------------
 
-GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "verified", "verified_pct",
-                 "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
+GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
+                 "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
                  "left_by_budget")
 REFINE_KEYS = ("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
-               "kept_previous", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget", "left_by_budget")
+               "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget",
+               "left_by_budget")
 TRAIN_KEYS = ("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
               "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device", "precision",
               "learning_rate")

@@ -1,7 +1,8 @@
-"""What an UNDO run did, iteration by iteration: a table on stderr and a plot of accuracy.
+"""What an UNDO run did, iteration by iteration: tables on stderr, a PNG plot, and (--html) one offline page.
 
     undo report runs/qwen-gsm8k
     undo report runs/qwen-gsm8k --plot accuracy.png
+    undo report runs/qwen-gsm8k --html report.html      # every transition and refinement (loop/report_html.py)
 
 Works on a finished run, on one still running (in another terminal) and on a
 folder written by the bash version of the loop (examples/undo_loop.sh), because
@@ -14,27 +15,39 @@ stopped). Per iteration:
     val acc      validation accuracy (val/predictions.metrics.json)
     errors       validation failures collected for the next refinement
     teacher      iteration 0: verified rationales generated; k >= 1: refinements verified / tried
-    verified     the teacher's verification rate (samples whose final answer checks out)
+    verified     the teacher's verification rate (samples whose final answer checks out; with
+                 verify = steps, whose arithmetic statements are all true too)
     test acc     held-out accuracy, for the best and the iteration-0 students only
     times        seconds per stage: teacher (generate or refine), train, evaluate (val)
 
-and, when the teacher stages kept token ledgers (undo_cli/economy), a second
-table: teacher tokens paid and served from the cache per iteration, the
-cumulative paid tokens, and their cost when prices are known (`--price-input`
-/ `--price-output` here, else the prices the run used).
+then validation accuracy with n and its 95% Wilson interval beside what each
+round changed (fixed, regressed, still wrong, still right against the previous
+iteration: loop/transitions.py, the definition `undo diff` and the HTML page
+use too), and, when the teacher stages kept token ledgers (undo_cli/economy),
+teacher tokens paid and served from the cache per iteration, the cumulative
+paid tokens, and their cost when prices are known (`--price-input` /
+`--price-output` here, else the prices the run used).
+
+Below the table, the teacher's samples that did not verify, per iteration, by
+reason: no final answer / wrong answer / false step (`--verify steps`).
 
 A value that does not exist yet is shown as "—". Test accuracies come with n
-and a 95% Wilson interval, so "3.3%" reads as "1 of 30". The plot (matplotlib,
-Agg backend: no display needed) has two panels: validation accuracy per
-iteration and the test accuracy of the students that were tested, labelled with
-n, the best iteration marked; and what changed per iteration (teacher
-rationales verified, refinements kept-previous, validation errors by type). It
-goes to RUN_DIR/report.png unless --plot says otherwise. With token ledgers a
-third panel plots validation and test accuracy against the cumulative teacher
-tokens paid: what each refinement round bought.
+and a 95% Wilson interval, so "3.3%" reads as "1 of 30". The marked iteration
+is the one the run chose (manifest.json's best_iteration, written by `undo
+iterate` after each decision), said as such: "the run's choice" when it
+finished, "best so far" while it runs; only a folder without a manifest (the
+bash loop) gets it computed here, by the loop's own rule.
+
+The plot (matplotlib, Agg backend: no display needed) has one panel per
+kind of number, each with its own axis and x tick labels: accuracy per
+iteration (validation and the tested students, each point with its 95%
+interval, the chosen iteration marked), the teacher's rationales (verified or
+not), the validation errors by type, and with token ledgers accuracy against
+the cumulative teacher tokens paid. It goes to RUN_DIR/report.png unless
+--plot says otherwise.
 
 `undo iterate` uses the same functions for its progress table and for
-summary.json, so the three always agree.
+summary.json, so they always agree.
 """
 
 from __future__ import annotations
@@ -58,6 +71,9 @@ class ReportConfig:
     plot: str | None = field(default=None, metadata={"help": "Where to write the PNG plot (default: RUN_DIR/report.png)."})
     price_input: float | None = field(default=None, metadata={"help": "Cost the teacher's prompt tokens at this price per million (default: the run's prices)."})
     price_output: float | None = field(default=None, metadata={"help": "Cost the teacher's completion tokens at this price per million."})
+    html: str | None = field(default=None, metadata={"help": (
+        "Also write the whole run as one self-contained HTML page here (every transition and refinement; no "
+        "network: open it from disk).")})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -74,11 +90,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]] | None:
     that a running stage is appending to, whose last line may be half written.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")  # a damaged byte spoils its line, not the report
     except OSError:
         return None
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): it also splits at U+2028 and friends inside a JSON string
         try:
             record = json.loads(line)
         except ValueError:
@@ -98,9 +114,21 @@ def _iterations(run_dir: Path, manifest: dict[str, Any] | None) -> list[int]:
 
 ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_correct", "val_count", "errors",
             "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
-            "refined_kept_previous", "verification_rate", "test_accuracy", "test_correct", "test_count",
+            "refined_kept_previous", "teacher_rejected_by_reason", "verification_rate", "test_accuracy", "test_correct", "test_count",
             "teacher_tokens", "teacher_cached_tokens", "teacher_requests", "teacher_cost", "teacher_tokens_cumulative",
             "teacher_cost_cumulative")
+
+
+def _refusals(refined: list[dict[str, Any]]) -> dict[str, int]:
+    """Refinements that did not verify, by reason (as `undo refine` counts them)."""
+    from undo_cli.scoring import REASONS
+    from undo_cli.stages.refine import refusal_of
+
+    counts = dict.fromkeys(REASONS, 0)
+    for r in refined:
+        if (reason := refusal_of(r.get("refinement") or {})) is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +143,9 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["teacher_written"] = len(kept)
             row["teacher_verified"] = sum(bool(r.get("correct")) for r in samples)
             row["verification_rate"] = row["teacher_verified"] / len(samples) if samples else None
+            from undo_cli.scoring import count_reasons
+
+            row["teacher_rejected_by_reason"] = count_reasons(samples)
         data = kept
     else:
         refined = _jsonl(layout.refined(k))
@@ -123,6 +154,7 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["refined_verified"] = sum(bool((r.get("refinement") or {}).get("verified")) for r in refined)
             row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
+            row["teacher_rejected_by_reason"] = _refusals(refined)
         data = _jsonl(layout.train_data(k))
     row["train_examples"] = len(data) if data is not None else None
     trained = _read_json(layout.student(k) / "train_summary.json")
@@ -181,8 +213,9 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
     usage = _teacher_usage(run_dir, rows, prices)
     scored = [r for r in rows if r.get("val_accuracy") is not None]
     best = (manifest or {}).get("best_iteration")
-    if best is None and scored:
-        best = max(scored, key=lambda r: (r["val_accuracy"], -r["iteration"]))["iteration"]
+    source = "run" if best is not None else None
+    if best is None and scored:  # no manifest (the bash loop): the loop's rule, highest and earliest on a tie
+        best, source = max(scored, key=lambda r: (r["val_accuracy"], -r["iteration"]))["iteration"], "validation"
     current = (manifest or {}).get("current") or {}
     return {
         "run_dir": str(run_dir),
@@ -192,6 +225,8 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
         "current_step": current.get("step"),
         "stop_reason": (manifest or {}).get("stop_reason"),
         "best_iteration": best,
+        "best_source": source,
+        "decided_through": (manifest or {}).get("iterations_done", 0) - 1 if manifest else None,
         "config": (manifest or {}).get("config"),
         "rows": rows,
         "teacher_usage": usage["total"] if usage["iterations"] else None,
@@ -239,11 +274,17 @@ def _test(rows: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
     return out
 
 
+def test_verdict(state: dict[str, Any]) -> dict[str, Any]:
+    """{"best", "one_shot", "gain"}: the chosen and the iteration-0 students on test (None where not tested)."""
+    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
+    return {"best": best, "one_shot": one_shot,
+            "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}
+
+
 def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     """summary.json: per-iteration numbers, the best iteration, and test accuracy best vs one-shot."""
     from undo_cli.records import write_json
 
-    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
     summary = {
         "name": state["name"],
         "run_dir": state["run_dir"],
@@ -252,8 +293,7 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "best_iteration": state["best_iteration"],
         "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
-        "test": {"best": best, "one_shot": one_shot,
-                 "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None},
+        "test": test_verdict(state),
         "iterations": state["rows"],
         "teacher_usage": state.get("teacher_usage"),
     }
@@ -303,7 +343,7 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
     console.print(table)
     notes = []
     if state["best_iteration"] is not None:
-        notes.append(f"★ best iteration by validation accuracy: {state['best_iteration']}")
+        notes.append(f"★ chosen: {best_label(state)}")
     if state.get("current_step") and state["status"] == "running":
         notes.append(f"running now: {state['current_step']}")
     elif any(r["status"] != "done" for r in rows) and state["status"] != "done":
@@ -311,10 +351,25 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
                                                 for r in rows if r["status"] != "done"))
     if state.get("stop_reason"):
         notes.append(f"stopped: {state['stop_reason']}")
+    rejected = [(r["iteration"], r["teacher_rejected_by_reason"]) for r in rows if r.get("teacher_rejected_by_reason")]
+    if any(sum(c.values()) for _, c in rejected):
+        notes.append(_rejections_note(rejected))
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
     if state.get("teacher_usage"):
         print_teacher_table(state)
+
+
+def _rejections_note(rejected: list[tuple[int, dict[str, int]]]) -> str:
+    """'teacher not verified (no answer/wrong answer/false step): iter 0 3/5/4; iter 1 0/2/7 (+1 truncated)'."""
+    from undo_cli.scoring import REASONS
+
+    parts = []
+    for k, counts in rejected:
+        extra = "".join(f" (+{v} {name})" for name, v in counts.items() if name not in REASONS and v)
+        parts.append(f"iter {k} " + "/".join(str(counts.get(name, 0)) for name in REASONS) + extra)
+    names = "/".join(name.replace("_", " ") for name in REASONS)
+    return f"teacher not verified ({names}): " + "; ".join(parts)
 
 
 def _tokens(x: int | None) -> str:
@@ -357,28 +412,101 @@ def _with_n(result: dict[str, Any]) -> str:
             f"95% CI {100 * low:.1f}-{100 * high:.1f}%)")
 
 
-def print_verdict(summary: dict[str, Any]) -> None:
-    """UNDO's best student against one-shot distillation on the test split, with n and a 95% interval.
+def best_label(state: dict[str, Any], short: bool = False) -> str:
+    """Which iteration is marked and on whose word: the run's choice, its best so far, or computed here.
 
-    Printed whatever the sign: a refinement round that made the student worse is a result too.
+    The table, the plot and the HTML page all say it with this sentence, so they cannot disagree.
     """
-    from undo_cli.console import console
+    k = state.get("best_iteration")
+    if k is None:
+        return "none yet"
+    if short:
+        return f"iteration {k}"
+    if state.get("best_source") == "validation":
+        return f"iteration {k}, highest validation accuracy (no manifest.json: computed here, earliest on a tie)"
+    if state.get("status") == "done":
+        return f"iteration {k}, the run's choice (highest validation accuracy, earliest on a tie)"
+    through = state.get("decided_through")
+    return (f"iteration {k}, best so far (the run is {state.get('status')}; decided through iteration {through})"
+            if through is not None and through >= 0 else f"iteration {k}, best so far")
 
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """UNDO's best student against one-shot distillation on test, with n and a 95% interval, whatever the sign."""
     best, one_shot = summary["test"]["best"], summary["test"]["one_shot"]
     if not one_shot:
-        console.print("[dim]no test evaluation yet (it runs once the loop has stopped)[/dim]")
-        return
+        return ["no test evaluation yet (it runs once the loop has stopped)"]
     if best is None or best["iteration"] == 0:
-        console.print(f"test accuracy: one-shot (iteration 0) {_with_n(one_shot)}; no refinement round "
-                      "beat it on validation, so the best student is the one-shot one (gain +0.0 points)")
-        return
+        return [f"test accuracy: one-shot (iteration 0) {_with_n(one_shot)}; no refinement round beat it on "
+                "validation, so the best student is the one-shot one (gain +0.0 points)"]
     gain = 100 * summary["test"]["gain"]
-    console.print(f"[bold]test accuracy: UNDO (iteration {best['iteration']}) {_pct(best['accuracy'])} vs one-shot "
-                  f"(iteration 0) {_pct(one_shot['accuracy'])}: {gain:+.1f} points[/bold] "
-                  f"({best['correct']}/{best['count']} vs {one_shot['correct']}/{one_shot['count']})")
-    console.print(f"  UNDO {_with_n(best)}; one-shot {_with_n(one_shot)}"
-                  + ("; the intervals overlap: on this many questions the difference may be chance"
-                     if _overlap(best, one_shot) else ""))
+    return [f"test accuracy: UNDO (iteration {best['iteration']}) {_pct(best['accuracy'])} vs one-shot "
+            f"(iteration 0) {_pct(one_shot['accuracy'])}: {gain:+.1f} points "
+            f"({best['correct']}/{best['count']} vs {one_shot['correct']}/{one_shot['count']})",
+            f"UNDO {_with_n(best)}; one-shot {_with_n(one_shot)}"
+            + ("; the intervals overlap: on this many questions the difference may be chance"
+               if _overlap(best, one_shot) else "")]
+
+
+def print_verdict(summary: dict[str, Any]) -> None:
+    """The verdict lines on stderr: a refinement round that made the student worse is a result too."""
+    from rich.markup import escape
+
+    from undo_cli.console import console
+
+    lines = verdict_lines(summary)
+    console.print(f"[bold]{escape(lines[0])}[/bold]" if len(lines) > 1 else escape(lines[0]), highlight=False)
+    for line in lines[1:]:
+        console.print(f"  {escape(line)}", highlight=False)
+
+
+def val_transitions(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, int]]:
+    """{k: transition counts from iteration k-1 to k} on validation, for finished evaluations only."""
+    from undo_cli.loop.transitions import compare
+
+    layout = RunLayout(Path(run_dir))
+    out: dict[int, dict[str, int]] = {}
+    previous = None
+    for r in rows:
+        k = r["iteration"]
+        path = layout.predictions(k, "val")
+        records = _jsonl(path) if layout.metrics(k, "val").is_file() else None
+        if previous is not None and previous[1] is not None and records is not None:
+            try:
+                out[k] = compare(previous[1], records, str(previous[2]), str(path)).counts
+            except UndoError:  # not the same problems (edited by hand?): no transitions for this pair
+                pass
+        previous = (k, records, path)
+    return out
+
+
+def print_transitions(state: dict[str, Any]) -> dict[int, dict[str, int]]:
+    """Validation accuracy with n and its 95% interval, and what each round changed: the plot's numbers."""
+    from rich import box
+    from rich.table import Table
+
+    from undo_cli.console import console
+
+    changes = val_transitions(state["run_dir"], state["rows"])
+    rows = [r for r in state["rows"] if r.get("val_accuracy") is not None]
+    if not rows:
+        return changes
+    table = Table(title="validation: accuracy (95% Wilson interval) and what changed since the previous iteration",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
+    for col in ("iter", "val acc", "n", "95% CI", "fixed", "regressed", "still wrong", "still right"):
+        table.add_column(col, justify="left" if col == "iter" else "right", no_wrap=True)
+    for r in rows:
+        k, correct, count = r["iteration"], r.get("val_correct"), r.get("val_count")
+        ci = DASH
+        if isinstance(correct, int) and isinstance(count, int) and count:
+            low, high = wilson_interval(correct, count)
+            ci = f"{100 * low:.1f}-{100 * high:.1f}%"
+        c = changes.get(k) or {}
+        table.add_row(f"{k}{' ★' if k == state['best_iteration'] else ''}", _pct(r["val_accuracy"]),
+                      f"{_num(correct)}/{_num(count)}", ci,
+                      *(_num(c.get(t)) for t in ("fixed", "regressed", "still_wrong", "still_right")))
+    console.print(table)
+    return changes
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -395,139 +523,48 @@ def accuracy_axis(percents: list[float]) -> tuple[float, float]:
 
 
 def plot(state: dict[str, Any], path: str | Path) -> Path | None:
-    """Two panels: accuracy per iteration (val line, test points, labels with n) and what changed per iteration.
+    """The PNG (loop/report_plot.py); None when nothing is scored yet."""
+    from undo_cli.loop.report_plot import plot as draw
 
-    The top panel's y-axis is fitted to the data (with room for the labels), so
-    2% and 4% do not sit on the floor of a 0-100 axis. The bottom panel shows,
-    per iteration, the teacher's work (rationales generated at 0; refinements
-    verified / kept-previous afterwards) and the validation errors by type that
-    the next refinement round is given. Labels thin out past 12 iterations so
-    that twenty stay readable. With the teacher's token ledgers, a third panel:
-    accuracy against the cumulative teacher tokens paid. None when nothing is scored yet.
-    """
-    rows = [r for r in state["rows"] if r.get("val_accuracy") is not None or r.get("test_accuracy") is not None]
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works over ssh and in CI, no display needed
-    import matplotlib.pyplot as plt
-
-    all_rows = state["rows"]
-    n_iter = len(all_rows)
-    spend = [r for r in rows if r.get("teacher_tokens_cumulative") is not None]
-    # With token ledgers, a third panel (its own x-axis): accuracy against what the teacher cost so far.
-    fig, axes = plt.subplots(3 if spend else 2, 1, figsize=(max(6.4, 0.45 * n_iter + 3), 10.0 if spend else 7.0),
-                             dpi=120, gridspec_kw={"height_ratios": [3, 2, 3] if spend else [3, 2]})
-    ax, bx = axes[0], axes[1]
-    ax.sharex(bx)
-    ax.tick_params(labelbottom=False)
-    if spend:
-        _plot_against_tokens(axes[2], spend)
-    val = [(r["iteration"], 100 * r["val_accuracy"], r.get("val_correct"), r.get("val_count"))
-           for r in rows if r.get("val_accuracy") is not None]
-    test = [(r["iteration"], 100 * r["test_accuracy"], r.get("test_correct"), r.get("test_count"))
-            for r in rows if r.get("test_accuracy") is not None]
-    label_every = max(1, n_iter // 12)
-    if val:
-        ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label="validation")
-    if test:
-        ax.scatter([t[0] for t in test], [t[1] for t in test], marker="s", s=60, color="tab:red", zorder=3,
-                   label="test (best and iteration 0)")
-    # Test labels to the right of their points; validation labels above theirs, or to the left where a
-    # test point shares the iteration (they would collide above it).
-    tested = {t[0] for t in test}
-    for points, color in ((val, "tab:blue"), (test, "tab:red")):
-        for k, y, correct, count in points:
-            if k % label_every and points is val and k not in tested:
-                continue
-            text = f"{y:.1f}%" + (f"\n{correct}/{count}" if correct is not None and count else "")
-            if points is test:
-                offset, align, valign = (9, 0), "left", "center"
-            elif k in tested:
-                offset, align, valign = (-9, 0), "right", "center"
-            else:
-                offset, align, valign = (0, 8), "center", "bottom"
-            ax.annotate(text, (k, y), textcoords="offset points", xytext=offset, ha=align, va=valign,
-                        fontsize=7, color=color)
-    best = state["best_iteration"]
-    if best is not None:
-        ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"best iteration ({best})")
-    ax.set_ylim(*accuracy_axis([v[1] for v in val + test]))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"undo: {state['name']}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-
-    ks = [r["iteration"] for r in all_rows]
-    width = 0.2
-    teacher_ok = [r.get("teacher_verified") if r["iteration"] == 0 else r.get("refined_verified") for r in all_rows]
-    kept_prev = [r.get("refined_kept_previous") or 0 for r in all_rows]
-    bx.bar([k - 1.5 * width for k in ks], [v or 0 for v in teacher_ok], width, color="tab:green",
-           label="teacher: verified (generated at 0, refined after)")
-    bx.bar([k - 0.5 * width for k in ks], kept_prev, width, color="tab:olive", label="refinement kept previous")
-    kinds = sorted({t for r in all_rows for t in (r.get("error_types") or {})})
-    bottom = [0] * len(ks)
-    colors = {"no_answer": "tab:grey", "truncated": "tab:orange", "wrong_answer": "tab:purple"}
-    for kind in kinds:
-        heights = [(r.get("error_types") or {}).get(kind, 0) for r in all_rows]
-        bx.bar([k + 0.5 * width for k in ks], heights, width, bottom=bottom, color=colors.get(kind),
-               label=f"val errors: {kind}")
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    bx.set_ylabel("records")
-    bx.set_xlabel("UNDO iteration (0 = one-shot distillation)")
-    bx.set_xticks(ks[::label_every])
-    bx.grid(alpha=0.3, axis="y")
-    # Below the panel: inside it, the legend would hide bars whatever their heights.
-    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), fontsize="x-small", ncol=2, frameon=False)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def _plot_against_tokens(ax, rows: list[dict[str, Any]]) -> None:
-    val = [(r["teacher_tokens_cumulative"], 100 * r["val_accuracy"], r["iteration"]) for r in rows
-           if r.get("val_accuracy") is not None]
-    test = [(r["teacher_tokens_cumulative"], 100 * r["test_accuracy"]) for r in rows
-            if r.get("test_accuracy") is not None]
-    if val:
-        ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label="validation")
-        for x, y, k in val:
-            ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if test:
-        ax.scatter([t[0] for t in test], [t[1] for t in test], marker="s", s=60, color="tab:red", zorder=3,
-                   label="test")
-    ax.set_ylim(*accuracy_axis([v[1] for v in val] + [t[1] for t in test]))
-    ax.set_xlabel("cumulative teacher tokens paid (labels: iteration)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    return draw(state, path)
 
 
 def run(run_dir: str, plot_path: str | None = None, price_input: float | None = None,
-        price_output: float | None = None) -> dict[str, Any]:
-    """`undo report`: print the table and the verdict, write the plot; returns the summary (not written)."""
+        price_output: float | None = None, html: str | None = None) -> dict[str, Any]:
+    """`undo report`: print the tables and the verdict, write the plot (and the page); returns the summary."""
     from undo_cli.console import console
     from undo_cli.economy.accounting import Prices
 
     state = collect(run_dir, Prices(price_input, price_output) if price_input is not None or price_output is not None
                     else None)
     print_table(state)
-    best, one_shot = _test(state["rows"], state["best_iteration"]), _test(state["rows"], 0)
-    summary = {"test": {"best": best, "one_shot": one_shot,
-                        "gain": best["accuracy"] - one_shot["accuracy"] if best and one_shot else None}}
+    changes = print_transitions(state)
+    summary = {"test": test_verdict(state)}
     print_verdict(summary)
     out = plot(state, plot_path or RunLayout(Path(run_dir)).report_plot)
     if out is None:
         console.print("no accuracy yet, so no plot (the first evaluation writes iter_00/val/predictions.metrics.json)")
     else:
-        console.print(f"plot written to {out}")
-    return {**state, **summary, "plot": str(out) if out else None}
+        console.print(f"plot written to {out}", highlight=False, markup=False)
+    page = None
+    if html:
+        from undo_cli.loop import report_html
+
+        page = report_html.write(run_dir, state, summary, html)
+        console.print(f"html report written to {html} ({page['bytes'] / 1e6:.1f} MB; one file, no network: open it "
+                      "from disk)", highlight=False, markup=False)
+    return {**state, **summary, "plot": str(out) if out else None, "transitions": changes,
+            "html": str(html) if html else None, "html_bytes": page["bytes"] if page else None}
 
 
 def run_report(config: ReportConfig) -> dict[str, Any]:
     """`run` for the command line, which hands over a config."""
-    return run(config.run_dir, config.plot, config.price_input, config.price_output)
+    if config.html:
+        from undo_cli.records import check_output_path
+
+        check_output_path(config.html, "--html")  # before reading the run: a folder or an impossible path
+        page = Path(config.html)
+        if page.is_file() and page.suffix.lower() not in (".html", ".htm"):
+            raise UndoError(f"--html {page}: exists and is not an HTML page; writing the report would replace it",
+                            hint="give a new file name ending in .html")
+    return run(config.run_dir, config.plot, config.price_input, config.price_output, config.html)

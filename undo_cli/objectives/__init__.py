@@ -24,6 +24,12 @@ Three ways to compute them, one set of formulas (`divergences.py`):
   the teacher's recorded top-K log-probabilities plus a tail bucket, with no
   teacher loaded; the module docstring states the approximation.
 
+Two more for a teacher with another tokenizer (`cross_tokenizer.py`), compared at
+byte-aligned spans of the same text (`undo_cli.tokenization`):
+
+    uld   Σ_i |q̂_(i) − p̂_(i)|, sorted probabilities    ULD (Boizard et al., arXiv 2402.12030)
+    gold  JSD_β over the shared vocabulary + a bucket  the matched half of TRL's GOLD hybrid loss
+
 docs/objectives.md has the formulas, sources, conventions and memory figures.
 """
 
@@ -32,19 +38,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from undo_cli.objectives.options import KINDS, OBJECTIVES
+from undo_cli.objectives.options import CROSS_KINDS, KINDS, OBJECTIVES
 
 # Imported on first use (PEP 562): `options` (the CLI's flag checks) must not pull in torch.
 _EXPORTS = {
     "chunked": ("DEFAULT_CHUNK_SIZE", "chunked_divergence", "fused_linear_divergence"),
     "divergences": ("VocabSizeMismatchWarning", "divergence", "forward_kl", "reverse_kl", "generalized_jsd",
                     "skew_kl", "skew_reverse_kl", "total_variation", "per_token", "shared_vocab_size"),
+    "cross_tokenizer": ("SpanRows", "FullTeacher", "TopKTeacher", "cross_loss", "cross_tokenizer_divergence"),
     "offline": ("AlignmentCounts", "align_teacher_logprobs", "collate_teacher_topk", "fused_linear_topk_divergence",
                 "parse_teacher_logprobs", "topk_divergence"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = ["KINDS", "OBJECTIVES", *_WHERE]
+__all__ = ["CROSS_KINDS", "KINDS", "OBJECTIVES", *_WHERE]
 
 
 def __getattr__(name: str) -> Any:

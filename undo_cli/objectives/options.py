@@ -2,6 +2,7 @@
 
     undo train ... --objective skl --alpha 0.1 --lm-weight 1 --teacher T
     undo train ... --objective jsd --beta 0.5 --teacher-logprobs
+    undo train ... --objective auto --teacher T       # exact if T shares the tokenizer, else uld/gold
 
 Free of heavy imports: `undo train --help` lists these choices. The checks of
 the objective flags live with the fields, in `training/config.py`
@@ -11,8 +12,11 @@ rules hold for the library functions (they raise ValueError there).
 
 from __future__ import annotations
 
-KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
-OBJECTIVES = ("sft", *KINDS)
+KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")   # exact-vocabulary: teacher and student share a tokenizer
+CROSS_KINDS = ("uld", "gold")                          # any teacher: compared at byte-aligned spans
+AUTO = "auto"
+OBJECTIVES = ("sft", *KINDS, *CROSS_KINDS, AUTO)
+AUTO_EXACT = "skl"     # what auto picks for identical tokenizers (DistiLLM's objective)
 
 # What each objective is, for --help texts, errors and docs.
 DESCRIPTIONS = {
@@ -23,4 +27,7 @@ DESCRIPTIONS = {
     "skl": "skew KL(p || a*p + (1-a)*q) with --alpha (DistiLLM)",
     "srkl": "skew reverse KL(q || (1-a)*p + a*q) with --alpha (DistiLLM)",
     "tvd": "total variation distance",
+    "uld": "ULD: L1 between sorted probability vectors at byte-aligned spans (any tokenizer; Boizard et al. 2024)",
+    "gold": "GOLD-style: JSD (--beta) over the shared vocabulary + one bucket at byte-aligned spans (any tokenizer)",
+    "auto": "an exact-vocabulary objective (skl) when the tokenizers are identical, a cross-tokenizer one otherwise",
 }

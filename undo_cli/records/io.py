@@ -133,7 +133,7 @@ def iter_records(
                 warn(f"{name}:{lineno}: dropping a torn last line (a run was interrupted mid-write); it will be redone")
                 return
             raise RecordError(name, lineno, f"not valid JSON ({exc.__cause__ or exc})",
-                              hint="each line must be one JSON object; fix or delete this line") from None
+                              hint=_not_jsonl_hint(name, lineno, line)) from None
         if shape is not None:
             problem = check_record(record, shape.name)
             if problem is not None:
@@ -148,6 +148,23 @@ def iter_records(
         yield record
     if count == 0 and not allow_empty:
         raise UndoError(f"{name}: no records (the file is empty)", hint="point the stage at a file with at least one JSONL record")
+
+
+DATASET_SUFFIXES = (".csv", ".json", ".parquet")  # what `undo data import` reads besides JSONL
+
+
+def _not_jsonl_hint(name: str, lineno: int, line: str) -> str:
+    """What to do about a line that is not JSON: a dataset in another format goes through `undo data import`."""
+    suffix = Path(name).suffix.lower()
+    first = line.lstrip()
+    tabular = lineno == 1 and not first.startswith(("{", "[")) and "," in first  # a header row
+    whole_json = lineno == 1 and first.rstrip() in ("[", "{")  # a pretty-printed JSON file, not one object per line
+    if suffix in DATASET_SUFFIXES or tabular or whole_json:
+        what = ("a CSV file" if suffix == ".csv" or tabular else
+                "a JSON file (not one object per line)" if suffix == ".json" or whole_json else f"a {suffix} file")
+        return (f"this looks like {what}, not JSONL: `undo data import {name} --output-dir data` turns it into "
+                "problems JSONL (--question-field/--answer-field name its columns)")
+    return "each line must be one JSON object; fix or delete this line"
 
 
 def read_records(path: str | os.PathLike, kind: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:

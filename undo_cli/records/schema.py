@@ -8,7 +8,7 @@ an example line each in docs/artifacts.md):
     rationale   a teacher's worked solution for a problem (generate, refine -> train)
     prediction  the student's answer to a problem         (evaluate -> collect-errors)
     error       a failed prediction with its error class  (collect-errors -> refine)
-    scorable    anything `undo score` can score: an answer and an output
+    scorable    anything `undo score` can score: an answer and an output (or a rationale)
 
 Only the fields a consumer relies on are required; stages add more (token
 usage, provenance, ...) and readers keep whatever they do not know about, so
@@ -66,6 +66,7 @@ SHAPES: dict[str, Shape] = {
             "finish_reason": _OPT_STR,
             "iteration": _INT,
             "teacher_logprobs": _LIST,
+            "teacher_offsets": _LIST,
             "refinement": _DICT,
             "verify": _STR,
         },
@@ -87,8 +88,8 @@ SHAPES: dict[str, Shape] = {
     ),
     "scorable": Shape(
         "scorable",
-        {"answer": _ANSWER, "output": _STR},
-        {"id": _STR, "task": _STR, "choices": _LIST},
+        {"answer": _ANSWER},
+        {"id": _STR, "task": _STR, "choices": _LIST, "output": _STR, "rationale": _STR},  # one of the two texts
         unique_id=False,
         description="any record with a gold answer and a model output",
     ),
@@ -129,6 +130,8 @@ def check_record(record: Any, kind: str) -> str | None:
         return f"field 'task': unknown task '{task}' (use one of: {', '.join(TASKS)})"
     if task == "choice" and not record.get("choices"):
         return "field 'choices': a 'choice' task needs a non-empty list of options"
+    if kind == "scorable" and "output" not in record and "rationale" not in record:
+        return "field 'output': missing (a scorable needs answer and output; a rationale file's `rationale` counts)"
     if kind == "error" and record.get("error_type") not in ERROR_TYPES:
         return f"field 'error_type': '{record.get('error_type')}' is not one of {', '.join(ERROR_TYPES)}"
     if "id" in record and isinstance(record["id"], str) and not record["id"].strip():

@@ -78,8 +78,8 @@ def classify(prediction: dict[str, Any]) -> str | None:
     return "wrong_answer"
 
 
-def collect(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Error records (prediction + error_type) for the failed predictions, in input order."""
+def score_unscored(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score in place the lines without a true/false `correct` (hand-made files; `undo evaluate`'s have it)."""
     unscored = [p for p in predictions if not isinstance(p.get("correct"), bool)]
     if unscored:
         # Only hand-made files get here; import the scorer (math-verify) only then.
@@ -87,7 +87,12 @@ def collect(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         for p in unscored:
             p.update(score_record(p))
+    return predictions
 
+
+def collect(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Error records (prediction + error_type) for the failed predictions, in input order."""
+    score_unscored(predictions)
     errors = []
     for p in predictions:
         kind = classify(p)

@@ -45,6 +45,7 @@ built with another seed is refused (DIR/demo.json records it).
 from __future__ import annotations
 
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,11 +288,19 @@ def run(config: DemoConfig) -> dict[str, Any]:
     shown = report.run(str(loop_config.run_dir))
     wall = time.perf_counter() - started
     console.print(f"demo finished in {wall:.0f} s (setup {setup_s:.0f} s). {DISCLAIMER}")
-    _print_next_steps(workdir, loop_config.run_dir, files, models)
+    _print_next_steps(workdir, loop_config.run_dir, files, models, config.seed)
     return {**result, "summary": summary, "plot": shown.get("plot"), "wall_s": round(wall, 1)}
 
 
-def _print_next_steps(workdir: Path, run_dir: Path, files: dict[str, Path], models: dict[str, Path]) -> None:
+def _iterate_args(workdir: Path, files: dict[str, Path], models: dict[str, Path], seed: int) -> list[str]:
+    """`undo iterate`'s flags for the demo's loop, as the demo runs it (without --name)."""
+    return ["--config", str(_run_toml()), "--teacher", str(models["teacher"]), "--student", str(models["student"]),
+            "--train-file", str(files["train"]), "--val-file", str(files["val"]), "--test-file", str(files["test"]),
+            "--runs-dir", str(workdir / "runs"), "--seed", str(seed)]
+
+
+def _print_next_steps(workdir: Path, run_dir: Path, files: dict[str, Path], models: dict[str, Path],
+                      seed: int = 0) -> None:
     """What to open and run next: the artifacts are the point, every one is a readable file."""
     from undo_cli.console import console
     from undo_cli.loop.layout import RunLayout
@@ -304,9 +313,9 @@ def _print_next_steps(workdir: Path, run_dir: Path, files: dict[str, Path], mode
         ("the student's validation errors", f"head -n 3 {layout.errors(0)}"),
         ("the teacher's refinements, with provenance", f"head -n 3 {layout.refined(1)}"),
         ("what every stage did, with timings", f"less {layout.manifest}"),
-        ("the same loop as a bash script of stage commands",
-         f"TEACHER={models['teacher']} STUDENT={models['student']} TRAIN={files['train']} VAL={files['val']} "
-         f"TEST={files['test']} OUT={workdir / 'runs' / 'bash-loop'} bash {bundled_dir('examples') / 'undo_loop.sh'}"),
+        ("the same loop as a bash script of stage commands, with the same settings",
+         f"bash {shlex.quote(str(bundled_dir('examples') / 'undo_loop.sh'))} "
+         + shlex.join(_iterate_args(workdir, files, models, seed) + ["--name", "bash-loop"])),
         ("real models (hub teacher and student, a GPU)", "see README.md, 'Real models' and examples/run-qwen.toml"),
     ]
     console.rule("[bold]next[/bold]")

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
-from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
+from undo_cli.stages.options import (EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new, check_verify,
+                                     verify_field)
 
 
 @dataclass
@@ -62,12 +63,20 @@ class EvaluateConfig(GenerationOptions):
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field("strict", "Which extraction sets `correct` and `accuracy` (both accuracies are reported): "
                                          "strict: only an explicit final answer (#### x, \\boxed{x}, 'The answer is "
-                                         "x'); flexible: also the last number.")
+                                         "x'); flexible: also the last number.", choices=EXTRACTIONS)
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
+    training_format: bool = field(default=True, metadata={
+        "help": "Prompt the model the way it was trained, as `undo train` recorded in its folder (undo_training.json: "
+                "a template, or the question alone for {\"messages\"} data); --no-training-format: always --prompt."})
 
     def __post_init__(self) -> None:
         self.check_generation_options()
-        check_verify(self.verify)
+        if self.verify == "steps":
+            raise UndoError("--verify steps is for the teacher's rationales (undo generate/refine); a student's "
+                            "accuracy is read strict or flexible",
+                            hint="to see which predictions have false arithmetic steps: "
+                                 "undo score PREDICTIONS.jsonl --verify steps")
+        check_verify(self.verify, choices=EXTRACTIONS)
         check_limit(self.limit)
         if self.backend != "openai":  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
@@ -194,14 +203,13 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
     """Answer, score, write predictions and <stem>.metrics.json; prints two tables and returns the summary."""
-    from undo_cli.prompts import student_messages, template_name
     from undo_cli.records import read_records, write_json
-    from undo_cli.stages.generation_loop import WorkItem, print_summary, run_generation
+    from undo_cli.stages.generation_loop import WorkItem, explain_limit, print_summary, run_generation
 
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
-    items = [WorkItem(key=p["id"], messages=student_messages(p, config.prompt), data=p) for p in problems]
+    every = read_records(config.input, "problem")
+    problems = every if config.limit is None else every[: config.limit]
+    messages_for, template = prompt_for(config)
+    items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
     streamed: list[dict[str, Any]] = []
     from undo_cli.records import check_output_path, is_stream
     from undo_cli.stages.generation_loop import digest
@@ -210,12 +218,12 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     if config.metrics_path:  # before any work: a metrics path under a file must not fail after an hour
         check_output_path(config.metrics_path, "--metrics")
     identity = {"model": config.model, "adapter": config.adapter, **config.generation_identity(),
-                "template": template_name(config.prompt), "input": digest(problems), "verify": config.verify}
+                "template": template, "input": digest(problems), "verify": config.verify}
     summary = run_generation(
         items, config.backend_config(), config.sampling(), config.output,
         kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
         resume_key="id", description="evaluate", identity=identity, fresh=config.overwrite,
-        shard=config.shard_meta("evaluate"),
+        shard=config.shard_meta("evaluate"), explain=explain_limit(every, config.limit, problems),
     )
 
     # Score the whole file, not just this run: a resumed run must report the same
@@ -225,7 +233,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     else:
         wanted = {p["id"] for p in problems}
         predictions = [r for r in read_records(config.output, "prediction", allow_empty=True) if r["id"] in wanted]
-    metrics = build_metrics(config, compute_metrics(predictions, config.verify))
+    metrics = build_metrics(config, compute_metrics(predictions, config.verify), template)
     if config.shard:  # a shard's partial metrics; `undo merge` recomputes the whole run's
         metrics["shard"] = config.shard
     if config.metrics_path:
@@ -240,8 +248,57 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     return summary
 
 
-def build_metrics(config: EvaluateConfig, scores: dict[str, Any]) -> dict[str, Any]:
-    """The metrics file: `compute_metrics` scores plus what produced them."""
+def prompt_for(config: EvaluateConfig):
+    """(problem -> messages, the format's name): the prompt the model was trained on, as its folder records it.
+
+    `undo train` writes undo_training.json into the model folder (prompts.prompt_format). A model
+    trained through the student template is asked through that template; one trained on
+    `{"messages"}` or `{"prompt", "completion"}` data, whose prompts were the question alone, is asked
+    the question alone. A model trained on prompts of its own (or a mixture) cannot be asked the same
+    way about new questions: evaluated through --prompt, with a warning, as is any mismatch under
+    --no-training-format. A folder without the file (a hub model, an older run) gets --prompt.
+    """
+    from undo_cli.console import console, warn
+    from undo_cli.prompts import (TRAINING_FORMAT, question_messages, read_training_format, student_messages,
+                                  template_name)
+
+    folder = config.adapter or config.model
+    fmt = read_training_format(folder) if config.backend != "openai" or config.adapter else None
+    as_asked = (lambda p: student_messages(p, config.prompt)), template_name(config.prompt)
+    if fmt is None:
+        return as_asked
+    where = f"{Path(folder) / TRAINING_FORMAT}"
+    kind = fmt["kind"]
+    if kind == "template" and template_name(str(fmt.get("template"))) == template_name(config.prompt):
+        return as_asked
+    if kind == "template":
+        trained = str(fmt["template"])
+        if config.training_format:
+            console.print(f"{config.model} was trained with the prompt template '{trained}' ({where}): evaluating "
+                          "with it (--no-training-format to use --prompt instead)", markup=False, soft_wrap=True)
+            return (lambda p: student_messages(p, trained)), template_name(trained)
+        warn(f"{config.model} was trained with the prompt template '{trained}' ({where}), not --prompt "
+             f"'{config.prompt}': it is evaluated on a prompt it never saw")
+        return as_asked
+    if kind == "question":
+        system = fmt.get("system")
+        if config.training_format:
+            console.print(f"{config.model} was trained on {{\"messages\"}}-style data whose prompt is the question "
+                          f"alone{' after a fixed system message' if system else ''} ({where}): evaluating the same "
+                          "way, not through the student template", markup=False, soft_wrap=True)
+            return (lambda p: question_messages(p, system)), "question" + ("+system" if system else "")
+        warn(f"{config.model} was trained with the question alone as its prompt ({where}), not through --prompt "
+             f"'{config.prompt}': it is evaluated on a prompt it never saw")
+        return as_asked
+    warn(f"{config.model} was trained on prompts of its own ({where}: "
+         f"{'some records carried their own prompt' if kind == 'mixed' else 'each record carried its own prompt'}), "
+         f"which `undo evaluate` cannot rebuild for new questions: evaluating through --prompt '{config.prompt}', which "
+         "it never saw. For a comparable accuracy, train on rationales or on problems with --rationale-field")
+    return as_asked
+
+
+def build_metrics(config: EvaluateConfig, scores: dict[str, Any], template: str | None = None) -> dict[str, Any]:
+    """The metrics file: `compute_metrics` scores plus what produced them (`template`: the prompt format used)."""
     from undo_cli.prompts import template_name
 
     return {
@@ -249,7 +306,7 @@ def build_metrics(config: EvaluateConfig, scores: dict[str, Any]) -> dict[str, A
         "model": config.model,
         **({"adapter": config.adapter} if config.adapter else {}),
         "backend": config.backend,
-        "template": template_name(config.prompt),
+        "template": template or template_name(config.prompt),
         "input": config.input,
         "predictions": config.output,
         "max_tokens": config.max_tokens,

@@ -19,10 +19,19 @@ One output line per kept sample, shaped as a `rationale` (docs/artifacts.md):
     {"id": "gsm8k-17#0", "problem_id": "gsm8k-17", "question": ..., "answer": "42", "task": "math",
      "rationale": "... #### 42", "predicted": "42", "correct": true, "teacher": "Qwen/...",
      "backend": "hf", "sample": 0, "usage": {"prompt_tokens": 91, "completion_tokens": 130},
-     "template": "generate", "finish_reason": "stop", "iteration": 0}
+     "template": "generate", "finish_reason": "stop", "iteration": 0, "verify": "strict", "reject_reason": null}
 
-plus `teacher_logprobs` (one [token id, log-prob, [[id, log-prob], ...]] per
-generated token) with `--logprobs K`, for offline white-box distillation.
+`reject_reason` says why a sample does not verify: `no_answer`, `wrong_answer`
+or, with `--verify steps` (strict, and every arithmetic statement in the text
+true: undo_cli/steps.py), `false_step`, with `step_error` quoting the first false
+statement as written. The summary counts the samples that did not verify by
+reason (`rejected_by_reason`).
+
+plus, with `--logprobs K`, for offline white-box distillation: `teacher_logprobs`
+(one [token id, log-prob, [[id, log-prob], ...]] per generated token) and
+`teacher_offsets` (each generated token's [start, end] UTF-8 byte span in
+`rationale`, from the teacher's tokenizer: what a student with another tokenizer
+aligns on, docs/objectives.md; null when that tokenizer does not load here).
 
 Sharding: `--shard K/N` generates for shard K of N only (a stable hash of the
 problem id); `undo merge rationales.jsonl shards/*.jsonl` joins the shards into
@@ -48,7 +57,8 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, UndoError
-from undo_cli.stages.options import GenerationOptions, check_limit, check_output_is_new, check_verify, verify_field
+from undo_cli.stages.options import (TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, check_verify,
+                                     verify_field)
 
 KEEP = ("correct", "all")
 
@@ -68,8 +78,9 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
-    verify: str = verify_field("strict", "strict: a rationale verifies only with an explicit final answer (#### x, "
-                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
+    verify: str = verify_field(TEACHER_VERIFY, "strict: a rationale verifies only with an explicit final answer "
+                               "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
+                               "steps: strict, and every arithmetic statement in it is true (6 * 4 = 24).")
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
@@ -133,9 +144,10 @@ def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dic
 def make_record_builder(config: GenerateConfig, backend_name: str):
     """`make_records` for the generation loop: completions of one problem -> scored rationale records."""
     from undo_cli.prompts import template_name
-    from undo_cli.scoring import score
+    from undo_cli.scoring import score, verdict_fields
 
     template = template_name(config.prompt)
+    offsets = teacher_offsets_maker(config) if config.logprobs else None
 
     def make_records(item, completions) -> list[dict[str, Any]]:
         problem = item.data
@@ -154,6 +166,7 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
                 "predicted": verdict.predicted,
                 "correct": verdict.correct,
                 "verify": config.verify,
+                **verdict_fields(verdict),  # reject_reason (null when verified), step_error with --verify steps
                 "teacher": config.teacher,
                 "backend": backend_name,
                 "sample": sample,
@@ -165,20 +178,53 @@ def make_record_builder(config: GenerateConfig, backend_name: str):
             }
             if config.logprobs:
                 record["teacher_logprobs"] = [t.to_json() for t in c.logprobs] if c.logprobs is not None else None
+                record["teacher_offsets"] = offsets(c)
             records.append(record)
         return records
 
     return make_records
 
 
+def teacher_offsets_maker(config: GenerateConfig):
+    """completion -> [[start, end], ...] UTF-8 byte spans of its tokens in its text, or None.
+
+    The teacher's tokenizer is loaded once, on first use (only the tokenizer); where it does not load (a
+    served model known here only by its name) the offsets are null, with one warning: such records serve
+    a student with the same tokenizer, not one with another (docs/objectives.md).
+    """
+    state: dict[str, Any] = {}
+
+    def offsets(completion) -> list[list[int]] | None:
+        if "table" not in state:
+            from undo_cli.models import load_pretrained
+            from undo_cli.tokenization import TokenBytes
+
+            try:
+                state["table"] = TokenBytes.of(load_pretrained("tokenizer", config.teacher, flag="--teacher",
+                                                               trust_remote_code=config.trust_remote_code))
+            except UndoError as exc:
+                state["table"] = None
+                warn(f"teacher_offsets are null: the teacher's tokenizer does not load here ({exc.message}); a "
+                     "student with another tokenizer cannot align these records")
+        if state["table"] is None or completion.logprobs is None:
+            return None
+        from undo_cli.tokenization import byte_offsets, cover
+
+        text = completion.text.encode("utf-8")
+        pieces = cover(state["table"].pieces([t.token_id for t in completion.logprobs]), text)
+        return None if pieces is None else byte_offsets(pieces, len(text))
+
+    return offsets
+
+
 def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate, verify and keep rationales; prints the summary table and returns it."""
-    from undo_cli.records import read_records
-    from undo_cli.stages.generation_loop import print_summary, run_generation
+    from undo_cli.records import is_stream, read_records
+    from undo_cli.scoring import count_reasons
+    from undo_cli.stages.generation_loop import explain_limit, print_summary, run_generation
 
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
+    every = read_records(config.input, "problem")
+    problems = every if config.limit is None else every[: config.limit]
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
     items = build_items(problems, config.prompt, fewshot)
     if config.keep == "correct":
@@ -197,9 +243,13 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         kind="rationale", make_records=make_record_builder(config, config.backend),
         resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
         economy=config.economy(),
-        shard=shard,
+        shard=shard, explain=explain_limit(every, config.limit, problems),
     )
     summary["keep"] = config.keep
+    if not is_stream(config.output):  # the whole output and sidecar, so a resumed run reports what one run would
+        summary["rejected_by_reason"] = count_reasons(
+            r for path in (config.output, summary.get("rejected_output")) if path
+            for r in read_records(path, "rationale", allow_empty=True))
     if config.keep == "correct":
         if shard is not None:  # only this shard's problems can be missing from this shard's output
             from undo_cli.stages.shards import shard_of
@@ -219,9 +269,7 @@ def item_keys(config: GenerateConfig) -> list[str]:
 
 def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Count the problems with no verified rationale in the whole output (this run and earlier ones)."""
-    from undo_cli.records import read_records
-
-    from undo_cli.records import is_stream
+    from undo_cli.records import is_stream, read_records
 
     if not is_stream(config.output):
         kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}

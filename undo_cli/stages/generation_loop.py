@@ -71,7 +71,8 @@ Contract, in detail:
   key); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
   settings, and `undo merge` joins the shards into the unsharded run's file.
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
-  %, tokens in/out, wall time and throughput; `print_summary` renders it as a
+  %, (with `keep`) the samples that did not verify by reason (`rejected_by_reason`:
+  no answer / wrong answer / false step), tokens in/out, wall time and throughput; `print_summary` renders it as a
   table on stderr. Stages add their own fields and write it where they like.
 """
 
@@ -86,6 +87,7 @@ from typing import Any, Callable, Sequence
 from undo_cli.backends.base import Completion, Message, SamplingConfig
 from undo_cli.console import PlainProgress, console
 from undo_cli.errors import UndoError
+from undo_cli.scoring import REASONS, reject_reason
 
 Record = dict[str, Any]
 
@@ -131,9 +133,14 @@ def digest(obj: Any) -> str:
 
     h = hashlib.sha256()
     for part in obj if isinstance(obj, list) else [obj]:
-        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
-        h.update(b"\n")
+        h.update(_serial(part))
     return h.hexdigest()[:16]
+
+
+def _serial(part: Any) -> bytes:
+    import json
+
+    return json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
 
 
 def _shown(value: Any) -> str:
@@ -141,10 +148,51 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def claim_output(output: str, identity: dict[str, Any], *, fresh: bool) -> None:
+def prefix_length(parts: list[Any], target: str) -> int | None:
+    """The n whose `digest(parts[:n])` is `target` (one pass, hashing each part once); None when no prefix has it.
+
+    How a refusal says `--limit 20, was every problem (105)` instead of two digests: the output's
+    `<stem>.run.json` records the digest of the problems it was made from, and the input's prefixes
+    are what --limit takes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, part in enumerate(parts, start=1):
+        h.update(_serial(part))
+        if h.hexdigest()[:16] == target:
+            return n
+    return None
+
+
+def explain_limit(problems: list[dict[str, Any]], limit: int | None, used: list[dict[str, Any]]):
+    """`claim_output`'s `explain` for a stage with --limit: a changed input digest said in words, and the prompts
+    (which changed because the problems did) left unsaid. `problems`: all of --input; `used`: the first `limit`."""
+    now = digest(used)
+
+    def explain(previous: dict[str, Any]) -> dict[str, str | None]:
+        if previous.get("input") == now:
+            return {}
+        return {"input": limit_words(problems, limit, previous.get("input")), "prompts": None}
+
+    return explain
+
+
+def limit_words(problems: list[dict[str, Any]], limit: int | None, previous_digest: Any) -> str:
+    """A changed --limit (or input) in words: `--limit 20, was every problem (105)`."""
+    n = prefix_length(problems, previous_digest) if isinstance(previous_digest, str) else None
+    if n is None:
+        return "the problems of --input differ from those it was made from (another file, or edited)"
+    every = f"every problem ({len(problems)})"
+    return f"{f'--limit {limit}' if limit is not None else every}, was {every if n == len(problems) else f'--limit {n}'}"
+
+
+def claim_output(output: str, identity: dict[str, Any], *, fresh: bool,
+                 explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None) -> None:
     """Refuse to resume into an output some other run (or program) wrote; then record who writes it.
 
-    See "What produced the output" in the module docstring.
+    See "What produced the output" in the module docstring. explain(previous identity) -> {key: words}
+    says changed keys in words (a digest means nothing to a person); a key mapped to None goes unsaid
+    (e.g. the prompts, which change because the input did).
     """
     from undo_cli.records import write_json
 
@@ -169,11 +217,24 @@ def claim_output(output: str, identity: dict[str, Any], *, fresh: bool) -> None:
         else:
             changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
             if changed:
-                details = "; ".join(f"{k}: {_shown(previous.get(k))} -> {_shown(identity.get(k))}" for k in changed)
+                words = explain(previous) if explain else {}
+                details = "; ".join(words[k] if k in words else f"{k}: {_shown(previous.get(k))} -> "
+                                    f"{_shown(identity.get(k))}" for k in changed if words.get(k, "") is not None)
                 raise UndoError(f"--output {output} was written by a different run; changed: {details}",
                                 hint="re-run with the same settings to resume it, pass --overwrite to start over, "
-                                     "or choose another --output")
+                                     f"or choose another --output (e.g. {_another(output)})")
     write_json(record, {"output": Path(output).name, "identity": identity})
+
+
+def _another(output: str) -> str:
+    """A free file name beside `output`: preds.jsonl -> preds-2.jsonl (or -3, ...)."""
+    p = Path(output)
+    stem, suffix = (p.name[: -len(".jsonl")], ".jsonl") if p.name.endswith(".jsonl") else (p.stem, p.suffix)
+    for i in range(2, 1000):
+        other = p.with_name(f"{stem}-{i}{suffix}")
+        if not other.exists():
+            return str(other)
+    return str(p.with_name(f"{stem}-new{suffix}"))
 
 
 def _prompt_chars(item: WorkItem) -> int:
@@ -196,6 +257,7 @@ def run_generation(
     identity: dict[str, Any] | None = None,
     economy: Any = None,
     shard: dict[str, Any] | None = None,
+    explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None,
 ) -> dict[str, Any]:
     """Generate for every item not already in `output`; returns a summary dict (module docstring).
 
@@ -209,6 +271,7 @@ def run_generation(
         the backend; records then carry `cached`, and the summary `teacher_usage` (and `budget`).
     shard: the sidecar of `--shard K/N` (`shards.shard_meta`): only the items whose
         `shard_key` hashes to shard K are generated, and the sidecar is marked complete at the end.
+    explain: says a refused resume's changed identity keys in words (`claim_output`).
     """
     from undo_cli.backends import BackendConfig, open_backend
     from undo_cli.records import AppendLog, check_output_path, is_stream
@@ -235,7 +298,7 @@ def run_generation(
     if run_record is not None:
         identity = {"stage": description, **identity,
                     "prompts": digest(sorted(([i.key, i.messages] for i in items), key=lambda kv: kv[0]))}
-        claim_output(output, identity, fresh=fresh)
+        claim_output(output, identity, fresh=fresh, explain=explain)
     stats = _Stats(questions=len(items))
     if economy is not None:
         economy.begin(output, fresh=fresh or not output_existed)
@@ -281,6 +344,8 @@ def run_generation(
         if side:
             shards.put_in_order(side, kind, keys, resume_key)
     summary = stats.summary(output, side)
+    if keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
+        summary["rejected_by_reason"] = stats.unverified
     # A shard is complete (mergeable) only when no item was left undone by the teacher budget.
     if shard is not None and not stats.left_by_budget:
         shards.finish(output, shard, records=len(out.existing) + stats.kept,
@@ -363,7 +428,7 @@ def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, chec
                 stats.rejected += len(rejected)
                 stats.items_done += len(batch)
                 elapsed = time.perf_counter() - gen_start
-                tps = stats.tokens_out / max(elapsed, 1e-9)
+                tps = stats.generated_tokens / max(elapsed, 1e-9)  # what the model wrote, not the cache's answers
                 progress.update(task, advance=len(batch), tps=tps)
                 if plain is not None:
                     plain.update(stats.items_done, f"{tps:,.1f} tok/s")
@@ -398,6 +463,13 @@ class _Stats:
     without_kept: list[str] = field(default_factory=list)
     endpoints: list[dict[str, Any]] | None = None
     left_by_budget: list[str] = field(default_factory=list)
+    unverified: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))  # not verified, by reason
+    cached_samples: int = 0  # answered by the teacher cache: instant, so outside the throughput
+    cached_tokens: int = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.tokens_out - self.cached_tokens
 
     def count_item(self, item: WorkItem, completions: list[Completion]) -> None:
         self.samples += len(completions)
@@ -405,12 +477,18 @@ class _Stats:
         if completions:
             self.tokens_in += completions[0].prompt_tokens
         self.tokens_out += sum(c.completion_tokens for c in completions)
+        if completions and completions[0].cached:  # the n samples of one request are cached together
+            self.cached_samples += len(completions)
+            self.cached_tokens += sum(c.completion_tokens for c in completions)
         self.finish.update(str(c.finish_reason) for c in completions)
 
     def count_record(self, record: Record) -> None:
         if "correct" in record:
             self.scored += 1
             self.verified += bool(record["correct"])
+            if not record["correct"]:
+                reason = reject_reason(record)
+                self.unverified[reason] = self.unverified.get(reason, 0) + 1
 
     def summary(self, output: str, side: str | None) -> dict[str, Any]:
         gen = max(self.generation_s, 1e-9)
@@ -436,10 +514,25 @@ class _Stats:
             "load_s": round(self.load_s, 3),
             "generation_s": round(self.generation_s, 3),
             "wall_s": round(self.wall_s, 3),
-            "tokens_per_s": round(self.tokens_out / gen, 2) if self.samples else 0.0,
-            "samples_per_s": round(self.samples / gen, 3) if self.samples else 0.0,
+            # Throughput of what the model generated; answers from the teacher cache are counted apart.
+            "tokens_per_s": round(self.generated_tokens / gen, 2) if self.samples > self.cached_samples else 0.0,
+            "samples_per_s": round((self.samples - self.cached_samples) / gen, 3)
+            if self.samples > self.cached_samples else 0.0,
+            "cached_samples": self.cached_samples,
+            "cached_tokens_out": self.cached_tokens,
             **({"endpoints": self.endpoints} if self.endpoints is not None else {}),
         }
+
+
+def _throughput(summary: dict[str, Any]) -> str:
+    """Generated tokens per second; samples the teacher cache answered (instantly) are said apart, not averaged in."""
+    cached = summary.get("cached_samples") or 0
+    generated = summary["samples"] - cached
+    rate = f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s generated"
+    if not cached:
+        return rate
+    from_cache = f"{cached} samples ({summary.get('cached_tokens_out', 0):,} tokens) from the teacher cache"
+    return f"{rate} ({generated} samples); {from_cache}" if generated else f"none generated; {from_cache}"
 
 
 def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
@@ -460,7 +553,7 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         ("tokens in / out", f"{summary['tokens_in']:,} / {summary['tokens_out']:,}"),
         ("finish reasons", ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())) or "-"),
         ("wall time", f"{summary['wall_s']:.1f} s (model load {summary['load_s']:.1f} s)"),
-        ("throughput", f"{summary['tokens_per_s']:,.1f} tok/s, {summary['samples_per_s']:.2f} samples/s"),
+        ("throughput", _throughput(summary)),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
@@ -469,6 +562,8 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         table.add_row(f"endpoint {e['url']}", "unreachable at start" if e.get("unreachable_at_start") else
                       f"{e['requests']} requests, {e['failures']} failed{f' ({faults})' if faults else ''}, "
                       f"{e['req_per_s']:.1f} req/s")
+    for reason, count in (summary.get("rejected_by_reason") or {}).items():
+        table.add_row(f"not verified: {reason.replace('_', ' ')}", str(count))
     for extra_name, value in summary.get("extra_rows", []):
         table.add_row(extra_name, str(value))
     console.print(table)

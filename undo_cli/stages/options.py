@@ -120,19 +120,29 @@ class GenerationOptions:
                               seed=self.seed, logprobs=logprobs)
 
 
-VERIFY = ("strict", "flexible")  # undo_cli.scoring.VERIFY, restated so this module stays light
+VERIFY = ("strict", "flexible", "steps")  # undo_cli.scoring.VERIFY, restated so this module stays light
+EXTRACTIONS = ("strict", "flexible")       # the readings of a student's answer (`undo evaluate`)
+
+# How the teacher's rationales are verified when nobody says (`undo generate`, `undo refine`, and so the
+# [generate]/[refine] tables of `undo iterate`): THE one place to change that default. `steps` also needs
+# every arithmetic statement true (undo_cli/steps.py); see docs/method.md, "Step-checked verification".
+TEACHER_VERIFY = "strict"
+
+_VERIFY_HINTS = {
+    "strict": "strict: only an explicit final answer (#### x, \\boxed{x}, 'the answer is x') counts",
+    "flexible": "flexible: also the last number when there is none",
+    "steps": "steps: strict, and every arithmetic statement in the text must be true (6 * 4 = 24)",
+}
 
 
-def verify_field(default: str, help: str):
-    """The `verify` field of a stage config: which of the scorer's two extractions decides `correct`."""
-    return field(default=default, metadata={"help": help, "choices": VERIFY})
+def verify_field(default: str, help: str, choices: tuple[str, ...] = VERIFY):
+    """The `verify` field of a stage config: how the scorer decides `correct` (`choices`: the modes it takes)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def check_verify(value: str, key: str = "--verify") -> None:
-    if value not in VERIFY:
-        raise UndoError(f"{key} {value}: unknown choice",
-                        hint="strict: only an explicit final answer (#### x, \\boxed{x}, 'the answer is x') counts; "
-                             "flexible: also the last number when there is none")
+def check_verify(value: str, key: str = "--verify", choices: tuple[str, ...] = VERIFY) -> None:
+    if value not in choices:
+        raise UndoError(f"{key} {value}: unknown choice", hint="; ".join(_VERIFY_HINTS[c] for c in choices))
 
 
 def check_limit(value: int | None, key: str = "--limit") -> None:

@@ -26,6 +26,12 @@ answer, its earlier rationale(s) for it, the student's wrong output and `--k`
 similar failures, and asks it to find where the student went wrong, explain the
 missed concept in the same notation and end with `#### <answer>`.
 
+Before anything is sent, each prompt is measured against the teacher's context
+(its config.json, vLLM's --max-model-len, or a server's /v1/models; see
+backends/context.py) with room for --max-tokens: one that does not fit shows
+fewer similar failures, and one that does not fit even with none is refused,
+with the numbers and the setting to change (`fit_to_context`).
+
 Every new rationale is verified with the one scorer (`undo_cli.scoring`), as
 in `undo generate`. With `--n` > 1 (and a temperature) the first verified
 sample wins. When none verifies, or the text is empty or was cut off by
@@ -38,7 +44,10 @@ sample wins. When none verifies, or the text is empty or was cut off by
                     "teacher": ..., "backend": "hf", "usage": {...}}}
 
 With `kept_previous: true` the rejected text is in `refinement.rejected_rationale`
-for a person to read. Batching, resume (re-run the same command; finished ids
+for a person to read, and `refinement.reject_reason` says why: `no_answer`,
+`wrong_answer`, `false_step` (`--verify steps`: the answer is right but an
+arithmetic statement is false; `refinement.step_error` quotes it) or `truncated`.
+The summary counts them (`rejected_by_reason`). Batching, resume (re-run the same command; finished ids
 are skipped, a kill loses at most the batch in flight; `<output stem>.run.json`
 records the settings, a re-run with others is refused unless `--overwrite`),
 progress and the summary table are the shared `stages/generation_loop.py`, exactly as
@@ -57,7 +66,7 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import UndoError
-from undo_cli.stages.options import GenerationOptions, check_output_is_new, check_verify, verify_field
+from undo_cli.stages.options import TEACHER_VERIFY, GenerationOptions, check_output_is_new, check_verify, verify_field
 
 SELECT = ("similar", "errors")
 
@@ -80,8 +89,9 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
     overwrite: bool = field(default=False, metadata={
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
-    verify: str = verify_field("strict", "strict: a refinement verifies only with an explicit final answer (#### x, "
-                                         "\\boxed{x}, 'The answer is x'); flexible: the last number may count too.")
+    verify: str = verify_field(TEACHER_VERIFY, "strict: a refinement verifies only with an explicit final answer "
+                               "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
+                               "steps: strict, and every arithmetic statement in it is true (6 * 4 = 24).")
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
@@ -279,35 +289,111 @@ def _failure_view(error: dict[str, Any]) -> dict[str, Any]:
             "output": error["output"], "predicted": error.get("predicted"), "error_type": error["error_type"]}
 
 
+def _messages(job: Job, tmpl) -> list[dict[str, str]]:
+    from undo_cli.prompts import problem_variables, render_messages
+
+    return render_messages(
+        tmpl, **problem_variables(job.target),
+        previous_rationales=job.previous,
+        student_output=job.failure["output"],
+        student_question=job.failure["question"],
+        student_predicted=job.failure.get("predicted"),
+        error_type=job.failure["error_type"],
+        similar_failures=[_failure_view(e) for e in job.similar],
+    )
+
+
 def build_items(jobs: list[Job], template: str):
     """One work item per job, keyed by the target id it replaces."""
-    from undo_cli.prompts import load_template, problem_variables, render_messages
+    from undo_cli.prompts import load_template
     from undo_cli.stages.generation_loop import WorkItem
 
     tmpl = load_template(template)
-    items = []
+    # Shards split by problem, so every sample of a problem is refined in the same shard.
+    return [WorkItem(key=job.target["id"], messages=_messages(job, tmpl), data={"job": job},
+                     shard_key=job.target["problem_id"]) for job in jobs]
+
+
+def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
+    """Make every prompt fit the teacher's context with room for --max-tokens, before anything is sent.
+
+    A refine prompt holds the earlier rationales, the student's output and `--k` similar failures
+    with theirs, and can outgrow a small teacher (prompts of 2,500 tokens against 1,024 were seen).
+    Where one does, its similar failures are shown fewer, the least similar dropped first (the
+    record's `informed_by` lists those shown); one that does not fit even with none is refused,
+    with the numbers and the settings to change. Nothing is checked when the context is unknown
+    (backends/context.py says where it is read from).
+    """
+    from undo_cli.backends.context import context_window, prompt_length
+    from undo_cli.prompts import load_template
+
+    window = context_window(config.backend_config())
+    length = prompt_length(config.backend_config()) if window is not None and jobs else None
+    if length is None:
+        return jobs
+    budget = window.tokens - config.max_tokens  # what the prompt may take: the completion needs its room
+    tmpl = load_template(config.prompt)
+    shown: Counter = Counter()  # how many similar failures the shortened prompts show
     for job in jobs:
-        messages = render_messages(
-            tmpl, **problem_variables(job.target),
-            previous_rationales=job.previous,
-            student_output=job.failure["output"],
-            student_question=job.failure["question"],
-            student_predicted=job.failure.get("predicted"),
-            error_type=job.failure["error_type"],
-            similar_failures=[_failure_view(e) for e in job.similar],
-        )
-        # Shards split by problem, so every sample of a problem is refined in the same shard.
-        items.append(WorkItem(key=job.target["id"], messages=messages, data={"job": job},
-                              shard_key=job.target["problem_id"]))
-    return items
+        messages = _messages(job, tmpl)
+        if length.bound(messages) <= budget:
+            continue  # far inside: no tokenizing
+        tokens = length.exact(messages)
+        shortened = False
+        while tokens > budget and job.similar:
+            job.similar, shortened = job.similar[:-1], True
+            tokens = length.exact(_messages(job, tmpl))
+        if tokens > budget:
+            _refuse_too_long(job, tokens, window, config)
+        if shortened:
+            shown[len(job.similar)] += 1
+    if shown:
+        counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown.items(), reverse=True))
+        warn(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
+             f"({window.tokens:,} tokens, {window.source}) with room for --max-tokens {config.max_tokens}: they show "
+             f"fewer similar failures than --k {config.k} ({counts}); a smaller --k or --max-tokens avoids this")
+    return jobs
+
+
+def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig) -> None:
+    room = window.tokens - tokens
+    fix = (f"lower --max-tokens to at most {room}" if room > 0 else
+           "shorten what the prompt shows (the student's --max-tokens at evaluation bounds its output; "
+           "a shorter --prompt template)")
+    server = "; or serve it with a longer --max-model-len" if config.backend in ("vllm", "openai") else ""
+    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with --max-tokens "
+                    f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than the teacher's context of "
+                    f"{window.tokens:,} tokens ({window.source}), even with no similar failure shown",
+                    hint=f"{fix}; or a teacher with a longer context{server}")
 
 
 def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):
-    """(Score, accepted): a refinement is accepted only when complete, non-empty and correct (`mode` extraction)."""
+    """(Score, accepted): a refinement is accepted only when complete, non-empty and correct (`mode`: scoring.VERIFY)."""
     from undo_cli.scoring import score
 
     verdict = score(text, target["answer"], target.get("task") or "math", target.get("choices"), mode)
     return verdict, bool(text.strip()) and finish_reason != "length" and verdict.correct
+
+
+def refusal(text: str, finish_reason: str | None, verdict) -> str:
+    """Why a refinement was not accepted: no_answer (also empty text), truncated (cut by --max-tokens),
+    or the scorer's wrong_answer / false_step."""
+    if not text.strip():
+        return "no_answer"
+    if finish_reason == "length":
+        return "truncated"
+    return verdict.reason or "wrong_answer"
+
+
+def refusal_of(refinement: dict[str, Any]) -> str | None:
+    """The recorded reason of a kept-previous refinement (derived for files written before it was recorded)."""
+    if not refinement.get("kept_previous"):
+        return None
+    if refinement.get("reject_reason"):
+        return refinement["reject_reason"]
+    if refinement.get("rejected_finish_reason") == "length":
+        return "truncated"
+    return "no_answer" if refinement.get("rejected_predicted") is None else "wrong_answer"
 
 
 def make_record_builder(config: RefineConfig, stats: Counter):
@@ -340,7 +426,8 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             c, verdict = winner
             stats["verified"] += 1
             # The old rationale's logprobs and refinement belong to the old text.
-            record = {k: v for k, v in target.items() if k not in ("teacher_logprobs", "refinement")}
+            record = {k: v for k, v in target.items()
+                      if k not in ("teacher_logprobs", "teacher_offsets", "refinement")}
             record.update({
                 "rationale": c.text, "predicted": verdict.predicted, "correct": True,
                 "teacher": config.teacher, "backend": config.backend,
@@ -356,6 +443,11 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             refinement["rejected_rationale"] = first.text if first is not None else ""
             refinement["rejected_predicted"] = verdict.predicted if verdict is not None else None
             refinement["rejected_finish_reason"] = first.finish_reason if first is not None else None
+            reason = refusal(first.text, first.finish_reason, verdict) if first is not None else "no_answer"
+            refinement["reject_reason"] = reason
+            if reason == "false_step":
+                refinement["step_error"] = verdict.step_error
+            stats[f"reason:{reason}"] += 1
             if len(checked) > 1:
                 refinement["more_rejected"] = [c.text for c, _, _ in checked[1:]]
         record["refinement"] = refinement
@@ -383,12 +475,46 @@ def item_keys(config: RefineConfig) -> list[str]:
     return [job.target["id"] for job in plan(config)[2]]
 
 
+def _outcomes(config: RefineConfig, jobs: list[Job], stats: Counter) -> tuple[int, int, dict[str, int]]:
+    """(refinements verified, previous rationales kept, the refusals by reason).
+
+    The generation loop counts `correct`, which a kept previous rationale also has; what
+    matters here is how many *refinements* verified. Count the whole file so a
+    resumed run reports the same totals an uninterrupted one would.
+    """
+    from undo_cli.records import is_stream, read_records
+    from undo_cli.scoring import REASONS
+
+    if not is_stream(config.output):
+        if config.shard:
+            from undo_cli.stages.shards import parse_shard, shard_of
+
+            part = parse_shard(config.shard)
+            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
+        ours = {j.target["id"] for j in jobs}
+        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
+        verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
+        kept_previous = len(done) - verified
+        reasons = Counter(refusal_of(r.get("refinement") or {}) for r in done)
+    else:
+        verified, kept_previous = stats["verified"], stats["kept_previous"]
+        reasons = Counter({k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("reason:")})
+    # no final answer / wrong answer / false step (and truncated, when a refinement was cut off)
+    by_reason = {k: reasons.get(k, 0) for k in REASONS}
+    if reasons.get("truncated"):
+        by_reason["truncated"] = reasons["truncated"]
+    return verified, kept_previous, by_reason
+
+
 def run(config: RefineConfig) -> dict[str, Any]:
     """Select, refine, verify and write; prints the summary table and returns it."""
-    from undo_cli.records import read_records
     from undo_cli.stages.generation_loop import print_summary, run_generation
 
     errors, targets, jobs, counts = plan(config)
+    from undo_cli.records import check_output_path
+
+    check_output_path(config.output)  # the cheap refusals first: the context check loads the tokenizer
+    jobs = fit_to_context(jobs, config)
 
     if not errors:
         console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")
@@ -404,7 +530,6 @@ def run(config: RefineConfig) -> dict[str, Any]:
         warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
 
     from undo_cli.prompts import template_name
-    from undo_cli.records import is_stream
     from undo_cli.stages.generation_loop import digest
 
     stats: Counter = Counter()
@@ -418,21 +543,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         description="refine", identity=identity, fresh=config.overwrite, economy=config.economy(),
         shard=config.shard_meta("refine"),
     )
-    # The generation loop counts `correct`, which a kept previous rationale also has; what
-    # matters here is how many *refinements* verified. Count the whole file so a
-    # resumed run reports the same totals an uninterrupted one would.
-    if not is_stream(config.output):
-        if config.shard:
-            from undo_cli.stages.shards import parse_shard, shard_of
-
-            part = parse_shard(config.shard)
-            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
-        ours = {j.target["id"] for j in jobs}
-        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
-        verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
-        kept_previous = len(done) - verified
-    else:
-        verified, kept_previous = stats["verified"], stats["kept_previous"]
+    verified, kept_previous, rejected_by_reason = _outcomes(config, jobs, stats)
     total = verified + kept_previous
     summary.update({
         "select": config.select, "errors": len(errors), "targets": len(targets),
@@ -440,6 +551,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         "unmatched_errors": counts["unmatched_errors"],
         "refined_verified": verified, "kept_previous": kept_previous,
         "verified": verified, "verified_pct": round(100.0 * verified / total, 2) if total else None,
+        "rejected_by_reason": rejected_by_reason,
     })
     summary["extra_rows"] = [
         ("failures / targets read", f"{len(errors)} / {len(targets)}"),

@@ -2,11 +2,19 @@
 
     undo score predictions.jsonl --output scored.jsonl
     cat outputs.jsonl | undo score - --task choice > scored.jsonl
+    undo score rationales.jsonl --verify steps -o checked.jsonl   # also every arithmetic step true
 
 Input is any JSONL whose lines have a gold `answer` and a model `output`
 (optionally `id`, `task`, `choices`): a "scorable" record. Every record is
 written back unchanged plus `predicted` (the extracted answer, null when the
-output commits to none) and `correct`. The accuracy, overall and per task,
+output commits to none), `correct` and `reject_reason` (null when correct, else
+`no_answer`, `wrong_answer` or, with `--verify steps`, `false_step` with
+`step_error` quoting the first false statement). `--verify` picks the reading:
+`flexible` (default: the explicit final answer, else the last number), `strict`
+(only an explicit final answer) or `steps` (strict, and every arithmetic
+statement of the output true: undo_cli/steps.py). A file of rationales
+(`undo generate`'s) is read too: its `rationale` is the output when there is no
+`output`. The accuracy, overall and per task,
 goes to stderr as a small table, so stdout stays pure JSONL for a pipeline.
 
 `--task` overrides each record's own `task` (useful for files written by
@@ -23,6 +31,7 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 from undo_cli.records.schema import TASKS
+from undo_cli.stages.options import check_verify, verify_field
 
 
 @dataclass
@@ -33,8 +42,12 @@ class ScoreConfig:
     output: str = field(default="-", metadata={"short": "-o", "help": "Where to write the scored records ('-' is stdout)."})
     task: str | None = field(default=None, metadata={"choices": TASKS,
         "help": "Score every record as this task (math, choice or exact); default: each record's `task`, else math."})
+    verify: str = verify_field("flexible", "flexible: the explicit final answer, else the last number; strict: only an "
+                               "explicit final answer (#### x, \\boxed{x}, 'The answer is x'); steps: strict, and "
+                               "every arithmetic statement in the output is true (6 * 4 = 24).")
 
     def __post_init__(self) -> None:
+        check_verify(self.verify)
         if self.task is not None and self.task not in TASKS:
             raise UndoError(f"--task {self.task}: unknown task",
                             hint=f"use one of: {', '.join(TASKS)} (or leave it out to use each record's own task)")
@@ -53,10 +66,10 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     from undo_cli.console import console
     from undo_cli.records import read_records, write_records
     from undo_cli.records.io import display_name
-    from undo_cli.scoring import score_record
+    from undo_cli.scoring import count_reasons, reasons_text, score_record
 
     records = read_records(config.input, "scorable")
-    scored = [score_record(r, config.task) for r in
+    scored = [score_record(r, config.task, config.verify) for r in
               track(records, description="scoring", console=console, transient=True, disable=len(records) < 2000)]
     write_records(config.output, scored)
 
@@ -70,7 +83,10 @@ def run(config: ScoreConfig) -> dict[str, Any]:
         empty[task] += r["predicted"] is None
     n, k = len(scored), sum(hits.values())
     summary = {
-        "records": n, "correct": k, "accuracy": k / n, "no_answer": sum(empty.values()),
+        "records": n, "correct": k, "accuracy": k / n, "no_answer": sum(empty.values()), "verify": config.verify,
+        "rejected_by_reason": count_reasons(scored),
+        # Shaped as `undo evaluate`'s predictions (an id and a question each): `undo collect-errors` reads them.
+        "predictions": all(isinstance(r.get("id"), str) and isinstance(r.get("question"), str) for r in scored),
         "by_task": {t: {"records": totals[t], "correct": hits[t], "accuracy": hits[t] / totals[t],
                         "no_answer": empty[t]} for t in sorted(totals)},
     }
@@ -83,5 +99,6 @@ def run(config: ScoreConfig) -> dict[str, Any]:
     if len(totals) > 1:
         table.add_row("all", str(n), str(k), str(summary["no_answer"]), f"{k / n:.1%}", style="bold")
     console.print(table)
+    console.print(f"not verified: {reasons_text(summary['rejected_by_reason'])} (--verify {config.verify})")
     console.print(f"accuracy: {k / n:.4f} ({k}/{n})")
     return summary

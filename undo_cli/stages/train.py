@@ -160,7 +160,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
     from undo_cli.training.collate import PackedCollator, PaddedCollator
-    from undo_cli.training.trainer import UndoTrainer
+    from undo_cli.training.trainer import StopOnInterrupt, UndoTrainer
 
     from undo_cli.training import hf
 
@@ -239,11 +239,19 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if own:
             console.print(own.description, soft_wrap=True)
 
+    stop = StopOnInterrupt()
+    stop.accelerator = trainer.accelerator
+    trainer.add_callback(stop)
     try:
-        result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-    except BaseException:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+        if stop.interrupted_at is not None:  # Ctrl-C: the Trainer saved a checkpoint at this step and stopped
+            raise KeyboardInterrupt
+    except BaseException as exc:
         if objective:  # stop asking a served teacher for batches nobody will train on
             objective.close()
+        if isinstance(exc, KeyboardInterrupt) and state.is_main_process:
+            _say_where_to_resume(output, stop.interrupted_at, trainer.state.max_steps)
         raise
     saved = hf.save(trainer, config, output)
     meter = trainer.meter
@@ -288,6 +296,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
             (folder / "training_args.bin").unlink(missing_ok=True)
+        _record_prompt_format(records, config, output, saved)
         write_json(output / SUMMARY_FILE, summary)
         if not config.keep_checkpoints:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
@@ -298,6 +307,37 @@ def run(config: TrainConfig) -> dict[str, Any]:
     del trainer, model, objective, own
     release_memory()
     return summary
+
+
+def _record_prompt_format(records: list[dict[str, Any]], config: TrainConfig, output: Path,
+                          saved: dict[str, Any]) -> None:
+    """OUTPUT/undo_training.json: the prompt format the model learnt, so `undo evaluate` asks it the same way."""
+    from undo_cli.prompts import TRAINING_FORMAT, prompt_format
+
+    recorded = {"prompt": prompt_format(records, config.template), "data": config.data,
+                "note": "written by `undo train`; `undo evaluate --model THIS_FOLDER` prompts the model this way"}
+    for folder in {output, Path(saved.get("adapter") or output)}:
+        write_json(folder / TRAINING_FORMAT, recorded)
+
+
+def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -> None:
+    """After Ctrl-C: which checkpoint is on disk, and the exact command that continues from it."""
+    from rich.markup import escape
+
+    from undo_cli.guidance import rerun
+
+    done, _ = complete_checkpoints(output)
+    if stopped_at is not None and done:
+        where = f"training stopped at step {stopped_at} of {max_steps}; checkpoint saved: {done[-1]}"
+    elif done:
+        where = f"training stopped mid-step; the last checkpoint on disk is {done[-1]}"
+    else:
+        where = "training stopped before its first checkpoint: --resume starts again from step 0"
+    command = rerun("train", drop={"--resume": False, "--overwrite": False}, add=["--resume"])
+    # Inside `undo iterate` or `undo demo` their own message says how to continue the whole run.
+    console.print(f"[yellow]{escape(where)}[/yellow]"
+                  + (f"\n[yellow]continue with:[/yellow] {escape(command)}" if command else ""),
+                  highlight=False, soft_wrap=True)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
-from undo_cli.objectives.options import DESCRIPTIONS, KINDS, OBJECTIVES
+from undo_cli.objectives.options import CROSS_KINDS, DESCRIPTIONS, KINDS, OBJECTIVES
 from undo_cli.prompts import STUDENT_TEMPLATE
 
 MODES = ("off", "on-policy", "adaptive")
@@ -117,9 +117,11 @@ class ObjectiveOptions:
 
     objective: str = field(default="sft", metadata={"choices": OBJECTIVES, 
         "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
-                "distribution: fkl, rkl, jsd, skl, srkl, tvd (needs a shared tokenizer)."})
+                "distribution: fkl, rkl, jsd, skl, srkl, tvd (a shared tokenizer); uld, gold (any tokenizer: "
+                "byte-aligned spans); auto (skl when the tokenizers are identical, else gold or uld)."})
     teacher: str | None = field(default=None, metadata={
-        "help": "Live teacher for a white-box objective (folder or hub name; same tokenizer), loaded frozen."})
+        "help": "Live teacher for a white-box objective (folder or hub name; another tokenizer needs uld, gold or "
+                "auto), loaded frozen."})
     teacher_logprobs: bool = field(default=False, metadata={
         "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
     teacher_url: str | None = field(default=None, metadata={
@@ -171,7 +173,7 @@ class ObjectiveOptions:
                             hint="use a live --teacher MODEL, or the log-probs recorded in --data (--teacher-logprobs)")
         if not (live or offline):
             raise UndoError(f"--objective {objective} needs --teacher MODEL or --teacher-logprobs",
-                            hint="--teacher loads a teacher that shares the student's tokenizer; --teacher-logprobs "
+                            hint="--teacher loads a teacher here (any tokenizer with uld, gold or auto); --teacher-logprobs "
                                  "uses rationales generated with `undo generate --logprobs K`; --objective sft needs "
                                  "neither")
         if not 0.0 <= self.alpha < 1.0:
@@ -261,6 +263,11 @@ class StudentOutputOptions:
             raise UndoError(f"{what} needs a live --teacher of the same tokenizer (it scores the student's samples)",
                             hint="add --teacher MODEL; for a teacher with another tokenizer use plain --objective sft")
         objective = c.objective
+        if objective in CROSS_KINDS:
+            raise UndoError(f"{what} with --objective {objective}: scoring the student's own samples needs a teacher "
+                            "with the student's tokenizer",
+                            hint="use an exact-vocabulary objective (jsd, srkl, ...) with a teacher of the same "
+                                 "tokenizer, or train on the data alone (drop the flag)")
         if method == "sft" and objective == "sft":
             raise UndoError(f"{what} needs a white-box --objective: cross-entropy on the student's own samples "
                             "teaches it nothing new", hint="use --objective jsd (GKD) or srkl (DistiLLM)")

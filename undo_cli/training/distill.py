@@ -7,7 +7,8 @@
 `--objective sft` (the default) is plain cross-entropy on the rationale and
 needs nothing from this module. Every other objective (`undo_cli.objectives`:
 fkl, rkl, jsd, skl, srkl, tvd) compares the student's next-token distribution
-with the teacher's at every rationale token, so both must share a tokenizer:
+with the teacher's at every rationale token, so both must share a tokenizer (a
+teacher with another tokenizer: `uld`, `gold` or `auto`, training/cross_teacher.py):
 
 * **live teacher** (`--teacher MODEL`): loaded once, frozen, in eval mode (bf16
   on a GPU), fed the same packed batch as the student. Both models' final
@@ -201,49 +202,21 @@ class DistillationLoss:
 
 # --- the live teacher -------------------------------------------------------------------
 
-def check_teacher_tokenizer(name: str, student_tokenizer, *, trust_remote_code: bool) -> None:
-    """Refuse a teacher whose tokenizer is not the student's (loads only the tokenizer: fast, before any output)."""
-    from undo_cli.models import load_pretrained
-
-    tokenizer = load_pretrained("tokenizer", name, trust_remote_code=trust_remote_code, flag="--teacher")
-    why = tokenizer_difference(tokenizer, student_tokenizer)
-    if why:
-        raise UndoError(f"--teacher {name}: its tokenizer differs from the student's ({why}): white-box objectives "
-                        "need a shared tokenizer",
-                        hint="use --objective sft for a teacher with a different tokenizer (black-box rationale "
-                             "distillation works with any teacher)")
+from undo_cli.tokenization import tokenizer_difference  # noqa: E402,F401 (its home; kept importable here)
 
 
-def tokenizer_difference(teacher, student) -> str | None:
-    """None if the two tokenizers have the same tokens (string -> id) and special tokens, else the first difference.
-
-    Token by token, not by size: two tokenizers trained on different text can have exactly as many
-    tokens, and then every id means something else.
-    """
-    theirs, mine = teacher.get_vocab(), student.get_vocab()
-    if len(theirs) != len(mine):
-        return f"{len(theirs)} vs {len(mine)} tokens"
-    for token, i in mine.items():
-        if theirs.get(token) != i:
-            return (f"as many tokens ({len(mine)}), but {token!r} is id {i} for the student and "
-                    f"{theirs.get(token)} for the teacher")
-
-    def specials(tok) -> dict[int, str]:
-        return {i: t.content for i, t in tok.added_tokens_decoder.items() if t.special}
-
-    if specials(teacher) != specials(student):
-        diff = sorted(set(specials(teacher).items()) ^ set(specials(student).items()))
-        return f"the same tokens, but other special tokens: {diff[:4]}"
-    return None
-
-
-def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
-    """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
+def load_frozen(name: str, *, device, trust_remote_code: bool) -> torch.nn.Module:
+    """The teacher model, frozen, in eval mode (bf16 on a GPU)."""
     from undo_cli.models import load_pretrained
 
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     teacher = load_pretrained("model", name, trust_remote_code=trust_remote_code, flag="--teacher", dtype=dtype)
-    teacher.to(device).eval().requires_grad_(False)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
+    """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
+    teacher = load_frozen(name, device=device, trust_remote_code=trust_remote_code)
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     shared = min(student_vocab_rows, teacher_rows)
     if shared < tokenizer_size:
@@ -282,9 +255,9 @@ def attach_teacher_topk(records: list[dict[str, Any]], examples: list[dict[str, 
     if not counts.aligned:
         if counts.mismatched:
             raise UndoError(f"{path}: none of the {counts.mismatched} recorded teacher_logprobs match the student's "
-                            "tokenisation of the rationale: white-box objectives need a shared tokenizer",
-                            hint="use --objective sft for a teacher with a different tokenizer, or regenerate the "
-                                 "rationales with a teacher that shares the student's tokenizer")
+                            "tokenisation of the rationale: exact-vocabulary objectives need a shared tokenizer",
+                            hint="use --objective uld (or auto) for a teacher with another tokenizer (it aligns the "
+                                 "recorded teacher_offsets), --objective sft for the text alone")
         raise UndoError(f"{path}: no record has teacher_logprobs; --teacher-logprobs needs rationales generated "
                         "with `undo generate --logprobs K`",
                         hint="regenerate with `undo generate ... --logprobs 20`, or use a live --teacher MODEL")
@@ -303,8 +276,8 @@ def attach_teacher_topk(records: list[dict[str, Any]], examples: list[dict[str, 
         for position, support in aligned:
             if max(token for token, _ in support) >= vocab_size:
                 raise UndoError(f"{path}: teacher token id {max(t for t, _ in support)} is outside the student's "
-                                f"vocabulary of {vocab_size}: white-box objectives need a shared tokenizer",
-                                hint="use --objective sft for a teacher with a different tokenizer")
+                                f"vocabulary of {vocab_size}: exact-vocabulary objectives need a shared tokenizer",
+                                hint="use --objective uld (or auto) for a teacher with another tokenizer")
             ids[position, : len(support)] = torch.tensor([t for t, _ in support], dtype=torch.int32)
             lps[position, : len(support)] = torch.tensor([lp for _, lp in support])
             valid[position, : len(support)] = True
@@ -356,6 +329,7 @@ class Objective:
                  served=None):
         self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
         self.served = served  # served_teacher.ServedTeacher for --teacher-url
+        self.choice = None  # cross_teacher.Choice: what was asked (e.g. auto) and why this objective runs
         self.loss: DistillationLoss | None = None
         self.vocab = 0
 
@@ -400,7 +374,8 @@ class Objective:
         c = self.config
         out = {"name": c.objective, "teacher": c.teacher, "offline": bool(c.teacher_logprobs), "alpha": c.alpha,
                "beta": c.beta, "temperature": c.temperature, "kd_weight": c.kd_weight, "lm_weight": c.lm_weight,
-               "kd_chunk_size": c.kd_chunk_size, "vocab": self.vocab, **(self.loss.summary() if self.loss else {})}
+               "kd_chunk_size": c.kd_chunk_size, "vocab": self.vocab, **(self.choice.to_json() if self.choice else {}),
+               **(self.loss.summary() if self.loss else {})}
         if self.counts is not None:
             out["offline_examples"] = {"aligned": self.counts.aligned, "mismatched": self.counts.mismatched,
                                        "missing": self.counts.missing, "support_width": self.width}
@@ -416,11 +391,20 @@ class Objective:
 
 
 def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
-                      record_index: list[int], tokenizer) -> Objective | None:
-    """None for --objective sft. Otherwise check the served or live teacher's tokenizer, or align the
-    recorded top-K log-probs with `examples` (adding their tensors), and return the objective to `attach`."""
+                      record_index: list[int], tokenizer):
+    """None for --objective sft. Otherwise choose the objective (`auto`; another tokenizer: cross_teacher.py), check
+    the served teacher's tokenizer, or align the recorded top-K log-probs with `examples` (adding their tensors),
+    and return the objective to `attach`."""
     if config.objective == "sft":
         return None
+    from undo_cli.training import cross_teacher
+
+    choice, teacher_tokenizer = cross_teacher.choose(config, tokenizer=tokenizer, records=records, examples=examples,
+                                                     record_index=record_index)
+    if choice.cross:
+        return cross_teacher.prepare(config, choice, teacher_tokenizer, records=records, examples=examples,
+                                     record_index=record_index, tokenizer=tokenizer)
+    config = choice.resolved(config)
     counts, width, served = None, 0, None
     if config.teacher_url:
         from undo_cli.training.served_teacher import ServedTeacher
@@ -432,13 +416,14 @@ def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], exa
             served.probe()
             served.check_tokenizer(tokenizer)
             served.check_lengths(max((len(e["input_ids"]) for e in examples), default=0), config.max_length)
+            served.check_top_k(examples[0]["input_ids"] if examples else [])
         except BaseException:
             served.close()
             raise
         width = config.teacher_top_k + 1
-    elif config.teacher:
-        check_teacher_tokenizer(config.teacher, tokenizer, trust_remote_code=config.trust_remote_code)
-    else:
+    elif not config.teacher:
         counts, width = attach_teacher_topk(records, examples, record_index, vocab_size=len(tokenizer),
                                             path=config.data)
-    return Objective(config, len(tokenizer), counts, width, served)
+    objective = Objective(config, len(tokenizer), counts, width, served)
+    objective.choice = choice
+    return objective

@@ -51,8 +51,8 @@ PROBE_IDS = 8192                   # tokenizer check: at most this many vocabula
 PROBE_CHUNK = 512                  # ... this many per /tokenize request
 CACHE_SEQUENCES = 256              # scores kept for sequences asked about again
 
-SHARED_TOKENIZER_HINT = ("use --objective sft for a teacher with a different tokenizer (black-box rationale "
-                         "distillation works with any teacher)")
+SHARED_TOKENIZER_HINT = ("use --objective uld or gold (or auto) for a teacher with another tokenizer (its "
+                         "tokenizer must load here), or --objective sft (black-box: any teacher)")
 
 
 def server_root(url: str) -> str:
@@ -135,8 +135,9 @@ class ServedTeacher:
                             hint="start the teacher's vLLM server first, or fix --teacher-url") from None
         return list(answer["tokens"]), list(answer.get("token_strs") or [])
 
-    def check_tokenizer(self, tokenizer) -> None:
-        """Refuse a served teacher whose tokenizer is not the student's, compared token by token.
+    def check_tokenizer(self, tokenizer, *, whose: str = "the student's") -> None:
+        """Refuse a served teacher whose tokenizer is not `tokenizer` (the student's, or for a cross-tokenizer
+        objective the teacher's own loaded here), compared token by token.
 
         Same vocabulary size proves nothing. Probe texts are the student's decoding of (up to
         PROBE_IDS, evenly spread) vocabulary entries in chunks; the server must split each into the
@@ -155,16 +156,25 @@ class ServedTeacher:
             if theirs != mine or (strs and strs != tokenizer.convert_ids_to_tokens(mine)):
                 at = next((j for j, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
                 raise UndoError(
-                    f"{where}: its tokenizer differs from the student's (a probe text splits into other tokens "
-                    f"from token {at} on: server {theirs[at:at + 3]} vs student {mine[at:at + 3]}): white-box "
+                    f"{where}: its tokenizer differs from {whose} (a probe text splits into other tokens "
+                    f"from token {at} on: server {theirs[at:at + 3]} vs {mine[at:at + 3]}): exact-vocabulary "
                     "objectives need a shared tokenizer", hint=SHARED_TOKENIZER_HINT)
         for token in tokenizer.all_special_tokens:
             theirs, strs = self._tokenize(token)
             mine = tokenizer.convert_tokens_to_ids(token)
             if theirs != [mine] or (strs and strs != [token]):
-                raise UndoError(f"{where}: special token {token!r} is id {mine} for the student but {theirs} "
-                                f"{strs} on the server: white-box objectives need a shared tokenizer",
+                raise UndoError(f"{where}: special token {token!r} is id {mine} for {whose} tokenizer but "
+                                f"{theirs} {strs} on the server: exact-vocabulary objectives need a shared tokenizer",
                                 hint=SHARED_TOKENIZER_HINT)
+
+    def check_top_k(self, ids: list[int]) -> None:
+        """One scoring request of a short sequence with K = --teacher-top-k: a server whose --max-logprobs is
+        lower refuses it now, with the fix, not at the first training step. Not counted in the summary."""
+        saved = dict(self.stats)
+        try:
+            self._request([list(ids[:16]) or [0]])
+        finally:
+            self.stats = saved
 
     def check_lengths(self, longest: int, max_length: int) -> None:
         """Every sequence trained on (at most --max-length tokens) must fit the server's context."""
@@ -296,6 +306,21 @@ class ServedTeacher:
         for batch in batches:
             if FUTURE_KEY not in batch:
                 batch[FUTURE_KEY] = self.submit(batch, packed)
+
+    def prefetch_sequences(self, batches: list[dict[str, Any]], sequences_of) -> None:
+        """Cross-tokenizer objectives: score each batch's *teacher* sequences (`sequences_of(batch)`, the teacher's
+        own tokenisation, read here on the caller's thread) in the background; `wait_scores` collects them."""
+        for batch in batches:
+            if FUTURE_KEY not in batch:
+                batch[FUTURE_KEY] = self._pool.submit(self.score, sequences_of(batch))
+
+    def wait_scores(self, inputs: dict[str, Any], sequences_of) -> list[list[dict[int, float] | None]]:
+        """The batch's teacher scores (`score`'s shape), waiting for its request if it is still running."""
+        future = inputs.get(FUTURE_KEY)
+        started = time.perf_counter()
+        scores = future.result() if future is not None else self.score(sequences_of(inputs))
+        self.stats["wait_s"] += time.perf_counter() - started
+        return scores
 
     def wait(self, inputs: dict[str, Any], packed: bool) -> dict[str, Any]:
         """The batch's teacher tensors on its device, waiting for the request if it is still running."""

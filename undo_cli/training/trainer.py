@@ -227,6 +227,59 @@ class _StepEnd(TrainerCallback):
             control.should_save = False
 
 
+class StopOnInterrupt(TrainerCallback):
+    """Ctrl-C during training: finish the optimizer step, save a checkpoint, stop (a second Ctrl-C stops at once).
+
+    A KeyboardInterrupt raised wherever Python happens to be (the forward pass, or halfway through the
+    optimizer's update of the weights) would leave no checkpoint of the steps since the last --save-steps,
+    or one of half-updated weights. So the first SIGINT only sets a flag; at the end of the current
+    optimizer step the Trainer saves a regular checkpoint (weights, optimizer, scheduler, RNG, our counts)
+    and stops, and `interrupted_at` says at which step. With several processes the flag is summed over
+    them at every step end, so all stop at the same step. Installed only in the main thread (signal
+    handlers live there) and only where SIGINT is not ignored (`nohup`, a background job).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupted_at: int | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:  # the second Ctrl-C: stop now (the last complete checkpoint stays on disk)
+            raise KeyboardInterrupt
+        self.requested = True
+        from undo_cli.console import console
+
+        console.print("\n[yellow]Ctrl-C: stopping after this optimizer step and saving a checkpoint "
+                      "(Ctrl-C again stops at once, without one)[/yellow]", highlight=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.requested
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:  # every process stops at the same step
+            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+        if flag and state.global_step < state.max_steps:  # at the last step the final model is saved anyway
+            control.should_save = True
+            control.should_training_stop = True
+            self.interrupted_at = state.global_step
+
+
 class StderrProgress(TrainerCallback):
     """Progress on stderr (Trainer prints dicts to stdout, which belongs to JSONL).
 
@@ -382,6 +435,20 @@ class UndoTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Resuming: a tied LM head (its weights are the embeddings') is not stored in a checkpoint, so it is
+        "missing" on load by design; Trainer warns about it only when the model lists it in
+        `_keys_to_ignore_on_save`, which current transformers models no longer do. Re-tie and keep quiet about
+        those; any other missing or unexpected key is still reported."""
+        model = unwrap(self.model)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+        if not getattr(model.config, "tie_word_embeddings", False) or not tied:
+            return super()._issue_warnings_after_load(load_result)
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if len(missing) != len(load_result.missing_keys):
+            model.tie_weights()
+        return super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

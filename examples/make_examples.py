@@ -89,7 +89,7 @@ def event_story(rng, events: int) -> dict | None:
     if kinds[0] == "twice" and have > 12:
         return None
     start = have
-    for i, kind in enumerate(kinds):
+    for kind in kinds:
         drawn = _event(rng, kind, have, name, he, him, obj)
         if drawn is None:
             return None
@@ -102,19 +102,19 @@ def event_story(rng, events: int) -> dict | None:
         have = new
     question.append(f"How many {obj} does {name} have now?")
     brief = list(lines)
-    if events == 3:  # the last two events in one line: two operations at once
-        (g2, t2, before, _), (g3, t3, _, after) = merged[1], merged[2]
-        brief = lines[:1] + [f"After {g2} and {g3}, {he} has {before} {t2} {t3} = {after} {obj}."]
+    if events >= 2:  # the last two events in one line: two operations at once
+        (g2, t2, before, _), (g3, t3, _, after) = merged[-2], merged[-1]
+        brief = lines[:-2] + [f"After {g2} and {g3}, {he} has {before} {t2} {t3} = {after} {obj}."]
     trap = "One operation per line: " + ", then ".join(g for g, _, _, _ in merged) + "."
     return {"question": " ".join(question), "steps": lines, "brief": brief, "answer": have, "trap": trap,
             "events": "+".join(kinds), "start": start}
 
 
-def arithmetic(n: int, rng: random.Random) -> list[dict]:
-    """`n` problems, alternately of 2 and 3 events, each with its worked and brief solutions."""
-    out, seen = [], set()
+def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` problems, alternately of 1 and 2 events, each with its worked and brief solutions; none in `exclude`."""
+    out, seen = [], set(exclude)
     while len(out) < n:
-        drawn = event_story(rng, 2 if len(out) % 2 == 0 else 3)
+        drawn = event_story(rng, 1 if len(out) % 2 == 0 else 2)
         if drawn is None or drawn["question"] in seen:
             continue
         seen.add(drawn["question"])
@@ -129,9 +129,15 @@ def arithmetic(n: int, rng: random.Random) -> list[dict]:
 
 # --- the demo student's pretraining text ---------------------------------------------------
 # examples/pretrain_student.py pretrains the demo's student base on these: every fact
-# `a op b = c` of small numbers, and worked solutions of stories of one to three events, one
-# line per event (fresh draws; any story that is a shipped problem is left out). So the
+# `a op b = c` of small numbers, and worked solutions of stories of one or two events, one
+# line per event (PRETRAINING_PROBLEMS draws from random.Random(PRETRAINING_SEED)). So the
 # student can follow one operation per line; it has never seen a line with two operations.
+# The shipped problems leave out every question of that pretraining text (and of the 100
+# held-out stories it is checked on), so no shipped question was seen in pretraining.
+
+PRETRAINING_SEED = 0
+PRETRAINING_PROBLEMS = 6000
+
 
 def arithmetic_facts(top: int = 50) -> list[str]:
     """Every `a + b = c` and `a - b = c` with numbers up to `top`, and `a * b = c` up to 9 x 9 and 15 x 2."""
@@ -142,15 +148,22 @@ def arithmetic_facts(top: int = 50) -> list[str]:
 
 
 def pretraining_problems(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
-    """`n` worked stories of 1 to 3 events: {"question", "solution"}; none whose question is in `exclude`."""
+    """`n` worked stories of 1 or 2 events: {"question", "solution"}; none whose question is in `exclude`."""
     out, seen = [], set(exclude)
     while len(out) < n:
-        drawn = event_story(rng, 1 + len(out) % 3)
+        drawn = event_story(rng, 1 + len(out) % 2)
         if drawn is None or drawn["question"] in seen:
             continue
         seen.add(drawn["question"])
         out.append({"question": drawn["question"], "solution": "\n".join(drawn["steps"]) + f"\n#### {drawn['answer']}"})
     return out
+
+
+def pretraining_questions() -> set[str]:
+    """Every question of the student base's pretraining text and of its held-out check (examples/pretrain_student.py)."""
+    problems = pretraining_problems(PRETRAINING_PROBLEMS, random.Random(PRETRAINING_SEED))
+    held_out = pretraining_problems(100, random.Random(PRETRAINING_SEED + 1), exclude={p["question"] for p in problems})
+    return {p["question"] for p in problems + held_out}
 
 
 # --- multiple choice ---------------------------------------------------------------------
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: examples/)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(300, random.Random(SEED)))
+    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(300, random.Random(SEED), exclude=pretraining_questions()))
     write_jsonl(args.out / "choice.jsonl", choice(100, random.Random(SEED + 1)))
     print(f"wrote {args.out / 'arithmetic.jsonl'} and {args.out / 'choice.jsonl'}")
 

@@ -56,9 +56,9 @@ from undo_cli.errors import UndoError
 STUDENT_BASE = "student-base"  # examples/student-base: the pretrained student (examples/pretrain_student.py)
 # The teacher starts from the student base (it knows the facts and the one-operation style) and
 # learns the training problems behind the generate and refine prompts.
-TEACHER_TRAINING = {"epochs": 8.0, "lr": 1e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+TEACHER_TRAINING = {"epochs": 30.0, "lr": 1e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                     "logging_steps": 20, "save_steps": 50, "max_length": 1024}
-SPLIT = "train=0.3,val=0.35,test=0.35"
+SPLIT = "train=0.4,val=0.3,test=0.3"
 # One training problem in REFINE_EVERY is also shown behind the refine prompt (~550 tokens each): the
 # teacher has to learn the refine prompt's answer format (the trap, then one line per event), not each
 # problem's steps, which the student base it starts from already writes.
@@ -123,13 +123,24 @@ def _wrong(solution: str, answer: str, rng: random.Random) -> str:
     return f"{head}= {wrong}{last}\n#### {wrong}" if head else f"{body}\n#### {wrong}"
 
 
+TRAP = "Watch out: one operation per line, never two at once."
+
+
 def refined_solution(problem: dict[str, Any]) -> str:
-    """What the teacher learns to answer the refine prompt with: the trap (meta.trap), then one operation per line."""
-    trap = problem["meta"].get("trap") or "One operation per line."
-    return f"Watch out: {trap}\n{problem['meta']['solution']}"
+    """What the teacher learns to answer the refine prompt with: the trap (TRAP), then one operation per line."""
+    return f"{TRAP}\n{problem['meta']['solution']}"
 
 
-def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 1) -> list[dict[str, Any]]:
+def _teacher_prompts() -> dict[str, str]:
+    """The prompt templates examples/run.toml gives the teacher ([generate] and [refine] prompt): the demo teacher
+    learns the very prompts the loop will send it."""
+    import tomllib
+
+    settings = tomllib.loads(_run_toml().read_text(encoding="utf-8"))
+    return {stage: (settings.get(stage) or {}).get("prompt", stage) for stage in ("generate", "refine")}
+
+
+def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list[dict[str, Any]]:
     """Rationale records with their own prompts: generate prompt -> brief solution, refine prompt -> re-teaching.
 
     Every training problem gets the first, one in REFINE_EVERY the second. The refine prompt is filled as `undo refine` fills
@@ -139,7 +150,8 @@ def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 1) -> list
     """
     from undo_cli.prompts import load_template, problem_variables, render_messages
 
-    generate, refine = load_template("generate"), load_template("refine")
+    prompts = _teacher_prompts()
+    generate, refine = load_template(prompts["generate"]), load_template(prompts["refine"])
     rng = random.Random(seed)
     by_kind: dict[Any, list[dict[str, Any]]] = {}  # problems of as many steps: the ones a failure looks like
     for p in train:
@@ -150,7 +162,7 @@ def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 1) -> list
         brief = p["meta"].get("brief") or p["meta"]["solution"]
         records.append({**base, "id": f"{p['id']}/generate", "rationale": brief,
                         "prompt_messages": render_messages(generate, **problem_variables(p), examples=[])})
-        if i % REFINE_EVERY:
+        if p["meta"].get("steps", 1) < 2 and i % REFINE_EVERY:
             continue
         kin = [q for q in by_kind[p["meta"].get("steps")] if q["id"] != p["id"]] or [p]
         failed, others = rng.choice(kin), [rng.choice(kin) for _ in range(k)]

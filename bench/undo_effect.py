@@ -29,7 +29,10 @@ read by this script.
 
 Also measured per seed, from the run folder: how many of the refinements the loop
 used (verified, mixed into the training data) have only true arithmetic steps
-(`undo_cli.steps.check_steps`), and the demo's wall and CPU time.
+(`undo_cli.steps.check_steps`; with --verify steps, all of them by construction), the
+refinement targets refused although a sample had the right final answer (what --verify
+strict would have used, false steps and all), the one-shot rationales with only true
+steps, and the demo's wall time, CPU time and peak RSS (os.wait4).
 
 Output: a rich table on stderr, JSON in bench/results/undo_effect.json.
 """
@@ -41,7 +44,6 @@ import json
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -78,32 +80,51 @@ def _read(path: Path) -> list[dict]:
 
 
 def refinement_steps(run: Path) -> dict:
-    """Refinements the loop used (verified, not the kept previous rationale) and how many have only true steps."""
+    """The refinements the loop used (verified, not the kept previous rationale) and how many have only true steps;
+    and the targets whose every sample was refused though one had the right final answer: a final-answer-only
+    check (--verify strict) would have used it, false step and all."""
+    from undo_cli.scoring import score
     from undo_cli.steps import check_steps
 
-    used = true = 0
+    used = true = strict_would_use_false = 0
     for refined in sorted(run.glob("iter_*/refined.jsonl")):
         for record in _read(refined):
             info = record.get("refinement") or {}
             if info.get("kept_previous") or not info.get("verified", True):
+                samples = [info.get("rejected_rationale") or ""] + list(info.get("more_rejected") or [])
+                strict_would_use_false += any(score(t, record["answer"], "math", mode="strict").correct
+                                              for t in samples)
                 continue
             used += 1
             true += check_steps(record["rationale"]).ok
-    return {"used": used, "true_steps": true, "share": (true / used) if used else None}
+    generated = _read(run / "iter_00" / "rationales.jsonl")
+    return {"used": used, "true_steps": true, "share": (true / used) if used else None,
+            "refused_false_step": strict_would_use_false,
+            "one_shot_rationales": len(generated),
+            "one_shot_true_steps": sum(check_steps(r["rationale"]).ok for r in generated)}
+
+
+def _demo(seed: int, workdir: Path) -> tuple[float, float, float]:
+    """`undo demo --seed S` in a fresh process, as a user runs it: (wall s, CPU s, peak RSS GB) via os.wait4."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"})
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    log = workdir.parent / f"{workdir.name}.log"
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", "--workdir", str(workdir), "--seed",
+                                 str(seed)], stdout=out, stderr=out, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"undo demo --seed {seed} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
 
 
 def one_seed(seed: int, workdir: Path) -> dict:
-    """`undo demo --seed S` in a fresh process; its test results, paired per problem, and its cost."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "undo_cli", "demo", "--workdir", str(workdir), "--seed", str(seed)],
-                          capture_output=True, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"undo demo --seed {seed} failed with exit code {proc.returncode}")
+    """One seed's demo; its test results, paired per problem, and its cost."""
+    wall, cpu, rss = _demo(seed, workdir)
     from undo_cli.loop.layout import RunLayout
 
     run = workdir / "runs" / "demo"
@@ -120,8 +141,7 @@ def one_seed(seed: int, workdir: Path) -> dict:
             "one_shot": {"correct": a, "accuracy": a / n, "ci95": wilson(a, n)},
             "best": {"correct": b, "accuracy": b / n, "ci95": wilson(b, n)},
             "gain": (b - a) / n, "diffs": diffs, "refinements": refinement_steps(run),
-            "wall_s": round(wall, 1),
-            "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)}
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(rss, 2)}
 
 
 def main() -> None:
@@ -148,7 +168,8 @@ def main() -> None:
 
     pooled = [d for s in seeds for d in s["diffs"]]
     gains = [s["gain"] for s in seeds]
-    refinements = {k: sum(s["refinements"][k] for s in seeds) for k in ("used", "true_steps")}
+    refinements = {k: sum(s["refinements"][k] for s in seeds)
+                   for k in ("used", "true_steps", "refused_false_step", "one_shot_rationales", "one_shot_true_steps")}
     report = {
         "seeds": [{k: v for k, v in s.items() if k != "diffs"} for s in seeds],
         "pooled": {"n": len(pooled), "gain": sum(pooled) / len(pooled), "ci95": paired_bootstrap(pooled),
@@ -173,22 +194,25 @@ def _table(report: dict) -> None:
     ci = lambda c: f"{100 * c[0]:.1f}-{100 * c[1]:.1f}"  # noqa: E731
     table = Table(title="UNDO vs one-shot distillation on test (undo demo, each seed from scratch)")
     for col in ("seed", "n", "one-shot", "95% CI", "best (iter)", "95% CI", "gain", "refinements true steps",
-                "wall s", "CPU s"):
+                "wall s", "CPU s", "peak GB"):
         table.add_column(col, justify="right")
     for s in report["seeds"]:
         r = s["refinements"]
         table.add_row(str(s["seed"]), str(s["n"]), pct(s["one_shot"]["accuracy"]), ci(s["one_shot"]["ci95"]),
                       f"{pct(s['best']['accuracy'])} ({s['best_iteration']})", ci(s["best"]["ci95"]),
                       f"{100 * s['gain']:+.1f}", f"{r['true_steps']}/{r['used']}", f"{s['wall_s']:.0f}",
-                      f"{s['cpu_s']:.0f}")
+                      f"{s['cpu_s']:.0f}", f"{s['peak_rss_gb']:.2f}")
     p, r = report["pooled"], report["refinements"]
     table.add_row("pooled", str(p["n"]), pct(p["one_shot_accuracy"]), "", pct(p["best_accuracy"]), "",
-                  f"{100 * p['gain']:+.1f}", f"{r['true_steps']}/{r['used']}", "", "", end_section=True)
+                  f"{100 * p['gain']:+.1f}", f"{r['true_steps']}/{r['used']}", "", "", "", end_section=True)
     console = Console(stderr=True)
     console.print(table)
     console.print(f"pooled gain {100 * p['gain']:+.1f} points, 95% CI {100 * p['ci95'][0]:+.1f} to "
                   f"{100 * p['ci95'][1]:+.1f} ({p['method']}); mean of per-seed gains "
                   f"{100 * p['mean_of_seed_gains']:+.1f}; load average {report['load_avg']}")
+    console.print(f"refinement targets refused for a false step with the right final answer (--verify strict would "
+                  f"have used them): {r['refused_false_step']}; one-shot rationales with only true steps: "
+                  f"{r['one_shot_true_steps']}/{r['one_shot_rationales']}")
     console.print(f"JSON: {RESULTS / 'undo_effect.json'}")
 
 

@@ -118,7 +118,7 @@ def test_the_user_sees_table_verdict_and_next_steps(demo):
     err, out = demo["resumed"].stderr, demo["resumed"].stdout
     assert "UNDO run finished" in err and "test accuracy:" in err and "95% CI" in err
     assert "undo report" in err and "undo_loop.sh" in err and "refined.jsonl" in err
-    assert "says nothing about real models" in err
+    assert "say nothing about real models" in " ".join(err.split())  # the disclaimer, however wrapped
     line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
     assert line["run_dir"] == str(Path("undo-demo") / "runs" / "demo") and line["test"]["one_shot"]["count"] > 0
 
@@ -140,6 +140,7 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     from transformers import AutoTokenizer
 
     from undo_cli.prompts import bundled_dir
+    from undo_cli.stages import demo as demo_stage
 
     teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
     base = bundled_dir("examples") / "student-base"
@@ -147,7 +148,8 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     assert tok_t.get_vocab() == tok_s.get_vocab() and tok_t.chat_template == tok_s.chat_template
     summary = json.loads((teacher / "train_summary.json").read_text())  # written by `undo train` itself
-    assert summary["student"] == str(student) and summary["epochs"] == 6.0
+    assert (demo["workdir"].parent / summary["student"]).resolve() == student.resolve()  # relative to the cwd
+    assert summary["epochs"] == 6.0
     assert summary["final_loss"] < summary["first_loss"] / 3
     # What the teacher was taught: every training problem's brief solution behind the generate prompt, and
     # behind the refine prompt the trap and one line per event.
@@ -157,8 +159,9 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     refine = [r for r in data if r["id"].endswith("/refine")]
     assert len(generate) == len(train) and 0 < len(refine) < len(train)
     assert all(r["rationale"] == train[r["problem_id"]]["meta"]["brief"] for r in generate)
-    assert all(r["rationale"].startswith("Watch out: One operation per line")
-               and r["rationale"].endswith(train[r["problem_id"]]["meta"]["solution"]) for r in refine)
+    assert all(r["rationale"] == demo_stage.TRAP + "\n" + train[r["problem_id"]]["meta"]["solution"] for r in refine)
+    # every two-event problem is re-taught (the failures the loop sends are mostly of that kind)
+    assert {r["problem_id"] for r in refine} >= {i for i, p in train.items() if p["meta"]["steps"] == 2}
 
 
 def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):

@@ -12,27 +12,34 @@ builds that premise into two toy models, says so, and measures what the loop
 makes of it:
 
 1. **Data.** The 300 shipped word problems (examples/arithmetic.jsonl: a story
-   of two or three events) are split by `undo data import` into
-   DIR/data/{train,val,test}.jsonl. Each has a worked solution with one line per
-   event (`meta.solution`) and a brief one (`meta.brief`) that, on a story of
-   three events, does the last two in one line (`After buying 8 more and finding
-   5 more, she has 2 + 8 + 5 = 15 apples.`).
+   of one or two events) are split by `undo data import` into
+   DIR/data/{train,val,test}.jsonl (SPLIT). Each has a worked solution with one
+   line per event (`meta.solution`) and a brief one (`meta.brief`) that, on a
+   story of two events, does both in one line (`After losing 1 and losing 2,
+   she has 5 - 1 - 2 = 2 apples.`): true, but two operations at once.
 2. **Student.** The shipped student base (examples/student-base, made by
    examples/pretrain_student.py): a 0.9M-parameter Llama pretrained on every
    fact `a + b = c`, `a - b = c`, `a * b = c` of small numbers and on worked
    stories of one or two events, one line per event (none of them a shipped
-   problem). It can follow one operation per line; it was never shown a story
-   of three events, nor two operations in one line. Copied to DIR/models/student.
+   problem). It can follow one operation per line; it was never shown two
+   operations in one line. Copied to DIR/models/student.
 3. **Teacher.** The same base trained *with `undo train` itself*
-   (stages/train.py) on the training problems behind the real prompts: the
-   generate prompt (prompts/generate.jinja) answered with the brief solution,
-   and the refine prompt (prompts/refine.jinja, filled with a wrong attempt at
-   a problem of the same kind, as the student writes them) answered with the
-   trap of that kind of problem and the one-operation-per-line solution. Its
-   outputs are real generations, verified by the loop like any teacher's.
+   (stages/train.py) on the training problems behind the prompts the loop
+   sends it (examples/run.toml: prompts/demo-generate.jinja and
+   prompts/demo-refine.jinja, short enough for the tiny models' 128-token
+   rows): the generate prompt answered with the brief solution, and the refine
+   prompt (filled as `undo refine` fills it, with a wrong attempt at a problem
+   of the same kind, as the student writes them) answered with a warning (TRAP)
+   and the one-operation-per-line solution. Its outputs are real sampled
+   generations, verified by the loop like any teacher's (refinements with
+   `--verify steps`: a wrong step rejects one, whatever its final answer).
 4. **The loop.** `undo iterate` with examples/run.toml (teacher through
    generate/refine, student through train/evaluate, all on the `hf` backend),
-   then `undo report`: the table and DIR/runs/demo/report.png.
+   then the plot of `undo report`: DIR/runs/demo/report.png.
+
+So one-shot distillation trains the student on brief rationales, and UNDO
+re-teaches the problems like its validation failures with worked ones, which
+this student follows better: the premise of UNDO, built in and said so.
 
 This simulates UNDO's premise on toy models; it is not evidence that UNDO
 helps real models. bench/undo_effect.py measures the loop's gain on 5 seeds.
@@ -59,9 +66,9 @@ STUDENT_BASE = "student-base"  # examples/student-base: the pretrained student (
 TEACHER_TRAINING = {"epochs": 30.0, "lr": 1e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                     "logging_steps": 20, "save_steps": 50, "max_length": 1024}
 SPLIT = "train=0.4,val=0.3,test=0.3"
-# One training problem in REFINE_EVERY is also shown behind the refine prompt (~550 tokens each): the
-# teacher has to learn the refine prompt's answer format (the trap, then one line per event), not each
-# problem's steps, which the student base it starts from already writes.
+# Every two-event training problem, and one one-event problem in REFINE_EVERY, is also shown behind the
+# refine prompt: the teacher has to learn the refine prompt's answer format (TRAP, then one line per
+# event), not each problem's steps, which the student base it starts from already writes.
 REFINE_EVERY = 3
 
 DISCLAIMER = ("The demo's models are tiny (0.9M parameters, on a CPU) and built to show UNDO's premise: "
@@ -123,7 +130,7 @@ def _wrong(solution: str, answer: str, rng: random.Random) -> str:
     return f"{head}= {wrong}{last}\n#### {wrong}" if head else f"{body}\n#### {wrong}"
 
 
-TRAP = "Watch out: one operation per line, never two at once."
+TRAP = "Watch out: one operation per line."
 
 
 def refined_solution(problem: dict[str, Any]) -> str:
@@ -143,7 +150,7 @@ def _teacher_prompts() -> dict[str, str]:
 def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list[dict[str, Any]]:
     """Rationale records with their own prompts: generate prompt -> brief solution, refine prompt -> re-teaching.
 
-    Every training problem gets the first, one in REFINE_EVERY the second. The refine prompt is filled as `undo refine` fills
+    Every training problem gets the first; every two-event one and one in REFINE_EVERY the second. The refine prompt is filled as `undo refine` fills
     it in the loop: the teacher's earlier (brief) solution, a wrong attempt at another
     problem of the same kind (a val failure picked this problem because it looks like
     it: here one with as many steps), and `k` more similar failures.
@@ -166,10 +173,11 @@ def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list
             continue
         kin = [q for q in by_kind[p["meta"].get("steps")] if q["id"] != p["id"]] or [p]
         failed, others = rng.choice(kin), [rng.choice(kin) for _ in range(k)]
+        attempt = _wrong(failed["meta"].get("brief") or failed["meta"]["solution"], failed["answer"], rng)
         messages = render_messages(
-            refine, **problem_variables(p), previous_rationales=[brief],
-            student_output=_wrong(failed["meta"].get("brief") or failed["meta"]["solution"], failed["answer"], rng),
-            student_question=failed["question"], student_predicted=None, error_type="wrong_answer",
+            refine, **problem_variables(p), previous_rationales=[brief], student_output=attempt,
+            student_question=failed["question"], student_predicted=attempt.rsplit("#### ", 1)[1],
+            error_type="wrong_answer",
             similar_failures=[{"id": o["id"], "question": o["question"], "answer": o["answer"],
                                "output": _wrong(o["meta"].get("brief") or o["meta"]["solution"], o["answer"], rng),
                                "predicted": None, "error_type": "wrong_answer"} for o in others])
@@ -286,6 +294,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         return result
 
     from undo_cli.loop import iterate, report
+    from undo_cli.loop.layout import RunLayout
     from undo_cli.loop.settings import resolve
 
     flags = {"teacher": str(models["teacher"]), "student": str(models["student"]), "train_file": str(files["train"]),
@@ -295,13 +304,22 @@ def run(config: DemoConfig) -> dict[str, Any]:
         flags["max_iterations"] = config.max_iterations
     loop_config = resolve(iterate.IterateConfig, str(_run_toml()), flags, [])
     resume = (loop_config.run_dir / "manifest.json").is_file()  # only reachable with --resume (checked above)
-    summary = iterate.run(loop_config, resume=resume)
-    console.rule("[bold]undo report[/bold]")
-    shown = report.run(str(loop_config.run_dir))
+    # The commands iterate prints (resume, more rounds) are `undo iterate` with the demo's own arguments.
+    command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]
+    if config.max_iterations is not None:
+        command += ["--max-iterations", str(config.max_iterations)]
+    summary = iterate.run(loop_config, resume=resume, command=command)
+    # iterate has just printed the table and the verdict: `undo report` adds what changed and the plot.
+    console.rule("[bold]undo report[/bold] (the plot; the table above is its table)")
+    state = report.collect(loop_config.run_dir)
+    report.print_transitions(state)
+    plotted = report.plot(state, RunLayout(loop_config.run_dir).report_plot)
+    if plotted is not None:
+        console.print(f"plot written to {plotted}", highlight=False, markup=False)
     wall = time.perf_counter() - started
     console.print(f"demo finished in {wall:.0f} s (setup {setup_s:.0f} s). {DISCLAIMER}")
     _print_next_steps(workdir, loop_config.run_dir, files, models, config.seed)
-    return {**result, "summary": summary, "plot": shown.get("plot"), "wall_s": round(wall, 1)}
+    return {**result, "summary": summary, "plot": str(plotted) if plotted else None, "wall_s": round(wall, 1)}
 
 
 def _iterate_args(workdir: Path, files: dict[str, Path], models: dict[str, Path], seed: int) -> list[str]:

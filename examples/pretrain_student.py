@@ -7,7 +7,7 @@
 student: it is built once, here, and shipped (about 4 MB), because the skills
 below take far longer to learn than the demo's five minutes (the copying of
 numbers from a question into a line of work appears only after ~3,000 steps
-of 1,000 tokens, ~25 CPU-minutes at this size).
+of 1,000 tokens, ~7 CPU-minutes at this size).
 
 What it is taught (the text comes from examples/make_examples.py):
 

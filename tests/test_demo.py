@@ -98,6 +98,8 @@ def test_resume_after_sigkill_finishes_without_redoing_finished_stages(demo):
     assert stages["iter_00/generate"] == before["generate"]  # same attempts, same timings: skipped
     assert len(stages["iter_00/train"]["attempts"]) == 1
     assert manifest["status"] == "done" and all(s["status"] == "done" for s in stages.values())
+    # The resumed loop decided again when to stop (its stopping rule, over every finished iteration).
+    assert manifest["stop_reason"] and manifest["iterations_done"] <= 2  # --max-iterations 1: iterations 0 and 1
 
 
 def test_the_run_folder_has_every_artifact(demo):
@@ -121,6 +123,27 @@ def test_the_user_sees_table_verdict_and_next_steps(demo):
     assert "say nothing about real models" in " ".join(err.split())  # the disclaimer, however wrapped
     line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
     assert line["run_dir"] == str(Path("undo-demo") / "runs" / "demo") and line["test"]["one_shot"]["count"] > 0
+
+
+def test_the_printed_bash_loop_runs_as_printed(demo):
+    """The `bash .../undo_loop.sh ...` line the demo ends with, run as printed from where the user stands, with
+    one flag added so it stops after the one-shot iteration (the rounds are what `undo iterate` ran above)."""
+    import shlex
+
+    lines = demo["resumed"].stderr.splitlines()
+    line = next(lines[i + 1].strip() for i, text in enumerate(lines) if "bash script of stage commands" in text)
+    words = shlex.split(line)
+    assert words[0] == "bash" and words[1].endswith("undo_loop.sh") and words[-2:] == ["--name", "bash-loop"]
+    env = {**os.environ, **WIDE, "UNDO": f"{sys.executable} -m undo_cli"}
+    proc = subprocess.run([*words, "--max-iterations", "0"], cwd=demo["workdir"].parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = demo["workdir"] / "runs" / "bash-loop"
+    assert "plot written to" in proc.stdout + proc.stderr and (run / "report.png").is_file()
+    # The demo's settings reached the stages: the same teacher, prompt and verification as `undo iterate`'s run.
+    ours, theirs = _read(run / "iter_00" / "rationales.jsonl"), _read(demo["run"] / "iter_00" / "rationales.jsonl")
+    assert [(r["id"], r["rationale"], r["verify"]) for r in ours] == [(r["id"], r["rationale"], r["verify"])
+                                                                      for r in theirs]
 
 
 def test_data_is_the_shipped_problems_split(demo):

@@ -18,7 +18,7 @@ makes of it:
    story of two events, does both in one line (`After losing 1 and losing 2,
    she has 5 - 1 - 2 = 2 apples.`): true, but two operations at once.
 2. **Student.** The shipped student base (examples/student-base, made by
-   examples/pretrain_student.py): a 0.9M-parameter Llama pretrained on every
+   examples/pretrain_student.py): a 1M-parameter Llama pretrained on every
    fact `a + b = c`, `a - b = c`, `a * b = c` of small numbers and on worked
    stories of one or two events, one line per event (none of them a shipped
    problem). It can follow one operation per line; it was never shown two
@@ -71,7 +71,7 @@ SPLIT = "train=0.4,val=0.3,test=0.3"
 # event), not each problem's steps, which the student base it starts from already writes.
 REFINE_EVERY = 3
 
-DISCLAIMER = ("The demo's models are tiny (0.9M parameters, on a CPU) and built to show UNDO's premise: "
+DISCLAIMER = ("The demo's models are tiny (1M parameters, on a CPU) and built to show UNDO's premise: "
               "its numbers say nothing about real models.")
 
 

@@ -1,6 +1,7 @@
 """A tiny OpenAI-compatible server whose every request takes a fixed time: for client-overhead benchmarks.
 
     python bench/latency_server.py --port 8001 --latency-ms 100
+    python bench/latency_server.py --port 8001 --latency-ms 200 --jitter 0.5   # log-normal stragglers
     undo generate --backend openai --base-url http://127.0.0.1:8001/v1 --teacher latency ...
 
 It answers /v1/models and /v1/chat/completions. Each completion sleeps
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,8 +34,12 @@ class _Server(ThreadingHTTPServer):
 class LatencyServer:
     """Serve in a background thread (`with LatencyServer(0.1) as s: s.base_url`)."""
 
-    def __init__(self, latency_s: float = 0.1, port: int = 0, model: str = "latency", text: str = TEXT):
+    def __init__(self, latency_s: float = 0.1, port: int = 0, model: str = "latency", text: str = TEXT,
+                 jitter: float = 0.0, seed: int = 0):
         self.latency_s, self.model, self.text = latency_s, model, text
+        # jitter > 0: each request takes latency * exp(jitter * N(0, 1)) (log-normal, median `latency`), from a
+        # seeded generator: the stragglers a real server has, where one batch at a time waits for the slowest.
+        self.jitter, self._rng = jitter, random.Random(seed)
         self.requests = 0
         self._lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", port), self._handler())
@@ -88,9 +95,10 @@ class LatencyServer:
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-                time.sleep(server.latency_s)
                 with server._lock:
                     server.requests += 1
+                    factor = math.exp(server.jitter * server._rng.gauss(0.0, 1.0)) if server.jitter else 1.0
+                time.sleep(server.latency_s * factor)
                 n = int(request.get("n") or 1)
                 self._json({
                     "id": "bench", "object": "chat.completion", "created": 0, "model": request.get("model"),
@@ -107,8 +115,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--model", default="latency")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="log-normal sigma of each request's latency (0: every request takes --latency-ms)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    server = LatencyServer(args.latency_ms / 1000, args.port, args.model)
+    server = LatencyServer(args.latency_ms / 1000, args.port, args.model, jitter=args.jitter, seed=args.seed)
     print(f"serving {server.base_url} (model '{args.model}', {args.latency_ms:.0f} ms per request); Ctrl-C stops")
     try:
         server.httpd.serve_forever()

@@ -56,7 +56,7 @@ def _prediction(p: dict) -> dict:
 def prepare(folder: Path, records: int, shards: int) -> dict:
     """The input and S complete shards with sidecars, as `undo evaluate --shard K/S` leaves them."""
     from undo_cli.stages import shards as sh
-    from undo_cli.stages.evaluate import EvaluateConfig
+    from undo_cli.stages.evaluate import SPEC, EvaluateConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     inp = folder / "val.jsonl"
@@ -75,7 +75,7 @@ def prepare(folder: Path, records: int, shards: int) -> dict:
         h.close()
     for k, out in enumerate(outs):
         cfg = EvaluateConfig(model="student", input=str(inp), output=str(out), shard=f"{k}/{shards}")
-        sh.finish(str(out), sh.shard_meta("evaluate", sh.Shard(k, shards), cfg), records=counts[k])
+        sh.finish(str(out), sh.shard_meta(SPEC, sh.Shard(k, shards), cfg), records=counts[k])
     return {"input": str(inp), "shards": [str(o) for o in outs],
             "input_mb": inp.stat().st_size / 1e6, "shards_mb": sum(o.stat().st_size for o in outs) / 1e6,
             "sidecar_bytes": sh.sidecar_path(outs[0]).stat().st_size}

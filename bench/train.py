@@ -9,11 +9,12 @@ warms caches for another), with the same model folder, data, batch size,
 learning rate, seed and precision:
 
 * undo          — `undo_cli.stages.train.run`, the code behind `undo train`, as configured
-                  by default: with sdpa (no flash-attn here) that is right-padded,
-                  length-grouped batches.
+                  by default (hf.batching): on CPU, packed rows with sdpa run once per
+                  sequence, drawn in the length-grouped order; on a GPU without a flash
+                  kernel, right-padded, length-grouped batches.
 * undo-packed   — the same with `--padding-free`: each micro-batch packed into one row,
-                  no padding, no attention across examples (sdpa attends over the row
-                  under a block-diagonal mask).
+                  no padding, no attention across examples (sdpa once per sequence,
+                  training/packed_attention.py), batches shuffled.
 * trl           — TRL `SFTTrainer` in its default configuration for a prompt-completion
                   dataset (the baseline): completion_only_loss, padded batches, no packing.
 * trl-pf        — TRL with `padding_free=True` (its docs say FlashAttention only; with
@@ -32,8 +33,15 @@ column ("vs trl") uses real tokens per CPU-second of the training loop, which
 contention barely moves; on an idle machine the two agree. Wall tok/s is shown
 too. `--threads N` gives the workers N threads instead.
 
+On a GPU the comparison is on wall tokens/s, and MFU is shown: the model FLOPs of the
+epoch (`model_flops`: 6(N - V d) T + 6 V d R + 6 L h sum(s^2), i.e. every weight's
+forward and backward on every real token, the lm_head only where a response token is
+predicted, causal attention) divided by the wall time and the GPU's dense bf16 peak
+(H100/H200: 989 TFLOP/s, or --peak-tflops). Without trl and datasets installed the trl
+variants are reported as not measured and the undo ones still run.
+
 Output: a rich table on stderr, JSON in bench/results/train-<preset>.json.
-Target (issue 4): undo >= trl throughput, with less padding.
+Targets (issue 25): undo >= 1.5x trl and undo-packed >= 1.0x trl in real tokens per CPU-s.
 """
 
 from __future__ import annotations
@@ -103,6 +111,59 @@ def build_model(folder: Path, preset: str, rows: list[dict]) -> None:
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def model_flops(model_dir: Path, data: Path, max_length: int) -> dict:
+    """Model FLOPs of one epoch of training on `data` (what MFU counts), from the model's shapes.
+
+    Per example of s tokens of which r are response tokens (undo's encoding: prompt + rationale):
+      matmuls   6 * (N - V*d) * s    forward 2, backward 4 FLOPs per weight and token; N counts every
+                                     parameter once (the tied embedding is the lm_head's matmul) ...
+              + 6 * V * d * r        ... but the lm_head is only needed where a response token is predicted
+      attention 6 * L * h * s^2      QK^T and AV, 2 FLOPs each per query-key pair and head dim, halved by
+                                     causality, x3 for forward + backward (h = heads x head_dim)
+    Padding and prompt logits some implementations compute anyway are waste, not model FLOPs.
+    """
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from undo_cli.records import read_records
+    from undo_cli.training.data import encode_records
+
+    config = _json.loads((model_dir / "config.json").read_text())
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    attn_width = heads * config.get("head_dim", d // heads)
+    from safetensors import safe_open
+
+    params = 0  # a tied embedding / lm_head is stored once
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples, stats = encode_records(read_records(data, "rationale"), tok, max_length=max_length,
+                                     template="student", path=str(data))
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    squares = sum(len(e["input_ids"]) ** 2 for e in examples)
+    flops = 6 * (params - vocab * d) * tokens + 6 * vocab * d * stats.response_tokens + 6 * layers * attn_width * squares
+    return {"params": params, "tokens": tokens, "response_tokens": stats.response_tokens, "sum_sq_lengths": squares,
+            "flops_per_epoch": flops, "formula": "6(N - V d) T + 6 V d R + 6 L h sum(s^2)"}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+# Dense bf16 peak of the GPUs we know (no sparsity), TFLOP/s: NVIDIA's datasheets (SXM parts).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(name: str | None) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if name and k in name), None)
 
 
 # --- one variant in a fresh process ------------------------------------------------------------
@@ -195,6 +256,18 @@ def worker(variant: str, model: Path, data: Path, work: Path, settings: dict) ->
 
 # --- the driver ------------------------------------------------------------------------------
 
+def _round_ratios(mine: list[dict], trl: list[dict], seconds: str) -> tuple[list[float], list[float] | None]:
+    """Per round, this variant's throughput over trl's (the same tokens, so a ratio of seconds), and a 95%
+    t-interval of their mean (None for fewer than 2 rounds). Rounds alternate the order of the variants."""
+    ratios = [t[seconds] / m[seconds] for m, t in zip(mine, trl)]
+    if len(ratios) < 2:
+        return ratios, None
+    mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+    t975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(ratios), 2.0)
+    half = t975 * sd / len(ratios) ** 0.5
+    return ratios, [mean - half, mean + half]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -202,6 +275,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--examples", type=int, help="override the preset's number of rationales")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker (default 1, see above)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: known from its name, e.g. H100/H200 989)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -223,6 +298,9 @@ def main() -> None:
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 130)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    import importlib.util
+
+    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
@@ -234,6 +312,10 @@ def main() -> None:
         write_records(data, rows)
         console.print(f"building the {args.preset} model ...")
         build_model(tmp_path / "model", args.preset, rows)
+        flops = model_flops(tmp_path / "model", data, settings["max_length"])
+        for variant in variants:
+            if variant.startswith("trl") and missing:
+                errors[variant] = f"not installed here: {', '.join(missing)}"
         for r in range(args.rounds):
             for variant in (variants if r % 2 == 0 else variants[::-1]):
                 if variant in errors:
@@ -251,10 +333,15 @@ def main() -> None:
                     continue
                 runs[variant].append(json.loads(line[len("RESULT "):]))
 
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    peak = args.peak_tflops or peak_tflops(gpu)
     table = Table(title=f"undo train vs TRL SFTTrainer ({args.preset}, {settings['examples']} rationales, "
-                        f"batch {settings['batch_size']}, {args.threads} thread(s), median of {args.rounds})")
+                        f"batch {settings['batch_size']}, {args.threads} thread(s), median of {args.rounds}"
+                        + (f", {gpu}" if gpu else "") + ")")
     for col in ("variant", "batches", "steps", "real tokens", "padding", "tok/s wall", "tok/CPU-s", "vs trl",
-                "mean loss", "peak GiB"):
+                "95% CI", "mean loss", "peak GiB", "MFU"):
         table.add_column(col, justify="left" if col in ("variant", "batches") else "right")
     summary: dict[str, dict] = {}
     for variant in variants:
@@ -269,35 +356,49 @@ def main() -> None:
                             "padding_fraction": first["padding"] / max(first["processed"], 1),
                             "wall_s": wall, "cpu_s": cpu, "real_tokens_per_s": real / wall,
                             "real_tokens_per_cpu_s": real / cpu, "mean_loss": first["mean_loss"],
-                            "peak_gib": first["peak_gib"], "runs": runs[variant]}
+                            "peak_gib": first["peak_gib"], "runs": runs[variant],
+                            # model FLOPs of the epoch / wall time / the GPU's peak (None on CPU)
+                            "mfu": flops["flops_per_epoch"] / wall / (peak * 1e12) if peak and gpu else None}
     cuda = any(s.get("peak_gib") is not None for s in summary.values())
     key = "real_tokens_per_s" if cuda else "real_tokens_per_cpu_s"  # a GPU's CPU time says nothing
     base = summary.get("trl", {}).get(key)
     for variant, s in summary.items():
+        s["vs_trl_per_round"], s["vs_trl_ci95"] = _round_ratios(runs[variant], runs.get("trl", []),
+                                                                "cpu_s" if key.endswith("cpu_s") else "wall_s")
+        ci = s["vs_trl_ci95"]
         table.add_row(variant, s["batching"], str(s["steps"]), f"{s['real_tokens']:,}", f"{s['padding_fraction']:.1%}",
                       f"{s['real_tokens_per_s']:,.0f}", f"{s['real_tokens_per_cpu_s']:,.0f}",
-                      f"{s[key] / base:.2f}x" if base else "-", f"{s['mean_loss']:.4f}",
-                      f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "-")
+                      f"{s[key] / base:.2f}x" if base else "-", f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-",
+                      f"{s['mean_loss']:.4f}",
+                      f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "-",
+                      f"{s['mfu']:.1%}" if s["mfu"] is not None else "-")
         s["vs_trl"] = s[key] / base if base else None
     console.print(table)
     for variant, message in errors.items():
         console.print(f"[yellow]{variant}: not measured[/yellow] ({message})")
 
+    if gpu:
+        console.print(f"MFU = model FLOPs of the epoch / wall s / peak; FLOPs = {flops['formula']} = "
+                      f"{flops['flops_per_epoch']:.3g} (N = {flops['params']:,} parameters, T = {flops['tokens']:,} "
+                      f"tokens, R = {flops['response_tokens']:,} response tokens); peak = "
+                      + (f"{peak:g} TFLOP/s dense bf16 ({gpu})" if peak else "unknown: pass --peak-tflops"))
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-    import transformers
-    import trl
+    def _version(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     out = RESULTS / f"train-{args.preset}.json"
     write_json(out, {"preset": args.preset, "settings": settings, "rounds": args.rounds, "threads": args.threads,
-                     "compared_on": key, "results": summary,
+                     "compared_on": key, "results": summary, "model_flops": flops, "peak_tflops": peak,
                      "errors": errors, "wall_s": round(time.time() - started, 1),
+                     "load_avg_1m_after": os.getloadavg()[0],
                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                 "platform": platform.platform(),
-                                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                  "trl": trl.__version__}})
+                                 "platform": platform.platform(), "gpu": gpu},
+                     "versions": {n: _version(n) for n in ("torch", "transformers", "trl", "accelerate", "peft")}})
     console.print(f"wrote {out.relative_to(REPO)} ({time.time() - started:.0f} s)")
 
 

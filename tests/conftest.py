@@ -6,9 +6,11 @@ the CLI runs as a subprocess exactly as a user's shell would run it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,28 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
                             num_layers=3, seed=1)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a JSONL file at `path` (its folder created): the one helper tests write input files with."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file, blank lines skipped: the one helper tests read outputs with."""
+    return parse_jsonl(Path(path).read_text(encoding="utf-8"))
+
+
+def parse_jsonl(text: str) -> list[dict]:
+    """The records of JSONL text (a command's stdout), blank lines skipped."""
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env: dict | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `undo ARGS...` as a user would; returns the finished process (text mode)."""
@@ -126,6 +150,40 @@ def undo():
 
 
 @pytest.fixture
+def undo_inproc(capfd):
+    """`undo ARGS...` in this process, answered like `run_undo`: (returncode, stdout, stderr) at the file descriptors.
+
+    For commands that fail before any model loads or work starts (bad input, refusals), where a
+    subprocess adds only an interpreter start and imports (~1.5 s each). An exception that escapes
+    the CLI is not caught here: the test fails with it, as a traceback would fail `run_undo`'s checks.
+    """
+    from undo_cli.cli.app import main
+    from undo_cli.console import console
+
+    def run(*args: object, env: dict | None = None, **_: object) -> subprocess.CompletedProcess:
+        saved_env = {k: os.environ.get(k) for k in (env or {})}
+        saved_width = console._width
+        os.environ.update(env or {})
+        console.width = int((env or {}).get("COLUMNS", 2000))  # no folding of long paths mid-word
+        capfd.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            console._width = saved_width
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([sys.executable, "-m", "undo_cli", *map(str, args)], code, out, err)
+    return run
+
+
+@pytest.fixture
 def undo_here(capsys):
     """`undo ARGS...` in this process: for errors found before any training, where a subprocess only adds seconds.
 
@@ -135,13 +193,28 @@ def undo_here(capsys):
 
     def run(*args: object) -> tuple[int, str]:
         capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
+        with wide_console():
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
         return code, " ".join(capsys.readouterr().err.split())
     return run
+
+
+@contextlib.contextmanager
+def wide_console(width: int = 2000) -> Iterator[None]:
+    """The CLI's console this wide while in process: rich folds a word longer than the width (a long tmp path,
+    longer still under pytest-xdist) mid-word, which no whitespace joining undoes."""
+    from undo_cli.console import console
+
+    saved = console._width
+    console.width = width
+    try:
+        yield
+    finally:
+        console._width = saved
 
 
 # --- a tiny teacher that actually knows something ------------------------------------

@@ -45,6 +45,44 @@ def test_n_sampled_with_seed_is_reproducible(hf):
     assert [[c.text for c in p] for p in other] != [[c.text for c in p] for p in first]
 
 
+def test_a_static_cache_batch_gives_the_same_greedy_text_as_one_at_a_time(tiny_model):
+    """12 prompts in one batch (>= STATIC_CACHE_MIN_ROWS: a static KV cache on CPU) == each prompt alone."""
+    from undo_cli.backends import hf as hf_module
+
+    prompts = PROMPTS + [[{"role": "user", "content": f"Add {k} and {k + 3}, then " + "double it, " * k}]
+                         for k in range(6)]
+    assert len(prompts) >= hf_module.STATIC_CACHE_MIN_ROWS
+    sampling = SamplingConfig(max_tokens=16)
+    with open_backend(BackendConfig(backend="hf", model=str(tiny_model), batch_size=16)) as backend:
+        assert backend._generate_config(sampling, rows=len(prompts)).cache_implementation == "static"
+        assert backend._generate_config(sampling, rows=1).cache_implementation is None
+        batched = backend.generate(prompts, sampling)
+        alone = [backend.generate([p], sampling)[0] for p in prompts]
+    assert [c[0].text for c in batched] == [c[0].text for c in alone]
+    assert [c[0].completion_tokens for c in batched] == [c[0].completion_tokens for c in alone]
+
+
+def test_n_samples_share_one_pass_over_the_prompt(hf, monkeypatch):
+    """n > 1: the prompt runs once (its cache repeated n times), and each sample continues it correctly:
+    with top_p ~ 0 sampling keeps only the most likely token, so every sample is the greedy answer."""
+    greedy = [c[0].text for c in hf.generate(PROMPTS, SamplingConfig(max_tokens=10))]
+    rows_seen = []
+    forward = type(hf.hf_model).forward
+
+    def counting(self, input_ids=None, **kwargs):
+        rows_seen.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(hf.hf_model), "forward", counting)
+    near_greedy = hf.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=1e-9, seed=0, max_tokens=10))
+    assert [[c.text for c in per_prompt] for per_prompt in near_greedy] == [[g] * 3 for g in greedy]
+    # The batches of 4 sequences hold 1 prompt x 3 samples (batch_size counts sequences): each prompt's
+    # tokens but the last are run for one row, then only single tokens for its 3 rows.
+    prompt_widths = [len(hf.prompt_ids(p)) for p in PROMPTS]
+    assert sorted(shape for shape in rows_seen if shape[1] > 1) == sorted((1, w - 1) for w in prompt_widths)
+    assert all(shape == (3, 1) for shape in rows_seen if shape[1] == 1)
+
+
 def test_greedy_n_copies_one_answer(hf):
     out = hf.generate(PROMPTS[:1], SamplingConfig(n=2, max_tokens=5))
     assert len(out[0]) == 2 and out[0][0].text == out[0][1].text
@@ -57,6 +95,7 @@ def test_finish_reason_length_and_token_counts(hf):
         assert c.completion_tokens == 3
 
 
+@pytest.mark.slow
 def test_trained_teacher_stops_at_eos_and_stop_strings_trim(teacher):
     messages = [student_messages(p) for p in TAUGHT_PROBLEMS[:3]]
     full = teacher.generate(messages, SamplingConfig(max_tokens=60))
@@ -70,6 +109,7 @@ def test_trained_teacher_stops_at_eos_and_stop_strings_trim(teacher):
         assert c.completion_tokens < full[0][0].completion_tokens
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_generated_ids_and_the_model_distribution(teacher):
     import torch
 
@@ -97,6 +137,7 @@ def test_logprobs_are_the_generated_ids_and_the_model_distribution(teacher):
     assert TokenLogprobs.from_json(c.logprobs[0].to_json()).token_id == ids[0]
 
 
+@pytest.mark.slow
 def test_lora_adapter_is_applied(tiny_model, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

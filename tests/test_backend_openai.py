@@ -12,13 +12,13 @@ from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
 from undo_cli.errors import UndoError
 from undo_cli.prompts import student_messages
 
-pytestmark = pytest.mark.slow
 
 
 def _openai(url: str, model: str, **kw) -> BackendConfig:
     return BackendConfig(backend="openai", model=model, base_url=url, **kw)
 
 
+@pytest.mark.slow
 def test_transformers_serve_gives_the_same_greedy_text_as_hf(transformers_server):
     messages = [student_messages(p) for p in TAUGHT_PROBLEMS[:4]]
     sampling = SamplingConfig(max_tokens=60)
@@ -30,6 +30,7 @@ def test_transformers_serve_gives_the_same_greedy_text_as_hf(transformers_server
         assert c.prompt_tokens > 0 and c.completion_tokens > 0
 
 
+@pytest.mark.slow
 def test_n_is_fanned_out_when_the_server_ignores_it(transformers_server):
     # transformers serve ignores `n`: the backend must ask again for the missing samples.
     with open_backend(_openai(transformers_server.base_url, transformers_server.model)) as llm:
@@ -39,6 +40,7 @@ def test_n_is_fanned_out_when_the_server_ignores_it(transformers_server):
     assert all(c.text for p in out for c in p)
 
 
+@pytest.mark.slow
 def test_wrong_model_name_on_a_real_server(transformers_server):
     with open_backend(_openai(transformers_server.base_url, "no-such-model")) as llm:
         with pytest.raises(UndoError, match="no-such-model"):
@@ -104,3 +106,65 @@ def test_vllm_style_token_ids_become_logprobs(scripted_server):
     assert c.logprobs[0].top == [(0, -0.5), (1, -1.5)]
     assert c.completion_tokens == len(c.logprobs)
 
+
+
+# -- issue 25: no drain between batches -------------------------------------------------------------
+
+def test_the_next_batchs_requests_run_while_a_batch_finishes():
+    """A straggler in batch 1 is answered only once a request of batch 2 has reached the server (or after
+    20 s): with one batch at a time it would wait the 20 s, since batch 2 starts after batch 1 is done.
+    Also: results come back per batch, in order, and closing the stream early cancels what is in flight."""
+    import threading
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.servers import completion_payload, start_loopback_http
+
+    batch2_seen, released = threading.Event(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload: dict) -> None:
+            raw = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+            said = body["messages"][-1]["content"]
+            if said.startswith("b2-"):
+                batch2_seen.set()
+            if said == "straggler":
+                released.append(batch2_seen.wait(20))
+            self._send(completion_payload(body, f"answer to {said}"))
+
+    httpd, port, _ = start_loopback_http(Handler)
+    try:
+        config = _openai(f"http://127.0.0.1:{port}/v1", "m", concurrency=2)
+        with open_backend(config) as llm:
+            # The loop sends batches of llm.batch_hint; the stream takes any size, and small ones keep this quick.
+            batch1 = [[{"role": "user", "content": "straggler"}]] + [[{"role": "user", "content": f"b1-{i}"}]
+                                                                     for i in range(3)]
+            batch2 = [[{"role": "user", "content": f"b2-{i}"}] for i in range(3)]
+            batch3 = [[{"role": "user", "content": f"b3-{i}"}] for i in range(3)]
+            stream = llm.generate_stream(iter([batch1, batch2, batch3]), SamplingConfig(max_tokens=8))
+            first = next(stream)
+            assert released == [True]  # batch 2 was under way before batch 1 was handed back
+            assert [c[0].text for c in first] == [f"answer to {m[0]['content']}" for m in batch1]
+            second = next(stream)
+            assert [c[0].text for c in second] == [f"answer to {m[0]['content']}" for m in batch2]
+            stream.close()  # batch 3 was in flight: cancelled, and the backend still works afterwards
+            assert llm.generate([[{"role": "user", "content": "after"}]], SamplingConfig(max_tokens=8))[0][0].text \
+                == "answer to after"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.conftest import parse_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}  # rich wraps stderr at the terminal width; keep each message on one line
 
@@ -31,22 +32,13 @@ PREDICTIONS = [
 EXPECTED = {"v2": "wrong_answer", "v3": "no_answer", "v4": "truncated", "v5": "wrong_answer"}
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(text):
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def test_classes_and_fields_through_the_cli(tmp_path, undo):
     preds = write_jsonl(tmp_path / "predictions.jsonl", PREDICTIONS)
     out = tmp_path / "errors.jsonl"
     proc = undo("collect-errors", preds, "--output", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the file got the records; stdout stays clean
-    errors = read_jsonl(out.read_text())
+    errors = parse_jsonl(out.read_text())
     assert {e["id"]: e["error_type"] for e in errors} == EXPECTED
     assert [e["id"] for e in errors] == ["v2", "v3", "v4", "v5"]  # input order
     by_id = {p["id"]: p for p in PREDICTIONS}
@@ -61,7 +53,7 @@ def test_pipe_from_stdin_to_stdout(undo):
     stdin = "".join(json.dumps(p) + "\n" for p in PREDICTIONS)
     proc = undo("collect-errors", "-", input=stdin)
     assert proc.returncode == 0, proc.stderr
-    assert {e["id"]: e["error_type"] for e in read_jsonl(proc.stdout)} == EXPECTED
+    assert {e["id"]: e["error_type"] for e in parse_jsonl(proc.stdout)} == EXPECTED
 
 
 def test_unscored_predictions_are_scored_with_the_scorer(tmp_path):
@@ -72,7 +64,7 @@ def test_unscored_predictions_are_scored_with_the_scorer(tmp_path):
             {"id": "c", "question": "q", "answer": "3", "output": "no idea"}]
     out = tmp_path / "errors.jsonl"
     summary = run(CollectErrorsConfig(predictions=str(write_jsonl(tmp_path / "p.jsonl", rows)), output=str(out)))
-    errors = read_jsonl(out.read_text())
+    errors = parse_jsonl(out.read_text())
     assert [(e["id"], e["error_type"], e["predicted"]) for e in errors] == [("b", "wrong_answer", "5"),
                                                                             ("c", "no_answer", None)]
     assert summary["correct"] == 1 and summary["by_type"] == {"no_answer": 1, "wrong_answer": 1, "truncated": 0}
@@ -90,7 +82,7 @@ def test_max_is_a_seeded_sample_independent_of_input_order(tmp_path):
         out = tmp_path / name
         summary = run(CollectErrorsConfig(predictions=str(path), output=str(out), max=5, seed=seed))
         assert summary["errors"] == 20 and summary["kept"] == 5
-        return [e["id"] for e in read_jsonl(out.read_text())]
+        return [e["id"] for e in parse_jsonl(out.read_text())]
 
     a = sample(forward, 1, "a.jsonl")
     assert len(a) == 5 and a == sorted(a)  # input order kept

@@ -10,6 +10,7 @@ import pytest
 from undo_cli.data.importer import DataImportConfig, convert_rows, parse_split, split_counts
 from undo_cli.errors import RecordError, UndoError
 from undo_cli.records import read_records
+from tests.conftest import write_jsonl
 
 WIDE = {"COLUMNS": "400"}  # rich wraps stderr at the terminal width; keep messages on one line
 
@@ -70,11 +71,6 @@ ARC = [
 ]
 
 
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def _import(undo, *args):
     return undo("data", "import", *map(str, args), env=WIDE)
 
@@ -84,7 +80,7 @@ def _all(out_dir, name="all"):
 
 
 def test_gsm8k(undo, tmp_path):
-    proc = _import(undo, _jsonl(tmp_path / "gsm8k.jsonl", GSM8K), "--preset", "gsm8k", "-o", tmp_path / "d",
+    proc = _import(undo, write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K), "--preset", "gsm8k", "-o", tmp_path / "d",
                    "--split", "all=1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
@@ -108,6 +104,7 @@ def test_svamp_from_a_json_list(undo, tmp_path):
     assert rows[0]["meta"] == {"equation": "( 76.0 - 25.0 )", "type": "Subtraction"}
 
 
+@pytest.mark.slow
 def test_math_from_parquet_and_math500_layout(undo, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -122,12 +119,12 @@ def test_math_from_parquet_and_math500_layout(undo, tmp_path):
     assert rows[1]["meta"]["level"] == "Level 2" and rows[1]["meta"]["type"] == "Prealgebra"
     # MATH-500 carries its own `answer` and `unique_id` columns
     m500 = [{**MATH[2], "answer": "\\frac34", "subject": "Algebra", "unique_id": "test/algebra/1.json"}]
-    _, (row,) = convert_rows(DataImportConfig(source=str(_jsonl(tmp_path / "m500.jsonl", m500)), preset="math"))
+    _, (row,) = convert_rows(DataImportConfig(source=str(write_jsonl(tmp_path / "m500.jsonl", m500)), preset="math"))
     assert (row["id"], row["answer"], row["meta"]["subject"]) == ("test/algebra/1.json", "\\frac34", "Algebra")
 
 
 def test_commonsense_qa_and_arc_choices(undo, tmp_path):
-    proc = _import(undo, _jsonl(tmp_path / "cqa.jsonl", COMMONSENSE_QA), "--preset", "commonsense_qa",
+    proc = _import(undo, write_jsonl(tmp_path / "cqa.jsonl", COMMONSENSE_QA), "--preset", "commonsense_qa",
                    "-o", tmp_path / "c", "--split", "all=1")
     assert proc.returncode == 0, proc.stderr
     rows = _all(tmp_path / "c")
@@ -136,7 +133,7 @@ def test_commonsense_qa_and_arc_choices(undo, tmp_path):
     assert rows[1]["choices"] == ["race track", "populated areas", "the desert", "apartment", "roadblock"]
     assert rows[1]["meta"] == {"answer_text": "populated areas", "concept": "people"}
 
-    proc = _import(undo, _jsonl(tmp_path / "arc.jsonl", ARC), "--preset", "arc", "-o", tmp_path / "a", "--split", "all=1")
+    proc = _import(undo, write_jsonl(tmp_path / "arc.jsonl", ARC), "--preset", "arc", "-o", tmp_path / "a", "--split", "all=1")
     assert proc.returncode == 0, proc.stderr
     rows = _all(tmp_path / "a")
     assert [(r["id"], r["answer"]) for r in rows] == [("Mercury_SC_415702", "A"), ("MCAS_2000_4_6", "A")]  # '1' -> A
@@ -144,7 +141,7 @@ def test_commonsense_qa_and_arc_choices(undo, tmp_path):
 
 
 def test_strategyqa_booleans_become_yes_no(undo, tmp_path):
-    proc = _import(undo, _jsonl(tmp_path / "sqa.jsonl", STRATEGYQA), "--preset", "strategyqa", "-o", tmp_path / "d",
+    proc = _import(undo, write_jsonl(tmp_path / "sqa.jsonl", STRATEGYQA), "--preset", "strategyqa", "-o", tmp_path / "d",
                    "--split", "all=1")
     assert proc.returncode == 0, proc.stderr
     rows = _all(tmp_path / "d")
@@ -172,7 +169,7 @@ def test_field_mapping_flags_on_csv(undo, tmp_path):
 def test_splits_are_seeded_and_ids_stable(tmp_path, capsys):
     from undo_cli.data.importer import run
 
-    src = _jsonl(tmp_path / "nums.jsonl", [{"question": f"What is {i} + 1?", "answer": i + 1} for i in range(50)])
+    src = write_jsonl(tmp_path / "nums.jsonl", [{"question": f"What is {i} + 1?", "answer": i + 1} for i in range(50)])
 
     def split(out, **kw):
         run(DataImportConfig(source=str(src), output_dir=str(tmp_path / out), **kw))
@@ -251,6 +248,7 @@ def test_bad_input_exits_2_from_the_cli(undo, tmp_path, content, flags, expected
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_missing_file_and_unreachable_hub(undo, tmp_path):
     proc = _import(undo, tmp_path / "nope.jsonl", "-o", tmp_path / "out")
     assert proc.returncode == 2 and "nope.jsonl: no such file" in proc.stderr
@@ -275,7 +273,7 @@ def test_problem_files_pass_through_from_stdin(undo, tmp_path):
 
 
 def test_errors_in_process_name_the_field(tmp_path):
-    src = _jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": True}])
+    src = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": True}])
     with pytest.raises(RecordError) as err:
         convert_rows(DataImportConfig(source=str(src)))
     assert err.value.line == 1 and err.value.field == "answer"

@@ -117,6 +117,7 @@ def test_errors_name_the_file_line_and_what_to_do(run, tmp_path, undo_here):
     assert code == 2
 
 
+@pytest.mark.slow
 def test_readme_commands_as_written_in_a_terminal(tmp_path):
     """The README's block for `undo report --html` and `undo diff`, line by line, in a pseudo-terminal."""
     import re

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, wide_console, write_jsonl
 
 
 class CountingProxy:
@@ -84,7 +84,7 @@ def counted_teacher(transformers_server):
 def problems(tmp_path) -> Path:
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:6]]
     path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -101,6 +101,7 @@ def _served_generate(undo, proxy, model, problems, output, cache, *extra):
     return proc
 
 
+@pytest.mark.slow
 def test_second_identical_run_makes_no_teacher_request_and_writes_the_same_records(undo, counted_teacher,
                                                                                      problems, tmp_path):
     proxy, model = counted_teacher
@@ -124,6 +125,7 @@ def test_second_identical_run_makes_no_teacher_request_and_writes_the_same_recor
     assert "teacher tokens paid / cached" in proc.stderr
 
 
+@pytest.mark.slow
 def test_changed_sampling_misses_and_unseeded_sampling_is_cached_only_on_request(undo, counted_teacher, problems,
                                                                                   tmp_path):
     proxy, model = counted_teacher
@@ -212,6 +214,7 @@ def _generate(undo, teacher, problems, output, *extra):
                 "--max-tokens", "48", "--keep", "all", *extra)
 
 
+@pytest.mark.slow
 def test_budget_stops_before_exceeding_keeps_what_finished_and_resumes_with_more(undo, trained_teacher, problems,
                                                                                    tmp_path):
     out = tmp_path / "r.jsonl"
@@ -243,6 +246,7 @@ def test_budget_stops_before_exceeding_keeps_what_finished_and_resumes_with_more
     assert again.returncode == 0
 
 
+@pytest.mark.slow
 def test_prices_turn_tokens_into_money_and_max_cost_needs_them(undo, trained_teacher, problems, tmp_path):
     proc = _generate(undo, trained_teacher, problems, tmp_path / "r.jsonl", "--price-input", "1",
                      "--price-output", "2")
@@ -255,6 +259,7 @@ def test_prices_turn_tokens_into_money_and_max_cost_needs_them(undo, trained_tea
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_cache_stats_and_prune(undo, trained_teacher, problems, tmp_path):
     cache = tmp_path / "cache"
     assert _generate(undo, trained_teacher, problems, tmp_path / "a.jsonl", "--cache-dir", cache).returncode == 0
@@ -273,6 +278,7 @@ def test_cache_stats_and_prune(undo, trained_teacher, problems, tmp_path):
     assert json.loads(undo("cache", "stats", "--cache-dir", cache, "--json").stdout)["entries"] == 0
 
 
+@pytest.mark.slow
 def test_iterate_budget_stops_the_loop_and_a_resume_with_more_finishes_with_per_iteration_usage(
         undo, tiny_model, trained_teacher, tmp_path):
     from tests.test_iterate import STAGE_FLAGS
@@ -281,7 +287,7 @@ def test_iterate_budget_stops_the_loop_and_a_resume_with_more_finishes_with_per_
     files = {}
     for split, part in (("train", rows[:8]), ("val", rows[8:]), ("test", rows[6:])):
         files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in part))
+        write_jsonl(files[split], part)
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", tmp_path / "runs",
             "--name", "budget", "--max-iterations", "1", *STAGE_FLAGS]
@@ -326,7 +332,7 @@ def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
     """`undo iterate ... --dry-run` in process: (the JSON on stdout, people's text on stderr)."""
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]]
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(train, rows)
     return ["iterate", "--teacher", str(tiny_teacher_or_name), "--student", "org/student", "--train-file", str(train),
             "--val-file", str(train), "--test-file", str(train), "--runs-dir", str(tmp_path / "runs"), "--name", "r",
             "--dry-run", "--format", "json", *map(str, flags)]
@@ -335,12 +341,12 @@ def _dry_run(tiny_teacher_or_name, tmp_path, *flags):
 def _main(args, capsys, monkeypatch):
     from undo_cli.cli.app import main
 
-    monkeypatch.setenv("COLUMNS", "400")
     capsys.readouterr()
-    try:
-        main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr().err
+    with wide_console():
+        try:
+            main(args)
+        except SystemExit as exc:
+            assert exc.code in (0, None), capsys.readouterr().err
     captured = capsys.readouterr()
     return json.loads(captured.out), " ".join(captured.err.split())
 

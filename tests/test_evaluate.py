@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import TAUGHT_PROBLEMS
+import pytest
+
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}
 
@@ -26,15 +28,6 @@ CHOICE = {"id": "c1", "question": "Which number is even?", "answer": "B", "task"
 def problems():
     taught = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:2]]
     return taught + [UNTAUGHT, CHOICE]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def test_predictions_and_metrics(tmp_path, trained_teacher, capsys):
@@ -181,6 +174,7 @@ def test_the_prompt_format_a_training_file_teaches():
     assert prompt_format([q, plain[0]], "student")["kind"] == "mixed"
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_messages_is_asked_the_way_it_learnt(tmp_path, tiny_teacher, undo_here):
     """`{"messages"}` data (the question alone as the prompt) -> undo train records it -> undo evaluate asks the
     question alone, and the model answers what it learnt; through the student template (the old behaviour,

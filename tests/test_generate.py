@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _lines(path: Path) -> list[dict]:
@@ -31,7 +26,7 @@ def problems(tmp_path) -> Path:
     """The 12 problems the teacher was taught, plus 3 whose gold answer is wrong on purpose (never verified)."""
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
     rows += [{**rows[i], "id": f"bad{i}", "answer": str(int(rows[i]["answer"]) + 100)} for i in range(3)]
-    return _write_jsonl(tmp_path / "problems.jsonl", rows)
+    return write_jsonl(tmp_path / "problems.jsonl", rows)
 
 
 def _generate(undo, teacher, problems, output, *extra, **kw):
@@ -110,7 +105,7 @@ def test_n_samples_per_problem(undo, tiny_model, problems, tmp_path):
 
 def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tiny_model, tmp_path):
     rows = [{"id": f"k{i:03d}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(48)]
-    problems = _write_jsonl(tmp_path / "many.jsonl", rows)
+    problems = write_jsonl(tmp_path / "many.jsonl", rows)
     out = tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "undo_cli", "generate", "--teacher", str(tiny_model), "--input", str(problems),
            "--output", str(out), "--keep", "all", "--batch-size", "2", "--max-tokens", "16"]
@@ -152,7 +147,7 @@ def test_fewshot_examples_reach_the_prompt(undo, tiny_model, problems, tmp_path)
     shots = [{"question": "1+1?", "rationale": "1 + 1 = 2.\n#### 2"}] * 2
     out = tmp_path / "fewshot.jsonl"
     result = undo("generate", "--teacher", tiny_model, "--input", problems, "--keep", "all", "--max-tokens", "2",
-                  "--output", out, "--fewshot", _write_jsonl(tmp_path / "shots.jsonl", shots))
+                  "--output", out, "--fewshot", write_jsonl(tmp_path / "shots.jsonl", shots))
     assert result.returncode == 0, result.stderr
     tok, template = AutoTokenizer.from_pretrained(tiny_model), load_template("generate")
     for r in _lines(out):
@@ -212,7 +207,7 @@ def test_error_paths_exit_2_with_a_message_that_names_the_problem(undo, tiny_mod
 def test_keep_all_never_keeps_whitespace_rationales(undo, tiny_model, tmp_path):
     # The untrained tiny model greedily writes only newlines: nothing a student could learn from.
     rows = [{"id": f"w{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(3)]
-    problems = _write_jsonl(tmp_path / "w.jsonl", rows)
+    problems = write_jsonl(tmp_path / "w.jsonl", rows)
     out = tmp_path / "all.jsonl"
     result = undo("generate", "--teacher", tiny_model, "--input", problems, "--output", out, "--keep", "all",
                   "--max-tokens", "4")

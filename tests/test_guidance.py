@@ -8,25 +8,19 @@ person sees (`--version`, `-h`, the "next:" line, a stopped iterate).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 from undo_cli.errors import UndoError
 
 WIDE = {"COLUMNS": "400"}
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def files(tmp_path) -> dict[str, str]:
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:2]]
-    return {split: str(_write(tmp_path / f"{split}.jsonl", rows)) for split in ("train", "val", "test")}
+    return {split: str(write_jsonl(tmp_path / f"{split}.jsonl", rows)) for split in ("train", "val", "test")}
 
 
 def _config(files, tmp_path, dotted=(), toml: str | None = None, origins=None, **flags):
@@ -221,6 +215,7 @@ def test_limit_takes_the_first_n_problems(files, tmp_path, tiny_model):
         EvaluateConfig(model=str(tiny_model), input=files["val"], limit=0)
 
 
+@pytest.mark.slow
 def test_version_and_short_help(undo):
     proc = undo("--version")
     assert proc.returncode == 0
@@ -234,7 +229,7 @@ def test_version_and_short_help(undo):
 def test_each_command_ends_with_the_next_one(undo, tmp_path):
     from undo_cli.guidance import next_command
 
-    preds = _write(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2",
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2",
                                                "predicted": "2", "correct": False}])
     proc = undo("collect-errors", preds, "--output", tmp_path / "errors.jsonl", env=WIDE)
     assert proc.returncode == 0

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TAUGHT_PROBLEMS
+from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 
-pytestmark = pytest.mark.slow
 
 # Tiny but real: the teacher sees the student template it was overfit on (generate and refine
 # both take a `prompt` template), refine works one target per batch so that it can be
@@ -41,17 +40,13 @@ STAGE_FLAGS = [
 ]
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model, trained_teacher) -> dict:
     root = tmp_path_factory.mktemp("iterate")
     problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
-    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
-             "test": _write(root / "test.jsonl", problems[6:])}
+    files = {"train": write_jsonl(root / "train.jsonl", problems[:8]), "val": write_jsonl(root / "val.jsonl", problems[8:]),
+             "test": write_jsonl(root / "test.jsonl", problems[6:])}
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
             "--max-iterations", "2", "--patience", "1", *STAGE_FLAGS]
@@ -122,6 +117,7 @@ def finished_run(workdir) -> dict:
     return {**workdir, "run": run, "args": args, "seen": seen, "stdout": out, "log": log.read_text()}
 
 
+@pytest.mark.slow
 def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run):
     run, seen = finished_run["run"], finished_run["seen"]
     manifest = _manifest(run)
@@ -149,8 +145,16 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     ids = [json.loads(line)["id"] for line in refined]
     assert len(ids) == len(set(ids)) == stages["iter_01/refine"]["summary"]["jobs"] == 4
     assert "resumes where it stopped" in finished_run["log"] or "resuming" in finished_run["log"]
+    # Killed twice, yet no temp file is left, and every file is readable by others (it honours the umask).
+    assert not list(run.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in run.rglob("*") if f.is_file()}
+    assert {"manifest.json", "summary.json", "iter_00/rationales.jsonl", "iter_01/student/model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
+@pytest.mark.slow
 def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
     run = finished_run["run"]
     manifest = _manifest(run)
@@ -179,6 +183,7 @@ def test_run_folder_records_config_inputs_and_the_mixed_data(finished_run):
     assert out["status"] == "done" and out["best_student"].endswith("iter_00/student")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run, undo):
     args = finished_run["args"]
     changed = undo(*args, "--resume", "--train.lr", "1e-3", "--max-iterations", "3", env={"COLUMNS": "400"})
@@ -197,6 +202,7 @@ def _hint(log: str, label: str) -> str:
     return line[len(label):].split("   (")[0].strip()
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_run, undo):
     """The finished run's `more rounds:` hint, pasted (on a copy of the run: --name extended), runs one more
     round and recomputes nothing finished; then a resume under the original rule keeps the finished round
@@ -264,6 +270,7 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     assert all(manifest["stages"][k]["attempts"] == stages[k]["attempts"] for k in stages if k != f"{new}/test")
 
 
+@pytest.mark.slow
 def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
     """`next: undo report RUN` and the report's own `next:` (the best student on the run's test problems)."""
     from tests.conftest import paste
@@ -276,6 +283,7 @@ def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
     assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_report_on_the_finished_run(finished_run, undo):
     proc = undo("report", finished_run["run"], "--html", finished_run["root"] / "page.html", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
@@ -321,6 +329,7 @@ def _records(path: Path, run: Path) -> list[dict]:
             for line in _lines(path)]
 
 
+@pytest.mark.slow
 def test_bash_script_runs_the_stages_with_the_runs_settings(finished_run, tmp_path):
     """examples/undo_loop.sh given `undo iterate`'s own flags (issue 23): every stage runs with the settings
     `undo iterate` used, not the stages' defaults, and writes the same artifacts."""
@@ -383,7 +392,7 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.loop.iterate import IterateConfig
     from undo_cli.loop.settings import resolve
 
-    files = {split: _write(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
     toml = tmp_path / "run.toml"
     toml.write_text(f'teacher = "t"\nstudent = "s"\ntrain_file = "{files["train"]}"\nval_file = "{files["val"]}"\n'
                     f'test_file = "{files["test"]}"\nmax_iterations = 5\n[train]\nlr = 1e-5\nepochs = 2\n'
@@ -405,7 +414,7 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
     assert "set by `undo iterate` itself" in error(["--train.output", "x"])
     assert "expected a number" in error(["--train.lr", "fast"])
     assert "no such option: --max-iteration" in error(["--max-iteration", "3"])
-    assert "unknown choice" in error(flags={"mix": "blend"})
+    assert "--mix blend: unknown mix" in error(flags={"mix": "blend"}) and "--mix append" in error(flags={"mix": "blend"})
     bad = tmp_path / "bad.toml"
     bad.write_text('teacher = "t"\nmax_iteratons = 3\n')
     assert "unknown key 'max_iteratons'" in error(path=str(bad))

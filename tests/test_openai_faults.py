@@ -13,13 +13,12 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 from tests.servers import FAULTS, ScriptedServer, free_port
 from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
-from undo_cli.backends.openai import redact
 from undo_cli.errors import UndoError
+from undo_cli.urls import redact
 
-pytestmark = pytest.mark.slow
 
 HI = [[{"role": "user", "content": "4+4?"}]]
 
@@ -33,7 +32,7 @@ def _problems(path, count: int) -> list[str]:
     rows = [{**TAUGHT_PROBLEMS[i % len(TAUGHT_PROBLEMS)], "id": f"q{i:03d}"} for i in range(count)]
     for r in rows:
         r.pop("rationale")
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return [r["id"] for r in rows]
 
 
@@ -52,6 +51,7 @@ def _ids(path) -> list[str]:
 
 # -- hold the line: a 30% fault rate in front of a real server ------------------------------------
 
+@pytest.mark.slow
 def test_generate_completes_exactly_once_per_problem_at_30pct_faults(undo, transformers_server, fault_proxy,
                                                                        tmp_path):
     # Seed 2 draws 10 faults in the first 36 requests (~30%), so every one of the 9 kinds is injected.
@@ -79,6 +79,7 @@ def test_generate_completes_exactly_once_per_problem_at_30pct_faults(undo, trans
 
 # -- 8. a malformed 200 is a retryable fault --------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["malformed_json", "choices_null"])
 def test_malformed_200_is_retried(scripted_server, broken):
     scripted_server.statuses = [broken, broken]
@@ -88,6 +89,7 @@ def test_malformed_200_is_retried(scripted_server, broken):
     assert len([r for r in scripted_server.requests if r["path"].endswith("/chat/completions")]) == 3
 
 
+@pytest.mark.slow
 def test_malformed_200_forever_exits_2_with_what_the_server_sent_and_keeps_finished_batches(
         undo, scripted_server, tmp_path):
     # The first batch (64 problems, the backend's smallest batch) is answered; then only `choices: null`.
@@ -106,6 +108,7 @@ def test_malformed_200_forever_exits_2_with_what_the_server_sent_and_keeps_finis
 
 # -- 9. a hung server: --request-timeout / --max-retries, and a run that says what it waits for ----
 
+@pytest.mark.slow
 def test_hung_server_times_out_and_says_what_it_waits_for(undo, tmp_path):
     server = ScriptedServer(statuses=["hang"] * 10, hang_s=30)
     try:
@@ -152,6 +155,7 @@ def test_iterate_stage_tables_take_request_timeout_and_max_retries(tmp_path):
 
 # -- 10. a dropped connection is named for what happened -------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, said", [
     ("close_before", "closed it without answering"),
     ("close_mid_body", "closed the connection mid-response"),
@@ -197,6 +201,7 @@ def test_redact_covers_keys_and_authorization_values():
 
 # -- issue 14: several endpoints ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_real_endpoints_and_a_dead_one(undo, transformers_server, fault_proxy, tmp_path):
     # Two endpoints in front of real generation (the server itself and a fault-free proxy to it) and one
     # that nobody listens on: the run warns, uses the two, and the summary shows each.

@@ -13,9 +13,10 @@ import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.conftest import TAUGHT_PROBLEMS
+import pytest
+
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 from tests.test_refine import TAUGHT_FORMAT_TEMPLATE, older, target
 
 WIDE = {"COLUMNS": "400"}
@@ -26,15 +27,6 @@ VAL = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_P
     {"id": "u2", "question": "Sam has 8 apples and buys 8 more. How many apples does Sam have?", "answer": "16",
      "task": "math"},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def setup_files(tmp_path):
@@ -64,6 +56,7 @@ def check_refined(refined, rationales_path):
         assert ref["iteration"] == 1 and ref["template"] == "taught_format"
 
 
+@pytest.mark.slow
 def test_separate_commands(tmp_path, trained_teacher, undo):
     setup_files(tmp_path)
     ev = undo("evaluate", "--model", trained_teacher, "--input", tmp_path / "val.jsonl",
@@ -84,6 +77,7 @@ def test_separate_commands(tmp_path, trained_teacher, undo):
     assert "refined and verified" in rf.stderr
 
 
+@pytest.mark.slow
 def test_bash_pipeline_with_dashes(tmp_path, trained_teacher):
     setup_files(tmp_path)
     undo = f"{shlex.quote(sys.executable)} -m undo_cli"
@@ -96,6 +90,7 @@ def test_bash_pipeline_with_dashes(tmp_path, trained_teacher):
     assert "accuracy" in proc.stderr and "wrong_answer" in proc.stderr  # both tables on stderr
 
 
+@pytest.mark.slow
 def test_through_a_real_openai_compatible_server(tmp_path, transformers_server, undo):
     """The same three steps with `--backend openai` against `transformers serve` on 127.0.0.1."""
     setup_files(tmp_path)

@@ -56,6 +56,53 @@ def test_a_failure_mid_write_leaves_the_old_file_and_no_temp_files(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """Whole-file writes go through a mkstemp temp file (0600): the result must have the mode `open()` gives."""
+    old = os.umask(umask)
+    try:
+        write_records(tmp_path / "split.jsonl", [PROBLEM])
+        write_json(tmp_path / "manifest.json", {"a": 1})
+        write_json(tmp_path / "manifest.json", {"a": 2})  # replacing an existing file too
+        with AppendLog(tmp_path / "rationales.jsonl") as log:
+            log.append([{"id": "r1"}])
+    finally:
+        os.umask(old)
+    for name in ("split.jsonl", "manifest.json", "rationales.jsonl"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(mode), name
+
+
+def test_a_killed_whole_file_write_leaves_a_temp_that_the_next_write_of_that_file_removes(tmp_path):
+    """SIGKILL mid-write leaves `.NAME.XXXXXXXX.tmp`; the next write of NAME removes it, and only it: not a temp a
+    live writer of NAME holds (a concurrent process), not another file's."""
+    import fcntl
+
+    path = tmp_path / "metrics.json"
+    script = textwrap.dedent(f"""
+        import time
+        from undo_cli.records.io import atomic_output
+        with atomic_output({str(path)!r}) as fh:  # what write_json/write_records write through
+            fh.write("{{")
+            print("writing", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    (killed,) = _leftovers(tmp_path)  # what the kill left: the real mkstemp name
+    live = tmp_path / ".metrics.json.live0000.tmp"  # a writer that is still going holds its temp's lock
+    live.write_text("{")
+    other = tmp_path / ".other.json.abcd1234.tmp"  # another file's temp, maybe another process's
+    other.write_text("{")
+    with live.open() as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        write_json(path, {"accuracy": 1.0})
+        assert _leftovers(tmp_path) == sorted([live.name, other.name])
+    assert killed not in _leftovers(tmp_path) and json.loads(path.read_text()) == {"accuracy": 1.0}
+
+
 def test_a_crash_during_the_rename_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
     write_json(path, {"accuracy": 0.5})

@@ -12,7 +12,6 @@ of --prompt); the selection, verification and records are the same code.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,21 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import TAUGHT_PROBLEMS
+import pytest
+
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}
 
 # The student template's text, as a refinement template: the trained teacher answers it correctly.
 TAUGHT_FORMAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "prompts" / "student.jinja").read_text()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def target(problem: dict, rationale: str | None = None, sample: int = 0, iteration: int = 0) -> dict:
@@ -215,6 +207,7 @@ def test_unverified_refinement_keeps_the_previous_rationale(tmp_path, trained_te
 RESUME_FLAGS = dict(batch_size=1, max_tokens=16, k=1, select="errors")  # the same flags as the killed command
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teacher):
     targets = [target(p) for p in TAUGHT_PROBLEMS[:6]]
     # --select errors: each failure is a target's own problem, so there are exactly six jobs.

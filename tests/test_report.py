@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from undo_cli.records import write_json
 
 
@@ -177,6 +179,7 @@ def check_figure(state: dict) -> dict:
         plt.close(fig)
 
 
+@pytest.mark.slow
 def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
     from undo_cli.loop import report
     from tests.run_folders import write_run

@@ -209,6 +209,7 @@ def hostile(tmp_path_factory) -> dict:
     return {"run": run, "page": page, **made}
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_page_matches_the_files_runs_no_model_text_and_fetches_nothing(hostile):
     with Chromium(height=1000) as browser:

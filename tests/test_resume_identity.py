@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _problems(tmp_path: Path) -> Path:
-    return _write(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)}
+    return write_jsonl(tmp_path / "val.jsonl", [{"id": f"v{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)}
                                            for i in range(3)])
 
 
@@ -34,6 +32,7 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, tiny_model, tiny_teacher):
     val = _problems(tmp_path)
     preds = tmp_path / "preds.jsonl"
@@ -57,7 +56,7 @@ def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, 
     assert preds.read_bytes() == before and (tmp_path / "preds.metrics.json").read_bytes() == metrics_before
 
     # A different input file is a different run too.
-    _write(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
+    write_jsonl(tmp_path / "val2.jsonl", [{"id": "v0", "question": "What is 7 plus 1?", "answer": "8"}])
     changed = undo("evaluate", "--model", tiny_model, "--input", tmp_path / "val2.jsonl", "--output", preds,
                    "--max-tokens", "3")
     assert changed.returncode == 2 and "the problems of --input differ from those it was made from" in _flat(changed.stderr)
@@ -72,6 +71,7 @@ def test_a_different_model_is_refused_and_overwrite_starts_over(tmp_path, undo, 
     assert json.loads((tmp_path / "preds.run.json").read_text())["identity"]["model"] == str(tiny_teacher)
 
 
+@pytest.mark.slow
 def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_model, tiny_teacher):
     val = _problems(tmp_path)
     for name, model in (("s0.jsonl", tiny_model), ("s1.jsonl", tiny_teacher)):
@@ -82,6 +82,7 @@ def test_two_evaluations_in_one_folder_keep_both_metrics(tmp_path, undo, tiny_mo
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["generate", "evaluate", "refine"])
 @pytest.mark.parametrize("content", [b"my notes, not JSON", b'{"id": "x", "question": "q", "answer": "1"}\n'],
                          ids=["one-line-not-json", "someone-elses-jsonl"])
@@ -92,9 +93,9 @@ def test_a_file_this_stage_did_not_write_is_never_truncated(tmp_path, undo, stag
     target = tmp_path / "notes.txt"
     target.write_bytes(content)
     if stage == "refine":
-        errors = _write(tmp_path / "errors.jsonl", [{"id": "v0", "question": "What is 0 plus 1?", "answer": "1",
+        errors = write_jsonl(tmp_path / "errors.jsonl", [{"id": "v0", "question": "What is 0 plus 1?", "answer": "1",
                                                      "output": "2", "error_type": "wrong_answer"}])
-        targets = _write(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
+        targets = write_jsonl(tmp_path / "r.jsonl", [{"id": "v0#0", "problem_id": "v0", "question": "What is 0 plus 1?",
                                                  "answer": "1", "rationale": "0 + 1 = 1\n#### 1"}])
         args = ["refine", "--teacher", tmp_path / "model", "--errors", errors, "--targets", targets,
                 "--select", "errors"]
@@ -119,3 +120,29 @@ def test_overwrite_is_a_config_field_with_help():
     for cls in (GenerateConfig, EvaluateConfig, RefineConfig):
         field = {f.name: f for f in fields(cls)}["overwrite"]
         assert field.default is False and field.metadata["help"]
+
+
+def test_a_resumed_run_removes_the_temp_files_a_killed_run_left_and_only_those(tmp_path, tiny_model):
+    """A run killed mid-write leaves `.rationales.jsonl.XXXXXXXX.tmp` (and the same for its sidecars) behind; the
+    resumed run deletes those of its own output and sidecars, never another output's nor a live writer's."""
+    import fcntl
+
+    from undo_cli.stages.generate import GenerateConfig, run
+
+    config = GenerateConfig(teacher=str(tiny_model), input=str(_problems(tmp_path)), output=str(tmp_path / "r.jsonl"),
+                            keep="all", max_tokens=2)
+    run(config)
+    # What SIGKILL in the middle of an atomic write of each file leaves (mkstemp's names).
+    stale = [f".r.{suffix}.{tag}.tmp" for suffix, tag in (("jsonl", "k3j2_x9a"), ("run.json", "a8f0q1zz"),
+                                                          ("usage.json", "0000abcd"), ("rejected.jsonl", "zz_9y8x7"))]
+    for name in stale:
+        (tmp_path / name).write_text("{")
+    other = tmp_path / ".s.jsonl.k3j2_x9a.tmp"  # another output's (a concurrent shard's) temp
+    other.write_text("{")
+    live = tmp_path / ".r.usage.json.live_123.tmp"  # being written by a live process right now
+    live.write_text("{")
+    with live.open() as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        summary = run(config)  # the same command: a resume with nothing left to do
+    assert summary["already_done"] == 3
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted([other.name, live.name])

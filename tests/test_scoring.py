@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from tests.conftest import write_jsonl
 from undo_cli.scoring import Score, extract_answer, score, score_record
 
 ABC = ["Paris", "London", "Berlin", "Madrid"]
@@ -244,7 +245,7 @@ def test_undo_score_cli(undo, tmp_path):
         {"id": "d", "answer": "no", "task": "exact", "output": "I don't know"},
     ]
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(src, rows)
     out = tmp_path / "scored.jsonl"
     proc = undo("score", src, "--output", out)
     assert proc.returncode == 0, proc.stderr

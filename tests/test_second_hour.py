@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 
 
 @pytest.fixture
 def problems(tmp_path) -> Path:
-    return _write(tmp_path / "problems.jsonl",
+    return write_jsonl(tmp_path / "problems.jsonl",
                   [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]])
 
 
@@ -98,11 +93,11 @@ def test_a_csv_given_to_a_stage_points_to_data_import(undo_here, tmp_path, tiny_
     code, err = undo_here("evaluate", "--model", tiny_model, "--input", quiz, "--output", tmp_path / "p.jsonl")
     assert code == 2 and "quiz.csv:1: not valid JSON" in err
     assert f"this looks like a CSV file, not JSONL: `undo data import {quiz} --output-dir data`" in err
-    pretty = _write(tmp_path / "data.json", [])
+    pretty = write_jsonl(tmp_path / "data.json", [])
     pretty.write_text('[\n  {"question": "2+2?", "answer": "4"}\n]\n')
     code, err = undo_here("train", "--student", tiny_model, "--data", pretty, "--output", tmp_path / "s")
     assert code == 2 and "a JSON file (not one object per line)" in err and "undo data import" in err
-    broken = _write(tmp_path / "broken.jsonl", [])
+    broken = write_jsonl(tmp_path / "broken.jsonl", [])
     broken.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", oops}\n')
     code, err = undo_here("evaluate", "--model", tiny_model, "--input", broken, "--output", tmp_path / "q.jsonl")
     assert code == 2 and "broken.jsonl:2" in err and "fix or delete this line" in err  # a JSONL typo stays one
@@ -127,7 +122,7 @@ def test_cached_answers_are_reported_apart_from_the_throughput(undo_here, tiny_t
 # --- every command ends with the next one: report, score, cache stats --------------------------------
 
 def test_report_score_and_cache_stats_end_with_the_next_command(undo_here, tmp_path, problems):
-    preds = _write(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2"}])
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2"}])
     code, err = undo_here("score", preds, "--output", tmp_path / "scored.jsonl")
     assert code == 0 and f"next: undo collect-errors {tmp_path / 'scored.jsonl'} --output" in err
     code, err = undo_here("score", preds)
@@ -136,7 +131,7 @@ def test_report_score_and_cache_stats_end_with_the_next_command(undo_here, tmp_p
     run = tmp_path / "runs" / "r"
     metrics = {"accuracy": 0.5, "correct": 1, "count": 2}
     for k in (0, 1):
-        _write(run / f"iter_0{k}" / "errors.jsonl", []) if (run / f"iter_0{k}").mkdir(parents=True) is None else None
+        write_jsonl(run / f"iter_0{k}" / "errors.jsonl", []) if (run / f"iter_0{k}").mkdir(parents=True) is None else None
         (run / f"iter_0{k}" / "val").mkdir()
         (run / f"iter_0{k}" / "val" / "predictions.metrics.json").write_text(json.dumps(metrics))
     (run / "manifest.json").write_text(json.dumps({"status": "done", "best_iteration": 1, "stages": {}, "config": {
@@ -207,7 +202,7 @@ def test_a_changed_limit_is_refused_in_words(undo_here, tiny_model, problems, tm
     assert code == 2 and "changed: --limit 1, was --limit 2" in err
     code, err = undo_here(*args, "--limit", "2", "--max-tokens", "5")  # other settings still say key: old -> new
     assert code == 2 and "max_tokens: 4 -> 5" in err and "--limit" not in err
-    _write(problems, [{"id": "x", "question": "What is 1 + 1?", "answer": "2"}])
+    write_jsonl(problems, [{"id": "x", "question": "What is 1 + 1?", "answer": "2"}])
     code, err = undo_here(*args, "--limit", "2")
     assert code == 2 and "the problems of --input differ from those it was made from" in err
     code, err = undo_here(*args, "--output", tmp_path / "preds-2.jsonl")  # the suggested other --output works
@@ -310,7 +305,7 @@ def test_the_walk_in_a_terminal(tmp_path, trained_teacher, tiny_model, tiny_teac
 
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
     for name, part in (("train", rows[:8]), ("val", rows[8:]), ("test", rows[6:])):
-        _write(tmp_path / f"{name}.jsonl", part)
+        write_jsonl(tmp_path / f"{name}.jsonl", part)
     tables: dict[str, list[str]] = {}
     for flag, value in zip(STAGE_FLAGS[::2], STAGE_FLAGS[1::2]):
         table, key = flag[2:].split(".", 1)
@@ -321,7 +316,7 @@ def test_the_walk_in_a_terminal(tmp_path, trained_teacher, tiny_model, tiny_teac
         + "".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items()))
     chat = [{"messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["rationale"]}]}
             for p in TAUGHT_PROBLEMS]
-    _write(tmp_path / "chat.jsonl", chat)
+    write_jsonl(tmp_path / "chat.jsonl", chat)
     (tmp_path / "quiz.csv").write_text('question,answer\n"What is 2 + 2?",4\n')
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "TERM": "xterm", "PS1": "$ ", "PATH": bin_dir + os.pathsep + os.environ["PATH"],
@@ -388,7 +383,7 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     from undo_cli.stages import demo
 
     monkeypatch.chdir(tmp_path)
-    files = {s: _write(tmp_path / f"{s}.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
                                                  for p in TAUGHT_PROBLEMS[:4]]) for s in ("train", "val", "test")}
     models = {"teacher": trained_teacher, "student": tiny_model}
     capsys.readouterr()

@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 from tests.servers import free_port, serve, vllm_python, vllm_serve_cmd
-from tests.test_train_cross_tokenizer import FAST, TRAIN, _rationales, _write, heldout_divergence
+from tests.test_train_cross_tokenizer import FAST, TRAIN, _rationales, heldout_divergence
 
 VLLM_PYTHON = vllm_python()
 pytestmark = [
@@ -50,7 +50,7 @@ def _check(capsys, *args):
 
 
 def test_check_names_the_servers_max_logprobs_cap_and_passes_within_it(server, tiny_model, capsys, tmp_path):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     args = ["--teacher", server.model, "--teacher-url", server.base_url, "--student", tiny_model, "--data", data]
     code, report, err = _check(capsys, *args, "--teacher-top-k", 20)
     failed = {c["name"]: c for c in report["checks"] if c["status"] == "fail"}
@@ -69,7 +69,7 @@ def test_check_names_the_servers_max_logprobs_cap_and_passes_within_it(server, t
 
 def test_train_refuses_a_top_k_above_the_servers_cap_before_writing_anything(server, tiny_model, undo_here,
                                                                               tmp_path):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     code, err = undo_here("train", "--student", tiny_model, "--teacher", server.model, "--teacher-url",
                           server.base_url, "--objective", "gold", "--teacher-top-k", 20, "--data", data,
                           "--output", tmp_path / "out")
@@ -95,7 +95,7 @@ def test_served_top_k_loss_equals_the_same_top_k_from_the_teacher_in_process(ser
     from undo_cli.training.data import encode_records
     from undo_cli.training.distill import prepare_objective
 
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
     records = [json.loads(line) for line in data.read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     student = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -151,7 +151,7 @@ def test_training_with_a_served_teacher_of_another_tokenizer_lowers_the_held_out
                                                                                             cross_teacher, tmp_path):
     from undo_cli.stages.train import TrainConfig, run
 
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     before = heldout_divergence(tiny_model, cross_teacher)
     summary = run(TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"),
                               objective="auto", teacher=server.model, teacher_url=server.base_url,

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TAUGHT_PROBLEMS
+from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 from tests.servers import free_port, serve, stop, vllm_python, vllm_serve_cmd
-from tests.test_student_outputs import (HELD_OUT, _problem, _write, held_out_reverse_kl,  # noqa: F401 (fixtures)
+from tests.test_student_outputs import (HELD_OUT, _problem, held_out_reverse_kl,  # noqa: F401 (fixtures)
                                         sft_student, taught_teacher)
 from undo_cli.objectives import KINDS
 
@@ -105,7 +105,7 @@ def test_on_policy_with_a_served_teacher_lowers_held_out_reverse_kl(server, sft_
                                                                     undo):
     """GKD's on-policy mix through the CLI: the student's samples are scored by the server, and the
     student's reverse KL to the teacher on held-out prompts falls; the summary says what waiting cost."""
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
     out = tmp_path / "out"
     res = _train(undo, sft_student, server, data, out, "--objective", "jsd", "--student-outputs", "on-policy",
                  "--lmbda", 0.5, "--max-steps", 12)
@@ -128,7 +128,7 @@ def test_on_policy_with_a_served_teacher_lowers_held_out_reverse_kl(server, sft_
 def test_minillm_with_a_served_teacher_runs_on_student_only_samples(server, sft_student, tmp_path, undo):
     """--teacher-mix 0 (teacher-mixed sampling is refused with a served teacher: test_student_outputs):
     rewards and the single-step term come from the server's scores of the samples."""
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
     res = _train(undo, sft_student, server, data, tmp_path / "out", "--method", "minillm", "--teacher-mix", 0,
                  "--max-steps", 2)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_a_served_teacher_with_another_tokenizer_of_the_same_size_is_refused(ser
     other = tmp_path / "other"  # the check comes before the student is loaded: its tokenizer is enough
     train_tokenizer(["a student trained on quite different words"] * 50).save_pretrained(other)
     assert len(AutoTokenizer.from_pretrained(other)) == len(AutoTokenizer.from_pretrained(server.model))
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(4)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(4)])
     res = _train(undo, other, server, data, tmp_path / "out", "--objective", "fkl", "--max-steps", 1)
     assert res.returncode == 2, res.stderr[-2000:]
     err = " ".join(res.stderr.split())
@@ -157,7 +157,7 @@ def test_server_killed_mid_run_stops_cleanly_and_resume_finishes_the_run(server,
                                                                          tmp_path):
     """Runs last (it kills the module's server). The run stops with exit 2 and a message naming
     --resume; --resume against a fresh server (another port) continues from the checkpoint."""
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
     out = tmp_path / "out"
     args = ["--student", sft_student, "--teacher", server.model, "--data", data, "--output", out,
             "--objective", "jsd", "--student-outputs", "on-policy", "--lmbda", 1, "--max-steps", 10,

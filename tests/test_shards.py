@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 
 UNTAUGHT = [{"id": f"u{i}", "question": f"Sam has {i} apples and buys {i + 4} more. How many apples does Sam have?",
              "answer": str(2 * i + 4), "task": "math"} for i in range(1, 5)]
@@ -24,10 +23,6 @@ PROBLEMS = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAU
 N = 3
 WIDE = {"COLUMNS": "400"}  # rich wraps stderr at the terminal width; keep messages on one line
 
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_partition_is_a_stable_hash_of_the_id():
@@ -57,7 +52,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
     from undo_cli.stages import collect_errors, evaluate, generate, refine
 
     root = tmp_path_factory.mktemp("shards")
-    train = _write(root / "train.jsonl", PROBLEMS)
+    train = write_jsonl(root / "train.jsonl", PROBLEMS)
     teacher = str(trained_teacher)
     # batch_size 2: the hf backend sorts by prompt length, so the raw order differs from the input's.
     common = dict(max_tokens=48, batch_size=2)
@@ -88,6 +83,7 @@ def runs(tmp_path_factory, trained_teacher) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rationales", "predictions", "errors", "refined"])
 def test_merge_is_the_unsharded_file(runs, name, undo):
     whole, parts = runs[name]
@@ -106,6 +102,13 @@ def test_merge_is_the_unsharded_file(runs, name, undo):
         order = [p["id"] for p in PROBLEMS]
         kept = [json.loads(line)["problem_id"] for line in whole.read_text().splitlines()]
         assert kept == sorted(kept, key=order.index)
+    if name in ("rationales", "refined"):
+        # The teacher's tokens the shards paid for are the merged output's: its ledger is theirs added up, and
+        # (greedy, same prompts) what the unsharded run paid.
+        ledger = lambda p: json.loads(p.with_name(p.name[:-6] + ".usage.json").read_text())  # noqa: E731
+        merged_usage, whole_usage = ledger(merged), ledger(whole)
+        assert merged_usage["paid"]["tokens"] == sum(ledger(p)["paid"]["tokens"] for p in parts) > 0
+        assert merged_usage["paid"] == whole_usage["paid"] and merged_usage["merged_from"] == N
     if name == "predictions":
         # Metrics are recomputed from the merged predictions: the very metrics.json of the unsharded run.
         metrics = lambda p: p.with_name(p.name[:-6] + ".metrics.json")  # noqa: E731 - predictions.metrics.json
@@ -116,6 +119,7 @@ def test_merge_is_the_unsharded_file(runs, name, undo):
         assert 0 < json.loads(metrics(whole).read_text())["accuracy"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a character device needs root")
 def test_merge_into_a_device_writes_in_place_and_leaves_it_a_device(runs, undo, tmp_path):
     import stat
@@ -129,6 +133,7 @@ def test_merge_into_a_device_writes_in_place_and_leaves_it_a_device(runs, undo, 
     assert not [p for p in tmp_path.iterdir() if p.name != "null"]  # no temp file, no sidecar left
 
 
+@pytest.mark.slow
 def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, undo, trained_teacher):
     from undo_cli.stages import generate
 
@@ -160,6 +165,7 @@ def test_merge_refuses_missing_duplicated_foreign_and_unfinished_shards(runs, un
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_shard_resumes_alone_and_refuses_another_shard(runs, undo, trained_teacher, tmp_path):
     whole, parts = runs["predictions"]
     part = tmp_path / "predictions.1.jsonl"

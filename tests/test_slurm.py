@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TAUGHT_PROBLEMS
+from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -57,21 +57,17 @@ def slurm_up() -> str | None:
 needs_slurm = pytest.mark.skipif(slurm_up() is not None, reason=str(slurm_up()))
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def loop_args(tmp_path_factory, tiny_model, trained_teacher) -> dict:
     root = tmp_path_factory.mktemp("slurm")
     problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
-    files = {"train": _write(root / "train.jsonl", problems[:8]), "val": _write(root / "val.jsonl", problems[8:]),
-             "test": _write(root / "test.jsonl", problems[6:])}
+    files = {"train": write_jsonl(root / "train.jsonl", problems[:8]), "val": write_jsonl(root / "val.jsonl", problems[8:]),
+             "test": write_jsonl(root / "test.jsonl", problems[6:])}
     args = ["iterate", "--teacher", trained_teacher, "--student", tiny_model, "--train-file", files["train"],
             "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", root / "runs",
             "--max-iterations", "1", "--patience", "1", "--no-cache", *STAGE_FLAGS]
-    return {"root": root, "args": [str(a) for a in args]}
+    return {"root": root, "args": [str(a) for a in args], "teacher": trained_teacher, "student": tiny_model}
 
 
 def _undo(args: list[str], log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -205,9 +201,9 @@ def test_bash_slurm_loop_example_runs(loop_args, tiny_model, trained_teacher, tm
 @needs_slurm
 def test_two_slurm_tasks_train_one_model_with_torchrun_rendezvous(tiny_model, tmp_path):
     """examples/slurm/train.sbatch with 2 tasks: two torchruns meet by c10d rendezvous, as two nodes would (gloo)."""
-    from tests.test_train import _rationales, _write as write_rows
+    from tests.test_train import _rationales
 
-    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales())
     out = tmp_path / "student"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "STUDENT": str(tiny_model), "DATA": str(data), "OUTPUT": str(out), "PROCS_PER_NODE": "1",
@@ -288,9 +284,9 @@ folder.step("iter_00/train", lambda: launcher.run_train("iter_00/train", cfg), o
 @needs_slurm
 def test_launcher_training_job_runs_torchrun_in_the_allocation(tiny_model, tmp_path):
     """`[slurm] train_procs_per_node = 2`: the training job starts torchrun (c10d) itself; one world, one model."""
-    from tests.test_train import _rationales, _write as write_rows
+    from tests.test_train import _rationales
 
-    data = write_rows(tmp_path / "rationales.jsonl", _rationales())
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales())
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", TRAINER, str(run), str(tiny_model), str(data)],
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
@@ -304,3 +300,47 @@ def test_launcher_training_job_runs_torchrun_in_the_allocation(tiny_model, tmp_p
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "iter_00" / "student")
+
+
+@needs_slurm
+def test_the_teacher_budget_holds_across_shards_and_a_resume_with_more_finishes(loop_args, tmp_path):
+    """`--launcher slurm` with max_teacher_tokens: the shards together stay within it, a shard stopped by the
+    budget is not resubmitted as failed, the stage stops with the reason `budget` and its usage; `--resume`
+    with a larger budget (not a different run) finishes it, and the merge writes the stage's ledger."""
+    from undo_cli.loop.iterate import BudgetReached, IterateConfig, Loop, affected_stages, record_usage
+    from undo_cli.loop.manifest import RunFolder
+    from undo_cli.loop.settings import resolve
+    from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+
+    def loop(budget: int, resume: bool):
+        flags = {"teacher": str(loop_args["teacher"]), "student": str(loop_args["student"]),
+                 "train_file": str(loop_args["root"] / "train.jsonl"), "val_file": str(loop_args["root"] / "val.jsonl"),
+                 "test_file": str(loop_args["root"] / "test.jsonl"), "runs_dir": str(tmp_path), "name": "budget",
+                 "cache": False, "max_teacher_tokens": budget, "launcher": "slurm"}
+        config = resolve(IterateConfig, None, flags, [*STAGE_FLAGS, *SLURM_FLAGS[2:]])
+        folder = RunFolder.open(config.run_dir, config=config.identity(), inputs={}, seeds={}, resume=resume,
+                                affects=affected_stages, defaults=config.default_identity())
+        return Loop(config, folder, SlurmLauncher(SlurmConfig(**config.slurm), folder)), folder
+
+    budget = 400  # a few of the 8 problems' upper bounds (prompt + 48 completion tokens each): not all of them
+    first, folder = loop(budget, resume=False)
+    with pytest.raises(BudgetReached):
+        first.generate()
+    stage = folder.manifest["stages"]["iter_00/generate"]
+    shards = sorted((tmp_path / "budget" / "iter_00" / "shards").glob("rationales.*-of-3.usage.json"))
+    paid = [json.loads(p.read_text())["paid"]["tokens"] for p in shards]
+    assert stage["status"] == "budget" and len(paid) == 3 and 0 < sum(paid) <= budget
+    assert stage["summary"]["teacher_usage"]["paid"]["tokens"] == sum(paid)
+    assert 0 < stage["summary"]["left_by_budget"] < 8
+    assert all(t["attempts"] == 1 for t in stage["slurm"]["tasks"].values())  # stopped, not failed: none resubmitted
+    folder._lock_fh.close()
+
+    more, folder = loop(10_000_000, resume=True)  # a larger budget is not another run
+    summary = more.generate()
+    record_usage(folder)
+    merged = json.loads((tmp_path / "budget" / "iter_00" / "rationales.usage.json").read_text())
+    paid = sum(json.loads(p.read_text())["paid"]["tokens"] for p in shards)
+    assert folder.manifest["stages"]["iter_00/generate"]["status"] == "done" and summary["kept_total"] > 0
+    assert merged["paid"]["tokens"] == paid == summary["teacher_usage"]["paid"]["tokens"]
+    assert folder.manifest["teacher_usage"]["iterations"][0]["paid"]["tokens"] == paid
+    folder._lock_fh.close()

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
+
 ROWS = [{"id": "a", "answer": "2", "output": "#### 2"}, {"id": "b", "answer": "3", "output": "#### 4"}]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the bug needs root: only root can rename over a device")
 
 
 def _input(tmp_path: Path) -> Path:
-    path = tmp_path / "preds.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
+    return write_jsonl(tmp_path / "preds.jsonl", ROWS)
 
 
 def _scored(text: str) -> list[dict]:
@@ -61,19 +61,17 @@ def test_a_character_device_stays_a_device(tmp_path, undo, command):
 
 
 def _input_predictions(tmp_path: Path) -> Path:
-    path = tmp_path / "preds.jsonl"
     rows = [{**r, "question": "q", "predicted": r["output"][-1], "correct": r["id"] == "a"} for r in ROWS]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "preds.jsonl", rows)
 
 
+@pytest.mark.slow
 @root_only
 def test_evaluate_into_a_device_writes_no_sidecars(tmp_path, undo, tiny_model):
     # The resumable writer (AppendLog) and the metrics: /dev/null.metrics.json must not appear next to the device.
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    problems = tmp_path / "val.jsonl"
-    problems.write_text(json.dumps({"id": "v0", "question": "What is 1 plus 1?", "answer": "2"}) + "\n")
+    problems = write_jsonl(tmp_path / "val.jsonl", [{"id": "v0", "question": "What is 1 plus 1?", "answer": "2"}])
     result = undo("evaluate", "--model", tiny_model, "--input", problems, "--output", null, "--max-tokens", "2")
     assert result.returncode == 0, result.stderr
     assert stat.S_ISCHR(os.stat(null).st_mode)
@@ -138,3 +136,73 @@ def test_process_substitution(tmp_path):
         assert time.monotonic() < deadline, "nothing arrived through >(...)"
         time.sleep(0.05)
     assert [r["id"] for r in _scored((tmp_path / "got.jsonl").read_text())] == ["a", "b"]
+
+
+# --- the generating stages: a FIFO or a device is written, never read back, and gets no sidecar ---------
+
+PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(2)]
+
+
+def _stage_config(stage: str, tmp_path: Path, model: Path, output: Path):
+    from undo_cli.stages import evaluate, generate, refine
+
+    problems = write_jsonl(tmp_path / "problems.jsonl", PROBLEMS)
+    common = {"max_tokens": 4, "output": str(output)}
+    if stage == "generate":  # the teacher economy is on (the default): its ledger would be a sidecar
+        return generate, generate.GenerateConfig(teacher=str(model), input=str(problems), keep="all", **common)
+    if stage == "evaluate":
+        return evaluate, evaluate.EvaluateConfig(model=str(model), input=str(problems), **common)
+    targets = write_jsonl(tmp_path / "targets.jsonl", [{**p, "id": f"{p['id']}#0", "problem_id": p["id"],
+                                                        "rationale": f"#### {p['answer']}"} for p in PROBLEMS])
+    errors = write_jsonl(tmp_path / "errors.jsonl", [{**p, "output": "#### 0", "predicted": "0", "correct": False,
+                                                      "error_type": "wrong_answer"} for p in PROBLEMS])
+    return refine, refine.RefineConfig(teacher=str(model), errors=str(errors), targets=str(targets), select="errors",
+                                       **common)
+
+
+@pytest.mark.parametrize("stage", ["generate", "evaluate", "refine"])
+def test_a_generating_stage_into_a_fifo_ends_and_leaves_no_sidecar(tmp_path, tiny_model, stage):
+    """`undo generate --output >(gzip > r.jsonl.gz)` used to hang once written: the stage re-read its output."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    module, config = _stage_config(stage, tmp_path, tiny_model, fifo)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["summary"] = module.run(config)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    if worker.is_alive():  # stuck opening the FIFO to read it back: give it a writer (an EOF), then fail
+        with open(fifo, "w"):
+            pass
+        worker.join(timeout=60)
+        pytest.fail(f"undo {stage} --output FIFO did not end after writing: it re-read its own output")
+    assert "error" not in outcome, outcome.get("error")
+    reader.join(timeout=60)
+    records = [json.loads(line) for line in got[0].decode().splitlines()]
+    summary = outcome["summary"]
+    assert summary["questions"] == len(PROBLEMS) and len(records) == summary["kept"]  # what was kept arrived
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no fifo.run.json, fifo.usage.json, temp files
+
+
+@root_only
+def test_generate_into_a_device_writes_no_ledger_beside_it(tmp_path, tiny_model):
+    """`--output /dev/null` used to write `/dev/null.usage.json` (the teacher's token ledger)."""
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    module, config = _stage_config("generate", tmp_path, tiny_model, null)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    summary = module.run(config)
+    assert summary["samples"] == len(PROBLEMS) and summary["teacher_usage"]["paid"]["requests"] == len(PROBLEMS)
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

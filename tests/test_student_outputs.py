@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_jsonl
 from undo_cli.errors import UndoError
 from undo_cli.training.config import TrainConfig
 from undo_cli.training.student_outputs import (FRESH, GROUND_TRUTH, REPLAY, AdaptiveSchedule, OnPolicySchedule,
@@ -176,6 +177,41 @@ def test_adaptive_without_val_data_holds_out_a_seeded_share_of_the_examples():
         hold_out(_config(student_outputs="adaptive"), examples[:1])
 
 
+VAL_SHAPES = {  # docs/artifacts.md, "training data": what --data accepts, --val-data accepts too
+    "rationale": {"id": "v1#0", "problem_id": "v1", "question": "What is 2 plus 2?", "answer": "4",
+                  "rationale": "2 + 2 = 4\n#### 4"},
+    "rationale without problem_id": {"id": "v1", "question": "What is 2 plus 2?", "answer": "4",
+                                     "rationale": "2 + 2 = 4\n#### 4"},
+    "messages": {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                              {"role": "assistant", "content": "2 + 2 = 4\n#### 4"}]},
+    "prompt/completion": {"prompt": "What is 2 plus 2?", "completion": "2 + 2 = 4\n#### 4"},
+}
+
+
+@pytest.mark.parametrize("shape", list(VAL_SHAPES))
+def test_val_data_is_read_like_data_in_every_documented_shape(shape, tiny_tokenizer, tmp_path):
+    """--val-data (adaptive's φ) used to demand rationale lines with problem_id, while --data took every shape."""
+    from undo_cli.training.collate import PaddedCollator
+    from undo_cli.training.student_outputs_setup import preflight, validation_batches
+
+    val = write_jsonl(tmp_path / "val.jsonl", [{**VAL_SHAPES[shape], **({"id": f"v{i}"} if "id" in VAL_SHAPES[shape]
+                                                                         else {})} for i in range(3)])
+    config = _config(student_outputs="adaptive", objective="srkl", val_data=str(val), batch_size=2, buffer_size=8)
+    preflight(config)  # read before anything is written: no error
+    batches = validation_batches(config, tiny_tokenizer, PaddedCollator(tiny_tokenizer.pad_token_id))
+    assert [len(b["input_ids"]) for b in batches] == [2, 1]
+    assert all((b["labels"] != -100).any() for b in batches)  # the answers are the targets, as for --data
+
+
+def test_a_bad_val_data_line_names_file_line_and_field(tmp_path):
+    from undo_cli.errors import RecordError
+    from undo_cli.training.student_outputs_setup import preflight
+
+    val = write_jsonl(tmp_path / "val.jsonl", [VAL_SHAPES["messages"], {"messages": "hi"}])
+    with pytest.raises(RecordError, match=r"val.jsonl:2: field 'messages'"):
+        preflight(_config(student_outputs="adaptive", objective="srkl", val_data=str(val)))
+
+
 # ---- prompts out of collated batches, samples back in -------------------------------------
 
 def _encoded(tokenizer, n=3):
@@ -235,10 +271,6 @@ def _problem(i: int) -> dict:
             "question": f"Sam has {a} apples and buys {b} more. How many apples does Sam have?",
             "rationale": f"Sam starts with {a} apples. He buys {b} more, so {a} + {b} = {a + b}.\n#### {a + b}"}
 
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def held_out_reverse_kl(student_dir: Path, teacher_dir: Path, problems: list[dict], *, new_tokens: int = 16) -> float:
@@ -315,9 +347,9 @@ def test_each_mode_lowers_the_students_reverse_kl_on_held_out_prompts(mode, sft_
     summary says which steps trained on what."""
     from tests.conftest import TAUGHT_PROBLEMS
 
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
-    extra = {"adaptive": ["--val-data", _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])],
-             "minillm": ["--lm-data", _write(tmp_path / "lm.jsonl", [{"text": f"Sam has {i} apples."} for i in range(8)])],
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(len(TAUGHT_PROBLEMS))])
+    extra = {"adaptive": ["--val-data", write_jsonl(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])],
+             "minillm": ["--lm-data", write_jsonl(tmp_path / "lm.jsonl", [{"text": f"Sam has {i} apples."} for i in range(8)])],
              }.get(mode, [])
     out = tmp_path / "out"
     res = undo("train", *map(str, _train_args(sft_student, taught_teacher, data, out, *FLAGS[mode], *extra)),
@@ -346,8 +378,8 @@ def test_a_run_resumed_from_a_checkpoint_continues_the_same_schedule(sft_student
     buffer and random streams: same decisions, same φ history, same final loss as the uninterrupted run."""
     import shutil
 
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(12)])
-    val = _write(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(12)])
+    val = write_jsonl(tmp_path / "val.jsonl", [_problem(i) for i in range(20, 28)])
     args = _train_args(sft_student, taught_teacher, data, tmp_path / "full", *FLAGS["adaptive"], "--val-data", val,
                        "--save-steps", 6)
     res = undo("train", *map(str, args), "--keep-checkpoints", env=ONE_THREAD)
@@ -395,7 +427,7 @@ def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", spy_generate)
     monkeypatch.setattr(LlamaForCausalLM, "forward", spy_forward)
-    data = _write(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(i) for i in range(8)])
     summary = run(TrainConfig(student=str(tiny_model), teacher=str(tiny_teacher), data=str(data),
                               output=str(tmp_path / "out"), objective="jsd", student_outputs="on-policy", lmbda=1.0,
                               max_steps=2, batch_size=4, max_new_tokens=6, logging_steps=1))
@@ -428,7 +460,7 @@ def test_on_policy_batches_are_the_students_samples_and_the_teacher_scores_them(
 
 @pytest.mark.slow
 def test_config_errors_exit_2_naming_the_fix(tiny_model, tiny_teacher, tmp_path, undo):
-    data = _write(tmp_path / "rationales.jsonl", [_problem(0)])
+    data = write_jsonl(tmp_path / "rationales.jsonl", [_problem(0)])
     res = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "o",
                "--objective", "jsd", "--student-outputs", "on-policy")
     assert res.returncode == 2 and "needs a live --teacher of the same tokenizer" in " ".join(res.stderr.split())

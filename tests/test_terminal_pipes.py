@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_terminal
+from tests.conftest import read_terminal, write_jsonl
 
 UNDO = f"{shlex.quote(sys.executable)} -m undo_cli"
 
 
 def _problems(path: Path, n: int = 6) -> Path:
     rows = [{"id": f"t{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -59,6 +59,7 @@ def test_the_pty_is_a_terminal_for_rich(tmp_path):
     assert code == 0 and "True" in screen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_flag", ["--output -", ""], ids=["output-dash", "output-forgotten"])
 def test_evaluate_into_collect_errors_in_a_terminal(tmp_path, tiny_model, output_flag):
     _problems(tmp_path / "val.jsonl")
@@ -74,11 +75,12 @@ def test_evaluate_into_collect_errors_in_a_terminal(tmp_path, tiny_model, output
     assert not list(tmp_path.glob("*metrics.json")) and not list(tmp_path.glob("*.run.json"))
 
 
+@pytest.mark.slow
 def test_generate_into_a_pipe_in_a_terminal(tmp_path, trained_teacher):
     from tests.conftest import TAUGHT_PROBLEMS
 
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:6]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "train.jsonl", rows)
     # --prompt student: the tiny teacher was overfit on that template's text, so it writes verified rationales.
     script = (f"set -o pipefail; {UNDO} generate --teacher {shlex.quote(str(trained_teacher))} --input train.jsonl "
               f"--output - --prompt student --max-tokens 48 --batch-size 2 | cat > rationales.jsonl")

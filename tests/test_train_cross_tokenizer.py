@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 
 TRAIN, HELD_OUT = TAUGHT_PROBLEMS[:8], TAUGHT_PROBLEMS[8:]
 FAST = dict(max_steps=6, batch_size=4, lr=3e-3, warmup_ratio=0.0, lr_scheduler="constant", logging_steps=100,
             save_steps=1000)
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _rationales(problems):
@@ -96,7 +91,7 @@ def untrained_other(tmp_path_factory, other_tokenizer) -> Path:
 def test_live_cross_tokenizer_training_lowers_the_held_out_divergence(objective, tiny_model, cross_teacher, tmp_path):
     from undo_cli.stages.train import TrainConfig, run
 
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     kind = "gold" if objective == "auto" else "uld"
     before = heldout_divergence(tiny_model, cross_teacher, kind)
     summary = run(TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"),
@@ -125,7 +120,7 @@ def test_packed_and_padded_batches_give_the_same_cross_tokenizer_loss(tiny_model
     from undo_cli.training.data import encode_records
     from undo_cli.training.distill import prepare_objective
 
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
     config = TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"), objective="gold",
                          teacher=str(cross_teacher), lm_weight=0.5, kd_chunk_size=7)
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -152,7 +147,7 @@ def offline_rationales(tmp_path_factory, cross_teacher) -> Path:
     from undo_cli.stages.generate import GenerateConfig, run
 
     folder = tmp_path_factory.mktemp("offline")
-    problems = _write(folder / "problems.jsonl", [{k: p[k] for k in ("id", "question", "answer", "task")}
+    problems = write_jsonl(folder / "problems.jsonl", [{k: p[k] for k in ("id", "question", "answer", "task")}
                                                   for p in TAUGHT_PROBLEMS])
     run(GenerateConfig(teacher=str(cross_teacher), input=str(problems), output=str(folder / "rationales.jsonl"),
                        prompt="student", logprobs=5, max_tokens=48, keep="all", cache=False))
@@ -185,7 +180,7 @@ def test_offline_cross_tokenizer_training_with_and_without_the_teachers_tokenize
     from undo_cli.stages.train import TrainConfig, run
 
     records = [json.loads(line) for line in offline_rationales.read_text().splitlines()][:8]
-    data = _write(tmp_path / "rationales.jsonl", records)
+    data = write_jsonl(tmp_path / "rationales.jsonl", records)
     before = heldout_divergence(tiny_model, cross_teacher)
     summary = run(TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "gold"),
                               objective="auto", teacher_logprobs=True, **FAST))
@@ -193,7 +188,7 @@ def test_offline_cross_tokenizer_training_with_and_without_the_teachers_tokenize
     assert o["name"] == "gold" and o["offline"] and o["alignment"]["aligned"] == 8 and o["tokenizers"] == "different"
     after = heldout_divergence(tmp_path / "gold", cross_teacher)
     assert after < 0.8 * before, (before, after)
-    blind = _write(tmp_path / "blind.jsonl", [{**r, "teacher": "somewhere/else"} for r in records])
+    blind = write_jsonl(tmp_path / "blind.jsonl", [{**r, "teacher": "somewhere/else"} for r in records])
     summary = run(TrainConfig(student=str(tiny_model), data=str(blind), output=str(tmp_path / "uld"),
                               objective="auto", teacher_logprobs=True, lm_weight=1.0, **FAST))
     o = summary["objective"]
@@ -205,7 +200,7 @@ def test_offline_cross_tokenizer_training_with_and_without_the_teachers_tokenize
 
 def test_an_exact_objective_across_tokenizers_is_refused_naming_the_alternatives(undo_here, tiny_model,
                                                                                 untrained_other, tmp_path):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     code, err = undo_here("train", "--student", tiny_model, "--teacher", untrained_other, "--objective", "fkl",
                           "--data", data, "--output", tmp_path / "out")
     assert code == 2 and "its tokenizer differs from the student's (400 vs 512 tokens)" in err
@@ -220,7 +215,7 @@ def test_an_exact_objective_across_tokenizers_is_refused_naming_the_alternatives
 
 
 def test_iterate_checks_the_tokenizers_before_iteration_0(undo_here, tiny_model, untrained_other, tmp_path):
-    problems = _write(tmp_path / "problems.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
+    problems = write_jsonl(tmp_path / "problems.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
                                                     for p in TAUGHT_PROBLEMS])
     code, err = undo_here("iterate", "--teacher", untrained_other, "--student", tiny_model, "--train-file", problems,
                           "--val-file", problems, "--test-file", problems, "--runs-dir", tmp_path / "runs",
@@ -254,7 +249,7 @@ def _by_name(report):
 
 
 def test_check_identical_tokenizers_allow_every_objective(check, tiny_model, tiny_teacher, tmp_path):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     code, report, err = check("--teacher", tiny_teacher, "--student", tiny_model, "--data", data, "--objective", "fkl")
     assert code == 0 and report["ok"] and report["tokenizers"]["relation"] == "identical"
     assert report["tokenizers"]["texts_same_ids"] == report["tokenizers"]["texts"] == 16
@@ -278,7 +273,7 @@ def test_check_same_size_different_tokenizers_refuse_an_exact_objective(check, t
 
 
 def test_check_different_tokenizers_and_templates(check, tiny_model, untrained_other, tmp_path):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     code, report, _ = check("--teacher", untrained_other, "--student", tiny_model, "--data", data,
                             "--objective", "auto")
     assert code == 0 and report["tokenizers"]["relation"] == "different"
@@ -290,7 +285,7 @@ def test_check_different_tokenizers_and_templates(check, tiny_model, untrained_o
 
 def test_check_a_prompt_longer_than_the_context_fails_with_the_fix(check, tiny_model, tiny_teacher, tmp_path):
     long = {"id": "long", "question": "How many apples? " * 200, "answer": "1"}
-    data = _write(tmp_path / "problems.jsonl", [long, {**long, "id": "short", "question": "How many?"}])
+    data = write_jsonl(tmp_path / "problems.jsonl", [long, {**long, "id": "short", "question": "How many?"}])
     code, report, err = check("--teacher", tiny_teacher, "--student", tiny_model, "--data", data)
     failed = [c for c in report["checks"] if c["status"] == "fail"]
     assert code == 2 and failed and failed[0]["name"] == "generate prompt + --max-tokens"

@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TAUGHT_PROBLEMS
+from tests.conftest import TAUGHT_PROBLEMS, write_jsonl
 from undo_cli.objectives import KINDS, divergence
 
-pytestmark = pytest.mark.slow
 
 TRAIN, HELD_OUT = TAUGHT_PROBLEMS[:8], TAUGHT_PROBLEMS[8:]
 FAST = ["--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant",
         "--logging-steps", "100", "--save-steps", "1000"]
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _rationales(problems: list[dict]) -> list[dict]:
@@ -83,13 +77,14 @@ def sharp_teacher(tmp_path_factory, tiny_teacher) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_objective_moves_the_student_towards_a_live_teacher(kind, tiny_model, tiny_teacher, padded_teacher,
                                                                  tmp_path, capsys):
     from undo_cli.stages.train import TrainConfig, run
 
     teacher = padded_teacher if kind == "srkl" else tiny_teacher  # one run also covers the vocabulary slicing
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     before = heldout_divergence(tiny_model, tiny_teacher, kind)
     summary = run(TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"), objective=kind,
                               teacher=str(teacher), max_steps=6, batch_size=4, lr=3e-3, warmup_ratio=0.0,
@@ -128,13 +123,14 @@ def teacher_forced_logprobs(teacher: Path, record: dict, k: int) -> list:
     return rows
 
 
+@pytest.mark.slow
 def test_offline_teacher_logprobs_train_without_loading_the_teacher(undo, tiny_model, sharp_teacher, tmp_path):
     records = _rationales(TRAIN)
     for r in records:
         r["teacher_logprobs"] = teacher_forced_logprobs(sharp_teacher, r, k=20)
     records[0]["teacher_logprobs"][3][0] += 1     # re-tokenisation mismatch: no KD for that one
     del records[1]["teacher_logprobs"]            # e.g. a refined rationale: no log-probs recorded
-    data = _write(tmp_path / "rationales.jsonl", records)
+    data = write_jsonl(tmp_path / "rationales.jsonl", records)
     before = heldout_divergence(tiny_model, sharp_teacher, "fkl")
     result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "fkl",
                   "--teacher-logprobs", *FAST)
@@ -150,11 +146,12 @@ def test_offline_teacher_logprobs_train_without_loading_the_teacher(undo, tiny_m
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_tokenizer_is_refused_before_anything_is_written(undo, tiny_model, tmp_path):
     from undo_cli.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", corpus=["a teacher trained on different words"], vocab_size=400)
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "jsd",
                   "--teacher", other, *FAST)
     assert result.returncode == 2
@@ -163,6 +160,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_model, tmp_path):
     """Same vocabulary size is not the same tokenizer: trained on other text, every id means something else."""
     from transformers import AutoTokenizer
@@ -171,7 +169,7 @@ def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_mode
 
     other = build_tiny_model(tmp_path / "other", corpus=["a teacher trained on quite different words"] * 50)
     assert len(AutoTokenizer.from_pretrained(other)) == len(AutoTokenizer.from_pretrained(tiny_model))
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "fkl",
                   "--teacher", other, *FAST)
     assert result.returncode == 2
@@ -180,6 +178,7 @@ def test_a_teacher_with_as_many_tokens_but_other_ones_is_refused(undo, tiny_mode
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_tokenizers_differ_by_special_tokens_too(tiny_tokenizer):
     from undo_cli.tiny import train_tokenizer
     from undo_cli.training.distill import tokenizer_difference
@@ -192,10 +191,11 @@ def test_tokenizers_differ_by_special_tokens_too(tiny_tokenizer):
     assert "other special tokens" in tokenizer_difference(same, tiny_tokenizer)
 
 
+@pytest.mark.slow
 def test_a_served_teacher_that_is_down_is_reported_before_anything_is_written(undo, tiny_model, tmp_path):
     from tests.servers import free_port
 
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     url = f"http://127.0.0.1:{free_port()}/v1"
     result = undo("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", "--objective", "fkl",
                   "--teacher", "teacher", "--teacher-url", url, *FAST)
@@ -225,7 +225,7 @@ URL = "http://127.0.0.1:9/v1"
     (["--objective", "jsd", "--teacher-logprobs", "--temperature", "2"], "needs a live --teacher"),
 ])
 def test_objective_flags_that_make_no_sense_name_the_fix(undo_here, tiny_model, tmp_path, flags, message):
-    data = _write(tmp_path / "rationales.jsonl", _rationales(TRAIN))
+    data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN))
     code, err = undo_here("train", "--student", tiny_model, "--data", data, "--output", tmp_path / "out", *flags)
     assert code == 2, err
     assert message in err, err

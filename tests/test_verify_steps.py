@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FALSE_STEP_PROBLEMS, TAUGHT_PROBLEMS
+from tests.conftest import FALSE_STEP_PROBLEMS, TAUGHT_PROBLEMS, read_jsonl, write_jsonl
 
 TRUE_STEPS = TAUGHT_PROBLEMS[:2]
 FIELDS = ("id", "question", "answer", "task")
 STUDENT_TEMPLATE = (Path(__file__).resolve().parent.parent / "prompts" / "student.jinja").read_text()
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -49,6 +40,7 @@ def generate(undo_here, teacher, problems, output, *extra):
                      "--prompt", "student", "--max-tokens", "64", *extra)
 
 
+@pytest.mark.slow
 def test_generate_verify_steps_rejects_false_steps_with_reasons(undo_here, step_teacher, problems, tmp_path):
     out = tmp_path / "steps.jsonl"
     code, err = generate(undo_here, step_teacher, problems, out, "--verify", "steps")
@@ -80,6 +72,7 @@ def test_generate_verify_steps_rejects_false_steps_with_reasons(undo_here, step_
     assert reasons_in(err) == {"no answer": 5, "wrong answer": 0, "false step": 0}
 
 
+@pytest.mark.slow
 def test_generate_summary_counts_the_whole_file_after_a_resume(step_teacher, problems, tmp_path):
     """A resumed run reports the reasons of every sample in the output and its sidecar, not only its own."""
     from undo_cli.stages.generate import GenerateConfig, run
@@ -109,6 +102,7 @@ def _error(p: dict) -> dict:
             "model": "student", "error_type": "wrong_answer"}
 
 
+@pytest.mark.slow
 def test_refine_verify_steps_keeps_the_previous_rationale_and_says_why(undo_here, step_teacher, tmp_path):
     """Each target has a correct earlier rationale; the teacher's refinement of a false-step problem has the
     right answer and a false step: strict replaces the correct rationale with it, steps keeps the correct one."""

@@ -15,8 +15,19 @@ everywhere with no other change.
 Field metadata keys:
 
     help      the flag's help text (required: a test checks every field has one)
-    choices   the allowed values, shown in the help as [a|b|c]; the config's own
-              checks reject others with a hint, so the message stays ours
+    choices   the allowed values, shown in the help as [a|b|c]: a tuple, or a dict
+              {value: what it means} whose meanings go into the hint of the error
+              `check_choices` raises for any other value (every config calls it)
+    identity  False: the field does not identify a run (where the output goes, which
+              server answers, how fast or how patiently, a budget); changing it
+              between a killed run and its resume changes no record. Default True.
+              `undo_cli.identity` is the one definition of what identifies a run: the
+              run record beside an output, a shard's sidecar, `undo train`'s
+              train_run.json and `undo iterate`'s manifest all read it.
+    input     True: the field names an input file; it identifies a run by its content
+              (a stage records a digest of what it read; a shard, the file's sha256)
+    affects   `undo iterate` only: the stages whose results a top-level key changes
+              (absent: every stage)
     short     a short form, e.g. "-o"
     argument  True: a positional argument instead of a --flag
     group     the help section; default: the `help_group` of the option-group
@@ -30,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from undo_cli.errors import SettingError, as_flag, ref
 
 SCALARS = ("int", "float", "str", "bool")
 LISTS = ("list[str]",)  # a repeatable flag: --base-url A --base-url B
@@ -46,6 +59,8 @@ class FieldSpec:
     short: str | None
     argument: bool
     group: str | None
+    identity: bool = True  # False: a runtime setting, not part of what identifies a run
+    input: bool = False    # an input file: its content identifies the run, not its path
 
     @property
     def flag(self) -> str:
@@ -58,7 +73,7 @@ class FieldSpec:
 
 def flag(name: str) -> str:
     """A field name as a flag: `lora_r` -> `--lora-r`."""
-    return "--" + name.replace("_", "-")
+    return as_flag(name)
 
 
 def type_parts(annotation: Any) -> set[str]:
@@ -99,8 +114,29 @@ def describe(cls: type) -> list[FieldSpec]:
             name=f.name, type=typ, optional="None" in parts, default=default, help=meta.get("help", ""),
             choices=tuple(choices) if choices is not None else None, short=meta.get("short"),
             argument=bool(meta.get("argument")), group=meta.get("group") or _group(cls, f.name),
+            identity=meta.get("identity", True) is not False, input=bool(meta.get("input")),
         ))
     return specs
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a value outside a field's `choices` (None passes where the field may be None): SettingError.
+
+    `--keep best: unknown keep` with the hint `use --keep correct or --keep all; correct: only verified
+    rationales ...; all: ...` when the choices say what each means, else `use one of: hf, openai, vllm`.
+    """
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is None or value in choices or (value is None and "None" in type_parts(f.type)):
+            continue
+        if isinstance(choices, dict):
+            each = [f"{ref(f.name)} {c}" for c in choices]
+            hint = "use " + (", ".join(each[:-1]) + " or " + each[-1] if len(each) > 1 else each[0])
+            hint += "".join(f"; {c}: {what}" for c, what in choices.items() if what)
+        else:
+            hint = f"use one of: {', '.join(map(str, choices))}"
+        raise SettingError(f.name, value, f"unknown {f.name.replace('_', ' ')}", hint=hint)
 
 
 def to_flags(config: Any, skip: tuple[str, ...] = ()) -> list[str]:

@@ -135,6 +135,9 @@ def build_tiny_model(
     quiet_transformers()
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    from undo_cli.records import honour_umask
+
+    honour_umask(out)  # safetensors writes model.safetensors 0600
     return out
 
 

@@ -16,6 +16,7 @@ from undo_cli.backends.base import Backend, Completion, Message, SamplingConfig,
 from undo_cli.errors import UndoError
 
 BACKENDS = ("hf", "openai", "vllm")
+SORT_BY_LENGTH = {"hf": True, "openai": False, "vllm": False}  # hf pads a batch to its longest prompt
 
 
 @dataclass
@@ -42,6 +43,19 @@ class BackendConfig:
     enforce_eager: bool = False
 
 
+def batch_hint(config: BackendConfig) -> int:
+    """Prompts per `generate` call: hf --batch-size; openai several waves of requests on every endpoint (few
+    enough that a kill loses little); vllm a large block, since vLLM schedules internally. Known before the
+    backend opens (the teacher economy opens it only on the first cache miss)."""
+    if config.backend == "openai":
+        from undo_cli.urls import base_urls
+
+        return max(64, 4 * max(1, config.concurrency) * max(1, len(base_urls(config.base_url))))
+    if config.backend == "vllm":
+        return max(256, 8 * config.batch_size)
+    return max(1, config.batch_size)
+
+
 def open_backend(config: BackendConfig) -> Backend:
     """Load the chosen backend (a context manager; `with` releases it)."""
     if config.backend == "hf":
@@ -59,5 +73,5 @@ def open_backend(config: BackendConfig) -> Backend:
     raise UndoError(f"unknown backend '{config.backend}'", hint=f"use one of: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendConfig", "Completion", "Message", "SamplingConfig", "TokenLogprobs",
-           "open_backend"]
+__all__ = ["BACKENDS", "SORT_BY_LENGTH", "Backend", "BackendConfig", "Completion", "Message", "SamplingConfig",
+           "TokenLogprobs", "batch_hint", "open_backend"]

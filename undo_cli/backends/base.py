@@ -13,6 +13,7 @@ the student at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 Message = dict[str, str]
@@ -59,11 +60,23 @@ class Completion:
 
 
 class Backend(Protocol):
-    name: str          # "hf" | "openai" | "vllm"
-    model: str         # what provenance fields record (a path or a hub name; never a key)
+    name: str             # "hf" | "openai" | "vllm"
+    model: str            # what provenance fields record (a path or a hub name; never a key)
+    batch_hint: int       # prompts per `generate` call that keep it busy (backends.batch_hint)
+    sort_by_length: bool  # the caller should sort prompts by length first (hf: less padding per batch)
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in prompt order."""
+        ...
+
+    def generate_stream(self, batches: Iterable[list[list[Message]]],
+                        sampling: SamplingConfig) -> Iterator[list[list[Completion]]]:
+        """`generate` for each batch, yielded batch by batch in order. A backend may start the next batch
+        before it yields one (openai: no idle slots between batches); it reads at most one batch ahead."""
+        ...
+
+    def endpoint_summary(self) -> list[dict[str, Any]] | None:
+        """Per server: requests, failures, req/s (openai); None for a backend without servers."""
         ...
 
     def close(self) -> None:
@@ -73,3 +86,11 @@ class Backend(Protocol):
     def __enter__(self) -> "Backend": ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def one_batch_at_a_time(backend: Backend, batches: Iterable[list[list[Message]]],
+                        sampling: SamplingConfig) -> Iterator[list[list[Completion]]]:
+    """`generate_stream` for a backend whose model is busy with one batch at a time (hf, vllm in process):
+    nothing to overlap, so nothing is read ahead."""
+    for prompts in batches:
+        yield backend.generate(prompts, sampling) if prompts else []  # all cached: nothing to send

@@ -81,7 +81,7 @@ def _from_server(config: Any) -> Window | None:
     import os
     import urllib.request
 
-    from undo_cli.backends.openai import base_urls, shown_url
+    from undo_cli.urls import base_urls, shown_url
 
     key = os.environ.get(config.api_key_env)
     for url in base_urls(config.base_url):

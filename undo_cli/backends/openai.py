@@ -58,84 +58,26 @@ hosted APIs. Design choices, and why:
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import os
 import random
-import re
 import time
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
+from undo_cli.urls import base_urls, is_loopback, redact, server_message, shown_url, snippet
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 RETRYABLE = {408, 409, 429}      # and every 5xx, as the official client does
-SNIPPET = 200                    # characters of a server's body quoted in a message
 REST_MAX_S = 30.0                # longest an endpoint that keeps failing is left alone
 # Connections per httpx2 client. Its pool scans every connection (and polls each idle socket) on every
 # request, so one pool of 256 costs O(256) per request: at concurrency 256 that scan was 60% of the
-# client's CPU (cProfile). Pools of 32, one per 32 slots, keep the scan short.
-POOL = 32
-
-
-def is_loopback(url: str | None) -> bool:
-    host = urlparse(url).hostname if url else None
-    return bool(host) and (host in LOOPBACK or host.startswith("127."))
-
-
-def base_urls(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """--base-url as a list: one string (also "a,b") or a list of them; [] when unset."""
-    if not value:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    return [u.strip().rstrip("/") for item in items for u in str(item).split(",") if u.strip()]
-
-
-def shown_url(url: str) -> str:
-    """A URL fit for messages: user:password@ removed."""
-    p = urlparse(url)
-    if p.username or p.password:
-        host = p.hostname or ""
-        return urlunparse(p._replace(netloc=host + (f":{p.port}" if p.port else "")))
-    return url
-
-
-_AUTH = re.compile(r"""(?i)(authorization["']?\s*[:=]\s*["']?)(bearer\s+|basic\s+)?[^\s"',;}]+""")
-_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """`text` with every secret and every Authorization/Bearer value replaced by ***."""
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    text = _AUTH.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***", text)
-    return _BEARER.sub(r"\1***", text)
-
-
-def _snippet(body: bytes | str) -> str:
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    if not text:
-        return "(an empty body)"
-    return repr(text[:SNIPPET] + ("..." if len(text) > SNIPPET else ""))
-
-
-def _server_message(body: bytes) -> str:
-    """The server's own words from an error body (vLLM, OpenAI and FastAPI shapes), one line."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return _snippet(body)
-    if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
-        for key in ("message", "detail"):
-            if inner.get(key):
-                return str(inner[key]).splitlines()[0][:SNIPPET]
-    return _snippet(body)
+# client's CPU (cProfile). Pools of 4, one per 4 slots, keep the scan short: 0.85-0.9 ms of client CPU
+# per request against 1.0-1.25 ms with pools of 32 (issue 25, at load 4 on 2 cores).
+POOL = 4
 
 
 class _Fault(Exception):
@@ -216,9 +158,10 @@ class _Endpoint:
         self.slots = asyncio.Semaphore(concurrency)
         self.free = list(range(concurrency - 1, -1, -1))  # slot numbers; slot i uses clients[i // POOL]
         # One kept-alive connection per slot; the total deadline is ours (asyncio.timeout), these are the
-        # per-phase bounds under it.
+        # per-phase bounds under it. One TLS context for all the clients (each would build its own, ~20 ms).
+        ssl_context = httpx2.create_ssl_context()
         self.clients = [httpx2.AsyncClient(
-            headers=headers, timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)),
+            headers=headers, timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)), verify=ssl_context,
             limits=httpx2.Limits(max_connections=min(POOL, concurrency - i), max_keepalive_connections=POOL))
             for i in range(0, concurrency, POOL)]
         self.client = self.clients[0]  # for the probe
@@ -281,9 +224,9 @@ class OpenAIBackend:
         del key
         self._loop = asyncio.new_event_loop()
         self._endpoints = [_Endpoint(u, self.concurrency, headers, self.request_timeout) for u in urls]
-        # Enough prompts per call for several waves of requests on every endpoint, few enough that a kill
-        # loses little.
-        self.batch_hint = max(64, 4 * self.concurrency * len(urls))
+        from undo_cli.backends import batch_hint
+
+        self.batch_hint = batch_hint(config)
         self._served: list[str] = []
         self._is_vllm = False
         self._ignores_n = False
@@ -291,6 +234,7 @@ class OpenAIBackend:
         self._token_ids: dict[str, int] | None = None
         self._warned: set[str] = set()
         self._busy_s = 0.0
+        self._batches_in_flight, self._watcher = 0, None  # generate_stream: up to two batches, one _watch
         self._seq = 0
         try:
             self._probe()
@@ -370,8 +314,44 @@ class OpenAIBackend:
         finally:
             self._busy_s += time.perf_counter() - started
 
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        """Each batch's completions in order, with the next batch's requests already running: the endpoints'
+        slots stay full across a batch boundary, where one batch at a time left them to drain while its
+        slowest requests finished (issue 25). Two batches in flight at most, the older one first in every
+        endpoint's queue (asyncio's semaphore is FIFO). The event loop runs only inside this generator, so
+        while the caller writes a batch nothing new is sent: a killed run loses at most the two batches
+        in flight, and a failure cancels the younger one's requests."""
+        batches = iter(batches)
+        pending: collections.deque[asyncio.Task] = collections.deque()
+
+        def start_next() -> None:
+            prompts = next(batches, None)
+            if prompts is not None:
+                pending.append(self._loop.create_task(self._generate_all(prompts, sampling)))
+
+        try:
+            start_next()
+            start_next()
+            while pending:
+                started = time.perf_counter()
+                try:
+                    results = self._loop.run_until_complete(pending[0])
+                finally:
+                    self._busy_s += time.perf_counter() - started
+                pending.popleft()
+                start_next()  # before the yield: the caller's next `next()` runs it beside the one ahead
+                yield results
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending and not self._loop.is_closed():
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
     async def _generate_all(self, prompts, sampling) -> list[list[Completion]]:
-        watch = asyncio.ensure_future(self._watch())
+        # One watcher while any batch is in flight (generate_stream runs two): one "waiting on" line, not two.
+        if self._batches_in_flight == 0:
+            self._watcher = asyncio.ensure_future(self._watch())
+        self._batches_in_flight += 1
         tasks = [asyncio.ensure_future(self._one_prompt(m, sampling)) for m in prompts]
         try:
             return list(await asyncio.gather(*tasks))
@@ -381,7 +361,10 @@ class OpenAIBackend:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            watch.cancel()
+            self._batches_in_flight -= 1
+            if self._batches_in_flight == 0 and self._watcher is not None:
+                self._watcher.cancel()
+                self._watcher = None
 
     async def _watch(self) -> None:
         """Say what a stalled run waits for: a line per endpoint whose oldest request is old."""
@@ -499,8 +482,8 @@ class OpenAIBackend:
                 retry_after = float(r.headers.get("retry-after", ""))
             except ValueError:
                 pass
-            raise _Fault(f"answered {status}: {_server_message(r.content)}", status=status, retry_after=retry_after)
-        raise _Refused(status, _server_message(r.content))
+            raise _Fault(f"answered {status}: {server_message(r.content)}", status=status, retry_after=retry_after)
+        raise _Refused(status, server_message(r.content))
 
     @staticmethod
     def _parse(content: bytes) -> dict:
@@ -508,18 +491,18 @@ class OpenAIBackend:
         try:
             data = json.loads(content)
         except ValueError:
-            raise _Fault(f"answered 200 with a body that is not JSON: {_snippet(content)}",
+            raise _Fault(f"answered 200 with a body that is not JSON: {snippet(content)}",
                          kind="200 not JSON") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
-            raise _Fault(f"answered 200 without a list of choices: {_snippet(content)}", kind="200 without choices")
+            raise _Fault(f"answered 200 without a list of choices: {snippet(content)}", kind="200 without choices")
         for c in choices:
             msg = c.get("message") if isinstance(c, dict) else None
             if not isinstance(msg, dict) or not isinstance(msg.get("content"), (str, type(None))):
-                raise _Fault(f"answered 200 with a choice that has no message text: {_snippet(content)}",
+                raise _Fault(f"answered 200 with a choice that has no message text: {snippet(content)}",
                              kind="200 without message")
         if not isinstance(data.get("usage"), (dict, type(None))):
-            raise _Fault(f"answered 200 with a malformed usage field: {_snippet(content)}", kind="200 bad usage")
+            raise _Fault(f"answered 200 with a malformed usage field: {snippet(content)}", kind="200 bad usage")
         return data
 
     def _gave_up(self, e: _Endpoint | None, fault: _Fault | None) -> UndoError:

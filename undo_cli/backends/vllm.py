@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
+from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
 from undo_cli.console import info
 from undo_cli.errors import UndoError
 
@@ -54,7 +54,9 @@ class VLLMBackend:
 
         self.config = config
         self.model = config.model
-        self.batch_hint = max(256, 8 * config.batch_size)
+        from undo_cli.backends import batch_hint
+
+        self.batch_hint = batch_hint(config)
         self._vllm = vllm
         on_gpu = torch.cuda.is_available()
         dtype = config.dtype if config.dtype != "auto" or on_gpu else "float32"
@@ -125,6 +127,12 @@ class VLLMBackend:
         import gc
 
         gc.collect()
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        return one_batch_at_a_time(self, batches, sampling)  # the model is the pipeline: nothing to overlap
+
+    def endpoint_summary(self) -> None:
+        return None  # in process: no servers to count
 
     def __enter__(self) -> "VLLMBackend":
         return self

@@ -18,10 +18,11 @@ import sys
 
 import click
 
-from undo_cli.cli.builder import Command, Group, LazyGroup, Special
+from undo_cli.cli.builder import Command, Group, LazyGroup, Special, Stage
 
 # Order is the order of a UNDO run. The first paragraph of each help is its line in `undo --help`.
-COMMANDS: list[Command | Special | Group] = [
+# A stage of the loop is a `Stage` row: its config and run come from its StageSpec (stages/spec.py).
+COMMANDS: list[Command | Stage | Special | Group] = [
     Group("data", "Datasets: import a dataset into problems JSONL, split into train/val/test.", [
         Command("import", "undo_cli.data.importer:DataImportConfig", "undo_cli.data.importer:run", """\
 Import a dataset as problems JSONL, one file per split, into --output-dir.
@@ -51,11 +52,11 @@ Math answers are verified mathematically (1,250.00 = 1250, \\frac{3}{4} = 0.75);
 or option text; exact answers as normalised strings.
 
 Example: undo score predictions.jsonl --output scored.jsonl"""),
-    Command("generate", "undo_cli.stages.generate:GenerateConfig", "undo_cli.stages.generate:run", """\
+    Stage("generate", """\
 The teacher writes step-by-step rationales for each problem; verified ones are kept.
 
 Example: undo generate --teacher Qwen/Qwen2.5-1.5B-Instruct --input train.jsonl --output rationales.jsonl"""),
-    Command("train", "undo_cli.training.config:TrainConfig", "undo_cli.stages.train:run", """\
+    Stage("train", """\
 Fine-tune the student on question -> rationale (loss on the rationale only).
 
 \b
@@ -64,23 +65,22 @@ Several GPUs: accelerate launch --num_processes 4 -m undo_cli train --student ..
 White-box (same tokenizer): undo train --objective skl --lm-weight 1 --teacher T --student S --data ... --output ...
 The student's own outputs: undo train --objective srkl --student-outputs adaptive --val-data VAL --teacher T ...
   or: undo train --method minillm --teacher T --student SFT_STUDENT --data ... --output ..."""),
-    Command("evaluate", "undo_cli.stages.evaluate:EvaluateConfig", "undo_cli.stages.evaluate:run", """\
+    Stage("evaluate", """\
 The student answers each question (greedy, with the chat formatting it was trained on); every answer is
 scored and the metrics are written beside the predictions (preds.metrics.json for preds.jsonl).
 
 Example: undo evaluate --model out/student --input val.jsonl --output out/val/predictions.jsonl"""),
-    Command("collect-errors", "undo_cli.stages.collect_errors:CollectErrorsConfig",
-            "undo_cli.stages.collect_errors:run", """\
+    Stage("collect-errors", """\
 Keep the failed predictions with the student's own output; classify each as truncated, no_answer or
 wrong_answer.
 
 Example: undo evaluate --model out/student --input val.jsonl --output - | undo collect-errors - > errors.jsonl"""),
-    Command("refine", "undo_cli.stages.refine:RefineConfig", "undo_cli.stages.refine:run", """\
+    Stage("refine", """\
 The teacher rewrites rationales to target the student's failures; each new rationale is verified, and the
 previous one is kept when it does not verify.
 
 Example: undo refine --teacher out/teacher --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl"""),
-    Command("mix", "undo_cli.stages.mix:MixConfig", "undo_cli.stages.mix:run", """\
+    Stage("mix", """\
 Mix refined rationales into the training data: replace the old ones by id, or append the verified ones.
 
 Example: undo mix --base iter_00/rationales.jsonl --refined iter_01/refined.jsonl -o iter_01/train_data.jsonl"""),

@@ -128,6 +128,37 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A stage's command: its flags are its StageSpec's config, running it calls the spec's run (stages/spec.py)."""
+
+    name: str  # the command, `collect-errors` for the stage `collect_errors`
+    help: str
+
+    @property
+    def stage(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def module(self) -> str:  # the module that declares the spec (no import: `undo --help` lists it)
+        from undo_cli.stages.spec import MODULES
+
+        return MODULES[self.stage]
+
+    @property
+    def config(self) -> str:
+        from undo_cli.stages.spec import stage
+
+        cls = stage(self.stage).config
+        return f"{cls.__module__}:{cls.__name__}"
+
+    def build(self) -> click.Command:
+        from undo_cli.stages.spec import stage
+
+        run = stage(self.stage).run
+        return Command(self.name, self.config, f"{run.__module__}:{run.__name__}", self.help).build()
+
+
+@dataclass(frozen=True)
 class Special:
     """A command that needs more than flags -> config -> run: `target` ("module:attr") builds its click command."""
 
@@ -150,7 +181,7 @@ class Group:
 
     name: str
     help: str
-    commands: list[Command | Special] = field(default_factory=list)
+    commands: list[Command | Stage | Special] = field(default_factory=list)
 
     @property
     def module(self) -> str:
@@ -160,11 +191,11 @@ class Group:
         return LazyGroup(self.name, table=self.commands, help=self.help, no_args_is_help=True)
 
 
-def summary(entry: Command | Special | Group) -> str:
+def summary(entry: Command | Stage | Special | Group) -> str:
     return entry.help.strip().split("\n\n")[0].replace("\n", " ")
 
 
-def landed(entry: Command | Special | Group) -> bool:
+def landed(entry: Command | Stage | Special | Group) -> bool:
     """False for a command whose module is not in this checkout (yet)."""
     return importlib.util.find_spec(entry.module) is not None
 

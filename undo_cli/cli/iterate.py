@@ -37,8 +37,9 @@ def build(entry: Special) -> click.Command:
                      help="--dry-run's output: text (tables on stderr), json (also the same as one JSON object "
                           "on stdout), shell (each stage's flags as bash arrays, for examples/undo_loop.sh)."),
         # A table-valued top-level field ([prices] in run.toml; --price-input/--price-output as flags) has no flag.
-        *options(config_cls, layered=True,
-                 skip=(*TABLES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
+        *sorted(options(config_cls, layered=True,
+                        skip=(*TABLES, *(s.name for s in describe(config_cls) if s.type not in SCALARS + LISTS))),
+                key=_section_order),  # the economy's fields are declared first (a composed class): shown in place
     ]
 
     @click.pass_context
@@ -74,6 +75,14 @@ def build(entry: Special) -> click.Command:
 
 
 FORMATS = ("text", "json", "shell")
+# The order of the sections of `undo iterate --help` (the fields' `group` metadata; a stable sort keeps each
+# section's fields in declaration order).
+SECTIONS = ("Models and data", "Backends", "The loop", "Teacher economy (docs/economy.md)", "Where stages run")
+
+
+def _section_order(param: click.Parameter) -> int:
+    group = getattr(param, "help_group", None)
+    return SECTIONS.index(group) if group in SECTIONS else len(SECTIONS)
 
 # The dotted flags' section of `undo iterate --help`: one row per stage table, pointing at the stage's own help.
 STAGE_FLAGS = [

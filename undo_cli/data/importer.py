@@ -70,8 +70,9 @@ class DataImportConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise UndoError(f"--preset {self.preset}: unknown preset",
                             hint=f"use one of: {', '.join(PRESETS)}, or map columns with --question-field/--answer-field")
-        if self.task is not None and self.task not in TASKS:
-            raise UndoError(f"--task {self.task}: unknown task", hint=f"use one of: {', '.join(TASKS)}")
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # task
         if self.limit is not None and self.limit < 1:
             raise UndoError(f"--limit {self.limit}: must be at least 1", hint="leave --limit out to import every row")
         if self.source is None and self.preset is None:

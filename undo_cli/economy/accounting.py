@@ -43,12 +43,10 @@ PER_MESSAGE_OVERHEAD = 8       # role markers and separators of a chat template,
 
 
 def ledger_path(output: str) -> str | None:
-    """`out/rationales.jsonl` -> `out/rationales.usage.json`; None for stdout."""
-    if output == "-":
-        return None
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(f"{stem}.usage.json"))
+    """`out/rationales.jsonl` -> `out/rationales.usage.json`; None for stdout and other streams (/dev/null)."""
+    from undo_cli.records.sidecars import USAGE, sidecar_path
+
+    return sidecar_path(output, USAGE)
 
 
 @dataclass
@@ -207,35 +205,42 @@ def read_ledger(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "paid" in data else None
 
 
-def usage_by_iteration(run_dir: str | Path, prices: Prices | None = None) -> dict[str, Any]:
-    """Teacher usage per iteration of a run folder, with running totals (for manifest.json and the report).
+def sum_ledgers(paths: list[str]) -> dict[str, Any] | None:
+    """The ledgers at `paths` (shards of one output) added up, as one ledger file holds them; None if none exists.
 
-    prices: recompute costs at these prices (else each ledger's own cost, at the prices its stage ran with).
+    Costs add up as each ledger recorded them (at the prices its shard ran with); the prices are kept when
+    every ledger had the same.
     """
-    import re
+    found = [(p, data) for p in paths if p and (data := read_ledger(p)) is not None]
+    if not found:
+        return None
+    merged = Ledger()
+    for path, _ in found:
+        one = Ledger.load(path, fresh=False)
+        for backend, row in one.backends.items():
+            for kind, usage in row.items():
+                merged.add(backend, paid=kind == "paid", prompt_tokens=usage.prompt_tokens,
+                           completion_tokens=usage.completion_tokens, requests=usage.requests)
+        if one.tokens_per_char is not None:
+            merged.tokens_per_char = max(one.tokens_per_char, merged.tokens_per_char or 0.0)
 
-    from undo_cli.loop.layout import RunLayout
+    def added(key: str) -> float | None:
+        values = [data.get(key) for _, data in found]
+        return None if all(v is None for v in values) else _round(sum(v or 0.0 for v in values))
 
-    layout = RunLayout(Path(run_dir))
-    rows = []
-    paid_total, cached_total = Usage(), Usage()
-    cost_total: float | None = None
-    for d in sorted(Path(run_dir).glob("iter_*")):
-        m = re.fullmatch(r"iter_(\d+)", d.name)
-        if not m:
-            continue
-        k = int(m.group(1))
-        output = layout.rationales() if k == 0 else layout.refined(k)  # iteration 0 generates, later ones refine
-        ledger = read_ledger(ledger_path(str(output)))
-        if ledger is None:
-            continue
-        paid, cached = Usage.from_json(ledger["paid"]), Usage.from_json(ledger["cached"])
-        cost = prices.cost(paid.prompt_tokens, paid.completion_tokens) if prices and prices.set else ledger.get("cost")
-        paid_total.add(paid)
-        cached_total.add(cached)
-        if cost is not None:
-            cost_total = (cost_total or 0.0) + cost
-        rows.append({"iteration": k, "paid": paid.to_json(), "cached": cached.to_json(), "cost": _round(cost),
-                     "paid_tokens_cumulative": paid_total.tokens, "cost_cumulative": _round(cost_total)})
-    return {"iterations": rows, "total": {"paid": paid_total.to_json(), "cached": cached_total.to_json(),
-                                          "cost": _round(cost_total)}}
+    prices = [data.get("prices") for _, data in found]
+    return {**merged.totals(), "cost": added("cost"), "saved": added("saved"),
+            "prices": prices[0] if all(p == prices[0] for p in prices) else None,
+            "tokens_per_char": merged.tokens_per_char, "merged_from": len(found)}
+
+
+def merge_ledgers(paths: list[str], output: str) -> dict[str, Any] | None:
+    """`undo merge`: the shards' ledgers added up (`sum_ledgers`) and written beside the merged `output`
+    (`rationales.usage.json`), so later stages and the report count the tokens the shards paid for."""
+    out_path, data = ledger_path(output), sum_ledgers(paths)
+    if out_path is None or data is None:
+        return None
+    from undo_cli.records import write_json
+
+    write_json(out_path, data)
+    return data

@@ -1,12 +1,12 @@
 """The teacher economy around any backend: cache lookups, token ledger and budget, once for every stage.
 
-    economy = TeacherEconomy(EconomySettings(cache_dir=None, max_teacher_tokens=200_000))
+    economy = config.economy()        # TeacherEconomy(config): its economy fields (options.py)
     economy.begin("out/rationales.jsonl", fresh=False)   # loads the output's ledger
     llm = economy.wrap(BackendConfig(backend="openai", model="m", base_url=...))
     results = llm.generate(prompts, sampling)             # None where the budget left a prompt undone
     economy.summary()                                     # teacher_usage + budget, for the stage summary
 
-`stages/generation_loop.py:run_generation(..., economy=...)` is the only caller, so
+`stages/generation_loop.py` (`Generation(..., economy=...)`) is the only caller, so
 `generate` and `refine` (and any stage that passes an economy) get it with no
 code of their own. The wrapper has the `Backend` interface (base.py), with two
 differences the loop knows about: a prompt the budget does not allow comes
@@ -20,25 +20,13 @@ never connects to a server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig
+from undo_cli.backends.base import Completion, Message, SamplingConfig, one_batch_at_a_time
 from undo_cli.economy.accounting import Budget, Ledger, Prices, Usage, ledger_path, prompt_chars
 from undo_cli.errors import UndoError
-
-
-@dataclass
-class EconomySettings:
-    cache_dir: str | None = None        # None: default_cache_dir()
-    use_cache: bool = True
-    cache_unseeded: bool = False
-    model_revision: str | None = None
-    max_teacher_tokens: int | None = None
-    max_cost: float | None = None
-    price_input: float | None = None
-    price_output: float | None = None
 
 
 def cacheable(sampling: SamplingConfig, unseeded_ok: bool) -> bool:
@@ -46,20 +34,11 @@ def cacheable(sampling: SamplingConfig, unseeded_ok: bool) -> bool:
     return sampling.temperature == 0 or sampling.seed is not None or unseeded_ok
 
 
-# What `batch_hint` each backend will have once open (kept in step with the backends' own
-# __init__): the loop sizes its batches before the first miss opens the real backend.
-def _batch_hint(config: Any) -> int:
-    if config.backend == "openai":
-        from undo_cli.backends.openai import base_urls
-
-        return max(64, 4 * max(1, config.concurrency) * len(base_urls(config.base_url) or [""]))
-    if config.backend == "vllm":
-        return max(256, 8 * config.batch_size)
-    return max(1, config.batch_size)
-
-
 class TeacherEconomy:
-    def __init__(self, settings: EconomySettings):
+    """The cache, ledger and budget of one output. `settings`: anything with the fields of
+    `TeacherEconomyOptions` (options.py): a stage's config."""
+
+    def __init__(self, settings: Any):
         self.settings = settings
         self.prices = Prices(settings.price_input, settings.price_output)
         self.budget = Budget(settings.max_teacher_tokens, settings.max_cost, self.prices)
@@ -70,6 +49,10 @@ class TeacherEconomy:
         self.identity: dict[str, Any] | None = None
         self.load_s = 0.0             # time spent opening the real backend (on the first miss)
 
+    def limits(self) -> dict[str, Any]:
+        """The budget this output runs under (what a shard stopped by it records)."""
+        return {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost}
+
     def begin(self, output: str, *, fresh: bool) -> None:
         self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
         self.ledger.prices = self.prices
@@ -77,7 +60,7 @@ class TeacherEconomy:
     def wrap(self, backend: Any) -> "EconomyBackend":
         from undo_cli.backends import BackendConfig
 
-        if self.settings.use_cache:
+        if self.settings.cache:
             from undo_cli.economy.cache import TeacherCache, default_cache_dir
 
             self.cache = TeacherCache(self.settings.cache_dir or default_cache_dir())
@@ -104,7 +87,7 @@ class TeacherEconomy:
 
     @property
     def cache_path(self) -> Path | None:
-        if not self.settings.use_cache:
+        if not self.settings.cache:
             return None
         from undo_cli.economy.cache import FILENAME, default_cache_dir
 
@@ -127,23 +110,34 @@ class TeacherEconomy:
         return rows
 
 
+@dataclass
+class _Call:
+    """One batch on its way through the economy: what the cache answered, and which prompts go to the backend."""
+
+    prompts: list[list[Message]]
+    results: list[list[Completion] | None]
+    keys: list[str] | None = None  # cache keys, when this sampling is cacheable
+    send: list[int] = field(default_factory=list)  # indices of the misses the budget admitted, in order
+
+    def sent_prompts(self) -> list[list[Message]]:
+        return [self.prompts[i] for i in self.send]
+
+
 class EconomyBackend:
     """A `Backend` that answers from the cache when it can and calls the real one (opened lazily) otherwise."""
 
     def __init__(self, economy: TeacherEconomy, backend: Any):
-        from undo_cli.backends import BackendConfig
+        from undo_cli.backends import SORT_BY_LENGTH, BackendConfig, batch_hint
 
         self.economy = economy
         self._config = backend if isinstance(backend, BackendConfig) else None
         self._inner = None if self._config is not None else backend
-        self.name = self._config.backend if self._config is not None else backend.name
-        self.model = self._config.model if self._config is not None else backend.model
-        if self._config is not None:
-            self.batch_hint = _batch_hint(self._config)
-            self.sort_by_length = self._config.backend == "hf"
+        if self._config is not None:  # not opened yet: what it will be once open
+            self.name, self.model = self._config.backend, self._config.model
+            self.batch_hint, self.sort_by_length = batch_hint(self._config), SORT_BY_LENGTH[self._config.backend]
         else:
-            self.batch_hint = getattr(backend, "batch_hint", 32)
-            self.sort_by_length = getattr(backend, "sort_by_length", False)
+            self.name, self.model = backend.name, backend.model
+            self.batch_hint, self.sort_by_length = backend.batch_hint, backend.sort_by_length
 
     def _backend(self):
         if self._inner is None:
@@ -170,39 +164,73 @@ class EconomyBackend:
             return default
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion] | None]:
+        call = self._look_up(prompts, sampling)
+        answers = self._backend().generate(call.sent_prompts(), sampling) if call.send else []
+        return self._record(call, answers)
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        """`generate` per batch through the real backend's stream (openai: the next batch's requests run
+        while one finishes). With a budget, one batch at a time: what a batch may send depends on what the
+        ones before it spent. The real backend still opens only at the first batch with a miss."""
+        if self.economy.budget.active:
+            yield from one_batch_at_a_time(self, batches, sampling)
+            return
+        batches = iter(batches)
+        for prompts in batches:  # answered from the cache until the first miss
+            call = self._look_up(prompts, sampling)
+            if call.send:
+                break
+            yield self._record(call, [])
+        else:
+            return
+        ahead = [call]  # looked up, sent, not answered yet: at most the real backend's one batch ahead
+
+        def sent():
+            yield call.sent_prompts()
+            for prompts in batches:
+                ahead.append(self._look_up(prompts, sampling))
+                yield ahead[-1].sent_prompts()
+
+        for answers in self._backend().generate_stream(sent(), sampling):
+            yield self._record(ahead.pop(0), answers)
+
+    def _look_up(self, prompts: list[list[Message]], sampling: SamplingConfig) -> "_Call":
+        """Cache hits counted in the ledger; the misses the budget admits are the call's `send`."""
         e = self.economy
-        results: list[list[Completion] | None] = [None] * len(prompts)
-        keys: list[str] | None = None
+        call = _Call(prompts, [None] * len(prompts))
         if e.cache is not None and cacheable(sampling, e.settings.cache_unseeded):
             from undo_cli.economy.cache import request_key
 
-            keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
-            hits = self._cache_call(lambda: e.cache.get_many(keys), {})
-            for i, key in enumerate(keys):
+            call.keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
+            hits = self._cache_call(lambda: e.cache.get_many(call.keys), {})
+            for i, key in enumerate(call.keys):
                 if key in hits:
-                    results[i] = hits[key]
+                    call.results[i] = hits[key]
                     e.ledger.add(self.name, paid=False, prompt_tokens=hits[key][0].prompt_tokens if hits[key] else 0,
                                  completion_tokens=sum(c.completion_tokens for c in hits[key]))
-        misses = [i for i, r in enumerate(results) if r is None]
-        send = self._admit(prompts, misses, sampling)
-        e.left += len(misses) - len(send)
-        if send:
-            answers = self._backend().generate([prompts[i] for i in send], sampling)
-            if len(answers) != len(send):
-                raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(send)} prompts",
-                                hint="this is a bug in the backend; please report it")
-            for i, completions in zip(send, answers):
-                results[i] = completions
-                prompt = completions[0].prompt_tokens if completions else 0
-                completion = sum(c.completion_tokens for c in completions)
-                e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
-                e.ledger.measure(prompt_chars(prompts[i]), prompt)
-                e.run_paid.add(Usage(1, prompt, completion))
-            if keys is not None and e.cache is not None:
-                self._cache_call(lambda: e.cache.put_many((keys[i], e.identity, completions)
-                                                          for i, completions in zip(send, answers)), None)
+        misses = [i for i, r in enumerate(call.results) if r is None]
+        call.send = self._admit(prompts, misses, sampling)
+        e.left += len(misses) - len(call.send)
+        return call
+
+    def _record(self, call: "_Call", answers: list[list[Completion]]) -> list[list[Completion] | None]:
+        """The real backend's answers into the call's results, the ledger and the cache."""
+        e = self.economy
+        if len(answers) != len(call.send):
+            raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(call.send)} prompts",
+                            hint="this is a bug in the backend; please report it")
+        for i, completions in zip(call.send, answers):
+            call.results[i] = completions
+            prompt = completions[0].prompt_tokens if completions else 0
+            completion = sum(c.completion_tokens for c in completions)
+            e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
+            e.ledger.measure(prompt_chars(call.prompts[i]), prompt)
+            e.run_paid.add(Usage(1, prompt, completion))
+        if answers and call.keys is not None and e.cache is not None:
+            self._cache_call(lambda: e.cache.put_many((call.keys[i], e.identity, completions)
+                                                      for i, completions in zip(call.send, answers)), None)
         e.ledger.save()
-        return results
+        return call.results
 
     def _admit(self, prompts, misses: list[int], sampling: SamplingConfig) -> list[int]:
         """The misses the budget allows, in order; the first that might not fit ends the admission."""
@@ -223,8 +251,7 @@ class EconomyBackend:
 
     def endpoint_summary(self) -> list[dict[str, Any]] | None:
         """The openai backend's per-server counts, when it was opened (a fully cached run opens nothing)."""
-        inner = self._inner
-        return inner.endpoint_summary() if inner is not None and hasattr(inner, "endpoint_summary") else None
+        return self._inner.endpoint_summary() if self._inner is not None else None
 
     def close(self) -> None:
         try:

@@ -12,7 +12,7 @@ so the bound is
 
 with every sample running to max_tokens and no answer taken from the teacher
 cache. The prompts are the ones generate sends (same template, few-shot
-examples, `limit`). Their length is counted with the teacher's own tokenizer
+examples, `limit`: the caller passes `generate.work_items(config)`'s). Their length is counted with the teacher's own tokenizer
 and chat template when that loads without the network (a local folder, or a
 hub name already in the local hub cache); no model is loaded. Otherwise it is
 estimated from characters at the budget check's conservative ratio (2
@@ -50,41 +50,45 @@ def _local_tokenizer(name: str, trust_remote_code: bool) -> tuple[Any | None, st
         return None, f"its tokenizer did not load ({type(exc).__name__})"
 
 
-def estimate_generate(config, *, max_teacher_tokens: int | None = None, max_cost: float | None = None,
-                      trust_remote_code: bool = False) -> dict[str, Any]:
-    """Upper bound of the paid teacher tokens (and cost) of `generate.run(config)` from scratch."""
-    from undo_cli.prompts import encode_prompt
-    from undo_cli.records import read_records
-    from undo_cli.stages.generate import build_items, read_fewshot
-
-    problems = read_records(config.input, "problem")
-    if config.limit is not None:
-        problems = problems[: config.limit]
-    items = build_items(problems, config.prompt, read_fewshot(config.fewshot) if config.fewshot else [])
-    tokenizer, why = _local_tokenizer(config.teacher, trust_remote_code)
-    if tokenizer is not None:
-        counted = f"counted with the teacher's tokenizer ({config.teacher})"
-        prompts = [len(encode_prompt(tokenizer, item.messages)) for item in items]  # what the hf backend sends
-    else:
-        counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
-                   f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
-        prompts = [math.ceil(prompt_chars(item.messages) * INITIAL_TOKENS_PER_CHAR)
-                   + PER_MESSAGE_OVERHEAD * (len(item.messages) + 1) for item in items]  # as Budget.bound
+def estimate_generate(prompts: list[list[dict[str, str]]], config, *, max_teacher_tokens: int | None = None,
+                      max_cost: float | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Upper bound of the paid teacher tokens (and cost) of sending `prompts` (one request each, for `config.n`
+    samples of at most `config.max_tokens`) to `config.teacher`: `undo generate`'s prompts (generate.work_items)."""
+    lengths, counted = _prompt_tokens(prompts, config.teacher, trust_remote_code)
     completion = config.n * config.max_tokens
-    prompt_total, completion_total = sum(prompts), completion * len(prompts)
+    prompt_total, completion_total = sum(lengths), completion * len(lengths)
     prices = Prices(config.price_input, config.price_output)
     out: dict[str, Any] = {
         "upper_bound": True,
         "assumes": "every sample runs to max_tokens; no answer from the teacher cache",
-        "problems": len(items), "requests": len(items), "n": config.n, "max_tokens": config.max_tokens,
+        "problems": len(prompts), "requests": len(prompts), "n": config.n, "max_tokens": config.max_tokens,
         "prompt_tokens": prompt_total, "prompt_tokens_from": counted,
         "completion_tokens": completion_total, "tokens": prompt_total + completion_total,
         "cost": _round(prices.cost(prompt_total, completion_total)),
         "prices": {"input": prices.input, "output": prices.output} if prices.set else None,
     }
+    out["budget"] = _coverage(lengths, completion, out, prices, max_teacher_tokens, max_cost)
+    return out
+
+
+def _prompt_tokens(prompts: list[list[dict[str, str]]], teacher: str, trust_remote_code: bool) -> tuple[list[int], str]:
+    """Each prompt's length in tokens (the teacher's tokenizer, or the budget check's estimate); and how."""
+    from undo_cli.prompts import encode_prompt
+
+    tokenizer, why = _local_tokenizer(teacher, trust_remote_code)
+    if tokenizer is not None:  # what the hf backend sends
+        return [len(encode_prompt(tokenizer, m)) for m in prompts], f"counted with the teacher's tokenizer ({teacher})"
+    counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
+               f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
+    return [math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)
+            for m in prompts], counted  # as Budget.bound
+
+
+def _coverage(prompts: list[int], completion: int, out: dict[str, Any], prices: Prices,
+              max_teacher_tokens: int | None, max_cost: float | None) -> dict[str, Any] | None:
+    """How much of the bound a budget covers: problems in file order, each at its upper bound."""
     budget: dict[str, Any] = {}
     if max_teacher_tokens is not None or max_cost is not None:
-        # Problems run in file order; how many of them fit, each at its upper bound.
         spent_p = spent_c = covered = 0
         for p in prompts:
             p_next, c_next = spent_p + p, spent_c + completion
@@ -99,8 +103,7 @@ def estimate_generate(config, *, max_teacher_tokens: int | None = None, max_cost
             budget["tokens_fraction"] = round(min(1.0, max_teacher_tokens / out["tokens"]), 4) if out["tokens"] else 1.0
         if max_cost is not None and out["cost"]:
             budget["cost_fraction"] = round(min(1.0, max_cost / out["cost"]), 4)
-    out["budget"] = budget or None
-    return out
+    return budget or None
 
 
 def describe(est: dict[str, Any]) -> list[tuple[str, str]]:

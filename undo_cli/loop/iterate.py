@@ -25,8 +25,10 @@ budget (`max_teacher_tokens`, `max_cost`: paid teacher tokens of the whole run)
 is reached: the teacher stage that reaches it keeps what it finished and is
 marked `budget` in the manifest, and `--resume` with a higher budget continues
 it (budgets, prices and the cache folder are not part of the run's identity).
-The teacher's tokens per iteration (paid and cached, and cost with prices) go
-to manifest.json and summary.json under `teacher_usage` (undo_cli/economy).
+Under `--launcher slurm` a sharded teacher stage shares its part of the budget
+out among its shards. The teacher's tokens per iteration (paid and cached, and
+cost with prices) go to manifest.json and summary.json under `teacher_usage`
+(loop/usage.py).
 
 The best iteration (the highest validation accuracy; the earliest on a tie) is
 kept, and both its student and the iteration-0 student are evaluated on the
@@ -54,56 +56,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.errors import UndoError
+from undo_cli.economy.options import TeacherEconomyOptions
+from undo_cli.errors import SettingError, UndoError
+from undo_cli.fields import check_choices
+# The teacher economy of the loop (one budget shared out, usage per iteration): loop/usage.py.
+from undo_cli.loop.usage import BudgetReached, record_usage
 
-MIX = ("replace", "append")
-INIT = ("base", "previous")
+MIX = {"replace": "refined rationales replace the old ones by id", "append": "they are added"}
+INIT = {"base": "each iteration trains the base student", "previous": "continue from the last one"}
 LAUNCHERS = ("local", "slurm")
 TEACHER_BACKENDS = ("hf", "openai", "vllm")
 STUDENT_BACKENDS = ("hf", "vllm")
 VERIFY = ("strict", "flexible", "steps")
 
+RUNTIME = {"identity": False}  # where and how the run goes, not what it computes (undo_cli/identity.py)
+TEACHER_STAGES = ("generate", "refine")
+
 
 @dataclass
-class IterateConfig:
-    """Everything `undo iterate` needs: top-level keys of run.toml (each one flag) plus one table per stage."""
+class IterateConfig(TeacherEconomyOptions):
+    """Everything `undo iterate` needs: top-level keys of run.toml (each one flag) plus one table per stage.
 
-    teacher: str = field(metadata={"group": "Models and data", "help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"group": "Models and data", "help": "The base student: a model folder or a hub name."})
+    Field metadata (undo_cli/fields.py): `identity: False` for what may change on --resume, `affects` for the
+    stages a key's change reruns (none: every stage). The teacher economy's fields (cache, budget, prices) are
+    TeacherEconomyOptions', declared once: here they hold for the whole run (loop/usage.py).
+    """
+
+    teacher: str = field(metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    student: str = field(metadata={"group": "Models and data", "affects": ("train",), "help": "The base student: a model folder or a hub name."})
     train_file: str = field(metadata={"group": "Models and data", "help": "Training problems JSONL: the teacher writes rationales for these."})
     val_file: str = field(metadata={"group": "Models and data", "help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
     test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})
-    name: str | None = field(default=None, metadata={"group": "Models and data", "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
-    runs_dir: str = field(default="runs", metadata={"group": "Models and data", "help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "help": "Teacher backend: hf, openai (a server) or vllm."})
-    teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", "help": "openai teacher backend: the NAME of the variable holding the key."})
-    student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "help": "Backend that evaluates each trained student: hf or vllm."})
-    trust_remote_code: bool = field(default=False, metadata={"group": "Backends", "help": "Run code shipped with the model repos (opt-in)."})
-    max_iterations: int = field(default=3, metadata={"group": "The loop", "help": "Most refinement rounds after the one-shot iteration 0."})
-    patience: int = field(default=1, metadata={"group": "The loop", "help": "Stop after this many iterations without a min_delta improvement."})
-    min_delta: float = field(default=0.0, metadata={"group": "The loop", "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
-    mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "help": "replace: refined rationales replace the old ones by id; append: they are added."})
-    init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "help": "base: each iteration trains the base student; previous: continue from the last one."})
-    seed: int = field(default=0, metadata={"group": "The loop", "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
+    name: str | None = field(default=None, metadata={"group": "Models and data", **RUNTIME, "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
+    runs_dir: str = field(default="runs", metadata={"group": "Models and data", **RUNTIME, "help": "Where run folders go."})
+    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "affects": TEACHER_STAGES, "help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the NAME of the variable holding the key."})
+    student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "affects": ("evaluate", "test"), "help": "Backend that evaluates each trained student: hf or vllm."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Backends", **RUNTIME, "help": "Run code shipped with the model repos (opt-in)."})
+    max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
+    patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
+    min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
+    init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
+    # The stages see the seed through their tables (each table's effective `seed` identifies the run there).
+    seed: int = field(default=0, metadata={"group": "The loop", "affects": (), "help": "Seed for every stage (sampling, data order, error sampling) unless a table sets its own."})
     verify: str = field(default="strict", metadata={"group": "The loop", 
         "help": "Which validation accuracy decides the best iteration and when to stop, and which answers count as "
                 "errors to refine: strict (only an explicit final answer: #### x, \\boxed{x}, 'The answer is x') "
                 "or flexible (also the last number); `undo evaluate` reports both. steps: the student is read "
                 "strictly and the teacher's rationales (generate, refine) must also have every arithmetic "
-                "statement true, unless their tables set their own verify.", "choices": VERIFY})
-    # The teacher economy (undo_cli/economy), for generate and refine: one cache, one budget and one price list
-    # for the whole loop. Not part of the run's identity (ECONOMY_RUNTIME): --resume takes a higher budget.
-    cache_dir: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]."})
-    cache: bool = field(default=True, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Read and write the teacher cache (--no-cache: pay for every answer)."})
-    cache_unseeded: bool = field(default=False, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Also cache the teacher's sampling without a seed."})
-    teacher_revision: str | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Cache key: the teacher's revision when its name does not pin the weights."})
-    max_teacher_tokens: int | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher tokens (paid prompt+completion) for the whole run; reaching it stops the loop."})
-    max_cost: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Teacher cost for the whole run (needs prices); reaching it stops the loop."})
-    price_input: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher prompt tokens (overrides prices.input)."})
-    price_output: float | None = field(default=None, metadata={"group": "Teacher economy (docs/economy.md)", "help": "Price of a million teacher completion tokens (overrides prices.output)."})
-    prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", "help": "[prices] table: input and output, per million teacher tokens."})
-    launcher: str = field(default="local", metadata={"group": "Where stages run", 
+                "statement true, unless their tables set their own verify.", "choices": VERIFY,
+        # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
+        "affects": ("evaluate", "test", "collect_errors")})
+    prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", **RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
+    launcher: str = field(default="local", metadata={"group": "Where stages run", **RUNTIME,
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
                 "(settings in the [slurm] table).", "choices": LAUNCHERS})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[generate] table: GenerateConfig fields."})
@@ -111,27 +118,14 @@ class IterateConfig:
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
     collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
     refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
-    slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
+    slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", **RUNTIME, "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
     def __post_init__(self) -> None:
-        choices = (("mix", self.mix, MIX), ("init", self.init, INIT),
-                   ("teacher_backend", self.teacher_backend, TEACHER_BACKENDS), ("verify", self.verify, VERIFY),
-                   ("launcher", self.launcher, LAUNCHERS))
-        for key, value, allowed in choices:
-            if value not in allowed:
-                raise UndoError(f"{key} = {value!r}: unknown choice", hint=f"use one of: {', '.join(allowed)}")
-        if self.student_backend not in STUDENT_BACKENDS:
-            raise UndoError(f"student_backend = {self.student_backend!r}: each iteration trains a new student folder, "
-                            "which a remote server does not have", hint="use student_backend hf or vllm")
-        from undo_cli.backends.openai import base_urls
-
-        if not isinstance(self.teacher_base_url, (str, list, tuple, type(None))) or (
-                isinstance(self.teacher_base_url, (list, tuple)) and not all(isinstance(u, str) for u in self.teacher_base_url)):
-            raise UndoError(f"teacher_base_url = {self.teacher_base_url!r}: expected a URL or a list of URLs",
-                            hint='e.g. teacher_base_url = ["http://node1:8000/v1", "http://node2:8000/v1"]')
-        self.teacher_base_url = base_urls(self.teacher_base_url) or None
-        if self.teacher_base_url and self.teacher_backend != "openai":
-            raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
+        if self.student_backend == "openai":
+            raise SettingError("student_backend", self.student_backend, "each iteration trains a new student folder, "
+                               "which a remote server does not have", hint="use student_backend hf or vllm")
+        check_choices(self)
+        self._check_teacher_base_url()
         self._check_economy()
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
@@ -152,15 +146,21 @@ class IterateConfig:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise UndoError(f"name = {self.name!r}: use letters, digits, '.', '_' and '-' only",
                             hint="the name is a folder under runs_dir")
-        lora = int(self.train.get("lora_r") or 0) > 0 and not self.train.get("merge")
-        if lora and self.init == "previous":
-            raise UndoError("init = previous needs a full model to continue from, but train.lora_r without train.merge "
-                            "saves only an adapter", hint="add --train.merge (or use init base)")
-        if lora and self.student_backend != "hf":
-            raise UndoError(f"student_backend {self.student_backend} cannot apply a LoRA adapter",
-                            hint="add --train.merge, or evaluate with student_backend hf")
+        self._check_lora()
+
+    def _check_teacher_base_url(self) -> None:
+        from undo_cli.urls import base_urls
+
+        if not isinstance(self.teacher_base_url, (str, list, tuple, type(None))) or (
+                isinstance(self.teacher_base_url, (list, tuple)) and not all(isinstance(u, str) for u in self.teacher_base_url)):
+            raise UndoError(f"teacher_base_url = {self.teacher_base_url!r}: expected a URL or a list of URLs",
+                            hint='e.g. teacher_base_url = ["http://node1:8000/v1", "http://node2:8000/v1"]')
+        self.teacher_base_url = base_urls(self.teacher_base_url) or None
+        if self.teacher_base_url and self.teacher_backend != "openai":
+            raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
 
     def _check_economy(self) -> None:
+        """The [prices] table under price_input/price_output, then the economy's own checks (economy/options.py)."""
         unknown = set(self.prices) - {"input", "output"}
         if unknown:
             raise UndoError(f"prices: unknown key {', '.join(sorted(unknown))}",
@@ -170,12 +170,16 @@ class IterateConfig:
                 raise UndoError(f"prices.{key} = {value!r}: expected a number >= 0")
         self.price_input = self.price_input if self.price_input is not None else self.prices.get("input")
         self.price_output = self.price_output if self.price_output is not None else self.prices.get("output")
-        for key in ("max_teacher_tokens", "max_cost", "price_input", "price_output"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise UndoError(f"{key} = {getattr(self, key)}: must be 0 or more")
-        if self.max_cost is not None and self.price_input is None and self.price_output is None:
-            raise UndoError("max_cost needs prices to turn tokens into money",
-                            hint="add --price-input and --price-output (or a prices table in run.toml)")
+        self.check_economy_options()
+
+    def _check_lora(self) -> None:
+        lora = int(self.train.get("lora_r") or 0) > 0 and not self.train.get("merge")
+        if lora and self.init == "previous":
+            raise UndoError("init = previous needs a full model to continue from, but train.lora_r without train.merge "
+                            "saves only an adapter", hint="add --train.merge (or use init base)")
+        if lora and self.student_backend != "hf":
+            raise UndoError(f"student_backend {self.student_backend} cannot apply a LoRA adapter",
+                            hint="add --train.merge, or evaluate with student_backend hf")
 
     @property
     def run_dir(self) -> Path:
@@ -196,27 +200,31 @@ class IterateConfig:
         strictly, so accuracy means the same with and without it and two runs compare on one measure."""
         return "strict" if self.verify == "steps" else self.verify
 
+    def identity(self) -> dict[str, Any]:
+        """What must not change on --resume: the identifying top-level keys and, per stage table, the identifying
+        fields with their defaults filled in (undo_cli/identity.py)."""
+        from undo_cli.identity import identity_names
+        from undo_cli.loop.settings import STAGES, stage_class
+
+        top = {k: getattr(self, k) for k in identity_names(type(self)) if k not in STAGES}
+        tables = {}
+        for table in STAGES:
+            names = set(identity_names(stage_class(table)))
+            tables[table] = {k: v for k, v in self.settings(table).items() if k in names}
+        return {**top, **tables}
+
     def default_identity(self) -> dict[str, Any]:
         """identity() as it would be with every setting at its default (flattened: `train.lr`)."""
-        from undo_cli.loop.settings import STAGES, effective_settings
-        from undo_cli.loop.manifest import flatten
+        from undo_cli.identity import defaults, flatten, identity_names
+        from undo_cli.loop.settings import STAGES, effective_settings, stage_class
 
-        top = {f.name: f.default for f in dataclasses.fields(self)
-               if f.name not in STAGES and f.default is not dataclasses.MISSING}
-        tables = {t: effective_settings(t, {}, {"seed": top.get("seed", 0)}) for t in STAGES}
+        top = {k: v for k, v in defaults(type(self)).items() if k not in STAGES}
+        tables = {}
+        for table in STAGES:
+            names = set(identity_names(stage_class(table)))
+            tables[table] = {k: v for k, v in effective_settings(table, {}, {"seed": top.get("seed", 0)}).items()
+                             if k in names}
         return flatten({**top, **tables})
-
-    def identity(self) -> dict[str, Any]:
-        """What must not change on --resume: every setting, stage defaults filled in (name and place excepted)."""
-        from undo_cli.loop.settings import STAGES
-
-        # Where the stages run (launcher, [slurm]) changes no artifact: a run may resume under another launcher.
-        top = {k: v for k, v in self.__dict__.items()
-               if k not in STAGES and k not in ("name", "runs_dir", "launcher", "slurm") and k not in ECONOMY_RUNTIME
-               and not (k == "teacher_revision" and v is None)}  # unset: runs from before it existed still resume
-        if top.get("teacher_base_url") and len(top["teacher_base_url"]) == 1:
-            top["teacher_base_url"] = top["teacher_base_url"][0]  # as runs made before lists were allowed recorded it
-        return {**top, **{table: self.settings(table) for table in STAGES}}
 
 
 def _slug(model: str) -> str:
@@ -224,17 +232,6 @@ def _slug(model: str) -> str:
 
 
 # --- the stages, each a call to the stage's own run() ----------------------------------------
-
-def in_config_terms(table: str, fn):
-    """`fn` (a stage's run), its errors about the stage's options said in the loop's terms: `lower --max-tokens`
-    from `undo refine` is `lower refine.max_tokens` here, where `--max-tokens` is no flag of `undo iterate`."""
-    def run():
-        try:
-            return fn()
-        except UndoError as exc:
-            raise _in_config_terms(table.replace("-", "_"), exc, where_always=False) from None
-    return run
-
 
 class Loop:
     """One run: builds each stage's config from the run config and runs it through the run folder's bookkeeping."""
@@ -248,19 +245,29 @@ class Loop:
         self.step_key = self.layout.step_key
         self.launcher = launcher  # a stages.slurm.SlurmLauncher, or None: every stage runs here
 
-    def remote(self, key: str, stage: str, cfg, local):
-        """What a step runs: the stage here, or its shards (train: its job) on Slurm."""
-        if self.launcher is None:
-            return in_config_terms(stage, local)
-        if stage == "train":
-            return lambda: self.launcher.run_train(key, cfg)
-        return lambda: self.launcher.run_sharded(key, stage, cfg)
+    def step(self, key: str, stage: str, cfg, outputs: dict[str, str | None]) -> dict[str, Any]:
+        """One step of the run: the stage here, or on Slurm its shards (a job array) or its job; a teacher
+        stage within the budget. What runs, what the manifest keeps and whether the budget applies is the
+        stage's StageSpec (stages/spec.py). A stage run here says its errors in the loop's terms."""
+        from undo_cli.loop.usage import within_budget
+        from undo_cli.stages.spec import stage as spec_of
+
+        spec = spec_of(stage)
+        if self.launcher is not None and spec.heavy:
+            work = (lambda: self.launcher.run_sharded(key, spec.name, cfg)) if spec.sharded else \
+                (lambda: self.launcher.run_train(key, cfg))
+        else:
+            work = in_config_terms(spec.name, lambda: spec.run(cfg))
+        fn = (lambda: within_budget(key, work())) if spec.teacher else work
+        return self.folder.step(key, fn, outputs=outputs, keep=spec.keep)
 
     def teacher_kwargs(self, key: str) -> dict[str, Any]:
+        from undo_cli.loop.usage import teacher_settings
+
         c = self.config
         return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
                 "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code,
-                **economy_kwargs(c, getattr(self.folder, "manifest", {}), key)}  # no manifest: dry-run, checks
+                **teacher_settings(c, self.folder.manifest, key)}
 
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
@@ -320,12 +327,8 @@ class Loop:
     # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
 
     def generate(self) -> dict[str, Any]:
-        from undo_cli.stages import generate
-
         cfg = self.generate_config()
-        key = self.step_key(0, "generate")
-        summary = self.folder.step(key, self.remote(key, "generate", cfg, lambda: within_budget(key, generate.run(cfg))),
-                                   outputs={"rationales": cfg.output}, keep=_keep(GENERATE_KEYS))
+        summary = self.step(self.step_key(0, "generate"), "generate", cfg, {"rationales": cfg.output})
         if not summary.get("kept_total"):
             raise UndoError(f"the teacher wrote no verified rationale for {self.config.train_file}: nothing to train on",
                             hint=f"read {self.layout.rejected()}; sample more "
@@ -333,51 +336,32 @@ class Loop:
         return summary
 
     def refine(self, k: int) -> dict[str, Any]:
-        from undo_cli.stages import refine
-
         cfg = self.refine_config(k)
-        key = self.step_key(k, "refine")
-        return self.folder.step(key, self.remote(key, "refine", cfg, lambda: within_budget(key, refine.run(cfg))),
-                                outputs={"refined": cfg.output}, keep=_keep(REFINE_KEYS))
+        return self.step(self.step_key(k, "refine"), "refine", cfg, {"refined": cfg.output})
 
     def mix(self, k: int) -> dict[str, Any]:
-        from undo_cli.stages import mix
-
         cfg = self.mix_config(k)
-        return self.folder.step(self.step_key(k, "mix"), in_config_terms("mix", lambda: mix.run(cfg)),
-                                outputs={"train_data": cfg.output})
+        return self.step(self.step_key(k, "mix"), "mix", cfg, {"train_data": cfg.output})
 
     def train(self, k: int) -> dict[str, Any]:
-        from undo_cli.stages import train
-
         cfg = self.train_config(k)
-        key = self.step_key(k, "train")
-        return self.folder.step(key, self.remote(key, "train", cfg, lambda: train.run(cfg)),
-                                outputs={"student": cfg.output}, keep=_keep(TRAIN_KEYS))
+        return self.step(self.step_key(k, "train"), "train", cfg, {"student": cfg.output})
 
     def evaluate(self, k: int, split: str) -> dict[str, Any]:
-        from undo_cli.stages import evaluate
-
         trained = (self.folder.stage(self.step_key(k, "train")) or {}).get("summary", {})
         cfg = self.evaluate_config(k, split, trained)
         key = self.step_key(k, split if split == "test" else "evaluate")
-        return self.folder.step(key, self.remote(key, "evaluate", cfg, lambda: evaluate.run(cfg)),
-                                outputs={"predictions": cfg.output, "metrics": cfg.metrics},
-                                keep=_keep_evaluate)
+        return self.step(key, "evaluate", cfg, {"predictions": cfg.output, "metrics": cfg.metrics})
 
     def collect_errors(self, k: int) -> dict[str, Any]:
-        from undo_cli.stages import collect_errors
-
         cfg = self.collect_errors_config(k)
-        return self.folder.step(self.step_key(k, "collect_errors"),
-                                in_config_terms("collect_errors", lambda: collect_errors.run(cfg)),
-                                outputs={"errors": cfg.output})
+        return self.step(self.step_key(k, "collect_errors"), "collect_errors", cfg, {"errors": cfg.output})
 
     # --- the loop ---------------------------------------------------------------------------
 
     def finished(self, k: int) -> bool:
         """Did an earlier attempt finish iteration k (its errors collected)?"""
-        stage = self.folder.stage(self.step_key(k, "collect_errors")) if hasattr(self.folder, "stage") else None
+        stage = self.folder.stage(self.step_key(k, "collect_errors"))
         return bool(stage) and stage.get("status") == "done"
 
     def iteration(self, k: int) -> dict[str, Any]:
@@ -431,33 +415,63 @@ class _Unopened:
 
     def __init__(self, path: Path):
         self.path = path
+        self.manifest: dict[str, Any] = {}  # no run yet: no budget spent
+
+    def stage(self, key: str) -> None:  # nothing has run
+        return None
+
+
+def _config_words(table: str):
+    """How `undo iterate` names a stage's setting: `train.lr`, or the loop's own key for a field the loop sets
+    itself (generate's `backend` is `teacher_backend`)."""
+    from undo_cli.loop.settings import OWNED
+
+    owned = {**OWNED.get(table, {}), **({"mode": "mix"} if table == "mix" else {})}
+
+    def name(field: str) -> str:
+        if field in owned and not owned[field].startswith("("):
+            return owned[field].split(" ")[0]
+        return f"{table}.{field}"
+    return name
 
 
 def _in_config_terms(table: str, exc: UndoError, *, where_always: bool = True) -> UndoError:
-    """A stage's error about `--lr` restated about the config key `train.lr` (and the loop's own keys).
+    """A stage's error in the loop's terms: `train.lr`, not `undo train`'s `--lr`.
 
+    Settings named with `ref()` (every config check) are worded here; a message a stage writes while it runs
+    may still name a flag as text (`lower --max-tokens to ...`): a flag of that stage is renamed too.
     where_always: add where such keys are set even when the message names none (the checks before any
-    work are all about settings; an error while a stage runs, a server down say, may not be)."""
+    work are all about settings; an error while a stage runs, a server down say, may not be).
+    """
+    from undo_cli.errors import word
     from undo_cli.loop.settings import OWNED, stage_class
 
-    cls = stage_class(table) if table != "mix" else None
-    names = {f.name for f in dataclasses.fields(cls)} if cls else {"mode"}
-    owned = {**OWNED.get(table, {}), **({"mode": "mix"} if table == "mix" else {})}
+    name = _config_words(table)
+    known = {f.name for f in dataclasses.fields(stage_class(table))} if table != "mix" else {"mode"}
+    known |= set(OWNED.get(table, {}))
 
-    def rename(text: str | None) -> str | None:
-        def key(m: re.Match) -> str:
-            name = m.group(1).replace("-", "_")
-            if name in owned and not owned[name].startswith("("):
-                return owned[name].split(" ")[0]
-            return f"{table}.{name}" if name in names else m.group(0)
+    def loop_terms(text: str | None) -> str | None:
+        text = word(text, name)
+        return None if text is None else re.sub(  # a stage's flag written as text
+            r"(?<![\w-])--([a-z][a-z0-9-]*)",
+            lambda m: name(m.group(1).replace("-", "_")) if m.group(1).replace("-", "_") in known else m.group(0), text)
 
-        return None if text is None else re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, text)
-
-    hint, message = rename(exc.hint), rename(exc.message) or ""
+    message, hint = loop_terms(exc._text[0]) or "", loop_terms(exc._text[1])
     where = f"set in the config's {table} table or with --{table.replace('_', '-')}.KEY"
-    if not where_always and (hint, message) == (exc.hint, exc.message):
+    if not where_always and (message, hint) == (exc.message, exc.hint):
         return exc  # nothing about a stage option in it: as the stage said it
-    return UndoError(message, hint=f"{hint}; {where}" if hint else where)
+    return UndoError(message, hint=f"{hint}; {where}" if hint else where, setting=exc.setting)
+
+
+def in_config_terms(table: str, fn):
+    """`fn` (a stage's run), its errors about the stage's options said in the loop's terms: `lower --max-tokens`
+    from `undo refine` is `lower refine.max_tokens` here, where `--max-tokens` is no flag of `undo iterate`."""
+    def run():
+        try:
+            return fn()
+        except UndoError as exc:
+            raise _in_config_terms(table.replace("-", "_"), exc, where_always=False) from None
+    return run
 
 
 def check_stages(config: IterateConfig) -> None:
@@ -465,8 +479,10 @@ def check_stages(config: IterateConfig) -> None:
 
     Each stage checks its own values in its config's `__post_init__`; building them all here means
     `[train] lr = -1` is refused before the teacher has generated anything, in terms of the config
-    key (`train.lr`), not of `undo train`'s flag (`--lr`).
+    key (`train.lr`), not of `undo train`'s flag (`--lr`): the error names its settings with `ref`
+    (errors.py), and is worded here.
     """
+    from undo_cli.model_refs import to_be_written
     from undo_cli.prompts import load_template
 
     loop = Loop(config, _Unopened(config.run_dir))
@@ -476,8 +492,6 @@ def check_stages(config: IterateConfig) -> None:
     if config.max_iterations > 0:
         builders += [("refine", lambda: loop.refine_config(1)), ("mix", lambda: loop.mix_config(1)),
                      ("train", lambda: loop.train_config(1))]
-    from undo_cli.model_refs import to_be_written
-
     for table, build in builders:
         try:
             with to_be_written(config.run_dir):  # the students of later stages do not exist yet
@@ -493,32 +507,32 @@ def check_stages(config: IterateConfig) -> None:
 
 
 _EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
-# Which stages' results a top-level key or an input changes. The stopping rule changes none: a finished
-# run resumed with a larger max_iterations simply continues. `seed` reaches the stages through their
-# tables (each table's effective `seed` is part of the identity), so it is listed there, not here.
-_AFFECTS: dict[str, frozenset[str]] = {
-    "max_iterations": frozenset(), "patience": frozenset(), "min_delta": frozenset(), "seed": frozenset(),
-    "teacher": frozenset({"generate", "refine"}), "teacher_backend": frozenset({"generate", "refine"}),
-    "teacher_base_url": frozenset({"generate", "refine"}), "teacher_api_key_env": frozenset({"generate", "refine"}),
-    "teacher_revision": frozenset({"generate", "refine"}),
-    "student": frozenset({"train"}), "init": frozenset({"train"}), "mix": frozenset({"mix"}),
-    "student_backend": frozenset({"evaluate", "test"}),
-    # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
-    "verify": frozenset({"evaluate", "test", "collect_errors"}),
-    "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}),
-    "inputs.test": frozenset({"test"}), "inputs.teacher": frozenset({"generate", "refine"}),
-    "inputs.student": frozenset({"train"}),
+# Which stages' results an input changes (manifest.json's inputs: the files' sha256, the models' fingerprints).
+# A top-level key says it in its field's metadata (`affects`).
+_INPUT_AFFECTS: dict[str, frozenset[str]] = {
+    "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}), "inputs.test": frozenset({"test"}),
+    "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
 }
 
 
 def affected_stages(key: str) -> frozenset[str]:
-    """The stage names (`train`, `test`, ...) whose results depend on a config key or input (`train.lr`)."""
+    """The stage names (`train`, `test`, ...) whose results depend on a config key or input (`train.lr`).
+
+    A stage table's key changes that stage (the evaluate table also makes the test predictions); a top-level
+    key the stages its field's `affects` names (the stopping rule: none, so a finished run can be extended
+    with --resume --max-iterations N); an input, `_INPUT_AFFECTS`; anything else, every stage.
+    """
+    import dataclasses
+
     from undo_cli.loop.settings import STAGES
 
     head = key.split(".", 1)[0]
-    if head in STAGES:  # the evaluate table also makes the test predictions
+    if head in STAGES:
         return frozenset({"evaluate", "test"}) if head == "evaluate" else frozenset({head})
-    return _AFFECTS.get(key, _EVERY_STAGE)
+    if key in _INPUT_AFFECTS:
+        return _INPUT_AFFECTS[key]
+    meta = {f.name: f.metadata for f in dataclasses.fields(IterateConfig)}.get(key, {})
+    return frozenset(meta["affects"]) if "affects" in meta else _EVERY_STAGE
 
 
 def plan(config: IterateConfig) -> list[tuple[str, str, str]]:
@@ -604,16 +618,19 @@ def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
     """Upper bound of iteration 0's teacher tokens (and cost, with prices): its generate stage, as the loop runs it."""
     from undo_cli.economy.estimate import estimate_generate
     from undo_cli.model_refs import to_be_written
+    from undo_cli.stages.generate import work_items
 
     with to_be_written(config.run_dir):
         cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
+    prompts = [item.messages for item in work_items(cfg)[2]]  # what generate would send, in order
     return {"stage": "iter_00/generate", **estimate_generate(
-        cfg, max_teacher_tokens=config.max_teacher_tokens, max_cost=config.max_cost,
+        prompts, cfg, max_teacher_tokens=config.max_teacher_tokens, max_cost=config.max_cost,
         trust_remote_code=config.trust_remote_code)}
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:
-    from undo_cli.loop.manifest import model_fingerprint, sha256_file
+    from undo_cli.loop.manifest import model_fingerprint
+    from undo_cli.records import sha256_file
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
              for key in ("train", "val", "test")}
@@ -664,179 +681,138 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
     command: `undo iterate`'s arguments that reproduce this run (what `undo demo` runs in process), for the
     commands its hints print; default: this process's command line when it is `undo iterate`.
     """
-    from undo_cli.console import console
-    from undo_cli.loop import report
-    from undo_cli.loop.manifest import RunFolder
-
     if resume and overwrite:
         raise UndoError("--resume and --overwrite contradict each other",
                         hint="--resume continues the run; --overwrite deletes it and starts over")
-    check_stages(config)  # every table, before the run folder exists and before any model loads
-    from undo_cli.model_refs import check_hub_reachable
-
-    if config.teacher_backend != "openai":  # a hub name with the hub unreachable: one line now, not mid-run
-        check_hub_reachable(config.teacher, "teacher")
-    check_hub_reachable(config.student, "student")
-    if config.launcher == "slurm":  # before the run folder exists: off Slurm, fail without leaving one behind
-        from undo_cli.stages.slurm import check_slurm
-
-        check_slurm()
-    seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in ("generate", "train", "refine",
-                                                                                 "evaluate", "collect_errors")}}
-    from undo_cli.records import read_records
-
-    for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
-        read_records(path, "problem")  # a bad line fails here, file:line:field, before a run folder exists
-    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
-        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
-
-        preflight(config)
-    folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
-                            resume=resume, overwrite=overwrite, affects=affected_stages,
-                            defaults=config.default_identity())
-    launcher = None
-    if config.launcher == "slurm":
-        from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
-
-        launcher = SlurmLauncher(SlurmConfig(**config.slurm), folder)
-    # A resumed run has not stopped (yet): the tables printed along the way must not repeat the last reason.
-    folder.manifest.pop("stop_reason", None)
-    loop = Loop(config, folder, launcher)
-    console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
-                  f"mix {config.mix}, init {config.init})")
+    _preflight(config, overwrite=overwrite)
+    folder = _open_folder(config, resume=resume, overwrite=overwrite)
+    loop = Loop(config, folder, _launcher(config, folder))
     try:
-        history: list[dict[str, Any]] = []
-        k = 0
-        best = None
-        budget_stop = False
-        while True:
-            try:
-                history.append(loop.iteration(k))
-            except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
-                stop, budget_stop = exc.reason, True
-                console.print(f"[bold]stopping:[/bold] {stop}")
-                record_usage(folder)
-                break
-            best, stop = decide(history, config)
-            if stop and loop.finished(k + 1):
-                # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
-                # un-counts what finished, so the best is decided over every finished iteration.
-                stop = None
-            folder.manifest.update(best_iteration=best, iterations_done=k + 1)
-            record_usage(folder)
-            folder.save()
-            state = report.collect(folder.path)
-            report.write_summary(folder.path, state)
-            report.print_table(state, title=f"{folder.path.name}: iterations so far")
-            if stop:
-                console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
-                break
-            k += 1
-        folder.manifest["stop_reason"] = stop
-        folder.save()
+        history, best, stop, budget_stop = _iterate(loop)
         # Held-out test: the best student and the one-shot student, evaluated once each.
         for i in sorted({best, 0}) if best is not None else []:
             loop.evaluate(i, "test")
     except BaseException as exc:
-        if folder.manifest.get("status") == "running":  # failed outside a stage (e.g. no verified rationale)
-            folder.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                          error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
-        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped by an error"
-        # Printed before the error itself (main() prints that): what finished is kept, and how to go on.
-        from rich.markup import escape
-
-        console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
-                      f"[/yellow] {escape(_resume_command(command))}" + ("" if isinstance(exc, KeyboardInterrupt) else
-                                                " (after fixing the cause; changed settings are allowed for "
-                                                "stages that have not finished)"), highlight=False)
+        _stopped(folder, exc, command)
         raise
+    summary = _finish(folder, best, stop)
+    more = more_rounds(config, history, command) if history and not budget_stop else None
+    if more:
+        from undo_cli.console import console
+
+        console.print(f"more rounds: {more}", markup=False, highlight=False, soft_wrap=True)
+    return summary
+
+
+def _preflight(config: IterateConfig, *, overwrite: bool) -> None:
+    """Everything that can be refused before the run folder exists and before any model loads."""
+    from undo_cli.model_refs import check_hub_reachable
+    from undo_cli.records import read_records
+
+    check_stages(config)  # every table
+    if config.teacher_backend != "openai":  # a hub name with the hub unreachable: one line now, not mid-run
+        check_hub_reachable(config.teacher, "teacher")
+    check_hub_reachable(config.student, "student")
+    if config.launcher == "slurm":  # off Slurm, fail without leaving a run folder behind
+        from undo_cli.stages.slurm import check_slurm
+
+        check_slurm()
+    for path in dict.fromkeys((config.train_file, config.val_file, config.test_file)):
+        read_records(path, "problem")  # a bad line fails here, file:line:field
+    if overwrite or not (config.run_dir / "manifest.json").is_file():  # before iteration 0: tokenizers, templates,
+        from undo_cli.stages.check import preflight                     # context (stages/check.py, `undo check`)
+
+        preflight(config)
+
+
+def _open_folder(config: IterateConfig, *, resume: bool, overwrite: bool):
+    from undo_cli.console import console
+    from undo_cli.loop.manifest import RunFolder
+    from undo_cli.loop.settings import STAGES
+
+    seeds = {"seed": config.seed, **{t: config.settings(t).get("seed") for t in STAGES}}
+    folder = RunFolder.open(config.run_dir, config=config.identity(), inputs=_inputs(config), seeds=seeds,
+                            resume=resume, overwrite=overwrite, affects=affected_stages,
+                            defaults=config.default_identity())
+    # A resumed run has not stopped (yet): the tables printed along the way must not repeat the last reason.
+    folder.manifest.pop("stop_reason", None)
+    console.print(f"run folder: {folder.path}  (teacher {config.teacher}, student {config.student}, "
+                  f"mix {config.mix}, init {config.init})")
+    return folder
+
+
+def _launcher(config: IterateConfig, folder):
+    if config.launcher != "slurm":
+        return None
+    from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher
+
+    return SlurmLauncher(SlurmConfig(**config.slurm), folder)
+
+
+def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
+    """Iterations until the stopping rule (or the teacher budget) says stop:
+    (each iteration's validation result, the best iteration, why it stopped, whether the budget stopped it)."""
+    from undo_cli.console import console
+    from undo_cli.loop import report
+
+    folder, config = loop.folder, loop.config
+    history: list[dict[str, Any]] = []
+    k, best, budget_stop = 0, None, False
+    while True:
+        try:
+            history.append(loop.iteration(k))
+        except BudgetReached as exc:  # what finished is kept; --resume with a higher budget continues
+            stop, budget_stop = exc.reason, True
+            console.print(f"[bold]stopping:[/bold] {stop}")
+            record_usage(folder)
+            break
+        best, stop = decide(history, config)
+        if stop and loop.finished(k + 1):
+            # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
+            # un-counts what finished, so the best is decided over every finished iteration.
+            stop = None
+        folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+        record_usage(folder)
+        state = report.collect(folder.path)
+        report.write_summary(folder.path, state)
+        report.print_table(state, title=f"{folder.path.name}: iterations so far")
+        if stop:
+            console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
+            break
+        k += 1
+    folder.manifest["stop_reason"] = stop
+    folder.save()
+    return history, best, stop, budget_stop
+
+
+def _stopped(folder, exc: BaseException, command: list[str] | None = None) -> None:
+    """A run that stopped on an error or Ctrl-C: the manifest says so, and the user how to go on."""
+    from rich.markup import escape
+
+    from undo_cli.console import console
+
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if folder.manifest.get("status") == "running":  # failed outside a stage (e.g. no verified rationale)
+        folder.finish("interrupted" if interrupted else "failed",
+                      error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+    what = "interrupted" if interrupted else "stopped by an error"
+    # Printed before the error itself (main() prints that): what finished is kept, and how to go on.
+    console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
+                  f"[/yellow] {escape(_resume_command(command))}" + ("" if interrupted else
+                                                              " (after fixing the cause; changed settings are "
+                                                              "allowed for stages that have not finished)"),
+                  highlight=False)
+
+
+def _finish(folder, best: int | None, stop: str) -> dict[str, Any]:
+    from undo_cli.console import console
+    from undo_cli.loop import report
+
     folder.finish("done", best_iteration=best, stop_reason=stop)
     state = report.collect(folder.path)
     summary = report.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
     console.print(f"next: undo report {shlex.quote(str(folder.path))}", markup=False, highlight=False, soft_wrap=True)
-    more = more_rounds(config, history, command) if history and not budget_stop else None
-    if more:
-        console.print(f"more rounds: {more}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
-
-# --- the teacher economy of the loop: one budget, one cache, per-iteration accounting ----------------
-
-# Economy settings of a run that may change on --resume (a higher budget, another cache folder, new prices).
-ECONOMY_RUNTIME = ("cache_dir", "cache", "cache_unseeded", "max_teacher_tokens", "max_cost", "price_input",
-                   "price_output", "prices")
-
-
-class BudgetReached(Exception):
-    """A teacher stage stopped at the run's budget; RunFolder.step marks it 'budget' (not done)."""
-
-    stage_status = "budget"
-
-    def __init__(self, key: str, summary: dict[str, Any]):
-        self.summary = summary
-        left = summary.get("left_by_budget", 0)
-        self.reason = (f"teacher budget reached in {key} ({left} items left); resume with --resume and a higher "
-                       "max_teacher_tokens / max_cost to continue")
-        super().__init__(self.reason)
-        self.message = self.reason
-
-
-def within_budget(key: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """A teacher stage's summary, or BudgetReached when the budget left items undone."""
-    if summary.get("left_by_budget"):
-        raise BudgetReached(key, summary)
-    return summary
-
-
-def _spent(manifest: dict[str, Any], but: str) -> tuple[int, float]:
-    """Paid teacher tokens and cost of the run's teacher stages other than `but` (that one's ledger has its own)."""
-    tokens, cost = 0, 0.0
-    for key, stage in manifest.get("stages", {}).items():
-        usage = (stage.get("summary") or {}).get("teacher_usage")
-        if key != but and usage:
-            tokens += usage["paid"]["tokens"]
-            cost += usage.get("cost") or 0.0
-    return tokens, cost
-
-
-def economy_kwargs(c: IterateConfig, manifest: dict[str, Any], key: str) -> dict[str, Any]:
-    """The economy fields of a teacher stage: the loop's cache and prices, and what is left of its budget."""
-    tokens, cost = _spent(manifest, key)
-    return {"cache_dir": c.cache_dir, "cache": c.cache, "cache_unseeded": c.cache_unseeded,
-            "model_revision": c.teacher_revision, "price_input": c.price_input, "price_output": c.price_output,
-            "max_teacher_tokens": None if c.max_teacher_tokens is None else max(0, c.max_teacher_tokens - tokens),
-            "max_cost": None if c.max_cost is None else max(0.0, c.max_cost - cost)}
-
-
-def record_usage(folder) -> None:
-    """manifest.json's teacher_usage: paid/cached tokens, requests and cost per iteration, and in total."""
-    from undo_cli.economy.accounting import usage_by_iteration
-
-    folder.manifest["teacher_usage"] = usage_by_iteration(folder.path)
-    folder.save()
-
-
-# --- what of each stage summary the manifest keeps ----------------------------------------------
-
-GENERATE_KEYS = ("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
-                 "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage", "budget",
-                 "left_by_budget")
-REFINE_KEYS = ("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
-               "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage", "budget",
-               "left_by_budget")
-TRAIN_KEYS = ("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
-              "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device", "precision",
-              "learning_rate")
-
-
-def _keep(keys: tuple[str, ...]):
-    return lambda summary: {k: summary[k] for k in keys if k in summary}
-
-
-def _keep_evaluate(summary: dict[str, Any]) -> dict[str, Any]:
-    metrics = summary.get("metrics", {})
-    kept = {k: metrics[k] for k in ("accuracy", "count", "correct", "no_answer", "truncated", "verify",
-                                    "accuracy_strict", "accuracy_flexible") if k in metrics}
-    return {**kept, "already_done": summary.get("already_done"), "wall_s": summary.get("wall_s")}

@@ -55,14 +55,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(model: str) -> dict[str, Any]:
     """What identifies a model: a local folder's config.json hash and file sizes, or a hub name as given.
 
@@ -80,40 +72,6 @@ def model_fingerprint(model: str) -> dict[str, Any]:
     if config.is_file():
         h.update(config.read_bytes())
     return {"path": str(p), "fingerprint": h.hexdigest()}
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}: how config differences are named to the user."""
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-_NO_DEFAULT = object()
-
-
-def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str]]:
-    """(flattened key, 'key: was X, now Y') for every key whose value differs."""
-    a, b = flatten(old), flatten(new)
-    return [(line.split(":", 1)[0], line) for line in differences(old, new)] if a != b else []
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key: was X, now Y' for every flattened key whose value differs."""
-    a, b = flatten(old), flatten(new)
-    missing = object()
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if va != vb:
-            show = lambda v: "unset" if v is missing else repr(v)  # noqa: E731
-            out.append(f"{key}: was {show(va)}, now {show(vb)}")
-    return out
 
 
 class RunFolder:
@@ -139,64 +97,67 @@ class RunFolder:
             later version of undo) that holds its default is no change.
         """
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if path.exists() and not path.is_dir():
-            raise UndoError(f"{path}: is a file, not a run folder", hint="choose another --name or --runs-dir")
-        exists = manifest_path.is_file()
-        if exists and not resume and not overwrite:
-            raise UndoError(f"{path}: a run with this name already exists",
-                            hint=f"add --resume to continue it (changed settings are allowed for stages that have "
-                                 f"not finished), --overwrite to delete it and start over, or pick another --name")
-        if not exists and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-            raise UndoError(f"{path}: the folder exists but holds no {MANIFEST}, so it is not an `undo iterate` run",
-                            hint="choose another --name or --runs-dir, or empty the folder yourself")
+        exists = cls._check_place(path, resume=resume, overwrite=overwrite)
         path.mkdir(parents=True, exist_ok=True)
         folder = cls(path, {})
         folder._lock()  # before deleting anything: never under a run that is still going
         if exists and overwrite:
-            for child in path.iterdir():
-                if child.name == LOCK:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-            console.print(f"--overwrite: deleted the previous run in {path}; starting over")
+            folder._delete_run()
             exists = False
         if exists:
-            from undo_cli.records import read_json
-
-            folder.manifest = read_json(manifest_path)
-            try:
-                folder._check_same_run(config, inputs, affects, defaults)
-            except BaseException:
-                if folder._lock_fh is not None:  # refused: let the next attempt lock it at once
-                    folder._lock_fh.close()
-                raise
-            folder._mark_killed_attempts()
-            folder.manifest["status"] = "running"
-            folder.manifest["current"] = None
-            folder.manifest["resumed"] = folder.manifest.get("resumed", 0) + 1
-            console.print(f"resuming {path} (resume #{folder.manifest['resumed']})")
+            folder._reopen(config, inputs, affects, defaults)
         else:
             if resume:
                 warn(f"{path}: nothing to resume yet; starting a new run")
             folder.manifest = {
-                "format": FORMAT,
-                "name": path.name,
-                "status": "running",
-                "created": now(),
-                "updated": now(),
-                "config": config,
-                "inputs": inputs,
-                "seeds": seeds,
-                "versions": library_versions(),
-                "host": {"platform": platform.platform(), "python": sys.executable},
-                "current": None,
-                "stages": {},
+                "format": FORMAT, "name": path.name, "status": "running", "created": now(), "updated": now(),
+                "config": config, "inputs": inputs, "seeds": seeds, "versions": library_versions(),
+                "host": {"platform": platform.platform(), "python": sys.executable}, "current": None, "stages": {},
             }
         folder.save()
         return folder
+
+    @staticmethod
+    def _check_place(path: Path, *, resume: bool, overwrite: bool) -> bool:
+        """Refuse a path that is not (or not yet) a run folder; True when it holds a run."""
+        if path.exists() and not path.is_dir():
+            raise UndoError(f"{path}: is a file, not a run folder", hint="choose another --name or --runs-dir")
+        exists = (path / MANIFEST).is_file()
+        if exists and not resume and not overwrite:
+            raise UndoError(f"{path}: a run with this name already exists",
+                            hint="add --resume to continue it (changed settings are allowed for stages that have "
+                                 "not finished), --overwrite to delete it and start over, or pick another --name")
+        if not exists and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+            raise UndoError(f"{path}: the folder exists but holds no {MANIFEST}, so it is not an `undo iterate` run",
+                            hint="choose another --name or --runs-dir, or empty the folder yourself")
+        return exists
+
+    def _delete_run(self) -> None:
+        for child in self.path.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        console.print(f"--overwrite: deleted the previous run in {self.path}; starting over")
+
+    def _reopen(self, config: dict[str, Any], inputs: dict[str, Any],
+                affects: Callable[[str], frozenset[str] | set[str]] | None, defaults: dict[str, Any] | None) -> None:
+        from undo_cli.records import read_json
+
+        self.manifest = read_json(self.path / MANIFEST)
+        try:
+            self._check_same_run(config, inputs, affects, defaults)
+        except BaseException:
+            if self._lock_fh is not None:  # refused: let the next attempt lock it at once
+                self._lock_fh.close()
+            raise
+        self._mark_killed_attempts()
+        self.manifest["status"] = "running"
+        self.manifest["current"] = None
+        self.manifest["resumed"] = self.manifest.get("resumed", 0) + 1
+        console.print(f"resuming {self.path} (resume #{self.manifest['resumed']})")
 
     def _lock(self) -> None:
         try:
@@ -215,12 +176,17 @@ class RunFolder:
     def _check_same_run(self, config: dict[str, Any], inputs: dict[str, Any],
                         affects: Callable[[str], frozenset[str] | set[str]] | None = None,
                         defaults: dict[str, Any] | None = None) -> None:
-        """Refuse changes that contradict finished stages; rerun the unfinished stages a change touches."""
+        """Refuse changes that contradict finished stages; rerun the unfinished stages a change touches.
+
+        What counts as a change is undo_cli/identity.py's rule: a key the old manifest lacks holds its default,
+        and a key only the old manifest has no longer identifies a run.
+        """
+        from undo_cli.identity import changes, describe, flatten
+
         old = self.manifest
-        before = flatten(old.get("config", {}))
-        changed = [(key, line) for key, line in _changed(old.get("config", {}), config)
-                   if key in before or (defaults or {}).get(key, _NO_DEFAULT) != flatten(config).get(key)]
-        changed += _changed(_hashes(old.get("inputs", {})), _hashes(inputs))
+        found = changes(old.get("config", {}), config, flatten(defaults or {}))
+        found += changes(_hashes(old.get("inputs", {})), _hashes(inputs))
+        changed = [(key, line) for (key, _, _), line in zip(found, describe(found))]
         if not changed:
             return
         stages = self.manifest.get("stages", {})
@@ -260,11 +226,12 @@ class RunFolder:
         """Forget an unfinished stage and delete what it wrote (only inside the run folder)."""
         stage = self.manifest["stages"][key]
         root = self.path.resolve()
+        from undo_cli.records.sidecars import sidecar_paths
+
         for value in (stage.get("outputs") or {}).values():
             p = Path(value)
-            targets = [p]
-            if p.suffix == ".jsonl":  # generate's sidecar of rejected samples belongs to its output
-                targets.append(p.with_name(p.name[: -len(".jsonl")] + ".rejected.jsonl"))
+            # An output's sidecars (rejected samples, run record, ledger) belong to it.
+            targets = [p] + ([Path(s) for s in sidecar_paths(p)] if p.suffix == ".jsonl" else [])
             for t in targets:
                 if not t.exists() or root not in t.resolve().parents:
                     continue

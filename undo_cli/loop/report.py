@@ -235,7 +235,7 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
 
 def _teacher_usage(run_dir: Path, rows: list[dict[str, Any]], prices: Any) -> dict[str, Any]:
     """Teacher tokens per iteration from the stages' ledgers (undo_cli/economy/accounting.py) into the rows."""
-    from undo_cli.economy.accounting import usage_by_iteration
+    from undo_cli.loop.usage import usage_by_iteration
 
     usage = usage_by_iteration(run_dir, prices)
     by_k = {u["iteration"]: u for u in usage["iterations"]}

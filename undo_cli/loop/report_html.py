@@ -216,7 +216,7 @@ def _iteration_table(state: dict[str, Any]) -> str:
 
 
 def _settings(state: dict[str, Any]) -> str:
-    from undo_cli.loop.manifest import flatten
+    from undo_cli.identity import flatten
 
     config = state.get("config")
     if not config:

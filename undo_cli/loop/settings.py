@@ -38,22 +38,18 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 from undo_cli.fields import describe, flag, type_parts
+from undo_cli.stages.spec import tables
 
-# stage table -> (module, config class)
-STAGES: dict[str, tuple[str, str]] = {
-    "generate": ("undo_cli.stages.generate", "GenerateConfig"),
-    "train": ("undo_cli.training.config", "TrainConfig"),
-    "evaluate": ("undo_cli.stages.evaluate", "EvaluateConfig"),
-    "collect_errors": ("undo_cli.stages.collect_errors", "CollectErrorsConfig"),
-    "refine": ("undo_cli.stages.refine", "RefineConfig"),
-}
-
-# The teacher economy's fields of generate/refine: the loop's own top-level keys (one cache, budget, prices).
-_ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache_unseeded",
-            "model_revision": "teacher_revision", "max_teacher_tokens": "max_teacher_tokens (for the whole run)",
-            "max_cost": "max_cost (for the whole run)", "price_input": "price_input", "price_output": "price_output"}
+# The stage tables of run.toml, in run order: every stage whose spec has one (stages/spec.py; mix has none).
+STAGES: tuple[str, ...] = tuple(tables())
 # Every table of run.toml: the stages' plus [slurm] (`--launcher slurm`, stages/slurm.py), checked the same way.
-TABLES: dict[str, tuple[str, str]] = {**STAGES, "slurm": ("undo_cli.stages.slurm", "SlurmConfig")}
+TABLES: tuple[str, ...] = (*STAGES, "slurm")
+
+# The teacher economy's fields of generate/refine: the loop's own top-level keys of the same names
+# (economy/options.py, declared once): one cache, one budget and one price list for the whole run.
+_ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache_unseeded",
+            "model_revision": "model_revision", "max_teacher_tokens": "max_teacher_tokens (for the whole run)",
+            "max_cost": "max_cost (for the whole run)", "price_input": "price_input", "price_output": "price_output"}
 
 # Fields each stage gets from the loop, with what to set instead.
 OWNED: dict[str, dict[str, str]] = {
@@ -77,11 +73,19 @@ OWNED: dict[str, dict[str, str]] = {
 }
 
 
-def stage_class(table: str):
-    import importlib
+# Top-level keys renamed since: an older run.toml's key still means the setting (the stages' own name now).
+RENAMED = {"teacher_revision": "model_revision"}
 
-    module, name = TABLES[table]
-    return getattr(importlib.import_module(module), name)
+
+def stage_class(table: str):
+    """The config class of a table: the stage's (its StageSpec), or SlurmConfig for [slurm]."""
+    if table == "slurm":
+        from undo_cli.stages.slurm import SlurmConfig
+
+        return SlurmConfig
+    from undo_cli.stages.spec import stage
+
+    return stage(table).config
 
 
 def parse_value(text: str) -> Any:
@@ -185,9 +189,11 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
 
     for source, data in sources:
         for key, value in data.items():
+            if key in RENAMED and RENAMED[key] in fields:  # an older run.toml: same setting, today's name
+                key = RENAMED[key]
             if key in tables:
                 if not isinstance(value, dict):
-                    raise UndoError(f"{source}: '{key}' must be a table of {TABLES[key][1]} fields",
+                    raise UndoError(f"{source}: '{key}' must be a table of {stage_class(key).__name__} fields",
                                     hint=f"write a line with {key} in square brackets, then key = value lines")
                 for sub, v in value.items():
                     tables[key][sub] = _check_stage_key(key, sub, v, source)

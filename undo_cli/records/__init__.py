@@ -5,11 +5,14 @@ from undo_cli.records.io import (
     AppendLog,
     atomic_write_text,
     check_output_path,
+    honour_umask,
     is_stream,
     iter_records,
     read_text,
     read_json,
     read_records,
+    remove_stale_temps,
+    sha256_file,
     write_json,
     text_lines,
     write_records,
@@ -17,6 +20,6 @@ from undo_cli.records.io import (
 from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
-    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "is_stream", "iter_records", "read_json",
-    "read_records", "read_text", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
+    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "read_json",
+    "read_records", "read_text", "remove_stale_temps", "sha256_file", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

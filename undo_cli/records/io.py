@@ -23,15 +23,23 @@ a temp file over `/dev/null` would replace the device with a regular file for
 every program on the machine. They are never fsynced (a pipe cannot be) and
 never resumed. Input is UTF-8 (a leading byte-order mark is dropped); anything
 else fails with `file:line: not UTF-8 (byte 0xe9 at column N)`.
+
+Every file written here honours the umask (0644 under the usual 022), as a file
+made by `open()` does: the temp file of an atomic write is created 0600 by
+mkstemp, so it is given `0666 & ~umask` before it is renamed into place, and
+colleagues and jobs under another user can read the results on a shared cluster.
+`honour_umask` does the same for files a library wrote that way (safetensors).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -183,6 +191,36 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel shows it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read is a write; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions `open()` gives a new file: 0666 less the umask (0644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or every file under a folder) the mode `open()` would have: for files a library
+    created 0600 through a temp file (safetensors' save_file), which other users could not read."""
+    p = Path(path)
+    mode = file_mode()
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and not f.is_symlink()]
+    for f in files:
+        if stat.S_IMODE(f.stat().st_mode) != mode:
+            os.chmod(f, mode)
+
+
 def real_stdout():
     """The process's stdout, even while a rich live display (the progress bar) has swapped `sys.stdout`.
 
@@ -263,6 +301,54 @@ def open_stream(path: str | os.PathLike):
     return open(path, "w", encoding="utf-8"), True  # a device or FIFO: written in place, never replaced
 
 
+def _temp_name(target: Path) -> re.Pattern[str]:
+    """The names mkstemp gives the temp files of `target` here: `.NAME.` + 8 random characters + `.tmp`."""
+    return re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    """An exclusive flock on fd; False when another process holds one (never with wait=True)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks (Windows): no temp file is ever taken for stale
+        return not wait
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return wait  # a file system without flock: a writer goes on, a cleaner touches nothing
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temp files killed atomic writes of `path` left beside it; returns their names.
+
+    Only temps of this very name (`.rationales.jsonl.k3j2_x9a.tmp` for `rationales.jsonl`, never
+    another file's), and only those no live process is writing: an atomic write holds an exclusive
+    flock on its temp file until the rename, so a temp whose lock can be taken belongs to a writer
+    that died (SIGKILL, a lost node). Concurrent shard writers write other names and are never touched.
+    """
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        return []
+    pattern, removed = _temp_name(target), []
+    for entry in os.scandir(target.parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone already (its writer renamed it)
+            continue
+        try:
+            if _lock(fd, wait=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(entry.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
     """A text handle whose content replaces `path` at once when the block ends, or not at all if it fails.
@@ -284,17 +370,22 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Any]:
     # A symlink to a file stays a symlink: the new file replaces its target, not the link.
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)  # what a killed write of this file left behind
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fh = os.fdopen(fd, "w", encoding="utf-8")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        _lock(fh.fileno(), wait=True)  # held until the rename: remove_stale_temps leaves a live write alone
+        os.fchmod(fh.fileno(), file_mode())  # mkstemp made it 0600; it must honour the umask like any new file
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        fh.close()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -318,6 +409,17 @@ def write_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) ->
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write a pretty JSON document (metrics, summaries, manifests)."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (what identifies an input file whatever its name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -75,14 +75,13 @@ class CheckConfig:
         "help": "Allow tokenizers that ship their own Python code (only for sources you trust)."})
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UndoError(f"--format {self.format}: unknown", hint="use --format table or --format json")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise UndoError(f"--objective {self.objective}: unknown", hint=f"use one of: {', '.join(OBJECTIVES)}")
-        for flag, value in (("--teacher-top-k", self.teacher_top_k), ("--max-tokens", self.max_tokens),
-                            ("--max-length", self.max_length)):
-            if value < 1:
-                raise UndoError(f"{flag} {value}: must be at least 1")
+        from undo_cli.errors import SettingError
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # format, objective
+        for name in ("teacher_top_k", "max_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), "must be at least 1")
 
 
 @dataclass

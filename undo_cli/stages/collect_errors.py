@@ -35,20 +35,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from undo_cli.errors import UndoError
+from undo_cli.errors import SettingError
 from undo_cli.records.schema import ERROR_TYPES
+from undo_cli.stages.spec import StageSpec
 
 
 @dataclass
 class CollectErrorsConfig:
     """Everything `undo collect-errors` needs."""
 
-    predictions: str = field(metadata={"argument": True, "help": "Predictions JSONL from `undo evaluate` ('-' reads stdin)."})
-    output: str = field(default="-", metadata={"short": "-o", "help": "Where to write the error records ('-' is stdout)."})
+    predictions: str = field(metadata={"argument": True, "input": True, "help": "Predictions JSONL from `undo evaluate` ('-' reads stdin)."})
+    output: str = field(default="-", metadata={"identity": False, "short": "-o", "help": "Where to write the error records ('-' is stdout)."})
     max: int | None = field(default=None, metadata={
         "help": "Keep at most this many errors: a seeded random sample (default: keep all)."})
     seed: int = field(default=0, metadata={"help": "Seed for the --max sample; same seed, same sample."})
-    shard: str | None = field(default=None, metadata={
+    shard: str | None = field(default=None, metadata={"identity": False,
         "help": "K/N: write shard K (0-based) of N only, by a stable hash of the id; `undo merge` joins them."})
 
     def __post_init__(self) -> None:
@@ -57,8 +58,7 @@ class CollectErrorsConfig:
 
             parse_shard(self.shard)
         if self.max is not None and self.max < 1:
-            raise UndoError(f"--max {self.max}: must be at least 1",
-                            hint="leave --max out to keep every error")
+            raise SettingError("max", self.max, "must be at least 1", hint="leave it out to keep every error")
         from undo_cli.records import check_output_path
         from undo_cli.stages.options import check_output_is_new
 
@@ -117,7 +117,7 @@ def run(config: CollectErrorsConfig) -> dict[str, Any]:
     from undo_cli.stages import shards
 
     shard = shards.parse_shard(config.shard)
-    meta = shards.shard_meta("collect_errors", shard, config) if shard else None
+    meta = shards.shard_meta(SPEC, shard, config) if shard else None
     if meta is None:
         shards.refuse_unsharded(config.output)
     predictions = read_records(config.predictions, "prediction")
@@ -182,3 +182,7 @@ def _print_table(summary: dict[str, Any], *, sampled: bool) -> None:
     console.print(table)
     if summary["errors"] == 0:
         console.print("[green]no errors:[/green] the student answered every prediction correctly; nothing to refine")
+
+
+SPEC = StageSpec(name="collect_errors", config=CollectErrorsConfig, run=run, records="error", key="id", shard_key="id",
+                 item_keys=item_keys)

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from undo_cli.errors import UndoError
-from undo_cli.stages.options import (EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new, check_verify,
+from undo_cli.errors import UndoError, ref
+from undo_cli.stages.options import (RUNTIME, EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new,
                                      verify_field)
+from undo_cli.stages.spec import StageSpec
 
 
 @dataclass
@@ -53,13 +54,13 @@ class EvaluateConfig(GenerationOptions):
     """Everything `undo evaluate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
-    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"input": True, "short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})
     prompt: str = field(default="student", metadata={"help": "Student template: the one `undo train` used (default 'student')."})
-    metrics: str | None = field(default=None, metadata={
+    metrics: str | None = field(default=None, metadata={**RUNTIME,
         "help": "Where to write the metrics JSON (default: <output stem>.metrics.json beside --output; none for '-')."})
-    overwrite: bool = field(default=False, metadata={
+    overwrite: bool = field(default=False, metadata={**RUNTIME,
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field("strict", "Which extraction sets `correct` and `accuracy` (both accuracies are reported): "
                                          "strict: only an explicit final answer (#### x, \\boxed{x}, 'The answer is "
@@ -70,36 +71,35 @@ class EvaluateConfig(GenerationOptions):
                 "a template, or the question alone for {\"messages\"} data); --no-training-format: always --prompt."})
 
     def __post_init__(self) -> None:
-        self.check_generation_options()
         if self.verify == "steps":
-            raise UndoError("--verify steps is for the teacher's rationales (undo generate/refine); a student's "
-                            "accuracy is read strict or flexible",
+            raise UndoError(f"{ref('verify')} steps is for the teacher's rationales (undo generate/refine); a "
+                            "student's accuracy is read strict or flexible", setting="verify",
                             hint="to see which predictions have false arithmetic steps: "
                                  "undo score PREDICTIONS.jsonl --verify steps")
-        check_verify(self.verify, choices=EXTRACTIONS)
+        self.check_generation_options()  # with verify's choices
         check_limit(self.limit)
         if self.backend != "openai":  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
-            check_model_ref(self.model, "--model")
+            check_model_ref(self.model, ref("model"))
         if self.adapter and self.backend != "hf":
-            raise UndoError(f"--adapter is applied by the hf backend, not '{self.backend}'",
-                            hint="use --backend hf, or merge the adapter and serve the merged model")
+            raise UndoError(f"{ref('adapter')} is applied by the hf backend, not '{self.backend}'", setting="adapter",
+                            hint=f"use {ref('backend')} hf, or merge the adapter and serve the merged model")
         if self.adapter and not Path(self.adapter).is_dir():
-            raise UndoError(f"--adapter {self.adapter}: no such folder",
+            raise UndoError(f"{ref('adapter')} {self.adapter}: no such folder", setting="adapter",
                             hint="pass the folder `undo train --lora` wrote (it holds adapter_config.json)")
         check_output_is_new(self.output, {"input": self.input}, hint="write predictions to a new file")
         if self.metrics:
-            check_output_is_new(self.metrics, {"input": self.input, "--output": self.output},
-                                hint="write metrics to a new file", flag="--metrics")
+            check_output_is_new(self.metrics, {"input": self.input, ref("output"): self.output},
+                                hint="write metrics to a new file", flag=ref("metrics"))
 
     @property
     def metrics_path(self) -> str | None:
         if self.metrics:
             return self.metrics
-        from undo_cli.stages.generation_loop import sidecar_path
+        from undo_cli.records.sidecars import METRICS, sidecar_path
 
-        return sidecar_path(self.output, "metrics.json")
+        return sidecar_path(self.output, METRICS)
 
     def backend_config(self):
         return super().backend_config(self.model, adapter=self.adapter)
@@ -203,29 +203,19 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
     """Answer, score, write predictions and <stem>.metrics.json; prints two tables and returns the summary."""
-    from undo_cli.records import read_records, write_json
-    from undo_cli.stages.generation_loop import WorkItem, explain_limit, print_summary, run_generation
+    from undo_cli.records import check_output_path, is_stream, read_records, write_json
+    from undo_cli.stages.generation_loop import Generation, WorkItem, digest, explain_limit, print_summary
 
     every = read_records(config.input, "problem")
     problems = every if config.limit is None else every[: config.limit]
     messages_for, template = prompt_for(config)
     items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
-    streamed: list[dict[str, Any]] = []
-    from undo_cli.records import check_output_path, is_stream
-    from undo_cli.stages.generation_loop import digest
-
-    stream = is_stream(config.output)
     if config.metrics_path:  # before any work: a metrics path under a file must not fail after an hour
         check_output_path(config.metrics_path, "--metrics")
-    identity = {"model": config.model, "adapter": config.adapter, **config.generation_identity(),
-                "template": template, "input": digest(problems), "verify": config.verify}
-    summary = run_generation(
-        items, config.backend_config(), config.sampling(), config.output,
-        kind="prediction", make_records=make_record_builder(config, streamed if stream else None),
-        resume_key="id", description="evaluate", identity=identity, fresh=config.overwrite,
-        shard=config.shard_meta("evaluate"), explain=explain_limit(every, config.limit, problems),
-    )
-
+    stream = is_stream(config.output)
+    streamed: list[dict[str, Any]] = []  # what went to a stream, which is never read back
+    summary = Generation(SPEC, config, items, make_record_builder(config, streamed if stream else None),
+                         inputs={"input": digest(problems)}, explain=explain_limit(every, config.limit, problems)).run()
     # Score the whole file, not just this run: a resumed run must report the same
     # metrics an uninterrupted one would. Only ids of this input count.
     if stream:
@@ -362,3 +352,17 @@ def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:
     console.print(table)
     if path:
         console.print(f"metrics written to {path}")
+
+
+def keep_in_manifest(summary: dict[str, Any]) -> dict[str, Any]:
+    """What `undo iterate`'s manifest keeps of an evaluation: the accuracies and counts, not every prediction."""
+    metrics = summary.get("metrics", {})
+    kept = {k: metrics[k] for k in ("accuracy", "count", "correct", "no_answer", "truncated", "verify",
+                                    "accuracy_strict", "accuracy_flexible") if k in metrics}
+    return {**kept, "already_done": summary.get("already_done"), "wall_s": summary.get("wall_s")}
+
+
+SPEC = StageSpec(
+    name="evaluate", config=EvaluateConfig, run=run, records="prediction", key="id", shard_key="id",
+    item_keys=item_keys, merge_consume=merge_consumer, after_merge=after_merge, heavy=True,
+    merged_summary=lambda config, merged: {"metrics": merged["metrics"]}, keep=keep_in_manifest)

@@ -56,11 +56,11 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
-from undo_cli.errors import RecordError, UndoError
-from undo_cli.stages.options import (TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, check_verify,
-                                     verify_field)
+from undo_cli.errors import RecordError, SettingError, UndoError, ref
+from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, verify_field
+from undo_cli.stages.spec import StageSpec, keep_keys
 
-KEEP = ("correct", "all")
+KEEP = {"correct": "only verified rationales go to the output", "all": "every sample does"}
 
 
 @dataclass
@@ -68,15 +68,15 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    input: str = field(metadata={"short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
-    output: str = field(default="-", metadata={"short": "-o", "help": "Rationales JSONL; resumable unless '-' (stdout)."})
+    input: str = field(metadata={"input": True, "short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
+    output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Rationales JSONL; resumable unless '-' (stdout)."})
     n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})
     keep: str = field(default="correct", metadata={"choices": KEEP, "help": "correct: keep only verified rationales; all: keep every sample."})
     prompt: str = field(default="generate", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
-    fewshot: str | None = field(default=None, metadata={"help": "JSONL of {question, rationale} few-shot examples for the template."})
+    fewshot: str | None = field(default=None, metadata={"input": True, "help": "JSONL of {question, rationale} few-shot examples for the template."})
     logprobs: int | None = field(default=None, metadata={"help": "Record the teacher's top-K log-probs per token (1-20)."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration number recorded on each line (set by `undo iterate`)."})
-    overwrite: bool = field(default=False, metadata={
+    overwrite: bool = field(default=False, metadata={**RUNTIME,
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field(TEACHER_VERIFY, "strict: a rationale verifies only with an explicit final answer "
                                "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
@@ -84,21 +84,18 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:
-        if self.keep not in KEEP:
-            raise UndoError(f"--keep {self.keep}: unknown choice", hint="use --keep correct (verified only) or --keep all")
         if self.n < 1:
-            raise UndoError(f"--n {self.n}: must be at least 1")
-        self.check_generation_options(n=self.n)
-        check_verify(self.verify)
+            raise SettingError("n", self.n, "must be at least 1")
+        self.check_generation_options(n=self.n)  # with keep and verify's choices
         check_limit(self.limit)
         if self.backend != "openai":  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
-            check_model_ref(self.teacher, "--teacher")
+            check_model_ref(self.teacher, ref("teacher"))
         self.check_economy_options()
         if self.logprobs is not None and not 1 <= self.logprobs <= 20:
-            raise UndoError(f"--logprobs {self.logprobs}: must be between 1 and 20",
-                            hint="OpenAI-compatible servers return at most 20 alternatives per token")
+            raise SettingError("logprobs", self.logprobs, "must be between 1 and 20",
+                               hint="OpenAI-compatible servers return at most 20 alternatives per token")
         check_output_is_new(self.output, {"input": self.input}, hint="write rationales to a new file")
 
     def backend_config(self):
@@ -217,45 +214,41 @@ def teacher_offsets_maker(config: GenerateConfig):
     return offsets
 
 
-def run(config: GenerateConfig) -> dict[str, Any]:
-    """Generate, verify and keep rationales; prints the summary table and returns it."""
-    from undo_cli.records import is_stream, read_records
-    from undo_cli.scoring import count_reasons
-    from undo_cli.stages.generation_loop import explain_limit, print_summary, run_generation
+def work_items(config: GenerateConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]], list, list[dict[str, Any]]]:
+    """(problems, few-shot examples, work items, every problem of --input): what `run` sends the teacher, in
+    input order (the problems and items are the first --limit)."""
+    from undo_cli.records import read_records
 
     every = read_records(config.input, "problem")
     problems = every if config.limit is None else every[: config.limit]
     fewshot = read_fewshot(config.fewshot) if config.fewshot else []
-    items = build_items(problems, config.prompt, fewshot)
+    return problems, fewshot, build_items(problems, config.prompt, fewshot), every
+
+
+def run(config: GenerateConfig) -> dict[str, Any]:
+    """Generate, verify and keep rationales; prints the summary table and returns it."""
+    from undo_cli.records import read_records
+    from undo_cli.records.sidecars import can_read_back
+    from undo_cli.scoring import count_reasons
+    from undo_cli.stages.generation_loop import Generation, digest, explain_limit, print_summary
+
+    problems, fewshot, items, every = work_items(config)
     if config.keep == "correct":
         keep = lambda r: r["correct"] and bool(r["rationale"].strip())  # noqa: E731
     else:  # `all` still drops empty text: it teaches nothing, and train would have to skip it
         keep = lambda r: bool(r["rationale"].strip())  # noqa: E731
-    from undo_cli.prompts import template_name
-    from undo_cli.stages.generation_loop import digest
-
-    identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n, "keep": config.keep,
-                "logprobs": config.logprobs, "template": template_name(config.prompt),
-                "iteration": config.iteration, "input": digest(problems), "verify": config.verify}
-    shard = config.shard_meta("generate")
-    summary = run_generation(
-        items, config.backend_config(), config.sampling(), config.output,
-        kind="rationale", make_records=make_record_builder(config, config.backend),
-        resume_key="problem_id", keep=keep, description="generate", identity=identity, fresh=config.overwrite,
-        economy=config.economy(),
-        shard=shard, explain=explain_limit(every, config.limit, problems),
-    )
+    generation = Generation(SPEC, config, items, make_record_builder(config, config.backend), keep=keep,
+                            inputs={"input": digest(problems), "fewshot": digest(fewshot) if fewshot else None},
+                            explain=explain_limit(every, config.limit, problems))
+    summary = generation.run()
     summary["keep"] = config.keep
-    if not is_stream(config.output):  # the whole output and sidecar, so a resumed run reports what one run would
+    if can_read_back(config.output):  # the whole output and sidecar, so a resumed run reports what one run would
         summary["rejected_by_reason"] = count_reasons(
             r for path in (config.output, summary.get("rejected_output")) if path
             for r in read_records(path, "rationale", allow_empty=True))
     if config.keep == "correct":
-        if shard is not None:  # only this shard's problems can be missing from this shard's output
-            from undo_cli.stages.shards import shard_of
-
-            problems = [p for p in problems if shard_of(p["id"], shard["n"]) == shard["k"]]
-        _report_unverified(config, problems, summary)
+        mine = set(generation.keys)  # with --shard K/N only this shard's problems can be missing here
+        _report_unverified(config, [p for p in problems if p["id"] in mine], summary)
     print_summary(summary, title=f"undo generate ({config.backend}: {config.teacher})")
     return summary
 
@@ -264,14 +257,16 @@ def item_keys(config: GenerateConfig) -> list[str]:
     """The work items' keys in run order (problem ids, input order): how `undo merge` orders shards."""
     from undo_cli.stages.shards import ids_of
 
-    return ids_of(config.input)
+    ids = ids_of(config.input)
+    return ids if config.limit is None else ids[: config.limit]
 
 
 def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Count the problems with no verified rationale in the whole output (this run and earlier ones)."""
-    from undo_cli.records import is_stream, read_records
+    from undo_cli.records import read_records
+    from undo_cli.records.sidecars import can_read_back
 
-    if not is_stream(config.output):
+    if can_read_back(config.output):
         kept = {r["problem_id"] for r in read_records(config.output, "rationale", allow_empty=True)}
         left = set(summary.get("left_by_budget_ids") or [])  # not done yet (budget): not "unverified"
         missing = [p["id"] for p in problems if p["id"] not in kept and p["id"] not in left]
@@ -288,3 +283,31 @@ def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], s
              "More samples (--n 4 --temperature 0.7) or a stronger teacher help.")
     elif problems:
         console.print("[green]every question has at least one verified rationale[/green]")
+
+
+def merged_summary(config: GenerateConfig, merged: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a generate run whose shards were merged (`--launcher slurm`), read from the merged files.
+
+    Streamed: at a million problems the merged rationales are gigabytes; only counts and ids are kept."""
+    from undo_cli.records import iter_records
+
+    with_kept: set[str] = set()
+    kept = verified = 0
+    for r in iter_records(config.output, None, allow_empty=True):
+        with_kept.add(r["problem_id"])
+        kept += 1
+        verified += bool(r.get("correct"))
+    questions = without = 0
+    for p in iter_records(config.input, None):
+        questions += 1
+        without += p["id"] not in with_kept
+    return {"questions": questions, "kept_total": kept, "rejected": merged.get("rejected", 0), "verified": verified,
+            "questions_without_kept": without}
+
+
+SPEC = StageSpec(
+    name="generate", config=GenerateConfig, run=run, records="rationale", key="problem_id", shard_key="problem_id",
+    item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
+    keep=keep_keys("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
+                   "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage",
+                   "budget", "left_by_budget"))

@@ -6,7 +6,7 @@ send prompts in batches, turn completions into records, append each batch
 durably, show progress, and summarise. That lives here, once; a stage only says
 what its prompts are and how a completion becomes a record:
 
-    from undo_cli.stages.generation_loop import WorkItem, run_generation, print_summary
+    from undo_cli.stages.generation_loop import Generation, WorkItem, digest, print_summary
 
     items = [WorkItem(key=p["id"], messages=messages_for(p), data=p) for p in problems]
 
@@ -14,20 +14,23 @@ what its prompts are and how a completion becomes a record:
         # one record per completion (n per item); ids must be unique in the output
         return [{"id": f"{item.key}#{s}", "problem_id": item.key, ...} for s, c in enumerate(completions)]
 
-    summary = run_generation(
-        items, backend_config, sampling,
-        output="rationales.jsonl",        # or "-" for stdout (no resume)
-        kind="rationale",                 # the record shape (records/schema.py) every line must fit
-        make_records=make_records,
-        resume_key="problem_id",          # the record field that holds item.key
-        keep=lambda r: r["correct"],      # None keeps everything
-    )
+    summary = Generation(
+        SPEC, config, items, make_records,  # the stage's spec (record kind, resume key) and its config
+        keep=lambda r: r["correct"],        # None keeps everything
+        inputs={"input": digest(problems)}, # what identifies the input: its content, not its path
+    ).run()
     print_summary(summary, title="undo generate")
+
+The config gives the output (`--output`; `-` for stdout: no resume), the
+backend, the sampling, `--overwrite`, `--shard` and, for a stage whose spec
+says `teacher`, the teacher economy; the spec gives the record shape every
+line must fit (`records`) and the record field that holds an item's key
+(`key`, e.g. `problem_id`).
 
 Contract, in detail:
 
 * **Resume.** The output is an `AppendLog`. An item counts as done when some
-  record on disk has `record[resume_key] == item.key`; done items are skipped
+  record on disk has `record[spec.key] == item.key`; done items are skipped
   and the backend is not even loaded when nothing is left. For `generate` the
   key is the problem id (`problem_id`), for `evaluate` the prediction id (`id`).
 * **Rejected records** (`keep` returned False) go to a sidecar next to the
@@ -40,36 +43,43 @@ Contract, in detail:
   a kept one. The sidecar belongs to its output: when the output file does not
   exist yet (a fresh start, or the user deleted it) the sidecar is reset too.
   With `--output -` there is no sidecar (rejected records are only counted).
-* **What produced the output.** With `identity` (what the stage says made
-  it: model, backend, template, sampling settings, input digest, ...; the
-  loop adds a digest of every prompt) the loop writes `<stem>.run.json`
-  next to the output before the first record. A re-run resumes only when the
+* **What produced the output.** The run's identity (the config's
+  identifying fields, undo_cli/identity.py, with the inputs' digests and a
+  digest of every prompt) goes to `<stem>.run.json` next to the output before
+  the first record. A re-run resumes only when the
   identity is the same; otherwise it is refused, naming the keys that differ,
-  with the hint `--overwrite` (`fresh=True`), so one file never mixes two
+  with the hint `--overwrite`, so one file never mixes two
   models' records. An existing non-empty output without that sidecar was not
   written by this stage (or predates it) and is refused too: in particular a
   torn last line is only ever dropped from a file this stage wrote.
 * **Durability.** Each batch is appended, flushed and fsynced before the next
-  one starts: a killed run loses at most the batch in flight and never writes a
-  record twice (AppendLog refuses duplicate ids).
-* **Batching.** A call to `backend.generate` gets `backend.batch_hint` items
-  (hf: --batch-size; openai: enough to keep --concurrency requests in flight;
-  vllm: a large block, since vLLM schedules internally). Backends with
+  is written: a killed run loses at most the batches in flight (one; two with
+  the openai backend) and never writes a record twice (AppendLog refuses
+  duplicate ids).
+* **Batching.** The batches go through one `backend.generate_stream`, each of
+  `backend.batch_hint` items (hf: --batch-size; openai: enough to keep
+  --concurrency requests in flight; vllm: a large block, since vLLM schedules
+  internally). The openai backend starts the next batch's requests while one
+  finishes, so its endpoints never drain at a batch boundary. Backends with
   `sort_by_length` (hf) get their work sorted by prompt length first, so a batch
   pads little; records then come out grouped by length, not in input order
   (join on ids, as every later stage does) until the run finishes: then the
   output (and its rejected sidecar) is rewritten, atomically, in item order, so
   a finished output is the same file however it was batched, resumed or sharded.
-* **Teacher economy.** A stage that calls the teacher passes
-  `economy=config.economy()` (undo_cli/economy): the backend is then wrapped
+* **Teacher economy.** A stage whose spec says `teacher` gets
+  `config.economy()` (undo_cli/economy): the backend is then wrapped
   in the teacher cache, the token ledger (`<stem>.usage.json`) and the budget,
   and opened only on the first cache miss. Every record gets `cached`; an item
   the budget does not allow comes back as None and is left undone (a re-run
   resumes it), and the summary gains `teacher_usage`, `budget`, `left_by_budget`.
-* **Shards.** With `shard=` (`--shard K/N`, stages/shards.py) only the items of
-  shard K are generated, by a stable hash of `item.shard_key` (default: the
-  key); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
-  settings, and `undo merge` joins the shards into the unsharded run's file.
+* **Shards.** With `--shard K/N` (stages/shards.py) only the items of shard K
+  are generated, by a stable hash of `item.shard_key` (default: the key): here
+  and nowhere else (`Generation.items` then holds them, for the stage's own
+  counts); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
+  settings, and `undo merge` joins the shards into the unsharded run's file. A
+  shard the teacher budget stopped is marked so (not complete) for the launcher.
+* **Streams.** An output that is not a regular file (`-`, a FIFO, a device) is
+  written and never read back, and gets no sidecar (records/sidecars.py).
 * **Summary.** A dict (see `_summary`) with questions, samples, kept, verified
   %, (with `keep`) the samples that did not verify by reason (`rejected_by_reason`:
   no answer / wrong answer / false step), tokens in/out, wall time and throughput; `print_summary` renders it as a
@@ -96,34 +106,10 @@ Record = dict[str, Any]
 class WorkItem:
     """One prompt to send: `n` completions of it become records via the stage's `make_records`."""
 
-    key: str                        # what resume matches against `record[resume_key]` (e.g. the problem id)
+    key: str                        # what resume matches against `record[spec.key]` (e.g. the problem id)
     messages: list[Message]         # the chat messages the backend formats and sends
     data: dict[str, Any] = field(default_factory=dict)  # whatever make_records needs (the problem, ...)
     shard_key: str | None = None    # the id `--shard K/N` hashes (default: key); refine: the target's problem id
-
-
-def sidecar_path(output: str, suffix: str) -> str | None:
-    """A file that belongs to `output`: `out/preds.jsonl` + "metrics.json" -> `out/preds.metrics.json`.
-
-    None for stdout and other streams (/dev/null, a FIFO): they get no sidecars.
-    """
-    from undo_cli.records import is_stream
-
-    if is_stream(output):
-        return None
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(f"{stem}.{suffix}"))
-
-
-def rejected_path(output: str) -> str | None:
-    """Where rejected records of `output` go: `out/rationales.jsonl` -> `out/rationales.rejected.jsonl`."""
-    return sidecar_path(output, "rejected.jsonl")
-
-
-def run_record_path(output: str) -> str | None:
-    """Where `output`'s provenance goes: `out/rationales.jsonl` -> `out/rationales.run.json`."""
-    return sidecar_path(output, "run.json")
 
 
 def digest(obj: Any) -> str:
@@ -141,11 +127,6 @@ def _serial(part: Any) -> bytes:
     import json
 
     return json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def prefix_length(parts: list[Any], target: str) -> int | None:
@@ -172,7 +153,7 @@ def explain_limit(problems: list[dict[str, Any]], limit: int | None, used: list[
     def explain(previous: dict[str, Any]) -> dict[str, str | None]:
         if previous.get("input") == now:
             return {}
-        return {"input": limit_words(problems, limit, previous.get("input")), "prompts": None}
+        return {"input": limit_words(problems, limit, previous.get("input")), "prompts": None, "limit": None}
 
     return explain
 
@@ -186,17 +167,20 @@ def limit_words(problems: list[dict[str, Any]], limit: int | None, previous_dige
     return f"{f'--limit {limit}' if limit is not None else every}, was {every if n == len(problems) else f'--limit {n}'}"
 
 
-def claim_output(output: str, identity: dict[str, Any], *, fresh: bool,
+def claim_output(output: str, identity: dict[str, Any], *, fresh: bool, defaults: dict[str, Any] | None = None,
                  explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None) -> None:
     """Refuse to resume into an output some other run (or program) wrote; then record who writes it.
 
-    See "What produced the output" in the module docstring. explain(previous identity) -> {key: words}
-    says changed keys in words (a digest means nothing to a person); a key mapped to None goes unsaid
-    (e.g. the prompts, which change because the input did).
+    See "What produced the output" in the module docstring. `defaults`: the identifying fields' defaults, what
+    a key an older run record lacks is compared as (undo_cli/identity.py). explain(previous identity) ->
+    {key: words} says changed keys in words (a digest means nothing to a person); a key mapped to None goes
+    unsaid (e.g. the prompts, which change because the input did).
     """
+    from undo_cli.identity import changes, shown
     from undo_cli.records import write_json
+    from undo_cli.records.sidecars import RUN, sidecar_path
 
-    record = run_record_path(output)
+    record = sidecar_path(output, RUN)
     if record is None:
         return
     stage = identity.get("stage", "this stage")
@@ -215,11 +199,11 @@ def claim_output(output: str, identity: dict[str, Any], *, fresh: bool,
                                 f"(there is no {Path(record).name} beside it); refusing to resume into it",
                                 hint="pass --overwrite to replace it, or choose another --output")
         else:
-            changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
+            changed = changes(previous, identity, defaults)
             if changed:
                 words = explain(previous) if explain else {}
-                details = "; ".join(words[k] if k in words else f"{k}: {_shown(previous.get(k))} -> "
-                                    f"{_shown(identity.get(k))}" for k in changed if words.get(k, "") is not None)
+                details = "; ".join(words[k] if k in words else f"{k}: {shown(was)} -> {shown(now)}"
+                                    for k, was, now in changed if words.get(k, "") is not None)
                 raise UndoError(f"--output {output} was written by a different run; changed: {details}",
                                 hint="re-run with the same settings to resume it, pass --overwrite to start over, "
                                      f"or choose another --output (e.g. {_another(output)})")
@@ -242,203 +226,257 @@ def _prompt_chars(item: WorkItem) -> int:
     return sum(len(m.get("content", "")) for m in item.messages)
 
 
-def run_generation(
-    items: Sequence[WorkItem],
-    backend: Any,
-    sampling: SamplingConfig,
-    output: str,
-    *,
-    kind: str,
-    make_records: Callable[[WorkItem, list[Completion]], list[Record]],
-    resume_key: str = "id",
-    keep: Callable[[Record], bool] | None = None,
-    fresh: bool = False,
-    description: str = "generating",
-    identity: dict[str, Any] | None = None,
-    economy: Any = None,
-    shard: dict[str, Any] | None = None,
-    explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None,
-) -> dict[str, Any]:
-    """Generate for every item not already in `output`; returns a summary dict (module docstring).
+class Generation:
+    """One run of a generating stage over its work items: claim the output, generate what is left, finish.
 
-    backend: a `BackendConfig` (opened here, only if there is work, and closed at
-        the end) or an already open backend (left open for the caller).
-    fresh: ignore what is on disk and start over (the output and its sidecars are truncated).
-    identity: what produced the output (a flat dict of JSON values; the loop adds
-        `stage` and a digest of the prompts); recorded in `<stem>.run.json` and
-        checked on resume.
-    economy: a `TeacherEconomy` (undo_cli/economy): the teacher cache, token ledger and budget around
-        the backend; records then carry `cached`, and the summary `teacher_usage` (and `budget`).
-    shard: the sidecar of `--shard K/N` (`shards.shard_meta`): only the items whose
-        `shard_key` hashes to shard K are generated, and the sidecar is marked complete at the end.
-    explain: says a refused resume's changed identity keys in words (`claim_output`).
+        gen = Generation(SPEC, config, items, make_records, keep=..., inputs={"input": digest(problems)})
+        summary = gen.run()
+        gen.items    # the items this run is responsible for (this shard's, with --shard K/N)
+
+    spec, config: the stage (stages/spec.py) and its config: the output (`config.output`), `--overwrite`,
+        `--shard`, the backend (`config.backend_config()`), sampling (`config.sampling()`) and, for a
+        teacher stage, the economy (`config.economy()`) come from them; the record kind, the resume key
+        and the description from the spec.
+    items: every work item of the input, in input order; `--shard K/N` keeps shard K's here and only here.
+    make_records: (item, completions) -> records. keep: which records go to the output (the others to
+        `<stem>.rejected.jsonl`); None keeps all and writes no rejected sidecar.
+    inputs: input field -> a digest of what the stage read from it: what identifies the run in
+        `<stem>.run.json` with the config's identifying fields (undo_cli/identity.py) and a digest of the prompts.
+    backend: an open backend to use instead of opening `config.backend_config()` (left open).
+    explain: says a refused resume's changed identity keys in words (`claim_output`, `explain_limit`).
     """
-    from undo_cli.backends import BackendConfig, open_backend
-    from undo_cli.records import AppendLog, check_output_path, is_stream
-    from undo_cli.records.schema import check_record
-    from undo_cli.stages import shards
 
-    keys = [item.key for item in items]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k, c in Counter(keys).items() if c > 1)
-        raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
-    if shard is not None:
-        # The one place a stage's work is split: by a stable hash of the id (stages/shards.py).
-        items = [it for it in items if shards.shard_of(it.shard_key or it.key, shard["n"]) == shard["k"]]
+    def __init__(self, spec: Any, config: Any, items: Sequence[WorkItem],
+                 make_records: Callable[[WorkItem, list[Completion]], list[Record]], *,
+                 keep: Callable[[Record], bool] | None = None, inputs: dict[str, Any] | None = None,
+                 backend: Any = None, explain: Callable[[dict[str, Any]], dict[str, str | None]] | None = None):
+        from undo_cli.records import is_stream
+        from undo_cli.records.sidecars import REJECTED, sidecar_path
+        from undo_cli.stages import shards
+
         keys = [item.key for item in items]
-        shards.begin(output, shard, fresh=fresh)
-    else:
-        shards.refuse_unsharded(output)
-    started = time.perf_counter()
-    stream = is_stream(output)
-    check_output_path(output)
-    side = rejected_path(output) if keep is not None else None
-    run_record = None if identity is None else run_record_path(output)
-    output_existed = not stream and Path(output).exists()
-    if run_record is not None:
-        identity = {"stage": description, **identity,
-                    "prompts": digest(sorted(([i.key, i.messages] for i in items), key=lambda kv: kv[0]))}
-        claim_output(output, identity, fresh=fresh, explain=explain)
-    stats = _Stats(questions=len(items))
-    if economy is not None:
-        economy.begin(output, fresh=fresh or not output_existed)
-    with AppendLog(output, kind, fresh=fresh) as out:
-        rejected_log = AppendLog(side, kind, fresh=fresh or not output_existed) if side else None
+        if len(set(keys)) != len(keys):
+            dup = next(k for k, c in Counter(keys).items() if c > 1)
+            raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
+        self.spec, self.config, self.make_records, self.keep, self.explain = spec, config, make_records, keep, explain
+        self.output, self.fresh = config.output, bool(config.overwrite)
+        part = shards.parse_shard(config.shard)
+        self.shard = None if part is None else shards.shard_meta(spec, part, config)
+        # The one place a stage's work is split: by a stable hash of the id (stages/shards.py).
+        self.items = list(items) if part is None else \
+            [it for it in items if shards.shard_of(it.shard_key or it.key, part.n) == part.k]
+        self.stream = is_stream(self.output)
+        self.side = sidecar_path(self.output, REJECTED) if keep is not None else None
+        self.identity = {**spec.identity(config, **(inputs or {})), "prompts": digest(sorted(
+            ([i.key, i.messages] for i in self.items), key=lambda kv: kv[0]))}
+        self.backend = backend if backend is not None else config.backend_config()
+        self.economy = config.economy() if spec.teacher else None
+        self.stats = _Stats(questions=len(self.items))
+
+    @property
+    def keys(self) -> list[str]:
+        return [item.key for item in self.items]
+
+    def run(self) -> dict[str, Any]:
+        """Generate for every item not already in the output; returns the summary (module docstring)."""
+        from undo_cli.records import AppendLog
+
+        started = time.perf_counter()
+        existed = self._claim()
+        with AppendLog(self.output, self.spec.records, fresh=self.fresh) as out:
+            rejected = AppendLog(self.side, self.spec.records, fresh=self.fresh or not existed) if self.side else None
+            try:
+                self._generate(out, rejected, started)
+            except BaseException:
+                if not existed and self.stats.items_done == 0:
+                    # Failed before writing anything (unknown model, server down): leave no empty files behind.
+                    out.close()
+                    self._remove_new_files()
+                raise
+            finally:
+                if rejected is not None:
+                    rejected.close()
+        return self._finish(out, rejected, started)
+
+    # --- the phases ----------------------------------------------------------------------------
+
+    def _claim(self) -> bool:
+        """Before anything is written: this output is ours to write (or resume); True if it existed."""
+        from undo_cli.identity import defaults
+        from undo_cli.records import check_output_path
+        from undo_cli.records.sidecars import remove_stale_temps_of
+        from undo_cli.stages import shards
+
+        if self.shard is not None:
+            shards.begin(self.output, self.shard, fresh=self.fresh)
+        else:
+            shards.refuse_unsharded(self.output)
+        check_output_path(self.output)
+        existed = not self.stream and Path(self.output).exists()
+        claim_output(self.output, self.identity, fresh=self.fresh, defaults=defaults(type(self.config)),
+                     explain=self.explain)
+        remove_stale_temps_of(self.output)  # a killed run's temp files of this output and its sidecars
+        if self.economy is not None:
+            self.economy.begin(self.output, fresh=self.fresh or not existed)
+        return existed
+
+    def _generate(self, out, rejected, started: float) -> None:
+        """Skip what is done; open the backend only if something is left; generate the rest in batches."""
+        from undo_cli.backends import BackendConfig, open_backend
+
+        key = self.spec.key
+        done = out.done_ids(key) | (rejected.done_ids(key) if rejected is not None else set())
+        todo = [item for item in self.items if item.key not in done]
+        stats = self.stats
+        stats.skipped, stats.kept_before = len(self.items) - len(todo), len(out.existing)
+        if stats.skipped:
+            console.print(f"resuming {self.output}: {stats.skipped} of {len(self.items)} already done, "
+                          f"{len(todo)} to go")
+        if not todo:
+            return
+        owned = isinstance(self.backend, BackendConfig)
+        if self.economy is not None:  # the wrapper opens the real backend on the first cache miss
+            llm, owned = self.economy.wrap(self.backend), True
+        else:
+            llm = open_backend(self.backend) if owned else self.backend
+        stats.backend, stats.model = llm.name, llm.model
         try:
-            done = out.done_ids(resume_key) | (rejected_log.done_ids(resume_key) if rejected_log else set())
-            todo = [item for item in items if item.key not in done]
-            stats.skipped = len(items) - len(todo)
-            stats.kept_before = len(out.existing)
-            if stats.skipped:
-                console.print(f"resuming {output}: {stats.skipped} of {len(items)} already done, {len(todo)} to go")
-            if todo:
-                owned = isinstance(backend, BackendConfig)
-                if economy is not None:  # the wrapper opens the real backend on the first cache miss
-                    llm, owned = economy.wrap(backend), True
+            self._batches(llm, todo, out, rejected, started)
+        finally:
+            stats.endpoints = llm.endpoint_summary()  # openai: requests, failures, req/s per server
+            if owned:
+                llm.close()
+
+    def _batches(self, llm, todo: list[WorkItem], out, rejected, started: float) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        stats, sampling = self.stats, self.config.sampling()
+        if llm.sort_by_length:
+            todo = sorted(todo, key=_prompt_chars)  # stable: equal lengths keep input order
+        step = max(1, int(llm.batch_hint))
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[tps]:>8.1f} tok/s")]
+        gen_start = time.perf_counter()
+        stats.load_s = gen_start - started
+        # A terminal gets rich's live bar; a log file (stderr not a TTY) gets a plain line every 30 s and at
+        # each 10%, since a redrawn bar reaches a file only when the stage ends.
+        plain = None if console.is_terminal else PlainProgress(self.spec.name, len(todo))
+        with Progress(*columns, console=console, transient=False, disable=plain is not None) as progress:
+            task = progress.add_task(self.spec.name, total=len(todo), tps=0.0)
+            batches = [todo[start : start + step] for start in range(0, len(todo), step)]
+            # One stream over all batches: a backend with servers sends the next batch while one finishes
+            # (no drain at batch boundaries); records are still written batch by batch, in order.
+            stream = llm.generate_stream(([item.messages for item in batch] for batch in batches), sampling)
+            try:
+                for batch, results in zip(batches, stream):
+                    self._write(llm, batch, results, out, rejected)
+                    # what the model wrote, not the cache's answers
+                    tps = stats.generated_tokens / max(time.perf_counter() - gen_start, 1e-9)
+                    progress.update(task, advance=len(batch), tps=tps)
+                    if plain is not None:
+                        plain.update(stats.items_done, f"{tps:,.1f} tok/s")
+            except BaseException:
+                if stats.items_done and out.resumable:
+                    console.print(f"[yellow]stopped after {stats.items_done} of {len(todo)} items; what was "
+                                  f"written to {out.path} is complete. Re-run the same command to resume.[/yellow]")
+                raise
+            finally:
+                stream.close()  # a failure or Ctrl-C: the batch still in flight is cancelled, not left running
+                stats.generation_s = time.perf_counter() - gen_start
+
+    def _write(self, llm, batch: list[WorkItem], results: list[list[Completion] | None], out, rejected_log) -> None:
+        """One batch's completions as records, appended (kept first, then rejected), durably."""
+        from undo_cli.records.schema import check_record
+
+        stats, kind = self.stats, self.spec.records
+        if len(results) != len(batch):
+            raise UndoError(f"backend {llm.name} returned {len(results)} results for {len(batch)} prompts",
+                            hint="this is a bug in the backend; please report it")
+        kept, rejected = [], []
+        for item, completions in zip(batch, results):
+            if completions is None:  # the teacher budget did not allow it: not done, a re-run resumes it
+                stats.left_by_budget.append(item.key)
+                continue
+            stats.count_item(item, completions)
+            item_kept = 0
+            for record in self.make_records(item, completions):
+                if self.economy is not None:  # the n samples of one request are cached (or not) together
+                    record["cached"] = bool(completions and completions[0].cached)
+                problem = check_record(record, kind)
+                if problem is not None:  # a stage bug, not user input: say so plainly
+                    raise UndoError(f"internal: a generated {kind} record is malformed: {problem}")
+                if self.keep is None or self.keep(record):
+                    kept.append(record)
+                    item_kept += 1
                 else:
-                    llm = open_backend(backend) if owned else backend
-                stats.backend, stats.model = llm.name, llm.model
-                try:
-                    _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats,
-                          description, started, economy)
-                finally:
-                    if hasattr(llm, "endpoint_summary"):  # openai: requests, failures, req/s per server
-                        stats.endpoints = llm.endpoint_summary()
-                    if owned:
-                        llm.close()
-        except BaseException:
-            if not output_existed and stats.items_done == 0:
-                # Failed before writing anything (unknown model, server down): leave no empty files behind.
-                out.close()
-                for path in ((output, side, run_record) if not stream else ()):
-                    if path:
-                        Path(path).unlink(missing_ok=True)
-            raise
-        finally:
-            if rejected_log is not None:
-                rejected_log.close()
-    # Every item is done (or left by the budget, to resume): a finished output is in item (input) order whatever the backend's batching
-    # did, so a re-run, a resumed run and `undo merge` of shards all give the same file.
-    if output != "-":
-        shards.put_in_order(output, kind, keys, resume_key)
-        if side:
-            shards.put_in_order(side, kind, keys, resume_key)
-    summary = stats.summary(output, side)
-    if keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
-        summary["rejected_by_reason"] = stats.unverified
-    # A shard is complete (mergeable) only when no item was left undone by the teacher budget.
-    if shard is not None and not stats.left_by_budget:
-        shards.finish(output, shard, records=len(out.existing) + stats.kept,
-                      rejected_records=None if side is None else len(rejected_log.existing) + stats.rejected)
-        summary["shard"] = shard["shard"]
-    stats.wall_s = time.perf_counter() - started
-    if economy is not None:
-        _economy_summary(economy, summary, stats, output)
-    summary["wall_s"] = round(stats.wall_s, 3)
-    return summary
+                    rejected.append(record)
+                stats.count_record(record)
+            if item_kept == 0:
+                stats.without_kept.append(item.key)
+        # Kept first: a kill between the two appends can only lose rejected lines (see docstring).
+        out.append(kept)
+        if rejected_log is not None:
+            rejected_log.append(rejected)
+        stats.kept += len(kept)
+        stats.rejected += len(rejected)
+        stats.items_done += len(batch)
 
+    def _finish(self, out, rejected, started: float) -> dict[str, Any]:
+        """Put the output in item order, mark a finished shard complete (or stopped by the budget), summarise."""
+        from undo_cli.stages import shards
 
-def _economy_summary(economy: Any, summary: dict[str, Any], stats: "_Stats", output: str) -> None:
-    if economy.load_s:  # the wrapper opened the backend inside the loop (on the first cache miss)
-        stats.load_s += economy.load_s
-        stats.generation_s = max(0.0, stats.generation_s - economy.load_s)
-        summary.update({k: v for k, v in stats.summary(output, None).items()
-                        if k in ("load_s", "generation_s", "tokens_per_s", "samples_per_s")})
-    summary.update(economy.summary())
-    summary["left_by_budget"] = len(stats.left_by_budget)
-    summary["left_by_budget_ids"] = stats.left_by_budget  # all of them: a stage may need to exclude them
-    summary.setdefault("extra_rows", []).extend(economy.rows())
-    if stats.left_by_budget:
-        flag = "--max-teacher-tokens" if economy.budget.max_tokens is not None else "--max-cost"
-        console.print(f"[yellow]teacher budget reached: {len(stats.left_by_budget)} of {stats.questions} items are "
-                      f"left to do; what finished is in {output}. Re-run with a higher {flag} to resume.[/yellow]")
+        stats = self.stats
+        # Every item is done (or left by the budget, to resume): a finished output is in item (input) order
+        # whatever the backend's batching did, so a re-run, a resumed run and `undo merge` of shards all give
+        # the same file. A FIFO or a device is never read back: it would wait for a writer forever.
+        if not self.stream:
+            shards.put_in_order(self.output, self.spec.records, self.keys, self.spec.key)
+            if self.side:
+                shards.put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
+        summary = stats.summary(self.output, self.side)
+        if self.keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
+            summary["rejected_by_reason"] = stats.unverified
+        if self.shard is not None:
+            counts = {"records": len(out.existing) + stats.kept,
+                      "rejected_records": None if self.side is None else len(rejected.existing) + stats.rejected}
+            if stats.left_by_budget:  # not complete (merge refuses it); what stopped it, for the launcher
+                shards.stopped_by_budget(self.output, self.shard, left=len(stats.left_by_budget),
+                                         budget=self.economy.limits(), **counts)
+            else:
+                shards.finish(self.output, self.shard, **counts)
+            summary["shard"] = self.shard["shard"]
+        stats.wall_s = time.perf_counter() - started
+        if self.economy is not None:
+            self._economy_summary(summary)
+        summary["wall_s"] = round(stats.wall_s, 3)
+        return summary
 
+    def _economy_summary(self, summary: dict[str, Any]) -> None:
+        economy, stats = self.economy, self.stats
+        if economy.load_s:  # the wrapper opened the backend inside the loop (on the first cache miss)
+            stats.load_s += economy.load_s
+            stats.generation_s = max(0.0, stats.generation_s - economy.load_s)
+            summary.update({k: v for k, v in stats.summary(self.output, None).items()
+                            if k in ("load_s", "generation_s", "tokens_per_s", "samples_per_s")})
+        summary.update(economy.summary())
+        summary["left_by_budget"] = len(stats.left_by_budget)
+        summary["left_by_budget_ids"] = stats.left_by_budget  # all of them: a stage may need to exclude them
+        summary.setdefault("extra_rows", []).extend(economy.rows())
+        if stats.left_by_budget:
+            flag = "--max-teacher-tokens" if economy.budget.max_tokens is not None else "--max-cost"
+            console.print(f"[yellow]teacher budget reached: {len(stats.left_by_budget)} of {stats.questions} items "
+                          f"are left to do; what finished is in {self.output}. Re-run with a higher {flag} to "
+                          "resume.[/yellow]")
 
-def _loop(llm, todo, sampling, out, rejected_log, kind, make_records, keep, check_record, stats, description,
-          started, economy=None) -> None:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    def _remove_new_files(self) -> None:
+        from undo_cli.records.sidecars import RUN, sidecar_path
 
-    if getattr(llm, "sort_by_length", False):
-        todo = sorted(todo, key=_prompt_chars)  # stable: equal lengths keep input order
-    step = max(1, int(getattr(llm, "batch_hint", 32)))
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-               TextColumn("{task.fields[tps]:>8.1f} tok/s")]
-    gen_start = time.perf_counter()
-    stats.load_s = gen_start - started
-    # A terminal gets rich's live bar; a log file (stderr not a TTY) gets a plain line every 30 s and at
-    # each 10%, since a redrawn bar reaches a file only when the stage ends.
-    plain = None if console.is_terminal else PlainProgress(description, len(todo))
-    with Progress(*columns, console=console, transient=False, disable=plain is not None) as progress:
-        task = progress.add_task(description, total=len(todo), tps=0.0)
-        try:
-            for start in range(0, len(todo), step):
-                batch = todo[start : start + step]
-                results = llm.generate([item.messages for item in batch], sampling)
-                if len(results) != len(batch):
-                    raise UndoError(f"backend {llm.name} returned {len(results)} results for {len(batch)} prompts",
-                                    hint="this is a bug in the backend; please report it")
-                kept, rejected = [], []
-                for item, completions in zip(batch, results):
-                    if completions is None:  # the teacher budget did not allow it: not done, a re-run resumes it
-                        stats.left_by_budget.append(item.key)
-                        continue
-                    stats.count_item(item, completions)
-                    item_kept = 0
-                    for record in make_records(item, completions):
-                        if economy is not None:  # the n samples of one request are cached (or not) together
-                            record["cached"] = bool(completions and completions[0].cached)
-                        problem = check_record(record, kind)
-                        if problem is not None:  # a stage bug, not user input: say so plainly
-                            raise UndoError(f"internal: a generated {kind} record is malformed: {problem}")
-                        if keep is None or keep(record):
-                            kept.append(record)
-                            item_kept += 1
-                        else:
-                            rejected.append(record)
-                        stats.count_record(record)
-                    if item_kept == 0:
-                        stats.without_kept.append(item.key)
-                # Kept first: a kill between the two appends can only lose rejected lines (see docstring).
-                out.append(kept)
-                if rejected_log is not None:
-                    rejected_log.append(rejected)
-                stats.kept += len(kept)
-                stats.rejected += len(rejected)
-                stats.items_done += len(batch)
-                elapsed = time.perf_counter() - gen_start
-                tps = stats.generated_tokens / max(elapsed, 1e-9)  # what the model wrote, not the cache's answers
-                progress.update(task, advance=len(batch), tps=tps)
-                if plain is not None:
-                    plain.update(stats.items_done, f"{tps:,.1f} tok/s")
-        except BaseException:
-            if stats.items_done and out.resumable:
-                console.print(f"[yellow]stopped after {stats.items_done} of {len(todo)} items; what was written "
-                              f"to {out.path} is complete. Re-run the same command to resume.[/yellow]")
-            raise
-        finally:
-            stats.generation_s = time.perf_counter() - gen_start
+        if not self.stream:
+            for path in (self.output, self.side, sidecar_path(self.output, RUN)):
+                if path:
+                    Path(path).unlink(missing_ok=True)
 
 
 @dataclass

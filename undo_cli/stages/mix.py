@@ -25,32 +25,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from undo_cli.errors import UndoError
+from undo_cli.errors import UndoError, ref
+from undo_cli.stages.spec import StageSpec
 
-MODES = ("replace", "append")
+MODES = {"replace": "refined rationales take the old ones' place by id, the default",
+         "append": "verified ones are added"}
 
 
 @dataclass
 class MixConfig:
     """Everything `undo mix` needs."""
 
-    base: str = field(metadata={"help": "The current training rationales (what `undo refine --targets` read)."})
-    refined: str = field(metadata={"help": "Refined rationales from `undo refine` (same ids as the base)."})
-    output: str = field(default="-", metadata={"short": "-o", "help": "The new training data JSONL ('-' is stdout)."})
+    base: str = field(metadata={"input": True, "help": "The current training rationales (what `undo refine --targets` read)."})
+    refined: str = field(metadata={"input": True, "help": "Refined rationales from `undo refine` (same ids as the base)."})
+    output: str = field(default="-", metadata={"identity": False, "short": "-o", "help": "The new training data JSONL ('-' is stdout)."})
     mode: str = field(default="replace", metadata={"choices": MODES,
         "help": "replace: refined rationales take the old ones' place by id; append: verified ones are added."})
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UndoError(f"--mode {self.mode}: unknown mode",
-                            hint="use --mode replace (swap by id, the default) or --mode append (add verified ones)")
+        from undo_cli.fields import check_choices
         from undo_cli.records import check_output_path
         from undo_cli.stages.options import check_output_is_new
 
-        check_output_is_new(self.output, {"--base": self.base, "--refined": self.refined}, hint="write to a new file")
+        check_choices(self)
+        check_output_is_new(self.output, {ref("base"): self.base, ref("refined"): self.refined},
+                            hint="write to a new file")
         check_output_path(self.output)
         if self.base == "-" and self.refined == "-":
-            raise UndoError("--base and --refined cannot both read stdin", hint="give one of them as a file")
+            raise UndoError(f"{ref('base')} and {ref('refined')} cannot both read stdin",
+                            hint="give one of them as a file")
 
 
 def _verified(record: dict[str, Any]) -> bool:
@@ -109,3 +112,6 @@ def run(config: MixConfig) -> dict[str, Any]:
     console.print(f"undo mix ({config.mode}): {counts['base']} base + {counts['refined']} refined -> "
                   f"{counts['records']} records ({what})")
     return counts
+
+
+SPEC = StageSpec(name="mix", config=MixConfig, run=run, records="rationale", table=False)

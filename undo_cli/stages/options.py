@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from undo_cli.backends import BACKENDS
-from undo_cli.errors import UndoError
+from undo_cli.errors import SettingError, UndoError, ref
+
+RUNTIME = {"identity": False}  # changes no record: not part of what identifies a run (undo_cli/identity.py)
 
 
 @dataclass(kw_only=True)
@@ -40,41 +42,41 @@ class GenerationOptions:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
     max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})
     seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples (with temperature > 0)."})
-    base_url: list[str] | None = field(default=None, metadata={"help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1; repeat it (or give a list) to spread requests over several replicas."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai backend: the NAME of the variable holding the key."})
-    concurrency: int = field(default=16, metadata={"help": "openai backend: requests in flight at once, per endpoint."})
-    request_timeout: float = field(default=600.0, metadata={"help": "openai backend: seconds one request may take (connect, wait, body) before it is retried."})
-    max_retries: int = field(default=5, metadata={"help": "openai backend: retries of a failed request (429/5xx, dropped connection, timeout, malformed answer), on another endpoint when there is one."})
-    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per forward batch (prompts x samples)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model repo (opt-in)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs to shard the model over."})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: fraction of GPU memory to use."})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm backend: context length (default: the model's)."})
-    shard: str | None = field(default=None, metadata={
+    base_url: list[str] | None = field(default=None, metadata={**RUNTIME, "help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1; repeat it (or give a list) to spread requests over several replicas."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={**RUNTIME, "help": "openai backend: the NAME of the variable holding the key."})
+    concurrency: int = field(default=16, metadata={**RUNTIME, "help": "openai backend: requests in flight at once, per endpoint."})
+    request_timeout: float = field(default=600.0, metadata={**RUNTIME, "help": "openai backend: seconds one request may take (connect, wait, body) before it is retried."})
+    max_retries: int = field(default=5, metadata={**RUNTIME, "help": "openai backend: retries of a failed request (429/5xx, dropped connection, timeout, malformed answer), on another endpoint when there is one."})
+    batch_size: int = field(default=32, metadata={**RUNTIME, "help": "hf backend: sequences per forward batch (prompts x samples)."})
+    trust_remote_code: bool = field(default=False, metadata={**RUNTIME, "help": "Run code shipped with the model repo (opt-in)."})
+    tensor_parallel_size: int = field(default=1, metadata={**RUNTIME, "help": "vllm backend: GPUs to shard the model over."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={**RUNTIME, "help": "vllm backend: fraction of GPU memory to use."})
+    max_model_len: int | None = field(default=None, metadata={**RUNTIME, "help": "vllm backend: context length (default: the model's)."})
+    shard: str | None = field(default=None, metadata={**RUNTIME,
         "help": "K/N: work on shard K (0-based) of N only, by a stable hash of the problem id; "
                 "`undo merge` joins the shards' outputs."})
 
     def check_generation_options(self, n: int = 1) -> None:
         """The checks of the shared fields; a stage with `--n` passes it (n samples of greedy decoding are one)."""
-        if self.backend not in BACKENDS:
-            raise UndoError(f"--backend {self.backend}: unknown backend", hint=f"use one of: {', '.join(BACKENDS)}")
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # backend, and the stage's own fields with choices (keep, verify, select, ...)
         if self.temperature < 0:
-            raise UndoError(f"--temperature {self.temperature}: must be >= 0", hint="0 means greedy decoding")
+            raise SettingError("temperature", self.temperature, "must be >= 0", hint="0 means greedy decoding")
         if n > 1 and self.temperature == 0:
-            raise UndoError(f"--n {n} with --temperature 0 would give {n} identical greedy rationales",
-                            hint="sample with e.g. --temperature 0.7, or use --n 1")
+            raise UndoError(f"{ref('n')} {n} with {ref('temperature')} 0 would give {n} identical greedy rationales",
+                            hint=f"sample with e.g. {ref('temperature')} 0.7, or use {ref('n')} 1", setting="n")
         if not 0 < self.top_p <= 1:
-            raise UndoError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise UndoError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise UndoError("--concurrency and --batch-size must be at least 1")
+            raise SettingError("top_p", self.top_p, "must be in (0, 1]")
+        for name in ("max_tokens", "concurrency", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), "must be at least 1")
         if not self.request_timeout > 0:
-            raise UndoError(f"--request-timeout {self.request_timeout}: must be > 0 seconds",
-                            hint="e.g. --request-timeout 120: a request that takes longer is retried")
+            raise SettingError("request_timeout", self.request_timeout, "must be > 0 seconds",
+                               hint=f"e.g. {ref('request_timeout')} 120: a request that takes longer is retried")
         if self.max_retries < 0:
-            raise UndoError(f"--max-retries {self.max_retries}: must be >= 0", hint="0 means no retry")
-        from undo_cli.backends.openai import base_urls
+            raise SettingError("max_retries", self.max_retries, "must be >= 0", hint="0 means no retry")
+        from undo_cli.urls import base_urls
 
         # One URL (a string, as config files and older commands write it) or a list of them.
         self.base_url = base_urls(self.base_url) or None
@@ -83,24 +85,8 @@ class GenerationOptions:
 
             parse_shard(self.shard)
         if self.base_url and self.backend != "openai":
-            raise UndoError(f"--base-url is for the openai backend, not '{self.backend}'",
-                            hint="add --backend openai to talk to a server")
-
-    def generation_identity(self) -> dict:
-        """The shared settings that change what a model writes (recorded beside a resumable output).
-
-        Throughput knobs (concurrency, batch size, server URL, GPU settings) are left out: changing
-        them between a killed run and its resume changes no record.
-        """
-        return {"backend": self.backend, "temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens, "seed": self.seed}
-
-    def shard_meta(self, stage: str) -> dict | None:
-        """The shard sidecar for the runner (None when not sharded); see stages/shards.py."""
-        from undo_cli.stages.shards import parse_shard, shard_meta
-
-        shard = parse_shard(self.shard)
-        return None if shard is None else shard_meta(stage, shard, self)
+            raise UndoError(f"{ref('base_url')} is for the openai backend, not '{self.backend}'", setting="base_url",
+                            hint=f"add {ref('backend')} openai to talk to a server")
 
     def backend_config(self, model: str, adapter: str | None = None):
         from undo_cli.backends import BackendConfig
@@ -120,8 +106,11 @@ class GenerationOptions:
                               seed=self.seed, logprobs=logprobs)
 
 
-VERIFY = ("strict", "flexible", "steps")  # undo_cli.scoring.VERIFY, restated so this module stays light
-EXTRACTIONS = ("strict", "flexible")       # the readings of a student's answer (`undo evaluate`)
+# undo_cli.scoring.VERIFY with what each means, restated so this module stays light
+VERIFY = {"strict": "only an explicit final answer counts: #### x, \\boxed{x}, 'the answer is x'",
+          "flexible": "also the last number when there is none",
+          "steps": "strict, and every arithmetic statement in the text must be true (6 * 4 = 24)"}
+EXTRACTIONS = {m: VERIFY[m] for m in ("strict", "flexible")}  # the readings of a student's answer (`undo evaluate`)
 
 # How the teacher's rationales are verified when nobody says (`undo generate`, `undo refine`, and so the
 # [generate]/[refine] tables of `undo iterate`): THE one place to change that default. `steps`: the final
@@ -130,26 +119,16 @@ EXTRACTIONS = ("strict", "flexible")       # the readings of a student's answer 
 # over 5 seeds); text without arithmetic is checked as strict. Why: docs/method.md, "The default".
 TEACHER_VERIFY = "steps"
 
-_VERIFY_HINTS = {
-    "strict": "strict: only an explicit final answer (#### x, \\boxed{x}, 'the answer is x') counts",
-    "flexible": "flexible: also the last number when there is none",
-    "steps": "steps: strict, and every arithmetic statement in the text must be true (6 * 4 = 24)",
-}
 
-
-def verify_field(default: str, help: str, choices: tuple[str, ...] = VERIFY):
-    """The `verify` field of a stage config: how the scorer decides `correct` (`choices`: the modes it takes)."""
+def verify_field(default: str, help: str, choices: dict[str, str] = VERIFY):
+    """The `verify` field of a stage config: how the scorer decides `correct` (`choices`: the modes it takes,
+    checked by fields.check_choices)."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def check_verify(value: str, key: str = "--verify", choices: tuple[str, ...] = VERIFY) -> None:
-    if value not in choices:
-        raise UndoError(f"{key} {value}: unknown choice", hint="; ".join(_VERIFY_HINTS[c] for c in choices))
-
-
-def check_limit(value: int | None, key: str = "--limit") -> None:
+def check_limit(value: int | None, name: str = "limit") -> None:
     if value is not None and value < 1:
-        raise UndoError(f"{key} {value}: must be at least 1", hint="leave it out to use every problem")
+        raise SettingError(name, value, "must be at least 1", hint="leave it out to use every problem")
 
 
 def same_file(a: str, b: str) -> bool:
@@ -166,7 +145,7 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_output_is_new(output: str, inputs: dict[str, str | None], hint: str, flag: str = "--output") -> None:
+def check_output_is_new(output: str, inputs: dict[str, str | None], hint: str, flag: str = ref("output")) -> None:
     """Refuse an --output that is one of the inputs: the stage would write into the file it is reading.
 
     `inputs` maps how the message names the input ("input", "--targets") to its path; '-' is never a clash.
@@ -179,4 +158,4 @@ def check_output_is_new(output: str, inputs: dict[str, str | None], hint: str, f
     for name, path in inputs.items():
         if path and same_file(output, path):
             raise UndoError(f"{flag} {output} is the {name} file" + ("" if output == path else f" ({path})"),
-                            hint=hint)
+                            hint=hint, setting="output")

@@ -65,10 +65,11 @@ from typing import Any
 
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
-from undo_cli.errors import UndoError
-from undo_cli.stages.options import TEACHER_VERIFY, GenerationOptions, check_output_is_new, check_verify, verify_field
+from undo_cli.errors import SettingError, UndoError, ref, word
+from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
+from undo_cli.stages.spec import StageSpec, keep_keys
 
-SELECT = ("similar", "errors")
+SELECT = {"similar": "the targets most like the failures", "errors": "the failed items themselves"}
 
 
 @dataclass
@@ -76,9 +77,9 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    errors: str = field(metadata={"help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
-    targets: str = field(metadata={"help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
-    output: str = field(default="-", metadata={"short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
+    errors: str = field(metadata={"input": True, "help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
+    targets: str = field(metadata={"input": True, "help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
+    output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
     select: str = field(default="similar", metadata={"choices": SELECT,
         "help": "similar: refine the targets most similar to the failures; errors: refine the failed items themselves."})
     k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
@@ -87,36 +88,32 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     prompt: str = field(default="refine", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration recorded on each line (default: the target's + 1)."})
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
-    overwrite: bool = field(default=False, metadata={
+    overwrite: bool = field(default=False, metadata={**RUNTIME,
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field(TEACHER_VERIFY, "strict: a refinement verifies only with an explicit final answer "
                                "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
                                "steps (the default): strict, and every arithmetic statement in it is true (6 * 4 = 24).")
 
     def __post_init__(self) -> None:
-        if self.select not in SELECT:
-            raise UndoError(f"--select {self.select}: unknown selection",
-                            hint="use --select similar (targets most like the failures) or --select errors "
-                                 "(the failed items themselves)")
         if self.k < 0:
-            raise UndoError(f"--k {self.k}: must be 0 or more", hint="0 shows only the failure that chose the target")
+            raise SettingError("k", self.k, "must be 0 or more", hint="0 shows only the failure that chose the target")
         if self.per_error < 1:
-            raise UndoError(f"--per-error {self.per_error}: must be at least 1")
+            raise SettingError("per_error", self.per_error, "must be at least 1")
         if self.max_targets is not None and self.max_targets < 1:
-            raise UndoError(f"--max-targets {self.max_targets}: must be at least 1",
-                            hint="leave it out to refine every selected target")
+            raise SettingError("max_targets", self.max_targets, "must be at least 1",
+                               hint="leave it out to refine every selected target")
         if self.n < 1:
-            raise UndoError(f"--n {self.n}: must be at least 1")
-        self.check_generation_options(n=self.n)
-        check_verify(self.verify)
+            raise SettingError("n", self.n, "must be at least 1")
+        self.check_generation_options(n=self.n)  # with select and verify's choices
         if self.backend != "openai":  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
-            check_model_ref(self.teacher, "--teacher")
+            check_model_ref(self.teacher, ref("teacher"))
         self.check_economy_options()
         if self.errors == "-" and self.targets == "-":
-            raise UndoError("--errors and --targets cannot both read stdin", hint="give one of them as a file")
-        check_output_is_new(self.output, {"--targets": self.targets, "--errors": self.errors},
+            raise UndoError(f"{ref('errors')} and {ref('targets')} cannot both read stdin",
+                            hint="give one of them as a file")
+        check_output_is_new(self.output, {ref("targets"): self.targets, ref("errors"): self.errors},
                             hint="write refined rationales to a new file; `undo iterate --mix replace` merges them")
 
     def backend_config(self):
@@ -349,22 +346,25 @@ def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
             shown[len(job.similar)] += 1
     if shown:
         counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown.items(), reverse=True))
-        warn(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
-             f"({window.tokens:,} tokens, {window.source}) with room for --max-tokens {config.max_tokens}: they show "
-             f"fewer similar failures than --k {config.k} ({counts}); a smaller --k or --max-tokens avoids this")
+        warn(word(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
+                  f"({window.tokens:,} tokens, {window.source}) with room for {ref('max_tokens')} {config.max_tokens}: "
+                  f"they show fewer similar failures than {ref('k')} {config.k} ({counts}); a smaller {ref('k')} or "
+                  f"{ref('max_tokens')} avoids this"))
     return jobs
 
 
 def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig) -> None:
     room = window.tokens - tokens
-    fix = (f"lower --max-tokens to at most {room}" if room > 0 else
-           "shorten what the prompt shows (the student's --max-tokens at evaluation bounds its output; "
-           "a shorter --prompt template)")
-    server = "; or serve it with a longer --max-model-len" if config.backend in ("vllm", "openai") else ""
-    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with --max-tokens "
+    # The settings named with ref(): `--max-tokens` here, `refine.max_tokens` in `undo iterate` (errors.py).
+    fix = (f"lower {ref('max_tokens')} to at most {room}" if room > 0 else
+           "shorten what the prompt shows (the student's output, bounded by its evaluation's max tokens; "
+           f"a shorter {ref('prompt')} template)")
+    server = {"vllm": f"; or a longer {ref('max_model_len')}",
+              "openai": "; or serve it with a longer context (the server's max model length)"}.get(config.backend, "")
+    raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with {ref('max_tokens')} "
                     f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than the teacher's context of "
                     f"{window.tokens:,} tokens ({window.source}), even with no similar failure shown",
-                    hint=f"{fix}; or a teacher with a longer context{server}")
+                    hint=f"{fix}; or a teacher with a longer context{server}", setting="max_tokens")
 
 
 def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):
@@ -475,24 +475,19 @@ def item_keys(config: RefineConfig) -> list[str]:
     return [job.target["id"] for job in plan(config)[2]]
 
 
-def _outcomes(config: RefineConfig, jobs: list[Job], stats: Counter) -> tuple[int, int, dict[str, int]]:
-    """(refinements verified, previous rationales kept, the refusals by reason).
+def _outcomes(config: RefineConfig, mine: set[str], stats: Counter) -> tuple[int, int, dict[str, int]]:
+    """(refinements verified, previous rationales kept, the refusals by reason) of the targets `mine`.
 
     The generation loop counts `correct`, which a kept previous rationale also has; what
     matters here is how many *refinements* verified. Count the whole file so a
-    resumed run reports the same totals an uninterrupted one would.
+    resumed run reports the same totals an uninterrupted one would (a stream, which is never
+    read back: this run's).
     """
     from undo_cli.records import is_stream, read_records
     from undo_cli.scoring import REASONS
 
     if not is_stream(config.output):
-        if config.shard:
-            from undo_cli.stages.shards import parse_shard, shard_of
-
-            part = parse_shard(config.shard)
-            jobs = [j for j in jobs if shard_of(j.target["problem_id"], part.n) == part.k]
-        ours = {j.target["id"] for j in jobs}
-        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in ours]
+        done = [r for r in read_records(config.output, "rationale", allow_empty=True) if r["id"] in mine]
         verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
         kept_previous = len(done) - verified
         reasons = Counter(refusal_of(r.get("refinement") or {}) for r in done)
@@ -508,42 +503,21 @@ def _outcomes(config: RefineConfig, jobs: list[Job], stats: Counter) -> tuple[in
 
 def run(config: RefineConfig) -> dict[str, Any]:
     """Select, refine, verify and write; prints the summary table and returns it."""
-    from undo_cli.stages.generation_loop import print_summary, run_generation
+    from undo_cli.stages.generation_loop import Generation, digest, print_summary
 
     errors, targets, jobs, counts = plan(config)
     from undo_cli.records import check_output_path
 
     check_output_path(config.output)  # the cheap refusals first: the context check loads the tokenizer
     jobs = fit_to_context(jobs, config)
-
-    if not errors:
-        console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")
-    elif not jobs:
-        if config.select == "errors":
-            raise UndoError(f"none of the {len(errors)} failures in {config.errors} has a rationale in "
-                            f"{config.targets} (matched by problem id: error 'id' = target 'problem_id')",
-                            hint="use --select similar when the failures come from a validation split")
-        raise UndoError(f"no target question in {config.targets} shares a word with any failure in {config.errors}",
-                        hint="check that both files are about the same kind of problems")
-    if counts["unmatched_errors"]:
-        why = "no similar target question" if config.select == "similar" else "no rationale in --targets"
-        warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
-
-    from undo_cli.prompts import template_name
-    from undo_cli.stages.generation_loop import digest
-
+    _check_selection(config, errors, jobs, counts)
     stats: Counter = Counter()
-    identity = {"teacher": config.teacher, **config.generation_identity(), "n": config.n,
-                "template": template_name(config.prompt), "select": config.select, "k": config.k,
-                "per_error": config.per_error, "max_targets": config.max_targets, "iteration": config.iteration,
-                "errors": digest(errors), "targets": digest(targets), "verify": config.verify}
-    summary = run_generation(
-        build_items(jobs, config.prompt), config.backend_config(), config.sampling(), config.output,
-        kind="rationale", make_records=make_record_builder(config, stats), resume_key="id",
-        description="refine", identity=identity, fresh=config.overwrite, economy=config.economy(),
-        shard=config.shard_meta("refine"),
-    )
-    verified, kept_previous, rejected_by_reason = _outcomes(config, jobs, stats)
+    generation = Generation(SPEC, config, build_items(jobs, config.prompt), make_record_builder(config, stats),
+                            inputs={"errors": digest(errors), "targets": digest(targets)})
+    summary = generation.run()
+    mine = set(generation.keys)  # with --shard K/N, this shard's targets
+    jobs = [j for j in jobs if j.target["id"] in mine]
+    verified, kept_previous, rejected_by_reason = _outcomes(config, mine, stats)
     total = verified + kept_previous
     summary.update({
         "select": config.select, "errors": len(errors), "targets": len(targets),
@@ -564,3 +538,38 @@ def run(config: RefineConfig) -> dict[str, Any]:
         warn(f"{kept_previous} of {total} refinements did not verify; their previous rationales were kept "
              "(the rejected text is in refinement.rejected_rationale)")
     return summary
+
+
+def _check_selection(config: RefineConfig, errors: list[dict[str, Any]], jobs: list[Job], counts: dict[str, int]) -> None:
+    """Say what the selection found: nothing to learn from (fine), nothing matched (an error), failures left out."""
+    if not errors:
+        console.print("[green]no errors to learn from[/green]: the student failed nothing; nothing to refine")
+    elif not jobs:
+        if config.select == "errors":
+            raise UndoError(f"none of the {len(errors)} failures in {config.errors} has a rationale in "
+                            f"{config.targets} (matched by problem id: error 'id' = target 'problem_id')",
+                            hint=f"use {ref('select')} similar when the failures come from a validation split")
+        raise UndoError(f"no target question in {config.targets} shares a word with any failure in {config.errors}",
+                        hint="check that both files are about the same kind of problems")
+    if counts["unmatched_errors"]:
+        why = "no similar target question" if config.select == "similar" else "no rationale in --targets"
+        warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
+
+
+def merged_summary(config: RefineConfig, merged: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a refine run whose shards were merged (`--launcher slurm`), read from the merged file."""
+    from undo_cli.records import iter_records
+
+    done = verified = 0
+    for r in iter_records(config.output, None, allow_empty=True):
+        done += 1
+        verified += bool(r.get("refinement", {}).get("verified"))
+    return {"jobs": done, "refined_verified": verified, "kept_previous": done - verified}
+
+
+SPEC = StageSpec(
+    name="refine", config=RefineConfig, run=run, records="rationale", key="id", shard_key="problem_id",
+    item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
+    keep=keep_keys("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
+                   "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage",
+                   "budget", "left_by_budget"))

@@ -29,9 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from undo_cli.errors import UndoError
 from undo_cli.records.schema import TASKS
-from undo_cli.stages.options import check_verify, verify_field
+from undo_cli.stages.options import verify_field
 
 
 @dataclass
@@ -47,10 +46,9 @@ class ScoreConfig:
                                "every arithmetic statement in the output is true (6 * 4 = 24).")
 
     def __post_init__(self) -> None:
-        check_verify(self.verify)
-        if self.task is not None and self.task not in TASKS:
-            raise UndoError(f"--task {self.task}: unknown task",
-                            hint=f"use one of: {', '.join(TASKS)} (or leave it out to use each record's own task)")
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # task, verify
         from undo_cli.records import check_output_path
         from undo_cli.stages.options import check_output_is_new
 

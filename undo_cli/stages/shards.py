@@ -25,10 +25,14 @@ writes its shard's part, so a `--max` sample is the same as unsharded.
      "settings": {...every setting that decides the records...}, "key": "problem_id",
      "complete": true, "records": 412, "rejected_records": 37}
 
-Settings that may differ between shards without changing a record (the server
-each task talks to, concurrency, batch size, GPU memory) are left out of it.
-A shard output with a sidecar for another K/N, input or settings is refused,
-and so is an unsharded run writing over a shard's output.
+`settings` are the config's fields that identify a run (undo_cli/identity.py):
+those that may differ between shards without changing a record (the server
+each task talks to, concurrency, batch size, GPU memory, the teacher budget)
+are left out. A shard output with a sidecar for another K/N, input or
+settings is refused, and so is an unsharded run writing over a shard's output.
+A shard the teacher budget stopped says so (`"stopped": "budget"`, with the
+items left and the budget it ran under) and is not complete: `--launcher slurm`
+reports the budget instead of resubmitting it, a re-run with more resumes it.
 
 **Merging.** `undo merge OUT SHARD...` checks that the shards are exactly
 0..N-1 of one stage, one input and one set of settings (missing, duplicated,
@@ -37,12 +41,15 @@ the order, and writes OUT (plus `<stem>.rejected.jsonl` for generate) in the
 order an unsharded run writes it: input order, each item's records in the
 order they were generated. The merged file is byte-identical to the unsharded
 run's. `undo evaluate`'s metrics are recomputed from the merged predictions and
-written beside OUT (`metrics.json`), never averaged from the shards'.
+written beside OUT (`metrics.json`), never averaged from the shards'. The
+shards' token ledgers (`<stem>.usage.json`) are added up beside OUT, so later
+stages and `undo report` count what the shards paid for.
+
+What a stage's records, keys and merge hooks are is its `StageSpec` (stages/spec.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import json
@@ -55,22 +62,6 @@ from typing import Any, Iterable, Iterator
 from undo_cli.errors import UndoError
 
 FORMAT = 1
-
-# Settings that may differ from shard to shard without changing a single record: where the
-# output goes, which server a task talks to and how hard it pushes it.
-PER_SHARD = frozenset({"output", "metrics", "shard", "overwrite", "base_url", "api_key_env", "concurrency", "request_timeout",
-                       "max_retries", "batch_size", "gpu_memory_utilization", "tensor_parallel_size"})
-
-# stage -> (config module, config class, record kind, the field that orders/resumes, the field that shards,
-#           the config fields that are input files)
-STAGES: dict[str, tuple[str, str, str, str, str, tuple[str, ...]]] = {
-    "generate": ("undo_cli.stages.generate", "GenerateConfig", "rationale", "problem_id", "problem_id",
-                 ("input", "fewshot")),
-    "evaluate": ("undo_cli.stages.evaluate", "EvaluateConfig", "prediction", "id", "id", ("input",)),
-    "refine": ("undo_cli.stages.refine", "RefineConfig", "rationale", "id", "problem_id", ("errors", "targets")),
-    "collect_errors": ("undo_cli.stages.collect_errors", "CollectErrorsConfig", "error", "id", "id",
-                       ("predictions",)),
-}
 
 
 @dataclass(frozen=True)
@@ -102,23 +93,24 @@ def shard_of(key: str, n: int) -> int:
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
-    """`shards/rationales.0.jsonl` -> `shards/rationales.0.shard.json`."""
-    p = Path(output)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return p.with_name(f"{stem}.shard.json")
+    """`shards/rationales.0.jsonl` -> `shards/rationales.0.shard.json` (a shard's output is a regular file)."""
+    from undo_cli.records.sidecars import SHARD, sidecar_path as path_of
+
+    return Path(path_of(output, SHARD) or f"{output}.{SHARD}")
 
 
 def _sha256(path: str) -> str:
-    from undo_cli.loop.manifest import sha256_file
+    from undo_cli.records import sha256_file
 
     return sha256_file(path)
 
 
-def shard_meta(stage: str, shard: Shard, config: Any) -> dict[str, Any]:
-    """The sidecar of one shard (not yet complete): what merge compares across shards."""
-    _, _, _, key, _, input_fields = STAGES[stage]
+def shard_meta(spec: Any, shard: Shard, config: Any) -> dict[str, Any]:
+    """The sidecar of one shard of `spec`'s stage (not yet complete): what merge compares across shards."""
+    from undo_cli.identity import identity
+
     inputs = {}
-    for name in input_fields:
+    for name in spec.inputs():
         path = getattr(config, name)
         if path is None:
             continue
@@ -126,12 +118,13 @@ def shard_meta(stage: str, shard: Shard, config: Any) -> dict[str, Any]:
             raise UndoError(f"--shard {shard} cannot read --{name.replace('_', '-')} from stdin",
                             hint="give the input as a file: every shard reads it, and `undo merge` re-reads it")
         inputs[name] = {"path": path, "sha256": _sha256(path)}
-    if getattr(config, "output", "-") == "-":
-        raise UndoError(f"--shard {shard} needs --output FILE, not stdout",
+    from undo_cli.records import is_stream
+
+    if is_stream(getattr(config, "output", "-")):
+        raise UndoError(f"--shard {shard} needs --output FILE, not stdout or a stream",
                         hint="each shard writes its own file (e.g. out/rationales.{k}.jsonl); `undo merge` joins them")
-    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in PER_SHARD}
-    return {"format": FORMAT, "stage": stage, "shard": str(shard), "k": shard.k, "n": shard.n,
-            "inputs": inputs, "settings": settings, "key": key, "complete": False}
+    return {"format": FORMAT, "stage": spec.name, "shard": str(shard), "k": shard.k, "n": shard.n,
+            "inputs": inputs, "settings": identity(config), "key": spec.key, "complete": False}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -145,6 +138,16 @@ def _identity(meta: dict[str, Any]) -> dict[str, Any]:
         "inputs": {name: v.get("sha256") for name, v in (meta.get("inputs") or {}).items()}}
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """How two sidecars' runs differ ('key: was X, now Y'); a setting an older sidecar lacks holds its default."""
+    from undo_cli.identity import changes, defaults, describe
+    from undo_cli.stages.spec import MODULES, stage
+
+    a, b = ({k: v for k, v in _identity(m).items() if k not in ignore} for m in (old, new))
+    known = {"settings": defaults(stage(new["stage"]).config)} if new.get("stage") in MODULES else {}
+    return describe(changes(a, b, known))
+
+
 def begin(output: str, meta: dict[str, Any], *, fresh: bool = False) -> None:
     """Before a shard starts: refuse an output that belongs to another shard or run; write the sidecar.
 
@@ -152,7 +155,6 @@ def begin(output: str, meta: dict[str, Any], *, fresh: bool = False) -> None:
     it is, complete or not: the runner marks it complete again at the end).
     """
     from undo_cli.records import write_json
-    from undo_cli.loop.manifest import differences
 
     side = sidecar_path(output)
     old = _read_sidecar(side)
@@ -160,7 +162,7 @@ def begin(output: str, meta: dict[str, Any], *, fresh: bool = False) -> None:
         if old is None:
             raise UndoError(f"{output} exists and is not a shard's output (no {side.name} beside it)",
                             hint="write each shard to a new file, e.g. out/rationales.{k}.jsonl")
-        changed = differences(_identity(old), _identity(meta))
+        changed = _differences(old, meta)
         if changed:
             raise UndoError(f"{output} holds shard {old.get('shard')} of another run; these differ:\n  "
                             + "\n  ".join(changed[:8]),
@@ -171,7 +173,9 @@ def begin(output: str, meta: dict[str, Any], *, fresh: bool = False) -> None:
 
 def refuse_unsharded(output: str) -> None:
     """An unsharded run must not resume into (and silently complete) a shard's output."""
-    if output == "-":
+    from undo_cli.records import is_stream
+
+    if is_stream(output):
         return
     side = sidecar_path(output)
     if side.is_file() and Path(output).exists():
@@ -187,6 +191,20 @@ def finish(output: str, meta: dict[str, Any], **counts: Any) -> None:
     write_json(sidecar_path(output), {**meta, "complete": True, **counts})
 
 
+def stopped_by_budget(output: str, meta: dict[str, Any], *, left: int, budget: dict[str, Any], **counts: Any) -> None:
+    """A shard the teacher budget stopped with `left` items to do: not complete, and it says why (for the
+    launcher, which then stops the stage with the reason `budget` instead of resubmitting the shard)."""
+    from undo_cli.records import write_json
+
+    write_json(sidecar_path(output), {**meta, "complete": False, "stopped": "budget", "left_by_budget": left,
+                                      "budget": budget, **counts})
+
+
+def read_sidecar(output: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar of a shard output, or None if there is none."""
+    return _read_sidecar(sidecar_path(output))
+
+
 def order_records(records: list[dict[str, Any]], keys: Iterable[str], key: str) -> list[dict[str, Any]]:
     """Records grouped by `record[key]` in the order of `keys`; within a key, as given. Unknown keys go last."""
     position = {k: i for i, k in enumerate(keys)}
@@ -199,7 +217,9 @@ def put_in_order(path: str, kind: str, keys: list[str], key: str) -> None:
     """Rewrite a finished JSONL output (atomically) in item order, if it is not already."""
     from undo_cli.records import read_records, write_records
 
-    if path == "-" or not Path(path).exists():
+    from undo_cli.records.sidecars import can_read_back
+
+    if not can_read_back(path):
         return
     records = read_records(path, kind, allow_empty=True)
     ordered = order_records(records, keys, key)
@@ -234,7 +254,7 @@ class MergeConfig:
 
 def check_shards(paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """(path, sidecar) by K, checked to be shards 0..N-1 of one stage, input and settings, all complete."""
-    from undo_cli.loop.manifest import differences
+    from undo_cli.stages.spec import MODULES
 
     metas = []
     for p in paths:
@@ -245,14 +265,13 @@ def check_shards(paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
         if meta is None:
             raise UndoError(f"{p}: not a shard (no {side.name} beside it)",
                             hint="only outputs of a run with --shard K/N can be merged")
-        if meta.get("format") != FORMAT or meta.get("stage") not in STAGES:
+        if meta.get("format") != FORMAT or meta.get("stage") not in MODULES:
             raise UndoError(f"{side}: not a shard sidecar this version of undo reads")
         metas.append(meta)
     first = metas[0]
     n = first["n"]
     for p, meta in zip(paths, metas):
-        changed = differences({k: v for k, v in _identity(first).items() if k != "k"},
-                              {k: v for k, v in _identity(meta).items() if k != "k"})
+        changed = _differences(first, meta, ignore=("k",))
         if changed:
             raise UndoError(f"{p} is not a shard of the same run as {paths[0]}; these differ:\n  "
                             + "\n  ".join(changed[:8]),
@@ -267,10 +286,12 @@ def check_shards(paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
     if missing:
         raise UndoError(f"missing shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {n}",
                         hint="run the missing shards (same command with --shard K/N), then merge all of them")
-    unfinished = [f"{p} ({m['shard']})" for p, m in zip(paths, metas) if not m.get("complete")]
+    unfinished = [f"{p} ({m['shard']}{', stopped by the teacher budget' if m.get('stopped') == 'budget' else ''})"
+                  for p, m in zip(paths, metas) if not m.get("complete")]
     if unfinished:
         raise UndoError(f"unfinished shard{'s' if len(unfinished) > 1 else ''}: {', '.join(unfinished)}",
-                        hint="re-run those shards' commands: they resume where they stopped")
+                        hint="re-run those shards' commands (with a higher budget where it stopped them): they "
+                             "resume where they stopped")
     for name, v in first["inputs"].items():
         if not Path(v["path"]).is_file() or _sha256(v["path"]) != v["sha256"]:
             raise UndoError(f"{v['path']} ({name}) changed or is gone since the shards read it",
@@ -280,19 +301,9 @@ def check_shards(paths: list[str]) -> list[tuple[str, dict[str, Any]]]:
 
 def stage_config(meta: dict[str, Any], **overrides: Any):
     """The stage's config as the shards ran it (per-shard settings at their defaults), for merge-time work."""
-    import importlib
+    from undo_cli.stages.spec import stage
 
-    module, cls_name, *_ = STAGES[meta["stage"]]
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls(**meta["settings"], **overrides)
-
-
-def item_keys(meta: dict[str, Any], config: Any) -> list[str]:
-    """Every work item's key in the unsharded run's order (what `order_records` sorts by)."""
-    import importlib
-
-    module = importlib.import_module(STAGES[meta["stage"]][0])
-    return module.item_keys(config)
+    return stage(meta["stage"]).config(**{**meta["settings"], **overrides})
 
 
 def ids_of(path: str, field: str = "id") -> list[str]:
@@ -358,37 +369,37 @@ def _merge_files(paths: list[str], out: str, position: dict[str, int], key: str,
 
 
 def merge(config: MergeConfig) -> dict[str, Any]:
-    """Check the shards, merge them (and their rejected sidecars) in input order; evaluate: recompute metrics."""
-    import importlib
+    """Check the shards, merge them (their rejected sidecars and ledgers too) in input order; evaluate: metrics."""
     import time
 
     from undo_cli.console import console
-    from undo_cli.stages.generation_loop import rejected_path
+    from undo_cli.economy.accounting import merge_ledgers
+    from undo_cli.records.sidecars import REJECTED, USAGE, sidecar_path as path_of
+    from undo_cli.stages.spec import stage
 
     started = time.perf_counter()
     checked = check_shards(config.shards)
     paths, metas = [p for p, _ in checked], [m for _, m in checked]
     first = metas[0]
-    stage = first["stage"]
-    _, _, kind, key, shard_key, _ = STAGES[stage]
+    spec = stage(first["stage"])
     stage_cfg = stage_config(first, output=config.output)
-    keys = item_keys(first, stage_cfg)
-    position = {k: i for i, k in enumerate(keys)}
-    module = importlib.import_module(STAGES[stage][0])
-    records, consumed = _merge_files(paths, config.output, position, key, shard_key, metas,
-                                     consume=module.merge_consumer(stage_cfg) if hasattr(module, "merge_consumer")
-                                     else None)
-    summary: dict[str, Any] = {"stage": stage, "shards": first["n"], "output": config.output, "records": records,
+    position = {k: i for i, k in enumerate(spec.item_keys(stage_cfg))}
+    consume = spec.merge_consume(stage_cfg) if spec.merge_consume else None
+    records, consumed = _merge_files(paths, config.output, position, spec.key, spec.shard_key, metas, consume=consume)
+    summary: dict[str, Any] = {"stage": spec.name, "shards": first["n"], "output": config.output, "records": records,
                                "inputs": {n: v["path"] for n, v in first["inputs"].items()}}
-    sides = [rejected_path(p) for p in paths]
-    if any(m.get("rejected_records") is not None for m in metas):
-        out_side = rejected_path(config.output)
+    out_side = path_of(config.output, REJECTED)  # None when OUT is a stream: no sidecar there
+    if out_side is not None and any(m.get("rejected_records") is not None for m in metas):
         summary["rejected_output"] = out_side
-        summary["rejected"], _ = _merge_files(sides, out_side, position, key, shard_key, metas)
-    if hasattr(module, "after_merge"):
-        module.after_merge(stage_cfg, config, summary, consumed)
+        summary["rejected"], _ = _merge_files([path_of(p, REJECTED) for p in paths], out_side, position, spec.key,
+                                              spec.shard_key, metas)
+    usage = merge_ledgers([path_of(p, USAGE) for p in paths], config.output)
+    if usage is not None:
+        summary["teacher_usage"] = usage
+    if spec.after_merge:
+        spec.after_merge(stage_cfg, config, summary, consumed)
     summary["wall_s"] = round(time.perf_counter() - started, 3)
-    console.print(f"merged {first['n']} {stage} shards: {records} records -> {config.output}"
+    console.print(f"merged {first['n']} {spec.name} shards: {records} records -> {config.output}"
                   + (f" (+{summary['rejected']} rejected -> {summary['rejected_output']})"
                      if "rejected_output" in summary else ""))
     return summary

@@ -42,6 +42,18 @@ The manifest records each shard's job id and attempts. A controller that dies
 (SIGKILL, a lost ssh session) is restarted with `--resume`: finished shards are
 kept, shards whose job is still queued or running are waited for, the rest are
 resubmitted.
+
+The teacher budget (`max_teacher_tokens`, `max_cost` of the run, loop/usage.py)
+is shared out among a teacher stage's shards: each may spend, on its own ledger,
+what it has spent so far plus an equal share of what the stage has left, so the
+shards together never exceed it. A shard the budget stops says so in its
+sidecar and is not resubmitted as if it had failed; once every shard is complete
+or stopped, the stage returns what they spent and how many items are left
+(`left_by_budget`), and `undo iterate` stops with the reason `budget`. A resume
+with a larger budget gives the stopped shards their new shares.
+
+What a task runs, what counts as the stage's items and what the summary of its
+merged shards is comes from the stage's StageSpec (stages/spec.py).
 """
 
 from __future__ import annotations
@@ -141,11 +153,10 @@ def queue_states() -> dict[str, str] | None:
 
 def run_shard(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One shard task: the stage's own run() with --shard K/N (settings holds every config field)."""
-    from undo_cli.stages.shards import stage_config
+    from undo_cli.stages.spec import stage as spec_of
 
-    module = __import__(f"undo_cli.stages.{stage}", fromlist=["run"])
-    config = stage_config({"stage": stage, "settings": settings})
-    return _plain(module.run(config))
+    spec = spec_of(stage)
+    return _plain(spec.run(spec.config(**settings)))
 
 
 def run_train(settings: dict[str, Any], nnodes: int, nproc: int, port: int) -> dict[str, Any]:
@@ -213,38 +224,98 @@ class SlurmLauncher:
     # One sharded stage ------------------------------------------------------------------------------
 
     def run_sharded(self, key: str, stage: str, config: Any) -> dict[str, Any]:
-        """All N shards of `config` (an unsharded stage config writing config.output), then the merge."""
+        """All N shards of `config` (an unsharded config of stage `stage`, writing config.output), then the merge.
+
+        A teacher stage's budget (config.max_teacher_tokens / max_cost: what is left of the run's) is shared
+        out among the shards (`_allowances`). When the budget stops shards, nothing is merged: the summary
+        says how many items are left (`left_by_budget`) and what the shards spent, and a later call with
+        more budget resumes them.
+        """
         import dataclasses
 
         from undo_cli.stages import shards
+        from undo_cli.stages.spec import stage as spec_of
 
-        n = self.c.shards
+        spec, n = spec_of(stage), self.c.shards
         out = Path(config.output)
-        stem = out.name[: -len(".jsonl")]
-        parts = [out.parent / "shards" / f"{stem}.{k}-of-{n}.jsonl" for k in range(n)]
+        parts = [out.parent / "shards" / f"{out.name[: -len('.jsonl')]}.{k}-of-{n}.jsonl" for k in range(n)]
+        expected = json.loads(json.dumps(shards.shard_meta(spec, shards.Shard(0, n), config)["settings"], default=str))
+        sidecars = [self._sidecar(part, k, expected) for k, part in enumerate(parts)]
+        budgets = self._allowances(config, parts, [bool(m and m.get("complete")) for m in sidecars])
         settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}",
+        per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}", **budgets[k],
                       **({"metrics": None} if "metrics" in settings else {})} for k, p in enumerate(parts)]
-        expected = shards.shard_meta(stage, shards.Shard(0, n), config)
 
-        def complete(k: int) -> bool:
-            side = shards.sidecar_path(parts[k])
-            if not side.is_file() or not parts[k].exists():
-                return False
-            meta = json.loads(side.read_text())
-            return bool(meta.get("complete")) and meta.get("settings") == json.loads(
-                json.dumps(expected["settings"], default=str)) and meta.get("k") == k
+        def outcome(k: int) -> str | None:
+            """complete, budget (stopped by the budget it was given now), or None: not finished."""
+            meta = self._sidecar(parts[k], k, expected)
+            if meta and meta.get("complete"):
+                return "complete"
+            stopped = meta and meta.get("stopped") == "budget" and meta.get("budget") == budgets[k]
+            return "budget" if stopped else None
 
         stage_state = self.folder.stage(key)
         state = stage_state.setdefault("slurm", {})
         if state.get("n") != n:
             state.clear()
             state.update(n=n, tasks={})
-        tasks: dict[str, dict[str, Any]] = state["tasks"]
-        self._wait(key, n, tasks, complete, lambda ks: self._submit_shards(stage, key, ks, per_shard))
+        self._wait(key, n, state["tasks"], outcome, lambda ks: self._submit_shards(spec.name, key, ks, per_shard))
+        stopped = [k for k in range(n) if outcome(k) == "budget"]
+        if stopped:
+            return self._stopped_summary(config, parts, stopped)
         merged = shards.merge(shards.MergeConfig(output=str(out), shards=[str(p) for p in parts],
                                                  metrics=getattr(config, "metrics", None)))
-        return self._summary(stage, config, merged)
+        summary: dict[str, Any] = {"shards": merged["shards"], "merge_s": merged["wall_s"]}
+        if spec.merged_summary is not None:
+            summary.update(spec.merged_summary(config, merged))
+        if "teacher_usage" in merged:
+            summary.update(teacher_usage=merged["teacher_usage"], left_by_budget=0)
+        return summary
+
+    @staticmethod
+    def _sidecar(part: Path, k: int, expected: dict[str, Any]) -> dict[str, Any] | None:
+        """Shard k's sidecar when it belongs to this run (same settings, same k), else None."""
+        from undo_cli.stages import shards
+
+        meta = shards.read_sidecar(part) if part.exists() else None
+        return meta if meta and meta.get("k") == k and meta.get("settings") == expected else None
+
+    @staticmethod
+    def _allowances(config: Any, parts: list[Path], complete: list[bool]) -> list[dict[str, Any]]:
+        """Each shard's share of a teacher stage's budget, as the limit of its own ledger (which counts every run
+        of that shard): what it has spent so far plus an equal share of what the stage has left. The shares add
+        up to the stage's budget, so N shards never spend N times it. No budget: no limits."""
+        limits = [(name, getattr(config, name, None)) for name in ("max_teacher_tokens", "max_cost")]
+        if all(value is None for _, value in limits):
+            return [{} for _ in parts]
+        from undo_cli.economy.accounting import read_ledger
+        from undo_cli.records.sidecars import USAGE, sidecar_path
+
+        ledgers = [read_ledger(sidecar_path(p, USAGE)) or {} for p in parts]
+        spent = {"max_teacher_tokens": [(d.get("paid") or {}).get("tokens", 0) for d in ledgers],
+                 "max_cost": [d.get("cost") or 0.0 for d in ledgers]}
+        open_shards = max(1, sum(not c for c in complete))
+        out: list[dict[str, Any]] = [{} for _ in parts]
+        for name, limit in limits:
+            left = None if limit is None else max(0, limit - sum(spent[name]))
+            share = None if left is None else (left // open_shards if name == "max_teacher_tokens" else left / open_shards)
+            for k in range(len(parts)):
+                out[k][name] = None if share is None else spent[name][k] + (0 if complete[k] else share)
+        return out
+
+    @staticmethod
+    def _stopped_summary(config: Any, parts: list[Path], stopped: list[int]) -> dict[str, Any]:
+        """The summary of a stage whose shards the budget stopped: items left, and what the shards spent."""
+        from undo_cli.economy.accounting import sum_ledgers
+        from undo_cli.records.sidecars import USAGE, sidecar_path
+        from undo_cli.stages import shards
+
+        left = sum(int((shards.read_sidecar(parts[k]) or {}).get("left_by_budget") or 0) for k in stopped)
+        usage = sum_ledgers([sidecar_path(p, USAGE) for p in parts])
+        return {"shards": len(parts), "left_by_budget": max(1, left), "stopped_shards": len(stopped),
+                **({"teacher_usage": usage} if usage else {}),
+                "budget": {"max_teacher_tokens": config.max_teacher_tokens, "max_cost": config.max_cost,
+                           "stopped": True, "items_left": left}}
 
     def _submit_shards(self, stage: str, key: str, ks: list[int], per_shard: list[dict[str, Any]]) -> dict[int, str]:
         params: dict[str, Any] = {}
@@ -256,15 +327,18 @@ class SlurmLauncher:
         jobs = ex.map_array(run_shard, [stage] * len(ks), [per_shard[k] for k in ks])
         return {k: job.job_id for k, job in zip(ks, jobs)}
 
-    def _wait(self, key: str, n: int, tasks: dict[str, dict[str, Any]], complete, submit) -> None:
-        """Submit what is neither complete nor queued, resubmit what left the queue unfinished, until all complete."""
+    def _wait(self, key: str, n: int, tasks: dict[str, dict[str, Any]], finished, submit) -> None:
+        """Submit what is neither finished nor queued, resubmit what left the queue unfinished, until all finished.
+
+        finished(k): what shard k ended with (complete, stopped by the budget), or None while it has not.
+        """
         first = True
         while True:
             states = queue_states()
             if states is None:
                 time.sleep(self.c.poll_s)
                 continue
-            done = [k for k in range(n) if complete(k)]
+            done = [k for k in range(n) if finished(k)]
             todo = []
             for k in range(n):
                 if k in done:
@@ -295,7 +369,7 @@ class SlurmLauncher:
             elif len(done) == n:
                 for k in done:
                     if str(k) in tasks:
-                        tasks[str(k)]["state"] = "complete"
+                        tasks[str(k)]["state"] = str(finished(k))
                 self.folder.save()
                 return
             elif first:
@@ -315,36 +389,6 @@ class SlurmLauncher:
                 return f": {lines[-1][:300]}"
         return ""
 
-    @staticmethod
-    def _summary(stage: str, config: Any, merged: dict[str, Any]) -> dict[str, Any]:
-        """The stage summary the loop keeps in its manifest, computed from the merged files."""
-        from undo_cli.records import iter_records
-
-        # Streamed: at a million problems the merged rationales are gigabytes; only counts and ids are kept.
-        summary: dict[str, Any] = {"shards": merged["shards"], "merge_s": merged["wall_s"]}
-        if stage == "generate":
-            with_kept: set[str] = set()
-            kept = verified = 0
-            for r in iter_records(config.output, None, allow_empty=True):
-                with_kept.add(r["problem_id"])
-                kept += 1
-                verified += bool(r.get("correct"))
-            questions = without = 0
-            for p in iter_records(config.input, None):
-                questions += 1
-                without += p["id"] not in with_kept
-            summary.update(questions=questions, kept_total=kept, rejected=merged.get("rejected", 0),
-                           verified=verified, questions_without_kept=without)
-        elif stage == "evaluate":
-            summary["metrics"] = merged["metrics"]
-        elif stage == "refine":
-            done = verified = 0
-            for r in iter_records(config.output, None, allow_empty=True):
-                done += 1
-                verified += bool(r.get("refinement", {}).get("verified"))
-            summary.update(jobs=done, refined_verified=verified, kept_previous=done - verified)
-        return summary
-
     # Training -----------------------------------------------------------------------------------------
 
     def run_train(self, key: str, config: Any) -> dict[str, Any]:
@@ -360,8 +404,8 @@ class SlurmLauncher:
             params["gpus_per_node"] = self.c.train_gpus_per_node
         port = 29500 + random.Random(str(out)).randrange(2000)
 
-        def complete(_k: int) -> bool:
-            return (out / "train_summary.json").is_file() and self._result_ok(key)
+        def complete(_k: int) -> str | None:
+            return "complete" if (out / "train_summary.json").is_file() and self._result_ok(key) else None
 
         def submit(_ks: list[int]) -> dict[int, str]:
             job = self._executor(key.replace("/", "-"), **params).submit(run_train, settings, nnodes, nproc, port)

@@ -37,9 +37,11 @@ How it runs:
   a killed run from the last complete one: same seeded data order, optimizer,
   scheduler and RNG states, so it ends where an uninterrupted run ends. They are
   deleted once the run finished (unless --keep-checkpoints).
-* OUTPUT/train_run.json identifies the run (config + data hash): an OUTPUT that
-  holds a different run is refused unless --overwrite; --resume of a finished
-  run returns its summary without training again.
+* OUTPUT/train_run.json identifies the run (the config's identifying fields,
+  undo_cli/identity.py, + data hash): an OUTPUT that holds a different run is
+  refused unless --overwrite; --resume of a finished run returns its summary
+  without training again. Logging, saving, the served teacher's address and
+  patience may change on --resume (their fields say `identity: False`).
 
 * White-box distillation with `--objective fkl|rkl|jsd|skl|srkl|tvd` and a live
   `--teacher T`, a teacher on a vLLM server (`--teacher T --teacher-url URL`,
@@ -64,7 +66,9 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
 from undo_cli.models import library_versions, load_error, release_memory
-from undo_cli.records import read_json, read_records, write_json
+from undo_cli.records import read_json, write_json
+from undo_cli.stages.spec import StageSpec, keep_keys
+from undo_cli.training import hf
 from undo_cli.training.config import TrainConfig
 from undo_cli.training.hf import CHECKPOINTS, STATS_FILE
 
@@ -72,15 +76,11 @@ RUN_FILE = "train_run.json"
 SUMMARY_FILE = "train_summary.json"
 
 
-# Flags that change what is trained; the rest (logging, saving, resume) may differ on --resume.
-_NOT_IDENTITY = {"output", "resume", "overwrite", "logging_steps", "save_steps", "report_to", "keep_checkpoints",
-                 # where the served teacher lives and how patiently we ask: a restarted server may move
-                 "teacher_url", "teacher_api_key_env", "teacher_timeout", "teacher_max_retries"}
-
-
 def _identity(config: TrainConfig, data_hash: str) -> dict[str, Any]:
-    ident = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
-    return {**ident, "data_sha256": data_hash}
+    """What train_run.json records: the fields that identify a run (undo_cli/identity.py) and the data's hash."""
+    from undo_cli.identity import identity
+
+    return {**identity(config), "data_sha256": data_hash}
 
 
 def complete_checkpoints(output: Path) -> tuple[list[Path], list[Path]]:
@@ -122,9 +122,11 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
     if not config.resume:
         raise UndoError(f"--output {out}: already holds a{' finished' if finished else 'n unfinished'} training run",
                         hint="pass --resume to continue it, --overwrite to start over, or choose another --output")
-    changed = [k for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
+    from undo_cli.identity import changes, defaults, describe
+
+    changed = describe(changes(previous, identity, defaults(TrainConfig)))
     if changed:
-        what = "; ".join(f"{k}: was {previous.get(k)!r}, now {identity.get(k)!r}" for k in changed[:4])
+        what = "; ".join(changed[:4])
         raise UndoError(f"--output {out}: --resume needs the same run, but {what}",
                         hint="resume with the flags and data of the original run, or pass --overwrite to start over")
     if finished:
@@ -135,40 +137,86 @@ def plan_output(config: TrainConfig, identity: dict[str, Any]) -> _Plan:
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train the student; returns the summary (also written to OUTPUT/train_summary.json)."""
-    from undo_cli.training.data import check_rationales, encode_records, fingerprint, read_training_records
-
     started = time.time()
+    records, identity, plan = _prepare(config)
+    output = Path(config.output)
+    if plan.action == "done":
+        console.print(f"{output}: this run already finished; nothing to do (see {output / SUMMARY_FILE})",
+                      soft_wrap=True)
+        return read_json(output / SUMMARY_FILE)
+    run = _setup(config, records, identity, plan)
+    result = _train(run, plan)
+    saved = hf.save(run.trainer, run.config, output)
+    summary = _summary(run, result, saved, started)
+    _finish(run, summary, records)
+    return summary
+
+
+def _train(run: "_Run", plan: _Plan):
+    """trainer.train(), stopped cleanly by Ctrl-C at a checkpoint (StopOnInterrupt) with where to resume."""
+    from undo_cli.training.trainer import StopOnInterrupt
+
+    trainer = run.trainer
+    stop = StopOnInterrupt()
+    stop.accelerator = trainer.accelerator
+    trainer.add_callback(stop)
+    try:
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+        if stop.interrupted_at is not None:  # Ctrl-C: the Trainer saved a checkpoint at this step and stopped
+            raise KeyboardInterrupt
+    except BaseException as exc:
+        if run.objective:  # stop asking a served teacher for batches nobody will train on
+            run.objective.close()
+        if isinstance(exc, KeyboardInterrupt) and run.state.is_main_process:
+            _say_where_to_resume(run.output, stop.interrupted_at, trainer.state.max_steps)
+        raise
+    return result
+
+
+def _prepare(config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any], _Plan]:
+    """Read and check the data and the output folder before anything heavy: (records, identity, plan)."""
+    from undo_cli.model_refs import check_hub_reachable
+    from undo_cli.training.data import check_rationales, fingerprint, read_training_records
+
     student = Path(config.student).expanduser()
     if config.student.startswith((".", "/", "~")) and not student.exists():  # fail before importing torch
         raise load_error(config.student, FileNotFoundError(f"no such folder: {student}"))
     # Any accepted shape (rationales, problems + --rationale-field, messages, prompt/completion) as rationale
     # records; file:line:field errors, empty file refused.
     records = read_training_records(config.data, config.rationale_field)
-    from undo_cli.model_refs import check_hub_reachable
-
     check_hub_reachable(config.student, "--student")  # before torch's imports: an unreachable hub is fast
     check_rationales(records, config.data)
     identity = _identity(config, fingerprint(records))
-    output = Path(config.output)
-    plan = plan_output(config, identity)  # refuse a foreign or different run before loading anything heavy
-    if plan.action == "done":
-        console.print(f"{output}: this run already finished; nothing to do (see {output / SUMMARY_FILE})",
-                      soft_wrap=True)
-        return read_json(output / SUMMARY_FILE)
+    return records, identity, plan_output(config, identity)  # refuse a foreign or different run before loading
 
-    import torch
+
+@dataclass
+class _Run:
+    """What a training run is made of once set up (`_setup`): the pieces `run` trains, saves and summarises."""
+
+    config: TrainConfig
+    output: Path
+    trainer: Any
+    state: Any
+    args: Any
+    data_stats: Any
+    objective: Any
+    own: Any
+    resumed_from: int | None
+    batching: Any  # hf.Batching: packed or padded rows, the sampler's order, the attention kernel
+
+
+def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[str, Any], plan: _Plan) -> _Run:
+    """Tokenizer, examples, objective, arguments, the output folder, the model and the trainer."""
     from accelerate import PartialState
 
-    from undo_cli.training.collate import PackedCollator, PaddedCollator
-    from undo_cli.training.trainer import StopOnInterrupt, UndoTrainer
-
-    from undo_cli.training import hf
+    from undo_cli.training.data import encode_records
+    from undo_cli.training.distill import prepare_objective
 
     tokenizer = hf.load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
                                           template=config.template, path=config.data)
-    from undo_cli.training.distill import prepare_objective
-
     # White-box objectives: the teacher's tokenizer / the recorded log-probs are checked before anything is written.
     objective = prepare_objective(config, records=records, examples=examples, tokenizer=tokenizer,
                                   record_index=data_stats.record_index)  # None for sft
@@ -176,8 +224,27 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from undo_cli.training.student_outputs_setup import preflight
 
         preflight(config)
+    output = Path(config.output)
     args = hf.training_args(config, output)  # also sets up the process group under accelerate launch
     state = PartialState()
+    _claim_output(config, output, identity, plan, args, state)
+    model = hf.load_student(config)
+    # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
+    # collator and the summary see what actually runs (the run identity keeps the flag as given).
+    batching = hf.batching(config.padding_free, model)
+    config = replace(config, padding_free=batching.packed)
+    trainer, own = _trainer(config, model, tokenizer, examples, args, objective, batching)
+    resumed_from = _resume(trainer, own, plan, state)
+    run = _Run(config, output, trainer, state, args, data_stats, objective, own, resumed_from, batching)
+    if state.is_main_process:
+        _describe(run)
+    return run
+
+
+def _claim_output(config: TrainConfig, output: Path, identity: dict[str, Any], plan: _Plan, args, state) -> None:
+    """The main process prepares OUTPUT (wipe, torn checkpoints, train_run.json) while the others wait."""
+    import torch
+
     state.wait_for_everyone()  # every process has planned before the main one writes
     if state.is_main_process:
         if plan.wipe:
@@ -189,22 +256,24 @@ def run(config: TrainConfig) -> dict[str, Any]:
             warn(f"{output}: no complete checkpoint to resume from; starting from step 0")
         write_json(output / RUN_FILE, {"identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     state.wait_for_everyone()
-
     if torch.cuda.device_count() > 1 and state.num_processes == 1:
         warn(f"{torch.cuda.device_count()} GPUs visible but one process: training on the first. "
              "Use `accelerate launch --num_processes N -m undo_cli train ...` to use them all")
         args._n_gpu = 1  # Trainer would otherwise wrap the model in DataParallel, which packed rows do not suit
-
     if not state.is_main_process:  # one set of loading/saving bars is enough
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model = hf.load_student(config)
-    # Resolve padding_free=None (auto) now that the attention kernel is known; the objective's
-    # collator and the summary see what actually runs (the run identity keeps the flag as given).
-    config = replace(config, padding_free=hf.resolve_padding_free(config.padding_free, model))
-    flash = "flash" in (config.attn_implementation or "")
-    collator = PackedCollator(flash_attention=flash) if config.padding_free else PaddedCollator(tokenizer.pad_token_id)
+
+
+def _trainer(config: TrainConfig, model, tokenizer, examples, args, objective, batching):
+    """The collator (packed or padded), the objective's loss, the student-output hook: (trainer, own)."""
+    from undo_cli.training.collate import PackedCollator, PaddedCollator
+    from undo_cli.training.trainer import UndoTrainer
+
+    collator = PackedCollator(flash_attention=batching.seq_lens) if config.padding_free \
+        else PaddedCollator(tokenizer.pad_token_id)
+    loss_fn = None
     if objective:  # loads a live teacher next to the student; the collator carries recorded log-probs
         loss_fn = objective.attach(model, args.device, packed=config.padding_free)
         collator = objective.collator(collator, packed=config.padding_free)
@@ -215,52 +284,48 @@ def run(config: TrainConfig) -> dict[str, Any]:
         examples, held_out = hold_out(config, examples)  # adaptive without --val-data validates on a held-out 5%
         own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
     trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
-                          data_collator=collator, loss_fn=own.loss if own else (loss_fn if objective else None),
-                          length_grouped=not config.padding_free, batch_hook=own.hook if own else None,
+                          data_collator=collator, loss_fn=own.loss if own else loss_fn,
+                          length_grouped=batching.length_grouped, batch_hook=own.hook if own else None,
                           prefetch=objective.prefetch(config.padding_free) if objective else None)
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
     hf.attach_checkpoint_counts(trainer)
-    resumed_from = None
-    if plan.checkpoint is not None:
-        trainer.meter.totals = read_json(plan.checkpoint / STATS_FILE)
-        resumed_from = int(plan.checkpoint.name.split("-")[-1])
-        if own:
-            own.restore(plan.checkpoint, state.process_index)
-        if state.is_main_process:
-            console.print(f"resuming from {plan.checkpoint} (step {resumed_from})", soft_wrap=True)
-    if state.is_main_process:
-        lora = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
-        console.print(f"training {config.student} on {data_stats.examples} examples from {config.data} "
-                      f"({lora}, {'packed' if config.padding_free else 'padded'} batches, "
-                      f"{state.num_processes} process(es), {args.device.type})", soft_wrap=True)
-        if objective and config.method != "minillm":  # minillm's own line says what its loss is
-            console.print(objective.describe(), soft_wrap=True)
-        if own:
-            console.print(own.description, soft_wrap=True)
+    return trainer, own
 
-    stop = StopOnInterrupt()
-    stop.accelerator = trainer.accelerator
-    trainer.add_callback(stop)
-    try:
-        with stop:
-            result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-        if stop.interrupted_at is not None:  # Ctrl-C: the Trainer saved a checkpoint at this step and stopped
-            raise KeyboardInterrupt
-    except BaseException as exc:
-        if objective:  # stop asking a served teacher for batches nobody will train on
-            objective.close()
-        if isinstance(exc, KeyboardInterrupt) and state.is_main_process:
-            _say_where_to_resume(output, stop.interrupted_at, trainer.state.max_steps)
-        raise
-    saved = hf.save(trainer, config, output)
+
+def _resume(trainer, own, plan: _Plan, state) -> int | None:
+    """A resumed run continues its token counts and its student-output schedule: the step it resumes from."""
+    if plan.checkpoint is None:
+        return None
+    trainer.meter.totals = read_json(plan.checkpoint / STATS_FILE)
+    if own:
+        own.restore(plan.checkpoint, state.process_index)
+    if state.is_main_process:
+        console.print(f"resuming from {plan.checkpoint} (step {plan.checkpoint.name.split('-')[-1]})", soft_wrap=True)
+    return int(plan.checkpoint.name.split("-")[-1])
+
+
+def _describe(run: _Run) -> None:
+    config = run.config
+    lora = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
+    console.print(f"training {config.student} on {run.data_stats.examples} examples from {config.data} "
+                  f"({lora}, {'packed' if config.padding_free else 'padded'} batches, "
+                  f"{run.state.num_processes} process(es), {run.args.device.type})", soft_wrap=True)
+    if run.objective and config.method != "minillm":  # minillm's own line says what its loss is
+        console.print(run.objective.describe(), soft_wrap=True)
+    if run.own:
+        console.print(run.own.description, soft_wrap=True)
+
+
+def _summary(run: _Run, result, saved: dict[str, Any], started: float) -> dict[str, Any]:
+    config, trainer, data_stats, args = run.config, run.trainer, run.data_stats, run.args
     meter = trainer.meter
     totals, session = meter.totals, meter.session
     runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
-    summary = {
+    return {
         "student": config.student,
         "data": config.data,
-        "output": str(output),
+        "output": str(run.output),
         "saved": saved,
         "records": data_stats.records,
         "examples": data_stats.examples,
@@ -282,31 +347,36 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "response_tokens_per_s": session["response_tokens"] / runtime,
         "train_runtime_s": round(runtime, 3),
         "wall_time_s": round(time.time() - started, 3),
-        "resumed_from_step": resumed_from,
-        "batching": "packed" if config.padding_free else "padded, length-grouped",
-        "processes": state.num_processes,
+        "resumed_from_step": run.resumed_from,
+        **run.batching.summary(),
+        "processes": run.state.num_processes,
         "device": args.device.type,
         "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
         "learning_rate": config.learning_rate,
-        "objective": objective.summary(runtime) if objective else {"name": "sft"},
-        "student_outputs": own.summary(runtime) if own else None,
+        "objective": run.objective.summary(runtime) if run.objective else {"name": "sft"},
+        "student_outputs": run.own.summary(runtime) if run.own else None,
         "config": asdict(config),
         "versions": library_versions(("torch", "transformers", "peft", "accelerate")),
     }
+
+
+def _finish(run: _Run, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """The main process writes the summary and the prompt format, drops the checkpoints; every process lets go
+    of the models."""
+    output, trainer = run.output, run.trainer
     if trainer.is_world_process_zero():
-        for folder in {output, Path(saved["adapter"] or output)}:  # Trainer's pickled args: the summary has them
+        for folder in {output, Path(summary["saved"]["adapter"] or output)}:  # Trainer's pickled args: in the summary
             (folder / "training_args.bin").unlink(missing_ok=True)
-        _record_prompt_format(records, config, output, saved)
+        _record_prompt_format(records, run.config, output, summary["saved"])
         write_json(output / SUMMARY_FILE, summary)
-        if not config.keep_checkpoints:
+        if not run.config.keep_checkpoints:
             shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
         _print_summary(summary)
-    state.wait_for_everyone()
-    if objective:
-        objective.close()
-    del trainer, model, objective, own
+    run.state.wait_for_everyone()
+    if run.objective:
+        run.objective.close()
+    run.trainer = run.objective = run.own = None
     release_memory()
-    return summary
 
 
 def _record_prompt_format(records: list[dict[str, Any]], config: TrainConfig, output: Path,
@@ -372,3 +442,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+SPEC = StageSpec(
+    name="train", config=TrainConfig, run=run, records=None, heavy=True,
+    keep=keep_keys("student", "examples", "records", "truncated_examples", "steps", "epochs", "first_loss", "final_loss",
+                   "epoch_losses", "train_runtime_s", "wall_time_s", "resumed_from_step", "saved", "device",
+                   "precision", "learning_rate"))

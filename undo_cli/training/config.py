@@ -27,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from undo_cli.console import warn
-from undo_cli.errors import UndoError
-from undo_cli.objectives.options import CROSS_KINDS, DESCRIPTIONS, KINDS, OBJECTIVES
+from undo_cli.errors import SettingError, UndoError, ref, word
+from undo_cli.objectives.options import CROSS_KINDS, DESCRIPTIONS, KINDS
 from undo_cli.prompts import STUDENT_TEMPLATE
 
 MODES = ("off", "on-policy", "adaptive")
-METHODS = ("sft", "minillm")
+METHODS = {"sft": "token-level training, the default", "minillm": "MiniLLM's policy gradient"}
+RUNTIME = {"identity": False}  # changes nothing that is trained (undo_cli/identity.py): may differ on --resume
 
 
 @dataclass(kw_only=True)
@@ -57,31 +58,32 @@ class TrainingOptions:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about 30% slower."})
     padding_free: bool | None = field(default=None, metadata={
-        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (fast with a "
-                "varlen kernel: flash_attention_2/3). False: right-padded, length-grouped batches (a few % padding; "
-                "faster with sdpa/eager, which attend over a packed row quadratically). None (default): packed "
-                "with a flash kernel, else padded."})
+        "help": "True: pack each micro-batch into one row, no padding, no attention across examples (flash_attention_2/3 "
+                "run each example by itself, and so does sdpa: undo runs it once per example). False: right-padded, "
+                "length-grouped batches (a few % padding). None (default): packed with a flash kernel or with sdpa on "
+                "CPU (in the length-grouped order), padded with sdpa on a GPU or with eager."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel (sdpa, eager, flash_attention_2, ...); default: transformers' choice (sdpa)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."})
 
     def check_training(self) -> None:
-        def bad(flag: str, why: str, hint: str) -> UndoError:
-            return UndoError(f"{flag}: {why}", hint=hint)
-
         if self.epochs <= 0:
-            raise bad(f"--epochs {self.epochs}", "must be positive", "use e.g. --epochs 2, or --max-steps N")
+            raise SettingError("epochs", self.epochs, "must be positive",
+                               hint=f"use e.g. {ref('epochs')} 2, or {ref('max_steps')} N")
         if self.lr is not None and self.lr <= 0:
-            raise bad(f"--lr {self.lr}", "must be positive", "leave it out for the default (2e-5, or 2e-4 with LoRA)")
-        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
-            if value < 1:
-                raise bad(f"{flag} {value}", "must be at least 1", f"use {flag} 1 or more")
+            raise SettingError("lr", self.lr, "must be positive",
+                               hint="leave it out for the default (2e-5, or 2e-4 with LoRA)")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), "must be at least 1", hint=f"use {ref(name)} 1 or more")
         if self.max_length < 2:
-            raise bad(f"--max-length {self.max_length}", "too small", "a prompt and a rationale need hundreds of tokens")
+            raise SettingError("max_length", self.max_length, "too small",
+                               hint="a prompt and a rationale need hundreds of tokens")
         if not 0 <= self.warmup_ratio < 1:
-            raise bad(f"--warmup-ratio {self.warmup_ratio}", "must be in [0, 1)", "use e.g. 0.03")
+            raise SettingError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)", hint="use e.g. 0.03")
         if self.max_steps is not None and self.max_steps < 1:
-            raise bad(f"--max-steps {self.max_steps}", "must be at least 1", "leave it out to train for --epochs")
+            raise SettingError("max_steps", self.max_steps, "must be at least 1",
+                               hint=f"leave it out to train for {ref('epochs')}")
 
 
 @dataclass(kw_only=True)
@@ -101,12 +103,13 @@ class LoraOptions:
 
     def check_lora(self) -> None:
         if self.lora_r < 0:
-            raise UndoError(f"--lora-r {self.lora_r}: must be >= 0", hint="0 trains all weights; 8-64 are usual LoRA ranks")
+            raise SettingError("lora_r", self.lora_r, "must be >= 0", hint="0 trains all weights; 8-64 are usual LoRA ranks")
         if not 0 <= self.lora_dropout < 1:
-            raise UndoError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)", hint="use e.g. 0.05")
+            raise SettingError("lora_dropout", self.lora_dropout, "must be in [0, 1)", hint="use e.g. 0.05")
         if self.lora_r == 0 and (self.merge or self.lora_alpha is not None or self.lora_target_modules):
-            raise UndoError("--merge / --lora-alpha / --lora-target-modules only apply to LoRA",
-                            hint="add --lora-r 16 (for example), or drop those flags for full fine-tuning")
+            raise UndoError(f"{ref('merge')} / {ref('lora_alpha')} / {ref('lora_target_modules')} only apply to LoRA",
+                            setting="lora_r",
+                            hint=f"add {ref('lora_r')} 16 (for example), or drop those flags for full fine-tuning")
 
 
 @dataclass(kw_only=True)
@@ -115,7 +118,7 @@ class ObjectiveOptions:
 
     help_group = "White-box objective"
 
-    objective: str = field(default="sft", metadata={"choices": OBJECTIVES, 
+    objective: str = field(default="sft", metadata={"choices": DESCRIPTIONS,
         "help": "sft (cross-entropy on the rationale, any teacher) or a white-box divergence to the teacher's token "
                 "distribution: fkl, rkl, jsd, skl, srkl, tvd (a shared tokenizer); uld, gold (any tokenizer: "
                 "byte-aligned spans); auto (skl when the tokenizers are identical, else gold or uld)."})
@@ -124,18 +127,18 @@ class ObjectiveOptions:
                 "auto), loaded frozen."})
     teacher_logprobs: bool = field(default=False, metadata={
         "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
-    teacher_url: str | None = field(default=None, metadata={
+    teacher_url: str | None = field(default=None, metadata={**RUNTIME,
         "help": "Served teacher: URL of an OpenAI-compatible vLLM server serving --teacher (e.g. "
                 "http://127.0.0.1:8000/v1); its top-K log-probs at every trained token come from the completions "
                 "endpoint (prompt_logprobs), nothing is loaded here."})
     teacher_top_k: int = field(default=20, metadata={
         "help": "Served teacher: K log-probs per token (the server's --max-logprobs must allow it; vLLM's default is "
                 "20); also the k of the logged top-k overlap of teacher and student."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={**RUNTIME,
         "help": "Served teacher: NAME of the environment variable that holds its API key (none needed on loopback)."})
-    teacher_timeout: float = field(default=300.0, metadata={
+    teacher_timeout: float = field(default=300.0, metadata={**RUNTIME,
         "help": "Served teacher: seconds per scoring request before it is retried."})
-    teacher_max_retries: int = field(default=5, metadata={
+    teacher_max_retries: int = field(default=5, metadata={**RUNTIME,
         "help": "Served teacher: retries of a failed request (backoff with jitter, as the openai backend) before the "
                 "run stops; --resume continues it."})
     alpha: float = field(default=0.1, metadata={"help": "Skew of skl/srkl (DistiLLM: 0.1)."})
@@ -152,63 +155,62 @@ class ObjectiveOptions:
         objective = self.objective
         live, offline = self.teacher is not None, bool(self.teacher_logprobs)
         served = bool(self.teacher_url)
-        if objective not in OBJECTIVES:
-            raise UndoError(f"--objective {objective}: unknown objective",
-                            hint="use one of: " + "; ".join(f"{k} = {v}" for k, v in DESCRIPTIONS.items()))
         if served and not live:
-            raise UndoError("--teacher-url needs --teacher NAME: the model name the server serves",
-                            hint="add --teacher with the name listed by the server's /v1/models")
+            raise UndoError(f"{ref('teacher_url')} needs {ref('teacher')} NAME: the model name the server serves",
+                            setting="teacher_url",
+                            hint=f"add {ref('teacher')} with the name listed by the server's /v1/models")
         if objective == "sft":
-            if served:
-                raise UndoError("--teacher-url only matters for a white-box objective; --objective sft trains on the "
-                                "rationale text alone",
-                                hint=f"add --objective skl (or one of {', '.join(KINDS)}), or drop --teacher-url")
-            if live or offline:
-                raise UndoError(f"{'--teacher' if live else '--teacher-logprobs'} only matters for a white-box "
-                                "objective; --objective sft trains on the rationale text alone",
-                                hint=f"add --objective skl (or one of {', '.join(KINDS)}), or drop the teacher flag")
+            if live or offline or served:
+                which = ref("teacher_url") if served else ref("teacher") if live else ref("teacher_logprobs")
+                raise UndoError(f"{which} only matters for a white-box objective; {ref('objective')} sft trains on "
+                                "the rationale text alone", setting="objective",
+                                hint=f"add {ref('objective')} skl (or one of {', '.join(KINDS)}), or drop {which}")
             return
         if live and offline:
-            raise UndoError("--teacher and --teacher-logprobs contradict each other",
-                            hint="use a live --teacher MODEL, or the log-probs recorded in --data (--teacher-logprobs)")
+            raise UndoError(f"{ref('teacher')} and {ref('teacher_logprobs')} contradict each other", setting="teacher",
+                            hint=f"use a live {ref('teacher')} MODEL, or the log-probs recorded in {ref('data')} "
+                                 f"({ref('teacher_logprobs')})")
         if not (live or offline):
-            raise UndoError(f"--objective {objective} needs --teacher MODEL or --teacher-logprobs",
-                            hint="--teacher loads a teacher here (any tokenizer with uld, gold or auto); --teacher-logprobs "
-                                 "uses rationales generated with `undo generate --logprobs K`; --objective sft needs "
-                                 "neither")
+            raise UndoError(f"{ref('objective')} {objective} needs {ref('teacher')} MODEL or {ref('teacher_logprobs')}",
+                            setting="objective",
+                            hint=f"{ref('teacher')} loads a teacher here (any tokenizer with uld, gold or auto); "
+                                 f"{ref('teacher_logprobs')} uses rationales generated with `undo generate --logprobs "
+                                 f"K`; {ref('objective')} sft needs neither")
+        self._check_objective_values(offline, served)
+
+    def _check_objective_values(self, offline: bool, served: bool) -> None:
         if not 0.0 <= self.alpha < 1.0:
-            raise UndoError(f"--alpha {self.alpha}: must be in [0, 1)",
-                            hint="DistiLLM uses 0.1; 0 turns skl into fkl and srkl into rkl; 1 makes both identically 0")
+            raise SettingError("alpha", self.alpha, "must be in [0, 1)",
+                               hint="DistiLLM uses 0.1; 0 turns skl into fkl and srkl into rkl; 1 makes both "
+                                    "identically 0")
         if not 0.0 <= self.beta <= 1.0:
-            raise UndoError(f"--beta {self.beta}: must be in [0, 1]",
-                            hint="0 = forward KL, 1 = reverse KL, 0.5 (default, GKD/TRL) = symmetric JSD")
+            raise SettingError("beta", self.beta, "must be in [0, 1]",
+                               hint="0 = forward KL, 1 = reverse KL, 0.5 (default, GKD/TRL) = symmetric JSD")
         if not self.temperature > 0.0:
-            raise UndoError(f"--temperature {self.temperature}: must be > 0", hint="1 (default) leaves the logits as they are")
-        if offline and self.temperature != 1.0:
-            raise UndoError(f"--temperature {self.temperature} needs a live --teacher",
-                            hint="the recorded top-K log-probs do not say how the teacher's tail reshapes at another "
-                                 "temperature; drop --temperature or use --teacher MODEL")
-        if served and self.temperature != 1.0:
-            raise UndoError(f"--temperature {self.temperature} with --teacher-url",
-                            hint="the server's top-K log-probs do not say how the teacher's tail reshapes at another "
-                                 "temperature; drop --temperature or load the teacher here (--teacher MODEL alone)")
-        for flag, value, ok, hint in (
-                ("--teacher-top-k", self.teacher_top_k, self.teacher_top_k >= 1,
-                 "at least 1; 20 is vLLM's default --max-logprobs"),
-                ("--teacher-timeout", self.teacher_timeout, self.teacher_timeout > 0,
-                 "a positive number of seconds, e.g. 300"),
-                ("--teacher-max-retries", self.teacher_max_retries, self.teacher_max_retries >= 0, "0 or more, e.g. 5")):
+            raise SettingError("temperature", self.temperature, "must be > 0",
+                               hint="1 (default) leaves the logits as they are")
+        if (offline or served) and self.temperature != 1.0:
+            where = ("the server's top-K log-probs", f"load the teacher here ({ref('teacher')} MODEL alone)") if served \
+                else ("the recorded top-K log-probs", f"use {ref('teacher')} MODEL")
+            why = f"with {ref('teacher_url')}" if served else f"needs a live {ref('teacher')}"
+            raise UndoError(f"{ref('temperature')} {self.temperature} {why}", setting="temperature",
+                            hint=f"{where[0]} do not say how the teacher's tail reshapes at another temperature; "
+                                 f"drop {ref('temperature')} or {where[1]}")
+        for name, ok, hint in (
+                ("teacher_top_k", self.teacher_top_k >= 1, "at least 1; 20 is vLLM's default --max-logprobs"),
+                ("teacher_timeout", self.teacher_timeout > 0, "a positive number of seconds, e.g. 300"),
+                ("teacher_max_retries", self.teacher_max_retries >= 0, "0 or more, e.g. 5")):
             if not ok:
-                raise UndoError(f"{flag} {value}: out of range", hint=f"use {hint}")
+                raise SettingError(name, getattr(self, name), "out of range", hint=f"use {hint}")
         if not self.kd_weight > 0.0:
-            raise UndoError(f"--kd-weight {self.kd_weight}: must be > 0",
-                            hint="use --objective sft for cross-entropy alone")
+            raise SettingError("kd_weight", self.kd_weight, "must be > 0",
+                               hint=f"use {ref('objective')} sft for cross-entropy alone")
         if self.lm_weight < 0.0:
-            raise UndoError(f"--lm-weight {self.lm_weight}: must be >= 0",
-                            hint="0 (default) trains on the divergence alone; DistiLLM adds 1.0")
+            raise SettingError("lm_weight", self.lm_weight, "must be >= 0",
+                               hint="0 (default) trains on the divergence alone; DistiLLM adds 1.0")
         if self.kd_chunk_size < 1:
-            raise UndoError(f"--kd-chunk-size {self.kd_chunk_size}: must be at least 1",
-                            hint="1024 tokens per chunk bounds the float32 work to ~1024 x vocab values")
+            raise SettingError("kd_chunk_size", self.kd_chunk_size, "must be at least 1",
+                               hint="1024 tokens per chunk bounds the float32 work to ~1024 x vocab values")
 
 
 @dataclass(kw_only=True)
@@ -227,7 +229,8 @@ class StudentOutputOptions:
     buffer_size: int = field(default=1000, metadata={"help": "adaptive: replay buffer capacity in sequences (DistiLLM: 1000)."})
     phi_init: float = field(default=0.0, metadata={"help": "adaptive: the threshold phi at the start (DistiLLM: 0)."})
     val_data: str | None = field(default=None, metadata={
-        "help": "adaptive: held-out rationales; phi grows by 0.1 when the student's loss on them rises by >= 0.1."})
+        "help": "adaptive: held-out training data, in any shape --data takes (with --rationale-field too); phi grows "
+                "by 0.1 when the student's loss on it rises by >= 0.1."})
     eval_steps: int | None = field(default=None, metadata={
         "help": "adaptive: validate every this many optimizer steps (default: once per epoch)."})
     method: str = field(default="sft", metadata={"choices": METHODS, 
@@ -242,73 +245,88 @@ class StudentOutputOptions:
         """Refuse settings that cannot work, naming the fix (reads the objective and batch fields too)."""
         c = self
         mode, method = c.student_outputs, c.method
-        if mode not in MODES:
-            raise UndoError(f"--student-outputs {mode}: unknown", hint=f"use one of: {', '.join(MODES)}")
-        if method not in METHODS:
-            raise UndoError(f"--method {method}: unknown", hint="use sft (token-level training, the default) or minillm")
         if mode == "off" and method == "sft":
             if c.lm_data:
-                raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
+                raise UndoError(f"{ref('lm_data')} is MiniLLM's language-model term", setting="lm_data",
+                                hint=f"use it with {ref('method')} minillm, or drop it")
             if c.val_data:
                 warn("--val-data is only used by --student-outputs adaptive (for φ); ignored")
             return
-        what = "--method minillm" if method == "minillm" else f"--student-outputs {mode}"
+        what = f"{ref('method')} minillm" if method == "minillm" else f"{ref('student_outputs')} {mode}"
         if method == "minillm" and mode != "off":
-            raise UndoError(f"--method minillm with --student-outputs {mode}: MiniLLM samples its own (teacher-mixed) "
-                            "outputs", hint="drop --student-outputs, or use --method sft with it")
+            raise UndoError(f"{ref('method')} minillm with {ref('student_outputs')} {mode}: MiniLLM samples its own "
+                            "(teacher-mixed) outputs", setting="method",
+                            hint=f"drop {ref('student_outputs')}, or use {ref('method')} sft with it")
         if c.teacher_logprobs:
-            raise UndoError(f"{what} with --teacher-logprobs: an offline teacher cannot score the student's new samples",
-                            hint="load the teacher live with --teacher MODEL (same tokenizer as the student)")
+            raise UndoError(f"{what} with {ref('teacher_logprobs')}: an offline teacher cannot score the student's new "
+                            "samples", setting="teacher_logprobs",
+                            hint=f"load the teacher live with {ref('teacher')} MODEL (same tokenizer as the student)")
         if not c.teacher:
-            raise UndoError(f"{what} needs a live --teacher of the same tokenizer (it scores the student's samples)",
-                            hint="add --teacher MODEL; for a teacher with another tokenizer use plain --objective sft")
-        objective = c.objective
-        if objective in CROSS_KINDS:
-            raise UndoError(f"{what} with --objective {objective}: scoring the student's own samples needs a teacher "
-                            "with the student's tokenizer",
+            raise UndoError(f"{what} needs a live {ref('teacher')} of the same tokenizer (it scores the student's "
+                            "samples)", setting="teacher",
+                            hint=f"add {ref('teacher')} MODEL; for a teacher with another tokenizer use plain "
+                                 f"{ref('objective')} sft")
+        if c.objective in CROSS_KINDS:
+            raise UndoError(f"{what} with {ref('objective')} {c.objective}: scoring the student's own samples needs a "
+                            "teacher with the student's tokenizer", setting="objective",
                             hint="use an exact-vocabulary objective (jsd, srkl, ...) with a teacher of the same "
                                  "tokenizer, or train on the data alone (drop the flag)")
-        if method == "sft" and objective == "sft":
-            raise UndoError(f"{what} needs a white-box --objective: cross-entropy on the student's own samples "
-                            "teaches it nothing new", hint="use --objective jsd (GKD) or srkl (DistiLLM)")
-        if method == "minillm" and c.teacher_url and c.teacher_mix > 0:
-            raise UndoError(f"--method minillm --teacher-mix {c.teacher_mix:g} with --teacher-url: teacher-mixed "
-                            "sampling needs the teacher's distribution at every generated token, one server round "
-                            "trip each",
-                            hint="pass --teacher-mix 0 (sample from the student alone; the served teacher scores the "
-                                 "samples), or load the teacher here (--teacher MODEL without --teacher-url)")
-        if method == "minillm" and objective not in ("sft", "rkl"):
-            raise UndoError(f"--method minillm with --objective {objective}: MiniLLM optimises the sequence-level "
-                            "reverse KL itself", hint="drop --objective (or use --objective rkl)")
-        checks = [("--lmbda", c.lmbda, 0.0 <= c.lmbda <= 1.0, "a probability in [0, 1], e.g. 0.5"),
-                  ("--phi-init", c.phi_init, 0.0 <= c.phi_init <= 1.0, "a probability in [0, 1]; DistiLLM starts at 0"),
-                  ("--buffer-size", c.buffer_size, mode != "adaptive" or c.buffer_size >= c.batch_size,
-                   f"at least --batch-size ({c.batch_size}) sequences; DistiLLM keeps 1000"),
-                  ("--max-new-tokens", c.max_new_tokens, c.max_new_tokens >= 1, "at least 1, e.g. 512"),
-                  ("--teacher-mix", c.teacher_mix, 0.0 <= c.teacher_mix < 1.0, "in [0, 1); MiniLLM uses 0.2"),
-                  ("--clip-eps", c.clip_eps, 0.0 < c.clip_eps < 1.0, "in (0, 1); MiniLLM uses 0.2")]
-        if c.sample_temperature is not None:
-            checks.append(("--sample-temperature", c.sample_temperature, c.sample_temperature > 0, "positive, e.g. 0.9"))
-        if c.eval_steps is not None:
-            checks.append(("--eval-steps", c.eval_steps, c.eval_steps >= 1, "at least 1 (or leave it out: once per epoch)"))
-        for flag, value, ok, hint in checks:
-            if not ok:
-                raise UndoError(f"{flag} {value}: out of range", hint=f"use {hint}")
-        if method == "minillm" and c.sample_temperature not in (None, 1.0):
-            raise UndoError(f"--sample-temperature {c.sample_temperature} with --method minillm: its importance weights "
-                            "and policy gradient assume samples from the model's own distribution",
-                            hint="drop --sample-temperature (MiniLLM samples at temperature 1)")
-        if method == "minillm" and c.temperature != 1.0:
-            raise UndoError(f"--temperature {c.temperature} with --method minillm: its rewards and single-step KL are "
-                            "on the models' own distributions", hint="drop --temperature")
-        if c.lm_data and method != "minillm":
-            raise UndoError("--lm-data is MiniLLM's language-model term", hint="use it with --method minillm, or drop it")
-        lm_weight = c.lm_weight
-        if method == "minillm" and bool(c.lm_data) != (lm_weight > 0):
-            raise UndoError("--method minillm: --lm-weight weighs the cross-entropy on --lm-data, so they go together",
-                            hint="pass both (MiniLLM uses --lm-weight 1 --lm-data TEXT.jsonl) or neither")
+        if method == "sft" and c.objective == "sft":
+            raise UndoError(f"{what} needs a white-box {ref('objective')}: cross-entropy on the student's own samples "
+                            "teaches it nothing new", setting="objective",
+                            hint=f"use {ref('objective')} jsd (GKD) or srkl (DistiLLM)")
+        if method == "minillm":
+            self._check_minillm()
+        self._check_student_output_values()
         if c.val_data and mode != "adaptive":
-            warn(f"--val-data is only used by --student-outputs adaptive (for φ); ignored with {what}")
+            warn(f"--val-data is only used by --student-outputs adaptive (for φ); ignored with {word(what)}")
+
+    def _check_minillm(self) -> None:
+        c = self
+        if c.teacher_url and c.teacher_mix > 0:
+            raise UndoError(f"{ref('method')} minillm {ref('teacher_mix')} {c.teacher_mix:g} with {ref('teacher_url')}: "
+                            "teacher-mixed sampling needs the teacher's distribution at every generated token, one "
+                            "server round trip each", setting="teacher_mix",
+                            hint=f"pass {ref('teacher_mix')} 0 (sample from the student alone; the served teacher "
+                                 f"scores the samples), or load the teacher here ({ref('teacher')} MODEL without "
+                                 f"{ref('teacher_url')})")
+        if c.objective not in ("sft", "rkl"):
+            raise UndoError(f"{ref('method')} minillm with {ref('objective')} {c.objective}: MiniLLM optimises the "
+                            "sequence-level reverse KL itself", setting="objective",
+                            hint=f"drop {ref('objective')} (or use {ref('objective')} rkl)")
+        if c.sample_temperature not in (None, 1.0):
+            raise UndoError(f"{ref('sample_temperature')} {c.sample_temperature} with {ref('method')} minillm: its "
+                            "importance weights and policy gradient assume samples from the model's own distribution",
+                            setting="sample_temperature",
+                            hint=f"drop {ref('sample_temperature')} (MiniLLM samples at temperature 1)")
+        if c.temperature != 1.0:
+            raise UndoError(f"{ref('temperature')} {c.temperature} with {ref('method')} minillm: its rewards and "
+                            "single-step KL are on the models' own distributions", setting="temperature",
+                            hint=f"drop {ref('temperature')}")
+        if bool(c.lm_data) != (c.lm_weight > 0):
+            raise UndoError(f"{ref('method')} minillm: {ref('lm_weight')} weighs the cross-entropy on "
+                            f"{ref('lm_data')}, so they go together", setting="lm_weight",
+                            hint=f"pass both (MiniLLM uses {ref('lm_weight')} 1 {ref('lm_data')} TEXT.jsonl) or "
+                                 "neither")
+
+    def _check_student_output_values(self) -> None:
+        c = self
+        checks = [("lmbda", 0.0 <= c.lmbda <= 1.0, "a probability in [0, 1], e.g. 0.5"),
+                  ("phi_init", 0.0 <= c.phi_init <= 1.0, "a probability in [0, 1]; DistiLLM starts at 0"),
+                  ("buffer_size", c.student_outputs != "adaptive" or c.buffer_size >= c.batch_size,
+                   f"at least {ref('batch_size')} ({c.batch_size}) sequences; DistiLLM keeps 1000"),
+                  ("max_new_tokens", c.max_new_tokens >= 1, "at least 1, e.g. 512"),
+                  ("teacher_mix", 0.0 <= c.teacher_mix < 1.0, "in [0, 1); MiniLLM uses 0.2"),
+                  ("clip_eps", 0.0 < c.clip_eps < 1.0, "in (0, 1); MiniLLM uses 0.2"),
+                  ("sample_temperature", c.sample_temperature is None or c.sample_temperature > 0, "positive, e.g. 0.9"),
+                  ("eval_steps", c.eval_steps is None or c.eval_steps >= 1,
+                   "at least 1 (or leave it out: once per epoch)")]
+        for name, ok, hint in checks:
+            if not ok:
+                raise SettingError(name, getattr(c, name), "out of range", hint=f"use {hint}")
+        if c.lm_data and c.method != "minillm":
+            raise UndoError(f"{ref('lm_data')} is MiniLLM's language-model term", setting="lm_data",
+                            hint=f"use it with {ref('method')} minillm, or drop it")
 
 
 @dataclass(kw_only=True)
@@ -317,19 +335,19 @@ class OutputOptions:
 
     help_group = "Output and resume"
 
-    resume: bool = field(default=False, metadata={
+    resume: bool = field(default=False, metadata={**RUNTIME,
         "help": "Continue the run in OUTPUT from its last complete checkpoint (a finished run is left as is)."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete the previous `undo train` run in OUTPUT and start over."})
-    save_steps: int = field(default=200, metadata={"help": "Write a checkpoint every this many optimizer steps."})
-    logging_steps: int = field(default=10, metadata={"help": "Print the loss every this many optimizer steps."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT/checkpoints after a finished run."})
-    report_to: str = field(default="none", metadata={
+    overwrite: bool = field(default=False, metadata={**RUNTIME, "help": "Delete the previous `undo train` run in OUTPUT and start over."})
+    save_steps: int = field(default=200, metadata={**RUNTIME, "help": "Write a checkpoint every this many optimizer steps."})
+    logging_steps: int = field(default=10, metadata={**RUNTIME, "help": "Print the loss every this many optimizer steps."})
+    keep_checkpoints: bool = field(default=False, metadata={**RUNTIME, "help": "Keep OUTPUT/checkpoints after a finished run."})
+    report_to: str = field(default="none", metadata={**RUNTIME,
         "help": "Also log to these trackers (comma-separated: tensorboard, wandb, ...; transformers' report_to)."})
 
     def check_output(self) -> None:
-        for flag, value in (("--save-steps", self.save_steps), ("--logging-steps", self.logging_steps)):
-            if value < 1:
-                raise UndoError(f"{flag} {value}: must be at least 1", hint=f"use {flag} 1 or more")
+        for name in ("save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), "must be at least 1", hint=f"use {ref(name)} 1 or more")
         if self.resume and self.overwrite:
             raise UndoError("--resume and --overwrite contradict each other",
                             hint="--resume continues the run in --output; --overwrite deletes it and starts over")
@@ -343,17 +361,20 @@ class TrainConfig(OutputOptions, StudentOutputOptions, ObjectiveOptions, LoraOpt
     data: str = field(metadata={"help": "Training data JSONL ('-' reads stdin): rationales from `undo generate`/`undo "
                                         "refine`, problems with --rationale-field, {\"messages\": [...]} or {\"prompt\", "
                                         "\"completion\"} lines (docs/artifacts.md, 'training data')."})
-    output: str = field(metadata={"short": "-o", "help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
+    output: str = field(metadata={**RUNTIME, "short": "-o", "help": "Folder for the trained model, tokenizer, checkpoints and train_summary.json."})
     template: str = field(default=STUDENT_TEMPLATE, metadata={
         "help": "Student prompt template (name or .jinja path; what each template receives: prompts/README.md); "
                 "must match the one `undo evaluate` uses."})
     rationale_field: str | None = field(default=None, metadata={
         "help": "Train on problems' own worked solutions: the field that holds them, dotted for nested ones "
                 "(e.g. meta.solution, what `undo data import --preset gsm8k` writes)."})
-    trust_remote_code: bool = field(default=False, metadata={
+    trust_remote_code: bool = field(default=False, metadata={**RUNTIME,
         "help": "Allow models that ship their own Python code (runs that code: only for sources you trust)."})
 
     def __post_init__(self) -> None:
+        from undo_cli.fields import check_choices
+
+        check_choices(self)  # objective, student_outputs, method
         self.check_training()
         self.check_lora()
         self.check_output()
@@ -363,8 +384,8 @@ class TrainConfig(OutputOptions, StudentOutputOptions, ObjectiveOptions, LoraOpt
         self.check_objective()
         from undo_cli.model_refs import check_model_ref  # a misspelt folder fails now, not after imports
 
-        check_model_ref(self.student, "--student")
-        check_model_ref(self.teacher, "--teacher")
+        check_model_ref(self.student, ref("student"))
+        check_model_ref(self.teacher, ref("teacher"))
 
     @property
     def learning_rate(self) -> float:

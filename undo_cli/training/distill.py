@@ -343,6 +343,10 @@ class Objective:
         if c.teacher and self.served is None:
             teacher, self.vocab = load_teacher(c.teacher, tokenizer_size=self.tokenizer_size, student_vocab_rows=rows,
                                                device=device, trust_remote_code=c.trust_remote_code)
+            from undo_cli.training import packed_attention
+
+            if packed and packed_attention.supports(teacher):  # the teacher reads the student's packed rows
+                packed_attention.enable(teacher)
         overlap_k = min(c.teacher_top_k, self.width) if self.counts is not None else c.teacher_top_k
         self.loss = DistillationLoss(c.objective, teacher=teacher, vocab_size=self.vocab, alpha=c.alpha, beta=c.beta,
                                      temperature=c.temperature, kd_weight=c.kd_weight, lm_weight=c.lm_weight,

@@ -6,6 +6,7 @@
     ...
     saved = hf.save(trainer, config, output)       # {"model": ..., "adapter": ...}
 
+`batching(padding_free, model)` decides packed or padded rows for the model's attention kernel.
 `stages/train.py` keeps the stage (the output folder, the resume plan, the
 run, the summary) and calls these. Everything here imports transformers,
 torch and peft inside the functions, so importing this module is light.
@@ -14,12 +15,13 @@ torch and peft inside the functions, so importing this module is light.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
-from undo_cli.records import write_json
+from undo_cli.records import honour_umask, write_json
 from undo_cli.training.config import TrainConfig
 
 STATS_FILE = "undo_stats.json"  # inside each checkpoint: the token counts so far
@@ -112,16 +114,63 @@ def load_student(config: TrainConfig):
     return model
 
 
-def resolve_padding_free(padding_free: bool | None, model) -> bool:
-    """None (auto) -> pack when the attention kernel runs a packed row per example (varlen flash), else pad."""
-    if padding_free is not None:
-        return padding_free
+@dataclass(frozen=True)
+class Batching:
+    """How micro-batches are formed: packed or padded rows, the sampler's order, what the collator adds."""
+
+    packed: bool
+    length_grouped: bool  # batches drawn from length-sorted mega-batches (collate.LengthGroupedSampler)
+    seq_lens: bool  # the packed collator adds cu_seq_lens_* (flash kernels read them)
+    kernel: str  # the attention implementation that runs
+
+    def summary(self) -> dict[str, str]:
+        """The train summary's fields: batching (as before), the attention kernel and the batch order."""
+        return {"batching": "packed" if self.packed else "padded, length-grouped", "attention": self.kernel,
+                "batch_order": "length-grouped" if self.length_grouped else "shuffled"}
+
+
+def batching(padding_free: bool | None, model) -> Batching:
+    """Resolve --padding-free (None = auto) for `model`; switches it to per-sequence sdpa when packing on sdpa.
+
+    Auto packs when the kernel attends within each packed sequence: a flash kernel (varlen), or on CPU
+    sdpa run per sequence (training/packed_attention.py): there packing beats length-grouped padded
+    batches (no padded position anywhere, the same attention work; bench/train.py). On a GPU without a
+    flash kernel auto stays padded, as before: there one sdpa call per sequence and layer is small work
+    per kernel launch (`bench/train.py --preset gpu` measures both; `--padding-free` chooses packing).
+    Batches are drawn length-grouped unless packing was asked for or a flash kernel packs, as before:
+    a seeded default run trains on the same batches whatever the kernel.
+    """
+    import torch
+
+    from undo_cli.training import packed_attention
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "flash" in str(getattr(base.config, "_attn_implementation", "") or "")
+    kernel = str(getattr(base.config, "_attn_implementation", "") or "")
+    flash = "flash" in kernel
+    per_sequence = packed_attention.supports(model)
+    packed = padding_free if padding_free is not None else \
+        flash or (per_sequence and not torch.cuda.is_available())
+    if packed and per_sequence:
+        packed_attention.enable(model)
+        kernel = str(base.config._attn_implementation)
+    grouped = padding_free is False or (padding_free is None and not flash)
+    # Only flash kernels need cu_seq_lens; per-sequence sdpa reads the restarts of position_ids, so the batch
+    # keeps the keys it always had (the student-output and served-teacher code moves every value to the device).
+    return Batching(packed=packed, length_grouped=grouped or not packed, seq_lens=packed and flash, kernel=kernel)
 
 
 def save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
-    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter."""
+    """Model (or adapter) + tokenizer into OUTPUT; with --merge, a merged model there and the adapter in OUTPUT/adapter.
+
+    Every file written honours the umask: safetensors creates its files 0600 (records.honour_umask).
+    """
+    saved = _save(trainer, config, output)
+    if trainer.is_world_process_zero():
+        honour_umask(output)
+    return saved
+
+
+def _save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:
     if not config.lora_r:
         trainer.save_model(str(output))
         return {"model": str(output), "adapter": None}
@@ -153,5 +202,6 @@ def attach_checkpoint_counts(trainer) -> None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
                     write_json(folder / STATS_FILE, trainer.meter.totals)
+                    honour_umask(folder)  # the checkpoint's safetensors are 0600 as written
 
     trainer.add_callback(_SaveCounts())

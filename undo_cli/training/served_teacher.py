@@ -74,7 +74,7 @@ class ServedTeacher:
                  timeout: float = 300.0, max_retries: int = 5, concurrency: int = 2):
         import openai
 
-        from undo_cli.backends.openai import is_loopback
+        from undo_cli.urls import is_loopback
 
         self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
         self.where = describe_url(self.url)  # for messages and the summary: no credentials a URL may carry
@@ -187,11 +187,11 @@ class ServedTeacher:
 
     def _translate(self, exc: Exception, *, running: bool = True) -> UndoError:
         """What is left after the client's retries, as one message a person can act on."""
-        from undo_cli.backends.openai import _server_message, redact
+        from undo_cli.urls import redact, server_message
 
         def said(error) -> str:  # the server's words, with the key redacted if it echoed it back
             body = getattr(getattr(error, "response", None), "content", b"") or str(error).encode()
-            return redact(_server_message(body), [os.environ.get(self.api_key_env) or ""])
+            return redact(server_message(body), [os.environ.get(self.api_key_env) or ""])
 
         openai = self._openai
         if isinstance(exc, openai.APIConnectionError):

@@ -56,12 +56,11 @@ def hold_out(config: TrainConfig, examples: list[dict]) -> tuple[list[dict], lis
 
 
 def validation_batches(config: TrainConfig, tokenizer, collator, held_out: list[dict] | None = None) -> list[dict]:
-    """--val-data rationales encoded like --data (or the held-out examples), in batches of --batch-size."""
-    from undo_cli.records import read_records
-    from undo_cli.training.data import check_rationales, encode_records
+    """--val-data read and encoded like --data (or the held-out examples), in batches of --batch-size."""
+    from undo_cli.training.data import check_rationales, encode_records, read_training_records
 
     if config.val_data:
-        records = read_records(config.val_data, "rationale")
+        records = read_training_records(config.val_data, config.rationale_field)  # --data's reader, every shape
         check_rationales(records, config.val_data)
         examples, _ = encode_records(records, tokenizer, max_length=config.max_length, template=config.template,
                                      path=config.val_data)
@@ -158,11 +157,10 @@ def make_callback(hook, *, val_batches: list[dict] | None, eval_steps: int | Non
 
 def preflight(config: TrainConfig) -> None:
     """Read --val-data and --lm-data before anything is written or loaded: a bad line fails at once."""
-    from undo_cli.records import read_records
-    from undo_cli.training.data import check_rationales
+    from undo_cli.training.data import check_rationales, read_training_records
 
     if config.val_data and config.student_outputs == "adaptive":
-        check_rationales(read_records(config.val_data, "rationale"), config.val_data)
+        check_rationales(read_training_records(config.val_data, config.rationale_field), config.val_data)
     if config.lm_data and config.method == "minillm":
         from undo_cli.training.minillm import lm_records
 

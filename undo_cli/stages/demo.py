@@ -1,6 +1,6 @@
 """The offline tour: tiny models, the shipped arithmetic problems, the whole UNDO loop, in minutes on a CPU.
 
-    undo demo                                  # everything, into ./undo-demo (a few minutes on 2 idle cores)
+    undo demo                                  # everything, into ./undo-demo (about two minutes on 2 cores)
     undo demo --workdir /tmp/demo --setup-only # only data + models; then run the loop yourself:
     undo iterate --config examples/run.toml    # (with the default --workdir)
     undo demo --max-iterations 1 --teacher-epochs 4   # a shorter demo (the test suite's)
@@ -31,15 +31,16 @@ makes of it:
    prompt (filled as `undo refine` fills it, with a wrong attempt at a problem
    of the same kind, as the student writes them) answered with a warning (TRAP)
    and the one-operation-per-line solution. Its outputs are real sampled
-   generations, verified by the loop like any teacher's (refinements with
-   `--verify steps`: a wrong step rejects one, whatever its final answer).
+   generations, verified by the loop like any teacher's (`--verify steps`, the
+   default: a false step rejects one, whatever its final answer).
 4. **The loop.** `undo iterate` with examples/run.toml (teacher through
    generate/refine, student through train/evaluate, all on the `hf` backend),
    then the plot of `undo report`: DIR/runs/demo/report.png.
 
 So one-shot distillation trains the student on brief rationales, and UNDO
-re-teaches the problems like its validation failures with worked ones, which
-this student follows better: the premise of UNDO, built in and said so.
+re-teaches the problems like its validation failures with worked ones, the
+kind this student was pretrained to follow: the premise of UNDO, built in and
+said so.
 
 This simulates UNDO's premise on toy models; it is not evidence that UNDO
 helps real models. bench/undo_effect.py measures the loop's gain on 5 seeds.

@@ -12,7 +12,9 @@ console = Console(stderr=True, highlight=False)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    # soft_wrap: a warning names files; folded at 80 columns in a log file, a long path would break mid-word
+    # and no longer match what grep or a paste looks for (a terminal still wraps the line on screen).
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def info(message: str) -> None:

@@ -200,9 +200,10 @@ def _main(args: list[str] | None) -> None:
     except UndoError as exc:
         from undo_cli.console import console
 
-        console.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False)
+        console.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False,
+                      soft_wrap=True)  # never folded mid-path in a log file (see console.warn)
         if exc.hint:
-            console.print(f"  [dim]hint:[/dim] {exc.hint}", markup=True, highlight=False)
+            console.print(f"  [dim]hint:[/dim] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

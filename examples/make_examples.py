@@ -6,11 +6,13 @@
 Two small datasets that `undo demo` and the tests use, generated from
 templates so that anyone can see how they were made and rebuild them:
 
-* arithmetic.jsonl — 300 multi-step word problems (2 or 3 steps of + - * on
-  small integers), each with its gold `answer` and a worked solution in
-  `meta.solution` ending in `#### <answer>`, the format our prompts ask for.
-  The vocabulary and numbers are deliberately small: the offline demo trains a
-  ~1M-parameter teacher on these in a minute or two, so they must be learnable.
+* arithmetic.jsonl — 300 word problems: a story of 2 or 3 events (+ - * on
+  small integers), each with its gold `answer`, a worked solution with one
+  operation per line in `meta.solution` and a brief one in `meta.brief` (on a
+  three-event story its last line does two operations), both ending in
+  `#### <answer>`, the format our prompts ask for; `meta.trap` names the steps.
+  The vocabulary and numbers are deliberately small (every number below 45):
+  the offline demo's models have about a million parameters.
 * choice.jsonl — 100 multiple-choice problems (task "choice", 4 or 5 options,
   gold answer as a letter) about comparing and computing small numbers.
 
@@ -36,122 +38,132 @@ LETTERS = "ABCDE"
 
 
 # --- arithmetic word problems ------------------------------------------------------------
-# Each template draws its numbers, returns (question, solution lines, answer), or None when
-# the draw gives a negative or awkward intermediate (then we draw again).
+# A problem is a story: "NAME has A OBJ." then 2 or 3 events, each one operation on what
+# NAME has (or two, for packs and twice: count, then add), then the question. Its worked
+# solution (`meta.solution`) writes one line per event; its brief solution (`meta.brief`,
+# the demo teacher's first-draft style) is the same for two events but does the last two
+# events of a three-event story in ONE line: "After buying 5 more and losing 2, he has
+# 12 + 5 - 2 = 15 apples." (a true statement, but two operations at once).
 
-def buy_then_give(rng):
-    (name, he, _), obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    a, b = rng.randint(3, 15), rng.randint(2, 12)
-    c = rng.randint(1, a + b - 1)
-    x, r = a + b, a + b - c
-    q = f"{name} has {a} {obj}. {he.capitalize()} buys {b} more and then gives away {c}. How many {obj} does {name} have now?"
-    steps = [f"{name} starts with {a} {obj}.", f"After buying {b} more, {he} has {a} + {b} = {x}.",
-             f"After giving away {c}, {he} has {x} - {c} = {r}."]
-    return q, steps, r
+MAX_TOTAL = 45  # every number in a story and its solutions stays below this (and below 100: one token each)
 
 
-def bags_then_eat(rng):
-    (name, he, _), obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    a, b = rng.randint(2, 6), rng.randint(2, 9)
-    x = a * b
-    c = rng.randint(1, x - 1)
-    q = f"{name} buys {a} bags of {obj}. Each bag has {b} {obj}. {he.capitalize()} gives {c} of them to a friend. How many {obj} are left?"
-    steps = [f"{a} bags with {b} {obj} each make {a} * {b} = {x} {obj}.",
-             f"After giving away {c}, {x} - {c} = {x - c} {obj} are left."]
-    return q, steps, x - c
+def _event(rng, kind, have, name, he, him, obj):
+    """One event: (sentence, gerund for a merged line, term in a merged line, explicit line, new total) or None."""
+    other = rng.choice([n for n, _, _ in NAMES if n != name])
+    if kind in ("buy", "find", "get"):
+        b = rng.randint(2, 12)
+        sentence = {"buy": f"{he.capitalize()} buys {b} more.", "find": f"{he.capitalize()} finds {b} more.",
+                    "get": f"{other} gives {him} {b} more."}[kind]
+        gerund = {"buy": f"buying {b} more", "find": f"finding {b} more", "get": f"getting {b} from {other}"}[kind]
+        return sentence, gerund, f"+ {b}", f"After {gerund}, {he} has {have} + {b} = {have + b} {obj}.", have + b
+    if kind in ("give", "lose", "sell"):
+        if have < 3:
+            return None
+        b = rng.randint(1, have - 1)
+        sentence = {"give": f"{he.capitalize()} gives {b} to {other}.", "lose": f"{he.capitalize()} loses {b}.",
+                    "sell": f"{he.capitalize()} sells {b}."}[kind]
+        gerund = {"give": f"giving {b} to {other}", "lose": f"losing {b}", "sell": f"selling {b}"}[kind]
+        return sentence, gerund, f"- {b}", f"After {gerund}, {he} has {have} - {b} = {have - b} {obj}.", have - b
+    if kind == "packs":
+        b, c = rng.randint(2, 5), rng.randint(2, 6)
+        return (f"{he.capitalize()} buys {b} packs with {c} {obj} in each pack.", f"buying {b} packs of {c}",
+                f"+ {b} * {c}", f"The packs hold {b} * {c} = {b * c} {obj}, so {he} has {have} + {b * c} = "
+                f"{have + b * c} {obj}.", have + b * c)
+    if kind == "twice":  # only as the first event: a merged line could not name the total it doubles
+        return (f"{other} gives {him} twice as many as {he} has.", f"getting twice as many from {other}",
+                f"+ {have} * 2", f"Twice {have} is {have} * 2 = {2 * have}, so {he} has {have} + {2 * have} = "
+                f"{3 * have} {obj}.", 3 * have)
+    raise ValueError(kind)
 
 
-def two_friends_then_find(rng):
-    (name, _, _), (name2, _, _) = rng.sample(NAMES, 2)
-    obj = rng.choice(OBJECTS)
-    a, b, c = rng.randint(2, 15), rng.randint(2, 15), rng.randint(1, 9)
-    x = a + b
-    q = f"{name} has {a} {obj} and {name2} has {b} {obj}. They put them together and then find {c} more. How many {obj} do they have in total?"
-    steps = [f"Together they have {a} + {b} = {x} {obj}.", f"After finding {c} more, they have {x} + {c} = {x + c} {obj}."]
-    return q, steps, x + c
+EVENTS = ("buy", "find", "get", "give", "lose", "sell", "packs")
 
 
-def boxes_plus_gift(rng):
-    (name, _, him), (name2, _, _) = rng.sample(NAMES, 2)
-    obj = rng.choice(OBJECTS)
-    a, b, c = rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 12)
-    x = a * b
-    q = f"{name} has {a} boxes with {b} {obj} in each box. {name2} gives {him} {c} more {obj}. How many {obj} does {name} have?"
-    steps = [f"{a} boxes with {b} {obj} each hold {a} * {b} = {x} {obj}.", f"With {c} more, {name} has {x} + {c} = {x + c} {obj}."]
-    return q, steps, x + c
+def event_story(rng, events: int) -> dict | None:
+    """A story of `events` events with its question, solutions and answer; None when a draw leaves the range."""
+    (name, he, him), obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    have = rng.randint(2, 15)
+    question, lines, merged = [f"{name} has {have} {obj}."], [], []
+    kinds = [rng.choice(EVENTS + ("twice",))] + [rng.choice(EVENTS) for _ in range(events - 1)]
+    if kinds[0] == "twice" and have > 12:
+        return None
+    start = have
+    for kind in kinds:
+        drawn = _event(rng, kind, have, name, he, him, obj)
+        if drawn is None:
+            return None
+        sentence, gerund, term, line, new = drawn
+        if new > MAX_TOTAL:
+            return None
+        question.append(sentence)
+        lines.append(line)
+        merged.append((gerund, term, have, new))
+        have = new
+    question.append(f"How many {obj} does {name} have now?")
+    brief = list(lines)
+    if events >= 2:  # the last two events in one line: two operations at once
+        (g2, t2, before, _), (g3, t3, _, after) = merged[-2], merged[-1]
+        brief = lines[:-2] + [f"After {g2} and {g3}, {he} has {before} {t2} {t3} = {after} {obj}."]
+    trap = "One operation per line: " + ", then ".join(g for g, _, _, _ in merged) + "."
+    return {"question": " ".join(question), "steps": lines, "brief": brief, "answer": have, "trap": trap,
+            "events": "+".join(kinds), "start": start}
 
 
-def packs_then_give(rng):
-    (name, he, _), (name2, _, _) = rng.sample(NAMES, 2)
-    obj = rng.choice(OBJECTS)
-    a, b, c = rng.randint(2, 12), rng.randint(2, 5), rng.randint(2, 6)
-    x = b * c
-    y = a + x
-    d = rng.randint(1, y - 1)
-    q = (f"{name} has {a} {obj}. {he.capitalize()} buys {b} packs with {c} {obj} in each pack, "
-         f"then gives {d} {obj} to {name2}. How many {obj} does {name} have now?")
-    steps = [f"The packs hold {b} * {c} = {x} {obj}.", f"Now {name} has {a} + {x} = {y} {obj}.",
-             f"After giving {d} to {name2}, {he} has {y} - {d} = {y - d} {obj}."]
-    return q, steps, y - d
-
-
-def shop_day(rng):
-    obj = rng.choice(OBJECTS)
-    a = rng.randint(12, 30)
-    b = rng.randint(1, a // 2)
-    c = rng.randint(1, a - b - 1)
-    d = rng.randint(2, 15)
-    x, y = a - b, a - b - c
-    q = (f"A shop has {a} {obj}. It sells {b} in the morning and {c} in the afternoon, "
-         f"then gets {d} new {obj}. How many {obj} does the shop have now?")
-    steps = [f"After the morning, the shop has {a} - {b} = {x} {obj}.", f"After the afternoon, it has {x} - {c} = {y} {obj}.",
-             f"With {d} new {obj}, it has {y} + {d} = {y + d} {obj}."]
-    return q, steps, y + d
-
-
-def more_and_fewer(rng):
-    (name, _, _), (name2, _, _), (name3, _, _) = rng.sample(NAMES, 3)
-    obj = rng.choice(OBJECTS)
-    a, b = rng.randint(2, 10), rng.randint(1, 6)
-    c = rng.randint(1, a + b - 1)
-    x, y = a + b, a + b - c
-    q = (f"{name} has {a} {obj}. {name2} has {b} more {obj} than {name}. {name3} has {c} fewer {obj} than {name2}. "
-         f"How many {obj} does {name3} have?")
-    steps = [f"{name2} has {a} + {b} = {x} {obj}.", f"{name3} has {x} - {c} = {y} {obj}."]
-    return q, steps, y
-
-
-def twice_then_spend(rng):
-    (name, he, _), obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    x = a * 2
-    y = x + b
-    c = rng.randint(1, y - 1)
-    q = (f"{name} has {a} {obj}. {he.capitalize()} gets twice as many from a friend, then finds {b} more "
-         f"and loses {c}. How many {obj} does {name} have now?")
-    steps = [f"Twice as many is {a} * 2 = {x} {obj}, so {he} has {a} + {x} = {a + x}.",
-             f"After finding {b} more, {he} has {a + x} + {b} = {a + x + b}.",
-             f"After losing {c}, {he} has {a + x + b} - {c} = {a + x + b - c} {obj}."]
-    return q, steps, a + x + b - c
-
-
-TWO_STEP = [buy_then_give, bags_then_eat, two_friends_then_find, boxes_plus_gift, more_and_fewer]
-THREE_STEP = [packs_then_give, shop_day, twice_then_spend]
-
-
-def arithmetic(n: int, rng: random.Random) -> list[dict]:
-    out, seen = [], set()
+def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` problems, alternately of 1 and 2 events, each with its worked and brief solutions; none in `exclude`."""
+    out, seen = [], set(exclude)
     while len(out) < n:
-        steps_wanted = 2 if len(out) % 2 == 0 else 3
-        template = rng.choice(TWO_STEP if steps_wanted == 2 else THREE_STEP)
-        question, steps, answer = template(rng)
-        if question in seen or answer < 0:
+        drawn = event_story(rng, 1 if len(out) % 2 == 0 else 2)
+        if drawn is None or drawn["question"] in seen:
             continue
-        seen.add(question)
-        solution = "\n".join(steps) + f"\n#### {answer}"
-        out.append({"id": f"arith-{len(out):03d}", "question": question, "answer": str(answer), "task": "math",
-                    "meta": {"solution": solution, "steps": len(steps), "template": template.__name__}})
+        seen.add(drawn["question"])
+        answer = drawn["answer"]
+        out.append({"id": f"arith-{len(out):03d}", "question": drawn["question"], "answer": str(answer),
+                    "task": "math",
+                    "meta": {"solution": "\n".join(drawn["steps"]) + f"\n#### {answer}",
+                             "brief": "\n".join(drawn["brief"]) + f"\n#### {answer}", "trap": drawn["trap"],
+                             "steps": len(drawn["steps"]), "template": drawn["events"]}})
     return out
+
+
+# --- the demo student's pretraining text ---------------------------------------------------
+# examples/pretrain_student.py pretrains the demo's student base on these: every fact
+# `a op b = c` of small numbers, and worked solutions of stories of one or two events, one
+# line per event (PRETRAINING_PROBLEMS draws from random.Random(PRETRAINING_SEED)). So the
+# student can follow one operation per line; it has never seen a line with two operations.
+# The shipped problems leave out every question of that pretraining text (and of the 100
+# held-out stories it is checked on), so no shipped question was seen in pretraining.
+
+PRETRAINING_SEED = 0
+PRETRAINING_PROBLEMS = 6000
+
+
+def arithmetic_facts(top: int = 50) -> list[str]:
+    """Every `a + b = c` and `a - b = c` with numbers up to `top`, and `a * b = c` up to 9 x 9 and 15 x 2."""
+    facts = [f"{a} + {b} = {a + b}" for a in range(top + 1) for b in range(top + 1 - a)]
+    facts += [f"{a} - {b} = {a - b}" for a in range(top + 1) for b in range(a + 1)]
+    facts += [f"{a} * {b} = {a * b}" for a in range(10) for b in range(10)]
+    return facts + [f"{a} * 2 = {2 * a}" for a in range(10, 16)]
+
+
+def pretraining_problems(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` worked stories of 1 or 2 events: {"question", "solution"}; none whose question is in `exclude`."""
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        drawn = event_story(rng, 1 + len(out) % 2)
+        if drawn is None or drawn["question"] in seen:
+            continue
+        seen.add(drawn["question"])
+        out.append({"question": drawn["question"], "solution": "\n".join(drawn["steps"]) + f"\n#### {drawn['answer']}"})
+    return out
+
+
+def pretraining_questions() -> set[str]:
+    """Every question of the student base's pretraining text and of its held-out check (examples/pretrain_student.py)."""
+    problems = pretraining_problems(PRETRAINING_PROBLEMS, random.Random(PRETRAINING_SEED))
+    held_out = pretraining_problems(100, random.Random(PRETRAINING_SEED + 1), exclude={p["question"] for p in problems})
+    return {p["question"] for p in problems + held_out}
 
 
 # --- multiple choice ---------------------------------------------------------------------
@@ -231,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: examples/)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(300, random.Random(SEED)))
+    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(300, random.Random(SEED), exclude=pretraining_questions()))
     write_jsonl(args.out / "choice.jsonl", choice(100, random.Random(SEED + 1)))
     print(f"wrote {args.out / 'arithmetic.jsonl'} and {args.out / 'choice.jsonl'}")
 

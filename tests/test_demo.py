@@ -4,9 +4,11 @@
 One demo run serves every test here (a module fixture): it is the most
 expensive test of the suite (the whole demo: a tiny teacher trained with
 `undo train`, then `undo iterate`), and a second run would check nothing new.
-The kill lands once iteration 0's training is done, so the resumed run must
-pick up at iteration 0's evaluation and recompute neither the teacher, nor its
-rationales, nor the student.
+It runs with the demo's own flags for a shorter run (`--teacher-epochs`,
+`--max-iterations 1`): the same code, less of it. The kill lands once
+iteration 0's training is done, so the resumed run must pick up at iteration
+0's evaluation and recompute neither the teacher, nor its rationales, nor the
+student.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 WIDE = {"COLUMNS": "200"}
+SHORTER = ("--teacher-epochs", "6", "--max-iterations", "1")  # real flags: a shorter teacher training and loop
 
 
 def _read(path: Path) -> list[dict]:
@@ -50,7 +53,7 @@ def demo(tmp_path_factory) -> dict:
     env = {**os.environ, **WIDE, "TERM": "xterm"}
     # A pseudo-terminal for stdout and stderr: rich draws its live progress as it would for a person.
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo"], cwd=here, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", *SHORTER], cwd=here, stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, env=env)
     os.close(slave)
     reader, screen = read_terminal(master)
@@ -70,8 +73,8 @@ def demo(tmp_path_factory) -> dict:
         "student": (run / "iter_00" / "student" / "train_summary.json").read_bytes(),
         "generate": _stage(run, "iter_00/generate"),
     }
-    refused = run_undo("demo", env=WIDE, cwd=here)
-    resumed = run_undo("demo", "--resume", env=WIDE, cwd=here, timeout=900)
+    refused = run_undo("demo", *SHORTER, env=WIDE, cwd=here)
+    resumed = run_undo("demo", *SHORTER, "--resume", env=WIDE, cwd=here, timeout=900)
     return {"workdir": workdir, "run": run, "before": before, "refused": refused, "resumed": resumed,
             "terminal": bytes(screen).decode(errors="replace")}
 
@@ -95,6 +98,8 @@ def test_resume_after_sigkill_finishes_without_redoing_finished_stages(demo):
     assert stages["iter_00/generate"] == before["generate"]  # same attempts, same timings: skipped
     assert len(stages["iter_00/train"]["attempts"]) == 1
     assert manifest["status"] == "done" and all(s["status"] == "done" for s in stages.values())
+    # The resumed loop decided again when to stop (its stopping rule, over every finished iteration).
+    assert manifest["stop_reason"] and manifest["iterations_done"] <= 2  # --max-iterations 1: iterations 0 and 1
 
 
 def test_the_run_folder_has_every_artifact(demo):
@@ -115,9 +120,30 @@ def test_the_user_sees_table_verdict_and_next_steps(demo):
     err, out = demo["resumed"].stderr, demo["resumed"].stdout
     assert "UNDO run finished" in err and "test accuracy:" in err and "95% CI" in err
     assert "undo report" in err and "undo_loop.sh" in err and "refined.jsonl" in err
-    assert "says nothing about real models" in err
+    assert "say nothing about real models" in " ".join(err.split())  # the disclaimer, however wrapped
     line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
     assert line["run_dir"] == str(Path("undo-demo") / "runs" / "demo") and line["test"]["one_shot"]["count"] > 0
+
+
+def test_the_printed_bash_loop_runs_as_printed(demo):
+    """The `bash .../undo_loop.sh ...` line the demo ends with, run as printed from where the user stands, with
+    one flag added so it stops after the one-shot iteration (the rounds are what `undo iterate` ran above)."""
+    import shlex
+
+    lines = demo["resumed"].stderr.splitlines()
+    line = next(lines[i + 1].strip() for i, text in enumerate(lines) if "bash script of stage commands" in text)
+    words = shlex.split(line)
+    assert words[0] == "bash" and words[1].endswith("undo_loop.sh") and words[-2:] == ["--name", "bash-loop"]
+    env = {**os.environ, **WIDE, "UNDO": f"{sys.executable} -m undo_cli"}
+    proc = subprocess.run([*words, "--max-iterations", "0"], cwd=demo["workdir"].parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = demo["workdir"] / "runs" / "bash-loop"
+    assert "plot written to" in proc.stdout + proc.stderr and (run / "report.png").is_file()
+    # The demo's settings reached the stages: the same teacher, prompt and verification as `undo iterate`'s run.
+    ours, theirs = _read(run / "iter_00" / "rationales.jsonl"), _read(demo["run"] / "iter_00" / "rationales.jsonl")
+    assert [(r["id"], r["rationale"], r["verify"]) for r in ours] == [(r["id"], r["rationale"], r["verify"])
+                                                                      for r in theirs]
 
 
 def test_data_is_the_shipped_problems_split(demo):
@@ -133,16 +159,32 @@ def test_data_is_the_shipped_problems_split(demo):
     assert len(splits["val"]) >= 50 and len(splits["test"]) >= 50
 
 
-def test_models_share_a_tokenizer_and_the_teacher_was_trained_by_undo_train(demo):
-    from transformers import AutoConfig, AutoTokenizer
+def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_undo_train(demo):
+    from transformers import AutoTokenizer
+
+    from undo_cli.prompts import bundled_dir
+    from undo_cli.stages import demo as demo_stage
 
     teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
+    base = bundled_dir("examples") / "student-base"
+    assert (student / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     assert tok_t.get_vocab() == tok_s.get_vocab() and tok_t.chat_template == tok_s.chat_template
-    ct, cs = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
-    assert cs.hidden_size * cs.num_hidden_layers < ct.hidden_size * ct.num_hidden_layers
     summary = json.loads((teacher / "train_summary.json").read_text())  # written by `undo train` itself
+    assert (demo["workdir"].parent / summary["student"]).resolve() == student.resolve()  # relative to the cwd
+    assert summary["epochs"] == 6.0
     assert summary["final_loss"] < summary["first_loss"] / 3
+    # What the teacher was taught: every training problem's brief solution behind the generate prompt, and
+    # behind the refine prompt the trap and one line per event.
+    data = _read(demo["workdir"] / "build" / "teacher_data.jsonl")
+    train = {p["id"]: p for p in _read(demo["workdir"] / "data" / "train.jsonl")}
+    generate = [r for r in data if r["id"].endswith("/generate")]
+    refine = [r for r in data if r["id"].endswith("/refine")]
+    assert len(generate) == len(train) and 0 < len(refine) < len(train)
+    assert all(r["rationale"] == train[r["problem_id"]]["meta"]["brief"] for r in generate)
+    assert all(r["rationale"] == demo_stage.TRAP + "\n" + train[r["problem_id"]]["meta"]["solution"] for r in refine)
+    # every two-event problem is re-taught (the failures the loop sends are mostly of that kind)
+    assert {r["problem_id"] for r in refine} >= {i for i, p in train.items() if p["meta"]["steps"] == 2}
 
 
 def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):

@@ -292,7 +292,8 @@ def test_strict_reads_only_an_explicit_final_answer(output, strict, flexible):
     assert score(MALFORMED, "15", mode="flexible").correct is True
 
 
-def test_teacher_rationales_are_verified_strictly_by_default():
+def test_teacher_rationales_are_step_checked_by_default():
+    """TEACHER_VERIFY is `steps`: an explicit final answer (strict) and every arithmetic statement true."""
     from undo_cli.backends.base import Completion
     from undo_cli.stages.generate import GenerateConfig, make_record_builder
     from undo_cli.stages.refine import RefineConfig, verify
@@ -302,14 +303,16 @@ def test_teacher_rationales_are_verified_strictly_by_default():
     item = WorkItem(key="q1", messages=[], data=problem)
     completion = Completion(MALFORMED, "stop", 10, 20)
     cfg = GenerateConfig(teacher="t", input="in.jsonl", output="out.jsonl")
-    assert cfg.verify == "strict"
+    assert cfg.verify == "steps"
     [record] = make_record_builder(cfg, "hf")(item, [completion])
-    assert record["correct"] is False and record["predicted"] is None and record["verify"] == "strict"
+    assert record["correct"] is False and record["predicted"] is None and record["verify"] == "steps"
     flexible = GenerateConfig(teacher="t", input="in.jsonl", output="out.jsonl", verify="flexible")
     assert make_record_builder(flexible, "hf")(item, [completion])[0]["correct"] is True
 
     refine = RefineConfig(teacher="t", errors="e.jsonl", targets="t.jsonl", output="o.jsonl")
-    assert refine.verify == "strict"
+    assert refine.verify == "steps"
     assert verify(MALFORMED, "stop", problem, refine.verify)[1] is False
+    assert verify("5 * 3 = 15\n#### 15", "stop", problem, refine.verify)[1] is True
+    assert verify("5 * 3 = 16\n#### 15", "stop", problem, refine.verify)[1] is False  # strict would keep it
     assert verify(MALFORMED, "stop", problem, "flexible")[1] is True
     assert verify(MALFORMED + "\n#### 15", "stop", problem, "strict")[1] is True

@@ -401,8 +401,19 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     settings = capsys.readouterr().out
     assert f"OUT={tmp_path / 'runs' / 'bash-loop'}" in settings
     # run.toml's settings, not the stages' defaults (the issue: epochs 2 instead of 20, no lr, 512-token answers)
-    assert "--epochs 20.0" in settings and "--lr 0.003" in settings and "--warmup-ratio 0.05" in settings
-    assert settings.count("--max-tokens 96") == 3 and "--k 1" in settings
+    import tomllib
+
+    from undo_cli.prompts import bundled_dir
+
+    toml = tomllib.loads((bundled_dir("examples") / "run.toml").read_text())
+    train, refine = toml["train"], toml["refine"]
+    assert f"--epochs {float(train['epochs'])}" in settings and f"--lr {train['lr']}" in settings
+    assert f"--warmup-ratio {train['warmup_ratio']}" in settings and f"--k {refine['k']}" in settings
+    assert settings.count(f"--max-tokens {refine['max_tokens']}") == 3
+    from undo_cli.stages.options import TEACHER_VERIFY
+
+    assert f"--prompt {refine['prompt']}" in settings  # the demo teacher's own prompt
+    assert f"--verify {refine['verify']}" in settings or refine["verify"] == TEACHER_VERIFY  # a default is not passed
 
 
 def test_a_stage_error_inside_iterate_names_the_loops_keys():

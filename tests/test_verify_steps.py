@@ -59,7 +59,7 @@ def test_generate_verify_steps_rejects_false_steps_with_reasons(undo_here, step_
     assert json.loads((tmp_path / "steps.run.json").read_text())["identity"]["verify"] == "steps"
 
     # The same teacher, strictly verified: the false-step rationales are kept (what issue 20 saw).
-    code, err = generate(undo_here, step_teacher, problems, tmp_path / "strict.jsonl")
+    code, err = generate(undo_here, step_teacher, problems, tmp_path / "strict.jsonl", "--verify", "strict")
     assert code == 0, err
     assert {r["problem_id"] for r in read_jsonl(tmp_path / "strict.jsonl")} == {"p00", "p01", "fs0", "fs1"}
     assert reasons_in(err) == {"no answer": 0, "wrong answer": 1, "false step": 0}
@@ -132,7 +132,7 @@ def test_refine_verify_steps_keeps_the_previous_rationale_and_says_why(undo_here
     assert reasons_in(err) == {"no answer": 0, "wrong answer": 0, "false step": 2}
     assert re.search(r"refined and verified │ +2 │", err)
 
-    code, err = undo_here("refine", *common, "--output", tmp_path / "strict.jsonl")
+    code, err = undo_here("refine", *common, "--output", tmp_path / "strict.jsonl", "--verify", "strict")
     assert code == 0, err
     strict = {r["problem_id"]: r for r in read_jsonl(tmp_path / "strict.jsonl")}
     assert all(strict[p["id"]]["rationale"] == p["rationale"] for p in FALSE_STEP_PROBLEMS)  # false steps in
@@ -180,11 +180,12 @@ def test_iterate_verify_steps_reaches_the_teacher_stages_and_reads_the_student_s
             loop = Loop(config, _Unopened(config.run_dir))
             return loop.generate_config().verify, loop.refine_config(1).verify, loop.evaluate_config(0, "val").verify
 
-    assert configs() == ("strict", "strict", "strict")
-    assert configs(verify="flexible") == ("strict", "strict", "flexible")
+    # The teacher's rationales are step-checked by default (TEACHER_VERIFY); the loop's verify reads the student.
+    assert configs() == ("steps", "steps", "strict")
+    assert configs(verify="flexible") == ("steps", "steps", "flexible")
     assert configs(verify="steps") == ("steps", "steps", "strict")
     assert configs(["--generate.verify", "strict"], verify="steps") == ("strict", "steps", "strict")
-    assert configs(["--refine.verify", "steps"]) == ("strict", "steps", "strict")
+    assert configs(["--refine.verify", "strict"]) == ("steps", "strict", "strict")
 
 
 @pytest.mark.slow

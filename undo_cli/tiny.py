@@ -139,3 +139,90 @@ def build_tiny_model(
 
     honour_umask(out)  # safetensors writes model.safetensors 0600
     return out
+
+
+# --- a tiny *pretrained* base: number embeddings and a plain training loop ------------------
+
+NUMBER_PERIODS = (2, 5, 10, 25, 50, 100)
+
+
+def number_embeddings(model, tokenizer, top: int = 100, periods: tuple[int, ...] = NUMBER_PERIODS) -> int:
+    """Give the tokens of the numbers 0..top-1 (with and without a leading space) embeddings that encode their value.
+
+    The first 2 x len(periods) dimensions of each number token's embedding become
+    cos/sin(2 pi n / T), scaled to three times the embeddings' spread; the rest stay
+    random. Pretrained language models' number embeddings have this Fourier structure
+    (Zhou et al., 2024, "Pre-trained Large Language Models Use Fourier Features to
+    Compute Addition"), and a tiny model started from it learns the addition table in
+    about half the steps (on the demo's facts: 81% right after 880 steps, 43% without).
+    Returns how many token embeddings were set.
+    """
+    import math
+
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    weight = model.get_input_embeddings().weight
+    scale = 3 * float(weight.detach().std())
+    done = 0
+    with torch.no_grad():
+        for n in range(top):
+            for form in (str(n), "Ġ" + str(n)):  # byte-level BPE writes a leading space as Ġ
+                if form not in vocab:
+                    continue
+                row = weight[vocab[form]]
+                for j, period in enumerate(periods):
+                    row[2 * j] = scale * math.cos(2 * math.pi * n / period)
+                    row[2 * j + 1] = scale * math.sin(2 * math.pi * n / period)
+                done += 1
+    return done
+
+
+def pretrain(model, examples: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int = 8,
+             seq_len: int = 128, lr: float = 3e-3, seed: int = 0, report=None) -> list[float]:
+    """Causal-LM training of `model` in place on (token ids, labels) examples; returns the loss of every step.
+
+    Examples are shuffled each pass and packed end to end into rows of `seq_len`
+    tokens (no padding; a row may start mid-example, as in any pretraining); labels of
+    -100 are not learnt (e.g. a question, when only its answer should be). AdamW with
+    5% linear warmup and a cosine decay to 0 over `steps`, gradients clipped at 1.
+    `report(step, loss)` is called every 100 steps. CPU-sized: no checkpoints, no
+    resume (the caller saves the result).
+    """
+    import math
+    import random
+
+    import torch
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    losses: list[float] = []
+    while len(losses) < steps:
+        order = list(examples)
+        rng.shuffle(order)
+        ids = [t for i, _ in order for t in i]
+        labels = [t for _, lab in order for t in lab]
+        rows = len(ids) // seq_len
+        if rows < batch_size:
+            raise ValueError(f"{len(ids)} tokens make fewer than one batch of {batch_size} x {seq_len}")
+        ids_t = torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+        labels_t = torch.tensor(labels[: rows * seq_len]).view(rows, seq_len)
+        for start in range(0, rows - batch_size + 1, batch_size):
+            loss = model(input_ids=ids_t[start:start + batch_size], labels=labels_t[start:start + batch_size]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+            if report is not None and len(losses) % 100 == 0:
+                report(len(losses), losses[-1])
+            if len(losses) >= steps:
+                break
+    model.eval()
+    return losses

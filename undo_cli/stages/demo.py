@@ -1,35 +1,49 @@
 """The offline tour: tiny models, the shipped arithmetic problems, the whole UNDO loop, in minutes on a CPU.
 
-    undo demo                                  # everything, into ./undo-demo (about a minute on 2 idle cores)
+    undo demo                                  # everything, into ./undo-demo (about two minutes on 2 cores)
     undo demo --workdir /tmp/demo --setup-only # only data + models; then run the loop yourself:
     undo iterate --config examples/run.toml    # (with the default --workdir)
+    undo demo --max-iterations 1 --teacher-epochs 4   # a shorter demo (the test suite's)
 
-No network, no GPU, no hub: every model is built here, from nothing.
+No network, no GPU, no hub: the models are tiny Llamas on this CPU. UNDO's
+premise is that a teacher's first rationales do not fit what the student can
+follow, and that rationales re-written for the student's failures do. The demo
+builds that premise into two toy models, says so, and measures what the loop
+makes of it:
 
-1. **Data.** The 300 shipped word problems (examples/arithmetic.jsonl, each with
-   a worked solution in `meta.solution`) are split by `undo data import` into
-   DIR/data/{train,val,test}.jsonl.
-2. **Tokenizer.** One small byte-level BPE trained on the problems, solutions
-   and prompt templates, shared by teacher and student (numbers 0-99 become
-   single tokens, which tiny models need to learn sums at all).
-3. **Teacher.** A tiny Llama trained *with `undo train` itself* (stages/train.py)
-   on exactly the prompts it will be given: the generate prompt
-   (prompts/generate.jinja) followed by the worked solution, and the refine
-   prompt (prompts/refine.jinja, filled with a previous solution, a made-up
-   wrong student attempt and a similar failure) followed by a solution that
-   first names the trap of that kind of problem. So it writes real rationales
-   that the scorer verifies, and it answers the refine prompt with a
-   re-teaching rationale, which is verified too. It only has to know the
-   training problems: those are all a teacher writes about in UNDO.
-4. **Student.** A smaller Llama with the same tokenizer, untrained.
-5. **The loop.** `undo iterate` with examples/run.toml (teacher through
+1. **Data.** The 300 shipped word problems (examples/arithmetic.jsonl: a story
+   of one or two events) are split by `undo data import` into
+   DIR/data/{train,val,test}.jsonl (SPLIT). Each has a worked solution with one
+   line per event (`meta.solution`) and a brief one (`meta.brief`) that, on a
+   story of two events, does both in one line (`After losing 1 and losing 2,
+   she has 5 - 1 - 2 = 2 apples.`): true, but two operations at once.
+2. **Student.** The shipped student base (examples/student-base, made by
+   examples/pretrain_student.py): a 1M-parameter Llama pretrained on every
+   fact `a + b = c`, `a - b = c`, `a * b = c` of small numbers and on worked
+   stories of one or two events, one line per event (none of them a shipped
+   problem). It can follow one operation per line; it was never shown two
+   operations in one line. Copied to DIR/models/student.
+3. **Teacher.** The same base trained *with `undo train` itself*
+   (stages/train.py) on the training problems behind the prompts the loop
+   sends it (examples/run.toml: prompts/demo-generate.jinja and
+   prompts/demo-refine.jinja, short enough for the tiny models' 128-token
+   rows): the generate prompt answered with the brief solution, and the refine
+   prompt (filled as `undo refine` fills it, with a wrong attempt at a problem
+   of the same kind, as the student writes them) answered with a warning (TRAP)
+   and the one-operation-per-line solution. Its outputs are real sampled
+   generations, verified by the loop like any teacher's (`--verify steps`, the
+   default: a false step rejects one, whatever its final answer).
+4. **The loop.** `undo iterate` with examples/run.toml (teacher through
    generate/refine, student through train/evaluate, all on the `hf` backend),
-   then `undo report`: the table and DIR/runs/demo/report.png.
+   then the plot of `undo report`: DIR/runs/demo/report.png.
 
-The demo's models are tiny and its accuracy says nothing about real models: it
-shows the machinery (verification, error collection, similarity selection,
-refinement, mixing, convergence, resume, the run folder) on numbers that are
-real but small. Everything it prints is measured, nothing is scripted.
+So one-shot distillation trains the student on brief rationales, and UNDO
+re-teaches the problems like its validation failures with worked ones, the
+kind this student was pretrained to follow: the premise of UNDO, built in and
+said so.
+
+This simulates UNDO's premise on toy models; it is not evidence that UNDO
+helps real models. bench/undo_effect.py measures the loop's gain on 5 seeds.
 
 Re-running `undo demo` reuses the data and finished models already in DIR;
 an interrupted teacher training or loop continues with `--resume`, and a folder
@@ -47,35 +61,19 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 
-# Sizes: the whole demo takes about a minute on 2 idle CPU cores (bench/demo.py), well inside 5 minutes.
-VOCAB = 1024
-TEACHER = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512}
-STUDENT = {"hidden_size": 96, "num_layers": 2, "num_heads": 3, "intermediate_size": 256}
-# Small batches and a moderate lr: more optimizer steps for the same tokens. With batch 16 and
-# lr 8e-3 the teacher never learnt to copy names and numbers from the question (19% of its
-# training problems verified after 45 epochs); with batch 8 and 3e-3 it verifies all of them.
-TEACHER_TRAINING = {"epochs": 40.0, "lr": 3e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-                    "logging_steps": 40, "save_steps": 100, "max_length": 768}
-REFINE_EVERY = 3  # one training problem in 3 also gets a refine-prompt example (they are long: ~500 tokens)
-# A small train split: the tiny teacher must learn every training problem by heart in about a
-# minute (it learns 90 in 40 epochs; with 150, val and test shrink and the student did no better: 2.7% test).
-SPLIT = "train=0.3,val=0.35,test=0.35"
+STUDENT_BASE = "student-base"  # examples/student-base: the pretrained student (examples/pretrain_student.py)
+# The teacher starts from the student base (it knows the facts and the one-operation style) and
+# learns the training problems behind the generate and refine prompts.
+TEACHER_TRAINING = {"epochs": 30.0, "lr": 1e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+                    "logging_steps": 20, "save_steps": 50, "max_length": 1024}
+SPLIT = "train=0.4,val=0.3,test=0.3"
+# Every two-event training problem, and one one-event problem in REFINE_EVERY, is also shown behind the
+# refine prompt: the teacher has to learn the refine prompt's answer format (TRAP, then one line per
+# event), not each problem's steps, which the student base it starts from already writes.
+REFINE_EVERY = 3
 
-# The trap each kind of problem sets (keyed by meta.template of examples/arithmetic.jsonl):
-# what the teacher's refined rationales say first.
-TRAPS = {
-    "buy_then_give": "Buying adds to what you have and giving away takes from it, in that order.",
-    "bags_then_eat": "Bags with the same number in each: multiply first, then take away what is given.",
-    "two_friends_then_find": "Put both amounts together first, then add what is found.",
-    "boxes_plus_gift": "Boxes with the same number in each: multiply first, then add the gift.",
-    "packs_then_give": "Multiply to count the packs, add what there was, then subtract what is given.",
-    "shop_day": "Selling takes away and getting new ones adds; go in the order of the day.",
-    "more_and_fewer": "More than means add to that amount; fewer than means subtract from it.",
-    "twice_then_spend": "Twice as many means multiply by 2, and that is added to what there was.",
-}
-GENERIC_TRAP = "Work one step at a time and check each result before the next."
-DISCLAIMER = ("The demo's models are tiny (0.6M and 0.3M parameters, trained for a minute on a CPU): "
-              "their accuracy says nothing about real models. It shows the machinery, with real numbers.")
+DISCLAIMER = ("The demo's models are tiny (1M parameters, on a CPU) and built to show UNDO's premise: "
+              "its numbers say nothing about real models.")
 
 
 @dataclass
@@ -85,9 +83,19 @@ class DemoConfig:
     workdir: str = field(default="undo-demo", metadata={"help": "Folder for data/, models/ and runs/ (created)."})
     resume: bool = field(default=False, metadata={
         "help": "Continue a demo that was interrupted (teacher training or the loop), recomputing nothing finished."})
-    seed: int = field(default=0, metadata={"help": "Seed for the split, the tokenizer's corpus, the models and the loop."})
+    seed: int = field(default=0, metadata={"help": "Seed for the split, the teacher's training data and order, and the loop."})
     setup_only: bool = field(default=False, metadata={
         "help": "Stop after writing data/ and models/teacher + models/student; run the loop yourself."})
+    teacher_epochs: float = field(default=TEACHER_TRAINING["epochs"], metadata={
+        "help": "Epochs of the teacher's training (fewer: a faster, less exact teacher)."})
+    max_iterations: int | None = field(default=None, metadata={
+        "help": "Refinement rounds of the loop [default: examples/run.toml's]."})
+
+    def __post_init__(self) -> None:
+        if self.teacher_epochs <= 0:
+            raise UndoError(f"--teacher-epochs {self.teacher_epochs}: must be positive")
+        if self.max_iterations is not None and self.max_iterations < 0:
+            raise UndoError(f"--max-iterations {self.max_iterations}: must be 0 or more")
 
 
 STATE_FILE = "demo.json"  # DIR/demo.json: which seed built this folder (a folder is never mixed across seeds)
@@ -115,60 +123,91 @@ def write_data(workdir: Path, seed: int) -> dict[str, Path]:
 
 
 def _wrong(solution: str, answer: str, rng: random.Random) -> str:
-    """A made-up wrong student attempt: the worked solution with a wrong final answer."""
-    wrong = str(max(0, int(answer) + rng.choice([-3, -2, -1, 1, 2, 3])))
+    """A made-up wrong student attempt: a solution whose last result and final answer are off by a little."""
+    right = int(answer)
+    wrong = str(max(0, right + rng.choice([-3, -2, -1, 1, 2, 3])))
     body = solution.rsplit("####", 1)[0].rstrip()
-    return f"{body.rsplit(chr(10), 1)[0]}\n#### {wrong}" if rng.random() < 0.5 else f"{body}\n#### {wrong}"
+    head, _, last = body.rpartition(f"= {right}")  # the last line's result, as a student gets it wrong
+    return f"{head}= {wrong}{last}\n#### {wrong}" if head else f"{body}\n#### {wrong}"
+
+
+TRAP = "Watch out: one operation per line."
 
 
 def refined_solution(problem: dict[str, Any]) -> str:
-    """What the teacher learns to answer the refine prompt with: the trap first, then the worked solution."""
-    trap = TRAPS.get((problem.get("meta") or {}).get("template"), GENERIC_TRAP)
-    return f"Watch out: {trap}\n{problem['meta']['solution']}"
+    """What the teacher learns to answer the refine prompt with: the trap (TRAP), then one operation per line."""
+    return f"{TRAP}\n{problem['meta']['solution']}"
 
 
-def teacher_examples(train: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """Rationale records with their own prompts: generate prompt -> solution, refine prompt -> re-teaching."""
+def _teacher_prompts() -> dict[str, str]:
+    """The prompt templates examples/run.toml gives the teacher ([generate] and [refine] prompt): the demo teacher
+    learns the very prompts the loop will send it."""
+    import tomllib
+
+    settings = tomllib.loads(_run_toml().read_text(encoding="utf-8"))
+    return {stage: (settings.get(stage) or {}).get("prompt", stage) for stage in ("generate", "refine")}
+
+
+def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list[dict[str, Any]]:
+    """Rationale records with their own prompts: generate prompt -> brief solution, refine prompt -> re-teaching.
+
+    Every training problem gets the first; every two-event one and one in REFINE_EVERY the second. The refine prompt is filled as `undo refine` fills
+    it in the loop: the teacher's earlier (brief) solution, a wrong attempt at another
+    problem of the same kind (a val failure picked this problem because it looks like
+    it: here one with as many steps), and `k` more similar failures.
+    """
     from undo_cli.prompts import load_template, problem_variables, render_messages
 
-    generate, refine = load_template("generate"), load_template("refine")
+    prompts = _teacher_prompts()
+    generate, refine = load_template(prompts["generate"]), load_template(prompts["refine"])
     rng = random.Random(seed)
-    by_kind: dict[str, list[dict[str, Any]]] = {}
+    by_kind: dict[Any, list[dict[str, Any]]] = {}  # problems of as many steps: the ones a failure looks like
     for p in train:
-        by_kind.setdefault((p.get("meta") or {}).get("template", ""), []).append(p)
+        by_kind.setdefault(p["meta"].get("steps"), []).append(p)
     records = []
     for i, p in enumerate(train):
         base = {"problem_id": p["id"], "question": p["question"], "answer": p["answer"], "task": "math"}
-        records.append({**base, "id": f"{p['id']}/generate", "rationale": p["meta"]["solution"],
+        brief = p["meta"].get("brief") or p["meta"]["solution"]
+        records.append({**base, "id": f"{p['id']}/generate", "rationale": brief,
                         "prompt_messages": render_messages(generate, **problem_variables(p), examples=[])})
-        if i % REFINE_EVERY:
+        if p["meta"].get("steps", 1) < 2 and i % REFINE_EVERY:
             continue
-        # In UNDO the failure comes from val and the target is a similar train question:
-        # show a failure on another problem of the same kind, and one more similar failure.
-        kin = [q for q in by_kind[(p.get("meta") or {}).get("template", "")] if q["id"] != p["id"]] or [p]
-        failed, other = rng.choice(kin), rng.choice(kin)
+        kin = [q for q in by_kind[p["meta"].get("steps")] if q["id"] != p["id"]] or [p]
+        failed, others = rng.choice(kin), [rng.choice(kin) for _ in range(k)]
+        attempt = _wrong(failed["meta"].get("brief") or failed["meta"]["solution"], failed["answer"], rng)
         messages = render_messages(
-            refine, **problem_variables(p), previous_rationales=[p["meta"]["solution"]],
-            student_output=_wrong(failed["meta"]["solution"], failed["answer"], rng),
-            student_question=failed["question"], student_predicted=None, error_type="wrong_answer",
-            similar_failures=[{"id": other["id"], "question": other["question"], "answer": other["answer"],
-                               "output": _wrong(other["meta"]["solution"], other["answer"], rng),
-                               "predicted": None, "error_type": "wrong_answer"}])
+            refine, **problem_variables(p), previous_rationales=[brief], student_output=attempt,
+            student_question=failed["question"], student_predicted=attempt.rsplit("#### ", 1)[1],
+            error_type="wrong_answer",
+            similar_failures=[{"id": o["id"], "question": o["question"], "answer": o["answer"],
+                               "output": _wrong(o["meta"].get("brief") or o["meta"]["solution"], o["answer"], rng),
+                               "predicted": None, "error_type": "wrong_answer"} for o in others])
         records.append({**base, "id": f"{p['id']}/refine", "rationale": refined_solution(p),
                         "prompt_messages": messages})
     return records
 
 
-def build_models(workdir: Path, files: dict[str, Path], seed: int) -> dict[str, Path]:
-    """The shared tokenizer, the untrained student base, and the teacher trained with `undo train`."""
+def _student_base() -> Path:
+    from undo_cli.prompts import bundled_dir
+
+    path = bundled_dir("examples") / STUDENT_BASE
+    if not (path / "config.json").is_file():
+        raise UndoError(f"{path}: the shipped student base is missing",
+                        hint="reinstall undo-cli, or rebuild it: python examples/pretrain_student.py")
+    return path
+
+
+def build_models(workdir: Path, files: dict[str, Path], config: "DemoConfig") -> dict[str, Path]:
+    """The student (a copy of the shipped base) and the teacher trained from it with `undo train`."""
+    import shutil
+
     from undo_cli.console import console
     from undo_cli.records import read_records, write_records
     from undo_cli.stages import train as train_stage
     from undo_cli.training.config import TrainConfig
-    from undo_cli.tiny import build_tiny_model, train_tokenizer
 
     models, build = workdir / "models", workdir / "build"
-    teacher, student, init = models / "teacher", models / "student", build / "teacher-init"
+    teacher, student = models / "teacher", models / "student"
     if (teacher / train_stage.SUMMARY_FILE).is_file() and (student / "config.json").is_file():
         console.print(f"reusing the models in {models}")
         return {"teacher": teacher, "student": student}
@@ -178,22 +217,19 @@ def build_models(workdir: Path, files: dict[str, Path], seed: int) -> dict[str, 
     if missing:
         raise UndoError(f"{files['train']}: {len(missing)} problems have no meta.solution (e.g. {missing[0]})",
                         hint=f"delete {workdir / 'data'} so the demo writes the shipped problems again")
-    examples = teacher_examples(train, seed)
-    corpus = [p["question"] + "\n" + p["meta"]["solution"] for p in train]
-    corpus += [m["content"] for r in examples[:4] for m in r["prompt_messages"]] + list(TRAPS.values())
-    corpus += [" ".join(str(i) for i in range(100))] * 20  # every number below 100 becomes one token
-    tokenizer = train_tokenizer(corpus, vocab_size=VOCAB)
-
-    with console.status("building the tiny student and teacher..."):
-        build_tiny_model(student, tokenizer=tokenizer, seed=seed, **STUDENT)
-        build_tiny_model(init, tokenizer=tokenizer, seed=seed + 1, **TEACHER)
+    if not (student / "config.json").is_file():
+        partial = models / "student.partial"  # a copy is never half there under the final name
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(_student_base(), partial)
+        partial.rename(student)
     data = build / "teacher_data.jsonl"
+    examples = teacher_examples(train, config.seed)
     write_records(data, examples)
     console.rule("[bold]training the tiny teacher (undo train)[/bold]")
-    console.print(f"{len(train)} worked solutions behind the generate prompt, {len(examples) - len(train)} of them "
-                  "also behind the refine prompt")
-    train_stage.run(TrainConfig(student=str(init), data=str(data), output=str(teacher), seed=seed,
-                                            resume=True, **TEACHER_TRAINING))
+    console.print(f"from the student base: {len(train)} brief solutions behind the generate prompt, "
+                  f"{len(examples) - len(train)} one-operation-per-line re-teachings behind the refine prompt")
+    train_stage.run(TrainConfig(student=str(student), data=str(data), output=str(teacher), seed=config.seed,
+                                resume=True, **{**TEACHER_TRAINING, "epochs": config.teacher_epochs}))
     return {"teacher": teacher, "student": student}
 
 
@@ -244,7 +280,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     if not (workdir / STATE_FILE).is_file():
         write_json(workdir / STATE_FILE, {"seed": config.seed, "undo_version": __version__})
     files = write_data(workdir, config.seed)
-    models = build_models(workdir, files, config.seed)
+    models = build_models(workdir, files, config)
     setup_s = time.perf_counter() - started
     result: dict[str, Any] = {"workdir": str(workdir), "data": {k: str(v) for k, v in files.items()},
                               "models": {k: str(v) for k, v in models.items()}, "setup_s": round(setup_s, 1)}
@@ -259,20 +295,32 @@ def run(config: DemoConfig) -> dict[str, Any]:
         return result
 
     from undo_cli.loop import iterate, report
+    from undo_cli.loop.layout import RunLayout
     from undo_cli.loop.settings import resolve
 
     flags = {"teacher": str(models["teacher"]), "student": str(models["student"]), "train_file": str(files["train"]),
              "val_file": str(files["val"]), "test_file": str(files["test"]), "runs_dir": str(workdir / "runs"),
              "name": "demo", "seed": config.seed}
+    if config.max_iterations is not None:
+        flags["max_iterations"] = config.max_iterations
     loop_config = resolve(iterate.IterateConfig, str(_run_toml()), flags, [])
     resume = (loop_config.run_dir / "manifest.json").is_file()  # only reachable with --resume (checked above)
-    summary = iterate.run(loop_config, resume=resume)
-    console.rule("[bold]undo report[/bold]")
-    shown = report.run(str(loop_config.run_dir))
+    # The commands iterate prints (resume, more rounds) are `undo iterate` with the demo's own arguments.
+    command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]
+    if config.max_iterations is not None:
+        command += ["--max-iterations", str(config.max_iterations)]
+    summary = iterate.run(loop_config, resume=resume, command=command)
+    # iterate has just printed the table and the verdict: `undo report` adds what changed and the plot.
+    console.rule("[bold]undo report[/bold] (the plot; the table above is its table)")
+    state = report.collect(loop_config.run_dir)
+    report.print_transitions(state)
+    plotted = report.plot(state, RunLayout(loop_config.run_dir).report_plot)
+    if plotted is not None:
+        console.print(f"plot written to {plotted}", highlight=False, markup=False)
     wall = time.perf_counter() - started
     console.print(f"demo finished in {wall:.0f} s (setup {setup_s:.0f} s). {DISCLAIMER}")
     _print_next_steps(workdir, loop_config.run_dir, files, models, config.seed)
-    return {**result, "summary": summary, "plot": shown.get("plot"), "wall_s": round(wall, 1)}
+    return {**result, "summary": summary, "plot": str(plotted) if plotted else None, "wall_s": round(wall, 1)}
 
 
 def _iterate_args(workdir: Path, files: dict[str, Path], models: dict[str, Path], seed: int) -> list[str]:

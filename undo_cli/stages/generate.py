@@ -80,7 +80,7 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
         "help": "Start over: replace an existing --output (and its sidecars) instead of resuming it."})
     verify: str = verify_field(TEACHER_VERIFY, "strict: a rationale verifies only with an explicit final answer "
                                "(#### x, \\boxed{x}, 'The answer is x'); flexible: the last number may count too; "
-                               "steps: strict, and every arithmetic statement in it is true (6 * 4 = 24).")
+                               "steps (the default): strict, and every arithmetic statement in it is true (6 * 4 = 24).")
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of --input (a quick try)."})
 
     def __post_init__(self) -> None:

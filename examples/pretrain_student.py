@@ -1,0 +1,133 @@
+"""Build the demo's student base: a tiny Llama pretrained on arithmetic facts and on other kinds of word problem.
+
+    python examples/pretrain_student.py                            # rewrites examples/student-base/
+    python examples/pretrain_student.py --out /tmp/base --steps 500  # a quick, weaker one elsewhere
+
+`undo demo` starts from this model, as a real UNDO run starts from a pretrained
+student: it is built once, here, and shipped (about 4 MB), because the skills
+below take far longer to learn than the demo's five minutes (the copying of
+numbers from a question into a line of work appears only after ~3,000 steps
+of 1,000 tokens, ~7 CPU-minutes at this size).
+
+What it is taught (the text comes from examples/make_examples.py):
+
+* every fact `a + b = c` and `a - b = c` with numbers up to 50, and `a * b = c`
+  up to 9 x 9 and 15 x 2 (`arithmetic_facts`), the loss on `c` only;
+* worked solutions of stories of one or two events (`pretraining_problems`:
+  the sentences of the shipped problems, fresh numbers and names; the shipped
+  problems leave out every one of these questions), one line per event, shown as `undo train` shows a
+  rationale (the student chat template, prompts/student.jinja), the loss on
+  the solution only.
+
+It is never shown a line with two operations in it (the teacher's brief
+solutions have them): it can follow worked steps, one operation at a time.
+
+The tokenizer is a byte-level BPE trained on that text and on the prompt
+templates (numbers 0-99 are single tokens, and start from embeddings that
+encode their value: tiny.number_embeddings). Written to --out: the model and
+tokenizer folder, plus pretraining.json with the recipe and what the model
+reached (facts right; problems of the pretraining kinds right, on fresh draws).
+Deterministic for a given --seed on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_examples  # noqa: E402  (the problem generators, beside this file)
+
+SIZE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384}
+VOCAB = 1024
+
+
+def examples(tokenizer, facts: list[str], problems: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels): a fact learns its result, a problem its solution after the student prompt."""
+    from undo_cli.prompts import encode_example, student_messages
+
+    out = []
+    for fact in facts:
+        left, right = fact.rsplit(" = ", 1)
+        a = tokenizer(left + " =", add_special_tokens=False)["input_ids"]
+        b = tokenizer(" " + right + "\n", add_special_tokens=False)["input_ids"]
+        out.append((a + b, [-100] * len(a) + b))
+    for p in problems:
+        out.append(encode_example(tokenizer, student_messages({"question": p["question"]}), p["solution"]))
+    return out
+
+
+def accuracy(model, tokenizer, facts: list[str], problems: list[dict]) -> dict:
+    """Greedy answers: facts whose result is right, problems whose whole solution is right."""
+    import torch
+
+    from undo_cli.prompts import encode_prompt, student_messages
+
+    right_facts = right_problems = 0
+    with torch.no_grad():
+        for fact in facts:
+            left, right = fact.rsplit(" = ", 1)
+            x = torch.tensor([tokenizer(left + " =", add_special_tokens=False)["input_ids"]])
+            y = model.generate(x, max_new_tokens=2, do_sample=False)
+            right_facts += tokenizer.decode(y[0, x.shape[1]:]).split()[:1] == [right]
+        for p in problems:
+            x = torch.tensor([encode_prompt(tokenizer, student_messages({"question": p["question"]}))])
+            y = model.generate(x, max_new_tokens=80, do_sample=False)
+            right_problems += tokenizer.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip() == p["solution"]
+    return {"facts": right_facts / len(facts), "problems": right_problems / len(problems),
+            "n_facts": len(facts), "n_problems": len(problems)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE / "student-base")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of 8 x 128 tokens")
+    parser.add_argument("--problems", type=int, default=6000, help="worked problems of the pretraining kinds")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from undo_cli.prompts import bundled_dir
+    from undo_cli.tiny import build_tiny_model, number_embeddings, pretrain, train_tokenizer
+
+    torch.set_num_threads(1)  # deterministic, and fast enough for a model this size
+    rng = random.Random(args.seed)
+    facts = make_examples.arithmetic_facts()
+    shipped = {json.loads(line)["question"] for line in (HERE / "arithmetic.jsonl").read_text().splitlines() if line}
+    problems = make_examples.pretraining_problems(args.problems, rng, exclude=shipped)
+    seen = shipped | {p["question"] for p in problems}
+    held_out = make_examples.pretraining_problems(100, random.Random(args.seed + 1), exclude=seen)
+    templates = [p.read_text(encoding="utf-8") for p in sorted(bundled_dir("prompts").glob("*.jinja"))]
+    corpus = [p["question"] + "\n" + p["solution"] for p in problems[:1500]] + facts[::5] + templates * 5
+    corpus += [" ".join(str(i) for i in range(100))] * 20  # every number below 100 becomes one token
+    tokenizer = train_tokenizer(corpus, vocab_size=VOCAB)
+
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(args.out, tokenizer=tokenizer, seed=args.seed, **SIZE)
+    model = AutoModelForCausalLM.from_pretrained(args.out)
+    numbers = number_embeddings(model, tokenizer)
+    started, cpu = time.time(), time.process_time()
+    losses = pretrain(model, examples(tokenizer, facts, problems), steps=args.steps, seed=args.seed,
+                      report=lambda step, loss: print(f"step {step}/{args.steps} loss {loss:.3f} "
+                                                      f"({time.time() - started:.0f} s)", file=sys.stderr))
+    model.save_pretrained(args.out)
+    reached = accuracy(model, tokenizer, random.Random(args.seed + 2).sample(facts, 300), held_out)
+    recipe = {"size": SIZE, "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
+              "steps": args.steps, "batch": "8 x 128 tokens", "lr": 3e-3, "seed": args.seed, "facts": len(facts),
+              "problems": len(problems), "events": "1 or 2 per story",
+              "number_tokens_with_value_embeddings": numbers, "final_loss": sum(losses[-100:]) / 100,
+              "reached": reached, "wall_s": round(time.time() - started), "cpu_s": round(time.process_time() - cpu)}
+    (args.out / "pretraining.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(reached), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

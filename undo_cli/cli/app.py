@@ -133,7 +133,7 @@ Example: undo cache prune --older-than 30"""),
     ]),
     Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
-prints the report. About a minute on 2 CPU cores; no network, no GPU.
+prints the report. About two minutes on 2 CPU cores; no network, no GPU.
 
 The demo's models are tiny: their accuracy says nothing about real models.
 

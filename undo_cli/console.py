@@ -6,9 +6,42 @@ works); progress bars, tables and warnings all go to this stderr console.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
+
+# Inside `undo iterate` (and so `undo demo`) a stage's summary table repeats what the loop's own table says
+# after every iteration; while the loop runs a stage (RunFolder.stage) this is on and the stage prints the
+# one-line form instead. The whole summary is still in the stage's summary file and the run's manifest.
+_compact = False
+
+
+@contextlib.contextmanager
+def compact_summaries() -> Iterator[None]:
+    """Stages print their one-line summaries while inside this block."""
+    global _compact
+    saved, _compact = _compact, True
+    try:
+        yield
+    finally:
+        _compact = saved
+
+
+def compact() -> bool:
+    """Whether stages print one-line summaries now (`compact_summaries`)."""
+    return _compact
+
+
+def print_stage_summary(table: Any, line: str) -> None:
+    """A stage's summary: its table, or `line` inside `undo iterate` (`compact_summaries`)."""
+    if _compact:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(table)
 
 
 def warn(message: str) -> None:

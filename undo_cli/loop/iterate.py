@@ -775,10 +775,10 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
         record_usage(folder)
         state = report.collect(folder.path)
         report.write_summary(folder.path, state)
-        report.print_table(state, title=f"{folder.path.name}: iterations so far")
-        if stop:
+        if stop:  # the table comes once, finished, after the test evaluation (_finish)
             console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
             break
+        report.print_table(state, title=f"{folder.path.name}: iterations so far")
         k += 1
     folder.manifest["stop_reason"] = stop
     folder.save()

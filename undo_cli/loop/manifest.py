@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from undo_cli.console import console, warn
+from undo_cli.console import compact_summaries, console, warn
 from undo_cli.errors import UndoError
 from undo_cli.models import library_versions, release_memory
 from undo_cli.loop.layout import LOCK, MANIFEST
@@ -294,7 +294,8 @@ class RunFolder:
         console.rule(f"[bold]{iteration}[/bold] · {name}")
         started = time.perf_counter()
         try:
-            summary = fn()
+            with compact_summaries():  # the loop's table says it after the iteration; one line per stage here
+                summary = fn()
         except BaseException as exc:
             seconds = time.perf_counter() - started
             interrupted = isinstance(exc, KeyboardInterrupt)

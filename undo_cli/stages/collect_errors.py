@@ -159,7 +159,7 @@ def item_keys(config: CollectErrorsConfig) -> list[str]:
 def _print_table(summary: dict[str, Any], *, sampled: bool) -> None:
     from rich.table import Table
 
-    from undo_cli.console import console
+    from undo_cli.console import console, print_stage_summary
 
     n = max(summary["predictions"], 1)
     table = Table(title="undo collect-errors", title_justify="left")
@@ -179,7 +179,9 @@ def _print_table(summary: dict[str, Any], *, sampled: bool) -> None:
     if sampled:
         total.append(str(summary["kept"]))
     table.add_row(*total)
-    console.print(table)
+    kinds = ", ".join(f"{t} {summary['by_type'][t]}" for t in ERROR_TYPES if summary["by_type"][t])
+    print_stage_summary(table, f"undo collect-errors: {summary['errors']} errors of {summary['predictions']}"
+                               + (f" ({kinds})" if kinds else ""))
     if summary["errors"] == 0:
         console.print("[green]no errors:[/green] the student answered every prediction correctly; nothing to refine")
 

@@ -333,7 +333,7 @@ def after_merge(config: EvaluateConfig, merge_config, summary: dict[str, Any], s
 def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:
     from rich.table import Table
 
-    from undo_cli.console import console
+    from undo_cli.console import compact, console, print_stage_summary
 
     v = metrics["verify"]
     # Both accuracies (lm-evaluation-harness's strict-match / flexible-extract); `correct` and `no answer`
@@ -349,8 +349,10 @@ def _print_metrics(metrics: dict[str, Any], path: str | None) -> None:
         table.add_row("all", str(metrics["count"]), str(metrics["correct"]), f"{metrics['accuracy_strict']:.1%}",
                       f"{metrics['accuracy_flexible']:.1%}", str(metrics["no_answer"]), str(metrics["truncated"]),
                       style="bold")
-    console.print(table)
-    if path:
+    where = f"; metrics written to {path}" if path else ""
+    print_stage_summary(table, f"accuracy (--verify {v}): {metrics['correct']}/{metrics['count']} "
+                               f"({metrics['accuracy']:.1%}){where}")
+    if path and not compact():
         console.print(f"metrics written to {path}")
 
 

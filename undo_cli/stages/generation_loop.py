@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from undo_cli.backends.base import Completion, Message, SamplingConfig
-from undo_cli.console import PlainProgress, console
+from undo_cli.console import PlainProgress, console, print_stage_summary
 from undo_cli.errors import UndoError
 from undo_cli.scoring import REASONS, reject_reason
 
@@ -604,4 +604,7 @@ def print_summary(summary: dict[str, Any], title: str = "summary") -> None:
         table.add_row(f"not verified: {reason.replace('_', ' ')}", str(count))
     for extra_name, value in summary.get("extra_rows", []):
         table.add_row(extra_name, str(value))
-    console.print(table)
+    verified = "" if pct is None else f", {summary['verified']} verified ({pct:.1f}%)"
+    line = (f"{title}: {summary['questions']} questions, {summary['samples']} samples{verified}, "
+            f"{summary['wall_s']:.1f} s, {_throughput(summary)}")
+    print_stage_summary(table, line)

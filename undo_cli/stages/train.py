@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from undo_cli.console import console, warn
+from undo_cli.console import console, print_stage_summary, warn
 from undo_cli.errors import UndoError
 from undo_cli.models import library_versions, load_error, release_memory
 from undo_cli.records import read_json, write_json
@@ -441,7 +441,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
                                                                       if "phi_final" in own else "")))
     for key, value in rows:
         table.add_row(key, value)
-    console.print(table)
+    loss = dict(rows)["loss, first -> last step"]
+    print_stage_summary(table, f"undo train: {summary['steps']} steps / {summary['epochs']:g} epochs, loss {loss}, "
+                               f"{summary['wall_time_s']:.1f} s, saved {dict(rows)['saved']}")
 
 
 SPEC = StageSpec(

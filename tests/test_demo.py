@@ -121,6 +121,10 @@ def test_the_user_sees_table_verdict_and_next_steps(demo):
     assert "UNDO run finished" in err and "test accuracy:" in err and "95% CI" in err
     assert "undo report" in err and "undo_loop.sh" in err and "refined.jsonl" in err
     assert "say nothing about real models" in " ".join(err.split())  # the disclaimer, however wrapped
+    # Compact (issue 23): inside the loop a stage says one line, not its table, and the loop's table comes once.
+    assert "undo train: " in err and " steps / " in err and "loss per epoch" not in err
+    assert "undo collect-errors: " in err and "% of predictions" not in err
+    assert err.count("UNDO run finished") == 1 and "iterations so far" not in err.split("stopping:")[-1]
     line = json.loads(out.strip().splitlines()[-1])  # stdout: one JSON line, nothing else
     assert line["run_dir"] == str(Path("undo-demo") / "runs" / "demo") and line["test"]["one_shot"]["count"] > 0
 

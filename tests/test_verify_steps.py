@@ -242,3 +242,23 @@ def test_the_reasons_in_docs_artifacts_are_what_the_scorer_says():
         assert refusal(ref["rejected_rationale"], ref["rejected_finish_reason"], verdict) == ref["reject_reason"]
         assert verdict.step_error == ref["step_error"] and verdict.predicted == ref["rejected_predicted"]
         assert score(r["rationale"], r["answer"], r["task"], None, "steps").correct  # the kept one is sound
+
+
+def test_a_refused_target_shows_the_attempt_closest_to_verifying():
+    """With n samples and none verified, the false step (right answer) is shown and counted, not a first sample's
+    wrong answer, so `--verify steps` refusals among later samples are not hidden (issue 20's bench found some)."""
+    from undo_cli.backends.base import Completion
+    from undo_cli.scoring import score
+    from undo_cli.stages.refine import closest_refusal
+
+    def attempt(text: str, finish: str = "stop"):
+        return Completion(text, finish, 10, 10), score(text, "28", "math", None, "steps")
+
+    wrong = attempt("6 * 7 = 42 and 42 - 14 = 27\n#### 27")
+    false_step = attempt("6 * 4 = 24 ... 24 - 21 = 12\n#### 28")
+    cut = attempt("6 * 7 = 42 and then", "length")
+    assert closest_refusal([wrong, false_step, cut]) == (1, "false_step")
+    assert closest_refusal([cut, wrong]) == (1, "wrong_answer")
+    assert closest_refusal([wrong, attempt("#### 30")]) == (0, "wrong_answer")  # a tie: the first
+    assert closest_refusal([attempt("   "), cut]) == (1, "truncated")
+    assert closest_refusal([]) == (0, "no_answer")

@@ -47,7 +47,9 @@ With `kept_previous: true` the rejected text is in `refinement.rejected_rational
 for a person to read, and `refinement.reject_reason` says why: `no_answer`,
 `wrong_answer`, `false_step` (`--verify steps`: the answer is right but an
 arithmetic statement is false; `refinement.step_error` quotes it) or `truncated`.
-The summary counts them (`rejected_by_reason`). Batching, resume (re-run the same command; finished ids
+With `--n` samples, the one shown is the one that came closest to verifying (a
+false step before a wrong answer before a truncated or empty one; the others are
+in `refinement.more_rejected`). The summary counts them (`rejected_by_reason`). Batching, resume (re-run the same command; finished ids
 are skipped, a kill loses at most the batch in flight; `<output stem>.run.json`
 records the settings, a re-run with others is refused unless `--overwrite`),
 progress and the summary table are the shared `stages/generation_loop.py`, exactly as
@@ -385,6 +387,22 @@ def refusal(text: str, finish_reason: str | None, verdict) -> str:
     return verdict.reason or "wrong_answer"
 
 
+# How close a refused attempt came to verifying: a false step (the right answer) before a wrong answer before
+# one cut by --max-tokens before no answer at all.
+CLOSENESS = ("false_step", "wrong_answer", "truncated", "no_answer")
+
+
+def closest_refusal(attempts: list[tuple[Any, Any]]) -> tuple[int, str]:
+    """(index, reason) of the refused attempt (completion, verdict) that came closest to verifying, the first
+    on a tie: the one a kept-previous refinement shows and counts, so a false step among later samples is not
+    hidden behind a first sample's wrong answer. (0, "no_answer") when there were none."""
+    reasons = [refusal(c.text, c.finish_reason, v) for c, v in attempts]
+    if not reasons:
+        return 0, "no_answer"
+    shown = min(range(len(reasons)), key=lambda i: CLOSENESS.index(reasons[i]))
+    return shown, reasons[shown]
+
+
 def refusal_of(refinement: dict[str, Any]) -> str | None:
     """The recorded reason of a kept-previous refinement (derived for files written before it was recorded)."""
     if not refinement.get("kept_previous"):
@@ -439,17 +457,17 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             stats["kept_previous"] += 1
             # The previous rationale stays, with its own provenance; the attempt is kept for a person to read.
             record = {k: v for k, v in target.items() if k != "refinement"}
-            first, verdict, _ = checked[0] if checked else (None, None, False)
+            shown, reason = closest_refusal([(c, verdict) for c, verdict, _ in checked])
+            first, verdict = checked[shown][:2] if checked else (None, None)
             refinement["rejected_rationale"] = first.text if first is not None else ""
             refinement["rejected_predicted"] = verdict.predicted if verdict is not None else None
             refinement["rejected_finish_reason"] = first.finish_reason if first is not None else None
-            reason = refusal(first.text, first.finish_reason, verdict) if first is not None else "no_answer"
             refinement["reject_reason"] = reason
             if reason == "false_step":
                 refinement["step_error"] = verdict.step_error
             stats[f"reason:{reason}"] += 1
             if len(checked) > 1:
-                refinement["more_rejected"] = [c.text for c, _, _ in checked[1:]]
+                refinement["more_rejected"] = [c.text for i, (c, _, _) in enumerate(checked) if i != shown]
         record["refinement"] = refinement
         return [record]
 

@@ -124,7 +124,9 @@ def context_length(name: str, tokenizer, trust: bool) -> int | None:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        from undo_cli.backends.context import CONFIG_KEYS  # the keys refine's context check reads too
+
+        for key in CONFIG_KEYS:
             value = getattr(config, key, None) or getattr(getattr(config, "text_config", None), key, None)
             if isinstance(value, int) and value > 0:
                 return value

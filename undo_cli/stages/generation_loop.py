@@ -370,7 +370,7 @@ class Generation:
             # (no drain at batch boundaries); records are still written batch by batch, in order.
             stream = llm.generate_stream(([item.messages for item in batch] for batch in batches), sampling)
             try:
-                for batch, results in zip(batches, stream):
+                for batch, results in zip(batches, stream, strict=True):  # a short stream is a bug, not an end
                     self._write(llm, batch, results, out, rejected)
                     # what the model wrote, not the cache's answers
                     tps = stats.generated_tokens / max(time.perf_counter() - gen_start, 1e-9)

@@ -458,10 +458,10 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             # The previous rationale stays, with its own provenance; the attempt is kept for a person to read.
             record = {k: v for k, v in target.items() if k != "refinement"}
             shown, reason = closest_refusal([(c, verdict) for c, verdict, _ in checked])
-            first, verdict = checked[shown][:2] if checked else (None, None)
-            refinement["rejected_rationale"] = first.text if first is not None else ""
+            attempt, verdict = checked[shown][:2] if checked else (None, None)
+            refinement["rejected_rationale"] = attempt.text if attempt is not None else ""
             refinement["rejected_predicted"] = verdict.predicted if verdict is not None else None
-            refinement["rejected_finish_reason"] = first.finish_reason if first is not None else None
+            refinement["rejected_finish_reason"] = attempt.finish_reason if attempt is not None else None
             refinement["reject_reason"] = reason
             if reason == "false_step":
                 refinement["step_error"] = verdict.step_error

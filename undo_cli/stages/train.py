@@ -157,8 +157,7 @@ def _train(run: "_Run", plan: _Plan):
     from undo_cli.training.trainer import StopOnInterrupt
 
     trainer = run.trainer
-    stop = StopOnInterrupt()
-    stop.accelerator = trainer.accelerator
+    stop = StopOnInterrupt(trainer.accelerator)
     trainer.add_callback(stop)
     try:
         with stop:
@@ -441,9 +440,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
                                                                       if "phi_final" in own else "")))
     for key, value in rows:
         table.add_row(key, value)
-    loss = dict(rows)["loss, first -> last step"]
-    print_stage_summary(table, f"undo train: {summary['steps']} steps / {summary['epochs']:g} epochs, loss {loss}, "
-                               f"{summary['wall_time_s']:.1f} s, saved {dict(rows)['saved']}")
+    shown = dict(rows)
+    print_stage_summary(table, f"undo train: {summary['steps']} steps / {summary['epochs']:g} epochs, loss "
+                               f"{shown['loss, first -> last step']}, {summary['wall_time_s']:.1f} s, saved {shown['saved']}")
 
 
 SPEC = StageSpec(

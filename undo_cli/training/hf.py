@@ -153,10 +153,11 @@ def batching(padding_free: bool | None, model) -> Batching:
     if packed and per_sequence:
         packed_attention.enable(model)
         kernel = str(base.config._attn_implementation)
-    grouped = padding_free is False or (padding_free is None and not flash)
+    # Padded rows are always length-grouped; packed ones too when auto chose packing without a flash kernel.
+    grouped = not packed or (padding_free is None and not flash)
     # Only flash kernels need cu_seq_lens; per-sequence sdpa reads the restarts of position_ids, so the batch
     # keeps the keys it always had (the student-output and served-teacher code moves every value to the device).
-    return Batching(packed=packed, length_grouped=grouped or not packed, seq_lens=packed and flash, kernel=kernel)
+    return Batching(packed=packed, length_grouped=grouped, seq_lens=packed and flash, kernel=kernel)
 
 
 def save(trainer, config: TrainConfig, output: Path) -> dict[str, str | None]:

@@ -239,7 +239,8 @@ class StopOnInterrupt(TrainerCallback):
     handlers live there) and only where SIGINT is not ignored (`nohup`, a background job).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, accelerator: Any = None) -> None:
+        self.accelerator = accelerator  # several processes: the flag is summed over them
         self.requested = False
         self.interrupted_at: int | None = None
         self._previous: Any = None
@@ -270,8 +271,7 @@ class StopOnInterrupt(TrainerCallback):
                       "(Ctrl-C again stops at once, without one)[/yellow]", highlight=False)
 
     def on_step_end(self, args, state, control, **kwargs):
-        flag = self.requested
-        accelerator = getattr(self, "accelerator", None)
+        flag, accelerator = self.requested, self.accelerator
         if accelerator is not None and accelerator.num_processes > 1:  # every process stops at the same step
             flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
         if flag and state.global_step < state.max_steps:  # at the last step the final model is saved anyway

@@ -1,6 +1,6 @@
 """A practical teacher on a few CPU cores: the real Qwen2.5-Coder-1.5B-Instruct through every route, side by side.
 
-    python bench/teacher_speed.py                                  # every arm (~30 min on 2 shared cores)
+    python bench/teacher_speed.py                                  # every arm (~30 min on 2 idle cores)
     python bench/teacher_speed.py --arms hf-fp32,llamacpp          # some arms (the baseline always runs)
     python bench/teacher_speed.py --gguf FILE.gguf --folder DIR    # other files of the same model
 
@@ -54,10 +54,10 @@ GGUF = "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 FOLDER = "/work/models/hf/qwen2.5-coder-1.5b-instruct"
 LOCK = "/work/models/.qwen.lock"
 LLAMACPP_PYTHON = "/work/venv-llamacpp/bin/python"
-# Fixed before the first run: small enough that the slowest arm (fp32, ~0.5 tokens/s on 2 loaded cores)
-# finishes in minutes; greedy, so every arm computes the same thing.
-MAX_TOKENS = 32
-SINGLE = 2           # prompts run one after another (tokens/s of one sequence)
+# Fixed before the first run: small enough that the slowest arm (fp32, ~0.5 tokens/s on 2 cores, much less on
+# a machine shared with other jobs) finishes in minutes; greedy, so every arm computes the same thing.
+MAX_TOKENS = 24
+SINGLE = 1           # prompts run one after another (tokens/s of one sequence)
 BATCH = 8            # prompts sent at once
 ARMS = ("hf-fp32", "hf-bf16", "hf-int8", "vllm", "llamacpp")
 

@@ -121,6 +121,14 @@ _PATTERNS = [
     ("bullet", r"^[ \t]*(?:[-*+•]|[0-9]{1,3}[.)])[ \t]+"),  # list markers: "- ", "* ", "1. ", "2) "
     ("nl", r"\n"),
     ("ws", r"[^\S\n]+"),
+    # LaTeX as teachers write it: \frac{a}{b} is (a)/(b) when a and b are plain arithmetic; \boxed{..} and
+    # \text{..} show their contents; \left( \right) are parentheses; \$ \% \approx are $ % ≈.
+    ("frac", r"\\[dt]?frac[ \t]*\{(?P<numer>[^{}\n]*)\}[ \t]*\{(?P<denom>[^{}\n]*)\}"),
+    ("wrap", r"\\(?:boxed|text|textbf|textrm|mathrm|mathbf|mbox)[ \t]*\{(?P<inner>[^{}\n]*)\}"),
+    ("sizing", r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?=[()])"),
+    ("latexcur", r"\\\$(?= ?[0-9.])"),
+    ("latexpct", r"\\%"),
+    ("latexeq", r"\\approx(?![A-Za-z])"),
     ("latexop", r"\\(?:times|cdot|div)(?![A-Za-z])"),
     ("latex", r"\\[A-Za-z]+|\\."),
     # dates, phone numbers, versions, times, ratios: never arithmetic
@@ -129,7 +137,8 @@ _PATTERNS = [
            r"|[0-9]{4}/[0-9]{1,2}/[0-9]{1,2})(?:[-/][0-9]+)*|[0-9]+(?:\.[0-9]+){2,}|[0-9]+(?::[0-9]+)+"),
     ("ordinal", r"[0-9]+(?:st|nd|rd|th)(?![^\W_])"),
     ("compound", r"[0-9]+(?:\.[0-9]+)?-[^\W\d_][^\W_]*(?:-[^\W_]+)*"),   # 2-step, 3-year-old
-    ("num", r"[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+"),
+    # thousands groups: 1,250 and LaTeX's 1{,}250 and 1\,250
+    ("num", r"[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+(?![0-9])(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+"),
     ("badcomma", r"(?<=[0-9]),(?=[0-9])"),  # a decimal comma (12,5) or a list (1,2,3): ambiguous
     ("xop", r"(?<=[0-9)%])[xX](?=[0-9(])|(?<=[0-9)%] )[xX](?= [0-9(($€£¥₹])"),
     ("word", r"[^\W\d_][^\W_]*(?:['’][^\W\d_]+)*(?:-[^\W_]+)*"),
@@ -186,7 +195,20 @@ def _tokens(text: str, start: int = 0, end: int | None = None) -> list[_Tok]:
     for m in _TOKEN.finditer(text, start, len(text) if end is None else end):
         name, s, e = m.lastgroup, m.start(), m.end()
         t = m.group()
-        if name == "ws":
+        if name in ("ws", "sizing"):
+            continue
+        if name == "frac":
+            out.extend(_fraction(text, m))
+            continue
+        if name == "wrap":  # \boxed{42}, \text{ apples}: their contents, in place
+            inner = _tokens(text, m.start("inner"), m.end("inner"))
+            if inner and not text[inner[-1].end:m.end("inner")].strip():
+                inner[-1].end = e  # a statement quoted up to its last token ends with the closing brace
+            out.extend(inner)
+            continue
+        if name in ("latexcur", "latexpct", "latexeq"):
+            kind, shown = {"latexcur": (CUR, "$"), "latexpct": (PCT, "%"), "latexeq": (EQ, "≈")}[name]
+            out.append(_Tok(kind, shown, s, e))
             continue
         if name in ("nl", "bullet"):
             kind = BREAK
@@ -210,6 +232,22 @@ def _tokens(text: str, start: int = 0, end: int | None = None) -> list[_Tok]:
             kind = BREAK
         out.append(_Tok(kind, t, s, e))
     return out
+
+
+_FRACTION_PARTS = frozenset({"num", "op", "lp", "rp", "pct", "cur", "markup"})  # kinds a \frac's a and b may hold
+_GROUPING = re.compile(r"\{,\}|\\,|,")  # thousands separators inside a number token
+
+
+def _fraction(text: str, m: re.Match) -> list[_Tok]:
+    """\frac{a}{b} as the tokens of (a)/(b), positioned in the text; one POISON token unless a and b are both
+    plain arithmetic (numbers, operators, parentheses): \frac{x}{2} or a nested fraction is not read."""
+    numer = _tokens(text, m.start("numer"), m.end("numer"))
+    denom = _tokens(text, m.start("denom"), m.end("denom"))
+    if not numer or not denom or any(t.kind not in _FRACTION_PARTS for t in numer + denom):
+        return [_Tok(POISON, m.group(), m.start(), m.end())]
+    a0, a1, b0, b1 = m.start("numer"), m.end("numer"), m.start("denom"), m.end("denom")
+    return [_Tok(LP, "(", m.start(), a0), *numer, _Tok(RP, ")", a1, a1 + 1), _Tok(OP, "/", a1, b0),
+            _Tok(LP, "(", b0 - 1, b0), *denom, _Tok(RP, ")", b1, m.end())]
 
 
 # --- runs: maximal stretches of arithmetic on one line -----------------------------------
@@ -317,7 +355,7 @@ class _Side:
 
 
 def _literal(tok: _Tok, pct: bool) -> _Lit:
-    digits = tok.text.replace(",", "")
+    digits = _GROUPING.sub("", tok.text)
     decimals = len(digits.split(".", 1)[1]) if "." in digits else 0
     whole = digits.split(".", 1)[0].lstrip("0")
     zeros = len(whole) - len(whole.rstrip("0")) if whole and not decimals else 0
@@ -586,7 +624,7 @@ def find_statements(text: str) -> tuple[list[Statement], int]:
     return found, skipped
 
 
-_EQUALS = re.compile("[=≈≃≅]")
+_EQUALS = re.compile(r"[=≈≃≅]|\\approx")
 
 
 def _lines_with_equals(text: str):

@@ -37,7 +37,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
+from undo_cli.backends import stopping
+from undo_cli.backends.base import (NEUTRAL_SAMPLING, Completion, Message, SamplingConfig, TokenLogprobs,
+                                    model_sampling_defaults, one_batch_at_a_time)
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
@@ -131,10 +133,14 @@ class HFBackend:
 
         # The name forward and generate take a KV cache under: `cache` in recent transformers, `past_key_values` before.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Where the model ends its turn: the eos ids of its generation_config and its tokenizer's eos (a
+        # converted GGUF may list only one of them; Qwen's hub config lists <|im_end|> and <|endoftext|>).
         eos = self.hf_model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
+        # The model's own sampling defaults (generation_config.json: Qwen's temperature 0.7, top_p 0.8,
+        # top_k 20, repetition_penalty 1.1) do not apply: the run's settings do, on every backend alike
+        # (docs/method.md, "Generation defaults"). Recorded, so a run shows what it set aside.
+        self.model_defaults = model_sampling_defaults(self.hf_model.generation_config.to_diff_dict())
 
     @staticmethod
     def _apply_adapter(model, adapter: str):
@@ -181,6 +187,9 @@ class HFBackend:
         from transformers import GenerationConfig
 
         gen = GenerationConfig.from_dict(self.hf_model.generation_config.to_dict())
+        for name, neutral in NEUTRAL_SAMPLING.items():  # the model's sampling defaults give way to the run's
+            setattr(gen, name, neutral)
+        gen.eos_token_id = sorted(self.eos_ids)
         sample = sampling.temperature > 0
         gen.max_new_tokens = sampling.max_tokens
         gen.max_length = None
@@ -218,6 +227,10 @@ class HFBackend:
             extra["logits_processor"] = LogitsProcessorList([recorder])
         if gen.stop_strings:
             extra["tokenizer"] = self.tokenizer  # StopStringCriteria needs the vocabulary
+        if stopping.active(sampling):  # at the answer line, at a degenerate repetition (backends/stopping.py)
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([stopping.TextStop(self.tokenizer, sampling, width)])
         with torch.inference_mode():
             if per_prompt > 1 and width > 1:  # the prompt once, its KV cache repeated for the n samples
                 input_ids, attention, extra[self.cache_kwarg] = self._shared_prompt(input_ids, attention, per_prompt)
@@ -282,6 +295,9 @@ class HFBackend:
             cut = text.find(s)
             if cut != -1:  # OpenAI semantics: the stop string is not part of the text
                 text, finish = text[:cut], "stop"
+        text, finish, was_cut = stopping.apply(text, finish, sampling)
+        if was_cut:  # the tokens that wrote the kept text (the rest of the row is padding or was cut)
+            length = self._tokens_for(text_ids, len(text))
         logprobs = None
         if lp is not None:
             top_ids, top_lps, chosen = lp
@@ -289,6 +305,28 @@ class HFBackend:
                         for j in range(length)]
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_len, completion_tokens=length,
                           logprobs=logprobs)
+
+    def _tokens_for(self, ids: list[int], chars: int) -> int:
+        """The fewest leading tokens of `ids` whose decoded text reaches `chars` characters (binary search)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The generation settings in force for `sampling` (recorded in the stage's summary)."""
+        gen = self._generate_config(sampling)
+        sample = sampling.temperature > 0
+        return {"backend": "hf", "do_sample": sample, "temperature": sampling.temperature if sample else 0.0,
+                "top_p": sampling.top_p if sample else 1.0, "top_k": 0 if sample else None,
+                "repetition_penalty": gen.repetition_penalty, "max_new_tokens": sampling.max_tokens,
+                "eos_token_id": sorted(self.eos_ids), "stop": list(sampling.stop),
+                "stop_at_answer": sampling.stop_at_answer, "repetition_cut": sampling.repetition_cut,
+                "model_defaults_not_applied": self.model_defaults}
 
     def close(self) -> None:
         import gc

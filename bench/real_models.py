@@ -228,6 +228,15 @@ def stage_rates(run: Path) -> dict:
     return out
 
 
+def _gpu_backend() -> str:
+    """vllm where it imports (teacher and student), else transformers."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm"
+
+
 def main() -> None:
     global STUDENT_PATH
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -254,6 +263,7 @@ def main() -> None:
               "student": args.student, "load_avg": [round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()}
     started = time.perf_counter()
 
+    backend = "openai" if args.scale == "cpu" else _gpu_backend()
     # 1. The base student, zero-shot, on test: same prompt, limits and extraction as every later evaluation.
     zero = workdir / "zero_shot.jsonl"
     if not (args.resume and zero.exists()):
@@ -261,7 +271,8 @@ def main() -> None:
         report["zero_shot_process"] = run_process(
             undo + ["evaluate", "--model", args.student, "--input", str(data["test"]), "--output", str(zero),
                     "--metrics", str(workdir / "zero_shot.metrics.json"), "--max-tokens", str(MAX_TOKENS),
-                    "--batch-size", "32", "--verify", "strict", "--overwrite"], workdir / "zero_shot.log", workdir, env)
+                    "--batch-size", "32", "--verify", "strict", "--overwrite",
+                    "--backend", "vllm" if backend == "vllm" else "hf"], workdir / "zero_shot.log", workdir, env)
         if report["zero_shot_process"]["exit"] != 0:
             raise SystemExit(f"zero-shot evaluation failed; see {workdir / 'zero_shot.log'}")
     report["load_avg"].append(round(os.getloadavg()[0], 2))
@@ -279,12 +290,6 @@ def main() -> None:
         report["teacher"] = {"model": teacher, "route": "llama.cpp server (llama-cpp-python), --teacher-backend openai"}
     else:
         teacher = args.teacher or TEACHER_FOLDER
-        try:
-            import vllm  # noqa: F401
-
-            backend = "vllm"
-        except ImportError:
-            backend = "hf"
         (workdir / "run.toml").write_text(run_toml(scale, data, teacher, backend, None, name))
         report["loop_process"] = run_process(iterate, workdir / "iterate.log", workdir, env)
         report["teacher"] = {"model": teacher, "route": f"--teacher-backend {backend}"}

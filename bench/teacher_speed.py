@@ -315,6 +315,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1500, help="seconds per arm")
     parser.add_argument("--wait-llamacpp", type=float, default=0,
                         help="seconds to wait for llama_cpp.server to become importable (a build still running)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the arms bench/results/teacher_speed.json already holds (each with its commit and "
+                             "load average) and run only the others")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -330,13 +333,20 @@ def main() -> None:
     unknown = set(wanted) - set(ARMS)
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
-    if "hf-fp32" not in wanted:
-        wanted.insert(0, "hf-fp32")  # the baseline, always in the same run
+    path = RESULTS / "teacher_speed.json"
+    earlier = {}
+    if args.resume and path.exists():
+        old = json.loads(path.read_text())
+        earlier = {arm: {"commit": old["commit"], **res} for arm, res in old["arms"].items()}
+    if "hf-fp32" not in wanted and "hf-fp32" not in earlier:
+        wanted.insert(0, "hf-fp32")  # the baseline, always in the same run (or kept from the one resumed)
     report = {"commit": commit(), "model": {"gguf": args.gguf, "folder": args.folder},
               "max_tokens": MAX_TOKENS, "single_prompts": SINGLE, "batch_prompts": BATCH,
               "prompts": "examples/arithmetic.jsonl, first problems, prompts/generate.jinja + chat template, greedy",
-              "cpus": os.cpu_count(), "platform": platform.platform(), "arms": {}}
+              "cpus": os.cpu_count(), "platform": platform.platform(), "arms": dict(earlier)}
     for arm in wanted:
+        if arm in earlier and "error" not in earlier[arm]:
+            continue
         if arm == "llamacpp" and args.wait_llamacpp:
             llamacpp_ready(args.llamacpp_python, args.wait_llamacpp)  # before taking the lock
         before = round(os.getloadavg()[0], 2)
@@ -355,10 +365,11 @@ def main() -> None:
                 res = run_worker(python, ["vllm", "--folder", args.folder], args.timeout) if python else \
                     {"error": "no vLLM venv (.ci/vllm-venv.sh)"}
         res["load_avg"] = [before, round(os.getloadavg()[0], 2)]
+        res["commit"], res["finished"] = report["commit"], time.strftime("%Y-%m-%d %H:%M:%S")
         report["arms"][arm] = res
         print(f"  {_summary(res)}", file=sys.stderr, flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "teacher_speed.json").write_text(json.dumps(report, indent=2) + "\n")  # after each arm
+        path.write_text(json.dumps(report, indent=2) + "\n")  # after each arm
     _table(report)
 
 

@@ -159,53 +159,84 @@ concurrency = 1
 STUDENT_PATH = STUDENT  # replaced by --student
 
 
-def run_process(cmd: list[str], log: Path, cwd: Path, env: dict | None = None) -> dict:
-    """A command in a fresh process: its exit code, wall seconds, CPU seconds and peak RSS (os.wait4)."""
+def run_process(cmd: list[str], log: Path, cwd: Path, env: dict | None = None, poll=None) -> dict:
+    """A command in a fresh process: its exit code, wall seconds, CPU seconds and peak RSS (os.wait4).
+    `poll()`, if given, is called every few seconds while it runs."""
     t = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=cwd, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if poll is not None:
+                poll()
+            time.sleep(5)
     return {"exit": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - t, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
 
 
-@contextlib.contextmanager
-def llamacpp_server(python: str, gguf: str, log: Path):
-    """The teacher on llama.cpp's server, holding the machine's lock for the 1.5B model while it runs."""
-    from teacher_speed import free_port, llamacpp_command, qwen_lock, tree_cpu, tree_peak_rss_gb
+def stage_done(run: Path, key: str) -> bool:
+    """Whether the loop's manifest says stage `key` (e.g. iter_01/refine) is done."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((run / "manifest.json").read_text())["stages"].get(key, {}).get("status") == "done"
+    return False
 
-    from undo_cli import threads
 
-    from teacher_speed import llamacpp_ready
+class LlamaCppServer:
+    """The teacher on llama.cpp's server, holding the machine's lock for the 1.5B model while it runs; `stop()`
+    (also on leaving the `with`) ends it and frees the lock once the loop needs no more teacher answers."""
 
-    if not llamacpp_ready(python, 3600):
-        raise SystemExit(f"no llama_cpp.server under {python}: pip install 'llama-cpp-python[server]' there")
-    time.sleep(60)  # bench/teacher_speed.py, polling for the same build, takes the lock first
-    with qwen_lock():
+    def __init__(self, python: str, gguf: str, log: Path):
+        self.python, self.gguf, self.log, self.info, self.server = python, gguf, log, {}, None
+
+    def __enter__(self) -> "LlamaCppServer":
+        from teacher_speed import free_port, llamacpp_command, llamacpp_ready, qwen_lock
+
+        from undo_cli import threads
+
+        if not llamacpp_ready(self.python, 3600):
+            raise SystemExit(f"no llama_cpp.server under {self.python}: pip install 'llama-cpp-python[server]' there")
+        time.sleep(60)  # bench/teacher_speed.py, polling for the same build, takes the lock first
+        self.lock = qwen_lock()
+        self.lock.__enter__()
         port = free_port()
-        out = log.open("w")
+        self.out = self.log.open("w")
         t = time.perf_counter()
-        server = subprocess.Popen(llamacpp_command(python, gguf, port, threads.usable_cpus()), stdout=out, stderr=out)
-        info = {"url": f"http://127.0.0.1:{port}/v1"}
-        try:
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"the llama.cpp server exited {server.returncode}; see {log}")
-                with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"{info['url']}/models", timeout=2).read()
-                    break
-                time.sleep(0.5)
-            info["load_s"] = round(time.perf_counter() - t, 1)
-            yield info
-            info["cpu_s"] = round(tree_cpu(server.pid), 1)
-            info["peak_rss_gb"] = tree_peak_rss_gb(server.pid)
-        finally:
-            server.terminate()
+        self.server = subprocess.Popen(llamacpp_command(self.python, self.gguf, port, threads.usable_cpus()),
+                                       stdout=self.out, stderr=self.out)
+        self.url = f"http://127.0.0.1:{port}/v1"
+        while True:
+            if self.server.poll() is not None:
+                self.stop()
+                raise SystemExit(f"the llama.cpp server exited; see {self.log}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{self.url}/models", timeout=2).read()
+                break
+            time.sleep(0.5)
+        self.info["load_s"] = round(time.perf_counter() - t, 1)
+        self.started = time.perf_counter()
+        return self
+
+    def stop(self) -> None:
+        from teacher_speed import tree_cpu, tree_peak_rss_gb
+
+        if self.server is None:
+            return
+        if self.server.poll() is None:
+            self.info.update(cpu_s=round(tree_cpu(self.server.pid), 1), peak_rss_gb=tree_peak_rss_gb(self.server.pid),
+                             up_s=round(time.perf_counter() - self.started, 1) if hasattr(self, "started") else None)
+            self.server.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=30)
-            if server.poll() is None:
-                server.kill()
-            out.close()
+                self.server.wait(timeout=30)
+            if self.server.poll() is None:
+                self.server.kill()
+        self.server = None
+        self.out.close()
+        self.lock.__exit__(None, None, None)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _read(path: Path) -> list[dict]:
@@ -275,18 +306,28 @@ def main() -> None:
                     "--backend", "vllm" if backend == "vllm" else "hf"], workdir / "zero_shot.log", workdir, env)
         if report["zero_shot_process"]["exit"] != 0:
             raise SystemExit(f"zero-shot evaluation failed; see {workdir / 'zero_shot.log'}")
+    else:
+        report["zero_shot_process"] = {"note": "kept from an earlier invocation in this --workdir (--resume)"}
     report["load_avg"].append(round(os.getloadavg()[0], 2))
 
     # 2. The loop, with the teacher served (cpu) or in process (gpu).
     name = f"real-{args.scale}"
-    iterate = undo + ["iterate", "--config", str(workdir / "run.toml")] + (["--resume"] if args.resume else [])
+    resume_loop = args.resume and (workdir / "runs" / name / "manifest.json").exists()
+    iterate = undo + ["iterate", "--config", str(workdir / "run.toml")] + (["--resume"] if resume_loop else [])
     print(f"undo iterate ({name}) ... (logs in {workdir})", file=sys.stderr, flush=True)
     if args.scale == "cpu":
         teacher = args.teacher or TEACHER_GGUF
-        with llamacpp_server(args.llamacpp_python, teacher, workdir / "teacher_server.log") as server:
-            (workdir / "run.toml").write_text(run_toml(scale, data, TEACHER_NAME, "openai", server["url"], name))
-            report["loop_process"] = run_process(iterate, workdir / "iterate.log", workdir, env)
-        report["teacher_server"] = {k: v for k, v in server.items() if k != "url"}
+        run = workdir / "runs" / name
+        last_teacher_stage = f"iter_{scale['max_iterations']:02d}/refine"
+
+        def free_teacher() -> None:  # the loop's last teacher stage is done: the student stages need no server
+            if stage_done(run, last_teacher_stage):
+                server.stop()
+
+        with LlamaCppServer(args.llamacpp_python, teacher, workdir / "teacher_server.log") as server:
+            (workdir / "run.toml").write_text(run_toml(scale, data, TEACHER_NAME, "openai", server.url, name))
+            report["loop_process"] = run_process(iterate, workdir / "iterate.log", workdir, env, poll=free_teacher)
+        report["teacher_server"] = server.info
         report["teacher"] = {"model": teacher, "route": "llama.cpp server (llama-cpp-python), --teacher-backend openai"}
     else:
         teacher = args.teacher or TEACHER_FOLDER

@@ -153,25 +153,56 @@ def _phases(llm, sampling, pid: int, single_one_by_one: bool = True) -> dict:
 
 # -- workers: each arm's model lives in a process of its own ------------------------------------------
 
-def worker_hf(dtype: str, int8: bool, folder: str, out_file: str) -> None:
+HF_ARMS = ("hf-fp32", "hf-bf16", "hf-int8")
+
+
+def _rss_now_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    return 0.0
+
+
+def _reset_peak() -> None:
+    """Linux: make VmHWM (peak RSS) start again from the current RSS (`5` to /proc/self/clear_refs)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def worker_hf(arms: list[str], folder: str, out_file: str) -> None:
+    """The hf arms in one process, one load: fp32, then the same weights cast to bf16, then back to fp32 (the
+    folder holds bf16 weights, so nothing is lost) and quantized to int8. Peak RSS is measured per arm while it
+    generates (VmHWM reset before each), and the load's own peak separately."""
     from undo_cli import threads
 
     threads.configure()
+    import torch
+
     from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
 
     t = time.perf_counter()
-    with open_backend(BackendConfig(backend="hf", model=folder, dtype=dtype, batch_size=BATCH)) as llm:
-        if int8:
-            import torch
-
-            llm.hf_model = torch.ao.quantization.quantize_dynamic(llm.hf_model, {torch.nn.Linear}, dtype=torch.qint8)
+    out = {}
+    with open_backend(BackendConfig(backend="hf", model=folder, dtype="float32", batch_size=BATCH)) as llm:
         load_s = time.perf_counter() - t
-        import torch
-
-        res = _phases(llm, SamplingConfig(max_tokens=MAX_TOKENS), os.getpid())
-        res["torch_threads"] = torch.get_num_threads()
-    res["load_s"] = round(load_s, 1)
-    Path(out_file).write_text(json.dumps(res))
+        load_peak = tree_peak_rss_gb(os.getpid())
+        for arm in HF_ARMS:
+            if arm not in arms:
+                continue
+            t = time.perf_counter()
+            if arm == "hf-bf16":
+                llm.hf_model = llm.hf_model.to(torch.bfloat16)
+            elif arm == "hf-int8":
+                llm.hf_model = llm.hf_model.to(torch.float32)
+                llm.hf_model = torch.ao.quantization.quantize_dynamic(llm.hf_model, {torch.nn.Linear},
+                                                                      dtype=torch.qint8, inplace=True)
+            convert_s = time.perf_counter() - t
+            _reset_peak()
+            res = _phases(llm, SamplingConfig(max_tokens=MAX_TOKENS), os.getpid())
+            res.update(load_s=round(load_s + convert_s, 1), load_peak_rss_gb=load_peak,
+                       peak_rss_gb=tree_peak_rss_gb(os.getpid()), rss_after_gb=_rss_now_gb(),
+                       torch_threads=torch.get_num_threads())
+            out[arm] = res
+            Path(out_file).write_text(json.dumps(out))  # after each arm: a timeout keeps the finished ones
 
 
 def worker_vllm(folder: str, out_file: str) -> None:
@@ -190,7 +221,7 @@ def worker_vllm(folder: str, out_file: str) -> None:
     Path(out_file).write_text(json.dumps(res))
 
 
-def run_worker(python: str, args: list[str], timeout: float) -> dict:
+def run_worker(python: str, args: list[str], timeout: float, partial: bool = False) -> dict:
     """This script as a worker in a fresh process (under `python`), with wall/CPU/peak RSS from wait4."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
@@ -204,10 +235,14 @@ def run_worker(python: str, args: list[str], timeout: float) -> dict:
             except TimeoutError:
                 proc.kill()
                 proc.wait()
-                return {"error": f"timed out after {timeout:.0f} s", "log": log.read_text()[-3000:]}
+                failed = {"error": f"timed out after {timeout:.0f} s", "log": log.read_text()[-3000:]}
+                return {**json.loads(out.read_text()), **failed} if partial and out.exists() else failed
         if os.waitstatus_to_exitcode(status) != 0 or not out.exists():
-            return {"error": f"exit code {os.waitstatus_to_exitcode(status)}", "log": log.read_text()[-3000:]}
+            failed = {"error": f"exit code {os.waitstatus_to_exitcode(status)}", "log": log.read_text()[-3000:]}
+            return {**json.loads(out.read_text()), **failed} if partial and out.exists() else failed
         res = json.loads(out.read_text())
+        if partial:
+            return res
     res.setdefault("peak_rss_gb", round(usage.ru_maxrss / 2**20, 2))
     res["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     return res
@@ -320,12 +355,10 @@ def main() -> None:
                              "load average) and run only the others")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="hf-fp32", help=argparse.SUPPRESS)  # the worker's hf arms
     args = parser.parse_args()
     if args.worker == "hf":
-        return worker_hf(args.dtype, False, args.folder, args.worker_out)
-    if args.worker == "hf-int8":
-        return worker_hf("float32", True, args.folder, args.worker_out)
+        return worker_hf(args.dtype.split(","), args.folder, args.worker_out)
     if args.worker == "vllm":
         return worker_vllm(args.folder, args.worker_out)
 
@@ -344,30 +377,32 @@ def main() -> None:
               "max_tokens": MAX_TOKENS, "single_prompts": SINGLE, "batch_prompts": BATCH,
               "prompts": "examples/arithmetic.jsonl, first problems, prompts/generate.jinja + chat template, greedy",
               "cpus": os.cpu_count(), "platform": platform.platform(), "arms": dict(earlier)}
-    for arm in wanted:
-        if arm in earlier and "error" not in earlier[arm]:
-            continue
+    todo = [a for a in wanted if not (a in earlier and "error" not in earlier[a])]
+    hf_todo = [a for a in HF_ARMS if a in todo]
+    for arm in todo:
+        if arm in HF_ARMS and arm != hf_todo[0]:
+            continue  # the hf arms run together, in one process, with the first of them
         if arm == "llamacpp" and args.wait_llamacpp:
             llamacpp_ready(args.llamacpp_python, args.wait_llamacpp)  # before taking the lock
         before = round(os.getloadavg()[0], 2)
-        print(f"{arm} ... (load {before})", file=sys.stderr, flush=True)
+        group = hf_todo if arm in HF_ARMS else [arm]
+        print(f"{', '.join(group)} ... (load {before})", file=sys.stderr, flush=True)
         with qwen_lock():
-            if arm == "hf-fp32":
-                res = run_worker(sys.executable, ["hf", "--dtype", "float32", "--folder", args.folder], args.timeout)
-            elif arm == "hf-bf16":
-                res = run_worker(sys.executable, ["hf", "--dtype", "bfloat16", "--folder", args.folder], args.timeout)
-            elif arm == "hf-int8":
-                res = run_worker(sys.executable, ["hf-int8", "--folder", args.folder], args.timeout)
+            if arm in HF_ARMS:
+                res = run_worker(sys.executable, ["hf", "--dtype", ",".join(group), "--folder", args.folder],
+                                 args.timeout * len(group), partial=True)
             elif arm == "llamacpp":
-                res = arm_llamacpp(args.llamacpp_python, args.gguf, args.timeout)
+                res = {arm: arm_llamacpp(args.llamacpp_python, args.gguf, args.timeout)}
             else:
                 python = find_vllm_python()
-                res = run_worker(python, ["vllm", "--folder", args.folder], args.timeout) if python else \
-                    {"error": "no vLLM venv (.ci/vllm-venv.sh)"}
-        res["load_avg"] = [before, round(os.getloadavg()[0], 2)]
-        res["commit"], res["finished"] = report["commit"], time.strftime("%Y-%m-%d %H:%M:%S")
-        report["arms"][arm] = res
-        print(f"  {_summary(res)}", file=sys.stderr, flush=True)
+                res = {arm: run_worker(python, ["vllm", "--folder", args.folder], args.timeout) if python else
+                       {"error": "no vLLM venv (.ci/vllm-venv.sh)"}}
+        for name in group:
+            one = res.get(name) or {"error": res.get("error", "not reached"), "log": res.get("log", "")}
+            one["load_avg"] = [before, round(os.getloadavg()[0], 2)]
+            one["commit"], one["finished"] = report["commit"], time.strftime("%Y-%m-%d %H:%M:%S")
+            report["arms"][name] = one
+            print(f"  {name}: {_summary(one)}", file=sys.stderr, flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")  # after each arm
     _table(report)

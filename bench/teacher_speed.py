@@ -10,14 +10,17 @@ problems of examples/arithmetic.jsonl rendered by `undo generate`'s own prompt
 prompts one after another; "batch 8" sends BATCH prompts at once (one generate call
 of 8 rows for transformers and vLLM; 8 concurrent requests to a server). The
 baseline, transformers fp32 one sequence at a time (the `hf` backend's CPU
-default), is measured in the same run. Each arm loads the model in a process of
-its own (peak RSS is that process's; for servers and vLLM's engine, the largest
-process of the tree), holding /work/models/.qwen.lock while the model is in
-memory (machines shared by several users of the 1.5B model take turns).
+default), is measured in the same run (or kept, with its own commit and load
+average, by --resume). The transformers arms share one process and one load
+(fp32, then the same weights cast to bf16, then back to fp32 and quantized);
+llama.cpp and vLLM run in processes of their own. Peak RSS is measured per arm
+while it generates (VmHWM reset before each; for a server or vLLM's engine, the
+largest process of the tree). Every arm holds /work/models/.qwen.lock while the
+model is in memory (machines shared by several users of the 1.5B model take turns).
 
 Arms:
   hf-fp32     transformers through the `hf` backend, float32 (the CPU default)
-  hf-bf16     the same in bfloat16 (--dtype bfloat16)
+  hf-bf16     the same weights cast to bfloat16
   hf-int8     float32 weights, then torch.ao.quantization.quantize_dynamic on every nn.Linear (int8 weights,
               activations quantized per batch at run time)
   llamacpp    llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, from the llama-cpp-python

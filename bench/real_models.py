@@ -3,6 +3,7 @@
     python bench/real_models.py                              # the CPU scale below, ~1 h on 2 shared cores
     python bench/real_models.py --workdir /tmp/real --keep   # keep the run folder (runs/, data/, logs)
     python bench/real_models.py --scale gpu --teacher DIR --student DIR   # bench/gpu.sh, a larger scale
+    python bench/real_models.py --workdir /tmp/real --keep --resume       # after a kill: reuses what is done
 
 What is fixed before any result was seen (this file was committed before its first run):
 
@@ -279,6 +280,8 @@ def main() -> None:
     parser.add_argument("--teacher", default=None, help="cpu: the .gguf (default: %s); gpu: a folder" % TEACHER_GGUF)
     parser.add_argument("--llamacpp-python", default="/work/venv-llamacpp/bin/python")
     parser.add_argument("--resume", action="store_true", help="resume `undo iterate` in an existing --workdir")
+    parser.add_argument("--zero-shot-only", action="store_true",
+                        help="only the base student on test (no teacher, no loop): the JSON says what is missing")
     args = parser.parse_args()
     STUDENT_PATH = args.student
     scale = SCALES[args.scale]
@@ -315,8 +318,13 @@ def main() -> None:
     name = f"real-{args.scale}"
     resume_loop = args.resume and (workdir / "runs" / name / "manifest.json").exists()
     iterate = undo + ["iterate", "--config", str(workdir / "run.toml")] + (["--resume"] if resume_loop else [])
-    print(f"undo iterate ({name}) ... (logs in {workdir})", file=sys.stderr, flush=True)
-    if args.scale == "cpu":
+    if args.zero_shot_only:
+        report["missing"] = "the loop was not run (--zero-shot-only)"
+    else:
+        print(f"undo iterate ({name}) ... (logs in {workdir})", file=sys.stderr, flush=True)
+    if args.zero_shot_only:
+        pass
+    elif args.scale == "cpu":
         teacher = args.teacher or TEACHER_GGUF
         run = workdir / "runs" / name
         last_teacher_stage = f"iter_{scale['max_iterations']:02d}/refine"
@@ -337,7 +345,7 @@ def main() -> None:
         report["teacher"] = {"model": teacher, "route": f"--teacher-backend {backend}"}
     report["load_avg"].append(round(os.getloadavg()[0], 2))
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    if report["loop_process"]["exit"] != 0:
+    if "loop_process" in report and report["loop_process"]["exit"] != 0:
         report["error"] = f"undo iterate exited {report['loop_process']['exit']}: " + \
             (workdir / "iterate.log").read_text()[-1500:]
 
@@ -353,6 +361,14 @@ def main() -> None:
     n = len(zero_rows)
     report["zero_shot"] = {"correct": sum(zero_rows.values()), "n": n,
                            "accuracy": sum(zero_rows.values()) / n, "ci95": wilson(sum(zero_rows.values()), n)}
+    metrics = workdir / "zero_shot.metrics.json"
+    if metrics.exists():
+        report["zero_shot"]["metrics"] = json.loads(metrics.read_text())
+    log = workdir / "zero_shot.log"
+    if log.exists():  # the stage's own summary lines (tokens out, wall time, tokens/s)
+        report["zero_shot"]["summary_lines"] = [line.strip(" │") for line in log.read_text().splitlines()
+                                                if any(k in line for k in ("tokens in / out", "wall time", "throughput",
+                                                                           "finish reasons"))]
     items = {i: {"zero_shot": c} for i, c in zero_rows.items()}
     if layout.summary.exists() and layout.predictions(0, "test").exists():
         summary = json.loads(layout.summary.read_text())
@@ -370,7 +386,7 @@ def main() -> None:
                             "ci95": wilson(b, len(chosen))},
                       gain={"points": (b - a) / len(one), "ci95": paired_bootstrap(diffs),
                             "method": f"paired bootstrap over test problems, {BOOTSTRAP} resamples, percentile"})
-    else:
+    elif "missing" not in report:
         report["missing"] = "the loop did not reach its test evaluation (see error / iterate.log)"
     report["items"] = items
     RESULTS.mkdir(parents=True, exist_ok=True)

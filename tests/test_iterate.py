@@ -33,7 +33,7 @@ from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 STAGE_FLAGS = [
     "--generate.prompt", "student", "--generate.max-tokens", "48",
     "--refine.prompt", "student", "--refine.max-tokens", "48", "--refine.per-error", "4",
-    "--refine.batch-size", "1",
+    "--refine.batch-size", "1", "--refine.budget", "none",
     "--train.max-steps", "12", "--train.save-steps", "3", "--train.batch-size", "4", "--train.lr", "3e-3",
     "--train.logging-steps", "3",
     "--evaluate.max-tokens", "8",

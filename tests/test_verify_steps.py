@@ -205,7 +205,7 @@ def test_iterate_verify_steps_counts_rejections_per_iteration(undo, tiny_model, 
                 "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", tmp_path / "runs",
                 "--name", "steps", "--max-iterations", "1", "--verify", "steps", "--generate.verify", "strict",
                 "--generate.prompt", "student", "--generate.max-tokens", "64", "--refine.prompt", "student",
-                "--refine.max-tokens", "64", "--refine.per-error", "4", "--train.max-steps", "2",
+                "--refine.max-tokens", "64", "--refine.per-error", "4", "--refine.budget", "none", "--train.max-steps", "2",
                 "--train.batch-size", "4", "--evaluate.max-tokens", "8", env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "runs" / "steps" / "manifest.json").read_text())

@@ -72,6 +72,11 @@ from undo_cli.errors import SettingError, UndoError, ref, word
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
+# Provisional, chosen before any outcome was seen: a quarter of the training problems per round, so that
+# targeting is a choice (per_error 3 used to rewrite 85 of the demo's 120 problems in round one). The demo's
+# bench decides it on design seeds (100 and above) only (issue 29; docs/method.md, "Refinement budget").
+DEFAULT_BUDGET = "25%"
+
 SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
           "clusters": "the training problems of the failures' clusters, the budget shared by error mass and past "
                       "fixes (needs --clusters)",
@@ -90,10 +95,11 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     select: str = field(default="similar", metadata={"choices": SELECT,
         "help": "Which training problems to refine: similar (most like the failures), clusters (by failure "
                 "cluster, --clusters), random (seeded; the no-targeting control) or errors (the failed items)."})
-    budget: str | None = field(default=None, metadata={
-        "help": "Refinement budget of the round: N target problems (40) or N teacher tokens (50k-tokens, each "
-                "target priced at prompt + n x max_tokens); the highest-priority targets within it are refined "
-                "(default: every selected target)."})
+    budget: str | None = field(default=DEFAULT_BUDGET, metadata={
+        "help": "Refinement budget of the round: N target problems (40), a share of the training problems (25%) "
+                "or N teacher tokens (50k-tokens, each target priced at prompt + n x max_tokens); the "
+                "highest-priority targets within it are refined; none: every selected target. The default is "
+                "provisional (docs/method.md)."})
     clusters: str | None = field(default=None, metadata={"input": True,
         "help": "Clusters file from `undo cluster` (train + val problems): needed by --select clusters; with "
                 "any select, each refinement records its target's cluster."})
@@ -122,7 +128,9 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
             raise SettingError("max_targets", self.max_targets, "must be at least 1",
                                hint="leave it out to refine every selected target")
         parse_budget(self.budget)
-        if self.budget is not None and self.max_targets is not None:
+        if self.max_targets is not None and self.budget == DEFAULT_BUDGET:
+            self.budget = None  # --max-targets N (the older name) is the budget
+        if parse_budget(self.budget) is not None and self.max_targets is not None:
             raise UndoError(f"{ref('budget')} and {ref('max_targets')} both limit the targets",
                             hint=f"keep {ref('budget')} (N problems or N-tokens)", setting="budget")
         if self.select == "clusters" and not self.clusters:
@@ -189,33 +197,52 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Budget:
-    """A round's refinement budget: target problems, or teacher tokens (each target priced at its upper bound)."""
+    """A round's refinement budget: target problems, a share of the training problems, or teacher tokens (each
+    target priced at its upper bound)."""
 
     problems: int | None = None
     tokens: int | None = None
+    percent: float | None = None
 
     def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}% of the training problems"
         return f"{self.problems} problems" if self.problems is not None else f"{self.tokens:,} teacher tokens"
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
+        if self.percent is not None:
+            return {"percent": self.percent}
         return {"problems": self.problems} if self.problems is not None else {"tokens": self.tokens}
 
+    def of(self, problems: int) -> "Budget":
+        """A percentage made a number of problems (at least one): what `problems` training problems it is."""
+        import math
 
-_BUDGET = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*[- ]?\s*(problems?|tokens?)?\s*")
+        if self.percent is None:
+            return self
+        return Budget(problems=max(1, math.ceil(self.percent * problems / 100 - 1e-9)))
+
+
+_BUDGET = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmM%]?)\s*[- ]?\s*(problems?|tokens?)?\s*")
 
 
 def parse_budget(text: Any) -> Budget | None:
-    """`40` / `40-problems` (target problems) or `50k-tokens` / `50000-tokens` (teacher tokens); None: no budget."""
-    if text is None:
+    """`40` / `40-problems` (target problems), `25%` (of the training problems) or `50k-tokens` /
+    `50000-tokens` (teacher tokens); None (or `none`, `all`): no budget, every selected target."""
+    if text is None or str(text).strip().lower() in ("none", "all"):
         return None
     m = _BUDGET.fullmatch(str(text))
-    if not m:
-        raise SettingError("budget", text, "is not a budget", hint="give a number of problems (40) or of teacher "
-                                                                   "tokens (50k-tokens, 2000000-tokens)")
+    hint = "give a number of problems (40), a share of the training problems (25%) or teacher tokens (50k-tokens)"
+    if not m or (m.group(2) == "%" and m.group(3)):
+        raise SettingError("budget", text, "is not a budget", hint=hint)
+    if m.group(2) == "%":
+        percent = float(m.group(1))
+        if not 0 < percent <= 100:
+            raise SettingError("budget", text, "must be a share above 0% and at most 100%", hint=hint)
+        return Budget(percent=percent)
     amount = float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
     if amount < 1 or amount != int(amount):
-        raise SettingError("budget", text, "must be a whole number, at least 1",
-                           hint="e.g. 40 (problems) or 50k-tokens")
+        raise SettingError("budget", text, "must be a whole number, at least 1", hint=hint)
     return Budget(tokens=int(amount)) if (m.group(3) or "").startswith("token") else Budget(problems=int(amount))
 
 
@@ -696,6 +723,8 @@ def plan(config: RefineConfig):
                           and (t.get("refinement") or {}).get("iteration") == iteration - 1}
         candidates, table, unmatched = rank_clusters(sel, clusters, previous, refined_before)
     budget = config.round_budget
+    shown_budget = budget.as_dict() if budget is not None else None
+    budget = budget.of(len(sel.problems)) if budget is not None else None
     price, priced_from = None, None
     if budget is not None and budget.tokens is not None:
         from undo_cli.economy.estimate import prompt_counter
@@ -707,8 +736,9 @@ def plan(config: RefineConfig):
         def price(job: Job) -> int:
             return count(_messages(job, tmpl)) + config.n * config.max_tokens
     jobs, taken, priced = within_budget(candidates, budget, sel, config.k, price)
-    targeting.update({"budget": budget.as_dict() if budget is not None else None, "candidates": len(candidates),
-                      "targeted": taken})
+    targeting.update({"budget": shown_budget, "candidates": len(candidates), "targeted": taken})
+    if budget is not None and budget.problems is not None:
+        targeting["budget_problems"] = budget.problems
     if priced is not None:
         targeting.update({"priced_tokens": priced, "priced_from": priced_from})
     if clusters is not None:

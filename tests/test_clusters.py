@@ -294,3 +294,30 @@ def test_embedding_clusters_load_the_packaged_model_offline(tmp_path, undo_inpro
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["method"] == "embedding" and len(data["assign"]) == 40 and "MiniLM" in data["model"]
+
+
+def test_iterate_hands_refine_the_clusters_and_from_round_two_the_errors_before(tmp_path):
+    from tests.test_guidance import _config
+    from undo_cli.errors import UndoError
+    from undo_cli.loop.iterate import Loop, _Unopened, affected_stages
+    from undo_cli.model_refs import to_be_written
+
+    rows = _problems(12)
+    files = {split: str(write_jsonl(tmp_path / f"{split}.jsonl", rows)) for split in ("train", "val", "test")}
+    for select, expected in (("clusters", True), ("random", False)):
+        config = _config(files, tmp_path, ["--refine.select", select, "--refine.budget", "5k-tokens",
+                                           "--cluster.k", "3"])
+        loop = Loop(config, _Unopened(config.run_dir))
+        with to_be_written(config.run_dir):
+            one, two = loop.refine_config(1), loop.refine_config(2)
+        run = config.run_dir
+        assert one.clusters == two.clusters == str(run / "clusters.json") and one.previous_errors is None
+        assert two.previous_errors == (str(run / "iter_00" / "errors.jsonl") if expected else None)
+        assert two.budget == "5k-tokens" and two.select == select
+        cluster = loop.cluster_config()
+        assert cluster.problems == [files["train"], files["val"]] and cluster.output == str(run / "clusters.json")
+        assert cluster.k == 3
+    assert affected_stages("cluster.k") == {"cluster", "refine"}  # refine reads the clusters
+    with pytest.raises(UndoError, match="budget"):
+        with to_be_written(tmp_path / "runs"):
+            Loop(_config(files, tmp_path, ["--refine.budget", "lots"]), _Unopened(tmp_path)).refine_config(1)

@@ -231,6 +231,8 @@ def test_iterate_with_a_budget_and_random_targets_records_clusters_and_resumes(t
     assert targeting["select"] == "random" and targeting["budget"] == {"problems": 2} and targeting["targeted"] == 2
     assert targeting["refined"] + targeting["kept_previous"] == len(refined) and targeting["tokens"] > 0
     assert targeting["seed"] == "undo-refine-random:0:1"
+    summary = json.loads((run / "summary.json").read_text())  # undo report's rows carry it too
+    assert summary["iterations"][1]["targeting"]["targeted"] == 2
     # Resumed, nothing is redone: the clusters file is the one made before iteration 0.
     before = (run / "clusters.json").stat().st_mtime_ns
     assert undo_inproc(*args, "--resume").returncode == 0

@@ -114,7 +114,7 @@ def test_refine_verify_steps_keeps_the_previous_rationale_and_says_why(undo_here
     template = tmp_path / "taught.jinja"
     template.write_text(STUDENT_TEMPLATE)  # the format the teacher was taught: it answers from memory
     common = ["--teacher", step_teacher, "--errors", errors, "--targets", targets, "--select", "errors",
-              "--k", "0", "--prompt", template, "--max-tokens", "64"]
+              "--k", "0", "--prompt", template, "--max-tokens", "64", "--budget", "none"]
 
     code, err = undo_here("refine", *common, "--output", tmp_path / "steps.jsonl", "--verify", "steps")
     assert code == 0, err

@@ -170,7 +170,7 @@ def build(problems: list[dict[str, Any]], *, method: str = "tfidf", k: int | Non
     if words == "once":
         questions = [said_once(q) for q in questions]
     n = len(problems)
-    k = min(k or default_k(n), n)
+    k = min(k or default_k(n), len(set(questions)))  # no more clusters than distinct texts
     if method == "tfidf":
         vectorizer = tfidf_vectorizer()
         try:

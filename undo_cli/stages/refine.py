@@ -127,9 +127,11 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.max_targets is not None and self.max_targets < 1:
             raise SettingError("max_targets", self.max_targets, "must be at least 1",
                                hint="leave it out to refine every selected target")
+        if self.budget is None:  # `none` as a word, so the setting has a flag form (loop/script.py)
+            self.budget = "none"
         parse_budget(self.budget)
         if self.max_targets is not None and self.budget == DEFAULT_BUDGET:
-            self.budget = None  # --max-targets N (the older name) is the budget
+            self.budget = "none"  # --max-targets N (the older name) is the budget
         if parse_budget(self.budget) is not None and self.max_targets is not None:
             raise UndoError(f"{ref('budget')} and {ref('max_targets')} both limit the targets",
                             hint=f"keep {ref('budget')} (N problems or N-tokens)", setting="budget")

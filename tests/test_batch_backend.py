@@ -255,5 +255,31 @@ def test_dry_run_estimate_shows_batch_and_online_prices():
     est = estimate_generate([[{"role": "user", "content": "x" * 100}]], config, max_cost=0.00015)
     assert est["cost_batch"] == pytest.approx(est["cost"] / 2)
     rows = dict(describe(est))
-    assert "cost through a batch API" in rows and "the chosen backend" in rows["cost through a batch API"]
+    assert "the chosen backend" in rows["cost through a batch API, upper bound"] and "cost online" in rows
     assert est["budget"]["covers_all"]  # at the batch price the budget covers what the online price would not
+
+
+@pytest.mark.slow
+def test_undo_iterate_with_a_batch_teacher(server, tmp_path, tiny_model, undo_inproc):
+    """The whole loop with the teacher behind the batch API: generate and refine go in batches, the rest of the
+    run is what an online teacher gives (the stand-in's teacher does one operation; the tiny student learns little,
+    so refine has errors to work on)."""
+    rows = [{"id": f"q{i:02d}", "question": f"Apples in the basket: {i % 7 + 2} + {i % 5 + 1}. How many apples in total?", "answer": str(i % 7 + 2 + i % 5 + 1),
+             "task": "math"} for i in range(16)]
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", part) for s, part in
+             (("train", rows[:8]), ("val", rows[8:12]), ("test", rows[12:]))}
+    flags = ["--teacher-backend", "openai-batch", "--teacher-base-url", f"{server.url}/v1",
+             "--generate.batch-poll-s", "0.05", "--refine.batch-poll-s", "0.05"]
+    r = undo_inproc("iterate", "--teacher", "stand-in-model", "--student", tiny_model, "--train-file", files["train"],
+                    "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", tmp_path / "runs",
+                    "--name", "b", "--max-iterations", "1", "--patience", "1", *flags,
+                    "--generate.max-tokens", "48", "--refine.max-tokens", "48", "--train.max-steps", "4",
+                    "--train.batch-size", "4", "--evaluate.max-tokens", "8", env=ENV)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "b"
+    sides = sorted(str(p.relative_to(run)) for p in run.rglob("*.batches.json"))
+    assert any(s.endswith("rationales.batches.json") for s in sides), sides
+    assert any(s.endswith("refined.batches.json") for s in sides), sides  # refine's targets went in batches too
+    assert server.created >= 2
+    assert KEY not in "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file()
+                              and p.suffix in (".json", ".jsonl", ".log", ".txt"))

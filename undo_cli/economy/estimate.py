@@ -122,12 +122,13 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
             ("teacher tokens, upper bound", f"{est['tokens']:,}  ({est['assumes']})")]
     if est["cost"] is not None:
         p = est["prices"]
-        rows.append(("cost, upper bound", f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, "
-                                          f"output {p['output'] or 0:g})"))
+        batch = est.get("backend") in BATCH_BACKENDS  # the chosen backend: its row reads "upper bound"
+        rows.append(("cost online" if batch else "cost, upper bound",
+                     f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, output {p['output'] or 0:g})"))
         if est.get("cost_batch") is not None:
-            chosen = " (the chosen backend)" if est.get("backend") in BATCH_BACKENDS else ""
-            rows.append(("cost through a batch API", f"{est['cost_batch']:,.6g}{chosen}  (at {BATCH_PRICE:.0%} of "
-                                                     "the online price; results within 24 h)"))
+            rows.append(("cost through a batch API" + (", upper bound" if batch else ""),
+                         f"{est['cost_batch']:,.6g}  (at {BATCH_PRICE:.0%} of the online price; results within 24 h"
+                         + ("; the chosen backend)" if batch else ")")))
     b = est.get("budget")
     if b:
         limits = " and ".join(s for s in (

@@ -120,6 +120,10 @@ class Provider:
 
     # --- per API ---
     def request_lines(self, requests: list[tuple[str, list[Message], SamplingConfig, str]]) -> list[bytes]:
+        """One JSON line per (custom_id, messages, sampling, model): what the batch's input holds, in order."""
+        return [json.dumps(self.request(*r), ensure_ascii=False).encode() + b"\n" for r in requests]
+
+    def request(self, custom_id: str, messages: list[Message], sampling: SamplingConfig, model: str) -> dict:
         raise NotImplementedError
 
     def submit(self, lines: list[bytes], local_id: str) -> dict[str, Any]:
@@ -150,18 +154,14 @@ class OpenAIBatches(Provider):
     max_bytes = 200 * 1024 * 1024
     default_url = "https://api.openai.com/v1"
 
-    def request_lines(self, requests):
-        out = []
-        for custom_id, messages, sampling, model in requests:
-            body: dict[str, Any] = {"model": model, "messages": messages, "temperature": sampling.temperature,
-                                    "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "n": sampling.n}
-            if sampling.stop:
-                body["stop"] = sampling.stop
-            if sampling.seed is not None:
-                body["seed"] = sampling.seed
-            out.append(json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                                   "body": body}, ensure_ascii=False).encode() + b"\n")
-        return out
+    def request(self, custom_id, messages, sampling, model):
+        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": sampling.temperature,
+                                "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "n": sampling.n}
+        if sampling.stop:
+            body["stop"] = sampling.stop
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
     def submit(self, lines, local_id):
         uploaded = self._json("POST", "/files", data={"purpose": "batch"},
@@ -230,22 +230,19 @@ class AnthropicBatches(Provider):
     max_bytes = 256 * 1024 * 1024
     default_url = "https://api.anthropic.com/v1"
 
-    def request_lines(self, requests):
-        out = []
-        for custom_id, messages, sampling, model in requests:
-            system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
-            params: dict[str, Any] = {"model": model, "max_tokens": sampling.max_tokens,
-                                      "messages": [m for m in messages if m.get("role") != "system"],
-                                      "temperature": min(1.0, sampling.temperature)}
-            if system:
-                params["system"] = system
-            if sampling.top_p < 1:
-                params["top_p"] = sampling.top_p
-            if sampling.stop:
-                params["stop_sequences"] = sampling.stop
-            # one line per request, though the API takes one JSON body: the same splitting by count and bytes
-            out.append(json.dumps({"custom_id": custom_id, "params": params}, ensure_ascii=False).encode() + b"\n")
-        return out
+    def request(self, custom_id, messages, sampling, model):
+        # a line per request, though the API takes one JSON body (submit joins them): the same split by count and bytes
+        system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
+        params: dict[str, Any] = {"model": model, "max_tokens": sampling.max_tokens,
+                                  "messages": [m for m in messages if m.get("role") != "system"],
+                                  "temperature": min(1.0, sampling.temperature)}  # Anthropic's range is 0..1
+        if system:
+            params["system"] = system
+        if sampling.top_p < 1:
+            params["top_p"] = sampling.top_p
+        if sampling.stop:
+            params["stop_sequences"] = sampling.stop
+        return {"custom_id": custom_id, "params": params}
 
     def submit(self, lines, local_id):
         body = b'{"requests": [' + b",".join(line.rstrip(b"\n") for line in lines) + b"]}"

@@ -123,7 +123,9 @@ def context_length(name: str, tokenizer, trust: bool) -> int | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        from undo_cli.gguf_models import local_model
+
+        config = AutoConfig.from_pretrained(local_model(name), trust_remote_code=trust)
         from undo_cli.backends.context import CONFIG_KEYS  # the keys refine's context check reads too
 
         for key in CONFIG_KEYS:

@@ -8,9 +8,10 @@ Every place that opens a model (the hf and vllm backends, `undo train`'s
 student and its merge, the white-box teacher) goes through `load_pretrained`
 or `load_error`, so a wrong name, a missing folder or a model that ships its
 own code gives the same message and hint everywhere, never a transformers
-traceback. A `.gguf` file loads from its converted folder (undo_cli/gguf_models.py). `library_versions()` is what train_summary.json and a run's
-manifest record; `release_memory()` is called between stages that load
-models in one process (`undo iterate`).
+traceback; a `.gguf` file loads from its converted folder (undo_cli/gguf_models.py).
+`library_versions()` is what train_summary.json and a run's manifest record;
+`release_memory()` is called between stages that load models in one process
+(`undo iterate`).
 
 Only the standard library at import: transformers and torch load inside the functions.
 """

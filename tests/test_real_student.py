@@ -186,6 +186,25 @@ def test_chat_template_with_its_system_prompt_and_the_pad_token(folder):
     assert labels.count(-100) == len(ids) - len([t for t in labels if t != -100]) > 0
 
 
+def test_undo_check_and_a_white_box_teacher_take_the_gguf(tmp_path, env, folder):
+    """`undo check` reads the converted config's context (8192) and one tokenizer twice; `undo train` loads the
+    file as its live white-box teacher, from the same conversion."""
+    from tests.conftest import parse_jsonl
+
+    data = write_jsonl(tmp_path / "rationales.jsonl", [
+        {"id": f"r{i}", "question": f"What is {i} + 2?", "answer": str(i + 2), "rationale": f"{i} + 2 = {i + 2}.\n#### {i + 2}"}
+        for i in range(2)])
+    done = _undo("check", "--teacher", REAL, "--student", REAL, "--data", data, "--format", "json", env=env)
+    report = parse_jsonl(done.stdout)[0]
+    assert report["ok"] and report["context_lengths"] == {"student": 8192, "teacher": 8192}
+    assert {c["name"]: c["status"] for c in report["checks"]}["tokenizers"] == "ok"
+    done = _undo("train", "--student", REAL, "--teacher", REAL, "--objective", "auto", "--data", data,
+                 "--output", tmp_path / "student", "--max-steps", "1", "--batch-size", "2", env=env)
+    summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
+    assert summary["objective"]["name"] != "sft" and set(summary["gguf"]) == {"student", "teacher"}
+    assert "converting" not in done.stderr
+
+
 def test_two_processes_convert_once_and_a_half_made_folder_is_never_trusted(tmp_path):
     """A killed conversion's temporary folder and a final-named folder without its record are replaced; a second
     process waits for the first one's conversion instead of making its own."""

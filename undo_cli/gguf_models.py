@@ -43,6 +43,7 @@ Only the standard library at import: torch, transformers and gguf load inside `c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -250,11 +251,14 @@ def _locked(path: Path, waiting: str | None = None) -> Iterator[None]:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield  # a file system without flock (some NFS): go on unlocked, as records/io.py's writers do
+                return
             if waiting:
-                from undo_cli.console import info
+                from undo_cli.console import console
 
-                info(waiting)
+                console.print(waiting, soft_wrap=True, markup=False)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

@@ -229,7 +229,9 @@ def unreadable_types(types: dict[str, int]) -> list[str]:
     if traits is None:  # another gguf version: transformers will say, and `convert` translates it
         return []
     readable = {"F32", "F16"} | {t.name for t in traits}
-    return [name for name in types if name not in readable]
+    # a name hashed where gguf was missing is "type N": named now (hashes.json keeps what it was first told)
+    named = [_type_name(int(n.split()[1])) if n.startswith("type ") and n.split()[1].isdigit() else n for n in types]
+    return [name for name in named if name not in readable]
 
 
 # --- the file's identity: sha256, kept by path, size and mtime ----------------------------------

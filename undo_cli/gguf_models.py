@@ -28,8 +28,8 @@ backends/context.py's config.json read, `undo check`'s configs), so nothing afte
   folder counts only with its `undo_gguf.json`, written before the rename.
 * dtype: float32 up to 1B parameters, bfloat16 above (`default_dtype`). A student is trained in float32
   anyway and small models run float32 fastest on CPUs without bf16 kernels; a 1.5B teacher takes 3.1 GB
-  in bfloat16 instead of 6.2 GB, and a 4-to-8-bit file's values lose nothing that matters in bfloat16's
-  8-bit mantissa. `undo models convert FILE --dtype float32` makes another conversion: pass its folder.
+  in bfloat16 instead of 6.2 GB, and bfloat16 moves a value by at most 0.4% (8-bit mantissa), far less
+  than a 4-to-8-bit file's own quantization step. `undo models convert FILE --dtype float32` makes another conversion: pass its folder.
 * Refused with the reason and what to do: a missing file, a file that is not GGUF, a GGUF version before
   2, a quantization type the `gguf` package cannot unpack, an architecture transformers cannot map.
 

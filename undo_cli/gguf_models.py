@@ -22,7 +22,7 @@ backends/context.py's config.json read, `undo check`'s configs), so nothing afte
   `$XDG_CACHE_HOME/undo/models`, i.e. ~/.cache/undo/models). The same bytes under another name reuse the
   folder; another file under the same name does not. A file's sha256 is kept in `MODELS/hashes.json` by
   real path, size and mtime_ns, so a 1.1 GB teacher is hashed once, not at every stage.
-* Atomic: built in `MODELS/.<key>.tmp-<pid>/` and renamed into place under a lock (`MODELS/.<key>.lock`),
+* Atomic: built in `MODELS/.<key>.tmp-<host>-<pid>/` and renamed into place under a lock (`MODELS/.<key>.lock`),
   so two processes never convert one file at once (the second waits, then uses the first's folder) and a
   killed conversion leaves only a temporary folder, never trusted and removed by the next conversion. A
   folder counts only with its `undo_gguf.json`, written before the rename.
@@ -48,6 +48,7 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -390,7 +391,7 @@ def converted(src: Source, dtype: str | None = None) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         if folder.exists():  # a folder without its undo_gguf.json is not ours to trust
             shutil.rmtree(folder)
-        tmp = models_dir() / f".{folder.name}.tmp-{os.getpid()}"
+        tmp = models_dir() / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"  # nodes may share the cache
         from undo_cli.console import console
 
         console.print(f"converting {src.path.name} ({src.size / 1e6:,.0f} MB, {src.architecture}, "
@@ -401,6 +402,8 @@ def converted(src: Source, dtype: str | None = None) -> Path:
             os.rename(tmp, folder)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if _complete(folder):  # another node made it meanwhile (a shared file system without flock)
+                return folder
             raise UndoError(f"cannot write the conversion of {src.path.name} to {folder} "
                             f"({exc.strerror or exc})",
                             hint="free some space there, or set UNDO_CACHE_DIR to a folder with room "

@@ -1,0 +1,130 @@
+"""The teacher cascade and row lineage: tiers in order, a row no tier verifies, budgets across tiers, a cache per
+teacher, resume after a kill, `undo lineage`, and run.toml's [[teachers]] errors.
+
+    python -m pytest -q tests/test_cascade.py
+
+The cheap teacher is `tiny_teacher` (random weights: nothing it writes verifies), the strong one
+`trained_teacher` (solves TAUGHT_PROBLEMS greedily); problems with a wrong gold answer verify under neither.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
+
+
+@pytest.fixture
+def problems(tmp_path) -> Path:
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:4]]
+    rows += [{**rows[0], "id": "bad0", "answer": "999"}]  # no teacher verifies a wrong gold answer
+    return write_jsonl(tmp_path / "problems.jsonl", rows)
+
+
+def _cascade(undo, cheap, strong, problems, out, *extra):
+    return undo("generate", "--teacher", cheap, "--cascade", f"{strong},name=strong,price_output=2",
+                "--input", problems, "--output", out, "--prompt", "student", "--max-tokens", "48",
+                "--verify", "strict", *extra)
+
+
+@pytest.mark.slow
+def test_a_row_goes_to_the_strong_teacher_only_when_the_cheap_one_fails_and_a_row_neither_verifies_is_marked(
+        undo, tiny_teacher, trained_teacher, problems, tmp_path):
+    out = tmp_path / "r.jsonl"
+    proc = _cascade(undo, tiny_teacher, trained_teacher, problems, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = read_jsonl(out)
+    assert sorted(r["problem_id"] for r in kept) == [p["id"] for p in TAUGHT_PROBLEMS[:4]]
+    for r in kept:
+        lin = r["lineage"]
+        assert [a["teacher"] for a in lin["cascade"]] == [str(tiny_teacher), "strong"]
+        assert lin["cascade"][0]["verdict"] != "verified" and lin["cascade"][1]["verdict"] == "verified"
+        assert lin["cascade_verified"] is True and lin["teacher"]["id"] == "strong"
+        assert lin["teacher"]["model"] == str(trained_teacher) and len(lin["teacher"]["hash"]) == 16
+        assert lin["cascade"][1]["cost"] > 0 and lin["cascade"][1]["paid"] is True
+        assert lin["template"]["name"] == "student" and lin["sampling"]["max_tokens"] == 48
+        assert lin["iteration"] is None and lin["parent"] is None and lin["failure_cluster"] is None
+        assert lin["cached"] is False
+    rejected = read_jsonl(tmp_path / "r.rejected.jsonl")
+    assert [r["problem_id"] for r in rejected] == ["bad0"]
+    assert rejected[0]["lineage"]["cascade_verified"] is False
+    assert [a["teacher"] for a in rejected[0]["lineage"]["cascade"]] == [str(tiny_teacher), "strong"]
+    usage = json.loads((tmp_path / "r.usage.json").read_text())
+    by = usage["by_backend"]
+    assert set(by) == {str(tiny_teacher), "strong"}
+    assert by[str(tiny_teacher)]["paid"]["requests"] == 5 and by["strong"]["paid"]["requests"] == 5
+    assert by["strong"]["cost"] > 0 and by[str(tiny_teacher)].get("cost") is None
+    assert "rows no teacher verified" in proc.stderr
+
+    # The same run again: every answer from the cache, per teacher (the key holds each model's identity).
+    again = _cascade(undo, tiny_teacher, trained_teacher, problems, tmp_path / "again.jsonl")
+    assert again.returncode == 0, again.stderr[-3000:]
+    led = json.loads((tmp_path / "again.usage.json").read_text())
+    assert led["paid"]["requests"] == 0 and led["cached"]["requests"] == 10
+    assert [r["rationale"] for r in read_jsonl(tmp_path / "again.jsonl")] == [r["rationale"] for r in kept]
+    assert all(r["lineage"]["cached"] for r in read_jsonl(tmp_path / "again.jsonl"))
+
+
+@pytest.mark.slow
+def test_the_output_budget_holds_across_tiers_and_a_tier_budget_stops_only_that_tier(
+        undo, tiny_teacher, trained_teacher, problems, tmp_path):
+    full = _cascade(undo, tiny_teacher, trained_teacher, problems, tmp_path / "full.jsonl", "--no-cache",
+                    "--batch-size", "1")
+    assert full.returncode == 0, full.stderr[-3000:]
+    spent = json.loads((tmp_path / "full.usage.json").read_text())["paid"]["tokens"]
+    budget = spent // 2
+    half = _cascade(undo, tiny_teacher, trained_teacher, problems, tmp_path / "half.jsonl", "--no-cache",
+                    "--batch-size", "1", "--max-teacher-tokens", str(budget))
+    assert half.returncode == 0 and "teacher budget reached" in half.stderr
+    assert json.loads((tmp_path / "half.usage.json").read_text())["paid"]["tokens"] <= budget
+    assert 0 < len(read_jsonl(tmp_path / "half.jsonl")) < 4
+
+    # The strong tier's own budget: the cheap tier still answers every row, the strong one none.
+    tier = undo("generate", "--teacher", tiny_teacher, "--cascade", f"{trained_teacher},name=strong,max_teacher_tokens=10",
+                "--input", problems, "--output", tmp_path / "tier.jsonl", "--prompt", "student", "--max-tokens", "48",
+                "--verify", "strict", "--no-cache")
+    assert tier.returncode == 0, tier.stderr[-3000:]
+    by = json.loads((tmp_path / "tier.usage.json").read_text())["by_backend"]
+    assert by[str(tiny_teacher)]["paid"]["requests"] == 5 and "strong" not in by
+    assert read_jsonl(tmp_path / "tier.jsonl") == [] and "teacher budget reached" in tier.stderr
+
+
+@pytest.mark.slow
+def test_a_route_sends_a_task_to_its_own_tiers_and_the_cascade_identifies_the_run(
+        undo, tiny_teacher, trained_teacher, tmp_path):
+    rows = [{k: p[k] for k in ("id", "question", "answer")} for p in TAUGHT_PROBLEMS[:2]]
+    rows = [{**rows[0], "task": "math"}, {**rows[1], "task": "exact", "answer": rows[1]["answer"]}]
+    problems = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "r.jsonl"
+    proc = _cascade(undo, tiny_teacher, trained_teacher, problems, out, "--route", "task:exact=strong",
+                    "--keep", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_id = {r["problem_id"]: r for r in read_jsonl(out)}
+    assert [a["teacher"] for a in by_id[rows[1]["id"]]["lineage"]["cascade"]] == ["strong"]
+    assert [a["teacher"] for a in by_id[rows[0]["id"]]["lineage"]["cascade"]] == [str(tiny_teacher), "strong"]
+    # Another strong teacher is another run; other prices are not.
+    other = undo("generate", "--teacher", tiny_teacher, "--cascade", f"{tiny_teacher},name=strong",
+                 "--input", problems, "--output", out, "--prompt", "student", "--max-tokens", "48",
+                 "--verify", "strict", "--route", "task:exact=strong", "--keep", "all")
+    assert other.returncode == 2 and "cascade" in other.stderr
+    cheaper = undo("generate", "--teacher", tiny_teacher, "--cascade", f"{trained_teacher},name=strong,price_output=9",
+                   "--input", problems, "--output", out, "--prompt", "student", "--max-tokens", "48",
+                   "--verify", "strict", "--route", "task:exact=strong", "--keep", "all")
+    assert cheaper.returncode == 0, cheaper.stderr[-2000:]
+
+
+def test_cascade_and_route_errors_name_the_setting_and_the_fix(undo_inproc, tiny_teacher, tmp_path):
+    problems = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "question": "q", "answer": "1"}])
+    base = ("generate", "--teacher", tiny_teacher, "--input", problems, "--output", tmp_path / "o.jsonl")
+    bad = undo_inproc(*base, "--cascade", f"{tiny_teacher},prise_output=2")
+    assert bad.returncode == 2 and "unknown key 'prise_output'" in bad.stderr and "price_output" in bad.stderr
+    bad = undo_inproc(*base, "--cascade", f"{tiny_teacher}/nope")
+    assert bad.returncode == 2 and "--cascade" in bad.stderr
+    bad = undo_inproc(*base, "--cascade", f"{tiny_teacher},name=x", "--route", "task:math=y")
+    assert bad.returncode == 2 and "no tier named 'y'" in bad.stderr
+    bad = undo_inproc(*base, "--cascade", f"{tiny_teacher},name=x,max_teacher_tokens=-1")
+    assert bad.returncode == 2 and "must be 0 or more" in bad.stderr
+    assert "Traceback" not in bad.stderr

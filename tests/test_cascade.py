@@ -128,3 +128,66 @@ def test_cascade_and_route_errors_name_the_setting_and_the_fix(undo_inproc, tiny
     bad = undo_inproc(*base, "--cascade", f"{tiny_teacher},name=x,max_teacher_tokens=-1")
     assert bad.returncode == 2 and "must be 0 or more" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# --- undo iterate: [[teachers]] and [teacher_routes] in run.toml ------------------------------------
+
+def _toml(tmp_path, body: str) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]])
+    path = tmp_path / "run.toml"
+    path.write_text(f'student = "org/student"\ntrain_file = "{train}"\nval_file = "{train}"\ntest_file = "{train}"\n'
+                    f'runs_dir = "{tmp_path / "runs"}"\nname = "r"\n' + body, encoding="utf-8")
+    return path
+
+
+def test_run_toml_teachers_give_each_tier_its_bound_in_the_dry_run_and_the_stages_their_cascade(
+        undo_inproc, tiny_teacher, trained_teacher, tmp_path):
+    from undo_cli.loop.iterate import IterateConfig, Loop, _Unopened
+    from undo_cli.loop.settings import resolve
+
+    toml = _toml(tmp_path, f'[[teachers]]\nmodel = "{tiny_teacher}"\nname = "cheap"\n\n'
+                           f'[[teachers]]\nmodel = "{trained_teacher}"\nname = "strong"\nprice_output = 2.0\n'
+                           f'max_teacher_tokens = 500\n\n[teacher_routes]\n"task:exact" = ["strong"]\n\n'
+                           '[generate]\nmax_tokens = 16\n')
+    proc = undo_inproc("iterate", "--config", toml, "--dry-run", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    est = json.loads(proc.stdout)["teacher_estimate"]
+    assert [t["teacher"] for t in est["tiers"]] == ["cheap", "strong"]
+    assert est["tiers"][1]["cost"] > 0 and est["tiers"][0]["cost"] is None
+    assert est["tiers"][1]["budget"]["max_teacher_tokens"] == 500
+    assert "tier strong, upper bound" in " ".join(proc.stderr.split())
+
+    config = resolve(IterateConfig, str(toml), {}, [])
+    assert config.teacher == str(tiny_teacher)  # the first of the teachers
+    cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
+    assert [t.name for t in cfg.tiers()] == ["cheap", "strong"] and cfg.routes() == {"task:exact": ["strong"]}
+    assert cfg.tiers()[1].price_output == 2.0 and cfg.tiers()[1].max_teacher_tokens == 500
+    # Prices and budgets do not identify the run; the models do.
+    other = resolve(IterateConfig, str(toml), {"max_iterations": 3}, [])
+    other.teachers[1] = {**other.teachers[1], "price_output": 9.0, "max_teacher_tokens": 5}
+    assert other.identity()["teachers"] == config.identity()["teachers"]
+    other.teachers[1] = {**other.teachers[1], "model": str(tiny_teacher)}
+    assert other.identity()["teachers"] != config.identity()["teachers"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ('[[teachers]]\nmodel = "M"\nprise = 1\n', ["run.toml: teachers[1]: unknown key 'prise'", "price_input"]),
+    ('[[teachers]]\nname = "x"\n', ["run.toml: teachers[1]: model: missing", 'model = "FOLDER or NAME"']),
+    ('[[teachers]]\nmodel = "M"\nmax_teacher_tokens = "lots"\n',
+     ["teachers[1]: max_teacher_tokens = 'lots': expected an integer"]),
+    ('[teachers]\nmodel = "M"\n', ["run.toml: teachers must be a list of tables", "double square brackets"]),
+    ('[[teachers]]\nmodel = "M"\n[teachers.routes]\n"task:math" = ["M"]\n', ["routes is a key of this teacher",
+                                                                              "a teacher_routes table"]),
+    ('[[teachers]]\nmodel = "M"\n[teacher_routes]\n"task:math" = 3\n', ["teacher_routes.task:math = 3",
+                                                                         "list of teacher names"]),
+    ('[[teachers]]\nmodel = "M"\n[teacher_routes]\n"task:math" = ["Z"]\n', ["no tier named 'Z'", "M"]),
+    ('teacher = "N"\n[[teachers]]\nmodel = "M"\n', ["but the first of the teachers tables has model = 'M'"]),
+])
+def test_run_toml_cascade_errors_name_the_file_the_key_and_the_fix(undo_inproc, tmp_path, body, words):
+    proc = undo_inproc("iterate", "--config", _toml(tmp_path, body), "--dry-run")
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, err
+    for w in words:
+        assert w in err, err
+    assert "Traceback" not in err

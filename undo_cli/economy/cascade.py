@@ -140,10 +140,11 @@ def tier_from_mapping(data: dict[str, Any], where: str) -> Tier:
     """A tier from a [[teachers]] table (`where` names the file and the table: `run.toml: teachers[2]`)."""
     if not isinstance(data, dict):
         raise UndoError(f"{where}: expected a table (model = ..., backend = ...)",
-                        hint="write each teacher as a [[teachers]] table with a model key")
+                        hint="write each teacher as its own teachers table (its header in double square brackets) with a model key")
     if "routes" in data and isinstance(data["routes"], dict):
-        raise UndoError(f"{where}: routes is a key of this teacher (TOML reads [teachers.routes] after [[teachers]] "
-                        "as part of the last teacher)", hint="write the routes as a [teacher_routes] table instead")
+        raise UndoError(f"{where}: routes is a key of this teacher (TOML reads a teachers.routes table after the "
+                        "teachers tables as part of the last teacher)", hint="write the routes as a teacher_routes table "
+                                                                           "instead")
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise UndoError(f"{where}: model: missing or not text", hint='each teacher needs model = "FOLDER or NAME"')

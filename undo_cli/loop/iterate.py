@@ -109,6 +109,8 @@ class IterateConfig(TeacherEconomyOptions):
                 "statement true, unless their tables set their own verify.", "choices": VERIFY,
         # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
         "affects": ("evaluate", "test", "collect_errors")})
+    teachers: list[dict[str, Any]] = field(default_factory=list, metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "[[teachers]] tables: a teacher cascade, cheapest first (model, name, backend, base_url, price_input, price_output, max_teacher_tokens, max_cost, model_revision); a row goes to the next teacher only when the previous one's answer does not verify. The first is `teacher` (docs/economy.md)."})
+    teacher_routes: dict[str, Any] = field(default_factory=dict, metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "[teacher_routes] table: \"task:<task>\" or \"cluster:<id>\" = [tier names]: those rows go through these teachers only."})
     prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", **RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
     launcher: str = field(default="local", metadata={"group": "Where stages run", **RUNTIME,
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
@@ -127,6 +129,7 @@ class IterateConfig(TeacherEconomyOptions):
         check_choices(self)
         self._check_teacher_base_url()
         self._check_economy()
+        self._check_teachers()
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
                             hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
@@ -172,6 +175,34 @@ class IterateConfig(TeacherEconomyOptions):
         self.price_output = self.price_output if self.price_output is not None else self.prices.get("output")
         self.check_economy_options()
 
+    def _check_teachers(self) -> None:
+        """[[teachers]] and [teacher_routes] (their shapes were checked where they were read, loop/settings.py):
+        the first teacher is `teacher`, and routes name teachers that exist."""
+        from undo_cli.economy.cascade import parse_route, tier_from_mapping
+
+        tiers = [tier_from_mapping(t, f"teachers[{i + 1}]") for i, t in enumerate(self.teachers)]
+        if tiers and tiers[0].model != self.teacher:
+            raise UndoError(f"teacher = {self.teacher!r} but the first of the teachers tables has model = "
+                            f"{tiers[0].model!r}", hint="the first of the teachers is the teacher: drop the teacher "
+                                                       "key, or make the two the same")
+        names = [t.name for t in tiers] or [self.teacher]
+        if len(set(names)) != len(names):
+            raise UndoError(f"teachers: two tables are named '{next(n for n in names if names.count(n) > 1)}'",
+                            hint="give each teachers table its own name = \"...\"")
+        for key, value in self.teacher_routes.items():
+            listed = value if isinstance(value, list) else [value]
+            parse_route(f"{key}={','.join(map(str, listed))}", names, "teacher_routes:")
+
+    def cascade_settings(self) -> dict[str, Any]:
+        """The teacher stages' cascade fields (economy/cascade.py) from [[teachers]] and [teacher_routes]."""
+        from undo_cli.economy.cascade import tier_from_mapping
+
+        if not self.teachers and not self.teacher_routes:
+            return {}
+        tiers = [tier_from_mapping(t, f"teachers[{i + 1}]") for i, t in enumerate(self.teachers)]
+        routes = [f"{k}={','.join(v if isinstance(v, list) else [v])}" for k, v in self.teacher_routes.items()]
+        return {"cascade": [t.spec() for t in tiers] or None, "route": routes or None}
+
     def _check_lora(self) -> None:
         lora = int(self.train.get("lora_r") or 0) > 0 and not self.train.get("merge")
         if lora and self.init == "previous":
@@ -207,6 +238,10 @@ class IterateConfig(TeacherEconomyOptions):
         from undo_cli.loop.settings import STAGES, stage_class
 
         top = {k: getattr(self, k) for k in identity_names(type(self)) if k not in STAGES}
+        if self.teachers:  # which models, not their prices, budgets or servers (economy/cascade.py)
+            from undo_cli.economy.cascade import tier_from_mapping
+
+            top["teachers"] = [tier_from_mapping(t, "teachers").identity() for t in self.teachers]
         tables = {}
         for table in STAGES:
             names = set(identity_names(stage_class(table)))
@@ -264,10 +299,15 @@ class Loop:
     def teacher_kwargs(self, key: str) -> dict[str, Any]:
         from undo_cli.loop.usage import teacher_settings
 
+        from undo_cli.loop.usage import tier_budgets
+
         c = self.config
-        return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
-                "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code,
-                **teacher_settings(c, self.folder.manifest, key)}
+        first = c.teachers[0] if c.teachers else {}
+        cascade = tier_budgets(c.cascade_settings(), self.folder.manifest, key)
+        return {"teacher": c.teacher, "backend": first.get("backend") or c.teacher_backend,
+                "base_url": first.get("base_url") or c.teacher_base_url,
+                "api_key_env": first.get("api_key_env") or c.teacher_api_key_env,
+                "trust_remote_code": c.trust_remote_code, **teacher_settings(c, self.folder.manifest, key), **cascade}
 
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
@@ -594,6 +634,7 @@ def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
 
     from undo_cli.console import console
     from undo_cli.economy.estimate import describe as describe_estimate
+    from undo_cli.economy.estimate import describe_tiers
 
     def table(title: str, columns: tuple[str, ...], rows) -> None:
         # The first column (a key, a stage) never wraps: a key cut mid-word cannot be searched for or pasted.
@@ -608,7 +649,8 @@ def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
           [(key, repr(value), _origin(key, shown["origins"])) for key, value in shown["settings"].items()])
     table("plan (stops early when validation accuracy stops improving)", ("stage", "what", "writes"), shown["plan"])
     table("teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, before any call",
-          ("what", "value"), describe_estimate(shown["teacher_estimate"]))
+          ("what", "value"), describe_estimate(shown["teacher_estimate"]) + describe_tiers(
+              shown["teacher_estimate"].get("tiers") or []))
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
     console.print("nothing was run (--dry-run); drop --dry-run to start; --format json prints all this on stdout")
@@ -623,9 +665,14 @@ def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
     with to_be_written(config.run_dir):
         cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
     prompts = [item.messages for item in work_items(cfg)[2]]  # what generate would send, in order
-    return {"stage": "iter_00/generate", **estimate_generate(
+    estimate = {"stage": "iter_00/generate", **estimate_generate(
         prompts, cfg, max_teacher_tokens=config.max_teacher_tokens, max_cost=config.max_cost,
         trust_remote_code=config.trust_remote_code)}
+    if cfg.cascade:  # a teacher cascade: each tier's bound (economy/estimate.py)
+        from undo_cli.economy.estimate import estimate_tiers
+
+        estimate["tiers"] = estimate_tiers(prompts, cfg, trust_remote_code=config.trust_remote_code)
+    return estimate
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:

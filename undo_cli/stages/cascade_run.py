@@ -42,7 +42,9 @@ class TeacherTiers:
             else:
                 inner = replace(backend, backend=tier.backend, model=tier.model,
                                 base_url=tier.base_url, api_key_env=tier.api_key_env or backend.api_key_env)
-            self.backends[tier.name] = economy.wrap(inner, tier=tier if self.cascading else None)
+            # A described tier (a cascade, or [[teachers]] of one) keeps its ledger row, prices and own budget.
+            described = self.cascading or bool(getattr(config, "cascade", None))
+            self.backends[tier.name] = economy.wrap(inner, tier=tier if described else None)
         first = self.backends[self.tiers[0].name]
         self.name = first.name if not self.cascading else "cascade"
         self.model = first.model if not self.cascading else " -> ".join(t.name for t in self.tiers)

@@ -191,3 +191,101 @@ def test_run_toml_cascade_errors_name_the_file_the_key_and_the_fix(undo_inproc, 
     for w in words:
         assert w in err, err
     assert "Traceback" not in err
+
+
+# --- lineage across a run's iterations, resume ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_undo_lineage_prints_a_rows_history_across_iterations(undo, undo_inproc, tiny_teacher, trained_teacher,
+                                                              tmp_path):
+    from tests.test_refine import TAUGHT_FORMAT_TEMPLATE, error
+
+    run = tmp_path / "runs" / "r"
+    problems = write_jsonl(tmp_path / "p.jsonl",
+                           [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:3]])
+    gen = _cascade(undo, tiny_teacher, trained_teacher, problems, run / "iter_00" / "rationales.jsonl",
+                   "--iteration", "0")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    template = tmp_path / "taught.jinja"
+    template.write_text(TAUGHT_FORMAT_TEMPLATE)
+    errors = write_jsonl(run / "iter_00" / "errors.jsonl",
+                         [{**error(p["id"], p["question"], answer=p["answer"]), "cluster": "c1"}
+                          for p in TAUGHT_PROBLEMS[:1]])
+    ref = undo("refine", "--teacher", trained_teacher, "--errors", errors, "--targets",
+               run / "iter_00" / "rationales.jsonl", "--output", run / "iter_01" / "refined.jsonl", "--select",
+               "errors", "--prompt", template, "--max-tokens", "48", "--iteration", "1", "--k", "0")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    mix = undo("mix", "--base", run / "iter_00" / "rationales.jsonl", "--refined", run / "iter_01" / "refined.jsonl",
+               "--output", run / "iter_01" / "train_data.jsonl")
+    assert mix.returncode == 0, mix.stderr[-2000:]
+
+    proc = undo_inproc("lineage", run, "p00#0", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(proc.stdout)["history"]
+    assert [(s["iteration"], s["event"]) for s in steps] == [
+        (0, "generated and verified"), (1, "refined and verified"), (1, "trained on")]
+    first, refined = steps[0]["lineage"], steps[1]["lineage"]
+    assert [a["teacher"] for a in first["cascade"]] == [str(tiny_teacher), "strong"] and first["iteration"] == 0
+    assert refined["parent"] == {"id": "p00#0", "iteration": 0, "rationale_hash": steps[0]["rationale_hash"]}
+    assert refined["informed_by"] == ["p00"] and refined["failure_cluster"] == "c1" and refined["iteration"] == 1
+    assert refined["teacher"]["model"] == str(trained_teacher) and refined["template"]["name"] == "taught"
+    assert steps[2]["lineage"] == refined  # mix carries the row as refine wrote it
+
+    table = undo_inproc("lineage", run, "p00")
+    assert table.returncode == 0 and "refined and verified" in table.stderr and "cluster c1" in table.stderr
+    missing = undo_inproc("lineage", run, "nope#0")
+    assert missing.returncode == 2 and "no row 'nope#0'" in missing.stderr and "head -n 1" in missing.stderr
+
+
+
+def test_the_html_reports_refinement_cards_show_the_lineage_command(tmp_path, undo_here):
+    from tests.run_folders import write_run
+
+    run = tmp_path / "runs with space" / "r"
+    write_run(run, val=10, test=5, iterations=2, refinements=3)
+    code, err = undo_here("report", run, "--html", tmp_path / "page.html")
+    assert code == 0, err
+    page = (tmp_path / "page.html").read_text()
+    assert f"undo lineage '{run}'" in page  # the run folder shell-quoted; each card adds its row id
+    assert "D.run.lineage} ${shellWord(id)}" in page
+
+
+@pytest.mark.slow
+def test_a_killed_cascade_resumes_without_losing_or_duplicating_rows(tiny_teacher, trained_teacher, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:6]]
+    problems = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "r.jsonl"
+    args = ["generate", "--teacher", str(tiny_teacher), "--cascade", f"{trained_teacher},name=strong",
+            "--input", str(problems), "--output", str(out), "--prompt", "student", "--max-tokens", "48",
+            "--verify", "strict", "--batch-size", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no batch written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    written = read_jsonl(out)
+    assert 1 <= len(written) < 6
+    from tests.conftest import run_undo
+
+    again = run_undo(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = read_jsonl(out)
+    assert sorted(r["id"] for r in final) == sorted(f"{p['id']}#0" for p in rows)  # none lost, none twice
+    assert all(r in final for r in written)
+    assert all([a["teacher"] for a in r["lineage"]["cascade"]] == [str(tiny_teacher), "strong"] for r in final)
+    ledger = json.loads((tmp_path / "r.usage.json").read_text())
+    # A row in flight at the kill may be paid twice at most once; the rest once each, per tier.
+    assert 6 <= ledger["by_backend"]["strong"]["paid"]["requests"] + ledger["by_backend"]["strong"]["cached"]["requests"]
+    assert ledger["by_backend"]["strong"]["paid"]["requests"] <= 7

@@ -39,6 +39,8 @@ The page's script and style are report_page.js and report_page.css beside this m
 
 from __future__ import annotations
 
+import shlex
+
 import base64
 import hashlib
 import html
@@ -275,7 +277,9 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
     from undo_cli.loop.report_data import page_data
 
     index, chunks = page_data(run_dir, state)
-    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration")}
+    # Each refinement card shows the command that prints its row's history (loop/lineage.py), to copy.
+    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration"),
+                    "lineage": f"undo lineage {shlex.quote(str(run_dir))}"}
     script = (HERE / "report_page.js").read_text(encoding="utf-8")
     style = (HERE / "report_page.css").read_text(encoding="utf-8")
     title = f"undo report: {state['name']}"

@@ -18,6 +18,8 @@ refinement that kept its previous text) gets one `lineage` object:
      "cascade_verified": true,                  # false: no tier verified this row (done, never asked again)
      "cached": false}
 
+(plus `"text_from": "parent"` on a refinement that did not verify: the row keeps its parent's text.)
+
 `teacher` is the tier whose answer the record holds (with one teacher, that
 teacher). Its `hash` is the teacher cache's identity of the model (the sha256
 of every file of a model folder, memoised by path, size and mtime; a served
@@ -174,6 +176,8 @@ class LineageWriter:
             "cascade": [a.to_json() for a in attempts],
             "cached": last.cached,
         }
+        if (record.get("refinement") or {}).get("kept_previous"):
+            lineage["text_from"] = "parent"  # the refusal kept the parent's text (and its own provenance fields)
         if self.cascading:
             lineage["cascade_verified"] = last.verdict == "verified"
         record["lineage"] = lineage

@@ -317,7 +317,12 @@ def build_items(jobs: list[Job], template: str):
 
 def _tags(job: Job) -> dict[str, Any]:
     """What a teacher cascade's routes match (economy/cascade.py): the target's task, the failure's cluster."""
-    return {"task": job.target.get("task") or "math", "cluster": job.failure.get("cluster")}
+    return {"task": job.target.get("task") or "math", "cluster": _cluster(job)}
+
+
+def _cluster(job: Job) -> str | None:
+    """The failure cluster of a job: the target's (when clusters are known), else the failure record's field."""
+    return getattr(job, "cluster", None) or job.failure.get("cluster")
 
 
 def _lineage(job: Job) -> dict[str, Any]:
@@ -328,7 +333,7 @@ def _lineage(job: Job) -> dict[str, Any]:
     return {"parent": {"id": target["id"], "iteration": int(target.get("iteration") or 0),
                        "rationale_hash": short(target["rationale"])},
             "informed_by": [job.failure["id"]] + [e["id"] for e in job.similar],
-            "failure_cluster": job.failure.get("cluster")}
+            "failure_cluster": _cluster(job)}
 
 
 def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:

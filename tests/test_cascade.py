@@ -252,11 +252,7 @@ def test_the_html_reports_refinement_cards_show_the_lineage_command(tmp_path, un
 
 @pytest.mark.slow
 def test_a_killed_cascade_resumes_without_losing_or_duplicating_rows(tiny_teacher, trained_teacher, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.conftest import kill_after_first_line
 
     rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:6]]
     problems = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -264,17 +260,7 @@ def test_a_killed_cascade_resumes_without_losing_or_duplicating_rows(tiny_teache
     args = ["generate", "--teacher", str(tiny_teacher), "--cascade", f"{trained_teacher},name=strong",
             "--input", str(problems), "--output", str(out), "--prompt", "student", "--max-tokens", "48",
             "--verify", "strict", "--batch-size", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 300
-        while not (out.exists() and out.read_text().count("\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no batch written"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_line(args, out)
     written = read_jsonl(out)
     assert 1 <= len(written) < 6
     from tests.conftest import run_undo
@@ -289,3 +275,41 @@ def test_a_killed_cascade_resumes_without_losing_or_duplicating_rows(tiny_teache
     # A row in flight at the kill may be paid twice at most once; the rest once each, per tier.
     assert 6 <= ledger["by_backend"]["strong"]["paid"]["requests"] + ledger["by_backend"]["strong"]["cached"]["requests"]
     assert ledger["by_backend"]["strong"]["paid"]["requests"] <= 7
+
+
+@pytest.mark.slow
+def test_undo_iterate_runs_a_cascade_from_run_toml_and_resumes_with_other_prices_only(
+        undo, undo_inproc, tiny_model, tiny_teacher, trained_teacher, tmp_path):
+    from tests.test_iterate import STAGE_FLAGS
+
+    problems = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS]
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", rows)
+             for s, rows in (("train", problems[:6]), ("val", problems[6:]), ("test", problems[8:]))}
+    toml = tmp_path / "run.toml"
+    body = (f'student = "{tiny_model}"\ntrain_file = "{files["train"]}"\nval_file = "{files["val"]}"\n'
+            f'test_file = "{files["test"]}"\nruns_dir = "{tmp_path / "runs"}"\nname = "c"\nmax_iterations = 1\n'
+            f'[[teachers]]\nmodel = "{tiny_teacher}"\nname = "cheap"\n\n'
+            f'[[teachers]]\nmodel = "{trained_teacher}"\nname = "strong"\nprice_output = PRICE\n'
+            'max_teacher_tokens = 100000\n')
+    toml.write_text(body.replace("PRICE", "2.0"))
+    flags = [f for f in STAGE_FLAGS if f not in ("--refine.batch-size", "1")]
+    proc = undo("iterate", "--config", toml, *flags, "--generate.verify", "strict", "--refine.verify", "strict")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "runs" / "c"
+    rows = read_jsonl(run / "iter_00" / "rationales.jsonl")
+    assert rows and all([a["teacher"] for a in r["lineage"]["cascade"]] == ["cheap", "strong"] for r in rows)
+    manifest = json.loads((run / "manifest.json").read_text())
+    usage = manifest["stages"]["iter_00/generate"]["summary"]["teacher_usage"]["by_backend"]
+    assert set(usage) == {"cheap", "strong"} and usage["strong"]["cost"] > 0
+    assert manifest["stages"]["iter_00/generate"]["summary"]["cascade"]["unverified"] == 0
+    shown = undo_inproc("lineage", run, rows[0]["id"], "--format", "json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["history"][0]["lineage"]["teacher"]["id"] == "strong"
+
+    toml.write_text(body.replace("PRICE", "5.0"))  # other prices: the same run, resumed (nothing reruns)
+    again = undo("iterate", "--config", toml, *flags, "--generate.verify", "strict", "--refine.verify", "strict",
+                 "--resume")
+    assert again.returncode == 0, again.stderr[-4000:]
+    toml.write_text(body.replace("PRICE", "2.0").replace(f'model = "{trained_teacher}"', f'model = "{tiny_model}"'))
+    other = undo("iterate", "--config", toml, *flags, "--generate.verify", "strict", "--refine.verify", "strict",
+                 "--resume")
+    assert other.returncode == 2 and "teachers" in other.stderr

@@ -552,6 +552,7 @@ _EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "col
 _INPUT_AFFECTS: dict[str, frozenset[str]] = {
     "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}), "inputs.test": frozenset({"test"}),
     "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
+    "inputs.teachers": frozenset(TEACHER_STAGES),
 }
 
 
@@ -681,7 +682,13 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
              for key in ("train", "val", "test")}
-    return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
+    more = {}
+    if config.teachers[1:]:  # compared as one fingerprint (manifest.py compares an input's dict)
+        from undo_cli.stages.generation_loop import digest
+
+        more = {"teachers": {"fingerprint": digest([model_fingerprint(t["model"]) for t in config.teachers[1:]])}}
+    return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
+            **more}  # a cascade's other teachers: retrained weights at the same path rerun the teacher stages
 
 
 def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:

@@ -312,4 +312,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
                    "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget"))
+                   "budget", "left_by_budget", "cascade"))

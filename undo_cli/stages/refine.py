@@ -614,4 +614,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
                    "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget"))
+                   "budget", "left_by_budget", "cascade"))

@@ -30,7 +30,9 @@ out among its shards. The teacher's tokens per iteration (paid and cached, and
 cost with prices) go to manifest.json and summary.json under `teacher_usage`
 (loop/usage.py).
 
-The best iteration (the highest validation accuracy; the earliest on a tie) is
+The best iteration is chosen by a paired test on the same validation items
+(loop/choose.py: a later student replaces the kept one only with an exact
+McNemar p < choose_alpha and a gain of at least choose_min_gain), and it is
 kept, and both its student and the iteration-0 student are evaluated on the
 test split, which no decision ever looked at: every run reports UNDO against
 one-shot distillation on held-out data.
@@ -59,6 +61,7 @@ from typing import Any
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError
 from undo_cli.fields import check_choices
+from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
 # The teacher economy of the loop (one budget shared out, usage per iteration): loop/usage.py.
 from undo_cli.loop.usage import BudgetReached, record_usage
 
@@ -97,6 +100,8 @@ class IterateConfig(TeacherEconomyOptions):
     max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
     patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
     min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    choose_alpha: float = field(default=ALPHA, metadata={"group": "The loop", "affects": (), "help": "A later iteration is kept as the best only if it beats the kept one on the same validation items with an exact McNemar p below this (loop/choose.py)."})
+    choose_min_gain: float = field(default=MIN_GAIN, metadata={"group": "The loop", "affects": (), "help": "A later iteration kept as the best must also gain at least this much validation accuracy (0-1) on those items: a one-problem wobble keeps the earlier student."})
     mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
     init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
     # The stages see the seed through their tables (each table's effective `seed` identifies the run there).
@@ -127,6 +132,9 @@ class IterateConfig(TeacherEconomyOptions):
         check_choices(self)
         self._check_teacher_base_url()
         self._check_economy()
+        if not 0 < self.choose_alpha <= 1 or not 0 <= self.choose_min_gain <= 1:
+            raise UndoError(f"choose_alpha {self.choose_alpha:g} must be in (0, 1] and choose_min_gain "
+                            f"{self.choose_min_gain:g} in [0, 1]", hint="e.g. --choose-alpha 0.05 --choose-min-gain 0.02")
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
                             hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
@@ -379,18 +387,20 @@ class Loop:
         self.train(k)
         metrics = self.evaluate(k, "val")
         errors = self.collect_errors(k)
-        return {"accuracy": metrics["accuracy"], "errors": errors["errors"]}
+        outcomes = read_outcomes(self.layout.predictions(k, "val"))
+        return {"accuracy": metrics["accuracy"], "errors": errors["errors"], "outcomes": outcomes}
 
 
 def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, str | None]:
     """(best iteration, why to stop or None) from the validation results so far.
 
-    Best = the highest validation accuracy, the earliest on a tie (fewer rounds
-    of the same quality). An iteration *improves* when it beats the best so far
-    by at least min_delta (and by something at all when min_delta is 0).
+    Best = choose.choose's: a later iteration only when a paired test on the
+    same validation items says it is better (choose_alpha, choose_min_gain).
+    For stopping, an iteration *improves* when its raw accuracy beats the best
+    so far by at least min_delta (and by something at all when min_delta is 0).
     """
     accs = [h["accuracy"] for h in history]
-    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    best = choice(history, config)[0]
     reference, last_gain = accs[0], 0
     for i in range(1, len(accs)):
         if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
@@ -406,6 +416,11 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
+
+
+def choice(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int | None, list[dict[str, Any]]]:
+    """(best iteration, the paired comparisons that chose it) from the iterations' validation outcomes."""
+    return choose([h.get("outcomes") for h in history], config.choose_alpha, config.choose_min_gain)
 
 
 # --- checks before any work, --dry-run, what a changed setting reruns ----------------------------
@@ -771,7 +786,9 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
             # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
             # un-counts what finished, so the best is decided over every finished iteration.
             stop = None
-        folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+        folder.manifest.update(best_iteration=best, iterations_done=k + 1,
+                               choice={"alpha": config.choose_alpha, "min_gain": config.choose_min_gain,
+                                       "tests": choice(history, config)[1]})
         record_usage(folder)
         state = report.collect(folder.path)
         report.write_summary(folder.path, state)

@@ -123,7 +123,7 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     manifest = _manifest(run)
     assert manifest["status"] == "done"
     stages = manifest["stages"]
-    expected = ["iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors",
+    expected = ["iter_00/cluster", "iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors",
                 "iter_01/refine", "iter_01/mix", "iter_01/train", "iter_01/evaluate", "iter_01/collect_errors",
                 "iter_00/test"]
     assert list(stages) == expected  # patience 1 and no gain: stops after iteration 1; best = 0 is tested

@@ -12,7 +12,8 @@
 What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 
     iteration 0 (one-shot distillation)     iteration k >= 1 (UNDO)
-      generate   teacher rationales, train    refine     teacher re-teaches, from iteration k-1's errors
+      cluster    train + val problems, once   refine     teacher re-teaches, from iteration k-1's errors
+      generate   teacher rationales, train                (its budget, its targets: [refine] budget, select)
       train      student on them              mix        refined rationales replace (or join) the old ones
       evaluate   student on val               train      student on the mixed data
       collect_errors                          evaluate   student on val
@@ -30,7 +31,9 @@ out among its shards. The teacher's tokens per iteration (paid and cached, and
 cost with prices) go to manifest.json and summary.json under `teacher_usage`
 (loop/usage.py).
 
-The best iteration (the highest validation accuracy; the earliest on a tie) is
+The best iteration is chosen by a paired test on the same validation items
+(loop/choose.py: a later student replaces the kept one only with an exact
+McNemar p < choose_alpha and a gain of at least choose_min_gain), and it is
 kept, and both its student and the iteration-0 student are evaluated on the
 test split, which no decision ever looked at: every run reports UNDO against
 one-shot distillation on held-out data.
@@ -59,6 +62,7 @@ from typing import Any
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError
 from undo_cli.fields import check_choices
+from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
 # The teacher economy of the loop (one budget shared out, usage per iteration): loop/usage.py.
 from undo_cli.loop.usage import BudgetReached, record_usage
 
@@ -97,6 +101,8 @@ class IterateConfig(TeacherEconomyOptions):
     max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
     patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
     min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    choose_alpha: float = field(default=ALPHA, metadata={"group": "The loop", "affects": (), "help": "A later iteration is kept as the best only if it beats the kept one on the same validation items with an exact McNemar p below this (loop/choose.py)."})
+    choose_min_gain: float = field(default=MIN_GAIN, metadata={"group": "The loop", "affects": (), "help": "A later iteration kept as the best must also gain at least this much validation accuracy (0-1) on those items: a one-problem wobble keeps the earlier student."})
     mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
     init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
     # The stages see the seed through their tables (each table's effective `seed` identifies the run there).
@@ -119,6 +125,7 @@ class IterateConfig(TeacherEconomyOptions):
     train: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[train] table: TrainConfig fields."})
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
     collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
+    cluster: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[cluster] table: ClusterConfig fields (the failure clusters, made once before iteration 0)."})
     refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
     slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", **RUNTIME, "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
@@ -130,6 +137,9 @@ class IterateConfig(TeacherEconomyOptions):
         self._check_teacher_base_url()
         self._check_economy()
         self._check_teachers()
+        if not 0 < self.choose_alpha <= 1 or not 0 <= self.choose_min_gain <= 1:
+            raise UndoError(f"choose_alpha {self.choose_alpha:g} must be in (0, 1] and choose_min_gain "
+                            f"{self.choose_min_gain:g} in [0, 1]", hint="e.g. --choose-alpha 0.05 --choose-min-gain 0.02")
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
                             hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
@@ -312,6 +322,13 @@ class Loop:
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
 
+    def cluster_config(self):
+        from undo_cli.stages import cluster
+
+        problems = list(dict.fromkeys((self.config.train_file, self.config.val_file)))
+        return cluster.ClusterConfig(problems=problems, output=str(self.layout.clusters),
+                                     **self.config.settings("cluster"))
+
     def generate_config(self):
         from undo_cli.stages import generate
 
@@ -323,10 +340,14 @@ class Loop:
     def refine_config(self, k: int):
         from undo_cli.stages import refine
 
+        settings = self.config.settings("refine")
+        # The round before's errors tell --select clusters which clusters the last refinements fixed.
+        previous = str(self.layout.errors(k - 2)) if k >= 2 and settings.get("select") == "clusters" else None
         return refine.RefineConfig(**self.teacher_kwargs(self.step_key(k, "refine")),
                                    errors=str(self.layout.errors(k - 1)),
                                    targets=str(self.layout.training_data(k - 1)), output=str(self.layout.refined(k)),
-                                   iteration=k, **self.config.settings("refine"))
+                                   clusters=str(self.layout.clusters), previous_errors=previous,
+                                   iteration=k, **settings)
 
     def mix_config(self, k: int):
         from undo_cli.stages import mix
@@ -365,6 +386,10 @@ class Loop:
                                                   **self.config.settings("collect_errors"))
 
     # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
+
+    def cluster(self) -> dict[str, Any]:
+        cfg = self.cluster_config()
+        return self.step(self.step_key(0, "cluster"), "cluster", cfg, {"clusters": cfg.output})
 
     def generate(self) -> dict[str, Any]:
         cfg = self.generate_config()
@@ -405,13 +430,14 @@ class Loop:
         return bool(stage) and stage.get("status") == "done"
 
     def iteration(self, k: int) -> dict[str, Any]:
-        names = ["generate"] if k == 0 else ["refine", "mix"]
+        names = ["cluster", "generate"] if k == 0 else ["refine", "mix"]
         names += ["train", "evaluate", "collect_errors"]
         self.folder.plan([self.step_key(k, n) for n in names], {})
         from undo_cli.console import console
 
         console.rule(f"[bold cyan]UNDO iteration {k}[/bold cyan]" + (" (one-shot distillation)" if k == 0 else ""))
         if k == 0:
+            self.cluster()
             self.generate()
         else:
             self.refine(k)
@@ -419,18 +445,20 @@ class Loop:
         self.train(k)
         metrics = self.evaluate(k, "val")
         errors = self.collect_errors(k)
-        return {"accuracy": metrics["accuracy"], "errors": errors["errors"]}
+        outcomes = read_outcomes(self.layout.predictions(k, "val"))
+        return {"accuracy": metrics["accuracy"], "errors": errors["errors"], "outcomes": outcomes}
 
 
 def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, str | None]:
     """(best iteration, why to stop or None) from the validation results so far.
 
-    Best = the highest validation accuracy, the earliest on a tie (fewer rounds
-    of the same quality). An iteration *improves* when it beats the best so far
-    by at least min_delta (and by something at all when min_delta is 0).
+    Best = choose.choose's: a later iteration only when a paired test on the
+    same validation items says it is better (choose_alpha, choose_min_gain).
+    For stopping, an iteration *improves* when its raw accuracy beats the best
+    so far by at least min_delta (and by something at all when min_delta is 0).
     """
     accs = [h["accuracy"] for h in history]
-    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    best = choice(history, config)[0]
     reference, last_gain = accs[0], 0
     for i in range(1, len(accs)):
         if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
@@ -446,6 +474,11 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
+
+
+def choice(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int | None, list[dict[str, Any]]]:
+    """(best iteration, the paired comparisons that chose it) from the iterations' validation outcomes."""
+    return choose([h.get("outcomes") for h in history], config.choose_alpha, config.choose_min_gain)
 
 
 # --- checks before any work, --dry-run, what a changed setting reruns ----------------------------
@@ -526,7 +559,8 @@ def check_stages(config: IterateConfig) -> None:
     from undo_cli.prompts import load_template
 
     loop = Loop(config, _Unopened(config.run_dir))
-    builders = [("generate", loop.generate_config), ("train", lambda: loop.train_config(0)),
+    builders = [("cluster", loop.cluster_config), ("generate", loop.generate_config),
+                ("train", lambda: loop.train_config(0)),
                 ("evaluate", lambda: loop.evaluate_config(0, "val")),
                 ("collect_errors", lambda: loop.collect_errors_config(0))]
     if config.max_iterations > 0:
@@ -546,11 +580,12 @@ def check_stages(config: IterateConfig) -> None:
             raise _in_config_terms(table, exc) from None
 
 
-_EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
+_EVERY_STAGE = frozenset({"cluster", "generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
 # Which stages' results an input changes (manifest.json's inputs: the files' sha256, the models' fingerprints).
 # A top-level key says it in its field's metadata (`affects`).
 _INPUT_AFFECTS: dict[str, frozenset[str]] = {
-    "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}), "inputs.test": frozenset({"test"}),
+    "inputs.train": frozenset({"cluster", "generate"}), "inputs.val": frozenset({"cluster", "evaluate"}),
+    "inputs.test": frozenset({"test"}),
     "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
     "inputs.teachers": frozenset(TEACHER_STAGES),
 }
@@ -568,8 +603,9 @@ def affected_stages(key: str) -> frozenset[str]:
     from undo_cli.loop.settings import STAGES
 
     head = key.split(".", 1)[0]
-    if head in STAGES:
-        return frozenset({"evaluate", "test"}) if head == "evaluate" else frozenset({head})
+    if head in STAGES:  # the evaluate table also makes the test predictions; refine reads the clusters
+        return frozenset({"evaluate", "test"} if head == "evaluate" else {"cluster", "refine"} if head == "cluster"
+                         else {head})
     if key in _INPUT_AFFECTS:
         return _INPUT_AFFECTS[key]
     meta = {f.name: f.metadata for f in dataclasses.fields(IterateConfig)}.get(key, {})
@@ -585,7 +621,8 @@ def plan(config: IterateConfig) -> list[tuple[str, str, str]]:
 
 
 def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
-    rows = [("iter_00/generate", "the teacher's rationales for train_file", loop.generate_config().output)]
+    rows = [("iter_00/cluster", "train_file and val_file's questions in clusters, once", loop.cluster_config().output),
+            ("iter_00/generate", "the teacher's rationales for train_file", loop.generate_config().output)]
     for k in range(config.max_iterations + 1):
         if k:
             rows += [(loop.step_key(k, "refine"), f"the teacher re-teaches iteration {k - 1}'s errors",
@@ -825,7 +862,9 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
             # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
             # un-counts what finished, so the best is decided over every finished iteration.
             stop = None
-        folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+        folder.manifest.update(best_iteration=best, iterations_done=k + 1,
+                               choice={"alpha": config.choose_alpha, "min_gain": config.choose_min_gain,
+                                       "tests": choice(history, config)[1]})
         record_usage(folder)
         state = report.collect(folder.path)
         report.write_summary(folder.path, state)

@@ -313,3 +313,50 @@ def test_undo_iterate_runs_a_cascade_from_run_toml_and_resumes_with_other_prices
     other = undo("iterate", "--config", toml, *flags, "--generate.verify", "strict", "--refine.verify", "strict",
                  "--resume")
     assert other.returncode == 2 and "teachers" in other.stderr
+
+
+# --- the stop rule (issue 30 part 2), on the paired test that chooses the best iteration ------------------
+
+def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):
+    from undo_cli.loop.iterate import IterateConfig
+
+    config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
+    config.max_iterations, config.patience, config.min_delta = 5, patience, 0.0
+    config.choose_alpha, config.choose_min_gain = 0.05, 0.02
+    config.stop_rule, config.stop_min_gain_per_ktok = rule, per_ktok
+    return config
+
+
+def test_the_paired_stop_rule_stops_on_no_evidence_where_patience_goes_on():
+    from tests.test_iterate import _history
+    from undo_cli.loop.iterate import decide
+
+    h = _history(0.30, 0.31)  # +1 of 100: a raw gain, no evidence
+    assert decide(h, _config("patience"))[1] is None  # the old rule sees a gain and goes on
+    best, reason = decide(h, _config("paired"), {1: 5000})
+    assert best == 0 and "paired test found no evidence of a gain for 1 round (last p = 1.000)" in reason
+    assert decide(_history(0.30, 0.31, 0.32), _config("paired", patience=3), {})[1] is None
+    assert decide(_history(0.30, 0.45), _config("paired"), {1: 5000}) == (1, None)  # +15 of 100: evidence
+
+
+def test_the_value_stop_rule_stops_when_a_round_buys_too_little_per_teacher_token():
+    from tests.test_iterate import _history
+    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.stop import describe, rounds
+
+    h = _history(0.30, 0.45)  # +15 points, significant
+    assert decide(h, _config("value", per_ktok=0.2), {1: 100_000})[1].startswith(
+        "round 1 gained +15.0 points for 100,000 paid teacher tokens (0.15 per 1,000")
+    assert decide(h, _config("value", per_ktok=0.2), {1: 50_000})[1] is None  # 0.3 per 1,000: worth it
+    assert decide(h, _config("value", per_ktok=0.2), {})[1] is None  # a round the cache answered costs nothing
+    [row] = rounds(h, [{"iteration": 1, "against": 0, "p": 0.0001, "kept": True}], {1: 3000})
+    assert row["tokens_per_point"] == 200 and row["gain_per_ktok"] == 5.0 and row["evidence"]
+    assert describe(row) == ("round 1 vs 0: +15.0 points for 3,000 paid teacher tokens (5 per 1,000; 200 tokens "
+                             "a point), p = 0.000")
+
+
+def test_an_unknown_stop_rule_names_the_ones_there_are(undo_inproc, tmp_path):
+    proc = undo_inproc("iterate", "--config", _toml(tmp_path, 'teacher = "org/t"\n'), "--stop-rule", "never",
+                       "--dry-run")
+    assert proc.returncode == 2 and "--stop-rule never: unknown stop rule" in proc.stderr
+    assert "paired" in proc.stderr and "value" in proc.stderr

@@ -437,6 +437,7 @@ def test_stopping_rule():
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05
     config.choose_alpha, config.choose_min_gain = 0.05, 0.02
+    config.stop_rule, config.stop_min_gain_per_ktok = "patience", 0.0
     h = _history
 
     assert decide(h(0.3), config) == (0, None)

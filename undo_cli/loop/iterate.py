@@ -63,6 +63,7 @@ from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError
 from undo_cli.fields import check_choices
 from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
+from undo_cli.loop.stop import RULES as STOP_RULES
 # The teacher economy of the loop (one budget shared out, usage per iteration): loop/usage.py.
 from undo_cli.loop.usage import BudgetReached, record_usage
 
@@ -101,6 +102,8 @@ class IterateConfig(TeacherEconomyOptions):
     max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
     patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
     min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    stop_rule: str = field(default="patience", metadata={"group": "The loop", "affects": (), "choices": STOP_RULES, "help": "When to stop refining: patience (no raw validation gain of min_delta for `patience` iterations: the rule before), paired (the choice's paired test finds no evidence of a gain for `patience` rounds) or value (paired, or a round's validation gain per 1,000 paid teacher tokens below stop_min_gain_per_ktok); loop/stop.py."})
+    stop_min_gain_per_ktok: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "stop_rule value: stop when a round gains fewer validation accuracy points (0-100) per 1,000 paid teacher tokens than this."})
     choose_alpha: float = field(default=ALPHA, metadata={"group": "The loop", "affects": (), "help": "A later iteration is kept as the best only if it beats the kept one on the same validation items with an exact McNemar p below this (loop/choose.py)."})
     choose_min_gain: float = field(default=MIN_GAIN, metadata={"group": "The loop", "affects": (), "help": "A later iteration kept as the best must also gain at least this much validation accuracy (0-1) on those items: a one-problem wobble keeps the earlier student."})
     mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
@@ -449,7 +452,8 @@ class Loop:
         return {"accuracy": metrics["accuracy"], "errors": errors["errors"], "outcomes": outcomes}
 
 
-def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, str | None]:
+def decide(history: list[dict[str, Any]], config: IterateConfig,
+           paid: dict[int, int] | None = None) -> tuple[int, str | None]:
     """(best iteration, why to stop or None) from the validation results so far.
 
     Best = choose.choose's: a later iteration only when a paired test on the
@@ -466,7 +470,14 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     k = len(accs) - 1
     if history[-1]["errors"] == 0:
         return best, "the student answered every validation question correctly: nothing left to refine"
-    if k - last_gain >= config.patience and k > 0:
+    if config.stop_rule != "patience":  # paired / value: loop/stop.py (paid: teacher tokens per iteration)
+        from undo_cli.loop.stop import rounds, should_stop
+
+        reason = should_stop(config.stop_rule, rounds(history, choice(history, config)[1], paid or {}),
+                             config.patience, config.stop_min_gain_per_ktok)
+        if reason:
+            return best, reason
+    elif k - last_gain >= config.patience and k > 0:
         rounds = f"{config.patience} iteration{'s' if config.patience > 1 else ''}"
         if config.min_delta > 0:
             return best, f"no validation gain of at least {config.min_delta:g} for {rounds}"
@@ -857,7 +868,15 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
             console.print(f"[bold]stopping:[/bold] {stop}")
             record_usage(folder)
             break
-        best, stop = decide(history, config)
+        from undo_cli.loop.stop import describe as describe_round
+        from undo_cli.loop.stop import rounds
+        from undo_cli.loop.usage import usage_by_iteration
+
+        paid = {r["iteration"]: r["paid"]["tokens"] for r in usage_by_iteration(folder.path)["iterations"]}
+        best, stop = decide(history, config, paid)
+        table = rounds(history, choice(history, config)[1], paid)
+        folder.manifest["stop"] = {"rule": config.stop_rule, "patience": config.patience,
+                                   "min_gain_per_ktok": config.stop_min_gain_per_ktok, "rounds": table}
         if stop and loop.finished(k + 1):
             # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
             # un-counts what finished, so the best is decided over every finished iteration.
@@ -869,7 +888,9 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
         state = report.collect(folder.path)
         report.write_summary(folder.path, state)
         if stop:  # the table comes once, finished, after the test evaluation (_finish)
-            console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
+            console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best} (stop_rule {config.stop_rule})")
+            for row in table:  # what each round cost and proved (loop/stop.py)
+                console.print("  " + describe_round(row), markup=False, highlight=False, soft_wrap=True)
             break
         report.print_table(state, title=f"{folder.path.name}: iterations so far")
         k += 1

@@ -233,6 +233,7 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
         "best_iteration": best,
         "best_source": source,
         "choice": choice,
+        "stop": (manifest or {}).get("stop"),  # the stopping rule and each round's cost and gain (loop/stop.py)
         "decided_through": (manifest or {}).get("iterations_done", 0) - 1 if manifest else None,
         "config": (manifest or {}).get("config"),
         "rows": rows,
@@ -299,6 +300,7 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "stop_reason": state["stop_reason"],
         "best_iteration": state["best_iteration"],
         "choice": state.get("choice"),
+        "stop": state.get("stop"),
         "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
         "test": test_verdict(state),
@@ -353,6 +355,11 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
     if state["best_iteration"] is not None:
         notes.append(f"★ chosen: {best_label(state)}")
         notes += choice_lines(state)
+    if (state.get("stop") or {}).get("rounds"):
+        from undo_cli.loop.stop import describe as describe_round
+
+        notes.append(f"stop_rule {state['stop']['rule']}: what each round cost and gained")
+        notes += ["  " + describe_round(r) for r in state["stop"]["rounds"]]
     if state.get("current_step") and state["status"] == "running":
         notes.append(f"running now: {state['current_step']}")
     elif any(r["status"] != "done" for r in rows) and state["status"] != "done":

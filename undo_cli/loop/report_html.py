@@ -285,6 +285,12 @@ def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
              f"chosen: {_e(best_label(state))}" if state.get("best_iteration") is not None else None,
              f"run folder: <code>{_e(state.get('run_dir'))}</code>"]
     verdict = "".join(f"<p>{_e(line)}</p>" for line in verdict_lines(summary))
+    rounds = (state.get("stop") or {}).get("rounds") or []
+    if rounds:  # what each refinement round cost and gained, and its paired test (loop/stop.py)
+        from undo_cli.loop.stop import describe as describe_round
+
+        verdict += (f"<p class='muted'>stop_rule {_e(state['stop']['rule'])}: what each round cost and gained</p><ul>"
+                    + "".join(f"<li>{_e(describe_round(r))}</li>" for r in rounds) + "</ul>")
     return ("<section id='run'><h2>The run</h2>"
             f"<p class='facts'>{' · '.join(f for f in facts if f)}</p>"
             f"<div class='verdict'>{verdict}</div>"

@@ -44,7 +44,7 @@ def test_a_row_goes_to_the_strong_teacher_only_when_the_cheap_one_fails_and_a_ro
         assert lin["cascade"][0]["verdict"] != "verified" and lin["cascade"][1]["verdict"] == "verified"
         assert lin["cascade_verified"] is True and lin["teacher"]["id"] == "strong"
         assert lin["teacher"]["model"] == str(trained_teacher) and len(lin["teacher"]["hash"]) == 16
-        assert lin["cascade"][1]["cost"] > 0 and lin["cascade"][1]["paid"] is True
+        assert lin["cascade"][1]["cost"] > 0 and lin["cascade"][1]["cached"] is False
         assert lin["template"]["name"] == "student" and lin["sampling"]["max_tokens"] == 48
         assert lin["iteration"] is None and lin["parent"] is None and lin["failure_cluster"] is None
         assert lin["cached"] is False

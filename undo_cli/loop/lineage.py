@@ -103,7 +103,7 @@ def _attempts(lineage: dict[str, Any] | None) -> str:
     parts = []
     for a in lineage.get("cascade") or []:
         cost = f", cost {a['cost']:.6g}" if a.get("cost") is not None else ""
-        parts.append(f"{a['teacher']}: {a['verdict']} ({a['tokens']:,} tokens{cost}{'' if a.get('paid') else ', cached'})")
+        parts.append(f"{a['teacher']}: {a['verdict']} ({a['tokens']:,} tokens{cost}{', cached' if a.get('cached') else ''})")
     return "; ".join(parts) or "-"
 
 

@@ -13,8 +13,8 @@ refinement that kept its previous text) gets one `lineage` object:
      "parent": {"id": "p07#0", "iteration": 0, "rationale_hash": "77b0..."},   # null for generate
      "failure_cluster": null,                   # the failure's `cluster`, when collect-errors writes one
      "informed_by": ["val-3", "val-9"],         # the failures shown to the teacher (refine)
-     "cascade": [{"teacher": "cheap", "tokens": 310, "paid": true, "cost": null, "verdict": "false_step"},
-                 {"teacher": "strong", "tokens": 402, "paid": true, "cost": null, "verdict": "verified"}],
+     "cascade": [{"teacher": "cheap", "tokens": 310, "cost": null, "verdict": "false_step", "cached": false},
+                 {"teacher": "strong", "tokens": 402, "cost": null, "verdict": "verified", "cached": false}],
      "cascade_verified": true,                  # false: no tier verified this row (done, never asked again)
      "cached": false}
 
@@ -27,10 +27,11 @@ or hub model: its name and revision), cut to 16 hex digits; with `--no-cache`
 a folder is hashed from its small files (config, tokenizer, generation config)
 and its weight files' names and sizes (`hash_of: "config"`), without reading
 gigabytes. The template's hash is of its source text. `cascade` lists every
-tier this row was sent to, in order (one entry without a cascade): paid
-tokens (prompt + completions; 0 when the cache answered), cost at that tier's
-prices (null without prices) and the verdict (`verified`, or why not:
-`false_step`, `wrong_answer`, `no_answer`, `truncated`).
+tier this row was sent to, in order (one entry without a cascade): the
+answer's tokens (prompt + completions), its cost at that tier's prices (null
+without prices), the verdict (`verified`, or why not: `false_step`,
+`wrong_answer`, `no_answer`, `truncated`) and whether the cache answered it
+(then nothing was paid for it this time: the output's ledger counts it as cached).
 
 Records stay plain JSONL; readers that do not know `lineage` ignore it, and
 nothing that identifies a run reads it, so resume and identity checks are
@@ -132,9 +133,11 @@ class Attempt:
         return self.completions[0].prompt_tokens + sum(c.completion_tokens for c in self.completions)
 
     def to_json(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "tokens": 0 if self.cached else self.tokens, "paid": not self.cached,
-                "cost": None if self.cost is None else round(0.0 if self.cached else self.cost, 8),
-                "verdict": self.verdict}
+        # The answer's tokens and cost whether paid now or answered by the cache (`cached`): a cached record is
+        # the fresh one with only its cache flags flipped (the ledger says what was paid, economy/accounting.py).
+        return {"teacher": self.teacher, "tokens": self.tokens,
+                "cost": None if self.cost is None else round(self.cost, 8), "verdict": self.verdict,
+                "cached": self.cached}
 
 
 @dataclass

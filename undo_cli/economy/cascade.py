@@ -206,6 +206,8 @@ class CascadeOptions:
                 "(by name), in order, instead of every one (repeat for more routes)."})
 
     def check_cascade_options(self) -> None:
+        from undo_cli.backends import BACKENDS, BATCH_BACKENDS, SERVED
+
         tiers = self.tiers()
         names = [t.name for t in tiers]
         seen: set[str] = set()
@@ -214,16 +216,16 @@ class CascadeOptions:
                 raise SettingError("cascade", t.spec(), f"a second tier named '{t.name}'",
                                    hint="give each tier its own name=")
             seen.add(t.name)
-            if t.backend is not None:
-                from undo_cli.backends import BACKENDS
-
-                if t.backend not in BACKENDS:
-                    raise SettingError("cascade", t.spec(), f"unknown backend '{t.backend}'",
-                                       hint=f"use one of: {', '.join(BACKENDS)}")
-            if t.base_url and (t.backend or getattr(self, "backend", "hf")) != "openai":
-                raise SettingError("cascade", t.spec(), "base_url is for the openai backend",
+            if t.backend is not None and t.backend not in BACKENDS:
+                raise SettingError("cascade", t.spec(), f"unknown backend '{t.backend}'",
+                                   hint=f"use one of: {', '.join(BACKENDS)}")
+            if t.base_url and (t.backend or getattr(self, "backend", "hf")) not in SERVED:
+                raise SettingError("cascade", t.spec(), "base_url is for a served backend (openai)",
                                    hint="add backend=openai to that tier")
-            if i and (t.backend or "hf") != "openai":  # on a server the name is the server's, not a folder
+            if i and t.backend in BATCH_BACKENDS:  # a row waits for the tier before it: not a 24-hour batch
+                raise SettingError("cascade", t.spec(), f"a batch API ({t.backend}) can only be the first teacher",
+                                   hint="make it the --teacher (with --backend), or use backend=openai for this tier")
+            if i and (t.backend or "hf") not in SERVED:  # on a server the name is the server's, not a folder
                 from undo_cli.model_refs import check_model_ref
 
                 check_model_ref(t.model, ref("cascade"))

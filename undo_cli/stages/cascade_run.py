@@ -40,7 +40,7 @@ class TeacherTiers:
             if i == 0 or not isinstance(backend, BackendConfig):
                 inner = backend  # the stage's own (an open one is only ever the first tier)
             else:
-                inner = replace(backend, backend=tier.backend, model=tier.model,
+                inner = replace(backend, backend=tier.backend, model=tier.model, batch_manifest=None,
                                 base_url=tier.base_url, api_key_env=tier.api_key_env or backend.api_key_env)
             # A described tier (a cascade, or [[teachers]] of one) keeps its ledger row, prices and own budget.
             described = self.cascading or bool(getattr(config, "cascade", None))
@@ -54,8 +54,10 @@ class TeacherTiers:
         self.lineage = LineageWriter.of(config, self.tiers, self.backends)
 
     def prices(self, tier: Any) -> Prices:
-        own = Prices(tier.price_input, tier.price_output)
-        return own if own.set else self.economy.prices
+        """What a tier's tokens cost: its wrapper's prices (its own, at the batch price on a batch API), else the
+        stage's."""
+        own = self.backends[tier.name].tier_prices
+        return own if own is not None and own.set else self.economy.prices
 
     def attempt(self, tier: Any, completions, records: list[dict[str, Any]]) -> Attempt:
         tokens = (completions[0].prompt_tokens if completions else 0,

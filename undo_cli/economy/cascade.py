@@ -32,10 +32,10 @@ row that a tier's budget (or the output's) does not allow is left undone, as
 without a cascade, and a re-run with more resumes it; a dearer tier is never
 paid because a cheaper one ran out.
 
-Routes (`--route KEY=TIER[,TIER...]`) give some rows their own tier list, in
-order: KEY is `task:<task>` (the problem's task) or `cluster:<id>` (the failure
-cluster of the error that chose a refine target, from the error record's
-`cluster` field when collect-errors writes one; none before). The first
+Routes (`--route KEY=TIER[,TIER...]`) give some rows their own tiers (in the
+cascade's order): KEY is `task:<task>` (the problem's task) or `cluster:<id>` (the failure
+cluster of a refine target: refine's own, with `--clusters`, else the error
+record's `cluster` field). The first
 matching route wins (cluster before task); other rows go through every tier.
 
 Resume: a killed cascade loses the attempts of the batch in flight; the
@@ -203,7 +203,7 @@ class CascadeOptions:
                 "max_teacher_tokens=T,max_cost=C,model_revision=R]."})
     route: list[str] | None = field(default=None, metadata={
         "help": "task:<task>=TIER[,TIER...] or cluster:<id>=TIER[,TIER...]: those rows go through these tiers "
-                "(by name), in order, instead of every one (repeat for more routes)."})
+                "only (by name, in the cascade's order; repeat --route for more routes)."})
 
     def check_cascade_options(self) -> None:
         from undo_cli.backends import BACKENDS, BATCH_BACKENDS, SERVED

@@ -11,7 +11,7 @@ refinement that kept its previous text) gets one `lineage` object:
      "sampling": {"n": 4, "temperature": 0.7, "top_p": 1.0, "max_tokens": 128, "seed": 0},
      "iteration": 1,
      "parent": {"id": "p07#0", "iteration": 0, "rationale_hash": "77b0..."},   # null for generate
-     "failure_cluster": null,                   # the failure's `cluster`, when collect-errors writes one
+     "failure_cluster": null,                   # refine: the target's cluster (--clusters), else null
      "informed_by": ["val-3", "val-9"],         # the failures shown to the teacher (refine)
      "cascade": [{"teacher": "cheap", "tokens": 310, "cost": null, "verdict": "false_step", "cached": false},
                  {"teacher": "strong", "tokens": 402, "cost": null, "verdict": "verified", "cached": false}],

@@ -33,24 +33,19 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from demo_folder import demo_folder, git_commit, undo  # noqa: E402  (bench/demo_folder.py)
+
 RESULTS = REPO / "bench" / "results"
 SEED = 0
 BOOTSTRAP, BOOTSTRAP_SEED = 2000, 0
 GENERATE = ["--prompt", "demo-generate", "--max-tokens", "128", "--batch-size", "64", "--no-cache"]
-
-
-def _undo(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "undo_cli", *map(str, args)], text=True, capture_output=True)
-    if proc.returncode != 0:
-        sys.exit(f"undo {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def _read(path: Path) -> list[dict]:
@@ -61,8 +56,8 @@ def _arm(workdir: Path, name: str, teacher_args: list[str]) -> dict:
     out = workdir / "bench" / f"{name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    _undo("generate", *teacher_args, "--input", workdir / "data" / "train.jsonl", "--output", out, "--overwrite",
-          *GENERATE)
+    undo("generate", *teacher_args, "--input", workdir / "data" / "train.jsonl", "--output", out, "--overwrite",
+         *GENERATE)
     wall = time.perf_counter() - started
     kept, rejected = _read(out), _read(out.with_name(f"{name}.rejected.jsonl"))
     ledger = json.loads(out.with_name(f"{name}.usage.json").read_text())
@@ -85,16 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="a demo folder to reuse or create (default: a temporary one)")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    with demo_folder(args.workdir, seed=SEED, prefix="undo-cascade-") as workdir:
+        measure(workdir, time.perf_counter() - started, load_before)
+
+
+def measure(workdir: Path, setup_s: float, load_before: float) -> None:
     from undo_cli.loop.report import wilson_interval
 
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="undo-cascade-")
-    workdir = Path(args.workdir or tmp.name)
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    if not (workdir / "models" / "teacher" / "train_summary.json").is_file():
-        _undo("demo", "--workdir", workdir, "--setup-only", "--seed", SEED)
-    setup_s = time.perf_counter() - started
     cheap, strong = workdir / "models" / "student", workdir / "models" / "teacher"
     problems = _read(workdir / "data" / "train.jsonl")
     base = _arm(workdir, "baseline", ["--teacher", strong])
@@ -124,7 +117,7 @@ def main() -> None:
     first_tier = {r["problem_id"] for r in casc["kept"] if r["lineage"]["teacher"]["id"] != "strong"}
     both = {r["problem_id"] for r in base["kept"]} & {r["problem_id"] for r in casc["kept"]}
     example = next((r for r in casc["kept"] if len(r["lineage"]["cascade"]) > 1), casc["kept"][0] if casc["kept"] else None)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True, capture_output=True).stdout.strip()
+    commit = git_commit()
     report = {
         "commit": commit, "seed": SEED, "setup_s": round(setup_s, 1), "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2), "generate_flags": GENERATE,
@@ -159,8 +152,6 @@ def main() -> None:
                   f"{len(first_tier)} rows; equal verified share: {report['equal_verified_share']}; "
                   f"load {report['load_before']} -> {report['load_after']}")
     console.print(f"JSON: {RESULTS / 'cascade.json'}")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -29,31 +29,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from demo_folder import demo_folder, git_commit, undo  # noqa: E402  (bench/demo_folder.py)
+
 RESULTS = REPO / "bench" / "results"
 SEED, MAX_ITERATIONS = 0, 3
 PATIENCE, MIN_DELTA, STOP_MIN_GAIN_PER_KTOK = 1, 0.0, 1.0
 RULES = ("patience", "paired", "value")
 
 
-def _undo(*args: object) -> str:
-    proc = subprocess.run([sys.executable, "-m", "undo_cli", *map(str, args)], text=True, capture_output=True)
-    if proc.returncode != 0:
-        sys.exit(f"undo {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="a demo folder to reuse or create (default: a temporary one)")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
+    load_before = os.getloadavg()[0]
+    with demo_folder(args.workdir, seed=SEED, prefix="undo-stop-") as workdir:
+        measure(workdir, load_before)
+
+
+def measure(workdir: Path, load_before: float) -> None:
     from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
     from undo_cli.loop.iterate import decide
     from undo_cli.loop.layout import RunLayout
@@ -61,16 +61,12 @@ def main() -> None:
     from undo_cli.loop.usage import usage_by_iteration
     from undo_cli.prompts import bundled_dir
 
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="undo-stop-")
-    workdir = Path(args.workdir or tmp.name)
-    load_before = os.getloadavg()[0]
-    if not (workdir / "models" / "teacher" / "train_summary.json").is_file():
-        _undo("demo", "--workdir", workdir, "--setup-only", "--seed", SEED)
     data, models, run = workdir / "data", workdir / "models", workdir / "runs" / "stop-bench"
-    _undo("iterate", "--config", bundled_dir("examples") / "run.toml", "--teacher", models / "teacher", "--student",
-          models / "student", "--train-file", data / "train.jsonl", "--val-file", data / "val.jsonl", "--test-file",
-          data / "test.jsonl", "--runs-dir", workdir / "runs", "--name", "stop-bench", "--seed", SEED,
-          "--max-iterations", MAX_ITERATIONS, "--patience", MAX_ITERATIONS, *(["--resume"] if (run / "manifest.json").is_file() else []))
+    resume = ["--resume"] if (run / "manifest.json").is_file() else []
+    undo("iterate", "--config", bundled_dir("examples") / "run.toml", "--teacher", models / "teacher", "--student",
+         models / "student", "--train-file", data / "train.jsonl", "--val-file", data / "val.jsonl", "--test-file",
+         data / "test.jsonl", "--runs-dir", workdir / "runs", "--name", "stop-bench", "--seed", SEED,
+         "--max-iterations", MAX_ITERATIONS, "--patience", MAX_ITERATIONS, *resume)
     layout = RunLayout(run)
     ks = layout.iterations()
     history = []
@@ -83,9 +79,8 @@ def main() -> None:
     test = {}
     for k in ks:  # every student on test, which no rule reads
         out = workdir / "bench" / f"test_{k:02d}.jsonl"
-        _undo("evaluate", "--model", layout.student(k), "--input", data / "test.jsonl", "--output", out,
-              "--metrics", out.with_suffix(".metrics.json"), "--max-tokens", "128", "--batch-size", "64",
-              "--overwrite")
+        undo("evaluate", "--model", layout.student(k), "--input", data / "test.jsonl", "--output", out,
+             "--metrics", out.with_suffix(".metrics.json"), "--max-tokens", "128", "--batch-size", "64", "--overwrite")
         m = json.loads(out.with_suffix(".metrics.json").read_text())
         test[k] = {"correct": m["correct"], "count": m["count"], "accuracy": m["accuracy"],
                    "ci95": [round(v, 4) for v in wilson_interval(m["correct"], m["count"])]}
@@ -104,7 +99,7 @@ def main() -> None:
         rules[rule] = {"stops_after": stop_after, "reason": reason,
                        "paid_tokens": sum(paid.get(k, 0) for k in range(stop_after + 1)),
                        "kept_iteration": kept, "kept_test": test[kept]}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True, capture_output=True).stdout.strip()
+    commit = git_commit()
     report = {"commit": commit, "seed": SEED, "max_iterations": MAX_ITERATIONS, "patience": PATIENCE,
               "min_delta": MIN_DELTA, "stop_min_gain_per_ktok": STOP_MIN_GAIN_PER_KTOK, "alpha": ALPHA,
               "min_gain": MIN_GAIN, "val_accuracy": [h["accuracy"] for h in history], "paid_tokens": paid,
@@ -128,8 +123,6 @@ def main() -> None:
     console.print(f"validation accuracy per iteration: {report['val_accuracy']}; paid tokens: {paid}; "
                   f"load {report['load_before']} -> {report['load_after']}")
     console.print(f"JSON: {RESULTS / 'stop_rule.json'}")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -179,16 +179,19 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     assert summary["epochs"] == 6.0
     assert summary["final_loss"] < summary["first_loss"] / 3
     # What the teacher was taught: every training problem's brief solution behind the generate prompt, and
-    # behind the refine prompt the trap and one line per event.
+    # behind the refine prompt the worked one (every product written out).
     data = _read(demo["workdir"] / "build" / "teacher_data.jsonl")
     train = {p["id"]: p for p in _read(demo["workdir"] / "data" / "train.jsonl")}
     generate = [r for r in data if r["id"].endswith("/generate")]
     refine = [r for r in data if r["id"].endswith("/refine")]
     assert len(generate) == len(train) and 0 < len(refine) < len(train)
     assert all(r["rationale"] == train[r["problem_id"]]["meta"]["brief"] for r in generate)
-    assert all(r["rationale"] == demo_stage.TRAP + "\n" + train[r["problem_id"]]["meta"]["solution"] for r in refine)
-    # every two-event problem is re-taught (the failures the loop sends are mostly of that kind)
-    assert {r["problem_id"] for r in refine} >= {i for i, p in train.items() if p["meta"]["steps"] == 2}
+    assert all(r["rationale"] == train[r["problem_id"]]["meta"]["solution"] for r in refine)
+    # every packs problem is re-taught (the kind the student base never saw, where brief and worked differ)
+    packs = {i for i, p in train.items() if p["meta"]["skill"] == demo_stage.SKILL}
+    assert packs and {r["problem_id"] for r in refine} >= packs
+    assert all(p["meta"]["brief"] != p["meta"]["solution"] for i, p in train.items() if i in packs)
+    assert all(p["meta"]["brief"] == p["meta"]["solution"] for i, p in train.items() if i not in packs)
 
 
 def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):

@@ -44,7 +44,7 @@ two toy models, says so, and measures what the loop makes of it:
 So one-shot distillation trains the student on brief rationales, which never
 show how a packs event is computed; each UNDO round re-teaches the training
 problems most like its validation failures with worked ones, within a budget
-of targets per round (examples/run.toml [refine] max_targets). It helps only
+of targets per round (examples/run.toml [refine] budget). It helps only
 where it lands on packs problems.
 
 This simulates UNDO's premise on toy models; it is not evidence that UNDO

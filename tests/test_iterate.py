@@ -33,7 +33,7 @@ from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 STAGE_FLAGS = [
     "--generate.prompt", "student", "--generate.max-tokens", "48",
     "--refine.prompt", "student", "--refine.max-tokens", "48", "--refine.per-error", "4",
-    "--refine.batch-size", "1",
+    "--refine.batch-size", "1", "--refine.budget", "none",
     "--train.max-steps", "12", "--train.save-steps", "3", "--train.batch-size", "4", "--train.lr", "3e-3",
     "--train.logging-steps", "3",
     "--evaluate.max-tokens", "8",
@@ -437,6 +437,7 @@ def test_stopping_rule():
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05
     config.choose_alpha, config.choose_min_gain = 0.05, 0.02
+    config.stop_rule, config.stop_min_gain_per_ktok = "patience", 0.0
     h = _history
 
     assert decide(h(0.3), config) == (0, None)

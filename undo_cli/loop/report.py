@@ -116,7 +116,7 @@ ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_
             "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
             "refined_kept_previous", "teacher_rejected_by_reason", "verification_rate", "test_accuracy", "test_correct", "test_count",
             "teacher_tokens", "teacher_cached_tokens", "teacher_requests", "teacher_cost", "teacher_tokens_cumulative",
-            "teacher_cost_cumulative")
+            "teacher_cost_cumulative", "targeting")
 
 
 def _refusals(refined: list[dict[str, Any]]) -> dict[str, int]:
@@ -155,6 +155,8 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
             row["teacher_rejected_by_reason"] = _refusals(refined)
+        # what the round's budget chose (undo refine's summary, kept in the manifest): budget, targets, tokens
+        row["targeting"] = ((stages.get(RunLayout.step_key(k, "refine")) or {}).get("summary") or {}).get("targeting")
         data = _jsonl(layout.train_data(k))
     row["train_examples"] = len(data) if data is not None else None
     trained = _read_json(layout.student(k) / "train_summary.json")
@@ -233,6 +235,7 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
         "best_iteration": best,
         "best_source": source,
         "choice": choice,
+        "stop": (manifest or {}).get("stop"),  # the stopping rule and each round's cost and gain (loop/stop.py)
         "decided_through": (manifest or {}).get("iterations_done", 0) - 1 if manifest else None,
         "config": (manifest or {}).get("config"),
         "rows": rows,
@@ -299,6 +302,7 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "stop_reason": state["stop_reason"],
         "best_iteration": state["best_iteration"],
         "choice": state.get("choice"),
+        "stop": state.get("stop"),
         "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
         "test": test_verdict(state),
@@ -353,6 +357,11 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
     if state["best_iteration"] is not None:
         notes.append(f"★ chosen: {best_label(state)}")
         notes += choice_lines(state)
+    if (state.get("stop") or {}).get("rounds"):
+        from undo_cli.loop.stop import describe as describe_round
+
+        notes.append(f"stop_rule {state['stop']['rule']}: what each round cost and gained")
+        notes += ["  " + describe_round(r) for r in state["stop"]["rounds"]]
     if state.get("current_step") and state["status"] == "running":
         notes.append(f"running now: {state['current_step']}")
     elif any(r["status"] != "done" for r in rows) and state["status"] != "done":

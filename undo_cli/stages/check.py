@@ -48,8 +48,8 @@ SAMPLE = {"id": "check", "question": "Sam has 3 apples and buys 4 more. How many
 class CheckConfig:
     """Everything `undo check` needs (each field one flag)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"help": "The student: a model folder or a hub name."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
+    student: str = field(metadata={"help": "The student: a model folder, a hub name or a .gguf file."})
     teacher_url: str | None = field(default=None, metadata={
         "help": "A served teacher (vLLM's OpenAI server, e.g. http://127.0.0.1:8000/v1): checked as `undo train "
                 "--teacher-url` and `undo generate --backend openai` use it."})
@@ -123,7 +123,9 @@ def context_length(name: str, tokenizer, trust: bool) -> int | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        from undo_cli.gguf_models import local_model
+
+        config = AutoConfig.from_pretrained(local_model(name), trust_remote_code=trust)
         from undo_cli.backends.context import CONFIG_KEYS  # the keys refine's context check reads too
 
         for key in CONFIG_KEYS:
@@ -463,6 +465,7 @@ def preflight(config) -> Report:
     """
     from types import SimpleNamespace
 
+    from undo_cli.backends import SERVED
     from undo_cli.console import console
     from undo_cli.records import read_records
 
@@ -472,7 +475,7 @@ def preflight(config) -> Report:
     view = SimpleNamespace(  # the white-box teacher of [train] when there is one (the served model name with a URL)
         teacher=train.get("teacher") if white_box and train.get("teacher") else config.teacher,
         student=config.student, teacher_url=train.get("teacher_url"),
-        remote_teacher=config.teacher_backend == "openai", objective=train.get("objective"),
+        remote_teacher=config.teacher_backend in SERVED, objective=train.get("objective"),
         teacher_top_k=train.get("teacher_top_k", 20), max_tokens=generate.get("max_tokens", 512),
         generate_max_tokens=generate.get("max_tokens", 512), refine_max_tokens=refine.get("max_tokens", 512),
         student_max_tokens=evaluate.get("max_tokens", 512), max_length=train.get("max_length", 1024),

@@ -26,9 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from undo_cli.clusters import METHODS
+from undo_cli.clusters import METHODS, WORDS
 from undo_cli.errors import SettingError, UndoError
 from undo_cli.stages.spec import StageSpec
+
+
+DEFAULT_WORDS = "once"  # bench/clusters.py: whole questions cluster by their objects, not by what happens (method.md)
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ClusterConfig:
         "help": "Where to write the clusters JSON ('-' is stdout)."})
     method: str = field(default="tfidf", metadata={"choices": METHODS,
         "help": "tfidf (words and word pairs) or embedding (all-MiniLM-L6-v2; the `clusters` extra)."})
+    words: str = field(default=DEFAULT_WORDS, metadata={"choices": WORDS,
+        "help": "once: cluster on the words a question says once (what happens), dropping those it repeats (who "
+                "and what it is about); all: the whole question. Why once is the default: docs/method.md."})
     k: int | None = field(default=None, metadata={
         "help": "Number of k-means clusters (default: sqrt(problems / 2), between 2 and 50)."})
     min_size: int = field(default=3, metadata={
@@ -100,7 +106,7 @@ def run(config: ClusterConfig) -> dict[str, Any]:
     problems = read_problems(config.problems)
     started = time.monotonic()
     result = build(problems, method=config.method, k=config.k, min_size=config.min_size, seed=config.seed,
-                   model=config.embedding_model)
+                   model=config.embedding_model, words=config.words)
     seconds = round(time.monotonic() - started, 3)
     if config.output == "-":
         write_records("-", [result])  # one JSON line on stdout

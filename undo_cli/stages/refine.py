@@ -67,10 +67,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.cascade import CascadeOptions
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError, ref, word
+from undo_cli.backends import SERVED
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
+
+# Provisional, chosen before any outcome was seen: a quarter of the training problems per round, so that
+# targeting is a choice (per_error 3 used to rewrite 85 of the demo's 120 problems in round one). The demo's
+# bench decides it on design seeds (100 and above) only (issue 29; docs/method.md, "Refinement budget").
+DEFAULT_BUDGET = "25%"
 
 SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
           "clusters": "the training problems of the failures' clusters, the budget shared by error mass and past "
@@ -80,20 +87,21 @@ SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
 
 
 @dataclass
-class RefineConfig(GenerationOptions, TeacherEconomyOptions):
+class RefineConfig(GenerationOptions, TeacherEconomyOptions, CascadeOptions):
     """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
     errors: str = field(metadata={"input": True, "help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
     targets: str = field(metadata={"input": True, "help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
     output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
     select: str = field(default="similar", metadata={"choices": SELECT,
         "help": "Which training problems to refine: similar (most like the failures), clusters (by failure "
                 "cluster, --clusters), random (seeded; the no-targeting control) or errors (the failed items)."})
-    budget: str | None = field(default=None, metadata={
-        "help": "Refinement budget of the round: N target problems (40) or N teacher tokens (50k-tokens, each "
-                "target priced at prompt + n x max_tokens); the highest-priority targets within it are refined "
-                "(default: every selected target)."})
+    budget: str | None = field(default=DEFAULT_BUDGET, metadata={
+        "help": "Refinement budget of the round: N target problems (40), a share of the training problems (25%) "
+                "or N teacher tokens (50k-tokens, each target priced at prompt + n x max_tokens); the "
+                "highest-priority targets within it are refined; none: every selected target. The default is "
+                "provisional (docs/method.md)."})
     clusters: str | None = field(default=None, metadata={"input": True,
         "help": "Clusters file from `undo cluster` (train + val problems): needed by --select clusters; with "
                 "any select, each refinement records its target's cluster."})
@@ -121,8 +129,12 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.max_targets is not None and self.max_targets < 1:
             raise SettingError("max_targets", self.max_targets, "must be at least 1",
                                hint="leave it out to refine every selected target")
+        if self.budget is None:  # `none` as a word, so the setting has a flag form (loop/script.py)
+            self.budget = "none"
         parse_budget(self.budget)
-        if self.budget is not None and self.max_targets is not None:
+        if self.max_targets is not None and self.budget == DEFAULT_BUDGET:
+            self.budget = "none"  # --max-targets N (the older name) is the budget
+        if parse_budget(self.budget) is not None and self.max_targets is not None:
             raise UndoError(f"{ref('budget')} and {ref('max_targets')} both limit the targets",
                             hint=f"keep {ref('budget')} (N problems or N-tokens)", setting="budget")
         if self.select == "clusters" and not self.clusters:
@@ -136,11 +148,12 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.n < 1:
             raise SettingError("n", self.n, "must be at least 1")
         self.check_generation_options(n=self.n)  # with select and verify's choices
-        if self.backend != "openai":  # on a server the name is the server's, not a folder
+        if self.backend not in SERVED:  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
             check_model_ref(self.teacher, ref("teacher"))
         self.check_economy_options()
+        self.check_cascade_options()
         if self.errors == "-" and self.targets == "-":
             raise UndoError(f"{ref('errors')} and {ref('targets')} cannot both read stdin",
                             hint="give one of them as a file")
@@ -189,33 +202,52 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Budget:
-    """A round's refinement budget: target problems, or teacher tokens (each target priced at its upper bound)."""
+    """A round's refinement budget: target problems, a share of the training problems, or teacher tokens (each
+    target priced at its upper bound)."""
 
     problems: int | None = None
     tokens: int | None = None
+    percent: float | None = None
 
     def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}% of the training problems"
         return f"{self.problems} problems" if self.problems is not None else f"{self.tokens:,} teacher tokens"
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
+        if self.percent is not None:
+            return {"percent": self.percent}
         return {"problems": self.problems} if self.problems is not None else {"tokens": self.tokens}
 
+    def of(self, problems: int) -> "Budget":
+        """A percentage made a number of problems (at least one): what `problems` training problems it is."""
+        import math
 
-_BUDGET = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*[- ]?\s*(problems?|tokens?)?\s*")
+        if self.percent is None:
+            return self
+        return Budget(problems=max(1, math.ceil(self.percent * problems / 100 - 1e-9)))
+
+
+_BUDGET = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmM%]?)\s*[- ]?\s*(problems?|tokens?)?\s*")
 
 
 def parse_budget(text: Any) -> Budget | None:
-    """`40` / `40-problems` (target problems) or `50k-tokens` / `50000-tokens` (teacher tokens); None: no budget."""
-    if text is None:
+    """`40` / `40-problems` (target problems), `25%` (of the training problems) or `50k-tokens` /
+    `50000-tokens` (teacher tokens); None (or `none`, `all`): no budget, every selected target."""
+    if text is None or str(text).strip().lower() in ("none", "all"):
         return None
     m = _BUDGET.fullmatch(str(text))
-    if not m:
-        raise SettingError("budget", text, "is not a budget", hint="give a number of problems (40) or of teacher "
-                                                                   "tokens (50k-tokens, 2000000-tokens)")
+    hint = "give a number of problems (40), a share of the training problems (25%) or teacher tokens (50k-tokens)"
+    if not m or (m.group(2) == "%" and m.group(3)):
+        raise SettingError("budget", text, "is not a budget", hint=hint)
+    if m.group(2) == "%":
+        percent = float(m.group(1))
+        if not 0 < percent <= 100:
+            raise SettingError("budget", text, "must be a share above 0% and at most 100%", hint=hint)
+        return Budget(percent=percent)
     amount = float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
     if amount < 1 or amount != int(amount):
-        raise SettingError("budget", text, "must be a whole number, at least 1",
-                           hint="e.g. 40 (problems) or 50k-tokens")
+        raise SettingError("budget", text, "must be a whole number, at least 1", hint=hint)
     return Budget(tokens=int(amount)) if (m.group(3) or "").startswith("token") else Budget(problems=int(amount))
 
 
@@ -493,7 +525,28 @@ def build_items(jobs: list[Job], template: str):
     tmpl = load_template(template)
     # Shards split by problem, so every sample of a problem is refined in the same shard.
     return [WorkItem(key=job.target["id"], messages=_messages(job, tmpl), data={"job": job},
-                     shard_key=job.target["problem_id"]) for job in jobs]
+                     shard_key=job.target["problem_id"], tags=_tags(job), lineage=_lineage(job)) for job in jobs]
+
+
+def _tags(job: Job) -> dict[str, Any]:
+    """What a teacher cascade's routes match (economy/cascade.py): the target's task, the failure's cluster."""
+    return {"task": job.target.get("task") or "math", "cluster": _cluster(job)}
+
+
+def _cluster(job: Job) -> str | None:
+    """The failure cluster of a job: the target's (when clusters are known), else the failure record's field."""
+    return getattr(job, "cluster", None) or job.failure.get("cluster")
+
+
+def _lineage(job: Job) -> dict[str, Any]:
+    """refine's part of each record's `lineage` (stages/lineage.py): the row it replaces and what informed it."""
+    from undo_cli.stages.lineage import short
+
+    target = job.target
+    return {"parent": {"id": target["id"], "iteration": int(target.get("iteration") or 0),
+                       "rationale_hash": short(target["rationale"])},
+            "informed_by": [job.failure["id"]] + [e["id"] for e in job.similar],
+            "failure_cluster": _cluster(job)}
 
 
 def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
@@ -696,6 +749,8 @@ def plan(config: RefineConfig):
                           and (t.get("refinement") or {}).get("iteration") == iteration - 1}
         candidates, table, unmatched = rank_clusters(sel, clusters, previous, refined_before)
     budget = config.round_budget
+    shown_budget = budget.as_dict() if budget is not None else None
+    budget = budget.of(len(sel.problems)) if budget is not None else None
     price, priced_from = None, None
     if budget is not None and budget.tokens is not None:
         from undo_cli.economy.estimate import prompt_counter
@@ -707,8 +762,9 @@ def plan(config: RefineConfig):
         def price(job: Job) -> int:
             return count(_messages(job, tmpl)) + config.n * config.max_tokens
     jobs, taken, priced = within_budget(candidates, budget, sel, config.k, price)
-    targeting.update({"budget": budget.as_dict() if budget is not None else None, "candidates": len(candidates),
-                      "targeted": taken})
+    targeting.update({"budget": shown_budget, "candidates": len(candidates), "targeted": taken})
+    if budget is not None and budget.problems is not None:
+        targeting["budget_problems"] = budget.problems
     if priced is not None:
         targeting.update({"priced_tokens": priced, "priced_from": priced_from})
     if clusters is not None:
@@ -800,6 +856,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         ("kept previous (refinement failed)", kept_previous),
         ("teacher tokens of these refinements", f"{tokens:,}" + (f" (priced at most {targeting['priced_tokens']:,})"
                                                                   if "priced_tokens" in targeting else "")),
+        *[row for row in summary.get("extra_rows", []) if row[0].startswith(("tier ", "rows no teacher"))],
     ]
     print_summary(summary, title=f"undo refine ({config.backend}: {config.teacher})")
     if kept_previous and total:
@@ -850,4 +907,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
                    "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget", "targeting"))
+                   "budget", "left_by_budget", "targeting", "cascade"))

@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--baseline-ref", default="main", help="the code measured as 'before'")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each command per code version")
     parser.add_argument("--breakdown", action="store_true", help="the phases of one undo train per version instead")
+    parser.add_argument("--only", choices=["before", "after"], help="measure one code version only")
     parser.add_argument("--breakdown-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -296,8 +297,9 @@ def main() -> None:
         head = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
         versions = [("before", baseline, base_commit), ("after", REPO, head + ("+dirty" if dirty else ""))]
+        versions = [v for v in versions if args.only in (None, v[0])]
         meta = {"teacher": args.teacher, "student": args.student, "baseline_ref": args.baseline_ref,
-                "commits": {"before": base_commit, "after": versions[1][2]}, "cpus": os.cpu_count(),
+                "commits": {label: commit for label, _, commit in versions}, "cpus": os.cpu_count(),
                 "load_average_start": os.getloadavg(), "repeats": args.repeats}
         if args.breakdown:
             rows = breakdown(args, versions)

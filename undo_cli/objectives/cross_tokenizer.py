@@ -44,6 +44,9 @@ and lumps the rest into the bucket. With K covering the vocabulary both are exac
 Gradients are formed analytically per chunk, as in chunked.py: ∂/∂log q_k (s) and ∂/∂L^s_k
 (c) per span; s goes through log_softmax into the span's first row, c into the rows of the
 span's other tokens by a second, small chunked pass over those rows only (`cross_loss`).
+Inside a chunk the spans are taken SPAN_BLOCK at a time, and a live teacher's distribution over
+its own vocabulary is reduced at once to what the objective reads (`live_teacher`: the shared
+tokens for gold, the sorted probabilities for uld), so no [spans × V_t] float32 tensor is kept.
 `cross_tokenizer_divergence` is the plain-autograd reference the tests hold it to.
 """
 

@@ -11,7 +11,7 @@ with the teacher's at every rationale token, so both must share a tokenizer (a
 teacher with another tokenizer: `uld`, `gold` or `auto`, training/cross_teacher.py):
 
 * **live teacher** (`--teacher MODEL`): loaded once, frozen, in eval mode (bf16
-  on a GPU), fed the same packed batch as the student. Both models' final
+  on a GPU, its stored dtype on a CPU: `load_frozen`), fed the same packed batch as the student. Both models' final
   hidden states are taken from their forward pass (a hook on the decoder; the
   LM head is asked for no logits at all) and the loss is
   `fused_linear_divergence`-style: logits formed chunk by chunk, never whole.
@@ -216,10 +216,11 @@ def cpu_computes_bf16() -> bool:
 def load_frozen(name: str, *, device, trust_remote_code: bool) -> torch.nn.Module:
     """The teacher model, frozen, in eval mode: bf16 on a GPU; on a CPU in the dtype it is stored in.
 
-    A frozen teacher needs no float32 master copy: on a CPU a bf16 checkpoint stays bf16 (half the
-    memory of an upcast, and its matrix products ran 2.5x faster than float32 on an AVX-512 CPU;
-    bench/cross_tokenizer_real.py). float16 (slow on CPUs), or bf16 on a CPU without bf16 kernels,
-    becomes float32; a float32 checkpoint stays float32.
+    A frozen teacher needs no float32 master copy: on a CPU a bf16 checkpoint stays bf16, half the
+    memory of the float32 upcast this used to make (Qwen2.5-1.5B: 3.5 GB instead of 7.1 GB, and
+    transformers maps the file instead of copying it), and on a CPU with bf16 kernels its matrix
+    products are faster than float32's (docs/objectives.md, "On a real pair"). float16 (slow on
+    CPUs), or bf16 on a CPU without bf16 kernels, becomes float32; float32 stays float32.
     """
     from undo_cli.models import load_pretrained
 
@@ -234,7 +235,7 @@ def load_frozen(name: str, *, device, trust_remote_code: bool) -> torch.nn.Modul
 
 
 def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
-    """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
+    """The teacher, frozen, in eval mode (`load_frozen`), and the vocabulary size both models score."""
     teacher = load_frozen(name, device=device, trust_remote_code=trust_remote_code)
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     shared = min(student_vocab_rows, teacher_rows)

@@ -55,8 +55,10 @@ def offline_env(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def teacher_cache_home(tmp_path_factory, monkeypatch):
     """Each test its own teacher cache (undo_cli/economy): a cached answer from another test would hide
-    the requests a test means to send, and nothing may land in the real ~/.cache."""
+    the requests a test means to send, and nothing may land in the real ~/.cache. UNDO_CACHE_DIR would take
+    precedence (and hold converted GGUF models): unset, a test that wants one sets its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    monkeypatch.delenv("UNDO_CACHE_DIR", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +123,25 @@ def paste(command: str, *, cwd: Path | None = None, env: dict | None = None,
     full_env["PATH"] = bin_dir + os.pathsep + full_env.get("PATH", "")
     return subprocess.run(["bash", "-c", command], text=True, capture_output=True, cwd=cwd, env=full_env,
                           timeout=timeout)
+
+
+def kill_after_first_line(args: list[str], output: Path, env: dict | None = None, timeout: float = 300) -> None:
+    """Start `undo ARGS`, wait for its first durable line in `output`, then SIGKILL it (no warning): how resume
+    tests find a stage mid-run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while not (output.exists() and output.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no batch written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
 
 
 def read_terminal(master: int):

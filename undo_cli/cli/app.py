@@ -80,6 +80,11 @@ The teacher rewrites rationales to target the student's failures; each new ratio
 previous one is kept when it does not verify.
 
 Example: undo refine --teacher out/teacher --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl"""),
+    Stage("cluster", """\
+Cluster the training and validation questions once (TF-IDF or a small sentence-embedding model), so each
+round's failures map to the same cluster ids; refine --select clusters shares its budget by cluster.
+
+Example: undo cluster train.jsonl val.jsonl --output clusters.json"""),
     Stage("mix", """\
 Mix refined rationales into the training data: replace the old ones by id, or append the verified ones.
 
@@ -121,6 +126,14 @@ Examples:
   undo diff runs/qwen-gsm8k 1 2
   undo diff runs/qwen-gsm8k 0 best --split test --format jsonl > transitions.jsonl
   undo diff before/predictions.jsonl after/predictions.jsonl"""),
+    Command("lineage", "undo_cli.loop.lineage:LineageConfig", "undo_cli.loop.lineage:run", """\
+One training row's history across a run's iterations: which teacher (and model hash) wrote each version, the
+template and sampling, the cascade's attempts (tokens, cost, verdict), the parent row and the failures that
+informed each refinement.
+
+\b
+Example: undo lineage runs/qwen-gsm8k p07#0
+As JSON:  undo lineage runs/qwen-gsm8k p07#0 --format json | jq '.history[].lineage.teacher'"""),
     Group("cache", "The teacher cache: what it holds and saved (stats), dropping entries (prune).", [
         Command("stats", "undo_cli.economy.commands:CacheStatsConfig", "undo_cli.economy.commands:stats", """\
 Entries, file size, hits and teacher tokens saved, per model (docs/economy.md).
@@ -130,6 +143,37 @@ Example: undo cache stats"""),
 Drop entries (unused for N days, of one model, or all) and compact the file.
 
 Example: undo cache prune --older-than 30"""),
+    ]),
+    Group("batch", "Batch APIs: the batches an output or a run has in flight (status), waiting, cancelling.", [
+        Command("status", "undo_cli.backends.batch.commands:BatchStatusConfig", "undo_cli.backends.batch.commands:status", """\
+Per batch: status, requests answered and failed, tokens and cost at the batch price, created and expiry times.
+
+Example: undo batch status out/rationales.jsonl"""),
+        Command("wait", "undo_cli.backends.batch.commands:BatchWaitConfig", "undo_cli.backends.batch.commands:wait", """\
+Wait until every batch of an output (or of a run folder) has ended, with progress; then run the stage again
+to read the results into its output.
+
+Example: undo batch wait runs/my-run --poll-s 60"""),
+        Command("cancel", "undo_cli.backends.batch.commands:BatchCancelConfig", "undo_cli.backends.batch.commands:cancel", """\
+Ask the API to cancel the open batches of an output or a run folder.
+
+Example: undo batch cancel out/rationales.jsonl"""),
+    ]),
+    Group("models", "GGUF files as models: convert one ahead, list the conversions, remove them.", [
+        Command("convert", "undo_cli.cli.models:ConvertConfig", "undo_cli.cli.models:convert", """\
+Dequantize a .gguf file into a model folder once (safetensors, config, tokenizer, chat template) and print the
+folder. Any stage given the .gguf file does this itself the first time and reuses the folder after; convert
+ahead of a long run, for another --dtype, or to point another tool (vLLM) at the folder.
+
+Example: undo models convert SmolLM2-135M-Instruct.Q4_1.gguf"""),
+        Command("list", "undo_cli.cli.models:ListConfig", "undo_cli.cli.models:list_models", """\
+The conversions: source file, sha256, size, dtype, folder, when made.
+
+Example: undo models list"""),
+        Command("rm", "undo_cli.cli.models:RemoveConfig", "undo_cli.cli.models:remove", """\
+Delete conversions, named by sha256 prefix, .gguf file or folder (the file itself is never touched).
+
+Example: undo models rm b179c952"""),
     ]),
     Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and

@@ -26,13 +26,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-from undo_cli.economy.accounting import INITIAL_TOKENS_PER_CHAR, PER_MESSAGE_OVERHEAD, Prices, _round, prompt_chars
+from undo_cli.backends import BATCH_BACKENDS
+from undo_cli.economy.accounting import BATCH_PRICE, INITIAL_TOKENS_PER_CHAR, PER_MESSAGE_OVERHEAD, Prices, _round, prompt_chars
 
 
 def _local_tokenizer(name: str, trust_remote_code: bool) -> tuple[Any | None, str]:
     """The teacher's tokenizer if it loads with no network (else None), and why not."""
+    from undo_cli.gguf_models import existing, is_gguf
     from undo_cli.model_refs import _cached
 
+    if is_gguf(name):  # a dry run never converts: the conversion made earlier, if any
+        folder = existing(name)
+        if folder is None:
+            return None, f"{name} is not converted yet (the first stage that loads it converts it)"
+        name = str(folder)
     local = Path(name).expanduser().is_dir()
     if not local and not _cached(name):
         return None, f"{name} is not a local folder nor in the local hub cache"
@@ -66,22 +73,36 @@ def estimate_generate(prompts: list[list[dict[str, str]]], config, *, max_teache
         "completion_tokens": completion_total, "tokens": prompt_total + completion_total,
         "cost": _round(prices.cost(prompt_total, completion_total)),
         "prices": {"input": prices.input, "output": prices.output} if prices.set else None,
+        # the same tokens through a batch API (--backend openai-batch|anthropic-batch), side by side
+        "cost_batch": _round(prices.at(BATCH_PRICE).cost(prompt_total, completion_total)),
+        "backend": getattr(config, "backend", None),
     }
-    out["budget"] = _coverage(lengths, completion, out, prices, max_teacher_tokens, max_cost)
+    batch = out["backend"] in BATCH_BACKENDS  # its budget is spent at the batch price
+    booked = prices.at(BATCH_PRICE) if batch else prices
+    out["budget"] = _coverage(lengths, completion, {**out, "cost": out["cost_batch"] if batch else out["cost"]},
+                              booked, max_teacher_tokens, max_cost)
     return out
 
 
 def _prompt_tokens(prompts: list[list[dict[str, str]]], teacher: str, trust_remote_code: bool) -> tuple[list[int], str]:
     """Each prompt's length in tokens (the teacher's tokenizer, or the budget check's estimate); and how."""
+    count, counted = prompt_counter(teacher, trust_remote_code)
+    return [count(m) for m in prompts], counted
+
+
+def prompt_counter(teacher: str, trust_remote_code: bool = False):
+    """(messages -> prompt tokens, how they are counted): the teacher's tokenizer and chat template when it loads
+    without the network, else the budget check's estimate from characters (as Budget.bound). `undo refine
+    --budget N-tokens` prices its targets with it, as the dry run prices iteration 0."""
     from undo_cli.prompts import encode_prompt
 
     tokenizer, why = _local_tokenizer(teacher, trust_remote_code)
     if tokenizer is not None:  # what the hf backend sends
-        return [len(encode_prompt(tokenizer, m)) for m in prompts], f"counted with the teacher's tokenizer ({teacher})"
+        return (lambda m: len(encode_prompt(tokenizer, m))), f"counted with the teacher's tokenizer ({teacher})"
     counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
                f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
-    return [math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)
-            for m in prompts], counted  # as Budget.bound
+    return (lambda m: math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)), \
+        counted
 
 
 def _coverage(prompts: list[int], completion: int, out: dict[str, Any], prices: Prices,
@@ -115,8 +136,13 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
             ("teacher tokens, upper bound", f"{est['tokens']:,}  ({est['assumes']})")]
     if est["cost"] is not None:
         p = est["prices"]
-        rows.append(("cost, upper bound", f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, "
-                                          f"output {p['output'] or 0:g})"))
+        batch = est.get("backend") in BATCH_BACKENDS  # the chosen backend: its row reads "upper bound"
+        rows.append(("cost online" if batch else "cost, upper bound",
+                     f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, output {p['output'] or 0:g})"))
+        if est.get("cost_batch") is not None:
+            rows.append(("cost through a batch API" + (", upper bound" if batch else ""),
+                         f"{est['cost_batch']:,.6g}  (at {BATCH_PRICE:.0%} of the online price; results within 24 h"
+                         + ("; the chosen backend)" if batch else ")")))
     b = est.get("budget")
     if b:
         limits = " and ".join(s for s in (
@@ -131,4 +157,35 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
                    else "not even the first problem")
             rows.append(("budget", f"{limits} covers {shares}: {fit} at their upper bound (the stage stops cleanly "
                                    "there; re-run with more to resume)"))
+    return rows
+
+
+def estimate_tiers(prompts: list[list[dict[str, str]]], config, *, trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """A teacher cascade's tiers (economy/cascade.py), each bounded as if every problem reached it: the cascade
+    can cost at most their sum, and a tier's own budget is said against its bound."""
+    from types import SimpleNamespace
+
+    out = []
+    for tier in config.tiers():
+        own = Prices(tier.price_input, tier.price_output)
+        prices = own if own.set else Prices(config.price_input, config.price_output)
+        view = SimpleNamespace(teacher=tier.model, n=config.n, max_tokens=config.max_tokens,
+                               price_input=prices.input, price_output=prices.output)
+        out.append({"teacher": tier.name, **estimate_generate(
+            prompts, view, max_teacher_tokens=tier.max_teacher_tokens, max_cost=tier.max_cost,
+            trust_remote_code=trust_remote_code)})
+    return out
+
+
+def describe_tiers(tiers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(what, value) rows: each tier's bound, and its own budget's coverage."""
+    rows = []
+    for t in tiers:
+        cost = f", cost {t['cost']:,.6g}" if t["cost"] is not None else ""
+        rows.append((f"tier {t['teacher']}, upper bound", f"{t['tokens']:,} tokens{cost} (if every problem "
+                                                           f"reached it; {t['prompt_tokens_from']})"))
+        b = t.get("budget")
+        if b:
+            rows.append((f"tier {t['teacher']}, own budget", "covers all of it" if b["covers_all"] else
+                         f"covers the first {b['covers_problems']:,} of {t['problems']:,} problems at their bound"))
     return rows

@@ -48,8 +48,8 @@ SAMPLE = {"id": "check", "question": "Sam has 3 apples and buys 4 more. How many
 class CheckConfig:
     """Everything `undo check` needs (each field one flag)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"help": "The student: a model folder or a hub name."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
+    student: str = field(metadata={"help": "The student: a model folder, a hub name or a .gguf file."})
     teacher_url: str | None = field(default=None, metadata={
         "help": "A served teacher (vLLM's OpenAI server, e.g. http://127.0.0.1:8000/v1): checked as `undo train "
                 "--teacher-url` and `undo generate --backend openai` use it."})
@@ -123,7 +123,9 @@ def context_length(name: str, tokenizer, trust: bool) -> int | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        from undo_cli.gguf_models import local_model
+
+        config = AutoConfig.from_pretrained(local_model(name), trust_remote_code=trust)
         from undo_cli.backends.context import CONFIG_KEYS  # the keys refine's context check reads too
 
         for key in CONFIG_KEYS:
@@ -207,7 +209,7 @@ def check_templates(report: Report, student, teacher, messages: list[dict[str, s
 
 def _messages_of(records, template: str, kind: str, k: int, refine_template: str, generate_template: str):
     """The rendered messages of every record for one prompt kind: generate, refine (estimate), student."""
-    from undo_cli.prompts import load_template, problem_variables, render_messages, student_messages
+    from undo_cli.prompts import load_template, problem_variables, refine_variables, render_messages, student_messages
 
     if kind == "student":  # training data may carry its own prompt (`prompt_messages`), as `undo train` reads it
         return [r.get("prompt_messages") or student_messages(r, template) for r in records]
@@ -220,9 +222,8 @@ def _messages_of(records, template: str, kind: str, k: int, refine_template: str
         else:
             failure = {"question": r["question"], "answer": r["answer"], "output": longest, "predicted": None,
                        "error_type": "wrong_answer", "id": r["id"]}
-            out.append(render_messages(tmpl, **problem_variables(r), previous_rationales=[r.get("rationale") or longest],
-                                       student_output=longest, student_question=r["question"], student_predicted=None,
-                                       error_type="wrong_answer", similar_failures=[failure] * k))
+            out.append(render_messages(tmpl, **refine_variables(r, failure, [failure] * k,
+                                                                [r.get("rationale") or longest], cluster="c00")))
     return out
 
 
@@ -464,6 +465,7 @@ def preflight(config) -> Report:
     """
     from types import SimpleNamespace
 
+    from undo_cli.backends import SERVED
     from undo_cli.console import console
     from undo_cli.records import read_records
 
@@ -473,7 +475,7 @@ def preflight(config) -> Report:
     view = SimpleNamespace(  # the white-box teacher of [train] when there is one (the served model name with a URL)
         teacher=train.get("teacher") if white_box and train.get("teacher") else config.teacher,
         student=config.student, teacher_url=train.get("teacher_url"),
-        remote_teacher=config.teacher_backend == "openai", objective=train.get("objective"),
+        remote_teacher=config.teacher_backend in SERVED, objective=train.get("objective"),
         teacher_top_k=train.get("teacher_top_k", 20), max_tokens=generate.get("max_tokens", 512),
         generate_max_tokens=generate.get("max_tokens", 512), refine_max_tokens=refine.get("max_tokens", 512),
         student_max_tokens=evaluate.get("max_tokens", 512), max_length=train.get("max_length", 1024),

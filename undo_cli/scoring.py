@@ -8,8 +8,12 @@ Scoring happens in two steps, because they fail in different ways:
 1. **Extract** the answer the model committed to (`extract_answer`). Models
    show their work, so the last number in the text is often an intermediate
    result. We look for an explicit final answer first, in this order:
-   a `#### <answer>` line (the format our prompts ask for), `\\boxed{...}`, then
-   "the answer is ..." / "Answer: ..." / "Final answer: ...". Before any
+   a `#### <answer>` line (the format our prompts ask for; exactly four hashes:
+   a longer run such as the `############` lines SmolLM2 loops on is no marker, nor
+   is a markdown heading `#### Step 1:` or the placeholder `#### <answer>` quoted
+   back), `\\boxed{...}`, then "the answer is ..." / "Answer: ..." / "Final
+   answer: ...", then the one bold number on the last line ("So Lily has **21**
+   pencils.", the way chat models mark a result). Before any
    of that we cut the text where the model starts a new "Question:" — small
    models ramble on into made-up problems, and their numbers must not count.
    Two extractions, as lm-evaluation-harness does for GSM8K ("strict-match"

@@ -74,7 +74,7 @@ class TokenLogprobs:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str | None  # "stop" | "length" | None when the backend does not say
+    finish_reason: str | None  # "stop" | "length" | "repetition" (backends/stopping.py) | None when the backend does not say
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] | None = None

@@ -84,6 +84,15 @@ def apply(text: str, finish_reason: str | None, sampling: Any) -> tuple[str, str
     return text[: cut[0]], cut[1], True
 
 
+def applied_to(completion: Any, sampling: Any) -> Any:
+    """A finished Completion with the rules applied (a new one when cut; log-probs are not trimmed: for a
+    backend that records none)."""
+    import dataclasses
+
+    text, finish, cut = apply(completion.text, completion.finish_reason, sampling)
+    return dataclasses.replace(completion, text=text, finish_reason=finish) if cut else completion
+
+
 def tokens_covering(piece_lengths: list[int], chars: int) -> int:
     """How many of the leading tokens (their decoded lengths, in order) it takes to cover `chars` characters."""
     total = 0

@@ -176,3 +176,18 @@ def test_the_options_reach_the_sampling_of_every_generating_stage(tmp_path):
 def test_cli_flags(undo_inproc, command):
     out = " ".join(undo_inproc(command, "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "--stop-at-answer" in out and "--no-stop-at-answer" in out and "--repetition-cut" in out and "--stop " in out
+
+
+def test_the_settings_that_applied_are_recorded_beside_the_output(tmp_path, tiny_model):
+    from undo_cli.stages.evaluate import EvaluateConfig, run
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"id": "a", "question": "What is two plus two?", "answer": "4"}\n')
+    out = tmp_path / "preds.jsonl"
+    summary = run(EvaluateConfig(model=str(tiny_model), input=str(problems), output=str(out), max_tokens=8))
+    record = json.loads((tmp_path / "preds.run.json").read_text())
+    assert record["applied"] == summary["generation"]
+    applied = record["applied"]
+    assert applied["backend"] == "hf" and applied["temperature"] == 0.0 and applied["eos_token_id"]
+    assert (applied["stop_at_answer"], applied["repetition_cut"]) == (True, 48)
+    assert record["identity"]["repetition_cut"] == 48 and "applied" not in record["identity"]

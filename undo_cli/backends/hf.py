@@ -140,9 +140,9 @@ class HFBackend:
         self.eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         # The model's own sampling defaults (generation_config.json: Qwen's temperature 0.7, top_p 0.8,
         # top_k 20, repetition_penalty 1.1) do not apply: the run's settings do, on every backend alike
-        # (docs/method.md, "Generation defaults"). Recorded, so a run shows what it set aside.
-        # generate() refills every setting left unset (None) from the model's generation_config, so they are
-        # unset there, in memory (this backend never saves the model).
+        # (docs/method.md, "Generation defaults"); they are recorded, so a run shows what it set aside.
+        # generate() fills every setting a call leaves unset from the model's generation_config, so they
+        # are unset there, in memory (this backend never saves the model).
         own = self.hf_model.generation_config
         self.model_defaults = model_sampling_defaults(own.to_diff_dict())
         for name in MODEL_SAMPLING:

@@ -191,3 +191,14 @@ def test_the_settings_that_applied_are_recorded_beside_the_output(tmp_path, tiny
     assert applied["backend"] == "hf" and applied["temperature"] == 0.0 and applied["eos_token_id"]
     assert (applied["stop_at_answer"], applied["repetition_cut"]) == (True, 48)
     assert record["identity"]["repetition_cut"] == 48 and "applied" not in record["identity"]
+
+
+def test_the_teachers_markdown_headings_do_not_end_its_rationale():
+    """Qwen2.5-Coder heads its steps '#### Step 1: ...': not an answer line, so generation goes on to its answer."""
+    r = real("qwen2.5-coder-1.5b-instruct", "arith-281")
+    text = r["output"]
+    first_step = text[: text.index("\n", text.index("#### Step 2")) + 1]
+    assert answer_line_end(first_step, complete=True) is None
+    assert text[: answer_line_end(text)].endswith("#### Final Answer: Zoe has 21 marbles now.")
+    tagged = real("qwen2.5-coder-1.5b-instruct", "arith-283")["output"]  # "#### Final Answer:\n#### <answer>31 eggs</answer>"
+    assert answer_line_end(tagged + "\n", complete=True) == len(tagged) and score(tagged, "31").correct

@@ -142,12 +142,21 @@ def _hash_answers(text: str):
     """(answer text, where its line ends) of every `#### <answer>` line, in order.
 
     Not answers: markdown headings ("#### Step 1: ..."), a bare "####" with nothing after it, and the
-    prompt's own placeholder quoted back ('the line "#### <answer>" ...')."""
+    prompt's own placeholder quoted back ('the line "#### <answer>" ...'). Tags around an answer are
+    dropped: Qwen2.5-Coder writes "#### <answer>31 eggs</answer>"."""
     for m in _HASHES.finditer(text):
         rest = m.group(1)
-        if not rest.strip() or _HEADING.match(rest.strip()) or "<answer>" in rest:
+        tagged = _TAGGED.match(rest)
+        if tagged:
+            rest = tagged.group(1)
+            if not rest[:1].isalnum() and rest[:1] not in "$-−\\(.":  # '<answer>" is a shortcut': the placeholder
+                continue
+        if not rest.strip() or _HEADING.match(rest.strip()):
             continue
         yield rest, m.end()
+
+
+_TAGGED = re.compile(r"\s*<answer>\s*(.*?)\s*(?:</answer>.*)?$")
 
 
 def answer_line_end(text: str, complete: bool = False) -> int | None:

@@ -86,15 +86,23 @@ def estimate_generate(prompts: list[list[dict[str, str]]], config, *, max_teache
 
 def _prompt_tokens(prompts: list[list[dict[str, str]]], teacher: str, trust_remote_code: bool) -> tuple[list[int], str]:
     """Each prompt's length in tokens (the teacher's tokenizer, or the budget check's estimate); and how."""
+    count, counted = prompt_counter(teacher, trust_remote_code)
+    return [count(m) for m in prompts], counted
+
+
+def prompt_counter(teacher: str, trust_remote_code: bool = False):
+    """(messages -> prompt tokens, how they are counted): the teacher's tokenizer and chat template when it loads
+    without the network, else the budget check's estimate from characters (as Budget.bound). `undo refine
+    --budget N-tokens` prices its targets with it, as the dry run prices iteration 0."""
     from undo_cli.prompts import encode_prompt
 
     tokenizer, why = _local_tokenizer(teacher, trust_remote_code)
     if tokenizer is not None:  # what the hf backend sends
-        return [len(encode_prompt(tokenizer, m)) for m in prompts], f"counted with the teacher's tokenizer ({teacher})"
+        return (lambda m: len(encode_prompt(tokenizer, m))), f"counted with the teacher's tokenizer ({teacher})"
     counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
                f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
-    return [math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)
-            for m in prompts], counted  # as Budget.bound
+    return (lambda m: math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)), \
+        counted
 
 
 def _coverage(prompts: list[int], completion: int, out: dict[str, Any], prices: Prices,
@@ -149,4 +157,35 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
                    else "not even the first problem")
             rows.append(("budget", f"{limits} covers {shares}: {fit} at their upper bound (the stage stops cleanly "
                                    "there; re-run with more to resume)"))
+    return rows
+
+
+def estimate_tiers(prompts: list[list[dict[str, str]]], config, *, trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """A teacher cascade's tiers (economy/cascade.py), each bounded as if every problem reached it: the cascade
+    can cost at most their sum, and a tier's own budget is said against its bound."""
+    from types import SimpleNamespace
+
+    out = []
+    for tier in config.tiers():
+        own = Prices(tier.price_input, tier.price_output)
+        prices = own if own.set else Prices(config.price_input, config.price_output)
+        view = SimpleNamespace(teacher=tier.model, n=config.n, max_tokens=config.max_tokens,
+                               price_input=prices.input, price_output=prices.output)
+        out.append({"teacher": tier.name, **estimate_generate(
+            prompts, view, max_teacher_tokens=tier.max_teacher_tokens, max_cost=tier.max_cost,
+            trust_remote_code=trust_remote_code)})
+    return out
+
+
+def describe_tiers(tiers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(what, value) rows: each tier's bound, and its own budget's coverage."""
+    rows = []
+    for t in tiers:
+        cost = f", cost {t['cost']:,.6g}" if t["cost"] is not None else ""
+        rows.append((f"tier {t['teacher']}, upper bound", f"{t['tokens']:,} tokens{cost} (if every problem "
+                                                           f"reached it; {t['prompt_tokens_from']})"))
+        b = t.get("budget")
+        if b:
+            rows.append((f"tier {t['teacher']}, own budget", "covers all of it" if b["covers_all"] else
+                         f"covers the first {b['covers_problems']:,} of {t['problems']:,} problems at their bound"))
     return rows

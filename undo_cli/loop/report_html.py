@@ -39,6 +39,8 @@ The page's script and style are report_page.js and report_page.css beside this m
 
 from __future__ import annotations
 
+import shlex
+
 import base64
 import hashlib
 import html
@@ -239,6 +241,40 @@ def _teacher_line(state: dict[str, Any]) -> str:
             f"from the cache in {cached['requests']:,} requests{cost}</p>")
 
 
+def cluster_table(run_dir: str | Path | None) -> str:
+    """Failure clusters (loop/cluster_view.py): per cluster and iteration, validation errors of its problems,
+    fixed and regressed since the iteration before, and the refinements of its training problems that round."""
+    from undo_cli.loop.cluster_view import cluster_rows
+
+    data = cluster_rows(run_dir) if run_dir is not None else None
+    if not data or not data["clusters"]:
+        return ""
+    ks = data["iterations"]
+    out = [f"<h3>Failure clusters <small>({_e(data['method'])}, clusters.json; validation problems)</small></h3>",
+           "<table class='clusters'><thead><tr><th>cluster</th><th>characteristic words</th>",
+           *(f"<th>iter {k}</th>" for k in ks), "</tr></thead><tbody>"]
+    for c in data["clusters"]:
+        cells = []
+        for k in ks:
+            row = c["per"].get(k)
+            if row is None:
+                cells.append("<td>—</td>")
+                continue
+            n, e = row["problems"], row["errors"]
+            rate = f" {100 * e / n:.0f}%" if n else ""
+            moves = (f"<br><small>fixed {row.get('fixed', 0)}, regressed {row.get('regressed', 0)}</small>"
+                     if "errors_before" in row else "")
+            refined = (f"<br><small>refined {row['targets']} ({row['verified']} verified)</small>"
+                       if row.get("targets") else "")
+            title = ", ".join(f"{t} {m}" for t, m in row["by_type"].items())
+            cells.append(f"<td title='{_e(title)}'><b>{e}/{n}</b>{rate}{moves}{refined}</td>")
+        out.append(f"<tr><th>{_e(c['id'])}</th><td>{_e(c['label'])}</td>{''.join(cells)}</tr>")
+    out.append("</tbody></table><p class='muted'>errors/problems of the cluster on validation; fixed and regressed "
+               "since the iteration before; refined: the cluster's training problems that round's refine re-taught "
+               "(those whose refinement verified)</p>")
+    return "".join(out)
+
+
 def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
     """The run at a glance: everything here is numbers and settings, drawn once, no script needed."""
     from undo_cli.loop.report import best_label, verdict_lines
@@ -249,10 +285,17 @@ def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
              f"chosen: {_e(best_label(state))}" if state.get("best_iteration") is not None else None,
              f"run folder: <code>{_e(state.get('run_dir'))}</code>"]
     verdict = "".join(f"<p>{_e(line)}</p>" for line in verdict_lines(summary))
+    rounds = (state.get("stop") or {}).get("rounds") or []
+    if rounds:  # what each refinement round cost and gained, and its paired test (loop/stop.py)
+        from undo_cli.loop.stop import describe as describe_round
+
+        verdict += (f"<p class='muted'>stop_rule {_e(state['stop']['rule'])}: what each round cost and gained</p><ul>"
+                    + "".join(f"<li>{_e(describe_round(r))}</li>" for r in rounds) + "</ul>")
     return ("<section id='run'><h2>The run</h2>"
             f"<p class='facts'>{' · '.join(f for f in facts if f)}</p>"
             f"<div class='verdict'>{verdict}</div>"
-            f"{accuracy_svg(state)}{_iteration_table(state)}{_teacher_line(state)}{_settings(state)}</section>")
+            f"{accuracy_svg(state)}{_iteration_table(state)}{cluster_table(state.get('run_dir'))}"
+            f"{_teacher_line(state)}{_settings(state)}</section>")
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -275,7 +318,9 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
     from undo_cli.loop.report_data import page_data
 
     index, chunks = page_data(run_dir, state)
-    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration")}
+    # Each refinement card shows the command that prints its row's history (loop/lineage.py), to copy.
+    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration"),
+                    "lineage": f"undo lineage {shlex.quote(str(run_dir))}"}
     script = (HERE / "report_page.js").read_text(encoding="utf-8")
     style = (HERE / "report_page.css").read_text(encoding="utf-8")
     title = f"undo report: {state['name']}"

@@ -56,6 +56,23 @@ TRUE = [
     ("Step 1: 6 * 4 = 24 legs.\nStep 2: 24 + 2 = 26.\n#### 26", 2),
     ("1,250 + 250 = 1,500", 1),
     ("3 + 4 = 7 and 7 * 2 = 14", 2),               # "and" after a statement joins two statements
+    # LaTeX and markdown as real teachers write them (Qwen2.5-Coder: "\\[ 6 \\times 7 = 42 \\]")
+    ("$\\frac{18}{3} = 6$, and $6 + 3 = 9$. **Answer: 9**", 2),
+    ("\\[ 6 \\times 7 = 42 \\]", 1),
+    ("\\( 14 + 7 = 21 \\) pencils", 1),
+    ("\\[\n\\frac{18}{3} = 6\n\\]", 1),
+    ("$12 \\div 4 = 3$ and $3 \\cdot 4 = 12$", 2),
+    ("\\dfrac{3}{4} = 0.75 and \\tfrac{1}{2} + \\frac{1}{4} = 0.75", 2),
+    ("\\frac{18 + 6}{3} = 8", 1),
+    ("1{,}000 + 250 = 1{,}250 and 1\\,000 - 1 = 999", 2),
+    ("\\$5 + \\$3 = \\$8", 1),
+    ("50 \\times 20\\% = 10", 1),
+    ("1000 / 3 \\approx 333.3", 1),
+    ("\\left(3 + 4\\right) \\times 2 = 14", 1),
+    ("6 \\times 4 = \\boxed{24}", 1),
+    ("14 \\text{ pencils} + 7 \\text{ pencils} = 21 \\text{ pencils}", 1),
+    ("\\text{Total} = 6 \\times 4 = 24", 1),
+    ("**14 + 7 = 21** pencils, so she has **21**.", 1),
 ]
 
 # (text, the first false statement as written)
@@ -83,6 +100,17 @@ FALSE = [
     ("2(3 + 4) = 10", "2(3 + 4) = 10"),
     ("She has 3 + 4 = 8 now", "3 + 4 = 8"),
     ("He met COVID-19 = 3 + 4 = 8 people", "3 + 4 = 8"),  # a name with a number is a word, not a side
+    # LaTeX: the example, whose first step is false (18 / 3 is 6), then false steps in each notation
+    ("$\\frac{18}{3} = 9$, and $9 + 3 = 12$. **Answer: 12**", "\\frac{18}{3} = 9"),
+    ("\\frac{1}{3} + 1 = 5", "\\frac{1}{3} + 1 = 5"),
+    ("\\[ 6 \\times 7 = 43 \\]", "6 \\times 7 = 43"),
+    ("\\( 14 + 7 = 22 \\)", "14 + 7 = 22"),
+    ("$12 \\div 4 = 4$", "$12 \\div 4 = 4"),          # "$" before a digit reads as currency: a label
+    ("\\dfrac{3}{4} = 0.25", "\\dfrac{3}{4} = 0.25"),
+    ("1{,}000 + 250 = 1{,}260", "1{,}000 + 250 = 1{,}260"),
+    ("\\$5 + \\$3 = \\$9", "\\$5 + \\$3 = \\$9"),
+    ("6 \\times 4 = \\boxed{25}", "6 \\times 4 = \\boxed{25}"),
+    ("**14 + 7 = 22**", "14 + 7 = 22"),
 ]
 
 # Text with numbers that is not an arithmetic statement, or that is too ambiguous to judge: never rejected.
@@ -100,7 +128,8 @@ NOT_STATEMENTS = [
     "2 hours + 30 minutes = 150 minutes", "$1 + 50 cents = 2",  # a unit conversion is implied
     "50 + 10% = 56",                                  # 10% of what?
     "2 dozen = 25", "3 million + 1 = 5",
-    "2^3 + 1 = 10", "2**3 + 1 = 10", "3² = 10", "√9 + 1 = 5", "5! = 100", "\\frac{1}{3} + 1 = 5",
+    "2^3 + 1 = 10", "2**3 + 1 = 10", "3² = 10", "√9 + 1 = 5", "5! = 100", "\\frac{x}{3} + 1 = 5",
+    "\\frac{\\frac{1}{2}}{3} = 7", "\\frac12 + 1 = 5", "\\sqrt{9} + 1 = 5",  # LaTeX we do not read
     "3 + 4 = 8 > 5", "3 ± 1 = 2",
     "12,5 + 1 = 14,5",                                # a decimal comma
     "٣ + 4 = 8",                                      # a digit that is not ASCII

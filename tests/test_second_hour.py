@@ -222,12 +222,13 @@ class Terminal:
         import subprocess
         import termios
 
-        from tests.conftest import read_terminal
+        from tests.conftest import read_terminal, sigint_default
 
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, __import__("struct").pack("HHHH", 40, 100, 0, 0))
 
         def controlling_terminal():  # the pty is the shell's terminal: it gets job control, like a real login
+            sigint_default()  # Ctrl-C must reach the typed command however the suite was started
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -410,10 +411,18 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     assert f"--epochs {float(train['epochs'])}" in settings and f"--lr {train['lr']}" in settings
     assert f"--warmup-ratio {train['warmup_ratio']}" in settings and f"--k {refine['k']}" in settings
     assert settings.count(f"--max-tokens {refine['max_tokens']}") == 3
-    from undo_cli.stages.options import TEACHER_VERIFY
+    from dataclasses import fields
+
+    from undo_cli.stages.refine import RefineConfig
 
     assert f"--prompt {refine['prompt']}" in settings  # the demo teacher's own prompt
-    assert f"--verify {refine['verify']}" in settings or refine["verify"] == TEACHER_VERIFY  # a default is not passed
+    # What refine verifies with when the script runs it: the flag's value, or refine's own default when the flag
+    # is not passed (a default is not written out); either way it must be what run.toml says.
+    words = shlex.split(next(line for line in settings.splitlines() if line.startswith("REFINE_ARGS="))
+                        .partition("=")[2].strip("()"))
+    passed = words[words.index("--verify") + 1] if "--verify" in words else None
+    default = next(f.default for f in fields(RefineConfig) if f.name == "verify")
+    assert (passed or default) == refine["verify"], (passed, default)
 
 
 def test_a_stage_error_inside_iterate_names_the_loops_keys():

@@ -379,13 +379,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tiny_model
     """Ctrl-C mid-training (no --save-steps checkpoint yet): a checkpoint at the current step, the exact
     `--resume` command on stderr, exit 130; that command, pasted, continues from it without a false
     'missing keys' warning about the tied LM head, and ends at the planned step."""
-    from tests.conftest import paste
+    from tests.conftest import paste, sigint_default
 
     out = tmp_path / "run with space"
     flags = ["--student", str(tiny_model), "--data", str(data), "--output", str(out), "--max-steps", "60",
              "--batch-size", "4", "--logging-steps", "1", "--save-steps", "1000"]
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "train", *flags], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, "COLUMNS": "400"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, "COLUMNS": "400"},
+                            preexec_fn=sigint_default)
     seen = []
     for line in proc.stderr:  # the per-step log lines: the run is training
         seen.append(line)

@@ -345,7 +345,7 @@ def test_train_on_gold_solutions_and_on_chat_messages(train, tiny_model, tmp_pat
     res = train("--student", tiny_model, "--data", write_jsonl(tmp_path / "chat.jsonl", chat), "--output", tmp_path / "s2",
                 "--max-steps", "1", "--batch-size", "2")
     assert res.returncode == 0, res.stderr
-    assert "next: undo evaluate --model" in res.stderr
+    assert "next:" not in res.stderr  # train never saw the problems to evaluate on: no line with a placeholder
 
 
 @pytest.mark.slow
@@ -390,7 +390,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_it(tiny_model
     seen = []
     for line in proc.stderr:  # the per-step log lines: the run is training
         seen.append(line)
-        if line.startswith("step 3/60"):
+        if "step 3/60 " in line:  # off a terminal: `train: step 3/60 (5%)  elapsed ...`
             proc.send_signal(signal.SIGINT)
             break
     err = "".join(seen) + proc.stderr.read()

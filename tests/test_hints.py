@@ -95,8 +95,8 @@ def test_each_next_line_runs_as_printed(walk, name, expected):
 
 def test_refine_is_told_the_teacher_and_the_data_the_student_was_trained_on(walk, trained_teacher):
     (line,), _ = walk["collect-errors"]
-    assert line == f"undo refine --teacher {trained_teacher} --errors errors.jsonl --targets rationales.jsonl " \
-                   "--output refined.jsonl"
+    assert line == (f"undo refine --teacher {trained_teacher} --max-tokens 48 --errors errors.jsonl "
+                    "--targets rationales.jsonl --output refined.jsonl")  # the budget the rationales were written with
 
 
 def test_the_bash_loop_prints_only_the_reports_line_and_it_runs(tmp_path, tiny_model, trained_teacher):

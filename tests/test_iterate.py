@@ -229,6 +229,18 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
     # The tables printed while it ran did not repeat the finished run's reason for stopping.
     assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
+    # Each "iterations so far" table shows the rows its decision has seen, its star on the iteration it names
+    # (issue 32: replaying iteration 0 printed row 1, higher, beside "★ ... decided through iteration 0").
+    import re
+
+    tables = proc.stderr.split("UNDO run finished")[0].split("iterations so far")[1:]
+    assert len(tables) == 1, len(tables)  # the replayed iterations print none; the new round's decision one
+    for table in tables:
+        rows = [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)(?: ★)?\s+\d", table.split("★ chosen")[0], re.M)]
+        starred = re.search(r"^\s*(\d+) ★", table, re.M)
+        chosen = re.search(r"★ chosen: iteration (\d+).*?decided through iteration (\d+)", table)
+        assert chosen and starred and starred.group(1) == chosen.group(1), table
+        assert rows and max(rows) == int(chosen.group(2)), (rows, table)
     assert "next: undo report" in proc.stderr and "more rounds: undo iterate" in proc.stderr
 
     # The report of the extended run: the plot marks the iteration the run chose after the extension, every

@@ -360,6 +360,8 @@ def test_progress_in_a_log_file_and_in_a_terminal(train, tiny_model, data, tmp_p
     assert "train: step 1/2 (50%)" in res.stderr and "train: step 2/2 (100%)" in res.stderr
     final = json.loads((tmp_path / "log" / "train_summary.json").read_text())["final_loss"]
     assert "step 2/2 (100%) elapsed" in res.stderr and f"loss {final:.4f} (this step)" in res.stderr  # seen
+    # One kind of progress line in a log file (issue 32): the log's metrics ride on it, no bare `step N/M` lines.
+    assert "lr " in res.stderr and not any(line.startswith("step ") for line in res.stderr.splitlines())
     assert "Loading weights" not in res.stderr and "Writing model shards" not in res.stderr
     if shutil.which("script") is None:
         pytest.skip("no `script` to give the command a terminal")

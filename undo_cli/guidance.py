@@ -135,30 +135,40 @@ def _first(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def _after_collect_errors(errors: str | None, summary: dict[str, Any]) -> str | None:
-    """`undo refine` of these errors, with what the files name: the errors' student (`model`) was trained on some
-    rationales (its folder's undo_training.json), written by a teacher (their `teacher`): refine's teacher and
-    targets. None when there is nothing to refine or a link is missing (a served teacher needs its server flags)."""
+def _json(path: Any) -> dict[str, Any]:
     import json
 
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (TypeError, OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _after_collect_errors(errors: str | None, summary: dict[str, Any]) -> str | None:
+    """`undo refine` of these errors, with what the files name: the errors' student (`model`) was trained on some
+    rationales (its folder's undo_training.json), written by a teacher (their `teacher`, and the generation budget
+    of their run record): refine's teacher, targets and --max-tokens. None when there is nothing to refine or a
+    link is missing (a served teacher needs its server flags)."""
     from undo_cli.loop.layout import RunLayout
     from undo_cli.prompts import TRAINING_FORMAT
+    from undo_cli.records.sidecars import RUN, sidecar_path
 
     if not errors or not summary.get("kept", summary.get("errors")):
         return None
     model = (_first(errors) or {}).get("model")
-    try:
-        data = json.loads((Path(model) / TRAINING_FORMAT).read_text(encoding="utf-8")).get("data")
-    except (TypeError, OSError, ValueError, AttributeError):
+    data = _json(Path(model) / TRAINING_FORMAT).get("data") if isinstance(model, str) else None
+    if not isinstance(data, str) or data == "-":
         return None
-    rationale = _first(data) if isinstance(data, str) and data != "-" else None
-    teacher, backend = (rationale or {}).get("teacher"), (rationale or {}).get("backend")
+    teacher, backend = ((_first(data) or {}).get(key) for key in ("teacher", "backend"))
     if not teacher or backend not in ("hf", "vllm"):
         return None
+    written = _json(sidecar_path(data, RUN)).get("identity") or {}  # how the teacher wrote them, if it says
+    flags = (" --backend vllm" if backend == "vllm" else "") + (
+        f" --max-tokens {written['max_tokens']}" if isinstance(written.get("max_tokens"), int) else "")
     run = _run_of(Path(errors).parent) if Path(errors).name == "errors.jsonl" else None
     refined = RunLayout(run[0]).refined(run[1] + 1) if run else Path(errors).with_name("refined.jsonl")
-    backend_flag = " --backend vllm" if backend == "vllm" else ""
-    return (f"undo refine --teacher {_q(teacher)}{backend_flag} --errors {_q(errors)} --targets {_q(data)} "
+    return (f"undo refine --teacher {_q(teacher)}{flags} --errors {_q(errors)} --targets {_q(data)} "
             f"--output {_q(refined)}")
 
 

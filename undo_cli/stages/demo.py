@@ -293,11 +293,11 @@ def run(config: DemoConfig) -> dict[str, Any]:
     if config.setup_only:
         console.print(f"set up in {setup_s:.0f} s: data in {workdir / 'data'}, models in {workdir / 'models'}. "
                       "Next, the loop:")
-        if workdir.resolve() == Path("undo-demo").resolve():
+        here = Path("examples/run.toml")  # the short form runs only from where both relative paths hold
+        if workdir.resolve() == Path("undo-demo").resolve() and here.is_file() and here.resolve() == _run_toml().resolve():
             console.print("  undo iterate --config examples/run.toml", soft_wrap=True)
-        console.print(f"  undo iterate --config {_run_toml()} --teacher {models['teacher']} "
-                      f"--student {models['student']} --train-file {files['train']} --val-file {files['val']} "
-                      f"--test-file {files['test']} --runs-dir {workdir / 'runs'}", soft_wrap=True)
+        console.print("  " + shlex.join(["undo", "iterate", *_iterate_args(workdir, files, models, config.seed)]),
+                      soft_wrap=True, markup=False, highlight=False)
         return result
 
     from undo_cli.loop import iterate, report

@@ -184,6 +184,16 @@ def test_a_failed_iterate_says_how_to_resume(files, tmp_path, tiny_model, capsys
     assert "Continue with:" in err and "--resume" in err
     assert json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())["status"] == "failed"
 
+    # Run by `undo demo`, the loop says the demo's own command (issue 32: it said `undo iterate ... --resume`).
+    from undo_cli.stages.demo import DemoConfig, resume_command
+
+    demo = resume_command(DemoConfig(workdir=str(tmp_path / "my demo"), seed=2, max_iterations=1))
+    assert demo == f"undo demo --workdir '{tmp_path / 'my demo'}' --seed 2 --max-iterations 1 --resume"
+    assert resume_command(DemoConfig()) == "undo demo --resume"
+    with pytest.raises(UndoError, match="no verified rationale"):
+        run(config, resume=True, resume_with=demo)
+    assert f"Continue with: {demo}" in " ".join(capsys.readouterr().err.split())
+
 
 # --- 12.6: model names that are typos, hubs that cannot be reached ----------------------------------------
 

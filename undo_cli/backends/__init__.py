@@ -1,4 +1,5 @@
-"""Generation backends: `hf` (embedded transformers), `openai` (any server), `vllm` (in-process).
+"""Generation backends: `hf` (embedded transformers), `openai` (any server), `vllm` (in-process), and the
+hosted batch APIs `openai-batch` and `anthropic-batch` (half price, results within 24 h: batch/).
 
     from undo_cli.backends import BackendConfig, open_backend
     with open_backend(BackendConfig(backend="hf", model="path/or/hub-name")) as llm:
@@ -15,8 +16,11 @@ from dataclasses import dataclass
 from undo_cli.backends.base import Backend, Completion, Message, SamplingConfig, TokenLogprobs
 from undo_cli.errors import UndoError
 
-BACKENDS = ("hf", "openai", "vllm")
-SORT_BY_LENGTH = {"hf": True, "openai": False, "vllm": False}  # hf pads a batch to its longest prompt
+BACKENDS = ("hf", "openai", "vllm", "openai-batch", "anthropic-batch")
+BATCH_BACKENDS = ("openai-batch", "anthropic-batch")  # undo_cli/backends/batch: submitted as batches, polled
+SERVED = ("openai", *BATCH_BACKENDS)  # the backends that talk to a server (--base-url, --api-key-env)
+SORT_BY_LENGTH = {"hf": True, "openai": False, "vllm": False,  # hf pads a batch to its longest prompt
+                  "openai-batch": False, "anthropic-batch": False}
 
 
 @dataclass
@@ -41,6 +45,12 @@ class BackendConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     enforce_eager: bool = False
+    # openai-batch / anthropic-batch
+    batch_manifest: str | None = None   # <output stem>.batches.json: set by the generation loop from --output
+    batch_poll_s: float = 30.0          # seconds between looks at the open batches
+    batch_resubmits: int = 2            # times one run submits errored and expired requests again
+    batch_max_requests: int = 0         # requests per batch; 0 = the API's limit (50,000 / 100,000)
+    batch_max_mb: float = 0.0           # megabytes per batch; 0 = the API's limit (200 / 256)
 
 
 def batch_hint(config: BackendConfig) -> int:
@@ -53,6 +63,11 @@ def batch_hint(config: BackendConfig) -> int:
         return max(64, 4 * max(1, config.concurrency) * max(1, len(base_urls(config.base_url))))
     if config.backend == "vllm":
         return max(256, 8 * config.batch_size)
+    if config.backend in BATCH_BACKENDS:  # one call carries everything one batch may hold
+        from undo_cli.backends.batch.providers import PROVIDERS
+
+        limit = PROVIDERS[config.backend].max_requests
+        return min(limit, config.batch_max_requests or limit)
     return max(1, config.batch_size)
 
 
@@ -70,8 +85,12 @@ def open_backend(config: BackendConfig) -> Backend:
         from undo_cli.backends.vllm import VLLMBackend
 
         return VLLMBackend(config)
+    if config.backend in BATCH_BACKENDS:
+        from undo_cli.backends.batch import BatchBackend
+
+        return BatchBackend(config)
     raise UndoError(f"unknown backend '{config.backend}'", hint=f"use one of: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "SORT_BY_LENGTH", "Backend", "BackendConfig", "Completion", "Message", "SamplingConfig",
+__all__ = ["BACKENDS", "BATCH_BACKENDS", "SERVED", "SORT_BY_LENGTH", "Backend", "BackendConfig", "Completion", "Message", "SamplingConfig",
            "TokenLogprobs", "batch_hint", "open_backend"]

@@ -131,6 +131,21 @@ Drop entries (unused for N days, of one model, or all) and compact the file.
 
 Example: undo cache prune --older-than 30"""),
     ]),
+    Group("batch", "Batch APIs: the batches an output or a run has in flight (status), waiting, cancelling.", [
+        Command("status", "undo_cli.backends.batch.commands:BatchStatusConfig", "undo_cli.backends.batch.commands:status", """\
+Per batch: status, requests answered and failed, tokens and cost at the batch price, created and expiry times.
+
+Example: undo batch status out/rationales.jsonl"""),
+        Command("wait", "undo_cli.backends.batch.commands:BatchWaitConfig", "undo_cli.backends.batch.commands:wait", """\
+Wait until every batch of an output (or of a run folder) has ended, with progress; then run the stage again
+to read the results into its output.
+
+Example: undo batch wait runs/my-run --poll-s 60"""),
+        Command("cancel", "undo_cli.backends.batch.commands:BatchCancelConfig", "undo_cli.backends.batch.commands:cancel", """\
+Ask the API to cancel the open batches of an output or a run folder.
+
+Example: undo batch cancel out/rationales.jsonl"""),
+    ]),
     Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
 prints the report. About two minutes on 2 CPU cores; no network, no GPU.

@@ -19,7 +19,9 @@ prompt's tokens count once per request, as servers that support `n` bill them
 
 **Prices** are per million tokens, input and output (`--price-input`,
 `--price-output`); cost = paid prompt tokens x input price + paid completion
-tokens x output price. Cached tokens cost nothing; their would-be cost is
+tokens x output price. They are the online prices: a batch API backend
+(`--backend openai-batch|anthropic-batch`) books its tokens at `BATCH_PRICE`
+times them, what both APIs charge for batches. Cached tokens cost nothing; their would-be cost is
 reported as `saved`.
 
 **Budgets** (`--max-teacher-tokens`, `--max-cost`) are checked before each
@@ -38,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+BATCH_PRICE = 0.5  # OpenAI's and Anthropic's batch APIs: 50% of the online price of the same tokens
 INITIAL_TOKENS_PER_CHAR = 0.5  # no measurement yet: ~2 characters a token, above what English text needs
 PER_MESSAGE_OVERHEAD = 8       # role markers and separators of a chat template, per message
 
@@ -83,6 +86,11 @@ class Prices:
     @property
     def set(self) -> bool:
         return self.input is not None or self.output is not None
+
+    def at(self, factor: float) -> "Prices":
+        """These prices times `factor` (the batch price: `at(BATCH_PRICE)`)."""
+        return Prices(None if self.input is None else self.input * factor,
+                      None if self.output is None else self.output * factor)
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float | None:
         if not self.set:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.backends.base import Completion, Message, SamplingConfig, one_batch_at_a_time
-from undo_cli.economy.accounting import Budget, Ledger, Prices, Usage, ledger_path, prompt_chars
+from undo_cli.economy.accounting import BATCH_PRICE, Budget, Ledger, Prices, Usage, ledger_path, prompt_chars
 from undo_cli.errors import UndoError
 
 
@@ -40,7 +40,11 @@ class TeacherEconomy:
 
     def __init__(self, settings: Any):
         self.settings = settings
+        from undo_cli.backends import BATCH_BACKENDS
+
         self.prices = Prices(settings.price_input, settings.price_output)
+        if getattr(settings, "backend", None) in BATCH_BACKENDS:  # booked at what a batch costs
+            self.prices = self.prices.at(BATCH_PRICE)
         self.budget = Budget(settings.max_teacher_tokens, settings.max_cost, self.prices)
         self.ledger = Ledger()
         self.run_paid = Usage()       # this run only (the ledger also holds earlier runs on the same output)
@@ -220,6 +224,9 @@ class EconomyBackend:
             raise UndoError(f"backend {self.name} returned {len(answers)} results for {len(call.send)} prompts",
                             hint="this is a bug in the backend; please report it")
         for i, completions in zip(call.send, answers):
+            if completions is None:  # a batch API request that failed for good: left undone, nothing paid
+                e.left += 1
+                continue
             call.results[i] = completions
             prompt = completions[0].prompt_tokens if completions else 0
             completion = sum(c.completion_tokens for c in completions)
@@ -228,7 +235,8 @@ class EconomyBackend:
             e.run_paid.add(Usage(1, prompt, completion))
         if answers and call.keys is not None and e.cache is not None:
             self._cache_call(lambda: e.cache.put_many((call.keys[i], e.identity, completions)
-                                                      for i, completions in zip(call.send, answers)), None)
+                                                      for i, completions in zip(call.send, answers)
+                                                      if completions is not None), None)
         e.ledger.save()
         return call.results
 

@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from undo_cli.economy.accounting import INITIAL_TOKENS_PER_CHAR, PER_MESSAGE_OVERHEAD, Prices, _round, prompt_chars
+from undo_cli.backends import BATCH_BACKENDS
+from undo_cli.economy.accounting import BATCH_PRICE, INITIAL_TOKENS_PER_CHAR, PER_MESSAGE_OVERHEAD, Prices, _round, prompt_chars
 
 
 def _local_tokenizer(name: str, trust_remote_code: bool) -> tuple[Any | None, str]:
@@ -66,8 +67,14 @@ def estimate_generate(prompts: list[list[dict[str, str]]], config, *, max_teache
         "completion_tokens": completion_total, "tokens": prompt_total + completion_total,
         "cost": _round(prices.cost(prompt_total, completion_total)),
         "prices": {"input": prices.input, "output": prices.output} if prices.set else None,
+        # the same tokens through a batch API (--backend openai-batch|anthropic-batch), side by side
+        "cost_batch": _round(prices.at(BATCH_PRICE).cost(prompt_total, completion_total)),
+        "backend": getattr(config, "backend", None),
     }
-    out["budget"] = _coverage(lengths, completion, out, prices, max_teacher_tokens, max_cost)
+    batch = out["backend"] in BATCH_BACKENDS  # its budget is spent at the batch price
+    booked = prices.at(BATCH_PRICE) if batch else prices
+    out["budget"] = _coverage(lengths, completion, {**out, "cost": out["cost_batch"] if batch else out["cost"]},
+                              booked, max_teacher_tokens, max_cost)
     return out
 
 
@@ -115,8 +122,13 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
             ("teacher tokens, upper bound", f"{est['tokens']:,}  ({est['assumes']})")]
     if est["cost"] is not None:
         p = est["prices"]
-        rows.append(("cost, upper bound", f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, "
-                                          f"output {p['output'] or 0:g})"))
+        batch = est.get("backend") in BATCH_BACKENDS  # the chosen backend: its row reads "upper bound"
+        rows.append(("cost online" if batch else "cost, upper bound",
+                     f"{est['cost']:,.6g}  (per million tokens: input {p['input'] or 0:g}, output {p['output'] or 0:g})"))
+        if est.get("cost_batch") is not None:
+            rows.append(("cost through a batch API" + (", upper bound" if batch else ""),
+                         f"{est['cost_batch']:,.6g}  (at {BATCH_PRICE:.0%} of the online price; results within 24 h"
+                         + ("; the chosen backend)" if batch else ")")))
     b = est.get("budget")
     if b:
         limits = " and ".join(s for s in (

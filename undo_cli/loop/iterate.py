@@ -65,7 +65,7 @@ from undo_cli.loop.usage import BudgetReached, record_usage
 MIX = {"replace": "refined rationales replace the old ones by id", "append": "they are added"}
 INIT = {"base": "each iteration trains the base student", "previous": "continue from the last one"}
 LAUNCHERS = ("local", "slurm")
-TEACHER_BACKENDS = ("hf", "openai", "vllm")
+TEACHER_BACKENDS = ("hf", "openai", "vllm", "openai-batch", "anthropic-batch")  # BACKENDS; batch: backends/batch
 STUDENT_BACKENDS = ("hf", "vllm")
 VERIFY = ("strict", "flexible", "steps")
 
@@ -89,7 +89,7 @@ class IterateConfig(TeacherEconomyOptions):
     test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})
     name: str | None = field(default=None, metadata={"group": "Models and data", **RUNTIME, "help": "Run name, the folder under runs_dir (default: <student>-from-<teacher>)."})
     runs_dir: str = field(default="runs", metadata={"group": "Models and data", **RUNTIME, "help": "Where run folders go."})
-    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "affects": TEACHER_STAGES, "help": "Teacher backend: hf, openai (a server) or vllm."})
+    teacher_backend: str = field(default="hf", metadata={"group": "Backends", "choices": TEACHER_BACKENDS, "affects": TEACHER_STAGES, "help": "Teacher backend: hf, openai (a server), vllm, or a batch API at half price: openai-batch, anthropic-batch (docs/economy.md)."})
     teacher_base_url: list[str] | None = field(default=None, metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the server, e.g. http://127.0.0.1:8000/v1, or a list of replicas to spread requests over."})
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"group": "Backends", **RUNTIME, "help": "openai teacher backend: the NAME of the variable holding the key."})
     student_backend: str = field(default="hf", metadata={"group": "Backends", "choices": STUDENT_BACKENDS, "affects": ("evaluate", "test"), "help": "Backend that evaluates each trained student: hf or vllm."})
@@ -156,8 +156,11 @@ class IterateConfig(TeacherEconomyOptions):
             raise UndoError(f"teacher_base_url = {self.teacher_base_url!r}: expected a URL or a list of URLs",
                             hint='e.g. teacher_base_url = ["http://node1:8000/v1", "http://node2:8000/v1"]')
         self.teacher_base_url = base_urls(self.teacher_base_url) or None
-        if self.teacher_base_url and self.teacher_backend != "openai":
-            raise UndoError("teacher_base_url is for teacher_backend openai", hint="add --teacher-backend openai")
+        from undo_cli.backends import SERVED
+
+        if self.teacher_base_url and self.teacher_backend not in SERVED:
+            raise UndoError(f"teacher_base_url is for teacher_backend {', '.join(SERVED)}",
+                            hint="add --teacher-backend openai")
 
     def _check_economy(self) -> None:
         """The [prices] table under price_input/price_output, then the economy's own checks (economy/options.py)."""
@@ -711,7 +714,9 @@ def _preflight(config: IterateConfig, *, overwrite: bool) -> None:
     from undo_cli.records import read_records
 
     check_stages(config)  # every table
-    if config.teacher_backend != "openai":  # a hub name with the hub unreachable: one line now, not mid-run
+    from undo_cli.backends import SERVED
+
+    if config.teacher_backend not in SERVED:  # a hub name with the hub unreachable: one line now, not mid-run
         check_hub_reachable(config.teacher, "teacher")
     check_hub_reachable(config.student, "student")
     if config.launcher == "slurm":  # off Slurm, fail without leaving a run folder behind

@@ -6,6 +6,7 @@
     out/rationales.shard.json        which shard of which run it is (stages/shards.py)
     out/rationales.rejected.jsonl    generate's samples that did not verify
     out/rationales.metrics.json      evaluate's metrics (for out/predictions.jsonl: predictions.metrics.json)
+    out/rationales.batches.json      the batches a batch API backend created for it (backends/batch/manifest.py)
 
     sidecar_path("out/rationales.jsonl", USAGE)   # "out/rationales.usage.json"
     sidecar_path("/dev/null", USAGE)              # None
@@ -33,7 +34,8 @@ USAGE = "usage.json"
 SHARD = "shard.json"
 REJECTED = "rejected.jsonl"
 METRICS = "metrics.json"
-SIDECARS = (RUN, USAGE, SHARD, REJECTED, METRICS)
+BATCHES = "batches.json"
+SIDECARS = (RUN, USAGE, SHARD, REJECTED, METRICS, BATCHES)
 
 
 def stem(output: str | os.PathLike) -> str:

@@ -466,6 +466,7 @@ def preflight(config) -> Report:
     """
     from types import SimpleNamespace
 
+    from undo_cli.backends import SERVED
     from undo_cli.console import console
     from undo_cli.records import read_records
 
@@ -475,7 +476,7 @@ def preflight(config) -> Report:
     view = SimpleNamespace(  # the white-box teacher of [train] when there is one (the served model name with a URL)
         teacher=train.get("teacher") if white_box and train.get("teacher") else config.teacher,
         student=config.student, teacher_url=train.get("teacher_url"),
-        remote_teacher=config.teacher_backend == "openai", objective=train.get("objective"),
+        remote_teacher=config.teacher_backend in SERVED, objective=train.get("objective"),
         teacher_top_k=train.get("teacher_top_k", 20), max_tokens=generate.get("max_tokens", 512),
         generate_max_tokens=generate.get("max_tokens", 512), refine_max_tokens=refine.get("max_tokens", 512),
         student_max_tokens=evaluate.get("max_tokens", 512), max_length=train.get("max_length", 1024),

@@ -57,6 +57,7 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, SettingError, UndoError, ref
+from undo_cli.backends import SERVED
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_limit, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
@@ -88,7 +89,7 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
             raise SettingError("n", self.n, "must be at least 1")
         self.check_generation_options(n=self.n)  # with keep and verify's choices
         check_limit(self.limit)
-        if self.backend != "openai":  # on a server the name is the server's, not a folder
+        if self.backend not in SERVED:  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
             check_model_ref(self.teacher, ref("teacher"))

@@ -270,6 +270,12 @@ class Generation:
         self.identity = {**spec.identity(config, **(inputs or {})), "prompts": digest(sorted(
             ([i.key, i.messages] for i in self.items), key=lambda kv: kv[0]))}
         self.backend = backend if backend is not None else config.backend_config()
+        from undo_cli.backends import BATCH_BACKENDS, BackendConfig
+
+        if isinstance(self.backend, BackendConfig) and self.backend.backend in BATCH_BACKENDS:
+            from undo_cli.records.sidecars import BATCHES
+
+            self.backend.batch_manifest = sidecar_path(self.output, BATCHES)  # None for a stream: the backend says
         self.economy = config.economy() if spec.teacher else None
         self.stats = _Stats(questions=len(self.items))
 
@@ -316,6 +322,10 @@ class Generation:
         claim_output(self.output, self.identity, fresh=self.fresh, defaults=defaults(type(self.config)),
                      explain=self.explain)
         remove_stale_temps_of(self.output)  # a killed run's temp files of this output and its sidecars
+        if self.fresh and getattr(self.backend, "batch_manifest", None):
+            from undo_cli.backends.batch.manifest import discard
+
+            discard(self.backend.batch_manifest)
         if self.economy is not None:
             self.economy.begin(self.output, fresh=self.fresh or not existed)
         return existed

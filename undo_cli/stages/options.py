@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from undo_cli.backends import BACKENDS
+from undo_cli.backends import BACKENDS, BATCH_BACKENDS, SERVED
 from undo_cli.errors import SettingError, UndoError, ref
 
 RUNTIME = {"identity": False}  # changes no record: not part of what identifies a run (undo_cli/identity.py)
@@ -37,7 +37,7 @@ class GenerationOptions:
 
     help_group = "Backend and sampling"  # the section of these flags in `undo generate --help` etc.
 
-    backend: str = field(default="hf", metadata={"choices": BACKENDS, "help": "hf (embedded transformers), openai (any server) or vllm."})
+    backend: str = field(default="hf", metadata={"choices": BACKENDS, "help": "hf (embedded transformers), openai (any server), vllm, or a hosted batch API at half price: openai-batch, anthropic-batch (results within 24 h; a killed run polls its batches again: docs/economy.md)."})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (reproducible); e.g. 0.7 to sample."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
     max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})
@@ -52,6 +52,10 @@ class GenerationOptions:
     tensor_parallel_size: int = field(default=1, metadata={**RUNTIME, "help": "vllm backend: GPUs to shard the model over."})
     gpu_memory_utilization: float = field(default=0.9, metadata={**RUNTIME, "help": "vllm backend: fraction of GPU memory to use."})
     max_model_len: int | None = field(default=None, metadata={**RUNTIME, "help": "vllm backend: context length (default: the model's)."})
+    batch_poll_s: float = field(default=30.0, metadata={**RUNTIME, "help": "batch backends: seconds between looks at the batches in flight."})
+    batch_resubmits: int = field(default=2, metadata={**RUNTIME, "help": "batch backends: how often one run submits errored and expired requests again (only those)."})
+    batch_max_requests: int = field(default=0, metadata={**RUNTIME, "help": "batch backends: requests per batch; 0 = the API's limit (OpenAI 50,000, Anthropic 100,000)."})
+    batch_max_mb: float = field(default=0.0, metadata={**RUNTIME, "help": "batch backends: megabytes per batch; 0 = the API's limit (OpenAI 200, Anthropic 256)."})
     shard: str | None = field(default=None, metadata={**RUNTIME,
         "help": "K/N: work on shard K (0-based) of N only, by a stable hash of the problem id; "
                 "`undo merge` joins the shards' outputs."})
@@ -71,6 +75,15 @@ class GenerationOptions:
         for name in ("max_tokens", "concurrency", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingError(name, getattr(self, name), "must be at least 1")
+        for name in ("batch_resubmits", "batch_max_requests", "batch_max_mb"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, getattr(self, name), "must be >= 0")
+        if not self.batch_poll_s > 0:
+            raise SettingError("batch_poll_s", self.batch_poll_s, "must be > 0 seconds")
+        if self.backend in BATCH_BACKENDS and getattr(self, "logprobs", None):
+            raise UndoError(f"{ref('logprobs')} with {ref('backend')} {self.backend}: the batch APIs' answers are "
+                            "read as text only here", setting="logprobs",
+                            hint=f"use {ref('backend')} openai (online) for log-probabilities")
         if not self.request_timeout > 0:
             raise SettingError("request_timeout", self.request_timeout, "must be > 0 seconds",
                                hint=f"e.g. {ref('request_timeout')} 120: a request that takes longer is retried")
@@ -84,8 +97,9 @@ class GenerationOptions:
             from undo_cli.stages.shards import parse_shard
 
             parse_shard(self.shard)
-        if self.base_url and self.backend != "openai":
-            raise UndoError(f"{ref('base_url')} is for the openai backend, not '{self.backend}'", setting="base_url",
+        if self.base_url and self.backend not in SERVED:
+            raise UndoError(f"{ref('base_url')} is for the {', '.join(SERVED)} backends, not '{self.backend}'",
+                            setting="base_url",
                             hint=f"add {ref('backend')} openai to talk to a server")
 
     def backend_config(self, model: str, adapter: str | None = None):
@@ -97,6 +111,8 @@ class GenerationOptions:
             concurrency=self.concurrency, request_timeout=self.request_timeout, max_retries=self.max_retries,
             tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+            batch_poll_s=self.batch_poll_s, batch_resubmits=self.batch_resubmits,
+            batch_max_requests=self.batch_max_requests, batch_max_mb=self.batch_max_mb,
         )
 
     def sampling(self, n: int = 1, logprobs: int | None = None):

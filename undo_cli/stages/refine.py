@@ -68,6 +68,7 @@ from typing import Any
 from undo_cli.console import console, warn
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError, ref, word
+from undo_cli.backends import SERVED
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
@@ -107,7 +108,7 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.n < 1:
             raise SettingError("n", self.n, "must be at least 1")
         self.check_generation_options(n=self.n)  # with select and verify's choices
-        if self.backend != "openai":  # on a server the name is the server's, not a folder
+        if self.backend not in SERVED:  # on a server the name is the server's, not a folder
             from undo_cli.model_refs import check_model_ref
 
             check_model_ref(self.teacher, ref("teacher"))

@@ -229,6 +229,8 @@ def test_an_unreachable_hub_is_one_clear_line(monkeypatch):
         check_hub_reachable("someorg/not-cached-model", "--model")
     assert "--model someorg/not-cached-model: not a local folder, and the Hugging Face Hub" in exc.value.message
     assert "cannot be reached" in exc.value.message
+    # the CLI huggingface_hub ships today is `hf` (huggingface-cli is gone from it)
+    assert "`hf download someorg/not-cached-model --local-dir not-cached-model`" in exc.value.hint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_hub_reachable("someorg/not-cached-model", "--model")  # offline: transformers' own cache lookup decides
 

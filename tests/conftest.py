@@ -55,8 +55,10 @@ def offline_env(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def teacher_cache_home(tmp_path_factory, monkeypatch):
     """Each test its own teacher cache (undo_cli/economy): a cached answer from another test would hide
-    the requests a test means to send, and nothing may land in the real ~/.cache."""
+    the requests a test means to send, and nothing may land in the real ~/.cache. UNDO_CACHE_DIR would take
+    precedence (and hold converted GGUF models): unset, a test that wants one sets its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    monkeypatch.delenv("UNDO_CACHE_DIR", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -27,3 +27,11 @@ def test_every_cited_doc_exists():
     missing = {(str(p.relative_to(REPO)), m) for p, text in _texts() for m in CITED.findall(text)
                if not (REPO / m).is_file()}
     assert missing == set()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run is what the README's "Run the tests" block says, line for line."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("**Run the tests**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").split("# --- README: Run the tests (fresh machine) ---\n", 1)[1]
+    assert ci == block

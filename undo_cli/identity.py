@@ -20,7 +20,7 @@ digest of what it read in place of the path.
 `changes` is the one comparison. A key the old identity lacks holds its default
 (a setting added by a later version of undo, at its default, is no change); a
 key only the old one has no longer identifies anything and is ignored.
-Only the standard library here.
+Only the standard library here (gguf_models too, at import).
 """
 
 from __future__ import annotations
@@ -30,8 +30,20 @@ from typing import Any
 
 
 def identity(config: Any, **inputs: Any) -> dict[str, Any]:
-    """Every field of `config` not marked `identity: False`, by name, in order; `inputs` replace input paths."""
-    return {name: inputs[name] if name in inputs else getattr(config, name) for name in identity_names(type(config))}
+    """Every field of `config` not marked `identity: False`, by name, in order; `inputs` replace input paths.
+
+    A field naming a GGUF file (`--teacher model.gguf`) is followed by `<field>_sha256`, the file's hash: another
+    file under the same name is another model (undo_cli/gguf_models.py; hashed once per path, size and mtime).
+    """
+    from undo_cli.gguf_models import identity as gguf_identity
+
+    found: dict[str, Any] = {}
+    for name in identity_names(type(config)):
+        found[name] = inputs[name] if name in inputs else getattr(config, name)
+        gguf = gguf_identity(found[name])
+        if gguf is not None:
+            found[f"{name}_sha256"] = gguf["sha256"]
+    return found
 
 
 def identity_names(cls: type) -> list[str]:

@@ -10,6 +10,7 @@ Two checks, both cheap, so a typo costs a second and not a model load:
   like a path (starts with `.`, `/` or `~`, has more separators than a hub
   `org/name`, or whose first part is an existing folder) must be an existing
   folder; otherwise the error names the nearest existing folder (difflib).
+  A name ending in `.gguf` must be a GGUF file (gguf_models.check_file: its magic bytes).
   Stage configs call it in `__post_init__`, so `undo iterate` refuses a
   misspelt model before any stage runs.
 * `check_hub_reachable(name, flag)` (`models.load_pretrained` calls it before loading): when the
@@ -44,8 +45,10 @@ def to_be_written(folder: str | os.PathLike) -> Iterator[None]:
 
 
 def looks_like_path(name: str) -> bool:
-    """A folder path rather than a hub name (`org/name` or `name`)."""
-    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
+    """A folder or file path rather than a hub name (`org/name` or `name`); a `.gguf` name is always a file."""
+    from undo_cli.gguf_models import is_gguf
+
+    if is_gguf(name) or name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
         return True
     parts = [p for p in name.split("/") if p]
     if len(parts) > 2:  # a hub name has at most one '/'
@@ -75,15 +78,23 @@ def _nearest(path: Path) -> Path | None:
 
 
 def check_model_ref(name: str | None, flag: str) -> None:
-    """Refuse a model that looks like a local path but is no folder, naming the nearest one that exists."""
+    """Refuse a model that looks like a local path but is no folder (nor a GGUF file), naming the nearest one."""
     if not name or not looks_like_path(name):
         return
     path = Path(name).expanduser()
-    if path.is_dir() or any(f == path.resolve() or f in path.resolve().parents for f in _FUTURE):
+    if any(f == path.resolve() or f in path.resolve().parents for f in _FUTURE):
+        return
+    from undo_cli.gguf_models import check_file, is_gguf
+
+    if is_gguf(name):  # llama.cpp's format: converted once when a stage loads it (undo_cli/gguf_models.py)
+        check_file(name, flag)
+        return
+    if path.is_dir():
         return
     if path.exists():
         raise UndoError(f"{flag} {name}: is a file, not a model folder",
-                        hint="pass the folder that holds config.json (what `undo train` or save_pretrained writes)")
+                        hint="pass the folder that holds config.json (what `undo train` or save_pretrained writes), "
+                             "or a .gguf file")
     near = _nearest(path)
     shown = ("./" if name.startswith("./") and not str(near).startswith((".", "/")) else "") + str(near) if near else None
     hint = f"did you mean {shown}? " if shown else ""

@@ -8,9 +8,10 @@ Every place that opens a model (the hf and vllm backends, `undo train`'s
 student and its merge, the white-box teacher) goes through `load_pretrained`
 or `load_error`, so a wrong name, a missing folder or a model that ships its
 own code gives the same message and hint everywhere, never a transformers
-traceback. `library_versions()` is what train_summary.json and a run's
-manifest record; `release_memory()` is called between stages that load
-models in one process (`undo iterate`).
+traceback; a `.gguf` file loads from its converted folder (undo_cli/gguf_models.py).
+`library_versions()` is what train_summary.json and a run's manifest record;
+`release_memory()` is called between stages that load models in one process
+(`undo iterate`).
 
 Only the standard library at import: transformers and torch load inside the functions.
 """
@@ -51,9 +52,11 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     Any failure becomes `load_error`'s UndoError (transformers raises OSError, ValueError, KeyError, ...
     depending on what is wrong, so every exception is translated).
     """
+    from undo_cli.gguf_models import local_model
     from undo_cli.model_refs import check_hub_reachable
 
-    check_hub_reachable(name, flag or kind)  # before transformers' imports and retries: an unreachable hub is fast
+    source = local_model(name, flag or kind)  # a .gguf file: its converted folder (made once; gguf_models.py)
+    check_hub_reachable(source, flag or kind)  # before transformers' imports and retries: an unreachable hub is fast
     import transformers
 
     from undo_cli.console import quiet_transformers
@@ -63,7 +66,7 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
-        loaded = cls.from_pretrained(name, **kwargs)
+        loaded = cls.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise load_error(name, exc, trust_remote_code=trust_remote_code, flag=flag) from None
     if kind == "model":

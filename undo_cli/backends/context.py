@@ -60,6 +60,9 @@ def _config_file(model: str) -> Path | None:
 
 
 def _from_model_config(model: str) -> Window | None:
+    from undo_cli.gguf_models import local_model
+
+    model = local_model(model)  # a .gguf file: its converted folder's config.json
     path = _config_file(model)
     if path is None:
         return None

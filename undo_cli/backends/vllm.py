@@ -64,8 +64,11 @@ class VLLMBackend:
         if not on_gpu and fraction == _GPU_DEFAULT_FRACTION:
             fraction = 0.2
             info("vLLM on CPU: reserving 0.2 of RAM for the KV cache (set --gpu-memory-utilization to change)")
+        from undo_cli.gguf_models import local_model
+
         kwargs: dict[str, Any] = dict(
-            model=config.model, tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=fraction,
+            model=local_model(config.model),  # a .gguf file: its converted folder (vLLM reads the safetensors)
+            tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=fraction,
             max_model_len=config.max_model_len, enable_prefix_caching=True, dtype=dtype,
             enforce_eager=config.enforce_eager or not on_gpu, seed=0,
         )

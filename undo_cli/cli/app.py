@@ -146,6 +146,22 @@ Ask the API to cancel the open batches of an output or a run folder.
 
 Example: undo batch cancel out/rationales.jsonl"""),
     ]),
+    Group("models", "GGUF files as models: convert one ahead, list the conversions, remove them.", [
+        Command("convert", "undo_cli.cli.models:ConvertConfig", "undo_cli.cli.models:convert", """\
+Dequantize a .gguf file into a model folder once (safetensors, config, tokenizer, chat template) and print the
+folder. Any stage given the .gguf file does this itself the first time and reuses the folder after; convert
+ahead of a long run, for another --dtype, or to point another tool (vLLM) at the folder.
+
+Example: undo models convert SmolLM2-135M-Instruct.Q4_1.gguf"""),
+        Command("list", "undo_cli.cli.models:ListConfig", "undo_cli.cli.models:list_models", """\
+The conversions: source file, sha256, size, dtype, folder, when made.
+
+Example: undo models list"""),
+        Command("rm", "undo_cli.cli.models:RemoveConfig", "undo_cli.cli.models:remove", """\
+Delete conversions, named by sha256 prefix, .gguf file or folder (the file itself is never touched).
+
+Example: undo models rm b179c952"""),
+    ]),
     Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
 prints the report. About two minutes on 2 CPU cores; no network, no GPU.

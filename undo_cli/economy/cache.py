@@ -24,7 +24,8 @@ n=4 request is not sample 0 of an n=2 one, and `n` is part of the key.
 **Model identity.** A local folder is identified by the sha256 of every file
 in it (config, tokenizer, chat template, weights; `checkpoints/` excepted). A
 multi-GB weight file is hashed once and the digest memoised in this database
-by (path, size, mtime_ns), so later runs only stat the files. A name that is
+by (path, size, mtime_ns), so later runs only stat the files. A `.gguf` file
+is identified by its sha256 (undo_cli/gguf_models.py). A name that is
 not a local folder (a hub name, a server's model name) is identified by the
 name plus a revision: the one given with `--model-revision`, else the commit
 the local hub cache resolves `main` to, if any. A server that swaps the
@@ -93,9 +94,10 @@ CREATE TABLE IF NOT EXISTS file_hashes (
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/undo, else ~/.cache/undo (the XDG base-directory default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "undo"
+    """$UNDO_CACHE_DIR, else $XDG_CACHE_HOME/undo, else ~/.cache/undo: undo's one cache folder (gguf_models.cache_root)."""
+    from undo_cli.gguf_models import cache_root
+
+    return cache_root()
 
 
 def filesystem_type(path: Path) -> str | None:
@@ -354,7 +356,12 @@ class TeacherCache:
         """{"name", "digest", ...}: what identifies the model's weights (module docstring)."""
         parts: dict[str, Any] = {"name": model}
         p = Path(model).expanduser()
-        if p.is_dir():
+        from undo_cli.gguf_models import identity as gguf_identity
+
+        gguf = gguf_identity(model)
+        if gguf is not None:  # a .gguf file: its bytes (a moved or renamed file is the same model)
+            parts = {"gguf_sha256": gguf["sha256"]}
+        elif p.is_dir():
             parts = {"files": self._folder_digest(p)}  # a copied or moved folder is the same model
         else:
             parts["revision"] = revision or hub_revision(model)

@@ -17,7 +17,7 @@ from typing import Any
 
 from undo_cli.errors import UndoError
 
-_CACHE_DIR_HELP = "Teacher cache folder (default: $XDG_CACHE_HOME/undo or ~/.cache/undo)."
+_CACHE_DIR_HELP = "Teacher cache folder (default: $UNDO_CACHE_DIR, else $XDG_CACHE_HOME/undo or ~/.cache/undo)."
 
 
 @dataclass

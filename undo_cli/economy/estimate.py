@@ -32,8 +32,14 @@ from undo_cli.economy.accounting import BATCH_PRICE, INITIAL_TOKENS_PER_CHAR, PE
 
 def _local_tokenizer(name: str, trust_remote_code: bool) -> tuple[Any | None, str]:
     """The teacher's tokenizer if it loads with no network (else None), and why not."""
+    from undo_cli.gguf_models import existing, is_gguf
     from undo_cli.model_refs import _cached
 
+    if is_gguf(name):  # a dry run never converts: the conversion made earlier, if any
+        folder = existing(name)
+        if folder is None:
+            return None, f"{name} is not converted yet (the first stage that loads it converts it)"
+        name = str(folder)
     local = Path(name).expanduser().is_dir()
     if not local and not _cached(name):
         return None, f"{name} is not a local folder nor in the local hub cache"

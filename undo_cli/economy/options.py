@@ -36,7 +36,7 @@ class TeacherEconomyOptions:
 
     help_group = "Teacher economy (docs/economy.md)"  # the section of these flags in `undo generate --help` etc.
 
-    cache_dir: str | None = field(default=None, metadata={**RUNTIME, "help": "Teacher cache folder [default: $XDG_CACHE_HOME/undo or ~/.cache/undo]; keep it on a local disk."})
+    cache_dir: str | None = field(default=None, metadata={**RUNTIME, "help": "Teacher cache folder [default: $UNDO_CACHE_DIR, else $XDG_CACHE_HOME/undo or ~/.cache/undo]; keep it on a local disk."})
     cache: bool = field(default=True, metadata={**RUNTIME, "help": "Read and write the teacher cache (--no-cache: every answer is paid for)."})
     cache_unseeded: bool = field(default=False, metadata={**RUNTIME, "help": "Also cache sampling without a seed (a re-run then reuses the first samples instead of drawing new ones)."})
     model_revision: str | None = field(default=None, metadata={"affects": ("generate", "refine"), "help": "Cache key: the teacher's revision when its name does not pin the weights (a server's model name); local folders are hashed instead."})

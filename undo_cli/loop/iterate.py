@@ -82,8 +82,8 @@ class IterateConfig(TeacherEconomyOptions):
     TeacherEconomyOptions', declared once: here they hold for the whole run (loop/usage.py).
     """
 
-    teacher: str = field(metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"group": "Models and data", "affects": ("train",), "help": "The base student: a model folder or a hub name."})
+    teacher: str = field(metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
+    student: str = field(metadata={"group": "Models and data", "affects": ("train",), "help": "The base student: a model folder, a hub name or a .gguf file."})
     train_file: str = field(metadata={"group": "Models and data", "help": "Training problems JSONL: the teacher writes rationales for these."})
     val_file: str = field(metadata={"group": "Models and data", "help": "Validation problems JSONL: diagnosis and convergence (never trained on)."})
     test_file: str = field(metadata={"group": "Models and data", "help": "Test problems JSONL: only the best and the iteration-0 students see it."})

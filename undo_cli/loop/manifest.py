@@ -56,11 +56,18 @@ def now() -> str:
 
 
 def model_fingerprint(model: str) -> dict[str, Any]:
-    """What identifies a model: a local folder's config.json hash and file sizes, or a hub name as given.
+    """What identifies a model: a local folder's config.json hash and file sizes, a GGUF file's sha256, or a hub
+    name as given.
 
     Hashing multi-GB weights on every start would cost minutes; the config plus
-    the names and sizes of the files catches a retrained or swapped folder.
+    the names and sizes of the files catches a retrained or swapped folder. A GGUF
+    file is hashed once per path, size and mtime (undo_cli/gguf_models.py).
     """
+    from undo_cli.gguf_models import identity as gguf_identity
+
+    gguf = gguf_identity(model)
+    if gguf is not None:
+        return gguf
     p = Path(model)
     if not p.is_dir():
         return {"name": model}

@@ -48,8 +48,8 @@ SAMPLE = {"id": "check", "question": "Sam has 3 apples and buys 4 more. How many
 class CheckConfig:
     """Everything `undo check` needs (each field one flag)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
-    student: str = field(metadata={"help": "The student: a model folder or a hub name."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
+    student: str = field(metadata={"help": "The student: a model folder, a hub name or a .gguf file."})
     teacher_url: str | None = field(default=None, metadata={
         "help": "A served teacher (vLLM's OpenAI server, e.g. http://127.0.0.1:8000/v1): checked as `undo train "
                 "--teacher-url` and `undo generate --backend openai` use it."})
@@ -123,7 +123,9 @@ def context_length(name: str, tokenizer, trust: bool) -> int | None:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        from undo_cli.gguf_models import local_model
+
+        config = AutoConfig.from_pretrained(local_model(name), trust_remote_code=trust)
         from undo_cli.backends.context import CONFIG_KEYS  # the keys refine's context check reads too
 
         for key in CONFIG_KEYS:

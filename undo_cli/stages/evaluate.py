@@ -53,7 +53,7 @@ from undo_cli.stages.spec import StageSpec
 class EvaluateConfig(GenerationOptions):
     """Everything `undo evaluate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
-    model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, or the model name on the server."})
+    model: str = field(metadata={"help": "The student: a model folder (what `undo train` writes), a hub name, a .gguf file, or the model name on the server."})
     input: str = field(metadata={"input": True, "short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
     output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Predictions JSONL; resumable unless '-' (stdout)."})
     adapter: str | None = field(default=None, metadata={"help": "hf backend: a LoRA adapter folder applied on top of --model."})

@@ -68,7 +68,7 @@ KEEP = {"correct": "only verified rationales go to the output", "all": "every sa
 class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
     input: str = field(metadata={"input": True, "short": "-i", "help": "Problems JSONL (id, question, answer[, task, choices]); '-' reads stdin."})
     output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Rationales JSONL; resumable unless '-' (stdout)."})
     n: int = field(default=1, metadata={"help": "Rationales sampled per problem (rejection sampling when > 1)."})

@@ -79,7 +79,7 @@ SELECT = {"similar": "the targets most like the failures", "errors": "the failed
 class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
-    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, or the model name on the server."})
+    teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
     errors: str = field(metadata={"input": True, "help": "Errors JSONL from `undo collect-errors` ('-' reads stdin)."})
     targets: str = field(metadata={"input": True, "help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
     output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})

@@ -65,6 +65,7 @@ from typing import Any
 
 from undo_cli.console import console, print_stage_summary, warn
 from undo_cli.errors import UndoError
+from undo_cli.gguf_models import sources as gguf_sources
 from undo_cli.models import library_versions, load_error, release_memory
 from undo_cli.records import read_json, write_json
 from undo_cli.stages.spec import StageSpec, keep_keys
@@ -323,6 +324,7 @@ def _summary(run: _Run, result, saved: dict[str, Any], started: float) -> dict[s
     runtime = float(result.metrics.get("train_runtime", 0.0)) or 1e-9
     return {
         "student": config.student,
+        **gguf_sources(student=config.student, teacher=config.teacher),  # a .gguf's path and sha256
         "data": config.data,
         "output": str(run.output),
         "saved": saved,

@@ -123,7 +123,7 @@ class ObjectiveOptions:
                 "distribution: fkl, rkl, jsd, skl, srkl, tvd (a shared tokenizer); uld, gold (any tokenizer: "
                 "byte-aligned spans); auto (skl when the tokenizers are identical, else gold or uld)."})
     teacher: str | None = field(default=None, metadata={
-        "help": "Live teacher for a white-box objective (folder or hub name; another tokenizer needs uld, gold or "
+        "help": "Live teacher for a white-box objective (folder, hub name or .gguf file; another tokenizer needs uld, gold or "
                 "auto), loaded frozen."})
     teacher_logprobs: bool = field(default=False, metadata={
         "help": "Offline teacher: use the top-K log-probs recorded in --data by `undo generate --logprobs K`."})
@@ -357,7 +357,7 @@ class OutputOptions:
 class TrainConfig(OutputOptions, StudentOutputOptions, ObjectiveOptions, LoraOptions, TrainingOptions):
     """Everything `undo train` needs (the CLI flags, one to one)."""
 
-    student: str = field(metadata={"help": "The model to fine-tune: a local folder or a hub name."})
+    student: str = field(metadata={"help": "The model to fine-tune: a local folder, a hub name or a .gguf file."})
     data: str = field(metadata={"help": "Training data JSONL ('-' reads stdin): rationales from `undo generate`/`undo "
                                         "refine`, problems with --rationale-field, {\"messages\": [...]} or {\"prompt\", "
                                         "\"completion\"} lines (docs/artifacts.md, 'training data')."})

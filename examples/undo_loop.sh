@@ -33,8 +33,9 @@ read -r -a undo <<< "${UNDO:-undo}"
 # This script runs each next step itself, so its stages print no `next:` line (undo_cli/guidance.py); the
 # report at the end does.
 export UNDO_NEXT=0
-# TEACHER STUDENT TRAIN VAL TEST OUT MAX_ITERATIONS PATIENCE MIN_DELTA MIX INIT ADAPTER_ONLY and the
-# arrays GENERATE_ARGS TRAIN_ARGS EVALUATE_ARGS COLLECT_ERRORS_ARGS REFINE_ARGS (undo_cli/loop/script.py).
+# TEACHER STUDENT TRAIN VAL TEST OUT MAX_ITERATIONS PATIENCE MIN_DELTA MIX INIT ADAPTER_ONLY REFINE_SELECT and
+# the arrays CLUSTER_ARGS GENERATE_ARGS TRAIN_ARGS EVALUATE_ARGS COLLECT_ERRORS_ARGS REFINE_ARGS
+# (undo_cli/loop/script.py).
 settings=$("${undo[@]}" iterate "$@" --dry-run --format shell)
 eval "$settings"
 
@@ -63,6 +64,9 @@ train_and_diagnose() {  # $1 = iteration, $2 = training data
 }
 
 # --- iteration 0: one-shot distillation ---------------------------------------------------
+# the failure clusters, once: every round's failures map to the same ids (undo cluster)
+mkdir -p "$OUT"
+"${undo[@]}" cluster "$TRAIN" "$VAL" --output "$OUT/clusters.json" "${CLUSTER_ARGS[@]}"
 d=$(it 0)
 "${undo[@]}" generate --teacher "$TEACHER" --input "$TRAIN" --output "$d/rationales.jsonl" --iteration 0 \
   "${GENERATE_ARGS[@]}"
@@ -82,8 +86,10 @@ for ((k = 1; k <= MAX_ITERATIONS; k++)); do
     echo "no validation errors left to refine; stopping" >&2
     break
   fi
+  history=()  # --select clusters: which clusters the last round's refinements fixed
+  if [ "$REFINE_SELECT" = clusters ] && [ "$k" -ge 2 ]; then history=(--previous-errors "$(it $((k - 2)))/errors.jsonl"); fi
   "${undo[@]}" refine --teacher "$TEACHER" --errors "$prev/errors.jsonl" --targets "$data" \
-    --output "$d/refined.jsonl" --iteration "$k" "${REFINE_ARGS[@]}"
+    --output "$d/refined.jsonl" --iteration "$k" --clusters "$OUT/clusters.json" "${history[@]}" "${REFINE_ARGS[@]}"
   "${undo[@]}" mix --base "$data" --refined "$d/refined.jsonl" --mode "$MIX" --output "$d/train_data.jsonl"
   data="$d/train_data.jsonl"
   train_and_diagnose "$k" "$data"

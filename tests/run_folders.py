@@ -142,13 +142,25 @@ def _correctness(n: int, iterations: int, rng: random.Random) -> list[list[bool]
 
 def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, iterations: int = 4,
               refinements: int = 25, chars: int = 160, seed: int = 0, hostile: bool = False,
-              extra: dict[str, Any] | None = None, manifest: bool = True, rewrite: float = 0.5) -> dict[str, Any]:
-    """Write the run; returns what a test compares against (best iteration, ids of refined records)."""
+              extra: dict[str, Any] | None = None, manifest: bool = True, rewrite: float = 0.5,
+              clusters: int = 0) -> dict[str, Any]:
+    """Write the run; returns what a test compares against (best iteration, ids of refined records, and with
+    `clusters` > 0 the assignment of clusters.json: train and val problems dealt into that many clusters)."""
     rng = random.Random(seed)
     val_p, test_p = _problems("val", val, rng, hostile), _problems("test", test, rng, hostile)
+    train_p = _problems("train", train, rng, hostile)
     rationales = [{**p, "id": f"{p['id']}#0", "problem_id": p["id"], "rationale": text(rng, chars, p["answer"]),
                    "predicted": p["answer"], "correct": True, "teacher": "teacher", "iteration": 0}
-                  for p in _problems("train", train, rng, hostile)]
+                  for p in train_p]
+    assign: dict[str, str] = {}
+    if clusters:
+        crng = random.Random(seed + 1)
+        assign = {p["id"]: f"c{crng.randrange(clusters):02d}" for p in train_p + val_p}
+        sizes = {c: list(assign.values()).count(c) for c in sorted(set(assign.values()))}
+        _json(root / "clusters.json", {"format": 1, "method": "tfidf", "words": "once", "k": clusters,
+                                       "clusters": [{"id": c, "size": n, "label": f"words of {c}"}
+                                                    for c, n in sizes.items()], "assign": assign})
+        extra = {**(extra or {}), "select": "clusters"}
     _jsonl(root / "iter_00" / "rationales.jsonl", rationales)
     right = _correctness(val, iterations, rng)
     accuracies, refined_ids = [], {}
@@ -159,6 +171,8 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
         d = root / f"iter_{k:02d}"
         if k:
             refined = _refined(k, rationales, errors, rng, refinements, chars, hostile, extra or {}, rewrite)
+            for r in refined if assign else []:
+                r["refinement"]["cluster"] = assign[r["problem_id"]]
             _jsonl(d / "refined.jsonl", refined)
             refined_ids[k] = [r["id"] for r in refined]
         _json(d / "student" / "train_summary.json", {"final_loss": 1.0 / (k + 1), "steps": 10})
@@ -180,4 +194,4 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
                                        "iterations_done": iterations, "stop_reason": f"reached max_iterations "
                                        f"({iterations - 1})", "config": {"teacher": "teacher", "student": "student",
                                        "max_iterations": iterations - 1, "refine": {"k": 1}}, "stages": stages})
-    return {"best": best, "refined_ids": refined_ids, "accuracies": accuracies}
+    return {"best": best, "refined_ids": refined_ids, "accuracies": accuracies, "assign": assign}

@@ -105,6 +105,8 @@ COMMANDS = [
             lambda f, o, m: ["refine", "--teacher", m, "--errors", f["errors"], "--targets", f["targets"],
                              "--select", "errors", "--output", o],
             tolerant=(("errors", "empty"),), output_is_input="targets"),  # no errors: nothing to refine, exit 0
+    Command("cluster", {"problems": "problem"}, lambda f, o, m: ["cluster", f["problems"], "--output", o],
+            output_is_input="problems"),
     Command("mix", {"base": "rationale", "refined": "rationale"},
             lambda f, o, m: ["mix", "--base", f["base"], "--refined", f["refined"], "--output", o],
             tolerant=(("refined", "empty"),), output_is_input="base"),
@@ -241,8 +243,8 @@ def test_bad_input_exits_2_and_writes_nothing(case: Case, tmp_path, undo_inproc,
 
 def test_the_table_covers_every_command():
     names = {c.command for c in CASES} | {"report"}
-    assert names == {"score", "generate", "evaluate", "collect-errors", "refine", "mix", "train", "data import",
-                     "iterate", "report"}
+    assert names == {"score", "generate", "evaluate", "collect-errors", "refine", "cluster", "mix", "train",
+                     "data import", "iterate", "report"}
 
 
 # --- report: it reads a run folder, not a JSONL file ------------------------------------------------

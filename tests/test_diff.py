@@ -152,3 +152,33 @@ def test_readme_commands_as_written_in_a_terminal(tmp_path):
             assert sorted(regressed) == sorted(i for i, t in truth.items() if t == "regressed")
         elif "before/" in line:
             assert all(f"{n} {c} " in " ".join(screen.split()) for n, c in _counts(truth).items())
+
+
+def test_per_cluster_errors_fixes_and_refinements_equal_the_files(tmp_path, capsys):
+    """With clusters.json, `undo diff RUN A B` counts per cluster what the files say (counted here by hand)."""
+    from undo_cli.loop.diff import DiffConfig, run as diff_run
+    from tests.conftest import wide_console
+
+    root = tmp_path / "runs" / "clustered"
+    made = write_run(root, val=40, test=20, iterations=3, refinements=6, clusters=3)
+    assign = made["assign"]
+    with wide_console():
+        result = diff_run(DiffConfig(paths=[str(root), "0", "2"], rows=0))
+    a = {p["id"]: p for p in _read(root / "iter_00" / "val" / "predictions.jsonl")}
+    b = {p["id"]: p for p in _read(root / "iter_02" / "val" / "predictions.jsonl")}
+    refined = _read(root / "iter_01" / "refined.jsonl") + _read(root / "iter_02" / "refined.jsonl")
+    for cluster, row in result["clusters"].items():
+        mine = [i for i in b if assign[i] == cluster]
+        assert row["problems"] == len(mine)
+        assert row["errors_before"] == sum(not a[i]["correct"] for i in mine)
+        assert row["errors"] == sum(not b[i]["correct"] for i in mine)
+        assert row.get("fixed", 0) == sum(not a[i]["correct"] and b[i]["correct"] for i in mine)
+        assert row.get("regressed", 0) == sum(a[i]["correct"] and not b[i]["correct"] for i in mine)
+        targets = {(r["problem_id"]) for r in refined if assign[r["problem_id"]] == cluster}
+        assert row.get("targets", 0) == len(targets)
+    err = capsys.readouterr().err
+    assert "per failure cluster" in err and "words of c00" in err
+    # jsonl lines carry each problem's cluster
+    out = tmp_path / "lines.jsonl"
+    diff_run(DiffConfig(paths=[str(root), "0", "2"], format="jsonl", output=str(out)))
+    assert all(line["cluster"] == assign[line["id"]] for line in _jsonl_out(out))

@@ -76,7 +76,8 @@ def test_dry_run_shows_every_key_with_its_source_and_the_plan(files, tmp_path, c
                                                                  "train.resume", "train.overwrite",
                                                                  "train.trust_remote_code"} <= set(shown["settings"])
     stages = [row[0] for row in shown["plan"]]
-    assert stages[:4] == ["iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors"]
+    assert stages[:5] == ["iter_00/cluster", "iter_00/generate", "iter_00/train", "iter_00/evaluate",
+                          "iter_00/collect_errors"]
     assert "iter_01/refine" in stages and "iter_02/refine" not in stages
     assert "train.lr" in out and "flag" in out and "file" in out and "default" in out
     assert not (tmp_path / "runs").exists()  # nothing created, no model loaded (the models do not even exist)

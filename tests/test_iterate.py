@@ -33,7 +33,7 @@ from tests.conftest import REPO, TAUGHT_PROBLEMS, write_jsonl
 STAGE_FLAGS = [
     "--generate.prompt", "student", "--generate.max-tokens", "48",
     "--refine.prompt", "student", "--refine.max-tokens", "48", "--refine.per-error", "4",
-    "--refine.batch-size", "1",
+    "--refine.batch-size", "1", "--refine.budget", "none",
     "--train.max-steps", "12", "--train.save-steps", "3", "--train.batch-size", "4", "--train.lr", "3e-3",
     "--train.logging-steps", "3",
     "--evaluate.max-tokens", "8",
@@ -123,7 +123,7 @@ def test_killed_twice_and_resumed_run_completes_without_recomputing(finished_run
     manifest = _manifest(run)
     assert manifest["status"] == "done"
     stages = manifest["stages"]
-    expected = ["iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors",
+    expected = ["iter_00/cluster", "iter_00/generate", "iter_00/train", "iter_00/evaluate", "iter_00/collect_errors",
                 "iter_01/refine", "iter_01/mix", "iter_01/train", "iter_01/evaluate", "iter_01/collect_errors",
                 "iter_00/test"]
     assert list(stages) == expected  # patience 1 and no gain: stops after iteration 1; best = 0 is tested

@@ -155,7 +155,7 @@ def run_refine(tmp_path, teacher, errors, targets, **overrides):
 
     cfg = dict(teacher=str(teacher), errors=str(write_jsonl(tmp_path / "errors.jsonl", errors)),
                targets=str(write_jsonl(tmp_path / "targets.jsonl", targets)),
-               output=str(tmp_path / "refined.jsonl"), max_tokens=40, batch_size=8)
+               output=str(tmp_path / "refined.jsonl"), max_tokens=40, batch_size=8, budget=None)
     cfg.update(overrides)
     summary = run(RefineConfig(**cfg))
     return summary, read_jsonl(cfg["output"]) if cfg["output"] != "-" else None

@@ -292,3 +292,41 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     before = (run / "manifest.json").read_text()
     code, err = undo_here("report", run, "--html", run / "manifest.json")
     assert code == 2 and "is not an HTML page" in err and (run / "manifest.json").read_text() == before
+
+
+def test_the_run_shows_each_clusters_errors_fixes_and_refinements_per_iteration(tmp_path):
+    """With clusters.json the page has one row per cluster and one cell per iteration, counted from the files."""
+    import re
+
+    from undo_cli.loop.report import collect, write_summary
+    from undo_cli.loop.report_html import build
+
+    def page_of(run):
+        state = collect(run)
+        return build(run, state, write_summary(run, state))[0]
+
+    root = tmp_path / "runs" / "clustered"
+    made = write_run(root, val=30, test=10, iterations=3, refinements=5, clusters=2)
+    assign = made["assign"]
+    page = page_of(root)
+    assert "Failure clusters" in page
+    row = re.search(r"<tr><th>c00</th><td>words of c00</td>(.*?)</tr>", page).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert len(cells) == 3  # iterations 0, 1, 2
+    for k, cell in enumerate(cells):
+        preds = [p for p in _read(root / f"iter_{k:02d}" / "val" / "predictions.jsonl") if assign[p["id"]] == "c00"]
+        wrong = sum(not p["correct"] for p in preds)
+        assert cell.startswith(f"<b>{wrong}/{len(preds)}</b>")
+        if k:
+            before = {p["id"]: p["correct"] for p in _read(root / f"iter_{k - 1:02d}" / "val" / "predictions.jsonl")}
+            fixed = sum(p["correct"] and not before[p["id"]] for p in preds)
+            regressed = sum(before[p["id"]] and not p["correct"] for p in preds)
+            assert f"fixed {fixed}, regressed {regressed}" in cell
+            refined = {r["problem_id"]: r["refinement"]["verified"]
+                       for r in _read(root / f"iter_{k:02d}" / "refined.jsonl") if assign[r["problem_id"]] == "c00"}
+            if refined:
+                assert f"refined {len(refined)} ({sum(refined.values())} verified)" in cell
+    # without clusters.json: no table
+    plain = tmp_path / "runs" / "plain"
+    write_run(plain, val=10, test=5, iterations=2, refinements=2)
+    assert "Failure clusters" not in page_of(plain)

@@ -58,7 +58,8 @@ def test_dry_run_keeps_keys_whole_and_prints_json_only_when_asked(problems, tmp_
     capsys.readouterr()
     main(args + ["--format", "json"])
     shown = json.loads(capsys.readouterr().out)
-    assert shown["settings"]["train.lr"] is None and shown["plan"][0][0] == "iter_00/generate"
+    assert shown["settings"]["train.lr"] is None and shown["plan"][0][0] == "iter_00/cluster"
+    assert shown["plan"][1][0] == "iter_00/generate"
     main(args)
     text = capsys.readouterr()
     assert text.out == ""  # people read the tables on stderr; stdout stays empty without --format json

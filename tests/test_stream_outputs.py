@@ -157,7 +157,7 @@ def _stage_config(stage: str, tmp_path: Path, model: Path, output: Path):
     errors = write_jsonl(tmp_path / "errors.jsonl", [{**p, "output": "#### 0", "predicted": "0", "correct": False,
                                                       "error_type": "wrong_answer"} for p in PROBLEMS])
     return refine, refine.RefineConfig(teacher=str(model), errors=str(errors), targets=str(targets), select="errors",
-                                       **common)
+                                       budget="none", **common)
 
 
 @pytest.mark.parametrize("stage", ["generate", "evaluate", "refine"])

@@ -114,7 +114,7 @@ def test_refine_verify_steps_keeps_the_previous_rationale_and_says_why(undo_here
     template = tmp_path / "taught.jinja"
     template.write_text(STUDENT_TEMPLATE)  # the format the teacher was taught: it answers from memory
     common = ["--teacher", step_teacher, "--errors", errors, "--targets", targets, "--select", "errors",
-              "--k", "0", "--prompt", template, "--max-tokens", "64"]
+              "--k", "0", "--prompt", template, "--max-tokens", "64", "--budget", "none"]
 
     code, err = undo_here("refine", *common, "--output", tmp_path / "steps.jsonl", "--verify", "steps")
     assert code == 0, err
@@ -205,7 +205,7 @@ def test_iterate_verify_steps_counts_rejections_per_iteration(undo, tiny_model, 
                 "--val-file", files["val"], "--test-file", files["test"], "--runs-dir", tmp_path / "runs",
                 "--name", "steps", "--max-iterations", "1", "--verify", "steps", "--generate.verify", "strict",
                 "--generate.prompt", "student", "--generate.max-tokens", "64", "--refine.prompt", "student",
-                "--refine.max-tokens", "64", "--refine.per-error", "4", "--train.max-steps", "2",
+                "--refine.max-tokens", "64", "--refine.per-error", "4", "--refine.budget", "none", "--train.max-steps", "2",
                 "--train.batch-size", "4", "--evaluate.max-tokens", "8", env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "runs" / "steps" / "manifest.json").read_text())

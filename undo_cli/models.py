@@ -47,7 +47,8 @@ def load_error(model: str, exc: BaseException, *, trust_remote_code: bool = True
 
 
 def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str = "", **kwargs: Any):
-    """`AutoTokenizer` ("tokenizer") or `AutoModelForCausalLM` ("model") `.from_pretrained(name, **kwargs)`.
+    """`AutoTokenizer` ("tokenizer"), `AutoModelForCausalLM` ("model") or `AutoModel` ("encoder": a sentence
+    encoder, undo_cli/clusters.py) `.from_pretrained(name, **kwargs)`.
 
     Any failure becomes `load_error`'s UndoError (transformers raises OSError, ValueError, KeyError, ...
     depending on what is wrong, so every exception is translated).
@@ -62,7 +63,8 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     from undo_cli.console import quiet_transformers
 
     quiet_transformers()  # no "Loading weights" / "Writing model shards" bars of its own: undo reports progress
-    cls = {"tokenizer": transformers.AutoTokenizer, "model": transformers.AutoModelForCausalLM}[kind]
+    cls = {"tokenizer": transformers.AutoTokenizer, "model": transformers.AutoModelForCausalLM,
+           "encoder": transformers.AutoModel}[kind]
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:

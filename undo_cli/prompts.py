@@ -118,6 +118,23 @@ def problem_variables(problem: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def refine_variables(target: dict[str, Any], failure: dict[str, Any], similar: list[dict[str, Any]],
+                     previous: list[str], cluster: str | None = None) -> dict[str, Any]:
+    """Everything a refine template receives (prompts/README.md): the target problem, the failure that chose it,
+    the similar failures shown beside it, the teacher's earlier rationales, the target's failure cluster.
+
+    One definition for `undo refine`, `undo check`'s context estimate and the demo teacher's training prompts.
+    """
+    def view(e: dict[str, Any]) -> dict[str, Any]:  # no usage, model names or other noise
+        return {"id": e.get("id"), "question": e["question"], "answer": e.get("answer"), "output": e.get("output"),
+                "predicted": e.get("predicted"), "error_type": e.get("error_type")}
+
+    return {**problem_variables(target), "previous_rationales": previous, "student_output": failure.get("output"),
+            "student_question": failure["question"], "student_predicted": failure.get("predicted"),
+            "error_type": failure.get("error_type"), "similar_failures": [view(e) for e in similar],
+            "failures": [view(e) for e in [failure, *similar]], "cluster": cluster}
+
+
 STUDENT_TEMPLATE = "student"
 
 

@@ -80,6 +80,11 @@ The teacher rewrites rationales to target the student's failures; each new ratio
 previous one is kept when it does not verify.
 
 Example: undo refine --teacher out/teacher --errors errors.jsonl --targets rationales.jsonl --output refined.jsonl"""),
+    Stage("cluster", """\
+Cluster the training and validation questions once (TF-IDF or a small sentence-embedding model), so each
+round's failures map to the same cluster ids; refine --select clusters shares its budget by cluster.
+
+Example: undo cluster train.jsonl val.jsonl --output clusters.json"""),
     Stage("mix", """\
 Mix refined rationales into the training data: replace the old ones by id, or append the verified ones.
 

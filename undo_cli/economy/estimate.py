@@ -86,15 +86,23 @@ def estimate_generate(prompts: list[list[dict[str, str]]], config, *, max_teache
 
 def _prompt_tokens(prompts: list[list[dict[str, str]]], teacher: str, trust_remote_code: bool) -> tuple[list[int], str]:
     """Each prompt's length in tokens (the teacher's tokenizer, or the budget check's estimate); and how."""
+    count, counted = prompt_counter(teacher, trust_remote_code)
+    return [count(m) for m in prompts], counted
+
+
+def prompt_counter(teacher: str, trust_remote_code: bool = False):
+    """(messages -> prompt tokens, how they are counted): the teacher's tokenizer and chat template when it loads
+    without the network, else the budget check's estimate from characters (as Budget.bound). `undo refine
+    --budget N-tokens` prices its targets with it, as the dry run prices iteration 0."""
     from undo_cli.prompts import encode_prompt
 
     tokenizer, why = _local_tokenizer(teacher, trust_remote_code)
     if tokenizer is not None:  # what the hf backend sends
-        return [len(encode_prompt(tokenizer, m)) for m in prompts], f"counted with the teacher's tokenizer ({teacher})"
+        return (lambda m: len(encode_prompt(tokenizer, m))), f"counted with the teacher's tokenizer ({teacher})"
     counted = (f"estimated from characters at {1 / INITIAL_TOKENS_PER_CHAR:g} characters a token "
                f"+ {PER_MESSAGE_OVERHEAD} a message ({why})")
-    return [math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)
-            for m in prompts], counted  # as Budget.bound
+    return (lambda m: math.ceil(prompt_chars(m) * INITIAL_TOKENS_PER_CHAR) + PER_MESSAGE_OVERHEAD * (len(m) + 1)), \
+        counted
 
 
 def _coverage(prompts: list[int], completion: int, out: dict[str, Any], prices: Prices,

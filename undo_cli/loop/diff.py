@@ -17,7 +17,11 @@ problems (id, gold answer, both predicted answers, the question),
      "b": {"correct": true, "predicted": "22", "error_type": null, "finish_reason": "stop", "output": "..."}}
 
 A run folder's A and B are iteration numbers (or `best`: the iteration the
-run chose); their predictions are `iter_NN/<split>/predictions.jsonl`. On
+run chose); their predictions are `iter_NN/<split>/predictions.jsonl`. When
+the run has failure clusters (clusters.json, `undo cluster`), a second table
+gives per cluster its errors in A and B, fixed and regressed, and the
+refinements its training problems got in the rounds after A up to B
+(loop/cluster_view.py); `--format jsonl` lines then carry the `cluster`. On
 test only the best and the one-shot (0) students are evaluated. Files are
 read strictly (records/io.py): a malformed line, a missing field or a
 duplicate id is an error naming the file and line, and so is an id that only
@@ -68,10 +72,11 @@ class DiffConfig:
 
 @dataclass
 class Side:
-    """One side of the comparison: its label and where its predictions are."""
+    """One side of the comparison: its label and where its predictions are (and, in a run, its iteration)."""
 
     label: str
     path: Path
+    iteration: int | None = None
 
 
 def _iteration(run_dir: Path, text: str, split: str, best: int | None) -> Side:
@@ -100,7 +105,7 @@ def _iteration(run_dir: Path, text: str, split: str, best: int | None) -> Side:
         raise UndoError(f"{path}: no such file: iteration {k} has no {split} predictions ({why})",
                         hint=f"undo diff {run_dir} 0 best --split test" if split == "test" else
                         "wait for the evaluation (undo report shows where the run is)")
-    return Side(f"iteration {k}{' (best)' if k == best else ''}", path)
+    return Side(f"iteration {k}{' (best)' if k == best else ''}", path, k)
 
 
 def sides(config: DiffConfig) -> tuple[Side, Side]:
@@ -143,13 +148,68 @@ def run(config: DiffConfig) -> dict[str, Any]:
     from undo_cli.records import read_records, write_records
 
     a, b = sides(config)
-    result = compare(read_records(a.path, "prediction"), read_records(b.path, "prediction"), str(a.path), str(b.path))
+    preds_a, preds_b = read_records(a.path, "prediction"), read_records(b.path, "prediction")
+    result = compare(preds_a, preds_b, str(a.path), str(b.path))
     print_counts(result.counts, a, b)
+    clusters = _clusters(config)
+    by_cluster = None
+    if clusters is not None:
+        by_cluster = per_cluster(clusters, config, a, b, preds_a, preds_b)
+        print_clusters(clusters, by_cluster, a, b)
     if config.format == "jsonl":
-        write_records(config.output, (line(r) for r in result.rows))
+        write_records(config.output, ({**line(r), "cluster": clusters.of(r["id"])} if clusters is not None
+                                      else line(r) for r in result.rows))
     elif config.rows:
         print_changed(result.rows, config.rows)
-    return {"a": str(a.path), "b": str(b.path), "counts": result.counts, "problems": len(result.rows)}
+    out = {"a": str(a.path), "b": str(b.path), "counts": result.counts, "problems": len(result.rows)}
+    if by_cluster is not None:
+        out["clusters"] = by_cluster
+    return out
+
+
+def _clusters(config: DiffConfig):
+    """The run's failure clusters (RUN A B form with a clusters.json), else None."""
+    if len(config.paths) != 3:
+        return None
+    layout = RunLayout(Path(config.paths[0]))
+    if not layout.clusters.is_file():
+        return None
+    from undo_cli.clusters import load
+
+    return load(str(layout.clusters))
+
+
+def per_cluster(clusters, config: DiffConfig, a: Side, b: Side, preds_a, preds_b) -> dict[str, dict[str, Any]]:
+    """loop/cluster_view.between over A -> B, with the refinements of every round after A up to B."""
+    from undo_cli.loop.cluster_view import between
+    from undo_cli.records import read_records
+
+    layout = RunLayout(Path(config.paths[0]))
+    refined: list[dict[str, Any]] = []
+    low, high = sorted((a.iteration or 0, b.iteration or 0))
+    for k in range(low + 1, high + 1):
+        if layout.refined(k).is_file():
+            refined += read_records(layout.refined(k), "rationale", allow_empty=True)
+    return between(clusters, preds_a, preds_b, refined)
+
+
+def print_clusters(clusters, rows: dict[str, dict[str, Any]], a: Side, b: Side) -> None:
+    """Per cluster: errors in A and B, fixed, regressed, and the refinements in between, on stderr."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from undo_cli.console import console
+
+    table = Table(title=f"per failure cluster ({clusters.method}; {clusters.path})", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("cluster", "problems", "errors A", "errors B", "fixed", "regressed", "refined (verified)", "words"):
+        table.add_column(col, justify="left" if col in ("cluster", "words") else "right")
+    for c, row in rows.items():
+        refined = f"{row['targets']} ({row['verified']})" if row.get("targets") else "—"
+        table.add_row(c, str(row["problems"]), str(row.get("errors_before", "—")), str(row["errors"]),
+                      str(row.get("fixed", 0)), str(row.get("regressed", 0)), refined, Text(clusters.label(c)))
+    console.print(table)
 
 
 def print_counts(counts: dict[str, int], a: Side, b: Side) -> None:

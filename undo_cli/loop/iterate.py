@@ -12,7 +12,8 @@
 What it runs (docs/method.md §1), every step a call to the stage's own `run()`:
 
     iteration 0 (one-shot distillation)     iteration k >= 1 (UNDO)
-      generate   teacher rationales, train    refine     teacher re-teaches, from iteration k-1's errors
+      cluster    train + val problems, once   refine     teacher re-teaches, from iteration k-1's errors
+      generate   teacher rationales, train                (its budget, its targets: [refine] budget, select)
       train      student on them              mix        refined rationales replace (or join) the old ones
       evaluate   student on val               train      student on the mixed data
       collect_errors                          evaluate   student on val
@@ -117,6 +118,7 @@ class IterateConfig(TeacherEconomyOptions):
     train: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[train] table: TrainConfig fields."})
     evaluate: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[evaluate] table: EvaluateConfig fields."})
     collect_errors: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[collect_errors] table: CollectErrorsConfig fields."})
+    cluster: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[cluster] table: ClusterConfig fields (the failure clusters, made once before iteration 0)."})
     refine: dict[str, Any] = field(default_factory=dict, metadata={"group": "Stage tables", "help": "[refine] table: RefineConfig fields."})
     slurm: dict[str, Any] = field(default_factory=dict, metadata={"group": "Where stages run", **RUNTIME, "help": "[slurm] table: SlurmConfig fields (--launcher slurm)."})
 
@@ -275,6 +277,13 @@ class Loop:
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
 
+    def cluster_config(self):
+        from undo_cli.stages import cluster
+
+        problems = list(dict.fromkeys((self.config.train_file, self.config.val_file)))
+        return cluster.ClusterConfig(problems=problems, output=str(self.layout.clusters),
+                                     **self.config.settings("cluster"))
+
     def generate_config(self):
         from undo_cli.stages import generate
 
@@ -286,10 +295,14 @@ class Loop:
     def refine_config(self, k: int):
         from undo_cli.stages import refine
 
+        settings = self.config.settings("refine")
+        # The round before's errors tell --select clusters which clusters the last refinements fixed.
+        previous = str(self.layout.errors(k - 2)) if k >= 2 and settings.get("select") == "clusters" else None
         return refine.RefineConfig(**self.teacher_kwargs(self.step_key(k, "refine")),
                                    errors=str(self.layout.errors(k - 1)),
                                    targets=str(self.layout.training_data(k - 1)), output=str(self.layout.refined(k)),
-                                   iteration=k, **self.config.settings("refine"))
+                                   clusters=str(self.layout.clusters), previous_errors=previous,
+                                   iteration=k, **settings)
 
     def mix_config(self, k: int):
         from undo_cli.stages import mix
@@ -328,6 +341,10 @@ class Loop:
                                                   **self.config.settings("collect_errors"))
 
     # Each method runs one stage (or skips it when the manifest says done) and returns its summary.
+
+    def cluster(self) -> dict[str, Any]:
+        cfg = self.cluster_config()
+        return self.step(self.step_key(0, "cluster"), "cluster", cfg, {"clusters": cfg.output})
 
     def generate(self) -> dict[str, Any]:
         cfg = self.generate_config()
@@ -368,13 +385,14 @@ class Loop:
         return bool(stage) and stage.get("status") == "done"
 
     def iteration(self, k: int) -> dict[str, Any]:
-        names = ["generate"] if k == 0 else ["refine", "mix"]
+        names = ["cluster", "generate"] if k == 0 else ["refine", "mix"]
         names += ["train", "evaluate", "collect_errors"]
         self.folder.plan([self.step_key(k, n) for n in names], {})
         from undo_cli.console import console
 
         console.rule(f"[bold cyan]UNDO iteration {k}[/bold cyan]" + (" (one-shot distillation)" if k == 0 else ""))
         if k == 0:
+            self.cluster()
             self.generate()
         else:
             self.refine(k)
@@ -489,7 +507,8 @@ def check_stages(config: IterateConfig) -> None:
     from undo_cli.prompts import load_template
 
     loop = Loop(config, _Unopened(config.run_dir))
-    builders = [("generate", loop.generate_config), ("train", lambda: loop.train_config(0)),
+    builders = [("cluster", loop.cluster_config), ("generate", loop.generate_config),
+                ("train", lambda: loop.train_config(0)),
                 ("evaluate", lambda: loop.evaluate_config(0, "val")),
                 ("collect_errors", lambda: loop.collect_errors_config(0))]
     if config.max_iterations > 0:
@@ -509,11 +528,12 @@ def check_stages(config: IterateConfig) -> None:
             raise _in_config_terms(table, exc) from None
 
 
-_EVERY_STAGE = frozenset({"generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
+_EVERY_STAGE = frozenset({"cluster", "generate", "refine", "mix", "train", "evaluate", "collect_errors", "test"})
 # Which stages' results an input changes (manifest.json's inputs: the files' sha256, the models' fingerprints).
 # A top-level key says it in its field's metadata (`affects`).
 _INPUT_AFFECTS: dict[str, frozenset[str]] = {
-    "inputs.train": frozenset({"generate"}), "inputs.val": frozenset({"evaluate"}), "inputs.test": frozenset({"test"}),
+    "inputs.train": frozenset({"cluster", "generate"}), "inputs.val": frozenset({"cluster", "evaluate"}),
+    "inputs.test": frozenset({"test"}),
     "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
 }
 
@@ -530,8 +550,9 @@ def affected_stages(key: str) -> frozenset[str]:
     from undo_cli.loop.settings import STAGES
 
     head = key.split(".", 1)[0]
-    if head in STAGES:
-        return frozenset({"evaluate", "test"}) if head == "evaluate" else frozenset({head})
+    if head in STAGES:  # the evaluate table also makes the test predictions; refine reads the clusters
+        return frozenset({"evaluate", "test"} if head == "evaluate" else {"cluster", "refine"} if head == "cluster"
+                         else {head})
     if key in _INPUT_AFFECTS:
         return _INPUT_AFFECTS[key]
     meta = {f.name: f.metadata for f in dataclasses.fields(IterateConfig)}.get(key, {})
@@ -547,7 +568,8 @@ def plan(config: IterateConfig) -> list[tuple[str, str, str]]:
 
 
 def _plan(config: IterateConfig, loop: "Loop") -> list[tuple[str, str, str]]:
-    rows = [("iter_00/generate", "the teacher's rationales for train_file", loop.generate_config().output)]
+    rows = [("iter_00/cluster", "train_file and val_file's questions in clusters, once", loop.cluster_config().output),
+            ("iter_00/generate", "the teacher's rationales for train_file", loop.generate_config().output)]
     for k in range(config.max_iterations + 1):
         if k:
             rows += [(loop.step_key(k, "refine"), f"the teacher re-teaches iteration {k - 1}'s errors",

@@ -2,6 +2,7 @@
 
     runs/NAME/
       manifest.json  summary.json  .lock  report.png
+      clusters.json              the train + val problems in clusters, made once before iteration 0 (undo cluster)
       iter_00/rationales.jsonl  (+ rationales.rejected.jsonl)   the teacher's verified rationales
       iter_NN/refined.jsonl      (k >= 1) the teacher's re-teaching of iteration k-1's errors
       iter_NN/train_data.jsonl   (k >= 1) the rationales mixed with the refined ones: what student k trains on
@@ -33,6 +34,7 @@ REPORT_PLOT = "report.png"
 RATIONALES = "rationales.jsonl"
 REJECTED = "rationales.rejected.jsonl"  # written by `undo generate --keep correct` beside its output
 REFINED = "refined.jsonl"
+CLUSTERS = "clusters.json"
 TRAIN_DATA = "train_data.jsonl"
 ERRORS = "errors.jsonl"
 STUDENT = "student"
@@ -73,6 +75,10 @@ class RunLayout:
     @property
     def report_plot(self) -> Path:
         return self.root / REPORT_PLOT
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / CLUSTERS
 
     def iteration_dir(self, k: int) -> Path:
         return self.root / iteration_name(k)

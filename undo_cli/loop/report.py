@@ -118,7 +118,7 @@ ROW_KEYS = ("train_examples", "train_loss", "train_steps", "val_accuracy", "val_
             "error_types", "teacher_written", "teacher_verified", "refined", "refined_verified",
             "refined_kept_previous", "teacher_rejected_by_reason", "verification_rate", "test_accuracy", "test_correct", "test_count",
             "teacher_tokens", "teacher_cached_tokens", "teacher_requests", "teacher_cost", "teacher_tokens_cumulative",
-            "teacher_cost_cumulative")
+            "teacher_cost_cumulative", "targeting")
 
 
 def _refusals(refined: list[dict[str, Any]]) -> dict[str, int]:
@@ -157,6 +157,8 @@ def _row(run_dir: Path, k: int, stages: dict[str, Any]) -> dict[str, Any]:
             row["refined_kept_previous"] = sum(bool((r.get("refinement") or {}).get("kept_previous")) for r in refined)
             row["verification_rate"] = row["refined_verified"] / len(refined) if refined else None
             row["teacher_rejected_by_reason"] = _refusals(refined)
+        # what the round's budget chose (undo refine's summary, kept in the manifest): budget, targets, tokens
+        row["targeting"] = ((stages.get(RunLayout.step_key(k, "refine")) or {}).get("summary") or {}).get("targeting")
         data = _jsonl(layout.train_data(k))
     row["train_examples"] = len(data) if data is not None else None
     trained = _read_json(layout.student(k) / "train_summary.json")

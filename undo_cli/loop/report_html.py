@@ -239,6 +239,40 @@ def _teacher_line(state: dict[str, Any]) -> str:
             f"from the cache in {cached['requests']:,} requests{cost}</p>")
 
 
+def cluster_table(run_dir: str | Path | None) -> str:
+    """Failure clusters (loop/cluster_view.py): per cluster and iteration, validation errors of its problems,
+    fixed and regressed since the iteration before, and the refinements of its training problems that round."""
+    from undo_cli.loop.cluster_view import cluster_rows
+
+    data = cluster_rows(run_dir) if run_dir is not None else None
+    if not data or not data["clusters"]:
+        return ""
+    ks = data["iterations"]
+    out = [f"<h3>Failure clusters <small>({_e(data['method'])}, clusters.json; validation problems)</small></h3>",
+           "<table class='clusters'><thead><tr><th>cluster</th><th>characteristic words</th>",
+           *(f"<th>iter {k}</th>" for k in ks), "</tr></thead><tbody>"]
+    for c in data["clusters"]:
+        cells = []
+        for k in ks:
+            row = c["per"].get(k)
+            if row is None:
+                cells.append("<td>—</td>")
+                continue
+            n, e = row["problems"], row["errors"]
+            rate = f" {100 * e / n:.0f}%" if n else ""
+            moves = (f"<br><small>fixed {row.get('fixed', 0)}, regressed {row.get('regressed', 0)}</small>"
+                     if "errors_before" in row else "")
+            refined = (f"<br><small>refined {row['targets']} ({row['verified']} verified)</small>"
+                       if row.get("targets") else "")
+            title = ", ".join(f"{t} {m}" for t, m in row["by_type"].items())
+            cells.append(f"<td title='{_e(title)}'><b>{e}/{n}</b>{rate}{moves}{refined}</td>")
+        out.append(f"<tr><th>{_e(c['id'])}</th><td>{_e(c['label'])}</td>{''.join(cells)}</tr>")
+    out.append("</tbody></table><p class='muted'>errors/problems of the cluster on validation; fixed and regressed "
+               "since the iteration before; refined: the cluster's training problems that round's refine re-taught "
+               "(those whose refinement verified)</p>")
+    return "".join(out)
+
+
 def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
     """The run at a glance: everything here is numbers and settings, drawn once, no script needed."""
     from undo_cli.loop.report import best_label, verdict_lines
@@ -252,7 +286,8 @@ def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
     return ("<section id='run'><h2>The run</h2>"
             f"<p class='facts'>{' · '.join(f for f in facts if f)}</p>"
             f"<div class='verdict'>{verdict}</div>"
-            f"{accuracy_svg(state)}{_iteration_table(state)}{_teacher_line(state)}{_settings(state)}</section>")
+            f"{accuracy_svg(state)}{_iteration_table(state)}{cluster_table(state.get('run_dir'))}"
+            f"{_teacher_line(state)}{_settings(state)}</section>")
 
 
 # --- the page ------------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ from undo_cli.errors import UndoError
 
 # Per stage: the fields the script sets itself, per call (files, models, iteration numbers, --resume).
 PER_CALL = {
+    "cluster": ("problems", "output"),
     "generate": ("teacher", "input", "output", "iteration"),
     "train": ("student", "data", "output", "resume"),
     "evaluate": ("model", "adapter", "input", "output", "metrics"),
     "collect_errors": ("predictions", "output"),
-    "refine": ("teacher", "errors", "targets", "output", "iteration"),
+    "refine": ("teacher", "errors", "targets", "output", "iteration", "clusters", "previous_errors"),
 }
 # Economy fields the loop computes per stage from the whole run's budget: not expressible as fixed flags.
 _BUDGET = ("max_teacher_tokens", "max_cost")
@@ -63,7 +64,7 @@ def shell_settings(config) -> str:
                         hint="give the bash loop a folder of its own: add --name bash-loop")
     loop = Loop(config, _Unopened(config.run_dir))
     with to_be_written(config.run_dir):  # the students of later iterations do not exist yet
-        built = {"generate": loop.generate_config(), "train": loop.train_config(0),
+        built = {"cluster": loop.cluster_config(), "generate": loop.generate_config(), "train": loop.train_config(0),
                  "evaluate": loop.evaluate_config(0, "val"), "collect_errors": loop.collect_errors_config(0)}
         if config.max_iterations > 0:
             built["refine"] = loop.refine_config(1)
@@ -74,6 +75,8 @@ def shell_settings(config) -> str:
         "PATIENCE": config.patience, "MIN_DELTA": config.min_delta, "MIX": config.mix, "INIT": config.init,
         # LoRA without --merge saves only an adapter: evaluate then takes the base model and the adapter.
         "ADAPTER_ONLY": int(lora_adapter),
+        # refine --select clusters also reads the errors of the round before (--previous-errors)
+        "REFINE_SELECT": built["refine"].select if "refine" in built else "similar",
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in values.items()]
     for stage, cfg in built.items():

@@ -7,7 +7,7 @@ Three sources, later ones win: the dataclass defaults, the TOML file
 
 Top-level keys are `IterateConfig` fields and each has its own flag
 (`max_iterations` <-> `--max-iterations`). Stage settings live in tables named
-after the stages, `[generate] [train] [evaluate] [collect_errors] [refine]`,
+after the stages, `[cluster] [generate] [train] [evaluate] [collect_errors] [refine]`,
 and map one to one onto the fields of that stage's config dataclass
 (`TrainConfig`, ...). On the command line a table key is a dotted flag:
 `--train.lr 2e-5`, `--train.lora-r=16`, `--refine.k 0`, `--train.merge` (a
@@ -53,11 +53,13 @@ _ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache
 
 # Fields each stage gets from the loop, with what to set instead.
 OWNED: dict[str, dict[str, str]] = {
+    "cluster": {"problems": "train_file / val_file", "output": "(the run folder)"},
     "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
                  "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                  "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
                  **_ECONOMY, "shard": "slurm.shards"},
     "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
+               "clusters": "(the loop: the run's clusters.json, the [cluster] table)", "previous_errors": "(the loop)",
                "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
                **_ECONOMY, "shard": "slurm.shards"},

@@ -209,7 +209,7 @@ def check_templates(report: Report, student, teacher, messages: list[dict[str, s
 
 def _messages_of(records, template: str, kind: str, k: int, refine_template: str, generate_template: str):
     """The rendered messages of every record for one prompt kind: generate, refine (estimate), student."""
-    from undo_cli.prompts import load_template, problem_variables, render_messages, student_messages
+    from undo_cli.prompts import load_template, problem_variables, refine_variables, render_messages, student_messages
 
     if kind == "student":  # training data may carry its own prompt (`prompt_messages`), as `undo train` reads it
         return [r.get("prompt_messages") or student_messages(r, template) for r in records]
@@ -222,9 +222,8 @@ def _messages_of(records, template: str, kind: str, k: int, refine_template: str
         else:
             failure = {"question": r["question"], "answer": r["answer"], "output": longest, "predicted": None,
                        "error_type": "wrong_answer", "id": r["id"]}
-            out.append(render_messages(tmpl, **problem_variables(r), previous_rationales=[r.get("rationale") or longest],
-                                       student_output=longest, student_question=r["question"], student_predicted=None,
-                                       error_type="wrong_answer", similar_failures=[failure] * k))
+            out.append(render_messages(tmpl, **refine_variables(r, failure, [failure] * k,
+                                                                [r.get("rationale") or longest], cluster="c00")))
     return out
 
 

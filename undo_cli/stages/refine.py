@@ -61,6 +61,7 @@ joins them in the selection's order (stages/shards.py).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +73,16 @@ from undo_cli.backends import SERVED
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
-SELECT = {"similar": "the targets most like the failures", "errors": "the failed items themselves"}
+# Provisional, chosen before any outcome was seen: a quarter of the training problems per round, so that
+# targeting is a choice (per_error 3 used to rewrite 85 of the demo's 120 problems in round one). The demo's
+# bench decides it on design seeds (100 and above) only (issue 29; docs/method.md, "Refinement budget").
+DEFAULT_BUDGET = "25%"
+
+SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
+          "clusters": "the training problems of the failures' clusters, the budget shared by error mass and past "
+                      "fixes (needs --clusters)",
+          "random": "uniformly random training problems, seeded: the control of a budget spent without targeting",
+          "errors": "the failed items themselves (the failures are training problems)"}
 
 
 @dataclass
@@ -84,10 +94,23 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
     targets: str = field(metadata={"input": True, "help": "The teacher's current rationales (JSONL from `undo generate` or an earlier refine)."})
     output: str = field(default="-", metadata={**RUNTIME, "short": "-o", "help": "Refined rationales JSONL; resumable unless '-' (stdout)."})
     select: str = field(default="similar", metadata={"choices": SELECT,
-        "help": "similar: refine the targets most similar to the failures; errors: refine the failed items themselves."})
+        "help": "Which training problems to refine: similar (most like the failures), clusters (by failure "
+                "cluster, --clusters), random (seeded; the no-targeting control) or errors (the failed items)."})
+    budget: str | None = field(default=DEFAULT_BUDGET, metadata={
+        "help": "Refinement budget of the round: N target problems (40), a share of the training problems (25%) "
+                "or N teacher tokens (50k-tokens, each target priced at prompt + n x max_tokens); the "
+                "highest-priority targets within it are refined; none: every selected target. The default is "
+                "provisional (docs/method.md)."})
+    clusters: str | None = field(default=None, metadata={"input": True,
+        "help": "Clusters file from `undo cluster` (train + val problems): needed by --select clusters; with "
+                "any select, each refinement records its target's cluster."})
+    previous_errors: str | None = field(default=None, metadata={"input": True,
+        "help": "--select clusters: the errors of the round before --errors', so clusters whose failures the "
+                "last round's refinements fixed get more of the budget (docs/method.md)."})
     k: int = field(default=3, metadata={"help": "Similar failures shown to the teacher next to the main one (0 for none)."})
     per_error: int = field(default=1, metadata={"help": "--select similar: target questions each failure nominates."})
-    max_targets: int | None = field(default=None, metadata={"help": "Refine at most this many target questions (most similar first)."})
+    max_targets: int | None = field(default=None, metadata={"help": "Refine at most this many target questions "
+                                                                    "(an older name for --budget N)."})
     prompt: str = field(default="refine", metadata={"help": "Prompt template: a name in prompts/ or a .jinja file."})
     iteration: int | None = field(default=None, metadata={"help": "UNDO iteration recorded on each line (default: the target's + 1)."})
     n: int = field(default=1, metadata={"help": "Refinements sampled per target; the first verified one is kept."})
@@ -105,6 +128,22 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.max_targets is not None and self.max_targets < 1:
             raise SettingError("max_targets", self.max_targets, "must be at least 1",
                                hint="leave it out to refine every selected target")
+        if self.budget is None:  # `none` as a word, so the setting has a flag form (loop/script.py)
+            self.budget = "none"
+        parse_budget(self.budget)
+        if self.max_targets is not None and self.budget == DEFAULT_BUDGET:
+            self.budget = "none"  # --max-targets N (the older name) is the budget
+        if parse_budget(self.budget) is not None and self.max_targets is not None:
+            raise UndoError(f"{ref('budget')} and {ref('max_targets')} both limit the targets",
+                            hint=f"keep {ref('budget')} (N problems or N-tokens)", setting="budget")
+        if self.select == "clusters" and not self.clusters:
+            raise UndoError(f"{ref('select')} clusters needs {ref('clusters')}",
+                            hint="make it with: undo cluster TRAIN.jsonl VAL.jsonl --output clusters.json",
+                            setting="clusters")
+        if self.previous_errors and self.select != "clusters":
+            raise UndoError(f"{ref('previous_errors')} is read by {ref('select')} clusters only",
+                            hint=f"drop {ref('previous_errors')}, or add {ref('select')} clusters",
+                            setting="previous_errors")
         if self.n < 1:
             raise SettingError("n", self.n, "must be at least 1")
         self.check_generation_options(n=self.n)  # with select and verify's choices
@@ -116,11 +155,19 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
         if self.errors == "-" and self.targets == "-":
             raise UndoError(f"{ref('errors')} and {ref('targets')} cannot both read stdin",
                             hint="give one of them as a file")
-        check_output_is_new(self.output, {ref("targets"): self.targets, ref("errors"): self.errors},
+        check_output_is_new(self.output, {ref("targets"): self.targets, ref("errors"): self.errors,
+                                          ref("clusters"): self.clusters, ref("previous_errors"): self.previous_errors},
                             hint="write refined rationales to a new file; `undo iterate --mix replace` merges them")
 
     def backend_config(self):
         return super().backend_config(self.teacher)
+
+    @property
+    def round_budget(self) -> Budget | None:
+        """--budget read (--max-targets N is a budget of N problems)."""
+        if self.max_targets is not None:
+            return Budget(problems=self.max_targets)
+        return parse_budget(self.budget)
 
     def sampling(self):
         return super().sampling(n=self.n)
@@ -137,21 +184,127 @@ class Job:
     similar: list[dict[str, Any]]          # up to K other failures, most similar first
     previous: list[str]                    # the teacher's earlier rationales for this problem, this one first
     similarity: float                      # cosine(failure question, target question); 1.0 for --select errors
+    cluster: str | None = None             # the target problem's cluster (--clusters), else None
+
+
+@dataclass
+class Candidate:
+    """A target problem in a selection's priority order, before its prompt's failures are chosen."""
+
+    problem: int                           # index into Selection.problems
+    failure: int | None = None             # the failure shown as the student's attempt; None: the nearest one
+    similarity: float | None = None        # of that failure's question to the target's (None: computed later)
+    pool: list[int] | None = None          # the failures the prompt may show (a cluster's); None: all of them
+    cluster: str | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A round's refinement budget: target problems, a share of the training problems, or teacher tokens (each
+    target priced at its upper bound)."""
+
+    problems: int | None = None
+    tokens: int | None = None
+    percent: float | None = None
+
+    def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}% of the training problems"
+        return f"{self.problems} problems" if self.problems is not None else f"{self.tokens:,} teacher tokens"
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.percent is not None:
+            return {"percent": self.percent}
+        return {"problems": self.problems} if self.problems is not None else {"tokens": self.tokens}
+
+    def of(self, problems: int) -> "Budget":
+        """A percentage made a number of problems (at least one): what `problems` training problems it is."""
+        import math
+
+        if self.percent is None:
+            return self
+        return Budget(problems=max(1, math.ceil(self.percent * problems / 100 - 1e-9)))
+
+
+_BUDGET = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmM%]?)\s*[- ]?\s*(problems?|tokens?)?\s*")
+
+
+def parse_budget(text: Any) -> Budget | None:
+    """`40` / `40-problems` (target problems), `25%` (of the training problems) or `50k-tokens` /
+    `50000-tokens` (teacher tokens); None (or `none`, `all`): no budget, every selected target."""
+    if text is None or str(text).strip().lower() in ("none", "all"):
+        return None
+    m = _BUDGET.fullmatch(str(text))
+    hint = "give a number of problems (40), a share of the training problems (25%) or teacher tokens (50k-tokens)"
+    if not m or (m.group(2) == "%" and m.group(3)):
+        raise SettingError("budget", text, "is not a budget", hint=hint)
+    if m.group(2) == "%":
+        percent = float(m.group(1))
+        if not 0 < percent <= 100:
+            raise SettingError("budget", text, "must be a share above 0% and at most 100%", hint=hint)
+        return Budget(percent=percent)
+    amount = float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+    if amount < 1 or amount != int(amount):
+        raise SettingError("budget", text, "must be a whole number, at least 1", hint=hint)
+    return Budget(tokens=int(amount)) if (m.group(3) or "").startswith("token") else Budget(problems=int(amount))
+
+
+class Selection:
+    """The failures and the target problems one selection works on, with their TF-IDF vectors (made once)."""
+
+    def __init__(self, errors: list[dict[str, Any]], targets: list[dict[str, Any]]):
+        self.errors = errors
+        self.groups = _group_targets(targets)
+        self.problems = list(self.groups)
+        self._vectors: Any = False  # not computed yet
+
+    @property
+    def vectors(self):
+        """(failure vectors, target problem vectors), or None when no question has a word to compare."""
+        if self._vectors is False:
+            self._vectors = (_tfidf([e["question"] for e in self.errors],
+                                    [self.groups[p][0]["question"] for p in self.problems])
+                             if self.errors and self.problems else None)
+        return self._vectors
+
+    def jobs(self, candidates: list[Candidate], k: int) -> list[Job]:
+        """The jobs of these candidates, in their order: each shows its failure and up to K similar failures
+        (the failures nearest to the target's question, within its pool), ties in file order."""
+        import numpy as np
+
+        vectors = self.vectors
+        jobs: list[Job] = []
+        for start in range(0, len(candidates), _CHUNK):
+            chunk = candidates[start:start + _CHUNK]
+            sims = (_cosine(vectors[1][[c.problem for c in chunk]], vectors[0]) if vectors is not None
+                    else np.zeros((len(chunk), len(self.errors))))
+            for row, c in zip(sims, chunk):
+                pool = c.pool if c.pool is not None else range(len(self.errors))
+                scores = np.full(len(self.errors), -1.0)
+                scores[list(pool)] = row[list(pool)]
+                ranked = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= 0]
+                failure = c.failure if c.failure is not None else (ranked[0] if ranked else None)
+                if failure is None:
+                    continue  # no failure to show (none in its pool)
+                similarity = c.similarity if c.similarity is not None else float(max(row[failure], 0.0))
+                similar = [self.errors[i] for i in ranked if i != failure and scores[i] > 0][:k]
+                if c.pool is not None and len(similar) < k:  # a cluster's failures are alike even sharing no word
+                    similar += [self.errors[i] for i in ranked if i != failure and scores[i] <= 0][:k - len(similar)]
+                jobs.extend(_jobs_for(self.groups[self.problems[c.problem]], self.errors[failure], similar,
+                                      similarity, c.cluster))
+        return jobs
 
 
 def _tfidf(rows: list[str], cols: list[str]):
     """TF-IDF vectors (sparse, L2-normalised rows) of two lists of questions; None if no words at all.
 
-    Fitted on both sides together, so a word's weight reflects how informative
-    it is across everything compared. Word unigrams and bigrams, sublinear tf,
-    English stop words dropped: "how many" is in every other math question and
-    would make unrelated problems look alike. (Single digits are not tokens
-    for the default pattern either; numbers say little about *which* idea a
-    question tests.) Rows are unit length, so a dot product is the cosine.
+    Fitted on both sides together, so a word's weight reflects how informative it is across everything
+    compared; the settings are clusters.tfidf_vectorizer's (one definition). Rows are unit length, so a
+    dot product is the cosine.
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from undo_cli.clusters import tfidf_vectorizer
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english")
+    vectorizer = tfidf_vectorizer()
     try:
         vectorizer.fit(rows + cols)
     except ValueError:  # every text is empty or stop words: nothing is similar to anything
@@ -186,14 +339,36 @@ def _group_targets(targets: list[dict[str, Any]]) -> dict[str, list[dict[str, An
 
 
 def _jobs_for(records: list[dict[str, Any]], failure: dict[str, Any], similar: list[dict[str, Any]],
-              similarity: float) -> list[Job]:
+              similarity: float, cluster: str | None = None) -> list[Job]:
     """One job per rationale record of a selected problem; each prompt shows all the problem's rationales."""
     texts = list(dict.fromkeys(r["rationale"] for r in records))  # de-duplicated, file order
     jobs = []
     for r in records:
         previous = [r["rationale"]] + [t for t in texts if t != r["rationale"]]
-        jobs.append(Job(target=r, failure=failure, similar=similar, previous=previous, similarity=similarity))
+        jobs.append(Job(target=r, failure=failure, similar=similar, previous=previous, similarity=similarity,
+                        cluster=cluster))
     return jobs
+
+
+def rank_similar(sel: Selection, per_error: int = 1) -> tuple[list[Candidate], int]:
+    """`--select similar`'s priority order (see select_similar) and how many failures nominated nothing."""
+    vectors = sel.vectors
+    if vectors is None:
+        return [], len(sel.errors)
+    err_vec, tgt_vec = vectors
+    best: dict[int, tuple[float, int]] = {}  # problem index -> (similarity, error index)
+    unmatched = 0
+    for start in range(0, len(sel.errors), _CHUNK):
+        sim = _cosine(err_vec[start : start + _CHUNK], tgt_vec)
+        for row, ei in enumerate(range(start, min(start + _CHUNK, len(sel.errors)))):
+            nearest = _ranked(sim[row])[:per_error]
+            unmatched += not nearest
+            for pi in nearest:
+                s = float(sim[row, pi])
+                if pi not in best or s > best[pi][0]:  # strict: an earlier failure keeps a tie
+                    best[pi] = (s, ei)
+    chosen = sorted(best, key=lambda pi: (-best[pi][0], pi))
+    return [Candidate(pi, failure=best[pi][1], similarity=best[pi][0]) for pi in chosen], unmatched
 
 
 def select_similar(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *, k: int = 3,
@@ -210,7 +385,7 @@ def select_similar(errors: list[dict[str, Any]], targets: list[dict[str, Any]], 
        several failures is refined once; the failure whose question is most
        similar to it becomes "the student's wrong output" in its prompt.
     4. Selected problems are ordered by that best similarity (highest first)
-       and `max_targets` keeps the first N.
+       and `max_targets` (a budget in problems) keeps the first N.
     5. The K similar failures shown with a problem are the other failures
        nearest to *its* question, most similar first.
 
@@ -223,38 +398,18 @@ def select_similar(errors: list[dict[str, Any]], targets: list[dict[str, Any]], 
 
     Returns the jobs and counts for the summary.
     """
-    groups = _group_targets(targets)
-    problems = list(groups)
-    if not errors or not problems:
-        return [], {"selected": 0, "unmatched_errors": len(errors)}
-    vectors = _tfidf([e["question"] for e in errors], [groups[p][0]["question"] for p in problems])
-    if vectors is None:
-        return [], {"selected": 0, "unmatched_errors": len(errors)}
-    err_vec, tgt_vec = vectors
+    sel = Selection(errors, targets)
+    candidates, unmatched = rank_similar(sel, per_error)
+    candidates = candidates[:max_targets] if max_targets is not None else candidates
+    return sel.jobs(candidates, k), {"selected": len(candidates), "unmatched_errors": unmatched}
 
-    best: dict[int, tuple[float, int]] = {}  # problem index -> (similarity, error index)
-    unmatched = 0
-    for start in range(0, len(errors), _CHUNK):
-        sim = _cosine(err_vec[start : start + _CHUNK], tgt_vec)
-        for row, ei in enumerate(range(start, min(start + _CHUNK, len(errors)))):
-            nearest = _ranked(sim[row])[:per_error]
-            unmatched += not nearest
-            for pi in nearest:
-                s = float(sim[row, pi])
-                if pi not in best or s > best[pi][0]:  # strict: an earlier failure keeps a tie
-                    best[pi] = (s, ei)
 
-    chosen = sorted(best, key=lambda pi: (-best[pi][0], pi))
-    if max_targets is not None:
-        chosen = chosen[:max_targets]
-    # Only now the other direction, for the chosen few: which failures look like each chosen question.
-    column = _cosine(tgt_vec[chosen], err_vec) if chosen else None
-    jobs: list[Job] = []
-    for row, pi in enumerate(chosen):
-        s, ei = best[pi]
-        similar = [errors[i] for i in _ranked(column[row], exclude=ei)[:k]]
-        jobs.extend(_jobs_for(groups[problems[pi]], errors[ei], similar, s))
-    return jobs, {"selected": len(chosen), "unmatched_errors": unmatched}
+def rank_errors(sel: Selection) -> tuple[list[Candidate], int]:
+    """`--select errors`: the failures with a rationale, in the errors file's order; and those without one."""
+    where = {p: i for i, p in enumerate(sel.problems)}
+    matched = [Candidate(where[e["id"]], failure=i, similarity=1.0) for i, e in enumerate(sel.errors)
+               if e["id"] in where]
+    return matched, sum(e["id"] not in where for e in sel.errors)
 
 
 def select_errors(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *, k: int = 3,
@@ -264,43 +419,100 @@ def select_errors(errors: list[dict[str, Any]], targets: list[dict[str, Any]], *
     A failure is matched to the targets whose `problem_id` equals its `id`; a
     failure with no rationale to replace is counted and skipped (there is no
     previous rationale to fall back on). The K similar failures are the other
-    failures nearest to it by TF-IDF question similarity, ties in file order.
+    failures nearest to its question by TF-IDF similarity, ties in file order.
     `max_targets` keeps the first N matched failures in the errors file's order.
     """
-    groups = _group_targets(targets)
-    matched = [i for i, e in enumerate(errors) if e["id"] in groups]
-    if max_targets is not None:
-        matched = matched[:max_targets]
-    vectors = _tfidf([e["question"] for e in errors], []) if matched and k else None
-    jobs: list[Job] = []
-    for ei in matched:
-        similar = []
+    sel = Selection(errors, targets)
+    candidates, unmatched = rank_errors(sel)
+    candidates = candidates[:max_targets] if max_targets is not None else candidates
+    return sel.jobs(candidates, k), {"selected": len(candidates), "unmatched_errors": unmatched}
+
+
+def random_seed(seed: int | None, iteration: int) -> str:
+    """The seed of `--select random`'s draw: the stage's seed and the round, so each round draws anew."""
+    return f"undo-refine-random:{seed or 0}:{iteration}"
+
+
+def rank_random(sel: Selection, seed: str) -> list[Candidate]:
+    """`--select random`: every target problem in a seeded uniform random order (the control arm: the same
+    budget spent with no targeting). Each still shows the failures nearest to its question, as `similar` does,
+    so only the choice of targets differs."""
+    import random
+
+    order = list(range(len(sel.problems)))
+    random.Random(seed).shuffle(order)
+    return [Candidate(pi) for pi in order]
+
+
+def rank_clusters(sel: Selection, clusters, previous_errors: list[dict[str, Any]] | None,
+                  refined_before: set[str]) -> tuple[list[Candidate], dict[str, dict[str, Any]], int]:
+    """`--select clusters`: the targets of each failure cluster, the budget shared by clusters.allocation.
+
+    Within a cluster, its training problems are ranked by their highest similarity to the cluster's failures
+    (ties in file order); each shows the cluster's failures nearest to it. Returns the candidates in priority
+    order, the per-cluster table (errors, fix rate, weight) that the summary records, and the failures whose
+    cluster has no training problem (they inform no refinement).
+    """
+    import numpy as np
+
+    from undo_cli.clusters import allocation, fix_rates
+
+    table = fix_rates(clusters, sel.errors, previous_errors, refined_before)
+    failures: dict[str, list[int]] = {}
+    for i, e in enumerate(sel.errors):
+        failures.setdefault(clusters.of(e["id"]), []).append(i)
+    members: dict[str, list[int]] = {}
+    for pi, p in enumerate(sel.problems):
+        members.setdefault(clusters.of(p), []).append(pi)
+    vectors = sel.vectors
+    ranked: dict[str, list[Candidate]] = {}
+    for c, pool in failures.items():
+        mine = members.get(c, [])
+        if not mine:
+            continue
         if vectors is not None:
-            similar = [errors[i] for i in _ranked(_cosine(vectors[0][ei], vectors[0])[0], exclude=ei)[:k]]
-        jobs.extend(_jobs_for(groups[errors[ei]["id"]], errors[ei], similar, 1.0))
-    return jobs, {"selected": len(matched), "unmatched_errors": sum(e["id"] not in groups for e in errors)}
+            best = _cosine(vectors[1][mine], vectors[0][pool]).max(axis=1)
+        else:
+            best = np.zeros(len(mine))
+        order = np.argsort(-best, kind="stable")
+        ranked[c] = [Candidate(mine[j], pool=pool, cluster=c) for j in order]
+    weights = {c: table[c]["weight"] for c in clusters.ids}
+    unmatched = sum(len(pool) for c, pool in failures.items() if c not in ranked)
+    return [cand for _, cand in allocation(weights, ranked)], table, unmatched
+
+
+def within_budget(candidates: list[Candidate], budget: Budget | None, sel: Selection, k: int,
+                  price=None) -> tuple[list[Job], int, int | None]:
+    """(jobs, target problems, their priced tokens) of the highest-priority candidates within the budget.
+
+    Problems: the first N candidates. Tokens: candidates in order while their jobs' bound (`price(job)`: prompt
+    tokens + n x max_tokens, what the economy's budget check assumes) fits what is left; the first that does
+    not fit ends it, so the targets are always a prefix of the priority order.
+    """
+    if budget is None or budget.problems is not None:
+        chosen = candidates if budget is None else candidates[:budget.problems]
+        jobs = sel.jobs(chosen, k)
+        return jobs, len({j.target["problem_id"] for j in jobs}), None
+    jobs: list[Job] = []
+    taken = spent = 0
+    for start in range(0, len(candidates), _CHUNK):
+        chunk = sel.jobs(candidates[start:start + _CHUNK], k)
+        for problem in dict.fromkeys(j.target["problem_id"] for j in chunk):
+            mine = [j for j in chunk if j.target["problem_id"] == problem]
+            cost = sum(price(j) for j in mine)
+            if spent + cost > budget.tokens:
+                return jobs, taken, spent
+            jobs.extend(mine)
+            taken, spent = taken + 1, spent + cost
+    return jobs, taken, spent
 
 
 # --- prompts, verification, records ------------------------------------------------------
 
-def _failure_view(error: dict[str, Any]) -> dict[str, Any]:
-    """What the template may show of a failure (no usage, model names or other noise)."""
-    return {"id": error["id"], "question": error["question"], "answer": error["answer"],
-            "output": error["output"], "predicted": error.get("predicted"), "error_type": error["error_type"]}
-
-
 def _messages(job: Job, tmpl) -> list[dict[str, str]]:
-    from undo_cli.prompts import problem_variables, render_messages
+    from undo_cli.prompts import refine_variables, render_messages
 
-    return render_messages(
-        tmpl, **problem_variables(job.target),
-        previous_rationales=job.previous,
-        student_output=job.failure["output"],
-        student_question=job.failure["question"],
-        student_predicted=job.failure.get("predicted"),
-        error_type=job.failure["error_type"],
-        similar_failures=[_failure_view(e) for e in job.similar],
-    )
+    return render_messages(tmpl, **refine_variables(job.target, job.failure, job.similar, job.previous, job.cluster))
 
 
 def build_items(jobs: list[Job], template: str):
@@ -435,9 +647,11 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             "kept_previous": winner is None,
             "error_type": job.failure["error_type"],
             "similarity": round(job.similarity, 4),
+            "select": config.select,
             "attempts": len(completions),
             "teacher": config.teacher,
             "backend": config.backend,
+            **({"cluster": job.cluster} if job.cluster is not None else {}),
             "usage": {"prompt_tokens": completions[0].prompt_tokens if completions else 0,
                       "completion_tokens": sum(c.completion_tokens for c in completions)},
         }
@@ -470,23 +684,73 @@ def make_record_builder(config: RefineConfig, stats: Counter):
             if len(checked) > 1:
                 refinement["more_rejected"] = [c.text for i, (c, _, _) in enumerate(checked) if i != shown]
         record["refinement"] = refinement
+        stats["tokens"] += _tokens_of(refinement)
         return [record]
 
     return make_records
 
 
 def plan(config: RefineConfig):
-    """(errors, targets, jobs, counts): the selection, the same in every shard (it sees all the failures)."""
+    """(errors, targets, jobs, counts): the selection, the same in every shard (it sees all the failures).
+
+    counts: `selected` (target problems), `unmatched_errors` and `targeting` (what the summary and the
+    manifest record: the mode, the budget, candidates, targets, their priced tokens, the random seed, per
+    cluster the failures, fix rate, weight and targets).
+    """
     from undo_cli.records import read_records
 
     errors = read_records(config.errors, "error", allow_empty=True)
     targets = read_records(config.targets, "rationale")
+    sel = Selection(errors, targets)
+    clusters = None
+    if config.clusters:
+        from undo_cli.clusters import load
+
+        clusters = load(config.clusters)
+    iteration = config.iteration if config.iteration is not None else \
+        max((int(t.get("iteration") or 0) for t in targets), default=0) + 1
+    targeting: dict[str, Any] = {"select": config.select}
+    table: dict[str, dict[str, Any]] | None = None
     if config.select == "similar":
-        jobs, counts = select_similar(errors, targets, k=config.k, per_error=config.per_error,
-                                      max_targets=config.max_targets)
+        candidates, unmatched = rank_similar(sel, config.per_error)
+    elif config.select == "errors":
+        candidates, unmatched = rank_errors(sel)
+    elif config.select == "random":
+        targeting["seed"] = random_seed(config.seed, iteration)
+        candidates, unmatched = (rank_random(sel, targeting["seed"]) if errors else []), 0
     else:
-        jobs, counts = select_errors(errors, targets, k=config.k, max_targets=config.max_targets)
-    return errors, targets, jobs, counts
+        previous = (read_records(config.previous_errors, "error", allow_empty=True)
+                    if config.previous_errors else None)
+        refined_before = {clusters.of(t["problem_id"]) for t in targets
+                          if (t.get("refinement") or {}).get("verified")
+                          and (t.get("refinement") or {}).get("iteration") == iteration - 1}
+        candidates, table, unmatched = rank_clusters(sel, clusters, previous, refined_before)
+    budget = config.round_budget
+    shown_budget = budget.as_dict() if budget is not None else None
+    budget = budget.of(len(sel.problems)) if budget is not None else None
+    price, priced_from = None, None
+    if budget is not None and budget.tokens is not None:
+        from undo_cli.economy.estimate import prompt_counter
+        from undo_cli.prompts import load_template
+
+        count, priced_from = prompt_counter(config.teacher, config.trust_remote_code)
+        tmpl = load_template(config.prompt)
+
+        def price(job: Job) -> int:
+            return count(_messages(job, tmpl)) + config.n * config.max_tokens
+    jobs, taken, priced = within_budget(candidates, budget, sel, config.k, price)
+    targeting.update({"budget": shown_budget, "candidates": len(candidates), "targeted": taken})
+    if budget is not None and budget.problems is not None:
+        targeting["budget_problems"] = budget.problems
+    if priced is not None:
+        targeting.update({"priced_tokens": priced, "priced_from": priced_from})
+    if clusters is not None:
+        for job in jobs:
+            job.cluster = job.cluster or clusters.of(job.target["problem_id"])
+        per = Counter(c for _, c in dict.fromkeys((j.target["problem_id"], j.cluster) for j in jobs))
+        targeting["clusters"] = {c: {**(table or {}).get(c, {}), "targets": per.get(c, 0)} for c in clusters.ids
+                                 if per.get(c) or (table or {}).get(c, {}).get("errors")}
+    return errors, targets, jobs, {"selected": taken, "unmatched_errors": unmatched, "targeting": targeting}
 
 
 def item_keys(config: RefineConfig) -> list[str]:
@@ -494,8 +758,9 @@ def item_keys(config: RefineConfig) -> list[str]:
     return [job.target["id"] for job in plan(config)[2]]
 
 
-def _outcomes(config: RefineConfig, mine: set[str], stats: Counter) -> tuple[int, int, dict[str, int]]:
-    """(refinements verified, previous rationales kept, the refusals by reason) of the targets `mine`.
+def _outcomes(config: RefineConfig, mine: set[str], stats: Counter) -> tuple[int, int, dict[str, int], int]:
+    """(refinements verified, previous rationales kept, the refusals by reason, teacher tokens their attempts
+    took: prompt + completion, as each record's refinement.usage says) of the targets `mine`.
 
     The generation loop counts `correct`, which a kept previous rationale also has; what
     matters here is how many *refinements* verified. Count the whole file so a
@@ -510,14 +775,20 @@ def _outcomes(config: RefineConfig, mine: set[str], stats: Counter) -> tuple[int
         verified = sum(bool(r.get("refinement", {}).get("verified")) for r in done)
         kept_previous = len(done) - verified
         reasons = Counter(refusal_of(r.get("refinement") or {}) for r in done)
+        tokens = sum(_tokens_of(r.get("refinement") or {}) for r in done)
     else:
-        verified, kept_previous = stats["verified"], stats["kept_previous"]
+        verified, kept_previous, tokens = stats["verified"], stats["kept_previous"], stats["tokens"]
         reasons = Counter({k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("reason:")})
     # no final answer / wrong answer / false step (and truncated, when a refinement was cut off)
     by_reason = {k: reasons.get(k, 0) for k in REASONS}
     if reasons.get("truncated"):
         by_reason["truncated"] = reasons["truncated"]
-    return verified, kept_previous, by_reason
+    return verified, kept_previous, by_reason, tokens
+
+
+def _tokens_of(refinement: dict[str, Any]) -> int:
+    usage = refinement.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
 
 
 def run(config: RefineConfig) -> dict[str, Any]:
@@ -531,26 +802,37 @@ def run(config: RefineConfig) -> dict[str, Any]:
     jobs = fit_to_context(jobs, config)
     _check_selection(config, errors, jobs, counts)
     stats: Counter = Counter()
+    inputs = {"errors": digest(errors), "targets": digest(targets)}
+    for name in ("clusters", "previous_errors"):  # optional inputs: by content when given
+        if getattr(config, name):
+            from undo_cli.records import sha256_file
+
+            inputs[name] = sha256_file(getattr(config, name))
     generation = Generation(SPEC, config, build_items(jobs, config.prompt), make_record_builder(config, stats),
-                            inputs={"errors": digest(errors), "targets": digest(targets)})
+                            inputs=inputs)
     summary = generation.run()
     mine = set(generation.keys)  # with --shard K/N, this shard's targets
     jobs = [j for j in jobs if j.target["id"] in mine]
-    verified, kept_previous, rejected_by_reason = _outcomes(config, mine, stats)
+    verified, kept_previous, rejected_by_reason, tokens = _outcomes(config, mine, stats)
     total = verified + kept_previous
+    targeting = {**counts["targeting"], "refined": verified, "kept_previous": kept_previous, "tokens": tokens}
     summary.update({
         "select": config.select, "errors": len(errors), "targets": len(targets),
         "selected_questions": counts["selected"], "jobs": len(jobs),
         "unmatched_errors": counts["unmatched_errors"],
         "refined_verified": verified, "kept_previous": kept_previous,
         "verified": verified, "verified_pct": round(100.0 * verified / total, 2) if total else None,
-        "rejected_by_reason": rejected_by_reason,
+        "rejected_by_reason": rejected_by_reason, "targeting": targeting,
     })
+    budget = config.round_budget
     summary["extra_rows"] = [
         ("failures / targets read", f"{len(errors)} / {len(targets)}"),
-        (f"selected ({config.select})", f"{counts['selected']} questions, {len(jobs)} rationales"),
+        (f"selected ({config.select})", f"{counts['selected']} questions, {len(jobs)} rationales"
+         + (f" (budget {budget}; {targeting['candidates']} candidates)" if budget is not None else "")),
         ("refined and verified", verified),
         ("kept previous (refinement failed)", kept_previous),
+        ("teacher tokens of these refinements", f"{tokens:,}" + (f" (priced at most {targeting['priced_tokens']:,})"
+                                                                  if "priced_tokens" in targeting else "")),
     ]
     print_summary(summary, title=f"undo refine ({config.backend}: {config.teacher})")
     if kept_previous and total:
@@ -568,10 +850,20 @@ def _check_selection(config: RefineConfig, errors: list[dict[str, Any]], jobs: l
             raise UndoError(f"none of the {len(errors)} failures in {config.errors} has a rationale in "
                             f"{config.targets} (matched by problem id: error 'id' = target 'problem_id')",
                             hint=f"use {ref('select')} similar when the failures come from a validation split")
+        budget = config.round_budget
+        if budget is not None and budget.tokens is not None and counts["targeting"]["candidates"]:
+            raise UndoError(f"{ref('budget')} {budget} does not cover the first target (its prompt plus {ref('n')} "
+                            f"x {ref('max_tokens')} = {config.n} x {config.max_tokens} completion tokens)",
+                            hint=f"raise {ref('budget')}, or lower {ref('n')} or {ref('max_tokens')}", setting="budget")
+        if config.select == "clusters":
+            raise UndoError(f"no cluster of the failures in {config.errors} has a training problem in "
+                            f"{config.targets} ({config.clusters})",
+                            hint="make the clusters file from the same training and validation files")
         raise UndoError(f"no target question in {config.targets} shares a word with any failure in {config.errors}",
                         hint="check that both files are about the same kind of problems")
     if counts["unmatched_errors"]:
-        why = "no similar target question" if config.select == "similar" else "no rationale in --targets"
+        why = {"similar": "no similar target question", "clusters": "a cluster with no training problem"}.get(
+            config.select, "no rationale in --targets")
         warn(f"{counts['unmatched_errors']} of {len(errors)} failures have {why}; they inform no refinement")
 
 
@@ -591,4 +883,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
                    "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget"))
+                   "budget", "left_by_budget", "targeting"))

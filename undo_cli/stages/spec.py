@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 # Every stage, in the order of a UNDO run, and the module that declares its SPEC.
 MODULES: dict[str, str] = {
+    "cluster": "undo_cli.stages.cluster",
     "generate": "undo_cli.stages.generate",
     "train": "undo_cli.stages.train",
     "evaluate": "undo_cli.stages.evaluate",

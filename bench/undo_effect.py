@@ -1,42 +1,51 @@
-"""The UNDO effect, measured: `undo demo`'s loop on 5 seeds fixed in advance, best student vs one-shot on test.
+"""Does error-targeting help? `undo demo`'s loop against three controls at the same teacher budget, on 20 seeds.
 
-    python bench/undo_effect.py                      # the 5 seeds below, each a fresh `undo demo`, in a temp folder
-    python bench/undo_effect.py --keep /tmp/effect   # keep every seed's demo folder (runs, predictions, models)
-    python bench/undo_effect.py --seeds 100 101      # other seeds: a design check, never the reported result
+    python bench/undo_effect.py                          # SEEDS below, 2 at a time -> bench/results/undo_effect.json
+    python bench/undo_effect.py --seeds 100,101 --output /tmp/design.json   # other seeds, the same way
+    python bench/undo_effect.py --summarize bench/results/undo_effect.json  # every figure again, from the JSON
+    python bench/undo_effect.py --keep /tmp/effect       # keep each seed's folder (runs, predictions, models)
 
 What is fixed before any result was seen (this file was committed before its first run):
 
-* SEEDS = 0, 1, 2, 3, 4: each seed is a whole `undo demo --seed S` from an empty
-  folder, exactly as a user runs it (its own split of examples/arithmetic.jsonl, its own
-  teacher trained by `undo train`, its own loop); nothing is shared between seeds but
-  the shipped files (problems, the pretrained student base).
-* The comparison: on the test split, which no decision of the loop looks at, the
-  student of the best iteration (chosen on validation) against the one-shot student
-  (iteration 0). When the loop keeps iteration 0 the gain of that seed is 0.
-* Per seed: both accuracies with n and 95% Wilson intervals.
-* The pooled gain: the mean over all (seed, test problem) pairs of best-correct minus
-  one-shot-correct, with a 95% interval from a paired bootstrap over those pairs
-  (BOOTSTRAP resamples of the pooled pairs with replacement, percentile interval,
-  random.Random(BOOTSTRAP_SEED)). Chosen before running; the per-seed gains and their
-  mean are printed too, for reading, not as the test. Added after the first run, for
-  reading: the same mean with a t interval over seeds (`seed_level`), which also holds
-  the seed-to-seed variation that the pooled bootstrap over problems leaves out.
-* The target was a pooled interval that excludes zero. Whatever it shows is reported.
+* SEEDS = 0..19, in this order. Each seed is a whole `undo demo --seed S` from an
+  empty folder (its own split of examples/arithmetic.jsonl, its own teacher trained
+  by `undo train`, its own loop); nothing is shared between seeds but the shipped
+  files. If the run has to be cut short, the reported seeds are the longest
+  *prefix* of this list that finished, never a choice among finished seeds.
+* Four arms per seed, every one from the same data, teacher, student base and
+  settings (examples/run.toml), every one scored on the same test problems:
+  - one_shot: iteration 0 of the demo's run (the student trained on the teacher's
+    first rationales);
+  - loop: the demo's run, the student of the iteration it chose on validation
+    (undo_cli/loop/choose.py: a paired test, not the raw maximum);
+  - random: `undo iterate` with the same settings but `--refine.select random`:
+    the same number of rounds as the loop ran, each refining the same budget of
+    training problems (examples/run.toml [refine]), chosen uniformly at random;
+    its best iteration chosen by the same rule;
+  - more_samples: one-shot with more teacher samples: `--max-iterations 0
+    --generate.n 1+E --generate.temperature T` (T: the refine table's), where E =
+    ceil(refinement samples the loop drew / training problems): the teacher
+    samples the loop's rounds cost, spent on more first-draft rationales.
+* Per arm and seed: every test problem's outcome (0/1), saved in the JSON with the
+  git commit, so every figure below is recomputed by `--summarize`.
+* The comparisons: loop - random (the target: error-targeting beats a random
+  spend of the same budget), loop - one_shot (the loop must not lose), loop -
+  more_samples, in accuracy points. Two 95% intervals for each, both chosen
+  before the run: the seed level (the mean of per-seed differences with a
+  Student t interval over seeds: seeds are the unit, each with its own split,
+  teacher and stopping) and a hierarchical bootstrap (BOOTSTRAP resamples: seeds
+  with replacement, then, within each drawn seed, its test problems with
+  replacement, the same problems for both arms; percentile interval,
+  numpy.random.default_rng(BOOTSTRAP_SEED)).
+* The target: loop - random with a seed-level interval above zero, and loop >=
+  one_shot. Whatever the run shows is reported.
 
-How the demo was designed without looking at this bench: every choice of teacher,
-student and data (examples/make_examples.py, examples/pretrain_student.py,
-undo_cli/stages/demo.py, examples/run.toml) was tried on seeds 100 and above and
-judged on *validation* accuracy only; the test split of seeds 0-4 was first
-read by this script.
+How the demo was designed without looking at this bench: the demo's premise and
+settings (examples/make_examples.py, examples/pretrain_student.py,
+undo_cli/stages/demo.py, examples/run.toml) were tried on seeds 100 and above and
+judged on validation accuracy only.
 
-Also measured per seed, from the run folder: how many of the refinements the loop
-used (verified, mixed into the training data) have only true arithmetic steps
-(`undo_cli.steps.check_steps`; with --verify steps, all of them by construction), the
-refinement targets refused although a sample had the right final answer (what --verify
-strict would have used, false steps and all), the one-shot rationales with only true
-steps, and the demo's wall time, CPU time and peak RSS (os.wait4).
-
-Output: a rich table on stderr, JSON in bench/results/undo_effect.json.
+Output: a table on stderr, JSON in bench/results/undo_effect.json (or --output).
 """
 
 from __future__ import annotations
@@ -45,206 +54,285 @@ import argparse
 import json
 import math
 import os
-import random
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-SEEDS = (0, 1, 2, 3, 4)  # fixed before the first run; design work used seeds >= 100
+SEEDS = tuple(range(20))  # fixed before the first run; design work used seeds >= 100
+ARMS = ("one_shot", "loop", "random", "more_samples")
+COMPARISONS = (("loop", "random"), ("loop", "one_shot"), ("loop", "more_samples"))
 BOOTSTRAP = 10_000
 BOOTSTRAP_SEED = 20240611
+WORKERS = 2  # seeds at a time: the demo's tiny models use one torch thread each
 
 
-def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+# --- running one seed ------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"})
+    return env
 
 
-def paired_bootstrap(diffs: list[int], resamples: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% percentile interval of the mean of paired differences (each -1, 0 or 1), resampling the pairs."""
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])
-
-
-# 97.5% quantiles of Student's t by degrees of freedom (the seed-level interval over a few seeds).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def seed_level(gains: list[float]) -> dict:
-    """Mean of per-seed gains with a 95% t interval: seeds as the unit, so it also holds the seed-to-seed
-    variation (each seed's own split, teacher and stopping) that the pooled bootstrap over problems does not."""
-    k = len(gains)
-    mean = sum(gains) / k
-    if k < 2:
-        return {"mean": mean, "ci95": None, "k": k}
-    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / (k - 1))
-    half = T975.get(k - 1, 1.96) * sd / math.sqrt(k)
-    return {"mean": mean, "ci95": (mean - half, mean + half), "k": k, "method": "mean of per-seed gains, t interval"}
+def _undo(args: list[str], log: Path) -> dict:
+    """`undo ARGS` in a fresh process, its output appended to log: wall s, CPU s, peak RSS GB (os.wait4)."""
+    started = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"\n$ undo {' '.join(args)}\n")
+        out.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "undo_cli", *args], stdout=out, stderr=out, env=_env(),
+                                cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"undo {' '.join(args[:3])} ... failed with exit code {code} (log: {log})")
+    return {"wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
 
 
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def refinement_steps(run: Path) -> dict:
-    """The refinements the loop used (verified, not the kept previous rationale) and how many have only true steps;
-    and the targets whose every sample was refused though one had the right final answer: a final-answer-only
-    check (--verify strict) would have used it, false step and all."""
-    from undo_cli.scoring import score
-    from undo_cli.steps import check_steps
-
-    used = true = strict_would_use_false = 0
-    for refined in sorted(run.glob("iter_*/refined.jsonl")):
-        for record in _read(refined):
-            info = record.get("refinement") or {}
-            if info.get("kept_previous") or not info.get("verified", True):
-                samples = [info.get("rejected_rationale") or ""] + list(info.get("more_rejected") or [])
-                strict_would_use_false += any(score(t, record["answer"], "math", mode="strict").correct
-                                              for t in samples)
-                continue
-            used += 1
-            true += check_steps(record["rationale"]).ok
-    generated = _read(run / "iter_00" / "rationales.jsonl")
-    return {"used": used, "true_steps": true, "share": (true / used) if used else None,
-            "refused_false_step": strict_would_use_false,
-            "one_shot_rationales": len(generated),
-            "one_shot_true_steps": sum(check_steps(r["rationale"]).ok for r in generated)}
+def _arm(run: Path, iteration: int | None = None) -> dict:
+    """A run's chosen (or given) iteration on test: outcomes per problem, and what the run did."""
+    summary = json.loads((run / "summary.json").read_text())
+    k = summary["best_iteration"] if iteration is None else iteration
+    outcomes = {r["id"]: int(bool(r["correct"])) for r in _read(run / f"iter_{k:02d}" / "test" / "predictions.jsonl")}
+    rows = summary.get("iterations") or []
+    n = _refine_n()
+    return {"outcomes": outcomes, "correct": sum(outcomes.values()), "n": len(outcomes), "iteration": k,
+            "rounds": max(0, len(rows) - 1),
+            "val_accuracy": [r.get("val_accuracy") for r in rows],
+            "refined_targets": [r.get("refined") for r in rows[1:]],
+            "refined_verified": [r.get("refined_verified") for r in rows[1:]],
+            "refine_samples": sum((r.get("refined") or 0) * n for r in rows[1:]),
+            "teacher_written": rows[0].get("teacher_written") if rows else None,
+            "choice": summary.get("choice"),
+            "teacher_tokens": (summary.get("teacher_usage") or {}).get("tokens")}
 
 
-def _demo(seed: int, workdir: Path) -> tuple[float, float, float]:
-    """`undo demo --seed S` in a fresh process, as a user runs it: (wall s, CPU s, peak RSS GB) via os.wait4."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "120"})
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    log = workdir.parent / f"{workdir.name}.log"
-    started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "demo", "--workdir", str(workdir), "--seed",
-                                 str(seed)], stdout=out, stderr=out, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.stderr.write(log.read_text()[-4000:])
-        raise SystemExit(f"undo demo --seed {seed} failed with exit code {os.waitstatus_to_exitcode(status)}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
+def _settings() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "examples" / "run.toml").read_text())
 
 
-def one_seed(seed: int, workdir: Path) -> dict:
-    """One seed's demo; its test results, paired per problem, and its cost."""
-    wall, cpu, rss = _demo(seed, workdir)
-    from undo_cli.loop.layout import RunLayout
-
-    run = workdir / "runs" / "demo"
-    layout = RunLayout(run)
-    summary = json.loads(layout.summary.read_text())
-    best = summary["best_iteration"]
-    one_shot = {r["id"]: bool(r["correct"]) for r in _read(layout.predictions(0, "test"))}
-    chosen = {r["id"]: bool(r["correct"]) for r in _read(layout.predictions(best, "test"))}
-    if set(one_shot) != set(chosen):
-        raise SystemExit(f"seed {seed}: the two test prediction files cover different problems")
-    diffs = [int(chosen[i]) - int(one_shot[i]) for i in sorted(one_shot)]
-    n, a, b = len(diffs), sum(one_shot.values()), sum(chosen.values())
-    return {"seed": seed, "n": n, "best_iteration": best, "iterations": len(summary.get("iterations") or []),
-            "one_shot": {"correct": a, "accuracy": a / n, "ci95": wilson(a, n)},
-            "best": {"correct": b, "accuracy": b / n, "ci95": wilson(b, n)},
-            "gain": (b - a) / n, "diffs": diffs, "refinements": refinement_steps(run),
-            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(rss, 2)}
+def _refine_n() -> int:
+    return int(_settings().get("refine", {}).get("n", 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--keep", type=Path, default=None, help="keep each seed's demo folder here (seed-S/)")
-    parser.add_argument("--summarize", type=Path, default=None,
-                        help="only print the table of an earlier run's JSON (and add what it lacks), running nothing")
-    args = parser.parse_args()
-    if args.summarize:
-        report = json.loads(args.summarize.read_text())
-        report["pooled"]["seed_level"] = seed_level([s["gain"] for s in report["seeds"]])
-        args.summarize.write_text(json.dumps(report, indent=2) + "\n")
-        _table(report, args.summarize)
-        return
+def one_seed(seed: int, folder: Path) -> dict:
+    """The four arms of one seed (see the module docstring)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    log = folder / "log.txt"
+    demo = folder / "demo"
+    cost = {"demo": _undo(["demo", "--workdir", str(demo), "--seed", str(seed)], log)}
+    run = demo / "runs" / "demo"
+    loop, one_shot = _arm(run), _arm(run, 0)
+    data, models = demo / "data", demo / "models"
+    base = ["iterate", "--config", str(REPO / "examples" / "run.toml"), "--teacher", str(models / "teacher"),
+            "--student", str(models / "student"), "--train-file", str(data / "train.jsonl"),
+            "--val-file", str(data / "val.jsonl"), "--test-file", str(data / "test.jsonl"),
+            "--runs-dir", str(demo / "runs"), "--seed", str(seed)]
+    rounds = loop["rounds"]
+    if rounds:  # the same rounds, each the same budget, on random training problems
+        cost["random"] = _undo(base + ["--name", "random", "--refine.select", "random", "--max-iterations",
+                                       str(rounds), "--patience", str(rounds)], log)
+        random_arm = _arm(demo / "runs" / "random")
+    else:  # the loop refined nothing: the random spend of nothing is one-shot
+        random_arm = {**one_shot, "rounds": 0}
+    train = len(_read(data / "train.jsonl"))
+    extra = math.ceil(loop["refine_samples"] / train)
+    temperature = _settings().get("refine", {}).get("temperature", 0.7)
+    cost["more_samples"] = _undo(base + ["--name", "more_samples", "--max-iterations", "0", "--generate.n",
+                                         str(1 + extra), "--generate.temperature", str(temperature)], log)
+    more = {**_arm(demo / "runs" / "more_samples"), "samples_per_problem": 1 + extra}
+    return {"seed": seed, "arms": {"one_shot": one_shot, "loop": loop, "random": random_arm, "more_samples": more},
+            "cost": cost}
 
-    load = [round(os.getloadavg()[0], 2)]
+
+# --- statistics --------------------------------------------------------------------------------------
+
+def _diffs(seeds: list[dict], a: str, b: str) -> list[list[int]]:
+    """Per seed, per test problem (sorted ids): outcome of arm a minus arm b."""
+    out = []
+    for s in seeds:
+        oa, ob = s["arms"][a]["outcomes"], s["arms"][b]["outcomes"]
+        if set(oa) != set(ob):
+            raise SystemExit(f"seed {s['seed']}: arms {a} and {b} were tested on different problems")
+        out.append([oa[i] - ob[i] for i in sorted(oa)])
+    return out
+
+
+def seed_level(per_seed: list[float]) -> dict:
+    """Mean of per-seed differences with a 95% Student t interval over seeds."""
+    from scipy import stats
+
+    k = len(per_seed)
+    mean = sum(per_seed) / k
+    if k < 2:
+        return {"mean": mean, "ci95": None, "k": k}
+    sd = math.sqrt(sum((g - mean) ** 2 for g in per_seed) / (k - 1))
+    half = float(stats.t.ppf(0.975, k - 1)) * sd / math.sqrt(k)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "k": k, "sd": sd}
+
+
+def hierarchical_bootstrap(diffs: list[list[int]], resamples: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list:
+    """95% percentile interval of the mean difference: seeds resampled, then problems within each drawn seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k = len(diffs)
+    arrays = [np.asarray(d, dtype=float) for d in diffs]
+    means = np.empty(resamples)
+    for r in range(resamples):
+        picked = rng.integers(0, k, size=k)
+        means[r] = np.mean([arrays[i][rng.integers(0, len(arrays[i]), size=len(arrays[i]))].mean() for i in picked])
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summarize(report: dict) -> dict:
+    """Every figure from the per-problem outcomes: per arm, per comparison (both intervals)."""
+    seeds = report["seeds"]
+    arms = {}
+    for arm in ARMS:
+        correct = sum(s["arms"][arm]["correct"] for s in seeds)
+        n = sum(s["arms"][arm]["n"] for s in seeds)
+        arms[arm] = {"correct": correct, "n": n, "accuracy": correct / n if n else None}
+    comparisons = {}
+    for a, b in COMPARISONS:
+        diffs = _diffs(seeds, a, b)
+        per_seed = [sum(d) / len(d) for d in diffs]
+        comparisons[f"{a}-{b}"] = {
+            "per_seed": per_seed, "seed_level": seed_level(per_seed),
+            "hierarchical_bootstrap": {"mean": sum(per_seed) / len(per_seed),
+                                       "ci95": hierarchical_bootstrap(diffs) if len(diffs) > 1 else None},
+            "wins": sum(g > 0 for g in per_seed), "ties": sum(g == 0 for g in per_seed),
+            "losses": sum(g < 0 for g in per_seed)}
+    return {"k": len(seeds), "arms": arms, "comparisons": comparisons,
+            "method": f"seed level: mean of per-seed differences, Student t over seeds; hierarchical bootstrap: "
+                      f"{BOOTSTRAP} resamples of seeds, then of problems within each, percentile"}
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+def _commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run(seeds: list[int], output: Path, keep: Path | None, workers: int) -> dict:
+    """Every seed (up to `workers` at once); the JSON is rewritten after each, the finished prefix summarized."""
+    started = time.time()
+    report = {**_commit(), "requested_seeds": seeds, "seeds": [], "load_avg": [round(os.getloadavg()[0], 2)],
+              "cpus": os.cpu_count(), "workers": workers, "settings": _settings(), "started": time.ctime(started)}
+    done: dict[int, dict] = {}
+    lock = threading.Lock()
     with tempfile.TemporaryDirectory(prefix="undo-effect-") as tmp:
-        root = args.keep or Path(tmp)
-        seeds = []
-        for seed in args.seeds:
-            folder = root / f"seed-{seed}"
-            if folder.exists():
-                import shutil
+        root = keep or Path(tmp)
 
-                shutil.rmtree(folder)
-            seeds.append(one_seed(seed, folder))
-            load.append(round(os.getloadavg()[0], 2))
-            print(f"seed {seed}: one-shot {seeds[-1]['one_shot']['correct']}/{seeds[-1]['n']}, best "
-                  f"{seeds[-1]['best']['correct']}/{seeds[-1]['n']} (iteration {seeds[-1]['best_iteration']})",
-                  file=sys.stderr, flush=True)
+        def work(seed: int) -> None:
+            result = one_seed(seed, root / f"seed-{seed}")
+            with lock:
+                done[seed] = result
+                prefix = []
+                for s in seeds:  # the reported seeds: the finished prefix of the requested order
+                    if s not in done:
+                        break
+                    prefix.append(done[s])
+                report["seeds"] = prefix
+                report["finished_out_of_order"] = sorted(set(done) - {s["seed"] for s in prefix})
+                report["load_avg"].append(round(os.getloadavg()[0], 2))
+                report["wall_s"] = round(time.time() - started)
+                arms = result["arms"]
+                print(f"seed {seed}: " + ", ".join(f"{a} {arms[a]['correct']}/{arms[a]['n']}" for a in ARMS)
+                      + f" (loop iteration {arms['loop']['iteration']} of {arms['loop']['rounds']} rounds; "
+                      f"{result['cost']['demo']['wall_s']:.0f} s demo)", file=sys.stderr, flush=True)
+                if prefix:
+                    report["summary"] = summarize(report)
+                _write(output, report)
 
-    pooled = [d for s in seeds for d in s["diffs"]]
-    gains = [s["gain"] for s in seeds]
-    refinements = {k: sum(s["refinements"][k] for s in seeds)
-                   for k in ("used", "true_steps", "refused_false_step", "one_shot_rationales", "one_shot_true_steps")}
-    report = {
-        "seeds": [{k: v for k, v in s.items() if k != "diffs"} for s in seeds],
-        "pooled": {"n": len(pooled), "gain": sum(pooled) / len(pooled), "ci95": paired_bootstrap(pooled),
-                   "method": f"paired bootstrap over (seed, test problem) pairs, {BOOTSTRAP} resamples, percentile",
-                   "one_shot_accuracy": sum(s["one_shot"]["correct"] for s in seeds) / len(pooled),
-                   "best_accuracy": sum(s["best"]["correct"] for s in seeds) / len(pooled),
-                   "mean_of_seed_gains": sum(gains) / len(gains), "seed_level": seed_level(gains)},
-        "refinements": {**refinements, "share_true": (refinements["true_steps"] / refinements["used"])
-                        if refinements["used"] else None},
-        "reported_seeds": list(SEEDS), "ran_seeds": args.seeds, "load_avg": load, "cpus": os.cpu_count(),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "undo_effect.json").write_text(json.dumps(report, indent=2) + "\n")
-    _table(report, RESULTS / "undo_effect.json")
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(work, s) for s in seeds]:
+                future.result()
+    return report
 
 
 def _table(report: dict, path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    ci = lambda c: f"{100 * c[0]:.1f}-{100 * c[1]:.1f}"  # noqa: E731
-    table = Table(title="UNDO vs one-shot distillation on test (undo demo, each seed from scratch)")
-    for col in ("seed", "n", "one-shot", "95% CI", "best (iter)", "95% CI", "gain", "refinements true steps",
-                "wall s", "CPU s", "peak GB"):
-        table.add_column(col, justify="right")
-    for s in report["seeds"]:
-        r = s["refinements"]
-        table.add_row(str(s["seed"]), str(s["n"]), pct(s["one_shot"]["accuracy"]), ci(s["one_shot"]["ci95"]),
-                      f"{pct(s['best']['accuracy'])} ({s['best_iteration']})", ci(s["best"]["ci95"]),
-                      f"{100 * s['gain']:+.1f}", f"{r['true_steps']}/{r['used']}", f"{s['wall_s']:.0f}",
-                      f"{s['cpu_s']:.0f}", f"{s['peak_rss_gb']:.2f}")
-    p, r = report["pooled"], report["refinements"]
-    table.add_row("pooled", str(p["n"]), pct(p["one_shot_accuracy"]), "", pct(p["best_accuracy"]), "",
-                  f"{100 * p['gain']:+.1f}", f"{r['true_steps']}/{r['used']}", "", "", "", end_section=True)
     console = Console(stderr=True)
+    seeds, summary = report["seeds"], report.get("summary")
+    if not seeds:
+        console.print(f"no finished seed in {path}")
+        return
+    table = Table(title=f"undo demo on test, 4 arms at the same teacher budget (commit {report['commit'][:10]}"
+                        f"{', dirty' if report.get('dirty') else ''})")
+    for col in ("seed", "n", "one-shot", "loop (iter/rounds)", "random", "more samples", "loop-random",
+                "loop-one-shot"):
+        table.add_column(col, justify="right")
+    for s in seeds:
+        arms, n = s["arms"], s["arms"]["loop"]["n"]
+        table.add_row(str(s["seed"]), str(n), str(arms["one_shot"]["correct"]),
+                      f"{arms['loop']['correct']} ({arms['loop']['iteration']}/{arms['loop']['rounds']})",
+                      str(arms["random"]["correct"]), f"{arms['more_samples']['correct']} "
+                      f"(x{arms['more_samples'].get('samples_per_problem', '?')})",
+                      f"{arms['loop']['correct'] - arms['random']['correct']:+d}",
+                      f"{arms['loop']['correct'] - arms['one_shot']['correct']:+d}")
+    a = summary["arms"]
+    table.add_row("pooled", str(a["loop"]["n"]), *(f"{100 * a[x]['accuracy']:.1f}%" for x in ARMS), "", "",
+                  end_section=True)
     console.print(table)
-    console.print(f"pooled gain {100 * p['gain']:+.1f} points, 95% CI {100 * p['ci95'][0]:+.1f} to "
-                  f"{100 * p['ci95'][1]:+.1f} ({p['method']}); mean of per-seed gains "
-                  f"{100 * p['mean_of_seed_gains']:+.1f}; load average {report['load_avg']}")
-    console.print(f"refinement targets refused for a false step with the right final answer (--verify strict would "
-                  f"have used them): {r['refused_false_step']}; one-shot rationales with only true steps: "
-                  f"{r['one_shot_true_steps']}/{r['one_shot_rationales']}")
-    level = p.get("seed_level") or {}
-    if level.get("ci95"):
-        console.print(f"seed level (seeds as the unit, for reading): mean gain {100 * level['mean']:+.1f} points, "
-                      f"95% t interval {100 * level['ci95'][0]:+.1f} to {100 * level['ci95'][1]:+.1f} over "
-                      f"{level['k']} seeds")
-    console.print(f"JSON: {path}")
+    for name, c in summary["comparisons"].items():
+        lvl, hb = c["seed_level"], c["hierarchical_bootstrap"]
+        ci = lambda v: "n/a" if v is None else f"{100 * v[0]:+.1f} to {100 * v[1]:+.1f}"  # noqa: E731
+        console.print(f"{name}: {100 * lvl['mean']:+.1f} points; seed-level 95% t interval {ci(lvl['ci95'])}; "
+                      f"hierarchical bootstrap {ci(hb['ci95'])}; per seed {c['wins']} better, {c['ties']} equal, "
+                      f"{c['losses']} worse (k = {summary['k']} seeds)")
+    if report.get("finished_out_of_order"):
+        console.print(f"finished but after an unfinished seed (not reported): {report['finished_out_of_order']}")
+    console.print(f"load average {report.get('load_avg')}; {report.get('workers')} seeds at a time; JSON: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: SEEDS, 0-19)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "undo_effect.json")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each seed's folder here (seed-S/)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="seeds run at a time")
+    parser.add_argument("--summarize", type=Path, default=None,
+                        help="recompute every figure of an earlier run's JSON from its per-problem outcomes")
+    args = parser.parse_args()
+    if args.summarize:
+        report = json.loads(args.summarize.read_text())
+        report["summary"] = summarize(report)
+        _write(args.summarize, report)
+        _table(report, args.summarize)
+        return
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS)
+    report = run(seeds, args.output, args.keep, args.workers)
+    _table(report, args.output)
 
 
 if __name__ == "__main__":

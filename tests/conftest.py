@@ -138,6 +138,25 @@ def paste(command: str, *, cwd: Path | None = None, env: dict | None = None,
                           timeout=timeout)
 
 
+def kill_after_first_line(args: list[str], output: Path, env: dict | None = None, timeout: float = 300) -> None:
+    """Start `undo ARGS`, wait for its first durable line in `output`, then SIGKILL it (no warning): how resume
+    tests find a stage mid-run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while not (output.exists() and output.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no batch written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def read_terminal(master: int):
     """Drain a pseudo-terminal's master side in a thread (a full buffer would block the child): (thread, bytes so far)."""
     import threading

@@ -135,7 +135,7 @@ def _correctness(n: int, iterations: int, rng: random.Random) -> list[list[bool]
     ability = [rng.random() for _ in range(n)]
     out = [[a < 0.35 for a in ability]]
     for k in range(1, iterations):
-        p = 0.45 + 0.03 * k + 0.03 * rng.uniform(-1, 1)  # a slow rise, as a run that helps
+        p = 0.45 + 0.1 * k + 0.03 * rng.uniform(-1, 1)  # a rise, as a run that helps (one a paired test keeps)
         out.append([prev if rng.random() < 0.7 else rng.random() < p for prev in out[-1]])
     return out
 
@@ -163,7 +163,7 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
         extra = {**(extra or {}), "select": "clusters"}
     _jsonl(root / "iter_00" / "rationales.jsonl", rationales)
     right = _correctness(val, iterations, rng)
-    accuracies, refined_ids = [], {}
+    accuracies, refined_ids, outcomes = [], {}, []
     errors: list[dict] = []
     from undo_cli.stages.collect_errors import collect
 
@@ -182,7 +182,10 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
         errors = collect([dict(p) for p in preds])
         _jsonl(d / "errors.jsonl", errors)
         accuracies.append(_metrics(preds)["accuracy"])
-    best = max(range(iterations), key=lambda i: (accuracies[i], -i))  # the loop's rule (iterate.decide)
+        outcomes.append({p["id"]: bool(p["correct"]) for p in preds})
+    from undo_cli.loop.choose import choose
+
+    best = choose(outcomes)[0]  # the loop's rule (iterate.decide)
     for k in sorted({0, best}):
         preds = _predictions(test_p, [rng.random() < accuracies[k] for _ in test_p], rng, chars, hostile, k)
         _jsonl(root / f"iter_{k:02d}" / "test" / "predictions.jsonl", preds)

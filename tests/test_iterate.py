@@ -268,13 +268,18 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
 
     # Resumed under the original rule (max 2 iterations, patience 1), the last iteration best on validation:
     # before issue 23 the loop stopped at iteration 1 again and wrote "best iteration 0" over it.
+    # The choice reads each iteration's validation predictions (a paired test), the stopping rule the accuracy.
     manifest = _manifest(copy)
     for k in range(done + 1):
         accuracy = 0.25 if k == 0 else 0.5 if k == done else 0.0
         manifest["stages"][f"iter_{k:02d}/evaluate"]["summary"]["accuracy"] = accuracy
+        predictions = copy / f"iter_{k:02d}" / "val" / "predictions.jsonl"
+        rows = [{**json.loads(line), "correct": k == done} for line in predictions.read_text().splitlines()]
+        predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(rows) == 4  # all right against all wrong on 4 items: exact McNemar p = 2/16, kept at alpha 0.2
     (copy / "manifest.json").write_text(json.dumps(manifest))
     args = [a if a != "killed" else "extended" for a in finished_run["args"]]
-    proc = undo(*args, "--resume", env={"COLUMNS": "400"})
+    proc = undo(*args, "--resume", "--choose-alpha", "0.2", env={"COLUMNS": "400"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = _manifest(copy)
     assert manifest["best_iteration"] == done and json.loads((copy / "summary.json").read_text())["best_iteration"] == done
@@ -436,19 +441,63 @@ def test_settings_toml_flags_and_stage_tables(tmp_path):
     assert "unknown key 'max_iteratons'" in error(path=str(bad))
 
 
+def _history(*accs, errors=3, n=100):
+    """Iterations whose first round(a * n) validation items are right (so a better one gains, never loses)."""
+    return [{"accuracy": a, "errors": errors, "outcomes": {f"v{i}": i < round(a * n) for i in range(n)}}
+            for a in accs]
+
+
 def test_stopping_rule():
     from undo_cli.loop.iterate import IterateConfig, decide
 
-    config = IterateConfig.__new__(IterateConfig)  # the rule reads three numbers; no files needed
+    config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05
-
-    def h(*accs, errors=3):
-        return [{"accuracy": a, "errors": errors} for a in accs]
+    config.choose_alpha, config.choose_min_gain = 0.05, 0.02
+    config.stop_rule, config.stop_min_gain_per_ktok = "patience", 0.0
+    h = _history
 
     assert decide(h(0.3), config) == (0, None)
     assert decide(h(0.3, 0.32, 0.33), config)[1] is not None  # +0.03 twice is not a 0.05 gain: patience 2 ran out
-    assert decide(h(0.3, 0.4, 0.42), config) == (2, None)     # the best is the highest, the gain clock restarted at 1
-    assert decide(h(0.3, 0.4, 0.4, 0.4), config)[0] == 1      # ties go to the earlier iteration
+    assert decide(h(0.3, 0.4, 0.42), config) == (1, None)     # +10 of 100 is kept; +2 more is no significant gain
+    assert decide(h(0.3, 0.4, 0.5), config) == (2, None)      # +10 over the kept one is: the gain clock restarted
+    assert decide(h(0.3, 0.4, 0.4, 0.4), config)[0] == 1      # ties keep the earlier iteration
     assert "every validation question" in decide(h(0.3, 1.0, errors=0), config)[1]
     config.max_iterations = 1
     assert "max_iterations" in decide(h(0.3, 0.5), config)[1]
+
+
+def test_best_iteration_is_a_paired_test_not_the_raw_maximum():
+    """39 -> 40 of 90 on the same validation items is a wobble: iteration 0 stays the best (issue 29, item 5)."""
+    from undo_cli.loop.choose import choose, describe, mcnemar_exact
+
+    zero = {f"v{i}": i < 39 for i in range(90)}
+    wobble = {**zero, "v39": True, "v40": True, "v0": False}  # +2 -1: 40 of 90, the raw maximum
+    best, tests = choose([zero, wobble])
+    assert best == 0 and tests[0]["gained"] == 2 and tests[0]["lost"] == 1 and tests[0]["p"] == 1.0
+    assert "+2/-1 of 90 (+1.1 points), exact McNemar p = 1.000: not kept" in describe(tests[0], 0.05, 0.02)
+    clear = {**zero, **{f"v{i}": True for i in range(39, 51)}}  # +12 -0: p = 2 / 2**12
+    assert choose([zero, wobble, clear]) == (2, [tests[0], {"iteration": 2, "against": 0, "n": 90, "gained": 12,
+                                                           "lost": 0, "gain": 12 / 90, "p": 2 / 4096, "kept": True}])
+    assert choose([zero, clear], min_gain=0.2)[0] == 0  # significant but smaller than the minimum effect
+    assert mcnemar_exact(0, 0) == 1.0 and abs(mcnemar_exact(8, 1) - 0.0390625) < 1e-12  # 2 * 10/512
+
+
+def test_the_choice_is_in_the_manifest_table_and_summary(tmp_path, capsys):
+    """A constructed run folder (39 -> 40 of 90): manifest-less report keeps iteration 0 and prints the test."""
+    from undo_cli.loop import report
+    from undo_cli.records import write_json, write_records
+
+    run = tmp_path / "wobble"
+    for k, right in enumerate((range(39), [*range(1, 39), 39, 40])):
+        d = run / f"iter_{k:02d}"
+        write_records(d / "val" / "predictions.jsonl", [{"id": f"v{i}", "correct": i in right} for i in range(90)])
+        write_json(d / "val" / "predictions.metrics.json", {"accuracy": len(right) / 90, "correct": len(right),
+                                                            "count": 90})
+        write_json(d / "student" / "train_summary.json", {"final_loss": 1.0, "steps": 10})
+    state = report.collect(run)
+    assert state["best_iteration"] == 0 and state["choice"]["tests"][0]["p"] == 1.0
+    report.print_table(state)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "iteration 1 vs 0: +2/-1 of 90 (+1.1 points), exact McNemar p = 1.000: not kept" in err
+    summary = report.write_summary(run, state)
+    assert summary["choice"]["tests"][0]["kept"] is False and summary["best_iteration"] == 0

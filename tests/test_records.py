@@ -306,6 +306,17 @@ def test_every_example_line_in_docs_artifacts_fits_its_shape():
                 assert line({"id": record["id"], "transition": record["transition"], "a": side(record["a"]),
                              "b": side(record["b"])}) == record
                 continue
+            if section == "clusters":  # one JSON object, read by undo_cli.clusters.load: the example must load
+                import tempfile
+
+                from undo_cli.clusters import load
+
+                with tempfile.TemporaryDirectory() as folder:
+                    path = Path(folder) / "clusters.json"
+                    path.write_text(json.dumps(record), encoding="utf-8")
+                    clusters = load(str(path))
+                assert clusters.of("arith-000") == "c00" and clusters.of("never-seen") == "rest"
+                continue
             if section == "Shards":  # a sidecar, not a record: valid JSON (parsed above) that says what it is
                 assert record["format"] == 1 and record["shard"] == f"{record['k']}/{record['n']}"
                 continue

@@ -12,16 +12,11 @@ of --prompt); the selection, verification and records are the same code.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
+from tests.conftest import TAUGHT_PROBLEMS, kill_after_first_line, read_jsonl, write_jsonl
 
 WIDE = {"COLUMNS": "400"}
 
@@ -218,17 +213,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teac
     args = ["--teacher", str(trained_teacher), "--errors", str(tmp_path / "errors.jsonl"),
             "--targets", str(tmp_path / "targets.jsonl"), "--output", str(out), "--batch-size", "1",
             "--max-tokens", "16", "--k", "1", "--select", "errors"]
-    proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "refine", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, **WIDE})
-    try:  # wait for the first durable batch, then kill without warning
-        deadline = time.monotonic() + 300
-        while not (out.exists() and out.read_text().count("\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no batch written"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_line(["refine", *args], out, env=WIDE)  # the first durable batch, then no warning
     written = read_jsonl(out)
     assert 1 <= len(written) < 6  # killed mid-run (each batch is one target)
 

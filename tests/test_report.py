@@ -38,6 +38,7 @@ def _iteration(run: Path, k: int, val: float | None, *, loss: float = 1.0, refin
     write_json(d / "student" / "train_summary.json", {"final_loss": loss, "steps": 10})
     if val is not None:
         write_json(d / "val" / "predictions.metrics.json", {"accuracy": val, "correct": int(val * 20), "count": 20})
+        _jsonl(d / "val" / "predictions.jsonl", [{"id": f"v{i}", "correct": i < int(val * 20)} for i in range(20)])
         _jsonl(d / "errors.jsonl", [{"id": f"v{i}"} for i in range(20 - int(val * 20))])
     if test is not None:
         # the name runs made before metrics were named after their predictions: still read
@@ -79,11 +80,12 @@ def test_report_of_a_bash_loop_folder_without_manifest(tmp_path, capsys):
 
     run = tmp_path / "bash-run"
     _iteration(run, 0, 0.30, test=0.25)
-    _iteration(run, 1, 0.50, refined=5, verified=5, test=0.45)
+    _iteration(run, 1, 0.80, refined=5, verified=5, test=0.45)
     plot = tmp_path / "plots" / "acc.png"
     result = report.run(str(run), str(plot))
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines at 80 columns
-    assert result["best_iteration"] == 1  # from validation accuracy, no manifest needed
+    assert result["best_iteration"] == 1  # from the validation predictions, no manifest needed
+    assert "iteration 1 vs 0: +10/-0 of 20 (+50.0 points), exact McNemar p = 0.002: kept" in err
     assert result["test"]["gain"] == 0.45 - 0.25
     assert "UNDO (iteration 1) 45.0% vs one-shot (iteration 0) 25.0%: +20.0 points" in err
     assert plot.is_file() and str(plot) in err.replace(" ", "")
@@ -138,7 +140,7 @@ def test_verdict_prints_n_interval_and_a_negative_gain(tmp_path, capsys):
 
     run = tmp_path / "worse"
     _iteration(run, 0, 0.30, test=0.50)
-    _iteration(run, 1, 0.50, refined=5, verified=2, test=0.25)  # better on val, worse on test: still printed
+    _iteration(run, 1, 0.80, refined=5, verified=2, test=0.25)  # better on val, worse on test: still printed
     result = report.run(str(run))
     err = " ".join(capsys.readouterr().err.split())
     assert result["test"]["gain"] == 0.25 - 0.50
@@ -220,7 +222,7 @@ def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
     assert report.collect(many)["best_iteration"] == made["best"]
     assert f"chosen: iteration {made['best']}, the run's choice" in " ".join(legends["many"]).replace("\n", " ")
     # Without a manifest (the bash loop) the mark says it was computed here.
-    assert "chosen: iteration 0, highest validation accuracy" in " ".join(legends["one"]).replace("\n", " ")
+    assert "chosen: iteration 0, by the loop's rule" in " ".join(legends["one"]).replace("\n", " ")
     assert "no manifest.json" in " ".join(legends["one"])
     import matplotlib.pyplot as plt
 

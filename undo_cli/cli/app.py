@@ -126,6 +126,14 @@ Examples:
   undo diff runs/qwen-gsm8k 1 2
   undo diff runs/qwen-gsm8k 0 best --split test --format jsonl > transitions.jsonl
   undo diff before/predictions.jsonl after/predictions.jsonl"""),
+    Command("lineage", "undo_cli.loop.lineage:LineageConfig", "undo_cli.loop.lineage:run", """\
+One training row's history across a run's iterations: which teacher (and model hash) wrote each version, the
+template and sampling, the cascade's attempts (tokens, cost, verdict), the parent row and the failures that
+informed each refinement.
+
+\b
+Example: undo lineage runs/qwen-gsm8k p07#0
+As JSON:  undo lineage runs/qwen-gsm8k p07#0 --format json | jq '.history[].lineage.teacher'"""),
     Group("cache", "The teacher cache: what it holds and saved (stats), dropping entries (prune).", [
         Command("stats", "undo_cli.economy.commands:CacheStatsConfig", "undo_cli.economy.commands:stats", """\
 Entries, file size, hits and teacher tokens saved, per model (docs/economy.md).

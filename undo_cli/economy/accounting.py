@@ -104,6 +104,8 @@ class Ledger:
     backends: dict[str, dict[str, Usage]] = field(default_factory=dict)
     tokens_per_char: float | None = None  # the largest measured prompt tokens / prompt characters
     prices: Prices = field(default_factory=Prices)  # the cost written to the file is at these prices
+    # A teacher cascade's tiers (economy/cascade.py) each at its own prices: row (tier name) -> prices.
+    row_prices: dict[str, Prices] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | None, *, fresh: bool) -> "Ledger":
@@ -138,15 +140,32 @@ class Ledger:
             out.add(row[kind])
         return out
 
+    def row_cost(self, row: str, kind: str = "paid", prices: Prices | None = None) -> float | None:
+        """One row's cost at its own prices (a cascade tier's), else at `prices` (default: the ledger's)."""
+        usage = self.backends.get(row, {}).get(kind, Usage())
+        own = self.row_prices.get(row)
+        return (own if own is not None and own.set else prices or self.prices).cost(usage.prompt_tokens,
+                                                                                     usage.completion_tokens)
+
+    def cost(self, kind: str = "paid", prices: Prices | None = None) -> float | None:
+        """The rows' costs added up, each at its own prices; None when no row has prices."""
+        costs = [self.row_cost(row, kind, prices) for row in self.backends]
+        return None if all(c is None for c in costs) else sum(c or 0.0 for c in costs)
+
     def totals(self, prices: Prices | None = None) -> dict[str, Any]:
         paid, cached = self.total("paid"), self.total("cached")
         prices = prices or self.prices
+        by_backend = {}
+        for b, row in sorted(self.backends.items()):
+            by_backend[b] = {k: u.to_json() for k, u in row.items()}
+            if b in self.row_prices:  # a cascade's tier: its own cost (accounting per teacher)
+                by_backend[b]["cost"] = _round(self.row_cost(b, "paid", prices))
         return {
             "paid": paid.to_json(),
             "cached": cached.to_json(),
-            "by_backend": {b: {k: u.to_json() for k, u in row.items()} for b, row in sorted(self.backends.items())},
-            "cost": _round(prices.cost(paid.prompt_tokens, paid.completion_tokens)),
-            "saved": _round(prices.cost(cached.prompt_tokens, cached.completion_tokens)),
+            "by_backend": by_backend,
+            "cost": _round(self.cost("paid", prices)),
+            "saved": _round(self.cost("cached", prices)),
         }
 
     def save(self) -> None:
@@ -183,22 +202,30 @@ class Budget:
         prompt = math.ceil(prompt_chars(messages) * ratio) + PER_MESSAGE_OVERHEAD * (len(messages) + 1)
         return prompt, n * max_tokens
 
-    def fits(self, spent: Usage, prompt: int, completion: int) -> bool:
+    def fits(self, spent: Usage, prompt: int, completion: int, *, spent_cost: float | None = None,
+             prices: Prices | None = None) -> bool:
+        """Would `prompt` + `completion` more tokens stay within the budget? spent_cost: what was spent so far
+        when it is not `spent` at this budget's prices (a cascade's tiers, each at its own); prices: the
+        request's (its tier's)."""
         if self.max_tokens is not None and spent.tokens + prompt + completion > self.max_tokens:
             return False
         if self.max_cost is not None:
-            cost = self.prices.cost(spent.prompt_tokens + prompt, spent.completion_tokens + completion) or 0.0
+            if spent_cost is None:
+                cost = self.prices.cost(spent.prompt_tokens + prompt, spent.completion_tokens + completion) or 0.0
+            else:
+                cost = spent_cost + ((prices or self.prices).cost(prompt, completion) or 0.0)
             if cost > self.max_cost + 1e-12:
                 return False
         return True
 
-    def left(self, spent: Usage) -> dict[str, Any]:
+    def left(self, spent: Usage, spent_cost: float | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.max_tokens is not None:
             out["tokens_left"] = max(0, self.max_tokens - spent.tokens)
         if self.max_cost is not None:
-            out["cost_left"] = _round(max(0.0, self.max_cost - (self.prices.cost(spent.prompt_tokens,
-                                                                                   spent.completion_tokens) or 0.0)))
+            if spent_cost is None:
+                spent_cost = self.prices.cost(spent.prompt_tokens, spent.completion_tokens) or 0.0
+            out["cost_left"] = _round(max(0.0, self.max_cost - spent_cost))
         return out
 
 

@@ -61,18 +61,35 @@ class TeacherEconomy:
         self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
         self.ledger.prices = self.prices
 
-    def wrap(self, backend: Any) -> "EconomyBackend":
+    def wrap(self, backend: Any, tier: Any = None) -> "EconomyBackend":
+        """`backend` (a BackendConfig, opened on the first miss, or an open backend) inside the cache, ledger and
+        budget. tier: a cascade's tier (economy/cascade.py): its ledger row, prices, own budget and revision."""
         from undo_cli.backends import BackendConfig
 
+        identity = None
         if self.settings.cache:
             from undo_cli.economy.cache import TeacherCache, default_cache_dir
 
-            self.cache = TeacherCache(self.settings.cache_dir or default_cache_dir())
+            if self.cache is None:
+                self.cache = TeacherCache(self.settings.cache_dir or default_cache_dir())
             config = backend if isinstance(backend, BackendConfig) else None
-            self.identity = self.cache.model_identity(
-                backend.model if config is None else config.model, revision=self.settings.model_revision,
+            revision = tier.model_revision if tier is not None else self.settings.model_revision
+            identity = self.cache.model_identity(
+                backend.model if config is None else config.model, revision=revision,
                 adapter=config.adapter if config is not None else None)
-        return EconomyBackend(self, backend)
+            if self.identity is None:
+                self.identity = identity
+        wrapped = EconomyBackend(self, backend, identity=identity)
+        if tier is not None:
+            from undo_cli.backends import BATCH_BACKENDS
+
+            wrapped.row = tier.name
+            wrapped.tier_prices = Prices(tier.price_input, tier.price_output)
+            if tier.backend in BATCH_BACKENDS:  # booked at what a batch costs, as the stage's own prices
+                wrapped.tier_prices = wrapped.tier_prices.at(BATCH_PRICE)
+            wrapped.tier_budget = Budget(tier.max_teacher_tokens, tier.max_cost, wrapped.tier_prices)
+            self.ledger.row_prices[tier.name] = wrapped.tier_prices
+        return wrapped
 
     def close(self) -> None:
         if self.cache is not None:
@@ -86,7 +103,8 @@ class TeacherEconomy:
                                                  "cache": str(self.cache_path) if self.cache_path else None}}
         if self.budget.active:
             out["budget"] = {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost,
-                             "stopped": self.left > 0, "items_left": self.left, **self.budget.left(paid)}
+                             "stopped": self.left > 0, "items_left": self.left,
+                             **self.budget.left(paid, self.ledger.cost("paid", self.prices) or 0.0)}
         return out
 
     @property
@@ -130,10 +148,14 @@ class _Call:
 class EconomyBackend:
     """A `Backend` that answers from the cache when it can and calls the real one (opened lazily) otherwise."""
 
-    def __init__(self, economy: TeacherEconomy, backend: Any):
+    def __init__(self, economy: TeacherEconomy, backend: Any, identity: dict[str, Any] | None = None):
         from undo_cli.backends import SORT_BY_LENGTH, BackendConfig, batch_hint
 
         self.economy = economy
+        self.identity = identity  # the model's identity in the cache key (None: no cache)
+        self.row: str | None = None  # the ledger row: a cascade tier's name, else the backend's name
+        self.tier_prices: Prices | None = None
+        self.tier_budget: Budget | None = None  # a cascade tier's own budget, within the output's
         self._config = backend if isinstance(backend, BackendConfig) else None
         self._inner = None if self._config is not None else backend
         if self._config is not None:  # not opened yet: what it will be once open
@@ -142,6 +164,10 @@ class EconomyBackend:
         else:
             self.name, self.model = backend.name, backend.model
             self.batch_hint, self.sort_by_length = backend.batch_hint, backend.sort_by_length
+
+    @property
+    def ledger_row(self) -> str:
+        return self.row or self.name
 
     def _backend(self):
         if self._inner is None:
@@ -176,7 +202,7 @@ class EconomyBackend:
         """`generate` per batch through the real backend's stream (openai: the next batch's requests run
         while one finishes). With a budget, one batch at a time: what a batch may send depends on what the
         ones before it spent. The real backend still opens only at the first batch with a miss."""
-        if self.economy.budget.active:
+        if self.economy.budget.active or (self.tier_budget is not None and self.tier_budget.active):
             yield from one_batch_at_a_time(self, batches, sampling)
             return
         batches = iter(batches)
@@ -205,12 +231,12 @@ class EconomyBackend:
         if e.cache is not None and cacheable(sampling, e.settings.cache_unseeded):
             from undo_cli.economy.cache import request_key
 
-            call.keys = [request_key(e.identity["digest"], p, sampling) for p in prompts]
+            call.keys = [request_key(self.identity["digest"], p, sampling) for p in prompts]
             hits = self._cache_call(lambda: e.cache.get_many(call.keys), {})
             for i, key in enumerate(call.keys):
                 if key in hits:
                     call.results[i] = hits[key]
-                    e.ledger.add(self.name, paid=False, prompt_tokens=hits[key][0].prompt_tokens if hits[key] else 0,
+                    e.ledger.add(self.ledger_row, paid=False, prompt_tokens=hits[key][0].prompt_tokens if hits[key] else 0,
                                  completion_tokens=sum(c.completion_tokens for c in hits[key]))
         misses = [i for i, r in enumerate(call.results) if r is None]
         call.send = self._admit(prompts, misses, sampling)
@@ -230,30 +256,40 @@ class EconomyBackend:
             call.results[i] = completions
             prompt = completions[0].prompt_tokens if completions else 0
             completion = sum(c.completion_tokens for c in completions)
-            e.ledger.add(self.name, paid=True, prompt_tokens=prompt, completion_tokens=completion)
+            e.ledger.add(self.ledger_row, paid=True, prompt_tokens=prompt, completion_tokens=completion)
             e.ledger.measure(prompt_chars(call.prompts[i]), prompt)
             e.run_paid.add(Usage(1, prompt, completion))
         if answers and call.keys is not None and e.cache is not None:
-            self._cache_call(lambda: e.cache.put_many((call.keys[i], e.identity, completions)
+            self._cache_call(lambda: e.cache.put_many((call.keys[i], self.identity, completions)
                                                       for i, completions in zip(call.send, answers)
                                                       if completions is not None), None)
         e.ledger.save()
         return call.results
 
     def _admit(self, prompts, misses: list[int], sampling: SamplingConfig) -> list[int]:
-        """The misses the budget allows, in order; the first that might not fit ends the admission."""
-        budget = self.economy.budget
-        if not budget.active:
+        """The misses the budget allows (the output's, and a cascade tier's own), in order; the first that might
+        not fit ends the admission."""
+        budget, tier = self.economy.budget, self.tier_budget
+        if not budget.active and not (tier is not None and tier.active):
             return misses
-        ledger = self.economy.ledger
+        ledger, prices = self.economy.ledger, self.tier_prices
         spent = ledger.total("paid")
         planned = Usage(spent.requests, spent.prompt_tokens, spent.completion_tokens)
+        planned_cost = ledger.cost("paid", self.economy.prices) or 0.0
+        mine = ledger.backends.get(self.ledger_row, {}).get("paid", Usage())
+        tier_planned = Usage(mine.requests, mine.prompt_tokens, mine.completion_tokens)
         admitted = []
         for i in misses:
             prompt, completion = budget.bound(ledger, prompts[i], sampling.n, sampling.max_tokens)
-            if not budget.fits(planned, prompt, completion):
+            if budget.active and not budget.fits(planned, prompt, completion, spent_cost=planned_cost, prices=prices):
+                break
+            if tier is not None and tier.active and not tier.fits(tier_planned, prompt, completion):
                 break
             planned.add(Usage(1, prompt, completion))
+            tier_planned.add(Usage(1, prompt, completion))
+            step = ((prices if prices is not None and prices.set else self.economy.prices).cost(prompt, completion)
+                    or 0.0)
+            planned_cost += step
             admitted.append(i)
         return admitted
 

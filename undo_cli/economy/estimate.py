@@ -158,3 +158,34 @@ def describe(est: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("budget", f"{limits} covers {shares}: {fit} at their upper bound (the stage stops cleanly "
                                    "there; re-run with more to resume)"))
     return rows
+
+
+def estimate_tiers(prompts: list[list[dict[str, str]]], config, *, trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """A teacher cascade's tiers (economy/cascade.py), each bounded as if every problem reached it: the cascade
+    can cost at most their sum, and a tier's own budget is said against its bound."""
+    from types import SimpleNamespace
+
+    out = []
+    for tier in config.tiers():
+        own = Prices(tier.price_input, tier.price_output)
+        prices = own if own.set else Prices(config.price_input, config.price_output)
+        view = SimpleNamespace(teacher=tier.model, n=config.n, max_tokens=config.max_tokens,
+                               price_input=prices.input, price_output=prices.output)
+        out.append({"teacher": tier.name, **estimate_generate(
+            prompts, view, max_teacher_tokens=tier.max_teacher_tokens, max_cost=tier.max_cost,
+            trust_remote_code=trust_remote_code)})
+    return out
+
+
+def describe_tiers(tiers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(what, value) rows: each tier's bound, and its own budget's coverage."""
+    rows = []
+    for t in tiers:
+        cost = f", cost {t['cost']:,.6g}" if t["cost"] is not None else ""
+        rows.append((f"tier {t['teacher']}, upper bound", f"{t['tokens']:,} tokens{cost} (if every problem "
+                                                           f"reached it; {t['prompt_tokens_from']})"))
+        b = t.get("budget")
+        if b:
+            rows.append((f"tier {t['teacher']}, own budget", "covers all of it" if b["covers_all"] else
+                         f"covers the first {b['covers_problems']:,} of {t['problems']:,} problems at their bound"))
+    return rows

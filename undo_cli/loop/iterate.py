@@ -31,7 +31,9 @@ out among its shards. The teacher's tokens per iteration (paid and cached, and
 cost with prices) go to manifest.json and summary.json under `teacher_usage`
 (loop/usage.py).
 
-The best iteration (the highest validation accuracy; the earliest on a tie) is
+The best iteration is chosen by a paired test on the same validation items
+(loop/choose.py: a later student replaces the kept one only with an exact
+McNemar p < choose_alpha and a gain of at least choose_min_gain), and it is
 kept, and both its student and the iteration-0 student are evaluated on the
 test split, which no decision ever looked at: every run reports UNDO against
 one-shot distillation on held-out data.
@@ -60,6 +62,8 @@ from typing import Any
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError
 from undo_cli.fields import check_choices
+from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
+from undo_cli.loop.stop import RULES as STOP_RULES
 # The teacher economy of the loop (one budget shared out, usage per iteration): loop/usage.py.
 from undo_cli.loop.usage import BudgetReached, record_usage
 
@@ -98,6 +102,10 @@ class IterateConfig(TeacherEconomyOptions):
     max_iterations: int = field(default=3, metadata={"group": "The loop", "affects": (), "help": "Most refinement rounds after the one-shot iteration 0."})
     patience: int = field(default=1, metadata={"group": "The loop", "affects": (), "help": "Stop after this many iterations without a min_delta improvement."})
     min_delta: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "Smallest gain in validation accuracy (0-1) that counts as better."})
+    stop_rule: str = field(default="patience", metadata={"group": "The loop", "affects": (), "choices": STOP_RULES, "help": "When to stop refining: patience (no raw validation gain of min_delta for `patience` iterations: the rule before), paired (the choice's paired test finds no evidence of a gain for `patience` rounds) or value (paired, or a round's validation gain per 1,000 paid teacher tokens below stop_min_gain_per_ktok); loop/stop.py."})
+    stop_min_gain_per_ktok: float = field(default=0.0, metadata={"group": "The loop", "affects": (), "help": "stop_rule value: stop when a round gains fewer validation accuracy points (0-100) per 1,000 paid teacher tokens than this."})
+    choose_alpha: float = field(default=ALPHA, metadata={"group": "The loop", "affects": (), "help": "A later iteration is kept as the best only if it beats the kept one on the same validation items with an exact McNemar p below this (loop/choose.py)."})
+    choose_min_gain: float = field(default=MIN_GAIN, metadata={"group": "The loop", "affects": (), "help": "A later iteration kept as the best must also gain at least this much validation accuracy (0-1) on those items: a one-problem wobble keeps the earlier student."})
     mix: str = field(default="replace", metadata={"group": "The loop", "choices": MIX, "affects": ("mix",), "help": "replace: refined rationales replace the old ones by id; append: they are added."})
     init: str = field(default="base", metadata={"group": "The loop", "choices": INIT, "affects": ("train",), "help": "base: each iteration trains the base student; previous: continue from the last one."})
     # The stages see the seed through their tables (each table's effective `seed` identifies the run there).
@@ -110,6 +118,8 @@ class IterateConfig(TeacherEconomyOptions):
                 "statement true, unless their tables set their own verify.", "choices": VERIFY,
         # (verify = steps also reaches generate and refine: through their tables' `verify`, which the identity holds)
         "affects": ("evaluate", "test", "collect_errors")})
+    teachers: list[dict[str, Any]] = field(default_factory=list, metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "[[teachers]] tables: a teacher cascade, cheapest first (model, name, backend, base_url, price_input, price_output, max_teacher_tokens, max_cost, model_revision); a row goes to the next teacher only when the previous one's answer does not verify. The first is `teacher` (docs/economy.md)."})
+    teacher_routes: dict[str, Any] = field(default_factory=dict, metadata={"group": "Models and data", "affects": TEACHER_STAGES, "help": "[teacher_routes] table: \"task:<task>\" or \"cluster:<id>\" = [tier names]: those rows go through these teachers only."})
     prices: dict[str, float] = field(default_factory=dict, metadata={"group": "Teacher economy (docs/economy.md)", **RUNTIME, "help": "[prices] table: input and output, per million teacher tokens (price_input/price_output override them)."})
     launcher: str = field(default="local", metadata={"group": "Where stages run", **RUNTIME,
         "help": "local: every stage in this process; slurm: sharded stages as job arrays, training as a job "
@@ -129,6 +139,10 @@ class IterateConfig(TeacherEconomyOptions):
         check_choices(self)
         self._check_teacher_base_url()
         self._check_economy()
+        self._check_teachers()
+        if not 0 < self.choose_alpha <= 1 or not 0 <= self.choose_min_gain <= 1:
+            raise UndoError(f"choose_alpha {self.choose_alpha:g} must be in (0, 1] and choose_min_gain "
+                            f"{self.choose_min_gain:g} in [0, 1]", hint="e.g. --choose-alpha 0.05 --choose-min-gain 0.02")
         if self.max_iterations < 0 or self.patience < 1 or self.min_delta < 0:
             raise UndoError("max_iterations must be >= 0, patience >= 1 and min_delta >= 0",
                             hint="e.g. --max-iterations 3 --patience 1 --min-delta 0.01")
@@ -177,6 +191,34 @@ class IterateConfig(TeacherEconomyOptions):
         self.price_output = self.price_output if self.price_output is not None else self.prices.get("output")
         self.check_economy_options()
 
+    def _check_teachers(self) -> None:
+        """[[teachers]] and [teacher_routes] (their shapes were checked where they were read, loop/settings.py):
+        the first teacher is `teacher`, and routes name teachers that exist."""
+        from undo_cli.economy.cascade import parse_route, tier_from_mapping
+
+        tiers = [tier_from_mapping(t, f"teachers[{i + 1}]") for i, t in enumerate(self.teachers)]
+        if tiers and tiers[0].model != self.teacher:
+            raise UndoError(f"teacher = {self.teacher!r} but the first of the teachers tables has model = "
+                            f"{tiers[0].model!r}", hint="the first of the teachers is the teacher: drop the teacher "
+                                                       "key, or make the two the same")
+        names = [t.name for t in tiers] or [self.teacher]
+        if len(set(names)) != len(names):
+            raise UndoError(f"teachers: two tables are named '{next(n for n in names if names.count(n) > 1)}'",
+                            hint="give each teachers table its own name = \"...\"")
+        for key, value in self.teacher_routes.items():
+            listed = value if isinstance(value, list) else [value]
+            parse_route(f"{key}={','.join(map(str, listed))}", names, "teacher_routes:")
+
+    def cascade_settings(self) -> dict[str, Any]:
+        """The teacher stages' cascade fields (economy/cascade.py) from [[teachers]] and [teacher_routes]."""
+        from undo_cli.economy.cascade import tier_from_mapping
+
+        if not self.teachers and not self.teacher_routes:
+            return {}
+        tiers = [tier_from_mapping(t, f"teachers[{i + 1}]") for i, t in enumerate(self.teachers)]
+        routes = [f"{k}={','.join(v if isinstance(v, list) else [v])}" for k, v in self.teacher_routes.items()]
+        return {"cascade": [t.spec() for t in tiers] or None, "route": routes or None}
+
     def _check_lora(self) -> None:
         lora = int(self.train.get("lora_r") or 0) > 0 and not self.train.get("merge")
         if lora and self.init == "previous":
@@ -212,6 +254,10 @@ class IterateConfig(TeacherEconomyOptions):
         from undo_cli.loop.settings import STAGES, stage_class
 
         top = {k: getattr(self, k) for k in identity_names(type(self)) if k not in STAGES}
+        if self.teachers:  # which models, not their prices, budgets or servers (economy/cascade.py)
+            from undo_cli.economy.cascade import tier_from_mapping
+
+            top["teachers"] = [tier_from_mapping(t, "teachers").identity() for t in self.teachers]
         tables = {}
         for table in STAGES:
             names = set(identity_names(stage_class(table)))
@@ -269,10 +315,15 @@ class Loop:
     def teacher_kwargs(self, key: str) -> dict[str, Any]:
         from undo_cli.loop.usage import teacher_settings
 
+        from undo_cli.loop.usage import tier_budgets
+
         c = self.config
-        return {"teacher": c.teacher, "backend": c.teacher_backend, "base_url": c.teacher_base_url,
-                "api_key_env": c.teacher_api_key_env, "trust_remote_code": c.trust_remote_code,
-                **teacher_settings(c, self.folder.manifest, key)}
+        first = c.teachers[0] if c.teachers else {}
+        cascade = tier_budgets(c.cascade_settings(), self.folder.manifest, key)
+        return {"teacher": c.teacher, "backend": first.get("backend") or c.teacher_backend,
+                "base_url": first.get("base_url") or c.teacher_base_url,
+                "api_key_env": first.get("api_key_env") or c.teacher_api_key_env,
+                "trust_remote_code": c.trust_remote_code, **teacher_settings(c, self.folder.manifest, key), **cascade}
 
     # Each `*_config` builds a stage's config exactly as the loop runs it; `check_stages` builds them all
     # before any work, so a bad value in any table stops the run before the teacher writes a line.
@@ -400,18 +451,21 @@ class Loop:
         self.train(k)
         metrics = self.evaluate(k, "val")
         errors = self.collect_errors(k)
-        return {"accuracy": metrics["accuracy"], "errors": errors["errors"]}
+        outcomes = read_outcomes(self.layout.predictions(k, "val"))
+        return {"accuracy": metrics["accuracy"], "errors": errors["errors"], "outcomes": outcomes}
 
 
-def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, str | None]:
+def decide(history: list[dict[str, Any]], config: IterateConfig,
+           paid: dict[int, int] | None = None) -> tuple[int, str | None]:
     """(best iteration, why to stop or None) from the validation results so far.
 
-    Best = the highest validation accuracy, the earliest on a tie (fewer rounds
-    of the same quality). An iteration *improves* when it beats the best so far
-    by at least min_delta (and by something at all when min_delta is 0).
+    Best = choose.choose's: a later iteration only when a paired test on the
+    same validation items says it is better (choose_alpha, choose_min_gain).
+    For stopping, an iteration *improves* when its raw accuracy beats the best
+    so far by at least min_delta (and by something at all when min_delta is 0).
     """
     accs = [h["accuracy"] for h in history]
-    best = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    best = choice(history, config)[0]
     reference, last_gain = accs[0], 0
     for i in range(1, len(accs)):
         if accs[i] > reference and accs[i] - reference >= config.min_delta - 1e-12:
@@ -419,7 +473,14 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     k = len(accs) - 1
     if history[-1]["errors"] == 0:
         return best, "the student answered every validation question correctly: nothing left to refine"
-    if k - last_gain >= config.patience and k > 0:
+    if config.stop_rule != "patience":  # paired / value: loop/stop.py (paid: teacher tokens per iteration)
+        from undo_cli.loop.stop import rounds, should_stop
+
+        reason = should_stop(config.stop_rule, rounds(history, choice(history, config)[1], paid or {}),
+                             config.patience, config.stop_min_gain_per_ktok)
+        if reason:
+            return best, reason
+    elif k - last_gain >= config.patience and k > 0:
         rounds = f"{config.patience} iteration{'s' if config.patience > 1 else ''}"
         if config.min_delta > 0:
             return best, f"no validation gain of at least {config.min_delta:g} for {rounds}"
@@ -427,6 +488,11 @@ def decide(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int, s
     if k >= config.max_iterations:
         return best, f"reached max_iterations ({config.max_iterations})"
     return best, None
+
+
+def choice(history: list[dict[str, Any]], config: IterateConfig) -> tuple[int | None, list[dict[str, Any]]]:
+    """(best iteration, the paired comparisons that chose it) from the iterations' validation outcomes."""
+    return choose([h.get("outcomes") for h in history], config.choose_alpha, config.choose_min_gain)
 
 
 # --- checks before any work, --dry-run, what a changed setting reruns ----------------------------
@@ -535,6 +601,7 @@ _INPUT_AFFECTS: dict[str, frozenset[str]] = {
     "inputs.train": frozenset({"cluster", "generate"}), "inputs.val": frozenset({"cluster", "evaluate"}),
     "inputs.test": frozenset({"test"}),
     "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
+    "inputs.teachers": frozenset(TEACHER_STAGES),
 }
 
 
@@ -619,6 +686,7 @@ def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
 
     from undo_cli.console import console
     from undo_cli.economy.estimate import describe as describe_estimate
+    from undo_cli.economy.estimate import describe_tiers
 
     def table(title: str, columns: tuple[str, ...], rows) -> None:
         # The first column (a key, a stage) never wraps: a key cut mid-word cannot be searched for or pasted.
@@ -633,7 +701,8 @@ def _print_dry_run(config: IterateConfig, shown: dict[str, Any]) -> None:
           [(key, repr(value), _origin(key, shown["origins"])) for key, value in shown["settings"].items()])
     table("plan (stops early when validation accuracy stops improving)", ("stage", "what", "writes"), shown["plan"])
     table("teacher tokens of iteration 0 (generate over train_file): an UPPER BOUND, before any call",
-          ("what", "value"), describe_estimate(shown["teacher_estimate"]))
+          ("what", "value"), describe_estimate(shown["teacher_estimate"]) + describe_tiers(
+              shown["teacher_estimate"].get("tiers") or []))
     if (config.run_dir / "manifest.json").is_file():
         console.print(f"{config.run_dir} already holds a run: add --resume to continue it or --overwrite to start over")
     console.print("nothing was run (--dry-run); drop --dry-run to start; --format json prints all this on stdout")
@@ -648,9 +717,14 @@ def estimate_iteration0(config: IterateConfig) -> dict[str, Any]:
     with to_be_written(config.run_dir):
         cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
     prompts = [item.messages for item in work_items(cfg)[2]]  # what generate would send, in order
-    return {"stage": "iter_00/generate", **estimate_generate(
+    estimate = {"stage": "iter_00/generate", **estimate_generate(
         prompts, cfg, max_teacher_tokens=config.max_teacher_tokens, max_cost=config.max_cost,
         trust_remote_code=config.trust_remote_code)}
+    if cfg.cascade:  # a teacher cascade: each tier's bound (economy/estimate.py)
+        from undo_cli.economy.estimate import estimate_tiers
+
+        estimate["tiers"] = estimate_tiers(prompts, cfg, trust_remote_code=config.trust_remote_code)
+    return estimate
 
 
 def _inputs(config: IterateConfig) -> dict[str, Any]:
@@ -659,7 +733,13 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
              for key in ("train", "val", "test")}
-    return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student)}
+    more = {}
+    if config.teachers[1:]:  # compared as one fingerprint (manifest.py compares an input's dict)
+        from undo_cli.stages.generation_loop import digest
+
+        more = {"teachers": {"fingerprint": digest([model_fingerprint(t["model"]) for t in config.teachers[1:]])}}
+    return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
+            **more}  # a cascade's other teachers: retrained weights at the same path rerun the teacher stages
 
 
 def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:
@@ -794,17 +874,29 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
             console.print(f"[bold]stopping:[/bold] {stop}")
             record_usage(folder)
             break
-        best, stop = decide(history, config)
+        from undo_cli.loop.stop import describe as describe_round
+        from undo_cli.loop.stop import rounds
+        from undo_cli.loop.usage import usage_by_iteration
+
+        paid = {r["iteration"]: r["paid"]["tokens"] for r in usage_by_iteration(folder.path)["iterations"]}
+        best, stop = decide(history, config, paid)
+        table = rounds(history, choice(history, config)[1], paid)
+        folder.manifest["stop"] = {"rule": config.stop_rule, "patience": config.patience,
+                                   "min_gain_per_ktok": config.stop_min_gain_per_ktok, "rounds": table}
         if stop and loop.finished(k + 1):
             # An earlier attempt, under another stopping rule, finished iteration k+1: a resume never
             # un-counts what finished, so the best is decided over every finished iteration.
             stop = None
-        folder.manifest.update(best_iteration=best, iterations_done=k + 1)
+        folder.manifest.update(best_iteration=best, iterations_done=k + 1,
+                               choice={"alpha": config.choose_alpha, "min_gain": config.choose_min_gain,
+                                       "tests": choice(history, config)[1]})
         record_usage(folder)
         state = report.collect(folder.path)
         report.write_summary(folder.path, state)
         if stop:  # the table comes once, finished, after the test evaluation (_finish)
-            console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best}")
+            console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best} (stop_rule {config.stop_rule})")
+            for row in table:  # what each round cost and proved (loop/stop.py)
+                console.print("  " + describe_round(row), markup=False, highlight=False, soft_wrap=True)
             break
         if not loop.finished(k + 1):  # a resume replaying finished iterations shows the table once, at the last
             # The rows the decision has seen: an earlier attempt's later iteration is not yet decided on here.

@@ -218,8 +218,14 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
     scored = [r for r in rows if r.get("val_accuracy") is not None]
     best = (manifest or {}).get("best_iteration")
     source = "run" if best is not None else None
-    if best is None and scored:  # no manifest (the bash loop): the loop's rule, highest and earliest on a tie
-        best, source = max(scored, key=lambda r: (r["val_accuracy"], -r["iteration"]))["iteration"], "validation"
+    choice = (manifest or {}).get("choice")
+    if best is None and scored:  # no manifest (the bash loop): the loop's rule, the paired test at its defaults
+        from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
+
+        layout = RunLayout(run_dir)
+        outcomes = [read_outcomes(layout.predictions(k, "val")) for k in range(max(iterations) + 1)]
+        best, tests = choose(outcomes)
+        choice, source = {"alpha": ALPHA, "min_gain": MIN_GAIN, "tests": tests}, "validation"
     current = (manifest or {}).get("current") or {}
     return {
         "run_dir": str(run_dir),
@@ -230,6 +236,8 @@ def collect(run_dir: str | Path, prices: Any = None) -> dict[str, Any]:
         "stop_reason": (manifest or {}).get("stop_reason"),
         "best_iteration": best,
         "best_source": source,
+        "choice": choice,
+        "stop": (manifest or {}).get("stop"),  # the stopping rule and each round's cost and gain (loop/stop.py)
         "decided_through": (manifest or {}).get("iterations_done", 0) - 1 if manifest else None,
         "config": (manifest or {}).get("config"),
         "rows": rows,
@@ -295,6 +303,8 @@ def write_summary(run_dir: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         "status": state["status"],
         "stop_reason": state["stop_reason"],
         "best_iteration": state["best_iteration"],
+        "choice": state.get("choice"),
+        "stop": state.get("stop"),
         "best_student": str(RunLayout(Path(state["run_dir"])).student(state["best_iteration"]))
         if state["best_iteration"] is not None else None,
         "test": test_verdict(state),
@@ -348,6 +358,12 @@ def print_table(state: dict[str, Any], title: str | None = None) -> None:
     notes = []
     if state["best_iteration"] is not None:
         notes.append(f"★ chosen: {best_label(state)}")
+        notes += choice_lines(state)
+    if (state.get("stop") or {}).get("rounds"):
+        from undo_cli.loop.stop import describe as describe_round
+
+        notes.append(f"stop_rule {state['stop']['rule']}: what each round cost and gained")
+        notes += ["  " + describe_round(r) for r in state["stop"]["rounds"]]
     if state.get("current_step") and state["status"] == "running":
         notes.append(f"running now: {state['current_step']}")
     elif any(r["status"] != "done" for r in rows) and state["status"] != "done":
@@ -426,13 +442,22 @@ def best_label(state: dict[str, Any], short: bool = False) -> str:
         return "none yet"
     if short:
         return f"iteration {k}"
+    rule = "a later iteration only when better on the same validation items by a paired test"
     if state.get("best_source") == "validation":
-        return f"iteration {k}, highest validation accuracy (no manifest.json: computed here, earliest on a tie)"
+        return f"iteration {k}, by the loop's rule ({rule}; no manifest.json: computed here)"
     if state.get("status") == "done":
-        return f"iteration {k}, the run's choice (highest validation accuracy, earliest on a tie)"
+        return f"iteration {k}, the run's choice ({rule})"
     through = state.get("decided_through")
     return (f"iteration {k}, best so far (the run is {state.get('status')}; decided through iteration {through})"
             if through is not None and through >= 0 else f"iteration {k}, best so far")
+
+
+def choice_lines(state: dict[str, Any]) -> list[str]:
+    """The paired tests behind the choice, one line per later iteration (loop/choose.py)."""
+    from undo_cli.loop.choose import describe
+
+    choice = state.get("choice") or {}
+    return ["  " + describe(t, choice.get("alpha"), choice.get("min_gain")) for t in choice.get("tests") or []]
 
 
 def verdict_lines(summary: dict[str, Any]) -> list[str]:

@@ -39,6 +39,8 @@ The page's script and style are report_page.js and report_page.css beside this m
 
 from __future__ import annotations
 
+import shlex
+
 import base64
 import hashlib
 import html
@@ -283,6 +285,12 @@ def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
              f"chosen: {_e(best_label(state))}" if state.get("best_iteration") is not None else None,
              f"run folder: <code>{_e(state.get('run_dir'))}</code>"]
     verdict = "".join(f"<p>{_e(line)}</p>" for line in verdict_lines(summary))
+    rounds = (state.get("stop") or {}).get("rounds") or []
+    if rounds:  # what each refinement round cost and gained, and its paired test (loop/stop.py)
+        from undo_cli.loop.stop import describe as describe_round
+
+        verdict += (f"<p class='muted'>stop_rule {_e(state['stop']['rule'])}: what each round cost and gained</p><ul>"
+                    + "".join(f"<li>{_e(describe_round(r))}</li>" for r in rounds) + "</ul>")
     return ("<section id='run'><h2>The run</h2>"
             f"<p class='facts'>{' · '.join(f for f in facts if f)}</p>"
             f"<div class='verdict'>{verdict}</div>"
@@ -310,7 +318,9 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
     from undo_cli.loop.report_data import page_data
 
     index, chunks = page_data(run_dir, state)
-    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration")}
+    # Each refinement card shows the command that prints its row's history (loop/lineage.py), to copy.
+    index["run"] = {"name": state["name"], "best_iteration": state.get("best_iteration"),
+                    "lineage": f"undo lineage {shlex.quote(str(run_dir))}"}
     script = (HERE / "report_page.js").read_text(encoding="utf-8")
     style = (HERE / "report_page.css").read_text(encoding="utf-8")
     title = f"undo report: {state['name']}"

@@ -238,6 +238,9 @@
       el("pre", null, out ?? "(output not in this run folder)"));
   }
 
+  // A row id as one shell word (the lineage command is copied into a shell): quoted unless plainly safe.
+  const shellWord = (w) => (/^[\w@%+=:,.\/#-]+$/.test(w) && !w.startsWith("#") ? w : `'${w.replace(/'/g, "'\\''")}'`);
+
   async function refinementCard(group, index, rec) {
     const [id, problemId, question, gold, against, ops, informed, info, moreRejected, extra] = rec;
     const verified = against === "refined";
@@ -259,6 +262,7 @@
     const fields = Object.entries(extra);
     return el("article", { class: "refinement", "data-id": id, "data-outcome": verified ? "verified" : "kept_previous" },
       el("header", null, el("code", null, id), el("span", { class: "muted" }, `problem ${problemId}`), ...badges),
+      el("p", { class: "muted" }, "history: ", el("code", { class: "lineage" }, `${D.run.lineage} ${shellWord(id)}`)),
       el("p", { class: "question" }, question ?? ""), el("p", null, "gold: ", el("b", null, gold ?? "")),
       el("h4", null, heading), diffView(ops), more,
       el("h4", null, `student failures shown to the teacher (informed_by: ${informed.length})`),

@@ -51,18 +51,21 @@ _ECONOMY = {"cache_dir": "cache_dir", "cache": "cache", "cache_unseeded": "cache
             "model_revision": "model_revision", "max_teacher_tokens": "max_teacher_tokens (for the whole run)",
             "max_cost": "max_cost (for the whole run)", "price_input": "price_input", "price_output": "price_output"}
 
+# A teacher cascade (economy/cascade.py) is the run's: [[teachers]] tables and a [teacher_routes] table.
+_CASCADE = {"cascade": "teachers (one table per teacher)", "route": "teacher_routes"}
+
 # Fields each stage gets from the loop, with what to set instead.
 OWNED: dict[str, dict[str, str]] = {
     "cluster": {"problems": "train_file / val_file", "output": "(the run folder)"},
     "generate": {"teacher": "teacher", "input": "train_file", "output": "(the run folder)",
                  "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                  "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
-                 **_ECONOMY, "shard": "slurm.shards"},
+                 **_ECONOMY, "shard": "slurm.shards", **_CASCADE},
     "refine": {"teacher": "teacher", "errors": "(the loop)", "targets": "(the loop)", "output": "(the run folder)",
                "clusters": "(the loop: the run's clusters.json, the [cluster] table)", "previous_errors": "(the loop)",
                "backend": "teacher_backend", "base_url": "teacher_base_url", "api_key_env": "teacher_api_key_env",
                "iteration": "(the loop)", "trust_remote_code": "trust_remote_code", "overwrite": "(a new --name)",
-               **_ECONOMY, "shard": "slurm.shards"},
+               **_ECONOMY, "shard": "slurm.shards", **_CASCADE},
     "train": {"student": "student / init", "data": "(the loop)", "output": "(the run folder)",
               "resume": "--resume", "overwrite": "(a new --name)", "trust_remote_code": "trust_remote_code"},
     "evaluate": {"model": "(the trained student)", "adapter": "(the trained student)", "input": "val_file / test_file",
@@ -200,6 +203,9 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
                 for sub, v in value.items():
                     tables[key][sub] = _check_stage_key(key, sub, v, source)
                     origins[f"{key}.{sub}"] = "flag" if source == "command line" else "file"
+            elif key in ("teachers", "teacher_routes") and key in fields:  # a cascade (economy/cascade.py)
+                values[key] = _check_cascade_key(key, value, source)
+                origins[key] = "flag" if source == "command line" else "file"
             elif key in fields:
                 values[key] = check_type(value, fields[key].type,
                                          f"{source}: {key}" if source != "command line" else flag(key))
@@ -208,12 +214,36 @@ def resolve(config_cls, toml_path: str | None, flags: dict[str, Any], dotted: li
                 known = list(fields) + list(tables)
                 where = f"{source}: unknown key '{key}'" if source != "command line" else f"unknown option {flag(key)}"
                 raise UndoError(where, hint=f"{_suggest(key, known)}known keys: {', '.join(known)}")
+    if "teacher" not in values and values.get("teachers"):  # the first of the teachers is the teacher
+        values["teacher"] = values["teachers"][0]["model"]
     missing = [name for name, f in fields.items()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in values]
     if missing:
         raise UndoError(f"missing {', '.join(flag(m) for m in missing)}",
                         hint="give them as flags or as keys in --config run.toml (see examples/run.toml)")
     return config_cls(**values, **tables)
+
+
+def _check_cascade_key(key: str, value: Any, source: str) -> Any:
+    """[[teachers]] (a list of tables, each a tier) or [teacher_routes] (route -> tier names), checked where they
+    were read, so an error names the file, the table and the key."""
+    from undo_cli.economy.cascade import tier_from_mapping
+
+    if key == "teachers":
+        if not isinstance(value, list):
+            raise UndoError(f"{source}: teachers must be a list of tables",
+                            hint='write each teacher as its own table: teachers in double square brackets, then model = "..."')
+        for i, table in enumerate(value):
+            tier_from_mapping(table, f"{source}: teachers[{i + 1}]")
+        return value
+    if not isinstance(value, dict):
+        raise UndoError(f"{source}: teacher_routes must be a table",
+                        hint='write a teacher_routes table (its name in square brackets), then lines such as "task:choice" = ["strong"]')
+    for route, tiers in value.items():
+        if not isinstance(tiers, (list, str)) or (isinstance(tiers, list) and not all(isinstance(t, str) for t in tiers)):
+            raise UndoError(f"{source}: teacher_routes.{route} = {tiers!r}: expected a list of teacher names",
+                            hint=f'e.g. "{route}" = ["strong"] (the names of the teachers tables)')
+    return value
 
 
 def _check_stage_key(table: str, key: str, value: Any, source: str) -> Any:

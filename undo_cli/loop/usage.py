@@ -105,3 +105,27 @@ def usage_by_iteration(run_dir: str | Path, prices: Prices | None = None) -> dic
                      "paid_tokens_cumulative": paid_total.tokens, "cost_cumulative": _round(cost_total)})
     return {"iterations": rows, "total": {"paid": paid_total.to_json(), "cached": cached_total.to_json(),
                                           "cost": _round(cost_total)}}
+
+
+def tier_budgets(cascade: dict[str, Any], manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    """A cascade's settings for teacher stage `key` (IterateConfig.cascade_settings) with each tier's own budget
+    reduced by what that tier spent in the run's other teacher stages (their ledgers' row of that tier)."""
+    if not cascade.get("cascade"):
+        return cascade
+    from undo_cli.economy.cascade import parse_tier
+
+    tiers = [parse_tier(spec) for spec in cascade["cascade"]]
+    for tier in tiers:
+        if tier.max_teacher_tokens is None and tier.max_cost is None:
+            continue
+        tokens, cost = 0, 0.0
+        for other, stage in manifest.get("stages", {}).items():
+            row = (((stage.get("summary") or {}).get("teacher_usage") or {}).get("by_backend") or {}).get(tier.name)
+            if other != key and row:
+                tokens += row["paid"]["tokens"]
+                cost += row.get("cost") or 0.0
+        if tier.max_teacher_tokens is not None:
+            tier.max_teacher_tokens = max(0, tier.max_teacher_tokens - tokens)
+        if tier.max_cost is not None:
+            tier.max_cost = max(0.0, tier.max_cost - cost)
+    return {**cascade, "cascade": [t.spec() for t in tiers]}

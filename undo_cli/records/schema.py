@@ -69,6 +69,7 @@ SHAPES: dict[str, Shape] = {
             "teacher_offsets": _LIST,
             "refinement": _DICT,
             "verify": _STR,
+            "lineage": _DICT,  # where the row came from (stages/lineage.py)
         },
         description="a teacher's worked solution for one problem (one line per sample)",
     ),

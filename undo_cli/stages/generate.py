@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.cascade import CascadeOptions
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import RecordError, SettingError, UndoError, ref
 from undo_cli.backends import SERVED
@@ -65,7 +66,7 @@ KEEP = {"correct": "only verified rationales go to the output", "all": "every sa
 
 
 @dataclass
-class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
+class GenerateConfig(GenerationOptions, TeacherEconomyOptions, CascadeOptions):
     """Everything `undo generate` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
@@ -94,6 +95,7 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions):
 
             check_model_ref(self.teacher, ref("teacher"))
         self.check_economy_options()
+        self.check_cascade_options()
         if self.logprobs is not None and not 1 <= self.logprobs <= 20:
             raise SettingError("logprobs", self.logprobs, "must be between 1 and 20",
                                hint="OpenAI-compatible servers return at most 20 alternatives per token")
@@ -135,8 +137,8 @@ def build_items(problems: list[dict[str, Any]], template: str, fewshot: list[dic
     from undo_cli.stages.generation_loop import WorkItem
 
     tmpl = load_template(template)
-    return [WorkItem(key=p["id"], messages=render_messages(tmpl, **problem_variables(p), examples=fewshot), data=p)
-            for p in problems]
+    return [WorkItem(key=p["id"], messages=render_messages(tmpl, **problem_variables(p), examples=fewshot), data=p,
+                     tags={"task": p.get("task") or "math"}) for p in problems]
 
 
 def make_record_builder(config: GenerateConfig, backend_name: str):
@@ -276,7 +278,7 @@ def _report_unverified(config: GenerateConfig, problems: list[dict[str, Any]], s
         missing, count = summary["without_kept_ids"], summary["questions_without_kept"]
     summary["questions_without_kept"] = count
     summary["without_kept_ids"] = missing[:10]
-    summary["extra_rows"] = [("questions with no verified rationale", count)]
+    summary["extra_rows"] = [("questions with no verified rationale", count), *summary.get("extra_rows", [])]
     if count:
         shown = ", ".join(missing[:5]) + (", ..." if count > 5 else "")
         where = f" (their samples are in {summary['rejected_output']})" if summary.get("rejected_output") else ""
@@ -311,4 +313,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("questions", "already_done", "samples", "kept_total", "rejected", "rejected_by_reason", "verified",
                    "verified_pct", "questions_without_kept", "tokens_in", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget"))
+                   "budget", "left_by_budget", "cascade"))

@@ -110,6 +110,8 @@ class WorkItem:
     messages: list[Message]         # the chat messages the backend formats and sends
     data: dict[str, Any] = field(default_factory=dict)  # whatever make_records needs (the problem, ...)
     shard_key: str | None = None    # the id `--shard K/N` hashes (default: key); refine: the target's problem id
+    tags: dict[str, Any] = field(default_factory=dict)     # what a cascade's routes match: task, cluster
+    lineage: dict[str, Any] = field(default_factory=dict)  # the stage's part of `lineage`: parent, informed_by, ...
 
 
 def digest(obj: Any) -> str:
@@ -267,7 +269,10 @@ class Generation:
             [it for it in items if shards.shard_of(it.shard_key or it.key, part.n) == part.k]
         self.stream = is_stream(self.output)
         self.side = sidecar_path(self.output, REJECTED) if keep is not None else None
-        self.identity = {**spec.identity(config, **(inputs or {})), "prompts": digest(sorted(
+        inputs = dict(inputs or {})
+        if spec.teacher and hasattr(config, "cascade_identity"):  # a cascade's models, not its prices or budgets
+            inputs.update(cascade=config.cascade_identity(), route=None)
+        self.identity = {**spec.identity(config, **inputs), "prompts": digest(sorted(
             ([i.key, i.messages] for i in self.items), key=lambda kv: kv[0]))}
         self.backend = backend if backend is not None else config.backend_config()
         from undo_cli.backends import BATCH_BACKENDS, BackendConfig
@@ -345,8 +350,10 @@ class Generation:
         if not todo:
             return
         owned = isinstance(self.backend, BackendConfig)
-        if self.economy is not None:  # the wrapper opens the real backend on the first cache miss
-            llm, owned = self.economy.wrap(self.backend), True
+        if self.economy is not None:  # the wrappers open the real backends on the first cache miss
+            from undo_cli.stages.cascade_run import TeacherTiers
+
+            llm, owned = TeacherTiers(self.economy, self.config, self.backend), True
         else:
             llm = open_backend(self.backend) if owned else self.backend
         stats.backend, stats.model = llm.name, llm.model
@@ -378,10 +385,18 @@ class Generation:
             batches = [todo[start : start + step] for start in range(0, len(todo), step)]
             # One stream over all batches: a backend with servers sends the next batch while one finishes
             # (no drain at batch boundaries); records are still written batch by batch, in order.
-            stream = llm.generate_stream(([item.messages for item in batch] for batch in batches), sampling)
+            cascade = self.economy is not None and llm.cascading
+            if cascade:  # each batch through its tiers in turn (stages/cascade_run.py)
+                stream = ((lambda batch: llm.run(batch, sampling, self.make_records))(b) for b in batches)
+            else:
+                stream = llm.generate_stream(([item.messages for item in batch] for batch in batches), sampling)
             try:
                 for batch, results in zip(batches, stream, strict=True):  # a short stream is a bug, not an end
-                    self._write(llm, batch, results, out, rejected)
+                    if cascade:
+                        self._write(llm, batch, [m[1][-1].completions if m else None for m in results], out,
+                                    rejected, made=results)
+                    else:
+                        self._write(llm, batch, results, out, rejected)
                     # what the model wrote, not the cache's answers
                     tps = stats.generated_tokens / max(time.perf_counter() - gen_start, 1e-9)
                     progress.update(task, advance=len(batch), tps=tps)
@@ -396,8 +411,10 @@ class Generation:
                 stream.close()  # a failure or Ctrl-C: the batch still in flight is cancelled, not left running
                 stats.generation_s = time.perf_counter() - gen_start
 
-    def _write(self, llm, batch: list[WorkItem], results: list[list[Completion] | None], out, rejected_log) -> None:
-        """One batch's completions as records, appended (kept first, then rejected), durably."""
+    def _write(self, llm, batch: list[WorkItem], results: list[list[Completion] | None], out, rejected_log,
+               made: list | None = None) -> None:
+        """One batch's completions as records, appended (kept first, then rejected), durably. made: a cascade's
+        (records, attempts) per item (stages/cascade_run.py), its records already made."""
         from undo_cli.records.schema import check_record
 
         stats, kind = self.stats, self.spec.records
@@ -405,15 +422,22 @@ class Generation:
             raise UndoError(f"backend {llm.name} returned {len(results)} results for {len(batch)} prompts",
                             hint="this is a bug in the backend; please report it")
         kept, rejected = [], []
-        for item, completions in zip(batch, results):
+        for index, (item, completions) in enumerate(zip(batch, results)):
             if completions is None:  # the teacher budget did not allow it: not done, a re-run resumes it
                 stats.left_by_budget.append(item.key)
                 continue
             stats.count_item(item, completions)
             item_kept = 0
-            for record in self.make_records(item, completions):
+            if made is not None:
+                records, attempts = made[index]
+                stats.count_cascade(attempts, item.key)
+            else:
+                records = self.make_records(item, completions)
+                attempts = [llm.attempt(llm.tiers[0], completions, records)] if self.economy is not None else None
+            for record in records:
                 if self.economy is not None:  # the n samples of one request are cached (or not) together
                     record["cached"] = bool(completions and completions[0].cached)
+                    llm.lineage.attach(record, item, attempts)
                 problem = check_record(record, kind)
                 if problem is not None:  # a stage bug, not user input: say so plainly
                     raise UndoError(f"internal: a generated {kind} record is malformed: {problem}")
@@ -471,6 +495,9 @@ class Generation:
             summary.update({k: v for k, v in stats.summary(self.output, None).items()
                             if k in ("load_s", "generation_s", "tokens_per_s", "samples_per_s")})
         summary.update(economy.summary())
+        if stats.cascade is not None:  # per tier: rows sent, verified there, paid tokens; rows no tier verified
+            summary["cascade"] = stats.cascade_summary(summary["teacher_usage"])
+            summary.setdefault("extra_rows", []).extend(stats.cascade_rows(summary["cascade"]))
         summary["left_by_budget"] = len(stats.left_by_budget)
         summary["left_by_budget_ids"] = stats.left_by_budget  # all of them: a stage may need to exclude them
         summary.setdefault("extra_rows", []).extend(economy.rows())
@@ -514,6 +541,31 @@ class _Stats:
     unverified: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))  # not verified, by reason
     cached_samples: int = 0  # answered by the teacher cache: instant, so outside the throughput
     cached_tokens: int = 0
+    cascade: dict[str, dict[str, int]] | None = None  # tier -> rows sent / verified there (this run)
+    cascade_unverified: list[str] = field(default_factory=list)  # rows no tier verified
+
+    def count_cascade(self, attempts: list[Any], key: str) -> None:
+        self.cascade = self.cascade or {}
+        for a in attempts:
+            row = self.cascade.setdefault(a.teacher, {"rows": 0, "verified": 0})
+            row["rows"] += 1
+            row["verified"] += a.verdict == "verified"
+        if attempts[-1].verdict != "verified":
+            self.cascade_unverified.append(key)
+
+    def cascade_summary(self, usage: dict[str, Any]) -> dict[str, Any]:
+        by_row = usage.get("by_backend") or {}
+        tiers = [{"teacher": name, **counts, "paid_tokens": (by_row.get(name) or {}).get("paid", {}).get("tokens", 0),
+                  "cost": (by_row.get(name) or {}).get("cost")} for name, counts in (self.cascade or {}).items()]
+        return {"tiers": tiers, "unverified": len(self.cascade_unverified),
+                "unverified_ids": self.cascade_unverified[:10]}
+
+    @staticmethod
+    def cascade_rows(cascade: dict[str, Any]) -> list[tuple[str, str]]:
+        rows = [(f"tier {t['teacher']}", f"{t['rows']} rows, {t['verified']} verified, {t['paid_tokens']:,} tokens "
+                 "paid (whole output)") for t in cascade["tiers"]]
+        rows.append(("rows no teacher verified", str(cascade["unverified"])))
+        return rows
 
     @property
     def generated_tokens(self) -> int:

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.cascade import CascadeOptions
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError, ref, word
 from undo_cli.backends import SERVED
@@ -86,7 +87,7 @@ SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
 
 
 @dataclass
-class RefineConfig(GenerationOptions, TeacherEconomyOptions):
+class RefineConfig(GenerationOptions, TeacherEconomyOptions, CascadeOptions):
     """Everything `undo refine` needs (each field is one CLI flag; the backend and sampling ones are inherited)."""
 
     teacher: str = field(metadata={"help": "The teacher: a model folder, a hub name, a .gguf file, or the model name on the server."})
@@ -152,6 +153,7 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions):
 
             check_model_ref(self.teacher, ref("teacher"))
         self.check_economy_options()
+        self.check_cascade_options()
         if self.errors == "-" and self.targets == "-":
             raise UndoError(f"{ref('errors')} and {ref('targets')} cannot both read stdin",
                             hint="give one of them as a file")
@@ -523,7 +525,28 @@ def build_items(jobs: list[Job], template: str):
     tmpl = load_template(template)
     # Shards split by problem, so every sample of a problem is refined in the same shard.
     return [WorkItem(key=job.target["id"], messages=_messages(job, tmpl), data={"job": job},
-                     shard_key=job.target["problem_id"]) for job in jobs]
+                     shard_key=job.target["problem_id"], tags=_tags(job), lineage=_lineage(job)) for job in jobs]
+
+
+def _tags(job: Job) -> dict[str, Any]:
+    """What a teacher cascade's routes match (economy/cascade.py): the target's task, the failure's cluster."""
+    return {"task": job.target.get("task") or "math", "cluster": _cluster(job)}
+
+
+def _cluster(job: Job) -> str | None:
+    """The failure cluster of a job: the target's (when clusters are known), else the failure record's field."""
+    return getattr(job, "cluster", None) or job.failure.get("cluster")
+
+
+def _lineage(job: Job) -> dict[str, Any]:
+    """refine's part of each record's `lineage` (stages/lineage.py): the row it replaces and what informed it."""
+    from undo_cli.stages.lineage import short
+
+    target = job.target
+    return {"parent": {"id": target["id"], "iteration": int(target.get("iteration") or 0),
+                       "rationale_hash": short(target["rationale"])},
+            "informed_by": [job.failure["id"]] + [e["id"] for e in job.similar],
+            "failure_cluster": _cluster(job)}
 
 
 def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
@@ -833,6 +856,7 @@ def run(config: RefineConfig) -> dict[str, Any]:
         ("kept previous (refinement failed)", kept_previous),
         ("teacher tokens of these refinements", f"{tokens:,}" + (f" (priced at most {targeting['priced_tokens']:,})"
                                                                   if "priced_tokens" in targeting else "")),
+        *[row for row in summary.get("extra_rows", []) if row[0].startswith(("tier ", "rows no teacher"))],
     ]
     print_summary(summary, title=f"undo refine ({config.backend}: {config.teacher})")
     if kept_previous and total:
@@ -883,4 +907,4 @@ SPEC = StageSpec(
     item_keys=item_keys, merged_summary=merged_summary, teacher=True, heavy=True,
     keep=keep_keys("errors", "targets", "selected_questions", "jobs", "already_done", "refined_verified",
                    "kept_previous", "rejected_by_reason", "verified_pct", "tokens_out", "wall_s", "teacher_usage",
-                   "budget", "left_by_budget", "targeting"))
+                   "budget", "left_by_budget", "targeting", "cascade"))

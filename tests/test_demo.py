@@ -150,6 +150,23 @@ def test_the_printed_bash_loop_runs_as_printed(demo):
                                                                       for r in theirs]
 
 
+def test_every_command_the_demo_ends_with_runs_as_printed(demo):
+    """Issue 32: the `next:` line and each command of the closing block, pasted into bash from where the user
+    stands (the bash loop, the longest, has its own test above)."""
+    from tests.conftest import paste
+
+    err = demo["resumed"].stderr
+    lines = err.split("─ next ─")[-1].splitlines()
+    block = [lines[i + 1].strip() for i, text in enumerate(lines[:-1]) if text.startswith("# ")
+             and lines[i + 1].strip() and not lines[i + 1].startswith("#")]
+    commands = [line[len("next: "):] for line in err.splitlines() if line.startswith("next: ")]
+    commands += [c for c in block if "undo_loop.sh" not in c]
+    assert len(commands) >= 6 and any(c.startswith("undo report ") for c in commands), commands
+    for command in commands:
+        proc = paste(command, cwd=demo["workdir"].parent, env=WIDE)
+        assert proc.returncode == 0 and proc.stdout + proc.stderr, (command, proc.stderr[-2000:])
+
+
 def test_data_is_the_shipped_problems_split(demo):
     from undo_cli.prompts import bundled_dir
 

@@ -8,8 +8,12 @@ Scoring happens in two steps, because they fail in different ways:
 1. **Extract** the answer the model committed to (`extract_answer`). Models
    show their work, so the last number in the text is often an intermediate
    result. We look for an explicit final answer first, in this order:
-   a `#### <answer>` line (the format our prompts ask for), `\\boxed{...}`, then
-   "the answer is ..." / "Answer: ..." / "Final answer: ...". Before any
+   a `#### <answer>` line (the format our prompts ask for; exactly four hashes:
+   a longer run such as the `############` lines SmolLM2 loops on is no marker, nor
+   is a markdown heading `#### Step 1:` or the placeholder `#### <answer>` quoted
+   back), `\\boxed{...}`, then "the answer is ..." / "Answer: ..." / "Final
+   answer: ...", then the one bold number on the last line ("So Lily has **21**
+   pencils.", the way chat models mark a result). Before any
    of that we cut the text where the model starts a new "Question:" — small
    models ramble on into made-up problems, and their numbers must not count.
    Two extractions, as lm-evaluation-harness does for GSM8K ("strict-match"
@@ -100,7 +104,8 @@ def _answer_region(text: str) -> str:
 
 # --- step 1: find the explicit final answer -------------------------------------------
 
-_HASHES = re.compile(r"####\s*(.*)")
+# Exactly four: a run of more ("############", a markdown rule some models loop on) is not an answer marker.
+_HASHES = re.compile(r"(?<!#)####(?!#)\s*(.*)")
 _ANSWER_PHRASE = re.compile(
     r"\b(?:final\s+answer|the\s+(?:correct\s+)?answer|answer)\s*(?:\*\*)?\s*(?:is|:|=)\s*(?:\*\*)?\s*:?[ \t]*(.*)",
     re.IGNORECASE)
@@ -133,14 +138,43 @@ def _line_after(text: str, start: int, rest: str) -> str:
 _HEADING = re.compile(r"^(?:step|part|stage|case)\s*\w*\s*[:.)-]|^(?:step|part)\s+\d+\b|.*:\s*$", re.IGNORECASE)
 
 
+def _hash_answers(text: str):
+    """(answer text, where its line ends) of every `#### <answer>` line, in order.
+
+    Not answers: markdown headings ("#### Step 1: ..."), a bare "####" with nothing after it, and the
+    prompt's own placeholder quoted back ('the line "#### <answer>" ...'). Tags around an answer are
+    dropped: Qwen2.5-Coder writes "#### <answer>31 eggs</answer>"."""
+    for m in _HASHES.finditer(text):
+        rest = m.group(1)
+        tagged = _TAGGED.match(rest)
+        if tagged:
+            rest = tagged.group(1)
+            if not rest[:1].isalnum() and rest[:1] not in "$-−\\(.":  # '<answer>" is a shortcut': the placeholder
+                continue
+        if not rest.strip() or _HEADING.match(rest.strip()):
+            continue
+        yield rest, m.end()
+
+
+_TAGGED = re.compile(r"\s*<answer>\s*(.*?)\s*(?:</answer>.*)?$")
+
+
+def answer_line_end(text: str, complete: bool = False) -> int | None:
+    """Where the line holding the explicit `#### <answer>` ends (the index of its newline), or None.
+
+    The end of a generation that was asked for "a final line #### <answer>" (`--stop-at-answer`): what
+    follows is, by the prompt's own terms, not part of the answer. With `complete`, a line still being
+    written (no newline after it yet) does not count: the answer may have more digits to come."""
+    for _, end in _hash_answers(text):
+        return None if complete and end >= len(text) else end
+    return None
+
+
 def _explicit_span(text: str) -> str | None:
     """The raw text of an explicit final answer, or None when the model gave none."""
-    for m in _HASHES.finditer(text):  # our format; the first one is the committed answer
-        if _HEADING.match(m.group(1).strip()):
-            continue
-        span = _line_after(text, m.start(), m.group(1))
-        boxed = boxed_contents(span)
-        return boxed[-1] if boxed else span
+    for rest, _ in _hash_answers(text):  # our format; the first one is the committed answer
+        boxed = boxed_contents(rest)
+        return boxed[-1] if boxed else rest
     boxed = boxed_contents(text)
     if boxed:
         return boxed[-1]
@@ -148,7 +182,25 @@ def _explicit_span(text: str) -> str | None:
     if matches:
         m = matches[-1]
         return _line_after(text, m.start(), m.group(1))
-    return None
+    return _bold_last_line(text)
+
+
+# Markdown bold around a number, "**21**", "**$5**", "**21 pencils**": the way chat models mark a result.
+_BOLD_NUMBER = re.compile(r"\*\*([^*\n]{0,40}?\d[^*\n]{0,40}?)\*\*")
+
+
+def _bold_last_line(text: str) -> str | None:
+    """The one bold number on the last non-empty line ("So Lily has **21** pencils."), or None.
+
+    Only the last line, and only when it bolds exactly one number: a bold step title ("**Step 2:**") or two
+    bold numbers ("**3** boxes of **4**") commit to nothing."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    found = [m.group(1) for m in _BOLD_NUMBER.finditer(lines[-1])]
+    if len(found) != 1 or _HEADING.match(found[0].strip()) or re.match(r"(?i)\s*(?:step|part)\b", found[0]):
+        return None
+    return found[0]
 
 
 # --- step 2: turn a span into an answer, per task ---------------------------------------
@@ -156,6 +208,7 @@ def _explicit_span(text: str) -> str | None:
 _NUMBER = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?\s?%?"
 _NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}")
 _LATEX_ENV = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_BARE_FRACTION = re.compile(r"\\[dt]?frac\s*\{[^{}]*\}\s*\{[^{}]*\}")
 _PLAIN_NUMBER = re.compile(r"^[-−]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?$")
 
 
@@ -169,7 +222,7 @@ def _math_from_span(span: str) -> str | None:
     if envs:
         span = envs[-1]
     span = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", span)
-    span = span.replace("\\$", "$").replace("\\%", "%").replace("\\!", "").replace("\\,", "")
+    span = span.replace("\\$", "$").replace("\\%", "%").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
     if "=" in span:  # "3 + 4 = 7": the answer is the right-hand side
         span = span.rsplit("=", 1)[1]
     span = span.strip().rstrip(".;:!").strip()
@@ -185,6 +238,7 @@ def _last_math(text: str) -> str | None:
     """The fallback: the last number or LaTeX expression in the text, whichever comes last."""
     candidates = [(m.end(), _clean_number(m.group(0))) for m in _NUMBER_RE.finditer(text)]
     candidates += [(m.end(), _math_from_span(m.group(0))) for m in _LATEX_ENV.finditer(text)]
+    candidates += [(m.end(), m.group(0)) for m in _BARE_FRACTION.finditer(text)]  # \frac{3}{4} outside $...$
     candidates = [c for c in candidates if c[1]]
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 

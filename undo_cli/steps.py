@@ -25,6 +25,11 @@ the first number are not a side: the statement is `6 * 4 = 24`).
 * operators: `+ - − – * × · ⋅ ∗ / ÷ ∕`, LaTeX `\\times \\cdot \\div`, and `x`/`X`
   only between two numbers (`3 x 4`, `3x4`); implicit multiplication only
   when glued: `2(3 + 4)`, `(1 + 1)(2 + 2)`.
+* LaTeX and markdown as real teachers write them: `\\frac{a}{b}` (`\\dfrac`,
+  `\\tfrac`) is `(a)/(b)` when a and b are plain arithmetic; `$ … $`, `\\( … \\)`,
+  `\\[ … \\]` and `**bold**` are transparent; `\\boxed{…}`, `\\text{…}` show their
+  contents; `\\left( \\right)` are parentheses; `\\$ \\% \\approx` are `$ % ≈`;
+  `1{,}000` and `1\\,000` are thousands groups.
 * fractions are divisions (`3/4 = 0.75`); a percentage `p%` (or `p percent`)
   is p/100 inside an expression: `20% of 50 = 10`, `50 * 20% = 10`,
   `0.2 * 50 = 10`. A side that is a lone percentage may stand for p/100 or for
@@ -60,7 +65,8 @@ they contain `=`):
 * list markers: `Step 3:`, `1.`, `1)`, a leading `- ` or `* ` bullet; a lone number
   after a word as the first side (`Step 3 = ...`, `room 101 = ...`: maybe a label).
 * anything with a sign we do not model: powers and roots (`^ ** ² √`), factorials,
-  comparisons (`< > ≤ ≥ ≠ ==`), `±`, braces and other LaTeX (`\\frac{1}{3}`),
+  comparisons (`< > ≤ ≥ ≠ ==`), `±`, other braces and LaTeX (`\\sqrt{9}`,
+  `\\frac{x}{2}`, a fraction inside a fraction),
   letters used as variables (`2x + 3 = 7`, `n = 5`), scientific notation,
   non-ASCII digits, a decimal comma (`12,5`), multiplier words (`2 dozen`, `3 million`).
 * mixed units of one kind in one statement (`2 hours + 30 minutes = 150 minutes`,
@@ -121,6 +127,14 @@ _PATTERNS = [
     ("bullet", r"^[ \t]*(?:[-*+•]|[0-9]{1,3}[.)])[ \t]+"),  # list markers: "- ", "* ", "1. ", "2) "
     ("nl", r"\n"),
     ("ws", r"[^\S\n]+"),
+    # LaTeX as teachers write it: \frac{a}{b} is (a)/(b) when a and b are plain arithmetic; \boxed{..} and
+    # \text{..} show their contents; \left( \right) are parentheses; \$ \% \approx are $ % ≈.
+    ("frac", r"\\[dt]?frac[ \t]*\{(?P<numer>[^{}\n]*)\}[ \t]*\{(?P<denom>[^{}\n]*)\}"),
+    ("wrap", r"\\(?:boxed|text|textbf|textrm|mathrm|mathbf|mbox)[ \t]*\{(?P<inner>[^{}\n]*)\}"),
+    ("sizing", r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?=[()])"),
+    ("latexcur", r"\\\$(?= ?(?:[0-9]|\.[0-9]))"),
+    ("latexpct", r"\\%"),
+    ("latexeq", r"\\approx(?![A-Za-z])"),
     ("latexop", r"\\(?:times|cdot|div)(?![A-Za-z])"),
     ("latex", r"\\[A-Za-z]+|\\."),
     # dates, phone numbers, versions, times, ratios: never arithmetic
@@ -129,7 +143,8 @@ _PATTERNS = [
            r"|[0-9]{4}/[0-9]{1,2}/[0-9]{1,2})(?:[-/][0-9]+)*|[0-9]+(?:\.[0-9]+){2,}|[0-9]+(?::[0-9]+)+"),
     ("ordinal", r"[0-9]+(?:st|nd|rd|th)(?![^\W_])"),
     ("compound", r"[0-9]+(?:\.[0-9]+)?-[^\W\d_][^\W_]*(?:-[^\W_]+)*"),   # 2-step, 3-year-old
-    ("num", r"[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+"),
+    # thousands groups: 1,250 and LaTeX's 1{,}250 and 1\,250
+    ("num", r"[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+(?![0-9])(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+"),
     ("badcomma", r"(?<=[0-9]),(?=[0-9])"),  # a decimal comma (12,5) or a list (1,2,3): ambiguous
     ("xop", r"(?<=[0-9)%])[xX](?=[0-9(])|(?<=[0-9)%] )[xX](?= [0-9(($€£¥₹])"),
     ("word", r"[^\W\d_][^\W_]*(?:['’][^\W\d_]+)*(?:-[^\W_]+)*"),
@@ -139,7 +154,8 @@ _PATTERNS = [
     ("lp", r"\("),
     ("rp", r"\)"),
     ("pct", r"%"),
-    ("cur", r"[$€£¥₹](?= ?[0-9.])"),  # a currency sign before a number ("$" elsewhere is LaTeX math)
+    # a currency sign before a number ("$" elsewhere is LaTeX math: "$6 + 3 = 9$." closes after a digit)
+    ("cur", r"(?<![0-9])[$€£¥₹](?= ?(?:[0-9]|\.[0-9]))"),
     ("bang", r"(?<=[0-9)])!"),
     ("other", r"."),
 ]
@@ -186,7 +202,20 @@ def _tokens(text: str, start: int = 0, end: int | None = None) -> list[_Tok]:
     for m in _TOKEN.finditer(text, start, len(text) if end is None else end):
         name, s, e = m.lastgroup, m.start(), m.end()
         t = m.group()
-        if name == "ws":
+        if name in ("ws", "sizing"):
+            continue
+        if name == "frac":
+            out.extend(_fraction(text, m))
+            continue
+        if name == "wrap":  # \boxed{42}, \text{ apples}: their contents, in place
+            inner = _tokens(text, m.start("inner"), m.end("inner"))
+            if inner and not text[inner[-1].end:m.end("inner")].strip():
+                inner[-1].end = e  # a statement quoted up to its last token ends with the closing brace
+            out.extend(inner)
+            continue
+        if name in ("latexcur", "latexpct", "latexeq"):
+            kind, shown = {"latexcur": (CUR, "$"), "latexpct": (PCT, "%"), "latexeq": (EQ, "≈")}[name]
+            out.append(_Tok(kind, shown, s, e))
             continue
         if name in ("nl", "bullet"):
             kind = BREAK
@@ -210,6 +239,22 @@ def _tokens(text: str, start: int = 0, end: int | None = None) -> list[_Tok]:
             kind = BREAK
         out.append(_Tok(kind, t, s, e))
     return out
+
+
+_FRACTION_PARTS = frozenset({"num", "op", "lp", "rp", "pct", "cur", "markup"})  # kinds a \frac's a and b may hold
+_GROUPING = re.compile(r"\{,\}|\\,|,")  # thousands separators inside a number token
+
+
+def _fraction(text: str, m: re.Match) -> list[_Tok]:
+    """\frac{a}{b} as the tokens of (a)/(b), positioned in the text; one POISON token unless a and b are both
+    plain arithmetic (numbers, operators, parentheses): \frac{x}{2} or a nested fraction is not read."""
+    numer = _tokens(text, m.start("numer"), m.end("numer"))
+    denom = _tokens(text, m.start("denom"), m.end("denom"))
+    if not numer or not denom or any(t.kind not in _FRACTION_PARTS for t in numer + denom):
+        return [_Tok(POISON, m.group(), m.start(), m.end())]
+    a0, a1, b0, b1 = m.start("numer"), m.end("numer"), m.start("denom"), m.end("denom")
+    return [_Tok(LP, "(", m.start(), a0), *numer, _Tok(RP, ")", a1, a1 + 1), _Tok(OP, "/", a1, b0),
+            _Tok(LP, "(", b0 - 1, b0), *denom, _Tok(RP, ")", b1, m.end())]
 
 
 # --- runs: maximal stretches of arithmetic on one line -----------------------------------
@@ -317,7 +362,7 @@ class _Side:
 
 
 def _literal(tok: _Tok, pct: bool) -> _Lit:
-    digits = tok.text.replace(",", "")
+    digits = _GROUPING.sub("", tok.text)
     decimals = len(digits.split(".", 1)[1]) if "." in digits else 0
     whole = digits.split(".", 1)[0].lstrip("0")
     zeros = len(whole) - len(whole.rstrip("0")) if whole and not decimals else 0
@@ -586,7 +631,7 @@ def find_statements(text: str) -> tuple[list[Statement], int]:
     return found, skipped
 
 
-_EQUALS = re.compile("[=≈≃≅]")
+_EQUALS = re.compile(r"[=≈≃≅]|\\approx")
 
 
 def _lines_with_equals(text: str):

@@ -30,6 +30,28 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # record the top-k log-probabilities of each generated token
+    # Where a completion ends besides eos, `stop` and max_tokens (backends/stopping.py): at the end of
+    # its `#### <answer>` line, and at a degenerate repetition covering this many characters (0: never).
+    stop_at_answer: bool = False
+    repetition_cut: int = 0
+
+
+# What a model's generation_config.json may set about sampling. The run's own settings win on every backend
+# (docs/method.md, "Generation defaults"): the hf backend unsets these in the loaded model's generation_config
+# (generate() would refill any setting left unset from it), then sets temperature and top_p; vLLM gets its
+# SamplingParams from the run alone.
+MODEL_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                  "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "num_beams",
+                  "length_penalty")
+_NO_EFFECT = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0}
+
+
+def model_sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings a model's generation_config sets to something with an effect (not applied)."""
+    return {k: v for k, v in generation_config.items()
+            if k in MODEL_SAMPLING and v is not None and v != _NO_EFFECT.get(k)}
 
 
 @dataclass
@@ -52,7 +74,7 @@ class TokenLogprobs:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str | None  # "stop" | "length" | None when the backend does not say
+    finish_reason: str | None  # "stop" | "length" | "repetition" (backends/stopping.py) | None when the backend does not say
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] | None = None
@@ -77,6 +99,11 @@ class Backend(Protocol):
 
     def endpoint_summary(self) -> list[dict[str, Any]] | None:
         """Per server: requests, failures, req/s (openai); None for a backend without servers."""
+        ...
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The generation settings in force for `sampling`: what the stage's summary records as applied
+        (the model's own sampling defaults that were set aside included, where the backend can see them)."""
         ...
 
     def close(self) -> None:

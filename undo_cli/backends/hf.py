@@ -24,9 +24,10 @@ throughput path, not a loop over prompts:
 * bf16 on a GPU, float32 on CPU (bf16 matmuls on CPU are slower and less exact).
 
 Log-probabilities (`SamplingConfig.logprobs = k`) are taken from the model's
-logits *before* temperature and top-p (but after any processors the model's own
-generation_config asks for, such as a repetition penalty): that is the
-teacher's distribution, which is what offline distillation wants. They are
+logits *before* temperature and top-p: that is the teacher's distribution, which
+is what offline distillation wants. The model's own sampling defaults
+(generation_config.json: a repetition penalty, top_k, ...) are not applied
+(docs/method.md, "Generation defaults"); its eos ids are. They are
 recorded step by step by a logits processor that keeps only the top-k (k ids per
 token), never the full [steps x vocab] tensor that `output_logits=True` would
 hold in memory.
@@ -37,7 +38,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
+from undo_cli.backends import stopping
+from undo_cli.backends.base import (MODEL_SAMPLING, Completion, Message, SamplingConfig, TokenLogprobs,
+                                    model_sampling_defaults, one_batch_at_a_time)
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
@@ -131,10 +134,19 @@ class HFBackend:
 
         # The name forward and generate take a KV cache under: `cache` in recent transformers, `past_key_values` before.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Where the model ends its turn: the eos ids of its generation_config and its tokenizer's eos (a
+        # converted GGUF may list only one of them; Qwen's hub config lists <|im_end|> and <|endoftext|>).
         eos = self.hf_model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
+        # The model's own sampling defaults (generation_config.json: Qwen's temperature 0.7, top_p 0.8,
+        # top_k 20, repetition_penalty 1.1) do not apply: the run's settings do, on every backend alike
+        # (docs/method.md, "Generation defaults"); they are recorded, so a run shows what it set aside.
+        # generate() fills every setting a call leaves unset from the model's generation_config, so they
+        # are unset there, in memory (this backend never saves the model).
+        own = self.hf_model.generation_config
+        self.model_defaults = model_sampling_defaults(own.to_diff_dict())
+        for name in MODEL_SAMPLING:
+            setattr(own, name, None)
 
     @staticmethod
     def _apply_adapter(model, adapter: str):
@@ -180,7 +192,8 @@ class HFBackend:
         """transformers' GenerationConfig for `sampling`, for a batch of `rows` sequences (prompts x n)."""
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_dict(self.hf_model.generation_config.to_dict())
+        gen = GenerationConfig.from_dict(self.hf_model.generation_config.to_dict())  # its sampling fields unset
+        gen.eos_token_id = sorted(self.eos_ids)
         sample = sampling.temperature > 0
         gen.max_new_tokens = sampling.max_tokens
         gen.max_length = None
@@ -218,6 +231,10 @@ class HFBackend:
             extra["logits_processor"] = LogitsProcessorList([recorder])
         if gen.stop_strings:
             extra["tokenizer"] = self.tokenizer  # StopStringCriteria needs the vocabulary
+        if stopping.active(sampling):  # at the answer line, at a degenerate repetition (backends/stopping.py)
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([stopping.TextStop(self.tokenizer, sampling, width)])
         with torch.inference_mode():
             if per_prompt > 1 and width > 1:  # the prompt once, its KV cache repeated for the n samples
                 input_ids, attention, extra[self.cache_kwarg] = self._shared_prompt(input_ids, attention, per_prompt)
@@ -282,6 +299,9 @@ class HFBackend:
             cut = text.find(s)
             if cut != -1:  # OpenAI semantics: the stop string is not part of the text
                 text, finish = text[:cut], "stop"
+        text, finish, was_cut = stopping.apply(text, finish, sampling)
+        if was_cut:  # the tokens that wrote the kept text (the rest of the row is padding or was cut)
+            length = self._tokens_for(text_ids, len(text))
         logprobs = None
         if lp is not None:
             top_ids, top_lps, chosen = lp
@@ -289,6 +309,28 @@ class HFBackend:
                         for j in range(length)]
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_len, completion_tokens=length,
                           logprobs=logprobs)
+
+    def _tokens_for(self, ids: list[int], chars: int) -> int:
+        """The fewest leading tokens of `ids` whose decoded text reaches `chars` characters (binary search)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """The generation settings in force for `sampling` (recorded in the stage's summary)."""
+        gen = self._generate_config(sampling)
+        sample = sampling.temperature > 0
+        return {"backend": "hf", "do_sample": sample, "temperature": sampling.temperature if sample else 0.0,
+                "top_p": sampling.top_p if sample else 1.0, "top_k": 0 if sample else None,
+                "repetition_penalty": gen.repetition_penalty, "max_new_tokens": sampling.max_tokens,
+                "eos_token_id": sorted(self.eos_ids), "stop": list(sampling.stop),
+                "stop_at_answer": sampling.stop_at_answer, "repetition_cut": sampling.repetition_cut,
+                "model_defaults_not_applied": self.model_defaults}
 
     def close(self) -> None:
         import gc

@@ -52,7 +52,8 @@ hosted APIs. Design choices, and why:
   when it can be loaded locally, else logprobs are recorded as null (with one
   warning) rather than as guessed ids.
 * **Stop strings** are trimmed here as well, because some servers return the
-  text with the stop string still on it.
+  text with the stop string still on it. The end rules of backends/stopping.py (the answer line, a
+  degenerate repetition) are applied to the text returned: OpenAI's `stop` takes plain strings only.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ import random
 import time
 from typing import Any
 
+from undo_cli.backends import stopping
 from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs
 from undo_cli.console import console, warn
 from undo_cli.errors import UndoError
@@ -533,11 +535,26 @@ class OpenAIBackend:
         choices = sorted(data["choices"], key=lambda c: c.get("index") or 0)
         texts = [self._trim(c["message"].get("content") or "", sampling.stop) for c in choices]
         logprobs = [self._logprobs(c) if sampling.logprobs else None for c in choices]
-        counts = self._completion_counts(choices, texts, usage)
+        counts = self._completion_counts(choices, texts, usage)  # what the server generated (and bills)
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        return [Completion(text=t, finish_reason=c.get("finish_reason"), prompt_tokens=prompt_tokens,
-                           completion_tokens=k, logprobs=lp)
-                for c, t, lp, k in zip(choices, texts, logprobs, counts)]
+        out = []
+        for c, t, lp, k in zip(choices, texts, logprobs, counts):
+            # The run's end rules (backends/stopping.py), judged on the returned text: the tokens after the
+            # cut were generated and are still counted, but they are not part of the completion.
+            kept, finish, cut = stopping.apply(t, c.get("finish_reason"), sampling)
+            if cut and lp is not None:
+                lp = lp[: stopping.tokens_covering([_piece_length(tok) for tok in _content(c) or []], len(kept))]
+            out.append(Completion(text=kept, finish_reason=finish, prompt_tokens=prompt_tokens,
+                                  completion_tokens=k, logprobs=lp))
+        return out
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """What each request sets; a server applies its own defaults to what a request leaves out (vLLM
+        serve: the model's generation_config, e.g. top_k and repetition_penalty)."""
+        return {"backend": "openai", "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens, "stop": list(sampling.stop), "seed": sampling.seed,
+                "stop_at_answer": sampling.stop_at_answer, "repetition_cut": sampling.repetition_cut,
+                "not_sent": "top_k, repetition_penalty and other sampling settings: the server's defaults"}
 
     @staticmethod
     def _trim(text: str, stop: list[str]) -> str:
@@ -631,6 +648,15 @@ class OpenAIBackend:
 async def _gather(*aws, return_exceptions: bool = False) -> list:
     # gather() called outside a running loop binds to the thread's default loop, not ours.
     return await asyncio.gather(*aws, return_exceptions=return_exceptions)
+
+
+def _piece_length(token: dict) -> int:
+    """Characters one log-prob entry's token spells (its UTF-8 `bytes` when given: a vLLM token may be
+    named 'token_id:123')."""
+    raw = token.get("bytes")
+    if isinstance(raw, list):
+        return len(bytes(b & 0xFF for b in raw if isinstance(b, int)).decode("utf-8", "replace"))
+    return len(str(token.get("token", "")))
 
 
 def _content(choice: dict) -> list | None:

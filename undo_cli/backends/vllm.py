@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from undo_cli.backends import stopping
 from undo_cli.backends.base import Completion, Message, SamplingConfig, TokenLogprobs, one_batch_at_a_time
 from undo_cli.console import info
 from undo_cli.errors import UndoError
@@ -96,15 +97,15 @@ class VLLMBackend:
         results = []
         for request in outputs:
             prompt_tokens = len(request.prompt_token_ids or [])
-            completions = [self._completion(o, prompt_tokens, sampling.logprobs)
+            completions = [self._completion(o, prompt_tokens, sampling)
                            for o in sorted(request.outputs, key=lambda o: o.index)]
             if greedy and sampling.n > 1:
                 completions = completions[:1] * sampling.n
             results.append(completions)
         return results
 
-    @staticmethod
-    def _completion(output, prompt_tokens: int, k: int | None) -> Completion:
+    def _completion(self, output, prompt_tokens: int, sampling: SamplingConfig) -> Completion:
+        k = sampling.logprobs
         ids = list(output.token_ids)
         logprobs = None
         if k and output.logprobs is not None:
@@ -114,8 +115,22 @@ class VLLMBackend:
                 ranked = sorted(position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
                 top = [(int(i), float(lp.logprob)) for i, lp in ranked[:k]]
                 logprobs.append(TokenLogprobs(int(tid), float(position[tid].logprob), top))
-        return Completion(text=output.text, finish_reason=output.finish_reason, prompt_tokens=prompt_tokens,
+        # The run's end rules (backends/stopping.py) on the text vLLM returns; the tokens after a cut were
+        # generated and are counted, the log-probs are kept for the tokens that wrote the kept text.
+        text, finish, cut = stopping.apply(output.text, output.finish_reason, sampling)
+        if cut and logprobs is not None:
+            tokenizer = self.llm.get_tokenizer()
+            logprobs = logprobs[: stopping.tokens_covering([len(tokenizer.decode([i])) for i in ids], len(text))]
+        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
                           completion_tokens=len(ids), logprobs=logprobs)
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """vLLM's SamplingParams come from the run alone (the model's generation_config sampling defaults
+        apply only to requests that bring none)."""
+        return {"backend": "vllm", "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "top_k": None, "repetition_penalty": 1.0, "max_tokens": sampling.max_tokens,
+                "stop": list(sampling.stop), "stop_at_answer": sampling.stop_at_answer,
+                "repetition_cut": sampling.repetition_cut}
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

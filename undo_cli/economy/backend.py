@@ -293,6 +293,10 @@ class EconomyBackend:
             admitted.append(i)
         return admitted
 
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any] | None:
+        """The real backend's settings; None while every answer came from the cache (it never opened)."""
+        return self._inner.applied(sampling) if self._inner is not None else None
+
     def endpoint_summary(self) -> list[dict[str, Any]] | None:
         """The openai backend's per-server counts, when it was opened (a fully cached run opens nothing)."""
         return self._inner.endpoint_summary() if self._inner is not None else None

@@ -12,7 +12,7 @@
 **The key** is the sha256 of what determines a teacher's answer and nothing
 else: the model's identity and the backend-independent request (the rendered
 chat messages, n, temperature, top_p, max_tokens, stop strings, seed, logprobs
-K). The backend is *not* in it: the same teacher folder served by `hf`,
+K, the end rules `stop_at_answer` and `repetition_cut`). The backend is *not* in it: the same teacher folder served by `hf`,
 `vllm` or a server behind `openai` answers the same request, and an entry
 means "this model's answer to this request", not a bit-exact replay (two GPUs
 already disagree in the last bits). Greedy decoding ignores seed and top_p,
@@ -136,6 +136,9 @@ def request_key(model: str, messages: list[dict[str, str]], sampling: Any) -> st
         "max_tokens": sampling.max_tokens,
         "stop": list(sampling.stop or []),
         "logprobs": sampling.logprobs,
+        # where the completion was made to end (backends/stopping.py): a cut answer is another answer
+        "stop_at_answer": bool(sampling.stop_at_answer),
+        "repetition_cut": int(sampling.repetition_cut),
     }
     return hashlib.sha256(_canonical(request)).hexdigest()
 

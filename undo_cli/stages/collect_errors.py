@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from undo_cli.backends.stopping import CUT_SHORT
 from undo_cli.errors import SettingError
 from undo_cli.records.schema import ERROR_TYPES
 from undo_cli.stages.spec import StageSpec
@@ -71,7 +72,7 @@ def classify(prediction: dict[str, Any]) -> str | None:
     """The error class of a scored prediction, or None when it is correct."""
     if prediction.get("correct"):
         return None
-    if prediction.get("finish_reason") == "length":
+    if prediction.get("finish_reason") in CUT_SHORT:  # max tokens, or cut in a loop (backends/stopping.py)
         return "truncated"
     if prediction.get("predicted") is None:
         return "no_answer"

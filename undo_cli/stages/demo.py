@@ -264,12 +264,11 @@ def _check_workdir(workdir: Path, config: DemoConfig) -> None:
     interrupted = (workdir / "build").is_dir() and not (teacher / "train_summary.json").is_file()
     if interrupted:
         raise UndoError(f"{workdir}: the teacher's training was interrupted",
-                        hint=f"add --resume to continue it from its last checkpoint: undo demo --workdir {workdir} "
-                             "--resume")
+                        hint=f"add --resume to continue it from its last checkpoint: {resume_command(config)}")
     if not config.setup_only and (workdir / "runs" / "demo" / "manifest.json").is_file():
         raise UndoError(f"{workdir / 'runs' / 'demo'}: this demo's loop has already run (or was interrupted)",
-                        hint=f"--resume continues it (a finished one just reports again): undo demo --workdir "
-                             f"{workdir} --resume; or delete {workdir} to start over")
+                        hint=f"--resume continues it (a finished one just reports again): {resume_command(config)}; "
+                             f"or delete {workdir} to start over")
 
 
 def run(config: DemoConfig) -> dict[str, Any]:
@@ -286,18 +285,25 @@ def run(config: DemoConfig) -> dict[str, Any]:
     if not (workdir / STATE_FILE).is_file():
         write_json(workdir / STATE_FILE, {"seed": config.seed, "undo_version": __version__})
     files = write_data(workdir, config.seed)
-    models = build_models(workdir, files, config)
+    try:
+        models = build_models(workdir, files, config)
+    except KeyboardInterrupt:  # Ctrl-C in the teacher's training: it saved a checkpoint to continue from
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(str(workdir))}: interrupted; what finished is kept. Continue with:[/yellow] "
+                      f"{escape(resume_command(config))}", highlight=False, soft_wrap=True)
+        raise
     setup_s = time.perf_counter() - started
     result: dict[str, Any] = {"workdir": str(workdir), "data": {k: str(v) for k, v in files.items()},
                               "models": {k: str(v) for k, v in models.items()}, "setup_s": round(setup_s, 1)}
     if config.setup_only:
         console.print(f"set up in {setup_s:.0f} s: data in {workdir / 'data'}, models in {workdir / 'models'}. "
                       "Next, the loop:")
-        if workdir.resolve() == Path("undo-demo").resolve():
+        here = Path("examples/run.toml")  # the short form runs only from where both relative paths hold
+        if workdir.resolve() == Path("undo-demo").resolve() and here.is_file() and here.resolve() == _run_toml().resolve():
             console.print("  undo iterate --config examples/run.toml", soft_wrap=True)
-        console.print(f"  undo iterate --config {_run_toml()} --teacher {models['teacher']} "
-                      f"--student {models['student']} --train-file {files['train']} --val-file {files['val']} "
-                      f"--test-file {files['test']} --runs-dir {workdir / 'runs'}", soft_wrap=True)
+        console.print("  " + shlex.join(["undo", "iterate", *_iterate_args(workdir, files, models, config.seed)]),
+                      soft_wrap=True, markup=False, highlight=False)
         return result
 
     from undo_cli.loop import iterate, report
@@ -315,7 +321,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]
     if config.max_iterations is not None:
         command += ["--max-iterations", str(config.max_iterations)]
-    summary = iterate.run(loop_config, resume=resume, command=command)
+    summary = iterate.run(loop_config, resume=resume, command=command, resume_with=resume_command(config))
     # iterate has just printed the table and the verdict: `undo report` adds what changed and the plot.
     console.rule("[bold]undo report[/bold] (the plot; the table above is its table)")
     state = report.collect(loop_config.run_dir)
@@ -327,6 +333,13 @@ def run(config: DemoConfig) -> dict[str, Any]:
     console.print(f"demo finished in {wall:.0f} s (setup {setup_s:.0f} s). {DISCLAIMER}")
     _print_next_steps(workdir, loop_config.run_dir, files, models, config.seed)
     return {**result, "summary": summary, "plot": str(plotted) if plotted else None, "wall_s": round(wall, 1)}
+
+
+def resume_command(config: DemoConfig) -> str:
+    """`undo demo ... --resume` with this demo's own flags: what continues it (README, "On a fresh machine")."""
+    from undo_cli.fields import to_flags
+
+    return "undo demo " + shlex.join([*to_flags(config, skip=("resume", "setup_only")), "--resume"])
 
 
 def _iterate_args(workdir: Path, files: dict[str, Path], models: dict[str, Path], seed: int) -> list[str]:
@@ -353,11 +366,12 @@ def _print_next_steps(workdir: Path, run_dir: Path, files: dict[str, Path], mode
         ("the same loop as a bash script of stage commands, with the same settings",
          f"bash {shlex.quote(str(bundled_dir('examples') / 'undo_loop.sh'))} "
          + shlex.join(_iterate_args(workdir, files, models, seed) + ["--name", "bash-loop"])),
-        ("real models (hub teacher and student, a GPU)", "see README.md, 'Real models' and examples/run-qwen.toml"),
     ]
     console.rule("[bold]next[/bold]")
-    for what, command in lines:
+    for what, command in lines:  # each command runs as printed (tests/test_demo.py pastes them)
         console.print(f"[dim]# {what}[/dim]\n  {command}", soft_wrap=True, highlight=False)
+    console.print("[dim]# real models (hub teacher and student, a GPU): README.md, 'Real models', and "
+                  "examples/run-qwen.toml[/dim]", soft_wrap=True, highlight=False)
 
 
 def _run_toml() -> Path:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from undo_cli.backends.stopping import CUT_SHORT
 from undo_cli.errors import UndoError, ref
 from undo_cli.stages.options import (RUNTIME, EXTRACTIONS, GenerationOptions, check_limit, check_output_is_new,
                                      verify_field)
@@ -157,7 +158,8 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
     `accuracy_strict`/`accuracy_flexible` (and their `correct_`/`no_answer_` twins) give both.
     The classes are those of `undo collect-errors` (`collect_errors.classify`), so the two
     commands count the same predictions the same way:
-    `truncated`: outputs cut by --max-tokens (rationales too long for the budget), right or wrong;
+    `truncated`: outputs cut by --max-tokens (rationales too long for the budget) or in a degenerate
+    repetition (`repetition`, --repetition-cut), right or wrong;
     `no_answer`: complete outputs the scorer could extract no answer from (format not learned yet).
     """
     from undo_cli.stages.collect_errors import classify
@@ -165,12 +167,14 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
     modes = ("strict", "flexible")
     totals: Counter[str] = Counter()
     cut: Counter[str] = Counter()
+    looped = 0
     hits = {m: Counter() for m in modes}
     empty = {m: Counter() for m in modes}
     for p in predictions:
         task = p.get("task") or "math"
         totals[task] += 1
-        cut[task] += p.get("finish_reason") == "length"
+        cut[task] += p.get("finish_reason") in CUT_SHORT
+        looped += p.get("finish_reason") == "repetition"
         for m in modes:
             v = _verdict(p, m)
             hits[m][task] += bool(v.get("correct"))
@@ -196,6 +200,7 @@ def compute_metrics(predictions: list[dict[str, Any]], verify: str = "strict") -
         "correct": out[f"correct_{verify}"],
         "no_answer": out[f"no_answer_{verify}"],
         "truncated": sum(cut.values()),
+        "repetition": looped,  # of the truncated: cut in a degenerate repetition (--repetition-cut)
         **out,
         "by_task": by_task,
     }

@@ -212,6 +212,25 @@ def claim_output(output: str, identity: dict[str, Any], *, fresh: bool, defaults
     write_json(record, {"output": Path(output).name, "identity": identity})
 
 
+def record_applied(output: str, applied: dict[str, Any]) -> None:
+    """Add the generation settings that applied (Backend.applied) to the output's run record: what the
+    model's generation_config set aside, the eos ids, the end rules. Not part of the identity."""
+    import json
+
+    from undo_cli.records import write_json
+    from undo_cli.records.sidecars import RUN, sidecar_path
+
+    record = sidecar_path(output, RUN)
+    if record is None or not Path(record).is_file():
+        return
+    try:
+        data = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return
+    if isinstance(data, dict):
+        write_json(record, {**data, "applied": applied})
+
+
 def _another(output: str) -> str:
     """A free file name beside `output`: preds.jsonl -> preds-2.jsonl (or -3, ...)."""
     p = Path(output)
@@ -361,6 +380,7 @@ class Generation:
             self._batches(llm, todo, out, rejected, started)
         finally:
             stats.endpoints = llm.endpoint_summary()  # openai: requests, failures, req/s per server
+            stats.applied = llm.applied(self.config.sampling())  # the generation settings in force
             if owned:
                 llm.close()
 
@@ -470,6 +490,8 @@ class Generation:
             if self.side:
                 shards.put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
         summary = stats.summary(self.output, self.side)
+        if stats.applied is not None:
+            record_applied(self.output, stats.applied)
         if self.keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
             summary["rejected_by_reason"] = stats.unverified
         if self.shard is not None:
@@ -537,6 +559,7 @@ class _Stats:
     finish: Counter = field(default_factory=Counter)
     without_kept: list[str] = field(default_factory=list)
     endpoints: list[dict[str, Any]] | None = None
+    applied: dict[str, Any] | None = None  # Backend.applied: the generation settings in force
     left_by_budget: list[str] = field(default_factory=list)
     unverified: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))  # not verified, by reason
     cached_samples: int = 0  # answered by the teacher cache: instant, so outside the throughput
@@ -609,6 +632,7 @@ class _Stats:
             "questions_without_kept": len(self.without_kept),
             "without_kept_ids": self.without_kept[:10],
             "finish_reasons": dict(self.finish),
+            "generation": self.applied,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "load_s": round(self.load_s, 3),

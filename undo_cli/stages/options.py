@@ -28,6 +28,11 @@ from pathlib import Path
 from undo_cli.backends import BACKENDS, BATCH_BACKENDS, SERVED
 from undo_cli.errors import SettingError, UndoError, ref
 
+# The default of --repetition-cut: a loop is cut once it covers this many characters (docs/method.md,
+# "When a generation stops": SmolLM2's `\n############` lines are cut after 4 copies, 52 characters,
+# while a repeating decimal or a markdown table rule shorter than this is left alone).
+STOP_REPETITION_CHARS = 48
+
 RUNTIME = {"identity": False}  # changes no record: not part of what identifies a run (undo_cli/identity.py)
 
 
@@ -42,6 +47,9 @@ class GenerationOptions:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with temperature > 0)."})
     max_tokens: int = field(default=512, metadata={"help": "Most tokens per completion; longer ones end with finish_reason 'length'."})
     seed: int | None = field(default=None, metadata={"help": "Sampling seed, for reproducible samples (with temperature > 0)."})
+    stop: list[str] | None = field(default=None, metadata={"help": "A stop string: the completion ends before it (OpenAI's `stop`); repeat it for several."})
+    stop_at_answer: bool = field(default=True, metadata={"help": "End a completion where its '#### <answer>' line ends, as every shipped prompt asks (docs/method.md, 'When a generation stops')."})
+    repetition_cut: int = field(default=STOP_REPETITION_CHARS, metadata={"help": "End a completion that loops: one unit of up to 200 characters written 4+ times in a row, covering at least this many characters (one copy kept; finish_reason 'repetition'); 0 = never."})
     base_url: list[str] | None = field(default=None, metadata={**RUNTIME, "help": "openai backend: the server, e.g. http://127.0.0.1:8000/v1; repeat it (or give a list) to spread requests over several replicas."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={**RUNTIME, "help": "openai backend: the NAME of the variable holding the key."})
     concurrency: int = field(default=16, metadata={**RUNTIME, "help": "openai backend: requests in flight at once, per endpoint."})
@@ -72,6 +80,11 @@ class GenerationOptions:
                             hint=f"sample with e.g. {ref('temperature')} 0.7, or use {ref('n')} 1", setting="n")
         if not 0 < self.top_p <= 1:
             raise SettingError("top_p", self.top_p, "must be in (0, 1]")
+        if self.repetition_cut < 0:
+            raise SettingError("repetition_cut", self.repetition_cut, "must be >= 0", hint="0 never cuts")
+        self.stop = [self.stop] if isinstance(self.stop, str) else (list(self.stop) if self.stop else None)
+        if self.stop and not all(self.stop):
+            raise SettingError("stop", self.stop, "must not be empty", hint="leave it out for no stop string")
         for name in ("max_tokens", "concurrency", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingError(name, getattr(self, name), "must be at least 1")
@@ -119,7 +132,8 @@ class GenerationOptions:
         from undo_cli.backends import SamplingConfig
 
         return SamplingConfig(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed, logprobs=logprobs)
+                              seed=self.seed, logprobs=logprobs, stop=list(self.stop or []),
+                              stop_at_answer=self.stop_at_answer, repetition_cut=self.repetition_cut)
 
 
 # undo_cli.scoring.VERIFY with what each means, restated so this module stays light

@@ -66,6 +66,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from undo_cli.backends.stopping import CUT_SHORT
 from undo_cli.console import console, warn
 from undo_cli.economy.cascade import CascadeOptions
 from undo_cli.economy.options import TeacherEconomyOptions
@@ -610,7 +611,7 @@ def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: s
     from undo_cli.scoring import score
 
     verdict = score(text, target["answer"], target.get("task") or "math", target.get("choices"), mode)
-    return verdict, bool(text.strip()) and finish_reason != "length" and verdict.correct
+    return verdict, bool(text.strip()) and finish_reason not in CUT_SHORT and verdict.correct
 
 
 def refusal(text: str, finish_reason: str | None, verdict) -> str:
@@ -618,7 +619,7 @@ def refusal(text: str, finish_reason: str | None, verdict) -> str:
     or the scorer's wrong_answer / false_step."""
     if not text.strip():
         return "no_answer"
-    if finish_reason == "length":
+    if finish_reason in CUT_SHORT:  # --max-tokens, or cut in a loop (backends/stopping.py)
         return "truncated"
     return verdict.reason or "wrong_answer"
 
@@ -645,7 +646,7 @@ def refusal_of(refinement: dict[str, Any]) -> str | None:
         return None
     if refinement.get("reject_reason"):
         return refinement["reject_reason"]
-    if refinement.get("rejected_finish_reason") == "length":
+    if refinement.get("rejected_finish_reason") in CUT_SHORT:
         return "truncated"
     return "no_answer" if refinement.get("rejected_predicted") is None else "wrong_answer"
 

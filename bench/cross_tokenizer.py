@@ -83,8 +83,7 @@ def worker(args) -> dict:
     import torch
 
     from undo_cli.objectives import fused_linear_divergence
-    from undo_cli.objectives.cross_tokenizer import (FullTeacher, continuation_logprob, cross_loss,
-                                                     cross_tokenizer_divergence, target_logprob_chunks)
+    from undo_cli.objectives.cross_tokenizer import cross_loss, cross_tokenizer_divergence, live_teacher
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
@@ -102,17 +101,16 @@ def worker(args) -> dict:
     shared = (torch.randperm(v, generator=g)[:k].to(device), torch.randperm(vt, generator=g)[:k].to(device))
     targets = torch.randint(0, v, (n,), generator=g).to(device)
 
-    def live_teacher():
-        lt = continuation_logprob(t_rows, target_logprob_chunks(ht[t_rows.cont], wt, t_rows.cont_target, 1.0,
-                                                                args.chunk_size).float())
-        return lambda spans: FullTeacher(torch.log_softmax((ht[t_rows.first[spans]] @ wt.T).float(), -1), lt[spans])
+    def teacher_at():  # as `undo train` forms it: a few span rows at a time, reduced to what the objective reads
+        return live_teacher(ht, wt, t_rows, args.variant, student_vocab=v, shared_teacher=shared[1], temperature=1.0,
+                            chunk_size=args.chunk_size)
 
     def step():
         if args.variant == "same-tokenizer":
             return fused_linear_divergence(hs, ws, ht, wt, None, args.kind, chunk_size=args.chunk_size)
         if args.variant == "uld-naive":
             return cross_tokenizer_divergence(hs @ ws.T, ht @ wt.T, s_rows, t_rows, "uld")
-        loss = cross_loss(hs, ws, targets=targets, rows=s_rows, teacher_at=live_teacher(), kind=args.variant,
+        loss = cross_loss(hs, ws, targets=targets, rows=s_rows, teacher_at=teacher_at(), kind=args.variant,
                           shared=shared, chunk_size=args.chunk_size)
         return loss / s_rows.count  # a mean over spans, as the naive reference reports it
 

@@ -64,7 +64,7 @@ def run_variant(name: str, flags: list[str], model: str, limit: int, folder: Pat
             "finish_reasons": finish, "wall_s": round(wall, 1),
             "load_1min_before": round(load_before, 2), "load_1min_after": round(load_after, 2),
             "outputs": [{"id": r["id"], "answer": r["answer"], "predicted": r["predicted"], "correct": r["correct"],
-                         "finish_reason": r["finish_reason"], "output": r["output"][:400]} for r in rows]}
+                         "finish_reason": r["finish_reason"], "output": r["output"]} for r in rows]}
 
 
 def main() -> None:
@@ -73,9 +73,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS / "stopping.json"))
     args = parser.parse_args()
+    started_at = commit()  # the code the runs use, not what HEAD is when they end
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_variant(name, flags, args.model, args.limit, Path(tmp)) for name, flags in VARIANTS.items()]
-    report = {"bench": "stopping", "commit": commit(), "model": args.model, "limit": args.limit,
+    report = {"bench": "stopping", "commit": started_at, "model": args.model, "limit": args.limit,
               "cpus": os.cpu_count(), "python": sys.version.split()[0], "variants": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

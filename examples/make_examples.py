@@ -6,12 +6,14 @@
 Two small datasets that `undo demo` and the tests use, generated from
 templates so that anyone can see how they were made and rebuild them:
 
-* arithmetic.jsonl — 300 word problems: a story of 2 or 3 events (+ - * on
+* arithmetic.jsonl — 300 word problems: a story of 1 or 2 events (+ - * on
   small integers), each with its gold `answer`, a worked solution with one
-  operation per line in `meta.solution` and a brief one in `meta.brief` (on a
-  three-event story its last line does two operations), both ending in
-  `#### <answer>`, the format our prompts ask for; `meta.trap` names the steps.
-  The vocabulary and numbers are deliberately small (every number below 45):
+  line per event and every product written out in `meta.solution`, and a brief
+  one in `meta.brief` that skips the product of a packs event ("After buying 3
+  packs of 4, he has 5 + 12 = 17 apples."), both ending in `#### <answer>`,
+  the format our prompts ask for; `meta.skill` is "packs" for a story with a
+  packs event (the kind the demo's student base never saw), else "basic".
+  The vocabulary and numbers are deliberately small (every number at most 20):
   the offline demo's models have about a million parameters.
 * choice.jsonl — 100 multiple-choice problems (task "choice", 4 or 5 options,
   gold answer as a letter) about comparing and computing small numbers.
@@ -38,25 +40,29 @@ LETTERS = "ABCDE"
 
 
 # --- arithmetic word problems ------------------------------------------------------------
-# A problem is a story: "NAME has A OBJ." then 2 or 3 events, each one operation on what
+# A problem is a story: "NAME has A OBJ." then 1 or 2 events, each one operation on what
 # NAME has (or two, for packs and twice: count, then add), then the question. Its worked
-# solution (`meta.solution`) writes one line per event; its brief solution (`meta.brief`,
-# the demo teacher's first-draft style) is the same for two events but does the last two
-# events of a three-event story in ONE line: "After buying 5 more and losing 2, he has
-# 12 + 5 - 2 = 15 apples." (a true statement, but two operations at once).
+# solution (`meta.solution`) writes one line per event, every product written out. Its brief
+# solution (`meta.brief`, the demo teacher's first-draft style) is the same line for line,
+# except on a packs event, where it skips the product: "After buying 3 packs of 4, he has
+# 5 + 12 = 17 apples." (true, but the 3 * 4 = 12 it rests on is not shown). The demo's
+# student base never saw a packs story (SKILL, left out of its pretraining text), so the
+# brief line is the one it cannot follow and the worked line the one it can.
 
-MAX_TOTAL = 45  # every number in a story and its solutions stays below this (and below 100: one token each)
+MAX_TOTAL = 20  # every number in a story and its solutions is at most this: few facts, learnt well by 1M parameters
+SKILL = "packs"  # the kind of problem the demo's student base was never shown (pretraining_problems leaves it out)
 
 
 def _event(rng, kind, have, name, he, him, obj):
-    """One event: (sentence, gerund for a merged line, term in a merged line, explicit line, new total) or None."""
+    """One event: (sentence, brief line, worked line, new total) or None when a draw leaves the range."""
     other = rng.choice([n for n, _, _ in NAMES if n != name])
     if kind in ("buy", "find", "get"):
-        b = rng.randint(2, 12)
+        b = rng.randint(2, 8)
         sentence = {"buy": f"{he.capitalize()} buys {b} more.", "find": f"{he.capitalize()} finds {b} more.",
                     "get": f"{other} gives {him} {b} more."}[kind]
         gerund = {"buy": f"buying {b} more", "find": f"finding {b} more", "get": f"getting {b} from {other}"}[kind]
-        return sentence, gerund, f"+ {b}", f"After {gerund}, {he} has {have} + {b} = {have + b} {obj}.", have + b
+        line = f"After {gerund}, {he} has {have} + {b} = {have + b} {obj}."
+        return sentence, line, line, have + b
     if kind in ("give", "lose", "sell"):
         if have < 3:
             return None
@@ -64,50 +70,46 @@ def _event(rng, kind, have, name, he, him, obj):
         sentence = {"give": f"{he.capitalize()} gives {b} to {other}.", "lose": f"{he.capitalize()} loses {b}.",
                     "sell": f"{he.capitalize()} sells {b}."}[kind]
         gerund = {"give": f"giving {b} to {other}", "lose": f"losing {b}", "sell": f"selling {b}"}[kind]
-        return sentence, gerund, f"- {b}", f"After {gerund}, {he} has {have} - {b} = {have - b} {obj}.", have - b
+        line = f"After {gerund}, {he} has {have} - {b} = {have - b} {obj}."
+        return sentence, line, line, have - b
     if kind == "packs":
-        b, c = rng.randint(2, 5), rng.randint(2, 6)
-        return (f"{he.capitalize()} buys {b} packs with {c} {obj} in each pack.", f"buying {b} packs of {c}",
-                f"+ {b} * {c}", f"The packs hold {b} * {c} = {b * c} {obj}, so {he} has {have} + {b * c} = "
-                f"{have + b * c} {obj}.", have + b * c)
-    if kind == "twice":  # only as the first event: a merged line could not name the total it doubles
-        return (f"{other} gives {him} twice as many as {he} has.", f"getting twice as many from {other}",
-                f"+ {have} * 2", f"Twice {have} is {have} * 2 = {2 * have}, so {he} has {have} + {2 * have} = "
-                f"{3 * have} {obj}.", 3 * have)
+        b, c = rng.randint(2, 4), rng.randint(2, 5)
+        return (f"{he.capitalize()} buys {b} packs with {c} {obj} in each pack.",
+                f"After buying {b} packs of {c}, {he} has {have} + {b * c} = {have + b * c} {obj}.",
+                f"The packs hold {b} * {c} = {b * c} {obj}, so {he} has {have} + {b * c} = {have + b * c} {obj}.",
+                have + b * c)
+    if kind == "twice":  # only as the first event
+        line = (f"Twice {have} is {have} * 2 = {2 * have}, so {he} has {have} + {2 * have} = {3 * have} {obj}.")
+        return f"{other} gives {him} twice as many as {he} has.", line, line, 3 * have
     raise ValueError(kind)
 
 
 EVENTS = ("buy", "find", "get", "give", "lose", "sell", "packs")
 
 
-def event_story(rng, events: int) -> dict | None:
-    """A story of `events` events with its question, solutions and answer; None when a draw leaves the range."""
+def event_story(rng, events: int, kinds: tuple[str, ...] = EVENTS) -> dict | None:
+    """A story of `events` events drawn from `kinds` with its question, solutions and answer; None when a draw
+    leaves the range."""
     (name, he, him), obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    have = rng.randint(2, 15)
-    question, lines, merged = [f"{name} has {have} {obj}."], [], []
-    kinds = [rng.choice(EVENTS + ("twice",))] + [rng.choice(EVENTS) for _ in range(events - 1)]
-    if kinds[0] == "twice" and have > 12:
+    have = rng.randint(2, 10)
+    question, lines, brief = [f"{name} has {have} {obj}."], [], []
+    drawn_kinds = [rng.choice(kinds + ("twice",))] + [rng.choice(kinds) for _ in range(events - 1)]
+    if drawn_kinds[0] == "twice" and 3 * have > MAX_TOTAL:
         return None
-    start = have
-    for kind in kinds:
+    for kind in drawn_kinds:
         drawn = _event(rng, kind, have, name, he, him, obj)
         if drawn is None:
             return None
-        sentence, gerund, term, line, new = drawn
+        sentence, short, line, new = drawn
         if new > MAX_TOTAL:
             return None
         question.append(sentence)
         lines.append(line)
-        merged.append((gerund, term, have, new))
+        brief.append(short)
         have = new
     question.append(f"How many {obj} does {name} have now?")
-    brief = list(lines)
-    if events >= 2:  # the last two events in one line: two operations at once
-        (g2, t2, before, _), (g3, t3, _, after) = merged[-2], merged[-1]
-        brief = lines[:-2] + [f"After {g2} and {g3}, {he} has {before} {t2} {t3} = {after} {obj}."]
-    trap = "One operation per line: " + ", then ".join(g for g, _, _, _ in merged) + "."
-    return {"question": " ".join(question), "steps": lines, "brief": brief, "answer": have, "trap": trap,
-            "events": "+".join(kinds), "start": start}
+    return {"question": " ".join(question), "steps": lines, "brief": brief, "answer": have,
+            "events": "+".join(drawn_kinds)}
 
 
 def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
@@ -122,7 +124,8 @@ def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> l
         out.append({"id": f"arith-{len(out):03d}", "question": drawn["question"], "answer": str(answer),
                     "task": "math",
                     "meta": {"solution": "\n".join(drawn["steps"]) + f"\n#### {answer}",
-                             "brief": "\n".join(drawn["brief"]) + f"\n#### {answer}", "trap": drawn["trap"],
+                             "brief": "\n".join(drawn["brief"]) + f"\n#### {answer}",
+                             "skill": SKILL if SKILL in drawn["events"].split("+") else "basic",
                              "steps": len(drawn["steps"]), "template": drawn["events"]}})
     return out
 
@@ -130,28 +133,30 @@ def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> l
 # --- the demo student's pretraining text ---------------------------------------------------
 # examples/pretrain_student.py pretrains the demo's student base on these: every fact
 # `a op b = c` of small numbers, and worked solutions of stories of one or two events, one
-# line per event (PRETRAINING_PROBLEMS draws from random.Random(PRETRAINING_SEED)). So the
-# student can follow one operation per line; it has never seen a line with two operations.
-# The shipped problems leave out every question of that pretraining text (and of the 100
-# held-out stories it is checked on), so no shipped question was seen in pretraining.
+# line per event, of every kind but SKILL (PRETRAINING_PROBLEMS draws from
+# random.Random(PRETRAINING_SEED)). So the student can follow worked lines and knows the
+# products, but has never seen a packs story. The shipped problems leave out every question
+# of that pretraining text (and of the 100 held-out stories it is checked on), so no shipped
+# question was seen in pretraining.
 
 PRETRAINING_SEED = 0
 PRETRAINING_PROBLEMS = 6000
+PRETRAINING_EVENTS = tuple(k for k in EVENTS if k != SKILL)
 
 
-def arithmetic_facts(top: int = 50) -> list[str]:
-    """Every `a + b = c` and `a - b = c` with numbers up to `top`, and `a * b = c` up to 9 x 9 and 15 x 2."""
+def arithmetic_facts(top: int = MAX_TOTAL) -> list[str]:
+    """Every `a + b = c` and `a - b = c` with numbers up to `top`, and `a * b = c` up to 9 x 9."""
     facts = [f"{a} + {b} = {a + b}" for a in range(top + 1) for b in range(top + 1 - a)]
     facts += [f"{a} - {b} = {a - b}" for a in range(top + 1) for b in range(a + 1)]
-    facts += [f"{a} * {b} = {a * b}" for a in range(10) for b in range(10)]
-    return facts + [f"{a} * 2 = {2 * a}" for a in range(10, 16)]
+    return facts + [f"{a} * {b} = {a * b}" for a in range(10) for b in range(10)]
 
 
 def pretraining_problems(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[dict]:
-    """`n` worked stories of 1 or 2 events: {"question", "solution"}; none whose question is in `exclude`."""
+    """`n` worked stories of 1 or 2 events, none of kind SKILL: {"question", "solution"}; none whose question is in
+    `exclude`."""
     out, seen = [], set(exclude)
     while len(out) < n:
-        drawn = event_story(rng, 1 + len(out) % 2)
+        drawn = event_story(rng, 1 + len(out) % 2, PRETRAINING_EVENTS)
         if drawn is None or drawn["question"] in seen:
             continue
         seen.add(drawn["question"])

@@ -30,6 +30,9 @@ if [ "$#" -eq 0 ]; then
   exit 2
 fi
 read -r -a undo <<< "${UNDO:-undo}"
+# This script runs each next step itself, so its stages print no `next:` line (undo_cli/guidance.py); the
+# report at the end does.
+export UNDO_NEXT=0
 # TEACHER STUDENT TRAIN VAL TEST OUT MAX_ITERATIONS PATIENCE MIN_DELTA MIX INIT ADAPTER_ONLY REFINE_SELECT and
 # the arrays CLUSTER_ARGS GENERATE_ARGS TRAIN_ARGS EVALUATE_ARGS COLLECT_ERRORS_ARGS REFINE_ARGS
 # (undo_cli/loop/script.py).
@@ -105,4 +108,4 @@ for k in $(printf '%s\n' 0 "$best" | sort -un); do
   evaluate "$k" test "$TEST"
 done
 echo "best iteration: $best (validation accuracy $best_acc)" >&2
-"${undo[@]}" report "$OUT"
+UNDO_NEXT=1 "${undo[@]}" report "$OUT"

@@ -107,6 +107,19 @@ def parse_jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def sigint_default() -> None:
+    """`preexec_fn` for a child a test interrupts (Ctrl-C, SIGINT): SIGINT back to its default disposition.
+
+    A suite started as a background job of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, an
+    ignored signal stays ignored across exec, and a Python started with SIGINT ignored installs no
+    KeyboardInterrupt handler: the child would never see the Ctrl-C. Popen's `restore_signals` resets only
+    SIGPIPE, SIGXFZ and SIGXFSZ, so this does it for SIGINT.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_undo(*args: str, input: str | None = None, cwd: Path | None = None, env: dict | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `undo ARGS...` as a user would; returns the finished process (text mode)."""

@@ -45,6 +45,13 @@ def manifest(out: Path) -> dict:
     return json.loads(out.with_name(out.stem + ".batches.json").read_text())
 
 
+def first_batch_id(out: Path) -> str | None:
+    """The id of the output's first batch once it is on disk (the manifest is saved before any batch exists too)."""
+    side = out.with_name(out.stem + ".batches.json")
+    batches = manifest(out)["batches"] if side.exists() else []
+    return batches[0].get("batch_id") if batches else None
+
+
 def test_openai_batch_writes_the_online_backends_records(server, problems, tmp_path, undo_inproc):
     out = tmp_path / "rationales.jsonl"
     r = undo_inproc(*args(server, problems, out, "openai-batch", "--price-input", "1", "--price-output", "2"), env=ENV)
@@ -127,9 +134,8 @@ def test_a_killed_run_polls_its_batch_instead_of_paying_twice(server, problems, 
     server.hold.set()  # the batch stays in progress until released
     cmd = [sys.executable, "-m", "undo_cli", *args(server, problems, out)]
     proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    side = out.with_name("r.batches.json")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (side.exists() and manifest(out)["batches"][0].get("batch_id")):
+    while time.monotonic() < deadline and not first_batch_id(out):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -220,8 +226,7 @@ def test_batch_status_wait_cancel(server, problems, tmp_path, undo_inproc):
                             env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (out.with_name("r.batches.json").exists()
-                                                   and manifest(out)["batches"][0].get("batch_id")):
+        while time.monotonic() < deadline and not first_batch_id(out):
             time.sleep(0.1)
     finally:
         proc.kill()

@@ -125,8 +125,10 @@ def _wait_until_reading_stdin(pid: int, timeout: float = 60) -> None:
 
 def test_ctrl_c_exits_130(tmp_path):
     # `undo score -` waits on stdin; an interrupt there must not look like success.
+    from tests.conftest import sigint_default
+
     proc = subprocess.Popen([sys.executable, "-m", "undo_cli", "score", "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     proc.stdin.write('{"answer": "1", "output": "#### 1"}\n')
     proc.stdin.flush()
     _wait_until_reading_stdin(proc.pid)

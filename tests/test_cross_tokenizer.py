@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from undo_cli.objectives.cross_tokenizer import (FullTeacher, SpanRows, TopKTeacher, cross_loss,
-                                                 cross_tokenizer_divergence, gold_full, gold_topk, uld_full, uld_topk)
+                                                 cross_tokenizer_divergence, gold_full, gold_topk, live_teacher, uld_full,
+                                                 uld_topk)
 
 ATOL = RTOL = 1e-5
 
@@ -231,6 +232,37 @@ def test_fused_loss_matches_the_reference_with_the_lm_term(kind):
     _close(loss, ref, atol=1e-4, rtol=1e-5)
     _close(hs.grad, h64.grad, atol=1e-4, rtol=1e-4)
     _close(ws.grad, w64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["uld", "gold"])
+@pytest.mark.parametrize("teacher_vocab, block", [(23, 1), (23, 2), (23, 64), (13, 2)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_live_teacher_in_blocks_equals_the_whole_teacher_distribution(kind, teacher_vocab, block, fused):
+    """`live_teacher` (what `undo train` runs: the teacher's distribution formed for `block` spans at a time and
+    reduced to what the objective reads) against the whole [spans x V_t] log-softmax in one block: loss, both
+    gradients, health sums."""
+    g = torch.Generator().manual_seed(12)
+    hs = torch.randn(11, 6, generator=g).requires_grad_()
+    ws = (torch.randn(17, 6, generator=g) * 0.8).requires_grad_()
+    ht, wt = torch.randn(9, 5, generator=g), torch.randn(teacher_vocab, 5, generator=g) * 1.5
+    targets = torch.randint(0, 17, (11,), generator=g)
+    shared = _shared(vt=teacher_vocab)
+    t_rows = _rows(T_ROWS)
+    rows, weight = (ht, wt) if fused else (ht @ wt.T, None)
+    teachers = {"whole": _live(ht @ wt.T, t_rows, 1.5),
+                "blocks": live_teacher(rows, weight, t_rows, kind, student_vocab=17, shared_teacher=shared[1],
+                                       temperature=1.5, chunk_size=3)}
+    got = {}
+    for name, teacher_at in teachers.items():
+        hs.grad = ws.grad = None
+        stats = {}
+        loss = cross_loss(hs, ws, targets=targets, rows=_rows(S_ROWS), teacher_at=teacher_at, kind=kind,
+                          shared=shared, temperature=1.5, kd_weight=0.7, lm_weight=1.3, chunk_size=64, stats=stats,
+                          block=block if name == "blocks" else 64)
+        loss.backward()
+        got[name] = (loss.detach(), hs.grad.clone(), ws.grad.clone(), stats["teacher_entropy"], stats["student_entropy"])
+    for whole, blocks in zip(got["whole"], got["blocks"]):
+        _close(blocks, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_no_gradient_reaches_the_teacher_and_evaluation_skips_gradients():

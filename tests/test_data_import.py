@@ -189,6 +189,42 @@ def test_splits_are_seeded_and_ids_stable(tmp_path, capsys):
     assert sorted(sum(limited.values(), []), key=lambda r: int(r.split("-")[1])) == [f"nums-{i}" for i in range(10)]
 
 
+def test_an_import_with_other_settings_is_refused_and_overwrite_replaces_it(tmp_path, undo_inproc):
+    """Issue 32: re-importing another split into a folder a run was made on exited 0 without a word."""
+    from undo_cli.records import sha256_file
+
+    src = write_jsonl(tmp_path / "nums.jsonl", [{"question": f"What is {i} + 1?", "answer": i + 1} for i in range(50)])
+    out = tmp_path / "data"
+    assert undo_inproc("data", "import", src, "-o", out, "--split", "train=0.8,val=0.1,test=0.1", env=WIDE).returncode == 0
+    before = {name: (out / f"{name}.jsonl").read_bytes() for name in ("train", "val", "test")}
+    recorded = json.loads((out / "import.json").read_text())
+    assert {k: v["sha256"] for k, v in recorded["splits"].items()} == {k: sha256_file(out / f"{k}.jsonl")
+                                                                       for k in before}
+    assert recorded["settings"]["split"] == "train=0.8,val=0.1,test=0.1" and recorded["settings"]["seed"] == 0
+
+    again = undo_inproc("data", "import", src, "-o", out, "--split", "train=0.8,val=0.1,test=0.1", env=WIDE)
+    assert again.returncode == 0 and {n: (out / f"{n}.jsonl").read_bytes() for n in before} == before  # same bytes
+    other = undo_inproc("data", "import", src, "-o", out, "--split", "train=0.5,val=0.25,test=0.25", "--seed", "1",
+                        env=WIDE)
+    assert other.returncode == 2, other.stderr
+    assert ("holds an import with other settings: split was 'train=0.8,val=0.1,test=0.1', now "
+            "'train=0.5,val=0.25,test=0.25'; seed was 0, now 1") in other.stderr and "--overwrite" in other.stderr
+    assert {n: (out / f"{n}.jsonl").read_bytes() for n in before} == before  # nothing touched
+    write_jsonl(src, [{"question": f"What is {i} + 2?", "answer": i + 2} for i in range(50)])  # the source changed
+    changed = undo_inproc("data", "import", src, "-o", out, "--split", "train=0.8,val=0.1,test=0.1", env=WIDE)
+    assert changed.returncode == 2 and "the rows read differ" in changed.stderr
+
+    replaced = undo_inproc("data", "import", src, "-o", out, "--split", "all=1", "--overwrite", env=WIDE)
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["all.jsonl", "import.json"]  # the old split files are gone
+
+    mine = tmp_path / "mine"
+    write_jsonl(mine / "train.jsonl", [{"id": "a", "question": "q", "answer": "1"}])
+    refused = undo_inproc("data", "import", src, "-o", mine, env=WIDE)
+    assert refused.returncode == 2 and "exists and no `undo data import` wrote it" in refused.stderr
+    assert read_records(mine / "train.jsonl", "problem") == [{"id": "a", "question": "q", "answer": "1"}]
+
+
 def test_split_arithmetic():
     assert parse_split("train=0.8,val=0.1,test=0.1") == [("train", 0.8), ("val", 0.1), ("test", 0.1)]
     assert split_counts(7, parse_split("train=0.8,val=0.1,test=0.1")) == [5, 1, 1]  # largest remainder

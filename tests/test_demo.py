@@ -150,6 +150,23 @@ def test_the_printed_bash_loop_runs_as_printed(demo):
                                                                       for r in theirs]
 
 
+def test_every_command_the_demo_ends_with_runs_as_printed(demo):
+    """Issue 32: the `next:` line and each command of the closing block, pasted into bash from where the user
+    stands (the bash loop, the longest, has its own test above)."""
+    from tests.conftest import paste
+
+    err = demo["resumed"].stderr
+    lines = err.split("─ next ─")[-1].splitlines()
+    block = [lines[i + 1].strip() for i, text in enumerate(lines[:-1]) if text.startswith("# ")
+             and lines[i + 1].strip() and not lines[i + 1].startswith("#")]
+    commands = [line[len("next: "):] for line in err.splitlines() if line.startswith("next: ")]
+    commands += [c for c in block if "undo_loop.sh" not in c]
+    assert len(commands) >= 6 and any(c.startswith("undo report ") for c in commands), commands
+    for command in commands:
+        proc = paste(command, cwd=demo["workdir"].parent, env=WIDE)
+        assert proc.returncode == 0 and proc.stdout + proc.stderr, (command, proc.stderr[-2000:])
+
+
 def test_data_is_the_shipped_problems_split(demo):
     from undo_cli.prompts import bundled_dir
 
@@ -179,16 +196,19 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     assert summary["epochs"] == 6.0
     assert summary["final_loss"] < summary["first_loss"] / 3
     # What the teacher was taught: every training problem's brief solution behind the generate prompt, and
-    # behind the refine prompt the trap and one line per event.
+    # behind the refine prompt the worked one (every product written out).
     data = _read(demo["workdir"] / "build" / "teacher_data.jsonl")
     train = {p["id"]: p for p in _read(demo["workdir"] / "data" / "train.jsonl")}
     generate = [r for r in data if r["id"].endswith("/generate")]
     refine = [r for r in data if r["id"].endswith("/refine")]
     assert len(generate) == len(train) and 0 < len(refine) < len(train)
     assert all(r["rationale"] == train[r["problem_id"]]["meta"]["brief"] for r in generate)
-    assert all(r["rationale"] == demo_stage.TRAP + "\n" + train[r["problem_id"]]["meta"]["solution"] for r in refine)
-    # every two-event problem is re-taught (the failures the loop sends are mostly of that kind)
-    assert {r["problem_id"] for r in refine} >= {i for i, p in train.items() if p["meta"]["steps"] == 2}
+    assert all(r["rationale"] == train[r["problem_id"]]["meta"]["solution"] for r in refine)
+    # every packs problem is re-taught (the kind the student base never saw, where brief and worked differ)
+    packs = {i for i, p in train.items() if p["meta"]["skill"] == demo_stage.SKILL}
+    assert packs and {r["problem_id"] for r in refine} >= packs
+    assert all(p["meta"]["brief"] != p["meta"]["solution"] for i, p in train.items() if i in packs)
+    assert all(p["meta"]["brief"] == p["meta"]["solution"] for i, p in train.items() if i not in packs)
 
 
 def test_setup_only_on_a_set_up_folder_prints_the_loop_command(demo, undo):

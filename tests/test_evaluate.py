@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TAUGHT_PROBLEMS, read_jsonl, write_jsonl
+from undo_cli.backends.stopping import CUT_SHORT
 
 WIDE = {"COLUMNS": "400"}
 
@@ -59,14 +60,14 @@ def test_predictions_and_metrics(tmp_path, trained_teacher, capsys):
     assert correct == 2 + preds["c1"]["correct"]
     assert metrics["count"] == 4 and metrics["correct"] == correct and metrics["accuracy"] == correct / 4
     # no_answer and truncated are collect-errors' classes: a cut-off output counts as truncated only.
-    assert metrics["no_answer"] == sum(r["predicted"] is None and r["finish_reason"] != "length"
+    assert metrics["no_answer"] == sum(r["predicted"] is None and r["finish_reason"] not in CUT_SHORT
                                        for r in preds.values())
-    assert metrics["truncated"] == sum(r["finish_reason"] == "length" for r in preds.values())
+    assert metrics["truncated"] == sum(r["finish_reason"] in CUT_SHORT for r in preds.values())
     math_ids = ("p00", "p01", "u1")
     assert metrics["by_task"]["math"].items() >= {
         "count": 3, "correct": 2, "accuracy": 2 / 3,
-        "no_answer": sum(preds[i]["predicted"] is None and preds[i]["finish_reason"] != "length" for i in math_ids),
-        "truncated": sum(preds[i]["finish_reason"] == "length" for i in math_ids)}.items()
+        "no_answer": sum(preds[i]["predicted"] is None and preds[i]["finish_reason"] not in CUT_SHORT for i in math_ids),
+        "truncated": sum(preds[i]["finish_reason"] in CUT_SHORT for i in math_ids)}.items()
     # Both extractions are reported; the taught rationales end in '#### N', so both read the same answers.
     assert metrics["verify"] == "strict" and metrics["accuracy"] == metrics["accuracy_strict"]
     assert metrics["accuracy_flexible"] >= metrics["accuracy_strict"]

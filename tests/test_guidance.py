@@ -138,6 +138,27 @@ def test_resume_reruns_unfinished_stages_whose_settings_changed_and_refuses_fini
     folder._lock_fh.close()
 
 
+def test_resume_refuses_a_split_that_changed_under_a_finished_stage(tmp_path, files):
+    """The manifest keeps the sha256 of each split it read (issue 32: `undo data import` can re-split a folder a
+    run was made on): a resume after the validation file changed is refused, naming it."""
+    from undo_cli.loop.iterate import affected_stages
+    from undo_cli.loop.manifest import RunFolder
+    from undo_cli.records import sha256_file
+
+    def inputs():
+        return {split: {"path": files[split], "sha256": sha256_file(files[split])} for split in ("train", "val", "test")}
+
+    folder = RunFolder.open(tmp_path / "run", config={"a": 1}, inputs=inputs(), seeds={}, resume=False)
+    _stage(folder, "iter_00/evaluate", "done")
+    folder.save()
+    folder._lock_fh.close()
+    write_jsonl(files["val"], [{"id": "other", "question": "q", "answer": "1"}])  # re-split under the run
+    with pytest.raises(UndoError) as exc:
+        RunFolder.open(tmp_path / "run", config={"a": 1}, inputs=inputs(), seeds={}, resume=True,
+                       affects=affected_stages)
+    assert "inputs.val" in exc.value.message and "iter_00/evaluate" in exc.value.message
+
+
 def test_an_existing_run_says_resume_or_overwrite_and_overwrite_starts_over(tmp_path):
     folder = _open(tmp_path, {"a": 1}, resume=False)
     _stage(folder, "iter_00/generate", "done", "iter_00/rationales.jsonl")
@@ -163,6 +184,16 @@ def test_a_failed_iterate_says_how_to_resume(files, tmp_path, tiny_model, capsys
     err = capsys.readouterr().err
     assert "Continue with:" in err and "--resume" in err
     assert json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())["status"] == "failed"
+
+    # Run by `undo demo`, the loop says the demo's own command (issue 32: it said `undo iterate ... --resume`).
+    from undo_cli.stages.demo import DemoConfig, resume_command
+
+    demo = resume_command(DemoConfig(workdir=str(tmp_path / "my demo"), seed=2, max_iterations=1))
+    assert demo == f"undo demo --workdir '{tmp_path / 'my demo'}' --seed 2 --max-iterations 1 --resume"
+    assert resume_command(DemoConfig()) == "undo demo --resume"
+    with pytest.raises(UndoError, match="no verified rationale"):
+        run(config, resume=True, resume_with=demo)
+    assert f"Continue with: {demo}" in " ".join(capsys.readouterr().err.split())
 
 
 # --- 12.6: model names that are typos, hubs that cannot be reached ----------------------------------------
@@ -199,6 +230,8 @@ def test_an_unreachable_hub_is_one_clear_line(monkeypatch):
         check_hub_reachable("someorg/not-cached-model", "--model")
     assert "--model someorg/not-cached-model: not a local folder, and the Hugging Face Hub" in exc.value.message
     assert "cannot be reached" in exc.value.message
+    # the CLI huggingface_hub ships today is `hf` (huggingface-cli is gone from it)
+    assert "`hf download someorg/not-cached-model --local-dir not-cached-model`" in exc.value.hint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_hub_reachable("someorg/not-cached-model", "--model")  # offline: transformers' own cache lookup decides
 
@@ -227,31 +260,53 @@ def test_version_and_short_help(undo):
         assert proc.returncode == 0 and "Usage:" in proc.stdout, args
 
 
-def test_each_command_ends_with_the_next_one(undo, tmp_path):
+def test_a_next_line_is_complete_or_absent(tmp_path, tiny_model, tiny_teacher):
+    """No placeholder ever (issue 32): a step that needs what the command never saw is not printed; what the files
+    say is filled in (the errors' student -> the data it trained on -> the teacher that wrote it); a next step
+    inside a run folder goes where `undo iterate` puts it. tests/test_hints.py runs every one."""
+    from types import SimpleNamespace as C
+
     from undo_cli.guidance import next_command
+    from undo_cli.prompts import TRAINING_FORMAT
 
-    preds = write_jsonl(tmp_path / "preds.jsonl", [{"id": "a", "question": "q", "answer": "1", "output": "#### 2",
-                                               "predicted": "2", "correct": False}])
-    proc = undo("collect-errors", preds, "--output", tmp_path / "errors.jsonl", env=WIDE)
-    assert proc.returncode == 0
-    assert f"next: undo refine --teacher TEACHER --errors {tmp_path / 'errors.jsonl'}" in proc.stderr
-
-    class C:
-        output = "out/rationales.jsonl"
-        targets = "out/rationales.jsonl"
-
-    assert next_command("data", None, {"splits": {"train": {"path": "data/train.jsonl"}}}).startswith(
-        "undo generate --teacher TEACHER --input data/train.jsonl")
-    assert next_command("generate", C).startswith("undo train --student STUDENT --data out/rationales.jsonl")
-    C.output = "out/student"
-    assert next_command("train", C).startswith("undo evaluate --model out/student")
-    C.output = "out/val/predictions.jsonl"
-    assert next_command("evaluate", C) == "undo collect-errors out/val/predictions.jsonl --output out/val/errors.jsonl"
-    C.output = "out/refined.jsonl"
-    assert next_command("refine", C).startswith("undo mix --base out/rationales.jsonl --refined out/refined.jsonl")
-    C.output = "out/train_data.jsonl"
-    assert next_command("mix", C).startswith("undo train --student STUDENT --data out/train_data.jsonl")
+    for stage, config in (("data", None), ("generate", C(output="out/rationales.jsonl")),
+                          ("train", C(output="out/student", student="s", val_data=None)),
+                          ("mix", C(output="out/train_data.jsonl")), ("iterate", None)):
+        assert next_command(stage, config, {"splits": {"train": {"path": "data/train.jsonl"}}}) is None, stage
+    assert next_command("evaluate", C(output="out/val/predictions.jsonl")) == (
+        "undo collect-errors out/val/predictions.jsonl --output out/val/errors.jsonl")
+    assert next_command("evaluate", C(output="runs/r/iter_02/val/predictions.jsonl")) == (
+        "undo collect-errors runs/r/iter_02/val/predictions.jsonl --output runs/r/iter_02/errors.jsonl")
+    assert next_command("evaluate", C(output="-")) is None and next_command("evaluate", C(output="/dev/null")) is None
+    assert next_command("refine", C(output="runs/r/iter_01/refined.jsonl", targets="runs/r/iter_00/rationales.jsonl")) == (
+        "undo mix --base runs/r/iter_00/rationales.jsonl --refined runs/r/iter_01/refined.jsonl "
+        "--output runs/r/iter_01/train_data.jsonl")
     assert next_command("iterate", None, {"run_dir": "runs/x"}) == "undo report runs/x"
+
+    # collect-errors -> refine: the teacher and targets from the files, refined.jsonl in the next iteration's folder
+    run = tmp_path / "runs" / "r"
+    rationales = write_jsonl(run / "iter_00" / "rationales.jsonl", [{**TAUGHT_PROBLEMS[0], "id": "p00#0",
+                                                                     "problem_id": "p00", "teacher": str(tiny_teacher),
+                                                                     "backend": "hf"}])
+    student = run / "iter_00" / "student"
+    student.mkdir()
+    (student / TRAINING_FORMAT).write_text(json.dumps({"data": str(rationales)}))
+    errors = write_jsonl(run / "iter_00" / "errors.jsonl", [{**TAUGHT_PROBLEMS[1], "output": "#### 1", "predicted": "1",
+                                                             "correct": False, "model": str(student),
+                                                             "error_type": "wrong_answer"}])
+    assert next_command("collect-errors", C(output=str(errors)), {"errors": 1}) == (
+        f"undo refine --teacher {tiny_teacher} --errors {errors} --targets {rationales} "
+        f"--output {run / 'iter_01' / 'refined.jsonl'}")
+    assert next_command("collect-errors", C(output=str(errors)), {"errors": 0}) is None  # nothing to refine
+    (student / TRAINING_FORMAT).unlink()  # a link missing: no guess
+    assert next_command("collect-errors", C(output=str(errors)), {"errors": 1}) is None
+
+    # check: rationales train, problems are answered by the teacher first
+    check = C(teacher=str(tiny_teacher), student=str(tiny_model), teacher_url=None, objective=None, data="d.jsonl")
+    assert next_command("check", check, {"trainable": True}) == (
+        f"undo train --student {tiny_model} --teacher {tiny_teacher} --objective auto --data d.jsonl --output student")
+    assert next_command("check", check, {"trainable": False}) == (
+        f"undo generate --teacher {tiny_teacher} --input d.jsonl --output rationales.jsonl")
 
 
 def test_a_setting_added_by_a_later_version_at_its_default_is_no_change(tmp_path, files):

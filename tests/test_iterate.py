@@ -229,6 +229,18 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     assert all(stages[k]["attempts"] == before[k]["attempts"] for k in before)  # nothing finished ran again
     # The tables printed while it ran did not repeat the finished run's reason for stopping.
     assert "stopped:" not in proc.stderr.split("UNDO run finished")[0]
+    # Each "iterations so far" table shows the rows its decision has seen, its star on the iteration it names
+    # (issue 32: replaying iteration 0 printed row 1, higher, beside "★ ... decided through iteration 0").
+    import re
+
+    tables = proc.stderr.split("UNDO run finished")[0].split("iterations so far")[1:]
+    assert len(tables) == 1, len(tables)  # the replayed iterations print none; the new round's decision one
+    for table in tables:
+        rows = [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)(?: ★)?\s+\d", table.split("★ chosen")[0], re.M)]
+        starred = re.search(r"^\s*(\d+) ★", table, re.M)
+        chosen = re.search(r"★ chosen: iteration (\d+).*?decided through iteration (\d+)", table)
+        assert chosen and starred and starred.group(1) == chosen.group(1), table
+        assert rows and max(rows) == int(chosen.group(2)), (rows, table)
     assert "next: undo report" in proc.stderr and "more rounds: undo iterate" in proc.stderr
 
     # The report of the extended run: the plot marks the iteration the run chose after the extension, every
@@ -277,15 +289,19 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
 
 @pytest.mark.slow
 def test_the_hints_of_a_finished_run_work_when_pasted(finished_run):
-    """`next: undo report RUN` and the report's own `next:` (the best student on the run's test problems)."""
+    """`next: undo report RUN`, the report's own `next:` (the whole run as one page) and the page's (what the chosen
+    student changed on test, when it is not the one-shot one), each pasted as printed."""
     from tests.conftest import paste
 
     report = paste(_hint(finished_run["log"], "next:"), env={"COLUMNS": "400"})
     assert report.returncode == 0 and "val acc" in report.stderr, report.stderr[-2000:]
-    evaluate = paste(_hint(report.stderr, "next:"), env={"COLUMNS": "400"})
-    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
-    best = _manifest(finished_run["run"])["best_iteration"]
-    assert (finished_run["run"] / f"iter_{best:02d}" / "eval" / "predictions.metrics.json").is_file()
+    page = paste(_hint(report.stderr, "next:"), env={"COLUMNS": "400"})
+    assert page.returncode == 0 and (finished_run["run"] / "report.html").is_file(), page.stderr[-2000:]
+    if _manifest(finished_run["run"])["best_iteration"]:
+        diff = paste(_hint(page.stderr, "next:"), env={"COLUMNS": "400"})
+        assert diff.returncode == 0 and "fixed" in diff.stderr, diff.stderr[-2000:]
+    else:
+        assert "next:" not in page.stderr  # the one-shot student was kept: nothing to compare on test
 
 
 @pytest.mark.slow

@@ -208,8 +208,12 @@ def test_a_killed_writer_loses_nothing_on_resume(tmp_path):
 # --- errors that name file, line and field -------------------------------------------------------
 
 @pytest.mark.parametrize("content, expected", [
+    # where in the line: the column of that line, not the decoder's "line 2 column 1" past its newline
     ('{"id": "p1", "question": "q", "answer": "1"}\n{"id": "p2", "question": "q", "answer": \n',
-     ":2: not valid JSON"),
+     ":2: not valid JSON (Expecting value at the end of the line)"),
+    ('{"id": "p1", "question": "q", answer: "1"}\n', ":1: not valid JSON (Expecting property name enclosed in "
+                                                      "double quotes at column 31)"),
+    ('{"id": "p1", "question": "q", "answer": "1"} x\r\n', ":1: not valid JSON (Extra data at column 46)"),
     ('{"id": "p1", "question": "q"}\n', ":1: field 'answer': missing"),
     ('{"id": "p1", "question": 7, "answer": "1"}\n', ":1: field 'question': expected string, got int"),
     ('{"id": "p1", "question": "q", "answer": true}\n', ":1: field 'answer': expected string or integer or number, got bool"),
@@ -301,6 +305,17 @@ def test_every_example_line_in_docs_artifacts_fits_its_shape():
                                                                                     "finish_reason")}}
                 assert line({"id": record["id"], "transition": record["transition"], "a": side(record["a"]),
                              "b": side(record["b"])}) == record
+                continue
+            if section == "clusters":  # one JSON object, read by undo_cli.clusters.load: the example must load
+                import tempfile
+
+                from undo_cli.clusters import load
+
+                with tempfile.TemporaryDirectory() as folder:
+                    path = Path(folder) / "clusters.json"
+                    path.write_text(json.dumps(record), encoding="utf-8")
+                    clusters = load(str(path))
+                assert clusters.of("arith-000") == "c00" and clusters.of("never-seen") == "rest"
                 continue
             if section == "Shards":  # a sidecar, not a record: valid JSON (parsed above) that says what it is
                 assert record["format"] == 1 and record["shard"] == f"{record['k']}/{record['n']}"

@@ -91,6 +91,29 @@ def test_report_of_a_bash_loop_folder_without_manifest(tmp_path, capsys):
     assert plot.is_file() and str(plot) in err.replace(" ", "")
 
 
+def test_plot_replaces_only_a_plot_of_this_run(tmp_path, undo_inproc):
+    """Issue 32: `--plot PATH` overwrote any file at PATH. Now: a new file, this run's own plot (its default path, or
+    a PNG whose text chunk marks it as this run's) or --overwrite."""
+    wide = {"COLUMNS": "300"}
+    run, other = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    for folder in (run, other):
+        _iteration(folder, 0, 0.30)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    refused = undo_inproc("report", run, "--plot", notes, env=wide)
+    assert refused.returncode == 2 and f"--plot {notes}: exists and is not a plot of {run}" in refused.stderr
+    assert "--overwrite" in refused.stderr and notes.read_text() == "mine\n"
+    plot = tmp_path / "plot.png"
+    assert undo_inproc("report", other, "--plot", plot, env=wide).returncode == 0
+    another = plot.read_bytes()
+    assert undo_inproc("report", run, "--plot", plot, env=wide).returncode == 2  # another run's plot
+    assert plot.read_bytes() == another
+    for args in ((other, "--plot", plot), (run, "--plot", run / "report.png"), (run,), (run,)):  # its own: again
+        assert undo_inproc("report", *args, env=wide).returncode == 0, args
+    assert undo_inproc("report", run, "--plot", notes, "--overwrite", env=wide).returncode == 0
+    assert notes.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_errors_name_the_folder(tmp_path, undo):
     wide = {"COLUMNS": "300"}
     missing = undo("report", tmp_path / "nope", env=wide)

@@ -151,6 +151,28 @@ CASES: list[tuple[str, str, str, list[str] | None, bool]] = [
     ("Answer: The Louvre.", "eiffel tower", "exact", None, False),
     ("Answer: yes\nQuestion: Is the sky green? Answer: no", "yes", "exact", None, True),
     ("", "yes", "exact", None, False),
+    # --- real instruct models: markdown, LaTeX, units (issue 33) ---
+    ("So, Lily has **21** pencils.", "21", "math", None, True),             # a bold result on the last line
+    ("She has 14 + 7 = 21 pencils.\n\n**21**", "21", "math", None, True),
+    ("**Answer: 12**", "12", "math", None, True),
+    ("**Final Answer:** 12", "12", "math", None, True),
+    ("**Step 1:** 3 + 4 = 7.\n**Step 2:** 7 * 2 = 14 books.", "7", "math", None, False),  # bold step titles commit to nothing
+    ("\\[ 6 \\times 7 = 42 \\]\nSo the answer is \\(\\boxed{42}\\).", "42", "math", None, True),
+    ("The final answer is $\\boxed{42}$.", "42", "math", None, True),
+    ("The answer is: \\( 42 \\)", "42", "math", None, True),
+    ("#### 21 pencils", "21", "math", None, True),
+    ("#### $5", "5", "math", None, True),
+    ("#### \\$5.00", "5", "math", None, True),
+    ("#### 5 dollars", "5", "math", None, True),
+    ("#### \\frac{3}{4}", "0.75", "math", None, True),
+    ("#### 1{,}000", "1000", "math", None, True),
+    ("The answer is \\$1{,}250.", "1250", "math", None, True),
+    ("#### 42.0", "42", "math", None, True),
+    ("#### **21**", "21", "math", None, True),
+    # SmolLM2-135M-Instruct's loop after a right sentence: no '####' answer in it (a rule of hashes is none)
+    ("Lily now has 14 + 7 = 21 pencils.\n############\n########\n########\n####", "21", "math", None, True),
+    # the prompt's placeholder quoted back is not an answer; the answer phrase before it is
+    ('The answer is: 7.\n\nThe line "#### <answer>" is a mathematical shortcut.', "7", "math", None, True),
 ]
 
 
@@ -283,6 +305,9 @@ MALFORMED = "An has * 5 yine has 8 + 5 + 5 ... + 15 + 15"  # garbled teacher tex
     ("We get \\boxed{7}.", "7", "7"),
     ("Adding them, the answer is 7.", "7", "7"),
     ("3 + 4 = 7", None, "7"),
+    ("Lily now has 21 pencils.\n############\n########\n####", None, "21"),  # a loop of hashes commits to nothing
+    ("So she has \\frac{3}{4} of it.", None, "\\frac{3}{4}"),
+    ("So, Lily has **21** pencils.", "21", "21"),
 ])
 def test_strict_reads_only_an_explicit_final_answer(output, strict, flexible):
     assert extract_answer(output, "math", mode="strict") == strict
@@ -316,3 +341,23 @@ def test_teacher_rationales_are_step_checked_by_default():
     assert verify("5 * 3 = 16\n#### 15", "stop", problem, refine.verify)[1] is False  # strict would keep it
     assert verify(MALFORMED, "stop", problem, "flexible")[1] is True
     assert verify(MALFORMED + "\n#### 15", "stop", problem, "strict")[1] is True
+
+
+# --- real outputs, collected from the real student and teacher (tests/data/real_outputs.jsonl) -------------
+
+def _real_outputs() -> list[dict]:
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "real_outputs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("r", _real_outputs(), ids=lambda r: f"{r['model']}:{r['id']}")
+def test_real_outputs_read_as_labelled(r):
+    """Each collected output with the answer a person reads in it (`read`: strict, flexible) and whether its
+    arithmetic is all true (`steps_ok`), labelled by hand."""
+    from undo_cli.steps import check_steps
+
+    for mode in ("strict", "flexible"):
+        assert extract_answer(r["output"], "math", mode=mode) == r["read"][mode], mode
+    assert check_steps(r["output"]).ok is r["steps_ok"], check_steps(r["output"])

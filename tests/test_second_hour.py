@@ -88,6 +88,18 @@ def test_a_misspelt_command_gets_the_nearest_one(undo_here, capsys):
     assert "Commands: data, " in capsys.readouterr().err  # every command, when none is near
 
 
+def test_a_misspelt_flag_gets_the_nearest_one(undo_here):
+    """Every command, `undo iterate` too (its dotted stage flags reach it undeclared, so click cannot say it)."""
+    for args, typo, expected in ((["iterate", "--max-iteration", "3"], "--max-iteration", "'--max-iterations'"),
+                                 (["iterate", "--train.lr", "-1", "--patiense=2"], "--patiense",
+                                  "Did you mean '--patience'?"),
+                                 (["demo", "--max-iteration", "2"], "--max-iteration", "Did you mean '--max-iterations'?"),
+                                 (["train", "--studnt", "x"], "--studnt", "'--student'")):
+        code, err = undo_here(*args)
+        assert code == 2 and f"No such option '{typo}'" in err and expected in err, (args, err)
+        assert "Traceback" not in err
+
+
 def test_a_csv_given_to_a_stage_points_to_data_import(undo_here, tmp_path, tiny_model):
     quiz = tmp_path / "quiz.csv"
     quiz.write_text('question,answer\n"What is 2+2?",4\n')
@@ -139,8 +151,17 @@ def test_report_score_and_cache_stats_end_with_the_next_command(undo_here, tmp_p
         "test_file": str(problems), "verify": "strict", "evaluate": {"max_tokens": 96}}}))
     code, err = undo_here("report", run)
     assert code == 0, err
-    assert (f"next: undo evaluate --model {run / 'iter_01' / 'student'} --input {problems} --max-tokens 96 "
-            f"--output {run / 'iter_01' / 'eval' / 'predictions.jsonl'}") in err
+    assert f"next: undo report {run} --html {run / 'report.html'} # one offline page" in err
+    # The page written: what the chosen student changed on test, read from the run's own test predictions (the
+    # run tested it: nothing is evaluated again); without them, no next line.
+    code, err = undo_here("report", run, "--html", run / "report.html")
+    assert code == 0 and "next:" not in err, err
+    for k in (0, 1):
+        write_jsonl(run / f"iter_0{k}" / "test" / "predictions.jsonl", [{"id": "a", "question": "q", "answer": "1",
+                                                                          "output": "#### 1", "predicted": "1",
+                                                                          "correct": bool(k)}])
+    code, err = undo_here("report", run, "--html", run / "report.html")
+    assert code == 0 and f"next: undo diff {run} 0 best --split test # what the chosen student" in err, err
 
     from undo_cli.economy.cache import TeacherCache
 
@@ -223,12 +244,13 @@ class Terminal:
         import subprocess
         import termios
 
-        from tests.conftest import read_terminal
+        from tests.conftest import read_terminal, sigint_default
 
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, __import__("struct").pack("HHHH", 40, 100, 0, 0))
 
         def controlling_terminal():  # the pty is the shell's terminal: it gets job control, like a real login
+            sigint_default()  # Ctrl-C must reach the typed command however the suite was started
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -365,7 +387,7 @@ def test_the_walk_in_a_terminal(tmp_path, trained_teacher, tiny_model, tiny_teac
     assert "UNDO run finished" in said["run"] and "exit 0" in said["run"]
     assert more.startswith("undo iterate --config run.toml --resume --max-iterations")
     assert "UNDO run finished" in said["more"] and "iteration 2" in said["more"] and "exit 0" in said["more"]
-    assert "val acc" in said["report"] and "next: undo evaluate --model" in said["report"]
+    assert "val acc" in said["report"] and "next: undo report " in said["report"] and "--html" in said["report"]
     assert "plot written to runs/bash-loop/report.png" in said["bash"] and "exit 0" in said["bash"]
     assert "checkpoint saved:" in said["train"] and "exit 130" in said["train"] and "--resume" in resume
     assert "resuming from chat-student/checkpoints/checkpoint-" in said["resume"] and "1000 / " in said["resume"]
@@ -411,10 +433,18 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     assert f"--epochs {float(train['epochs'])}" in settings and f"--lr {train['lr']}" in settings
     assert f"--warmup-ratio {train['warmup_ratio']}" in settings and f"--k {refine['k']}" in settings
     assert settings.count(f"--max-tokens {refine['max_tokens']}") == 3
-    from undo_cli.stages.options import TEACHER_VERIFY
+    from dataclasses import fields
+
+    from undo_cli.stages.refine import RefineConfig
 
     assert f"--prompt {refine['prompt']}" in settings  # the demo teacher's own prompt
-    assert f"--verify {refine['verify']}" in settings or refine["verify"] == TEACHER_VERIFY  # a default is not passed
+    # What refine verifies with when the script runs it: the flag's value, or refine's own default when the flag
+    # is not passed (a default is not written out); either way it must be what run.toml says.
+    words = shlex.split(next(line for line in settings.splitlines() if line.startswith("REFINE_ARGS="))
+                        .partition("=")[2].strip("()"))
+    passed = words[words.index("--verify") + 1] if "--verify" in words else None
+    default = next(f.default for f in fields(RefineConfig) if f.name == "verify")
+    assert (passed or default) == refine["verify"], (passed, default)
 
 
 def test_a_stage_error_inside_iterate_names_the_loops_keys():

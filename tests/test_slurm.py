@@ -163,39 +163,22 @@ def test_a_scancelled_shard_is_resubmitted_alone(both_runs):
 
 
 @needs_slurm
-def test_bash_slurm_loop_example_runs(loop_args, tiny_model, trained_teacher, tmp_path):
-    """examples/slurm/loop.sbatch: the loop as a Slurm job submitting the per-stage sbatch scripts as arrays."""
-    root = loop_args["root"]
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    undo = bindir / "undo"  # the `undo` of this checkout, whatever is installed
-    undo.write_text(f"#!/bin/sh\nexec {sys.executable} -m undo_cli \"$@\"\n")
-    undo.chmod(0o755)
-    out = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
-           "TEACHER": str(trained_teacher), "STUDENT": str(tiny_model), "TRAIN": str(root / "train.jsonl"),
-           "VAL": str(root / "val.jsonl"), "TEST": str(root / "test.jsonl"), "OUT": str(out), "SHARDS": "2",
-           "MAX_ITERATIONS": "0", "EXAMPLES": str(REPO / "examples" / "slurm"), "PROCS_PER_NODE": "1",
-           "GENERATE_ARGS": "--prompt student --max-tokens 48 --no-cache",
-           "REFINE_ARGS": "--prompt student --max-tokens 48 --no-cache",
-           "TRAIN_ARGS": "--max-steps 6 --batch-size 4 --lr 3e-3", "EVALUATE_ARGS": "--max-tokens 8",
-           "ARRAY_ARGS": "--cpus-per-task 1", "TRAIN_SBATCH_ARGS": "--cpus-per-task 1"}
+def test_the_loop_as_a_slurm_job_reads_the_runs_settings(loop_args, tmp_path):
+    """examples/slurm/loop.sbatch: `undo iterate --launcher slurm` as a Slurm job, given `undo iterate`'s flags (so
+    run.toml's settings, not environment variables); the same artifacts as the local loop."""
+    out = loop_args["root"] / "runs" / "sbatch-loop"
+    env = {**os.environ, "UNDO": f"{sys.executable} -m undo_cli", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     proc = subprocess.run(["sbatch", "--wait", "--parsable", "--output", str(tmp_path / "loop-%j.out"),
-                           str(REPO / "examples" / "slurm" / "loop.sbatch")], env=env, capture_output=True,
+                           str(REPO / "examples" / "slurm" / "loop.sbatch"), *loop_args["args"][1:], "--name",
+                           "sbatch-loop", *SLURM_FLAGS, "--max-iterations", "0"], env=env, capture_output=True,
                           text=True, timeout=1200, cwd=REPO)
     logs = "\n".join(p.read_text() for p in tmp_path.glob("loop-*.out"))
     assert proc.returncode == 0, proc.stderr + logs[-4000:]
-    # MAX_ITERATIONS 0 keeps CI short: iteration 0 and the test split (the refine array is the same
-    # script shape as generate's, and the sharded refine itself is covered by the iterate test above).
-    for name in ("iter_00/rationales.jsonl", "iter_00/val/predictions.metrics.json", "iter_00/errors.jsonl",
-                 "iter_00/test/predictions.metrics.json", "iter_00/student/train_summary.json"):
-        assert (out / name).is_file(), name
-    assert json.loads((out / "iter_00" / "shards" / "rationales.1-of-2.shard.json").read_text())["complete"]
-    # The bash loop's merged files are the `undo iterate` ones (same stages, same settings, any sharding).
+    manifest = _manifest(out)
+    assert manifest["status"] == "done" and len(manifest["stages"]["iter_00/generate"]["slurm"]["tasks"]) == 3
     local = loop_args["root"] / "runs" / "local"
     if (local / "iter_00" / "rationales.jsonl").exists():
         assert (out / "iter_00" / "rationales.jsonl").read_bytes() == (local / "iter_00" / "rationales.jsonl").read_bytes()
-    assert "best iteration" in logs
 
 
 @needs_slurm

@@ -105,8 +105,8 @@ FALSE = [
     ("\\frac{1}{3} + 1 = 5", "\\frac{1}{3} + 1 = 5"),
     ("\\[ 6 \\times 7 = 43 \\]", "6 \\times 7 = 43"),
     ("\\( 14 + 7 = 22 \\)", "14 + 7 = 22"),
-    ("$12 \\div 4 = 4$", "12 \\div 4 = 4"),
-    ("\\dfrac{3}{4} = 0.7", "\\dfrac{3}{4} = 0.7"),
+    ("$12 \\div 4 = 4$", "$12 \\div 4 = 4"),          # "$" before a digit reads as currency: a label
+    ("\\dfrac{3}{4} = 0.25", "\\dfrac{3}{4} = 0.25"),
     ("1{,}000 + 250 = 1{,}260", "1{,}000 + 250 = 1{,}260"),
     ("\\$5 + \\$3 = \\$9", "\\$5 + \\$3 = \\$9"),
     ("6 \\times 4 = \\boxed{25}", "6 \\times 4 = \\boxed{25}"),
@@ -187,17 +187,51 @@ def test_mixed_true_and_skipped_text():
     assert check_steps(text) == StepCheck(ok=True, first_false=None, statements=2, skipped=1)
 
 
+# Each limit of the reader, as (name, text of size n): at n below the limit the false statement in it is read,
+# above it the text is not a statement at all (so a number, a nesting, a side or a chain cannot grow unbounded).
+LIMITS = [
+    ("MAX_DIGITS", lambda n: "9" * n + " + 1 = 2"),
+    ("MAX_DEPTH", lambda n: "(" * n + "1 + 1" + ")" * n + " = 3"),
+    ("MAX_SIDE_TOKENS", lambda n: "1 + " * (n // 2) + "1 = 1"),
+    ("MAX_SIDES", lambda n: "1 + 1 = " + "2 = " * (n - 2) + "3"),
+]
+
+
+@pytest.mark.parametrize("limit,text", LIMITS, ids=[name for name, _ in LIMITS])
+def test_each_limit_is_where_reading_stops(limit, text):
+    bound = getattr(steps, limit)
+    under, over = check_steps(text(bound - 1)), check_steps(text(bound + 1))
+    assert (under.ok, under.statements) == (False, 1), under  # the false step is read below the limit
+    assert (over.ok, over.statements) == (True, 0), over      # and past it the text is not a statement
+
+
+# Far past every limit, yet within MAX_CHARS (so the reader reads all of it, not only a cut prefix).
 @pytest.mark.parametrize("hostile", [
-    "9" * 200_000 + " + 1 = 2",                             # a number far over MAX_DIGITS
-    "(" * 50_000 + "1" + ")" * 50_000 + " = 1",             # nesting far over MAX_DEPTH
-    "1+" * 60_000 + "1 = 3",                                # a side far over MAX_SIDE_TOKENS
-    "1 = " * 60_000 + "1 + 1",                              # a chain far over MAX_SIDES
-    "=" * 300_000, "\n" * 300_000, "*" * 300_000, "-" * 300_000, "(1/3)" * 60_000,
+    "9" * 90_000 + " + 1 = 2",                              # a number far over MAX_DIGITS
+    "(" * 45_000 + "1" + ")" * 45_000 + " = 1",             # nesting far over MAX_DEPTH
+    "1+" * 45_000 + "1 = 3",                                # a side far over MAX_SIDE_TOKENS
+    "1 = " * 24_000 + "1 + 1",                              # a chain far over MAX_SIDES
+    "=" * 99_000, "\n" * 99_000, "*" * 99_000, "-" * 99_000, "(1/3)" * 19_000,
 ])
 def test_hostile_input_is_bounded(hostile):
-    """Huge or deeply nested input neither recurses deeply nor builds huge numbers: it is simply not a statement."""
-    result = check_steps(hostile)
-    assert result.ok and result.statements <= steps.MAX_STATEMENTS
+    """Huge or deeply nested input neither recurses deeply nor builds huge numbers: it is simply not a statement.
+
+    Checked with a recursion limit of 150 frames above this test's own (a recursive descent into 45,000
+    parentheses would hit it) and Python's limit on converting digits to an int at its lowest (640 digits:
+    an int built from the 90,000 nines would raise)."""
+    import inspect
+    import sys
+
+    assert len(hostile) < steps.MAX_CHARS
+    saved_depth, saved_digits = sys.getrecursionlimit(), sys.get_int_max_str_digits()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 150)
+    sys.set_int_max_str_digits(640)
+    try:
+        result = check_steps(hostile)
+    finally:
+        sys.setrecursionlimit(saved_depth)
+        sys.set_int_max_str_digits(saved_digits)
+    assert result.ok and result.statements == 0 and result.first_false is None, result
 
 
 def test_long_text_is_cut_and_statement_count_is_capped():
@@ -239,7 +273,15 @@ def test_seeded_random_expressions_against_fraction_arithmetic():
         assert check_steps(wrong).first_false is not None, wrong
 
 
-def test_code_looking_text_is_only_text():
-    """Nothing is evaluated: code around arithmetic is words and brackets; only the arithmetic is read."""
-    assert check_steps("__import__('os').system('true') = 1 + 1").ok
+def test_code_looking_text_is_only_text(tmp_path):
+    """Nothing is evaluated: code around arithmetic is words and brackets; only the arithmetic is read.
+
+    The payload creates a file if anything evaluates it (eval, exec, sympy's parse_expr), and the file must not
+    exist afterwards."""
+    marker = tmp_path / "evaluated"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    for text in (f"{payload} = 1 + 1", f"1 + 1 = {payload}", f"2 * ({payload}) = 4", payload):
+        assert check_steps(text).ok, text
+        find_statements(text)
+    assert not marker.exists()
     assert check_steps("eval(2 + 2 = 5)").first_false == "2 + 2 = 5"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FALSE_STEP_PROBLEMS, TAUGHT_PROBLEMS, read_jsonl, write_jsonl
+from undo_cli.scoring import score
 
 TRUE_STEPS = TAUGHT_PROBLEMS[:2]
 FIELDS = ("id", "question", "answer", "task")
@@ -262,3 +263,21 @@ def test_a_refused_target_shows_the_attempt_closest_to_verifying():
     assert closest_refusal([wrong, attempt("#### 30")]) == (0, "wrong_answer")  # a tie: the first
     assert closest_refusal([attempt("   "), cut]) == (1, "truncated")
     assert closest_refusal([]) == (0, "no_answer")
+
+
+# --- LaTeX and markdown as real teachers write them (issue 33) ---------------------------------------------
+
+@pytest.mark.parametrize("text, gold, correct, reason, step_error", [
+    # The issue's example: 18 / 3 is 6, so its first step is false, and the right final answer does not save it.
+    ("$\\frac{18}{3} = 9$, and $9 + 3 = 12$. **Answer: 12**", "12", False, "false_step", "\\frac{18}{3} = 9"),
+    ("$\\frac{18}{3} = 6$, and $6 + 3 = 9$. **Answer: 9**", "9", True, None, None),
+    ("\\[ 6 \\times 7 = 42 \\]\nSo the answer is \\(\\boxed{42}\\).", "42", True, None, None),
+    ("\\[ 6 \\times 7 = 48 \\]\n\\[ 48 - 6 = 42 \\]\n#### 42", "42", False, "false_step", "6 \\times 7 = 48"),
+    ("\\( 84 \\div 2 = 42 \\)\nSo, the answer is **42**.", "42", True, None, None),
+    ("\\( 84 \\div 2 = 41 \\)\nSo, the answer is **41**.", "42", False, "wrong_answer", None),
+    ("Total: $1{,}000 + 250 = 1{,}250$ dollars.\n#### \\$1{,}250", "1250", True, None, None),
+    ("$3 \\cdot 4 = 12$ and $\\dfrac{12}{4} = 4$.\n#### 4", "4", False, "false_step", "\\dfrac{12}{4} = 4"),
+])
+def test_latex_and_markdown_steps_are_checked(text, gold, correct, reason, step_error):
+    verdict = score(text, gold, "math", mode="steps")
+    assert (verdict.correct, verdict.reason, verdict.step_error) == (correct, reason, step_error)

@@ -78,10 +78,11 @@ class PlainProgress:
         evaluate: 120/1000 (12%)  elapsed 0:01:00  eta 0:07:20  1,234.5 tok/s
     """
 
-    def __init__(self, what: str, total: int, interval: float = 30.0, unit: str = ""):
+    def __init__(self, what: str, total: int, interval: float = 30.0, unit: str = "", deciles: bool = True):
         import time
 
         self.what, self.total, self.interval, self.unit = what, max(int(total), 0), interval, unit
+        self.deciles = deciles  # False: the caller forces lines often enough (training's log lines); no 10% lines
         self._time = time.monotonic
         self.started = self._time()
         self._last_time = self.started
@@ -89,12 +90,14 @@ class PlainProgress:
         self.done = 0
 
     def update(self, done: int, extra: str = "", force: bool = False) -> bool:
-        """Record progress; print a line when 10% more is done, `interval` passed, or at the end. True if printed."""
+        """Record progress; print a line when 10% more is done, `interval` passed, or at the end (once, unless
+        `force`d). True if printed."""
         self.done = done
         now = self._time()
         decile = (10 * done) // self.total if self.total else 10
-        due = force or decile > self._last_decile or now - self._last_time >= self.interval or done >= self.total
-        if not due or (done >= self.total and self._last_decile > 10):
+        due = (force or (self.deciles and decile > self._last_decile) or now - self._last_time >= self.interval
+               or done >= self.total)
+        if not due or (done >= self.total and self._last_decile > 10 and not force):
             return False
         self._last_decile = decile if done < self.total else 11  # the 100% line is printed once
         self._last_time = now

@@ -136,5 +136,6 @@ def check_hub_reachable(name: str, flag: str) -> None:
     except OSError as exc:
         raise UndoError(f"{flag} {name}: not a local folder, and the Hugging Face Hub ({endpoint}) cannot be reached "
                         f"({type(exc).__name__}: {exc})",
-                        hint=f"download it where the hub is reachable (`huggingface-cli download {name}`), copy the "
-                             "folder here and pass its path; behind a proxy set HTTPS_PROXY or HF_ENDPOINT") from None
+                        hint=f"download it where the hub is reachable (`hf download {name} --local-dir "
+                             f"{name.rstrip('/').split('/')[-1]}`: huggingface_hub's CLI), copy the folder here and "
+                             "pass its path; behind a proxy set HTTPS_PROXY or HF_ENDPOINT") from None

@@ -8,8 +8,12 @@ Scoring happens in two steps, because they fail in different ways:
 1. **Extract** the answer the model committed to (`extract_answer`). Models
    show their work, so the last number in the text is often an intermediate
    result. We look for an explicit final answer first, in this order:
-   a `#### <answer>` line (the format our prompts ask for), `\\boxed{...}`, then
-   "the answer is ..." / "Answer: ..." / "Final answer: ...". Before any
+   a `#### <answer>` line (the format our prompts ask for; exactly four hashes:
+   a longer run such as the `############` lines SmolLM2 loops on is no marker, nor
+   is a markdown heading `#### Step 1:` or the placeholder `#### <answer>` quoted
+   back), `\\boxed{...}`, then "the answer is ..." / "Answer: ..." / "Final
+   answer: ...", then the one bold number on the last line ("So Lily has **21**
+   pencils.", the way chat models mark a result). Before any
    of that we cut the text where the model starts a new "Question:" — small
    models ramble on into made-up problems, and their numbers must not count.
    Two extractions, as lm-evaluation-harness does for GSM8K ("strict-match"
@@ -138,12 +142,21 @@ def _hash_answers(text: str):
     """(answer text, where its line ends) of every `#### <answer>` line, in order.
 
     Not answers: markdown headings ("#### Step 1: ..."), a bare "####" with nothing after it, and the
-    prompt's own placeholder quoted back ('the line "#### <answer>" ...')."""
+    prompt's own placeholder quoted back ('the line "#### <answer>" ...'). Tags around an answer are
+    dropped: Qwen2.5-Coder writes "#### <answer>31 eggs</answer>"."""
     for m in _HASHES.finditer(text):
         rest = m.group(1)
-        if not rest.strip() or _HEADING.match(rest.strip()) or "<answer>" in rest:
+        tagged = _TAGGED.match(rest)
+        if tagged:
+            rest = tagged.group(1)
+            if not rest[:1].isalnum() and rest[:1] not in "$-−\\(.":  # '<answer>" is a shortcut': the placeholder
+                continue
+        if not rest.strip() or _HEADING.match(rest.strip()):
             continue
         yield rest, m.end()
+
+
+_TAGGED = re.compile(r"\s*<answer>\s*(.*?)\s*(?:</answer>.*)?$")
 
 
 def answer_line_end(text: str, complete: bool = False) -> int | None:

@@ -25,6 +25,11 @@ the first number are not a side: the statement is `6 * 4 = 24`).
 * operators: `+ - − – * × · ⋅ ∗ / ÷ ∕`, LaTeX `\\times \\cdot \\div`, and `x`/`X`
   only between two numbers (`3 x 4`, `3x4`); implicit multiplication only
   when glued: `2(3 + 4)`, `(1 + 1)(2 + 2)`.
+* LaTeX and markdown as real teachers write them: `\\frac{a}{b}` (`\\dfrac`,
+  `\\tfrac`) is `(a)/(b)` when a and b are plain arithmetic; `$ … $`, `\\( … \\)`,
+  `\\[ … \\]` and `**bold**` are transparent; `\\boxed{…}`, `\\text{…}` show their
+  contents; `\\left( \\right)` are parentheses; `\\$ \\% \\approx` are `$ % ≈`;
+  `1{,}000` and `1\\,000` are thousands groups.
 * fractions are divisions (`3/4 = 0.75`); a percentage `p%` (or `p percent`)
   is p/100 inside an expression: `20% of 50 = 10`, `50 * 20% = 10`,
   `0.2 * 50 = 10`. A side that is a lone percentage may stand for p/100 or for
@@ -60,7 +65,8 @@ they contain `=`):
 * list markers: `Step 3:`, `1.`, `1)`, a leading `- ` or `* ` bullet; a lone number
   after a word as the first side (`Step 3 = ...`, `room 101 = ...`: maybe a label).
 * anything with a sign we do not model: powers and roots (`^ ** ² √`), factorials,
-  comparisons (`< > ≤ ≥ ≠ ==`), `±`, braces and other LaTeX (`\\frac{1}{3}`),
+  comparisons (`< > ≤ ≥ ≠ ==`), `±`, other braces and LaTeX (`\\sqrt{9}`,
+  `\\frac{x}{2}`, a fraction inside a fraction),
   letters used as variables (`2x + 3 = 7`, `n = 5`), scientific notation,
   non-ASCII digits, a decimal comma (`12,5`), multiplier words (`2 dozen`, `3 million`).
 * mixed units of one kind in one statement (`2 hours + 30 minutes = 150 minutes`,
@@ -126,7 +132,7 @@ _PATTERNS = [
     ("frac", r"\\[dt]?frac[ \t]*\{(?P<numer>[^{}\n]*)\}[ \t]*\{(?P<denom>[^{}\n]*)\}"),
     ("wrap", r"\\(?:boxed|text|textbf|textrm|mathrm|mathbf|mbox)[ \t]*\{(?P<inner>[^{}\n]*)\}"),
     ("sizing", r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?=[()])"),
-    ("latexcur", r"\\\$(?= ?[0-9.])"),
+    ("latexcur", r"\\\$(?= ?(?:[0-9]|\.[0-9]))"),
     ("latexpct", r"\\%"),
     ("latexeq", r"\\approx(?![A-Za-z])"),
     ("latexop", r"\\(?:times|cdot|div)(?![A-Za-z])"),
@@ -148,7 +154,8 @@ _PATTERNS = [
     ("lp", r"\("),
     ("rp", r"\)"),
     ("pct", r"%"),
-    ("cur", r"[$€£¥₹](?= ?[0-9.])"),  # a currency sign before a number ("$" elsewhere is LaTeX math)
+    # a currency sign before a number ("$" elsewhere is LaTeX math: "$6 + 3 = 9$." closes after a digit)
+    ("cur", r"(?<![0-9])[$€£¥₹](?= ?(?:[0-9]|\.[0-9]))"),
     ("bang", r"(?<=[0-9)])!"),
     ("other", r"."),
 ]

@@ -36,13 +36,13 @@ class SamplingConfig:
     repetition_cut: int = 0
 
 
-# What a model's generation_config.json may set about sampling, and the value that switches each off. The
-# run's own settings win on every backend (docs/method.md, "Generation defaults"): the hf backend resets
-# these before applying temperature and top_p; vLLM gets its SamplingParams from the run alone.
-NEUTRAL_SAMPLING = {"do_sample": None, "temperature": None, "top_p": None, "top_k": None, "min_p": None,
-                    "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None, "repetition_penalty": None,
-                    "encoder_repetition_penalty": None, "no_repeat_ngram_size": None, "num_beams": None,
-                    "length_penalty": None}
+# What a model's generation_config.json may set about sampling. The run's own settings win on every backend
+# (docs/method.md, "Generation defaults"): the hf backend unsets these in the loaded model's generation_config
+# (generate() would refill any setting left unset from it), then sets temperature and top_p; vLLM gets its
+# SamplingParams from the run alone.
+MODEL_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                  "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "num_beams",
+                  "length_penalty")
 _NO_EFFECT = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
               "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
               "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0}
@@ -51,7 +51,7 @@ _NO_EFFECT = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, 
 def model_sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """The sampling settings a model's generation_config sets to something with an effect (not applied)."""
     return {k: v for k, v in generation_config.items()
-            if k in NEUTRAL_SAMPLING and v is not None and v != _NO_EFFECT.get(k)}
+            if k in MODEL_SAMPLING and v is not None and v != _NO_EFFECT.get(k)}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TokenLogprobs:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str | None  # "stop" | "length" | None when the backend does not say
+    finish_reason: str | None  # "stop" | "length" | "repetition" (backends/stopping.py) | None when the backend does not say
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] | None = None

@@ -24,9 +24,10 @@ throughput path, not a loop over prompts:
 * bf16 on a GPU, float32 on CPU (bf16 matmuls on CPU are slower and less exact).
 
 Log-probabilities (`SamplingConfig.logprobs = k`) are taken from the model's
-logits *before* temperature and top-p (but after any processors the model's own
-generation_config asks for, such as a repetition penalty): that is the
-teacher's distribution, which is what offline distillation wants. They are
+logits *before* temperature and top-p: that is the teacher's distribution, which
+is what offline distillation wants. The model's own sampling defaults
+(generation_config.json: a repetition penalty, top_k, ...) are not applied
+(docs/method.md, "Generation defaults"); its eos ids are. They are
 recorded step by step by a logits processor that keeps only the top-k (k ids per
 token), never the full [steps x vocab] tensor that `output_logits=True` would
 hold in memory.
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.backends import stopping
-from undo_cli.backends.base import (NEUTRAL_SAMPLING, Completion, Message, SamplingConfig, TokenLogprobs,
+from undo_cli.backends.base import (MODEL_SAMPLING, Completion, Message, SamplingConfig, TokenLogprobs,
                                     model_sampling_defaults, one_batch_at_a_time)
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
@@ -139,8 +140,13 @@ class HFBackend:
         self.eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         # The model's own sampling defaults (generation_config.json: Qwen's temperature 0.7, top_p 0.8,
         # top_k 20, repetition_penalty 1.1) do not apply: the run's settings do, on every backend alike
-        # (docs/method.md, "Generation defaults"). Recorded, so a run shows what it set aside.
-        self.model_defaults = model_sampling_defaults(self.hf_model.generation_config.to_diff_dict())
+        # (docs/method.md, "Generation defaults"); they are recorded, so a run shows what it set aside.
+        # generate() fills every setting a call leaves unset from the model's generation_config, so they
+        # are unset there, in memory (this backend never saves the model).
+        own = self.hf_model.generation_config
+        self.model_defaults = model_sampling_defaults(own.to_diff_dict())
+        for name in MODEL_SAMPLING:
+            setattr(own, name, None)
 
     @staticmethod
     def _apply_adapter(model, adapter: str):
@@ -186,9 +192,7 @@ class HFBackend:
         """transformers' GenerationConfig for `sampling`, for a batch of `rows` sequences (prompts x n)."""
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_dict(self.hf_model.generation_config.to_dict())
-        for name, neutral in NEUTRAL_SAMPLING.items():  # the model's sampling defaults give way to the run's
-            setattr(gen, name, neutral)
+        gen = GenerationConfig.from_dict(self.hf_model.generation_config.to_dict())  # its sampling fields unset
         gen.eos_token_id = sorted(self.eos_ids)
         sample = sampling.temperature > 0
         gen.max_new_tokens = sampling.max_tokens

@@ -19,8 +19,8 @@ rules end a completion (docs/method.md, "When a generation stops"):
   cut; `finish_reason` is `repetition`, which counts as truncated wherever `length` does (`CUT_SHORT`).
 
 The hf backend checks both after every token (`TextStop`, a transformers StoppingCriteria over the
-decoded tail of each sequence), so a looping sequence stops within a few tokens and frees its batch
-slot. A server (openai) and vLLM generate to their own end; the same rules are applied to the text
+decoded tail of each sequence), so a sequence stops within a token of meeting a rule (its row is
+padded from then on; a batch still lasts as long as its longest sequence). A server (openai) and vLLM generate to their own end; the same rules are applied to the text
 they return (`apply`), so the records mean the same whatever the backend, but the tokens after the
 cut were spent. Nothing here evaluates text: it is compared, character by character.
 """
@@ -82,6 +82,15 @@ def apply(text: str, finish_reason: str | None, sampling: Any) -> tuple[str, str
     if cut is None or cut[0] >= len(text):  # nothing after the cut: the completion ended there by itself
         return text, finish_reason, False
     return text[: cut[0]], cut[1], True
+
+
+def applied_to(completion: Any, sampling: Any) -> Any:
+    """A finished Completion with the rules applied (a new one when cut; log-probs are not trimmed: for a
+    backend that records none)."""
+    import dataclasses
+
+    text, finish, cut = apply(completion.text, completion.finish_reason, sampling)
+    return dataclasses.replace(completion, text=text, finish_reason=finish) if cut else completion
 
 
 def tokens_covering(piece_lengths: list[int], chars: int) -> int:

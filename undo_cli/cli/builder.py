@@ -91,6 +91,15 @@ def option(spec: FieldSpec, *, layered: bool = False) -> click.Parameter:
     return param
 
 
+def no_such_option(ctx: click.Context, name: str) -> click.NoSuchOption:
+    """click's own "No such option" with its did-you-mean, for a command that lets unknown arguments through
+    (`undo iterate`'s dotted stage flags): `--max-iteration` -> "Did you mean --max-iterations?"."""
+    import difflib
+
+    known = [o for p in ctx.command.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+    return click.NoSuchOption(name, possibilities=difflib.get_close_matches(name, known), ctx=ctx)
+
+
 def options(config_cls: type, *, skip: tuple[str, ...] = (), layered: bool = False) -> list[click.Parameter]:
     """The parameters of every scalar field of `config_cls` (fields in `skip` left out)."""
     return [option(spec, layered=layered) for spec in describe(config_cls) if spec.name not in skip]

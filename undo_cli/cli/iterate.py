@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from undo_cli.cli.builder import SectionedCommand, Special, load, options
+from undo_cli.cli.builder import SectionedCommand, Special, load, no_such_option, options
 from undo_cli.fields import LISTS, SCALARS, describe
 
 
@@ -52,6 +52,10 @@ def build(entry: Special) -> click.Command:
         if dry_run_format != "text" and not dry_run:
             raise UndoError(f"--format {dry_run_format} is the format of --dry-run's output",
                             hint="add --dry-run (a run itself prints tables on stderr and one JSON line on stdout)")
+        for arg in ctx.args:  # what click let through is a dotted stage flag (or its value); anything else a typo
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and "." not in name:
+                raise no_such_option(ctx, name)
         origins: dict[str, str] = {}
         resolved = resolve(config_cls, config, flags, list(ctx.args), origins)
         if dry_run and dry_run_format == "shell":  # what examples/undo_loop.sh evaluates; nothing for people

@@ -24,6 +24,15 @@ what a person expects when they open it.
 Every row is converted and validated before anything is written. A bad row
 fails the whole import with `file:line: field 'x': ...` (exit 2) and no
 output file appears; the split files are then written atomically.
+
+`OUTPUT_DIR/import.json` records the import: its settings (every option that
+decides which problem lands in which split, and the sha256 of the rows read)
+and each split's count and sha256, so a run can tell whether it reads the
+split it was made on (`undo iterate` keeps the hashes of the files it read in
+its manifest and refuses a resume after they changed). Importing into a folder
+that holds an import with other settings, or split files that no import
+wrote, is refused, naming what differs; `--overwrite` replaces it. The same
+import again writes the same bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ from undo_cli.errors import RecordError, UndoError
 from undo_cli.records.schema import TASKS
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+IMPORT_FILE = "import.json"  # OUTPUT_DIR/import.json: the import's settings and each split's hash
+# The options that decide which problem lands in which split (with the rows read): what import.json compares.
+SETTINGS = ("preset", "config", "source_split", "question_field", "answer_field", "choices_field", "id_field", "task",
+            "split", "seed", "limit")
 
 
 @dataclass
@@ -63,6 +76,10 @@ class DataImportConfig:
         "help": "Output splits as name=fraction pairs that add up to 1; 'all=1' writes one file."})
     seed: int = field(default=0, metadata={"help": "Seed of the split shuffle: same seed, same split."})
     limit: int | None = field(default=None, metadata={"help": "Import only the first N rows of the source."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an import with other settings (or split files not written by `undo data import`) in "
+                "--output-dir; without it that is refused, since runs made on the old split would read other "
+                "problems."})
 
     def __post_init__(self) -> None:
         from undo_cli.data.presets import PRESETS
@@ -126,7 +143,9 @@ def _jsonl_lines(name: str, lines: Iterable[str]) -> Iterator[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecordError(name, lineno, f"not valid JSON ({exc.msg})",
+            from undo_cli.records import not_valid_json
+
+            raise RecordError(name, lineno, not_valid_json(exc),
                               hint="each line must be one JSON object; fix or delete this line") from None
         if not isinstance(row, dict):
             raise RecordError(name, lineno, f"expected a JSON object, got {type(row).__name__}")
@@ -152,7 +171,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
         if exc.msg == "Extra data":  # JSON lines in a .json file (as `datasets` writes them)
             yield from _jsonl_rows(path)
             return
-        raise RecordError(str(path), exc.lineno, f"not valid JSON ({exc.msg})") from None
+        raise RecordError(str(path), exc.lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: the one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -296,7 +315,7 @@ def run(config: DataImportConfig) -> dict[str, Any]:
     from rich.table import Table
 
     from undo_cli.console import console, warn
-    from undo_cli.records import write_json, write_records
+    from undo_cli.records import sha256_file, write_json, write_records
 
     from undo_cli.stages.options import same_file
 
@@ -314,12 +333,14 @@ def run(config: DataImportConfig) -> dict[str, Any]:
                                 hint="import into another folder, e.g. --output-dir data/imported")
     with console.status("reading and checking rows..."):
         name, problems = convert_rows(config)
+    settings = import_settings(config, problems)
+    _check_previous(out, config, settings)
 
     order = list(range(len(problems)))
     random.Random(config.seed).shuffle(order)
     counts = split_counts(len(problems), config.splits)
     summary: dict[str, Any] = {"source": name, "preset": config.preset, "problems": len(problems),
-                               "seed": config.seed, "split": config.split, "splits": {}}
+                               "seed": config.seed, "split": config.split, "settings": settings, "splits": {}}
     start = 0
     chosen: list[tuple[str, list[dict[str, Any]]]] = []
     for (split, _), count in zip(config.splits, counts):
@@ -331,8 +352,10 @@ def run(config: DataImportConfig) -> dict[str, Any]:
     for split, members in chosen:
         path = out / f"{split}.jsonl"
         write_records(path, members)
-        summary["splits"][split] = {"count": len(members), "path": str(path)}
-    write_json(out / "import.json", summary)
+        summary["splits"][split] = {"count": len(members), "path": str(path), "sha256": sha256_file(path)}
+    for stale in _previous_splits(out) - set(summary["splits"]):  # --overwrite of an import with other split names
+        (out / f"{stale}.jsonl").unlink(missing_ok=True)
+    write_json(out / IMPORT_FILE, summary)
 
     table = Table(title=f"imported {len(problems)} problems from {name}", title_justify="left")
     for col in ("split", "problems", "file"):
@@ -341,3 +364,47 @@ def run(config: DataImportConfig) -> dict[str, Any]:
         table.add_row(split, str(row["count"]), row["path"])
     console.print(table)
     return summary
+
+
+def import_settings(config: DataImportConfig, problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """What identifies an import: the options that place problems in splits, and the rows read (their sha256,
+    without `source`, so the same file read from another folder, or from the Hub, is the same import)."""
+    import hashlib
+
+    rows = hashlib.sha256()
+    for p in problems:
+        rows.update(json.dumps({k: v for k, v in p.items() if k != "source"}, sort_keys=True).encode() + b"\n")
+    return {**{name: getattr(config, name) for name in SETTINGS}, "rows_sha256": rows.hexdigest()}
+
+
+def _previous_splits(out: Path) -> set[str]:
+    from undo_cli.records import read_json
+
+    previous = out / IMPORT_FILE
+    return set((read_json(previous).get("splits") or {})) if previous.is_file() else set()
+
+
+def _check_previous(out: Path, config: DataImportConfig, settings: dict[str, Any]) -> None:
+    """Refuse to replace an import with other settings, or split files no import wrote, without --overwrite."""
+    from undo_cli.records import read_json
+
+    if config.overwrite:
+        return
+    previous = out / IMPORT_FILE
+    hint = ("--overwrite replaces it (runs made on the old split would then read other problems), or import into "
+            "another --output-dir")
+    if previous.is_file():
+        old = read_json(previous)
+        # An import.json of an older undo has no settings block: compare what it recorded.
+        old_settings = old.get("settings") or {k: old.get(k) for k in ("seed", "split", "preset")}
+        changed = ["the rows read differ (another source, or the source changed)" if k == "rows_sha256" else
+                   f"{k} was {old_settings[k]!r}, now {settings[k]!r}"
+                   for k in old_settings if k in settings and old_settings[k] != settings[k]]
+        if changed:
+            raise UndoError(f"--output-dir {out} holds an import with other settings: " + "; ".join(changed),
+                            hint=hint)
+        return
+    found = [out / f"{split}.jsonl" for split, _ in config.splits if (out / f"{split}.jsonl").exists()]
+    if found:
+        raise UndoError(f"--output-dir {out}: {found[0]} exists and no `undo data import` wrote it "
+                        f"(no {IMPORT_FILE} beside it)", hint=hint)

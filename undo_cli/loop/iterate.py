@@ -780,11 +780,12 @@ def more_rounds(config: IterateConfig, history: list[dict[str, Any]], command: l
 
 
 def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
-        command: list[str] | None = None) -> dict[str, Any]:
+        command: list[str] | None = None, resume_with: str | None = None) -> dict[str, Any]:
     """Run (or resume) the loop; returns the summary, also written to runs/NAME/summary.json.
 
     command: `undo iterate`'s arguments that reproduce this run (what `undo demo` runs in process), for the
     commands its hints print; default: this process's command line when it is `undo iterate`.
+    resume_with: the command that continues a stopped run, when it is not `undo iterate` (`undo demo --resume`).
     """
     if resume and overwrite:
         raise UndoError("--resume and --overwrite contradict each other",
@@ -798,7 +799,7 @@ def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,
         for i in sorted({best, 0}) if best is not None else []:
             loop.evaluate(i, "test")
     except BaseException as exc:
-        _stopped(folder, exc, command)
+        _stopped(folder, exc, resume_with or _resume_command(command))
         raise
     summary = _finish(folder, best, stop)
     more = more_rounds(config, history, command) if history and not budget_stop else None
@@ -897,14 +898,17 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
             for row in table:  # what each round cost and proved (loop/stop.py)
                 console.print("  " + describe_round(row), markup=False, highlight=False, soft_wrap=True)
             break
-        report.print_table(state, title=f"{folder.path.name}: iterations so far")
+        if not loop.finished(k + 1):  # a resume replaying finished iterations shows the table once, at the last
+            # The rows the decision has seen: an earlier attempt's later iteration is not yet decided on here.
+            report.print_table({**state, "rows": [r for r in state["rows"] if r["iteration"] <= k]},
+                               title=f"{folder.path.name}: iterations so far")
         k += 1
     folder.manifest["stop_reason"] = stop
     folder.save()
     return history, best, stop, budget_stop
 
 
-def _stopped(folder, exc: BaseException, command: list[str] | None = None) -> None:
+def _stopped(folder, exc: BaseException, resume_with: str) -> None:
     """A run that stopped on an error or Ctrl-C: the manifest says so, and the user how to go on."""
     from rich.markup import escape
 
@@ -917,7 +921,7 @@ def _stopped(folder, exc: BaseException, command: list[str] | None = None) -> No
     what = "interrupted" if interrupted else "stopped by an error"
     # Printed before the error itself (main() prints that): what finished is kept, and how to go on.
     console.print(f"[yellow]{escape(str(folder.path))}: {what}; every finished stage is kept. Continue with:"
-                  f"[/yellow] {escape(_resume_command(command))}" + ("" if interrupted else
+                  f"[/yellow] {escape(resume_with)}" + ("" if interrupted else
                                                               " (after fixing the cause; changed settings are "
                                                               "allowed for stages that have not finished)"),
                   highlight=False)

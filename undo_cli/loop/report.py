@@ -74,6 +74,8 @@ class ReportConfig:
     html: str | None = field(default=None, metadata={"help": (
         "Also write the whole run as one self-contained HTML page here (every transition and refinement; no "
         "network: open it from disk).")})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Let --plot replace an existing file that is not a plot of this run (refused otherwise)."})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -586,6 +588,17 @@ def run(run_dir: str, plot_path: str | None = None, price_input: float | None = 
 
 def run_report(config: ReportConfig) -> dict[str, Any]:
     """`run` for the command line, which hands over a config."""
+    if config.plot:
+        from undo_cli.loop.report_plot import plotted_run, run_mark
+        from undo_cli.records import check_output_path, is_stream
+
+        check_output_path(config.plot, "--plot")
+        target = Path(config.plot)
+        own = target.resolve() == RunLayout(Path(config.run_dir)).report_plot.resolve()
+        if (target.exists() and not is_stream(target) and not own and not config.overwrite
+                and plotted_run(target) != run_mark(config.run_dir)):
+            raise UndoError(f"--plot {target}: exists and is not a plot of {config.run_dir}; writing the plot would "
+                            "replace it", hint="give a new file name, or add --overwrite to replace it")
     if config.html:
         from undo_cli.records import check_output_path
 

@@ -211,8 +211,40 @@ def figure(state: dict[str, Any]):
     return fig
 
 
+def run_mark(run_dir: str | Path) -> str:
+    """What a plot of this run carries in its PNG text chunk `Source` (ASCII whatever the path): `undo report
+    --plot PATH` replaces a file at PATH only when it carries the same mark, or with --overwrite."""
+    import hashlib
+
+    return "undo report " + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def plotted_run(path: str | Path) -> str | None:
+    """The `Source` text of a PNG at `path` (a plot's `run_mark`), or None for any other file."""
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(1 << 16)  # text chunks come before the image data
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"tEXt":
+            key, _, value = data[pos + 8:pos + 8 + length].partition(b"\0")
+            if key == b"Source":
+                return value.decode("latin-1")
+        if kind == b"IDAT":
+            return None
+        pos += 12 + length
+    return None
+
+
 def plot(state: dict[str, Any], path: str | Path) -> Path | None:
-    """Draw the panels and write the PNG (atomically); None when nothing is scored yet."""
+    """Draw the panels and write the PNG (atomically, marked with `run_mark`); None when nothing is scored yet."""
     fig = figure(state)
     if fig is None:
         return None
@@ -220,7 +252,7 @@ def plot(state: dict[str, Any], path: str | Path) -> Path | None:
 
     try:
         png = io.BytesIO()
-        fig.savefig(png, format="png")
+        fig.savefig(png, format="png", metadata={"Source": run_mark(state["run_dir"])})
     finally:
         plt.close(fig)
     from undo_cli.records.io import atomic_output

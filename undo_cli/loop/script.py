@@ -53,7 +53,8 @@ def shell_settings(config) -> str:
     check_stages(config)
     if config.launcher != "local":
         raise UndoError("the bash loop runs every stage here; launcher = slurm is `undo iterate`'s",
-                        hint="use examples/slurm/loop.sbatch, or undo iterate --launcher slurm")
+                        hint="run undo iterate --launcher slurm (or as a Slurm job: sbatch examples/slurm/loop.sbatch "
+                             "with the same flags)")
     if config.max_teacher_tokens is not None or config.max_cost is not None:
         raise UndoError("a teacher budget for the whole run (max_teacher_tokens, max_cost) is kept by `undo iterate`, "
                         "which hands each teacher stage what is left of it; the bash loop cannot",

@@ -44,6 +44,9 @@ and lumps the rest into the bucket. With K covering the vocabulary both are exac
 Gradients are formed analytically per chunk, as in chunked.py: ∂/∂log q_k (s) and ∂/∂L^s_k
 (c) per span; s goes through log_softmax into the span's first row, c into the rows of the
 span's other tokens by a second, small chunked pass over those rows only (`cross_loss`).
+Inside a chunk the spans are taken SPAN_BLOCK at a time, and a live teacher's distribution over
+its own vocabulary is reduced at once to what the objective reads (`live_teacher`: the shared
+tokens for gold, the sorted probabilities for uld), so no [spans × V_t] float32 tensor is kept.
 `cross_tokenizer_divergence` is the plain-autograd reference the tests hold it to.
 """
 
@@ -118,6 +121,48 @@ class TopKTeacher:
         return TopKTeacher(self.lps[idx], self.valid[idx], self.rank_k[idx], self.student_ids[idx], self.lt[idx])
 
 
+# A live teacher reduced to what one objective reads (`live_teacher` builds them a few rows at a time, so that
+# no [spans × V_t] float32 tensor exists): the same numbers as a FullTeacher gives that objective.
+
+@dataclass
+class SharedTeacher:
+    """For gold: the log-probs of the shared vocabulary's tokens [m, S] (in `shared`'s order), the log of the
+    mass outside them [m] (unmerged, at the temperature), L^t [m], the entropy over the whole vocabulary [m]."""
+
+    lp_cat: Tensor
+    lp_out: Tensor
+    lt: Tensor
+    entropy: Tensor
+
+    @classmethod
+    def of(cls, lp: Tensor, lt: Tensor, shared_teacher: Tensor) -> "SharedTeacher":
+        lp_cat = lp[:, shared_teacher]
+        entropy = _entropy(lp)
+        lp_out = torch.logsumexp(lp.index_fill(-1, shared_teacher, -math.inf), dim=-1)
+        return cls(lp_cat, lp_out, lt, entropy)
+
+
+@dataclass
+class SortedTeacher:
+    """For uld: p̂ = p·exp(L^t) sorted in decreasing order, its first `width` (the student's vocabulary size,
+    zero-padded) [m, width], the sum of the rest [m] (what no student token can match), the entropy [m]."""
+
+    top: Tensor
+    rest: Tensor
+    entropy: Tensor
+
+    @classmethod
+    def of(cls, lp: Tensor, lt: Tensor, width: int) -> "SortedTeacher":
+        ps = (lp + lt[:, None]).exp().sort(dim=-1, descending=True).values
+        top = torch.nn.functional.pad(ps[:, :width], (0, max(width - ps.shape[-1], 0)))
+        return cls(top, ps[:, width:].sum(-1), _entropy(lp))
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    """−Σ p log p per row (−inf entries count 0)."""
+    return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+
+
 # --- uld ------------------------------------------------------------------------------------
 
 def _sorted_merged(lq: Tensor, ls: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,17 +174,18 @@ def _unsort(values_sorted: Tensor, order: Tensor) -> Tensor:
     return torch.empty_like(values_sorted).scatter_(-1, order, values_sorted)
 
 
-def uld_full(lq: Tensor, ls: Tensor, teacher: FullTeacher, *, grad: bool = False):
-    """Σ_i |q̂_(i) − p̂_(i)| over the zero-padded sorted vectors: (values [m], ∂/∂log q [m, V_s], ∂/∂L^s [m])."""
+def uld_full(lq: Tensor, ls: Tensor, teacher: FullTeacher | SortedTeacher, *, grad: bool = False):
+    """Σ_i |q̂_(i) − p̂_(i)| over the zero-padded sorted vectors: (values [m], ∂/∂log q [m, V_s], ∂/∂L^s [m]).
+
+    Beyond the student's V_s ranks q̂ is 0, so those terms are the teacher's sorted rest, summed (SortedTeacher)."""
     qs, order = _sorted_merged(lq, ls)
-    ps = (teacher.lp + teacher.lt[:, None]).exp().sort(dim=-1, descending=True).values
-    width = max(qs.shape[-1], ps.shape[-1])
-    pad = torch.nn.functional.pad
-    diff = pad(qs, (0, width - qs.shape[-1])) - pad(ps, (0, width - ps.shape[-1]))
-    values = diff.abs().sum(-1)
+    if isinstance(teacher, FullTeacher):
+        teacher = SortedTeacher.of(teacher.lp, teacher.lt, qs.shape[-1])
+    diff = qs - teacher.top
+    values = diff.abs().sum(-1) + teacher.rest
     if not grad:
         return values, None, None
-    s = _unsort(torch.sign(diff[:, : qs.shape[-1]]) * qs, order)  # ∂|·|/∂q̂ · ∂q̂/∂log q
+    s = _unsort(torch.sign(diff) * qs, order)  # ∂|·|/∂q̂ · ∂q̂/∂log q
     return values, s, s.sum(-1)
 
 
@@ -211,15 +257,15 @@ def gold_categories(lq: Tensor, ls: Tensor, ids: Tensor, keep: Tensor, lp_cat: T
     return values, s, c
 
 
-def gold_full(lq: Tensor, ls: Tensor, teacher: FullTeacher, shared_student: Tensor, shared_teacher: Tensor,
-              *, beta: float, grad: bool = False):
+def gold_full(lq: Tensor, ls: Tensor, teacher: FullTeacher | SharedTeacher, shared_student: Tensor,
+              shared_teacher: Tensor, *, beta: float, grad: bool = False):
     """`gold` against a live teacher: the categories are the whole shared vocabulary."""
     m = lq.shape[0]
     ids = shared_student[None, :].expand(m, -1)
     keep = torch.ones_like(ids, dtype=torch.bool)
-    lp_cat = teacher.lp[:, shared_teacher]
-    lp_out = torch.logsumexp(teacher.lp.index_fill(-1, shared_teacher, -math.inf), dim=-1)
-    return gold_categories(lq, ls, ids, keep, lp_cat, lp_out, teacher.lt, beta=beta, grad=grad)
+    if isinstance(teacher, FullTeacher):
+        teacher = SharedTeacher.of(teacher.lp, teacher.lt, shared_teacher)
+    return gold_categories(lq, ls, ids, keep, teacher.lp_cat, teacher.lp_out, teacher.lt, beta=beta, grad=grad)
 
 
 def gold_topk(lq: Tensor, ls: Tensor, teacher: TopKTeacher, *, beta: float, grad: bool = False):
@@ -293,7 +339,12 @@ def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, s
 
 # --- the chunked loss that `undo train` uses --------------------------------------------------
 
-TeacherAt = Callable[[Tensor], "FullTeacher | TopKTeacher"]  # span indices -> the teacher at those spans
+# span indices -> the teacher at those spans
+TeacherAt = Callable[[Tensor], "FullTeacher | SharedTeacher | SortedTeacher | TopKTeacher"]
+# Spans whose divergence is formed at a time inside a chunk: at 151,936 teacher tokens a block's float32 rows are
+# 78 MB, where a 1024-row chunk's would be 0.6 GB each, and a dozen of them live at once. 128, not fewer: smaller
+# blocks were slower on a CPU (256 spans in blocks of 64: ~25% more time than one block; 128: the same).
+SPAN_BLOCK = 128
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
@@ -313,29 +364,69 @@ def target_logprob_chunks(rows: Tensor, weight: Tensor | None, targets: Tensor, 
     return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=rows.device)
 
 
+def live_teacher(rows: Tensor, weight: Tensor | None, t_rows: SpanRows, kind: str, *, student_vocab: int,
+                 shared_teacher: Tensor | None, temperature: float, chunk_size: int) -> TeacherAt:
+    """`teacher_at` for `cross_loss` from a live teacher's scored rows: [n, H_t] final hidden states with its output
+    layer `weight` [V_t, H_t], or [n, V_t] logits (`weight` None), and where the spans are in them (`t_rows`).
+
+    L^t comes from the continuation rows once (chunked). At the spans asked for (`cross_loss` asks SPAN_BLOCK at a
+    time) the teacher's distribution is formed and reduced at once to what `kind` reads: gold, the shared tokens'
+    log-probs and the mass outside them (SharedTeacher, [m, S]); uld, the sorted merged probabilities the student's
+    `student_vocab` ranks can match and the sum of the rest (SortedTeacher, [m, V_s]). The values are FullTeacher's;
+    no gradient flows into the teacher.
+    """
+    if kind == "gold" and shared_teacher is None:
+        raise ValueError("gold against a live teacher needs the shared vocabulary (student ids, teacher ids)")
+    if kind not in CROSS_KINDS:
+        raise ValueError(f"unknown cross-tokenizer objective '{kind}' (use one of: {', '.join(CROSS_KINDS)})")
+    dtype = _work_dtype(rows)
+    with torch.no_grad():
+        lt = continuation_logprob(t_rows, target_logprob_chunks(rows[t_rows.cont], weight, t_rows.cont_target,
+                                                                temperature, chunk_size).to(dtype))
+
+    def teacher_at(spans: Tensor) -> SharedTeacher | SortedTeacher:
+        with torch.no_grad():
+            z = rows[t_rows.first[spans]]  # a fresh tensor (indexing copies), as is the product below
+            z = z @ weight.T if weight is not None else z
+            lp = log_softmax_(z.to(dtype).div_(temperature))
+            del z
+            if kind == "gold":
+                return SharedTeacher.of(lp, lt[spans], shared_teacher)
+            return SortedTeacher.of(lp, lt[spans], student_vocab)
+
+    return teacher_at
+
+
 def span_chunk_fn(kind: str, span_of_row: Tensor, ls: Tensor, teacher_at: TeacherAt, coeff: Tensor, *, beta: float,
-                  temperature: float, shared: tuple[Tensor, Tensor] | None, stats: dict[str, Tensor] | None = None):
+                  temperature: float, shared: tuple[Tensor, Tensor] | None, stats: dict[str, Tensor] | None = None,
+                  block: int = SPAN_BLOCK):
     """A chunk function (chunked.ChunkFn) over the student's scored rows: the span divergence at rows that open a
-    span (`span_of_row[r]` = its span, -1 elsewhere), gradient 0 at the others; ∂/∂L^s per span goes to `coeff`."""
+    span (`span_of_row[r]` = its span, -1 elsewhere), gradient 0 at the others; ∂/∂L^s per span goes to `coeff`.
+    `teacher_at` is asked for at most `block` spans at a time."""
 
     def chunk_fn(start: int, end: int, z: Tensor, need: bool):
         spans_here = span_of_row[start:end].to(z.device)
-        local = (spans_here >= 0).nonzero().flatten()
-        if local.numel() == 0:
-            return z.new_zeros(()), (z.new_zeros(z.shape) if need else None)
-        spans = spans_here[local]
+        openings = (spans_here >= 0).nonzero().flatten()
+        g = z.new_zeros(z.shape) if need else None
+        total = z.new_zeros(())
         with torch.no_grad():
-            lq = log_softmax_(z[local] / temperature)
-            teacher = teacher_at(spans)
-            values, s, c = span_terms(kind, lq, ls[spans].to(lq.dtype), teacher, beta=beta, shared=shared, grad=need)
-            if stats is not None:
-                _health(stats, lq, teacher)
-            if not need:
-                return values.sum(), None
-            coeff[spans] = c.to(coeff.dtype)
-            g = z.new_zeros(z.shape)
-            g[local] = logits_grad(lq, s, temperature)
-            return values.sum(), g
+            # `block` spans at a time: the objective's [spans × vocabulary] temporaries (a dozen on each side, the
+            # teacher's at its own vocabulary) exist for one block, not for the whole chunk.
+            for first in range(0, openings.numel(), block):
+                local = openings[first:first + block]
+                spans = spans_here[local]
+                lq = log_softmax_(z[local].div_(temperature))  # z[local] is a copy
+                teacher = teacher_at(spans)
+                values, s, c = span_terms(kind, lq, ls[spans].to(lq.dtype), teacher, beta=beta, shared=shared,
+                                          grad=need)
+                if stats is not None:
+                    _health(stats, lq, teacher)
+                total += values.sum()
+                if need:
+                    coeff[spans] = c.to(coeff.dtype)
+                    g[local] = logits_grad(lq, s, temperature)
+                del lq, teacher, s
+        return total, g
 
     return chunk_fn
 
@@ -344,11 +435,12 @@ def _health(stats: dict[str, Tensor], lq: Tensor, teacher) -> None:
     """Teacher and student entropy at the spans' first rows (the teacher's over its categories)."""
     if isinstance(teacher, TopKTeacher):
         lp = teacher.lps.masked_fill(~teacher.valid, -math.inf)
-        lp = torch.cat([lp, _teacher_tail(lp, teacher.valid)[:, None]], dim=-1)
+        teacher_h = _entropy(torch.cat([lp, _teacher_tail(lp, teacher.valid)[:, None]], dim=-1))
+    elif isinstance(teacher, FullTeacher):
+        teacher_h = _entropy(teacher.lp)
     else:
-        lp = teacher.lp
-    for key, logp in (("teacher_entropy", lp), ("student_entropy", lq)):
-        h = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+        teacher_h = teacher.entropy
+    for key, h in (("teacher_entropy", teacher_h), ("student_entropy", _entropy(lq))):
         stats[key] = stats.get(key, 0) + h.sum()
 
 
@@ -373,7 +465,8 @@ def loglik_chunk_fn(targets: Tensor, weights: Tensor, temperature: float):
 def cross_loss(student: Tensor, weight: Tensor | None, *, targets: Tensor, rows: SpanRows, teacher_at: TeacherAt,
                kind: str, beta: float = 0.5, temperature: float = 1.0, kd_weight: float = 1.0,
                lm_weight: float = 0.0, shared: tuple[Tensor, Tensor] | None = None, chunk_size: int = 1024,
-               totals: dict[str, Tensor] | None = None, stats: dict[str, Tensor] | None = None) -> Tensor:
+               totals: dict[str, Tensor] | None = None, stats: dict[str, Tensor] | None = None,
+               block: int = SPAN_BLOCK) -> Tensor:
     """kd_weight × Σ_spans divergence + lm_weight × Σ_rows cross-entropy, summed, memory-bounded by the chunk.
 
     `student` are the scored rows ([n, H] final hidden states with `weight` [V_s, H], or [n, V_s] logits),
@@ -397,7 +490,7 @@ def cross_loss(student: Tensor, weight: Tensor | None, *, targets: Tensor, rows:
     span_of_row[rows.first] = torch.arange(rows.count, device=device)
     coeff = torch.zeros(rows.count, dtype=dtype, device=device)
     kd_fn = span_chunk_fn(kind, span_of_row, ls, teacher_at, coeff, beta=beta, temperature=temperature, shared=shared,
-                          stats=stats)
+                          stats=stats, block=block)
     fn = with_cross_entropy(kd_fn, targets, kd_weight=kd_weight, lm_weight=lm_weight, totals=totals)
     loss = ChunkedObjective.apply(student, weight, fn, chunk_size, 1.0)
     if need and rows.cont.numel():

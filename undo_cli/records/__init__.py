@@ -7,6 +7,7 @@ from undo_cli.records.io import (
     check_output_path,
     honour_umask,
     is_stream,
+    not_valid_json,
     iter_records,
     read_text,
     read_json,
@@ -20,6 +21,6 @@ from undo_cli.records.io import (
 from undo_cli.records.schema import ERROR_TYPES, SHAPES, TASKS, check_record
 
 __all__ = [
-    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "read_json",
+    "STDIO", "AppendLog", "atomic_write_text", "check_output_path", "honour_umask", "is_stream", "iter_records", "not_valid_json", "read_json",
     "read_records", "read_text", "remove_stale_temps", "sha256_file", "text_lines", "write_json", "write_records", "ERROR_TYPES", "SHAPES", "TASKS", "check_record",
 ]

@@ -112,6 +112,14 @@ def read_text(path: str | os.PathLike) -> str:
     return "".join(text_lines(path))
 
 
+def not_valid_json(exc: json.JSONDecodeError) -> str:
+    """`not valid JSON (...)` for one JSONL line, saying where in that line: the decoder, given the line with its
+    newline, would put an unfinished record at "line 2 column 1"."""
+    line = exc.doc.rstrip("\r\n") if isinstance(exc.doc, str) else ""
+    where = "at the end of the line" if exc.pos >= len(line) else f"at column {exc.pos + 1}"
+    return f"not valid JSON ({exc.msg} {where})"
+
+
 def iter_records(
     path: str | os.PathLike,
     kind: str | None = None,
@@ -140,8 +148,9 @@ def iter_records(
             if drop_torn_tail and lineno == total and not line.endswith("\n"):
                 warn(f"{name}:{lineno}: dropping a torn last line (a run was interrupted mid-write); it will be redone")
                 return
-            raise RecordError(name, lineno, f"not valid JSON ({exc.__cause__ or exc})",
-                              hint=_not_jsonl_hint(name, lineno, line)) from None
+            cause = exc.__cause__
+            raise RecordError(name, lineno, not_valid_json(cause) if isinstance(cause, json.JSONDecodeError)
+                              else f"not valid JSON ({cause or exc})", hint=_not_jsonl_hint(name, lineno, line)) from None
         if shape is not None:
             problem = check_record(record, shape.name)
             if problem is not None:
@@ -427,7 +436,7 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(read_text(p))
     except json.JSONDecodeError as exc:
-        raise UndoError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise UndoError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 class AppendLog:

@@ -73,6 +73,13 @@ class TeacherTiers:
         found = [e for b in self.backends.values() for e in (b.endpoint_summary() or [])]
         return found or None
 
+    def applied(self, sampling):
+        """The first tier's settings for a lone teacher; per tier (those that opened) for a cascade."""
+        if not self.cascading:
+            return self.backends[self.tiers[0].name].applied(sampling)
+        per_tier = {name: b.applied(sampling) for name, b in self.backends.items()}
+        return {name: a for name, a in per_tier.items() if a is not None} or None
+
     def close(self) -> None:
         errors = []
         for b in self.backends.values():

@@ -451,7 +451,9 @@ def run(config: CheckConfig) -> dict[str, Any]:
     else:
         print_report(report, f"undo check: teacher {config.teacher}, student {config.student}")
     fail_if_needed(report, "undo check")
-    return report.to_json()
+    # Whether `undo train --data` takes the data as it is (rationales, chat or prompt/completion lines), or
+    # they are problems the teacher answers first: the next command differs (guidance.py).
+    return {**report.to_json(), "trainable": config.data is not None and bool(records[0].get("rationale"))}
 
 
 # --- before `undo iterate`'s iteration 0 ----------------------------------------------------------

@@ -5,45 +5,51 @@
     undo iterate --config examples/run.toml    # (with the default --workdir)
     undo demo --max-iterations 1 --teacher-epochs 4   # a shorter demo (the test suite's)
 
-No network, no GPU, no hub: the models are tiny Llamas on this CPU. UNDO's
-premise is that a teacher's first rationales do not fit what the student can
-follow, and that rationales re-written for the student's failures do. The demo
-builds that premise into two toy models, says so, and measures what the loop
-makes of it:
+No network, no GPU, no hub: the models are tiny Llamas on this CPU. The
+demo's premise is a weakness to find: the student fails one KIND of problem,
+the teacher's first rationales do not teach it, and its refinements do; so a
+loop that finds the failing kind in the student's validation errors and
+spends its refinements there should beat a random spend of the same budget
+(bench/undo_effect.py measures exactly that). The demo builds the premise into
+two toy models, says so, and measures what the loop makes of it:
 
 1. **Data.** The 300 shipped word problems (examples/arithmetic.jsonl: a story
-   of one or two events) are split by `undo data import` into
-   DIR/data/{train,val,test}.jsonl (SPLIT). Each has a worked solution with one
-   line per event (`meta.solution`) and a brief one (`meta.brief`) that, on a
-   story of two events, does both in one line (`After losing 1 and losing 2,
-   she has 5 - 1 - 2 = 2 apples.`): true, but two operations at once.
+   of one or two events, numbers up to 20) are split by `undo data import`
+   into DIR/data/{train,val,test}.jsonl (SPLIT). Each has a worked solution
+   (`meta.solution`: one line per event, every product written out) and a
+   brief one (`meta.brief`): the same, except that a packs event ("He buys 3
+   packs with 4 apples in each pack.") skips its product: `After buying 3
+   packs of 4, he has 5 + 12 = 17 apples.` (true, but 3 * 4 = 12 is not shown).
+   About one problem in six has a packs event (`meta.skill`).
 2. **Student.** The shipped student base (examples/student-base, made by
    examples/pretrain_student.py): a 1M-parameter Llama pretrained on every
    fact `a + b = c`, `a - b = c`, `a * b = c` of small numbers and on worked
-   stories of one or two events, one line per event (none of them a shipped
-   problem). It can follow one operation per line; it was never shown two
-   operations in one line. Copied to DIR/models/student.
+   stories of one or two events of every kind but packs. It knows the
+   products; it never saw a packs story. Copied to DIR/models/student.
 3. **Teacher.** The same base trained *with `undo train` itself*
    (stages/train.py) on the training problems behind the prompts the loop
    sends it (examples/run.toml: prompts/demo-generate.jinja and
    prompts/demo-refine.jinja, short enough for the tiny models' 128-token
    rows): the generate prompt answered with the brief solution, and the refine
-   prompt (filled as `undo refine` fills it, with a wrong attempt at a problem
-   of the same kind, as the student writes them) answered with a warning (TRAP)
-   and the one-operation-per-line solution. Its outputs are real sampled
-   generations, verified by the loop like any teacher's (`--verify steps`, the
-   default: a false step rejects one, whatever its final answer).
+   prompt (filled as `undo refine` fills it, with a wrong answer to a problem
+   of the same kind) answered with the worked solution. On a problem without a
+   packs event the two are the same text: a refinement there changes nothing.
+   Its outputs are real sampled generations, verified by the loop like any
+   teacher's (`--verify steps`, the default: a false step rejects one,
+   whatever its final answer).
 4. **The loop.** `undo iterate` with examples/run.toml (teacher through
    generate/refine, student through train/evaluate, all on the `hf` backend),
    then the plot of `undo report`: DIR/runs/demo/report.png.
 
-So one-shot distillation trains the student on brief rationales, and UNDO
-re-teaches the problems like its validation failures with worked ones, the
-kind this student was pretrained to follow: the premise of UNDO, built in and
-said so.
+So one-shot distillation trains the student on brief rationales, which never
+show how a packs event is computed; each UNDO round re-teaches the training
+problems most like its validation failures with worked ones, within a budget
+of targets per round (examples/run.toml [refine] budget). It helps only
+where it lands on packs problems.
 
 This simulates UNDO's premise on toy models; it is not evidence that UNDO
-helps real models. bench/undo_effect.py measures the loop's gain on 5 seeds.
+helps real models. bench/undo_effect.py measures the loop against one-shot,
+a random spend of the same refinement budget and more one-shot samples.
 
 Re-running `undo demo` reuses the data and finished models already in DIR;
 an interrupted teacher training or loop continues with `--resume`, and a folder
@@ -67,10 +73,12 @@ STUDENT_BASE = "student-base"  # examples/student-base: the pretrained student (
 TEACHER_TRAINING = {"epochs": 30.0, "lr": 1e-3, "batch_size": 8, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                     "logging_steps": 20, "save_steps": 50, "max_length": 1024}
 SPLIT = "train=0.4,val=0.3,test=0.3"
-# Every two-event training problem, and one one-event problem in REFINE_EVERY, is also shown behind the
-# refine prompt: the teacher has to learn the refine prompt's answer format (TRAP, then one line per
-# event), not each problem's steps, which the student base it starts from already writes.
+# Every packs training problem, and one other problem in REFINE_EVERY, is also shown behind the refine
+# prompt: the teacher has to learn the refine prompt's answer (the worked solution) for the kind it
+# differs on, and that on every other kind it is the same text; the student base it starts from already
+# writes the other kinds' lines.
 REFINE_EVERY = 3
+SKILL = "packs"  # examples/make_examples.py's SKILL: the kind the student base never saw
 
 DISCLAIMER = ("The demo's models are tiny (1M parameters, on a CPU) and built to show UNDO's premise: "
               "its numbers say nothing about real models.")
@@ -131,12 +139,9 @@ def _wrong(solution: str, answer: str, rng: random.Random) -> str:
     return f"{head}= {wrong}{last}\n#### {wrong}" if head else f"{body}\n#### {wrong}"
 
 
-TRAP = "Watch out: one operation per line."
-
-
 def refined_solution(problem: dict[str, Any]) -> str:
-    """What the teacher learns to answer the refine prompt with: the trap (TRAP), then one operation per line."""
-    return f"{TRAP}\n{problem['meta']['solution']}"
+    """What the teacher learns to answer the refine prompt with: the worked solution (every product written out)."""
+    return problem["meta"]["solution"]
 
 
 def _teacher_prompts() -> dict[str, str]:
@@ -151,10 +156,10 @@ def _teacher_prompts() -> dict[str, str]:
 def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list[dict[str, Any]]:
     """Rationale records with their own prompts: generate prompt -> brief solution, refine prompt -> re-teaching.
 
-    Every training problem gets the first; every two-event one and one in REFINE_EVERY the second. The refine prompt is filled as `undo refine` fills
-    it in the loop: the teacher's earlier (brief) solution, a wrong attempt at another
-    problem of the same kind (a val failure picked this problem because it looks like
-    it: here one with as many steps), and `k` more similar failures.
+    Every training problem gets the first; every packs one and one other in REFINE_EVERY the second. The refine
+    prompt is filled as `undo refine` fills it in the loop: the teacher's earlier (brief) solution, a wrong attempt
+    at another problem of the same kind (a val failure picked this problem because it looks like it: here one of
+    the same skill and as many steps), and `k` more similar failures.
     """
     from undo_cli.prompts import load_template, problem_variables, render_messages
 
@@ -162,17 +167,18 @@ def teacher_examples(train: list[dict[str, Any]], seed: int, k: int = 0) -> list
     generate, refine = load_template(prompts["generate"]), load_template(prompts["refine"])
     rng = random.Random(seed)
     by_kind: dict[Any, list[dict[str, Any]]] = {}  # problems of as many steps: the ones a failure looks like
+    kind = lambda p: (p["meta"].get("skill"), p["meta"].get("steps"))  # noqa: E731
     for p in train:
-        by_kind.setdefault(p["meta"].get("steps"), []).append(p)
+        by_kind.setdefault(kind(p), []).append(p)
     records = []
     for i, p in enumerate(train):
         base = {"problem_id": p["id"], "question": p["question"], "answer": p["answer"], "task": "math"}
         brief = p["meta"].get("brief") or p["meta"]["solution"]
         records.append({**base, "id": f"{p['id']}/generate", "rationale": brief,
                         "prompt_messages": render_messages(generate, **problem_variables(p), examples=[])})
-        if p["meta"].get("steps", 1) < 2 and i % REFINE_EVERY:
+        if p["meta"].get("skill") != SKILL and i % REFINE_EVERY:
             continue
-        kin = [q for q in by_kind[p["meta"].get("steps")] if q["id"] != p["id"]] or [p]
+        kin = [q for q in by_kind[kind(p)] if q["id"] != p["id"]] or [p]
         failed, others = rng.choice(kin), [rng.choice(kin) for _ in range(k)]
         attempt = _wrong(failed["meta"].get("brief") or failed["meta"]["solution"], failed["answer"], rng)
         messages = render_messages(
@@ -227,7 +233,7 @@ def build_models(workdir: Path, files: dict[str, Path], config: "DemoConfig") ->
     write_records(data, examples)
     console.rule("[bold]training the tiny teacher (undo train)[/bold]")
     console.print(f"from the student base: {len(train)} brief solutions behind the generate prompt, "
-                  f"{len(examples) - len(train)} one-operation-per-line re-teachings behind the refine prompt")
+                  f"{len(examples) - len(train)} worked re-teachings behind the refine prompt")
     train_stage.run(TrainConfig(student=str(student), data=str(data), output=str(teacher), seed=config.seed,
                                 resume=True, **{**TEACHER_TRAINING, "epochs": config.teacher_epochs}))
     return {"teacher": teacher, "student": student}
@@ -258,12 +264,11 @@ def _check_workdir(workdir: Path, config: DemoConfig) -> None:
     interrupted = (workdir / "build").is_dir() and not (teacher / "train_summary.json").is_file()
     if interrupted:
         raise UndoError(f"{workdir}: the teacher's training was interrupted",
-                        hint=f"add --resume to continue it from its last checkpoint: undo demo --workdir {workdir} "
-                             "--resume")
+                        hint=f"add --resume to continue it from its last checkpoint: {resume_command(config)}")
     if not config.setup_only and (workdir / "runs" / "demo" / "manifest.json").is_file():
         raise UndoError(f"{workdir / 'runs' / 'demo'}: this demo's loop has already run (or was interrupted)",
-                        hint=f"--resume continues it (a finished one just reports again): undo demo --workdir "
-                             f"{workdir} --resume; or delete {workdir} to start over")
+                        hint=f"--resume continues it (a finished one just reports again): {resume_command(config)}; "
+                             f"or delete {workdir} to start over")
 
 
 def run(config: DemoConfig) -> dict[str, Any]:
@@ -280,18 +285,25 @@ def run(config: DemoConfig) -> dict[str, Any]:
     if not (workdir / STATE_FILE).is_file():
         write_json(workdir / STATE_FILE, {"seed": config.seed, "undo_version": __version__})
     files = write_data(workdir, config.seed)
-    models = build_models(workdir, files, config)
+    try:
+        models = build_models(workdir, files, config)
+    except KeyboardInterrupt:  # Ctrl-C in the teacher's training: it saved a checkpoint to continue from
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(str(workdir))}: interrupted; what finished is kept. Continue with:[/yellow] "
+                      f"{escape(resume_command(config))}", highlight=False, soft_wrap=True)
+        raise
     setup_s = time.perf_counter() - started
     result: dict[str, Any] = {"workdir": str(workdir), "data": {k: str(v) for k, v in files.items()},
                               "models": {k: str(v) for k, v in models.items()}, "setup_s": round(setup_s, 1)}
     if config.setup_only:
         console.print(f"set up in {setup_s:.0f} s: data in {workdir / 'data'}, models in {workdir / 'models'}. "
                       "Next, the loop:")
-        if workdir.resolve() == Path("undo-demo").resolve():
+        here = Path("examples/run.toml")  # the short form runs only from where both relative paths hold
+        if workdir.resolve() == Path("undo-demo").resolve() and here.is_file() and here.resolve() == _run_toml().resolve():
             console.print("  undo iterate --config examples/run.toml", soft_wrap=True)
-        console.print(f"  undo iterate --config {_run_toml()} --teacher {models['teacher']} "
-                      f"--student {models['student']} --train-file {files['train']} --val-file {files['val']} "
-                      f"--test-file {files['test']} --runs-dir {workdir / 'runs'}", soft_wrap=True)
+        console.print("  " + shlex.join(["undo", "iterate", *_iterate_args(workdir, files, models, config.seed)]),
+                      soft_wrap=True, markup=False, highlight=False)
         return result
 
     from undo_cli.loop import iterate, report
@@ -309,7 +321,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]
     if config.max_iterations is not None:
         command += ["--max-iterations", str(config.max_iterations)]
-    summary = iterate.run(loop_config, resume=resume, command=command)
+    summary = iterate.run(loop_config, resume=resume, command=command, resume_with=resume_command(config))
     # iterate has just printed the table and the verdict: `undo report` adds what changed and the plot.
     console.rule("[bold]undo report[/bold] (the plot; the table above is its table)")
     state = report.collect(loop_config.run_dir)
@@ -321,6 +333,13 @@ def run(config: DemoConfig) -> dict[str, Any]:
     console.print(f"demo finished in {wall:.0f} s (setup {setup_s:.0f} s). {DISCLAIMER}")
     _print_next_steps(workdir, loop_config.run_dir, files, models, config.seed)
     return {**result, "summary": summary, "plot": str(plotted) if plotted else None, "wall_s": round(wall, 1)}
+
+
+def resume_command(config: DemoConfig) -> str:
+    """`undo demo ... --resume` with this demo's own flags: what continues it (README, "On a fresh machine")."""
+    from undo_cli.fields import to_flags
+
+    return "undo demo " + shlex.join([*to_flags(config, skip=("resume", "setup_only")), "--resume"])
 
 
 def _iterate_args(workdir: Path, files: dict[str, Path], models: dict[str, Path], seed: int) -> list[str]:
@@ -347,11 +366,12 @@ def _print_next_steps(workdir: Path, run_dir: Path, files: dict[str, Path], mode
         ("the same loop as a bash script of stage commands, with the same settings",
          f"bash {shlex.quote(str(bundled_dir('examples') / 'undo_loop.sh'))} "
          + shlex.join(_iterate_args(workdir, files, models, seed) + ["--name", "bash-loop"])),
-        ("real models (hub teacher and student, a GPU)", "see README.md, 'Real models' and examples/run-qwen.toml"),
     ]
     console.rule("[bold]next[/bold]")
-    for what, command in lines:
+    for what, command in lines:  # each command runs as printed (tests/test_demo.py pastes them)
         console.print(f"[dim]# {what}[/dim]\n  {command}", soft_wrap=True, highlight=False)
+    console.print("[dim]# real models (hub teacher and student, a GPU): README.md, 'Real models', and "
+                  "examples/run-qwen.toml[/dim]", soft_wrap=True, highlight=False)
 
 
 def _run_toml() -> Path:

@@ -110,7 +110,7 @@ class GenerateConfig(GenerationOptions, TeacherEconomyOptions, CascadeOptions):
 
 def read_fewshot(path: str) -> list[dict[str, str]]:
     """Few-shot examples: one {"question": ..., "rationale": ...} object per line."""
-    from undo_cli.records import text_lines
+    from undo_cli.records import not_valid_json, text_lines
 
     p = Path(path)
     if not p.is_file():
@@ -122,7 +122,7 @@ def read_fewshot(path: str) -> list[dict[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecordError(path, lineno, f"not valid JSON ({exc.msg})") from None
+            raise RecordError(path, lineno, not_valid_json(exc)) from None
         for name in ("question", "rationale"):
             if not isinstance(row, dict) or not isinstance(row.get(name), str):
                 raise RecordError(path, lineno, "missing or not text", field=name,

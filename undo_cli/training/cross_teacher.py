@@ -48,8 +48,7 @@ import torch
 
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
-from undo_cli.objectives.cross_tokenizer import (FullTeacher, SpanRows, TopKTeacher, continuation_logprob, cross_loss,
-                                                 target_logprob_chunks)
+from undo_cli.objectives.cross_tokenizer import SpanRows, TopKTeacher, cross_loss, live_teacher
 from undo_cli.objectives.options import AUTO, AUTO_EXACT, CROSS_KINDS, DESCRIPTIONS, KINDS
 from undo_cli.training.config import TrainConfig
 
@@ -437,7 +436,7 @@ class CrossDistillationLoss:
     def fused(self) -> dict[str, bool]:
         return self._base.fused
 
-    def _live(self, inputs: dict[str, Any]):
+    def _live(self, inputs: dict[str, Any], student_vocab: int):
         from undo_cli.training.distill import _head_weight, final_hidden_states
         from undo_cli.training.trainer import response_logits
 
@@ -460,15 +459,9 @@ class CrossDistillationLoss:
         t_rows = SpanRows(_row_index(keep, first_grid), _row_index(keep, cont_grid), cont[:, 2],
                           ids.view(-1)[cont_grid + 1])
         c = self.config
-        lt = continuation_logprob(t_rows, target_logprob_chunks(rows[t_rows.cont], weight, t_rows.cont_target,
-                                                                c.temperature, c.kd_chunk_size).float())
-
-        def teacher_at(spans: torch.Tensor) -> FullTeacher:
-            z = rows[t_rows.first[spans]]
-            z = z @ weight.T if weight is not None else z
-            return FullTeacher(torch.log_softmax(z.float() / c.temperature, dim=-1), lt[spans])
-
-        return teacher_at
+        return live_teacher(rows, weight, t_rows, self.kind, student_vocab=student_vocab,
+                            shared_teacher=None if self.shared is None else self.shared[1].to(rows.device),
+                            temperature=c.temperature, chunk_size=c.kd_chunk_size)
 
     def _served(self, inputs: dict[str, Any]):
         scores = self.served.wait_scores(inputs, _teacher_sequences)
@@ -501,7 +494,7 @@ class CrossDistillationLoss:
         first, cont, span, target = (t.to(keep.device) for t in inputs["xt_student"])
         rows = SpanRows(_row_index(keep, first), _row_index(keep, cont), span, target)
         if self.teacher is not None:
-            teacher_at = self._live(inputs)
+            teacher_at = self._live(inputs, student.shape[-1] if weight is None else weight.shape[0])
         elif self.served is not None:
             teacher_at = self._served(inputs)
         else:

@@ -11,7 +11,7 @@ with the teacher's at every rationale token, so both must share a tokenizer (a
 teacher with another tokenizer: `uld`, `gold` or `auto`, training/cross_teacher.py):
 
 * **live teacher** (`--teacher MODEL`): loaded once, frozen, in eval mode (bf16
-  on a GPU), fed the same packed batch as the student. Both models' final
+  on a GPU, its stored dtype on a CPU: `load_frozen`), fed the same packed batch as the student. Both models' final
   hidden states are taken from their forward pass (a hook on the decoder; the
   LM head is asked for no logits at all) and the loss is
   `fused_linear_divergence`-style: logits formed chunk by chunk, never whole.
@@ -205,17 +205,37 @@ class DistillationLoss:
 from undo_cli.tokenization import tokenizer_difference  # noqa: E402,F401 (its home; kept importable here)
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's bf16 kernels: AVX-512 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def load_frozen(name: str, *, device, trust_remote_code: bool) -> torch.nn.Module:
-    """The teacher model, frozen, in eval mode (bf16 on a GPU)."""
+    """The teacher model, frozen, in eval mode: bf16 on a GPU; on a CPU in the dtype it is stored in.
+
+    A frozen teacher needs no float32 master copy: on a CPU a bf16 checkpoint stays bf16, half the
+    memory of the float32 upcast this used to make (Qwen2.5-1.5B: 3.5 GB instead of 7.1 GB, and
+    transformers maps the file instead of copying it), and on a CPU with bf16 kernels its matrix
+    products are faster than float32's (docs/objectives.md, "On a real pair"). float16 (slow on
+    CPUs), or bf16 on a CPU without bf16 kernels, becomes float32; float32 stays float32.
+    """
     from undo_cli.models import load_pretrained
 
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    teacher = load_pretrained("model", name, trust_remote_code=trust_remote_code, flag="--teacher", dtype=dtype)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        teacher = load_pretrained("model", name, trust_remote_code=trust_remote_code, flag="--teacher", dtype=dtype)
+    else:
+        teacher = load_pretrained("model", name, trust_remote_code=trust_remote_code, flag="--teacher", dtype="auto")
+        if teacher.dtype != torch.float32 and not (teacher.dtype == torch.bfloat16 and cpu_computes_bf16()):
+            teacher = teacher.float()
     return teacher.to(device).eval().requires_grad_(False)
 
 
 def load_teacher(name: str, *, tokenizer_size: int, student_vocab_rows: int, device, trust_remote_code: bool):
-    """The teacher, frozen, in eval mode (bf16 on a GPU), and the vocabulary size both models score."""
+    """The teacher, frozen, in eval mode (`load_frozen`), and the vocabulary size both models score."""
     teacher = load_frozen(name, device=device, trust_remote_code=trust_remote_code)
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     shared = min(student_vocab_rows, teacher_rows)

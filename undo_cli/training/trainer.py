@@ -284,10 +284,12 @@ class StderrProgress(TrainerCallback):
     """Progress on stderr (Trainer prints dicts to stdout, which belongs to JSONL).
 
     In a terminal: a rich bar with steps, elapsed time, ETA, the loss of the latest optimizer step and
-    tokens/s. Without one (a log file, a batch job): a plain line every 30 s and at each 10% of the
-    steps (`console.PlainProgress`), the last one at 100% with the final step's loss, which is the
-    `final loss` of the summary. Every --logging-steps a log line (loss averaged since the last one,
-    lr, grad norm, the objective's metrics) goes above the bar. Only the main process reports.
+    tokens/s, and every --logging-steps a log line (loss averaged since the last one, lr, grad norm,
+    the objective's metrics) above the bar. Without one (a log file, a batch job) one kind of line,
+    `console.PlainProgress`'s (`train: step 40/150 (27%)  elapsed ...  eta ...`): every
+    --logging-steps with the log line's metrics, a plain one when 30 s pass without any (and at each
+    10% when log lines come less often than that), and the last at 100% with the final step's loss,
+    which is the `final loss` of the summary. Only the main process reports.
     """
 
     def __init__(self, meter: "TokenMeter"):
@@ -322,8 +324,9 @@ class StderrProgress(TrainerCallback):
             self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step,
                                           loss="-", tps="-")
             self.bar.start()
-        else:
-            self.plain = PlainProgress("train", state.max_steps, unit="step ")
+        else:  # log lines at least every 10% of the steps are the progress: no 10% lines between them
+            every = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * state.max_steps
+            self.plain = PlainProgress("train", state.max_steps, unit="step ", deciles=10 * every > state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -345,13 +348,16 @@ class StderrProgress(TrainerCallback):
             return
         from undo_cli.console import console
 
-        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts = [] if self.plain is not None else [f"step {state.global_step}/{state.max_steps}"]
         for key, label, fmt in (("epoch", "epoch", "{:.2f}"), ("loss", "loss", "{:.4f}"),
                                 ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "grad_norm", "{:.3f}")):
             if key in logs:
                 parts.append(f"{label} {fmt.format(logs[key])}")
         skip = {"epoch", "loss", "learning_rate", "grad_norm", "total_flos"}
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k not in skip]
+        if self.plain is not None:  # off a terminal: one kind of progress line, this one with the log's metrics
+            self.plain.update(state.global_step, "  ".join(parts) + f"  {self._status()[1]:,.0f} tok/s", force=True)
+            return
         console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)  # above a live bar
 
 

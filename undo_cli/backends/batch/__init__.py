@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from undo_cli.backends import stopping
 from undo_cli.backends.base import Completion, Message, SamplingConfig, one_batch_at_a_time
 from undo_cli.backends.batch.manifest import FINAL, Manifest, key_fingerprint
 from undo_cli.backends.batch.providers import PROVIDERS, Look, Provider, Result
@@ -141,7 +142,8 @@ class BatchBackend:
         for group in ids:
             results = [self._results.get(cid) for cid in group]
             if all(r is not None and r.ok for r in results):
-                completions = [c for r in results for c in r.completions]
+                # The run's end rules (backends/stopping.py) on the returned text, as for any server.
+                completions = [stopping.applied_to(c, sampling) for r in results for c in r.completions]
                 if per_sample:  # n requests were billed their prompt each: the ledger reads it off the first
                     billed = sum(c.prompt_tokens for c in completions)
                     for c in completions:
@@ -166,6 +168,12 @@ class BatchBackend:
 
     def endpoint_summary(self) -> list[dict[str, Any]] | None:
         return None
+
+    def applied(self, sampling: SamplingConfig) -> dict[str, Any]:
+        """What each request sets; the API applies its own defaults to the rest."""
+        return {"backend": self.name, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens, "stop": list(sampling.stop),
+                "stop_at_answer": sampling.stop_at_answer, "repetition_cut": sampling.repetition_cut}
 
     def close(self) -> None:
         self.api.client.close()

@@ -431,7 +431,7 @@ def convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
     import transformers
 
     from undo_cli.console import quiet_transformers
-    from undo_cli.models import library_versions
+    from undo_cli.runtime import library_versions
 
     quiet_transformers()
     torch_dtype = getattr(torch, dtype)
@@ -466,7 +466,7 @@ def convert(src: Source, out: Path, dtype: str) -> dict[str, Any]:
 
     write_json(out / META, meta)
     honour_umask(out)  # safetensors writes 0600
-    from undo_cli.models import release_memory
+    from undo_cli.runtime import release_memory
 
     release_memory()
     console.print(f"converted {src.path.name} in {meta['seconds']:.0f} s; every later stage loads the folder",

@@ -9,23 +9,23 @@ student and its merge, the white-box teacher) goes through `load_pretrained`
 or `load_error`, so a wrong name, a missing folder or a model that ships its
 own code gives the same message and hint everywhere, never a transformers
 traceback; a `.gguf` file loads from its converted folder (undo_cli/gguf_models.py).
-`library_versions()` is what train_summary.json and a run's manifest record;
-`release_memory()` is called between stages that load models in one process
-(`undo iterate`).
+`library_versions()` (what train_summary.json and a run's manifest record) and
+`release_memory()` (called between stages that load models in one process, `undo
+iterate`) live in undo_cli/runtime.py, below both loaders, and are imported here
+too.
 
 Only the standard library at import: transformers and torch load inside the functions.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
 
-LIBRARIES = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "math-verify", "scikit-learn",
-             "openai", "vllm")
+# the versions and memory helpers live in runtime.py (below the loaders: gguf_models.py uses them too)
+from undo_cli.runtime import LIBRARIES, library_versions, release_memory  # noqa: F401 (callers import them from here)
 
 
 def load_error(model: str, exc: BaseException, *, trust_remote_code: bool = True, flag: str = "") -> UndoError:
@@ -76,34 +76,3 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
 
         threads.fit(loaded)  # torch's thread count for this model's size (undo_cli/threads.py)
     return loaded
-
-
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    """{'undo': ..., 'python': ..., 'torch': ..., ...}: the installed versions of `names` (absent ones left out)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import undo_cli
-
-    found = {"undo": undo_cli.__version__, "python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def release_memory() -> None:
-    """Drop what the last stage left (models, KV caches) before the next one loads its own.
-
-    Each stage frees its model when its run() returns; this collects the
-    garbage cycles and hands cached CUDA blocks back, so a 30B teacher and the
-    student are never resident at the same time.
-    """
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")  # only if a stage imported it; importing it here would cost seconds
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -145,16 +145,16 @@ Drop entries (unused for N days, of one model, or all) and compact the file.
 Example: undo cache prune --older-than 30"""),
     ]),
     Group("batch", "Batch APIs: the batches an output or a run has in flight (status), waiting, cancelling.", [
-        Command("status", "undo_cli.backends.batch.commands:BatchStatusConfig", "undo_cli.backends.batch.commands:status", """\
+        Command("status", "undo_cli.economy.batch_commands:BatchStatusConfig", "undo_cli.economy.batch_commands:status", """\
 Per batch: status, requests answered and failed, tokens and cost at the batch price, created and expiry times.
 
 Example: undo batch status out/rationales.jsonl"""),
-        Command("wait", "undo_cli.backends.batch.commands:BatchWaitConfig", "undo_cli.backends.batch.commands:wait", """\
+        Command("wait", "undo_cli.economy.batch_commands:BatchWaitConfig", "undo_cli.economy.batch_commands:wait", """\
 Wait until every batch of an output (or of a run folder) has ended, with progress; then run the stage again
 to read the results into its output.
 
 Example: undo batch wait runs/my-run --poll-s 60"""),
-        Command("cancel", "undo_cli.backends.batch.commands:BatchCancelConfig", "undo_cli.backends.batch.commands:cancel", """\
+        Command("cancel", "undo_cli.economy.batch_commands:BatchCancelConfig", "undo_cli.economy.batch_commands:cancel", """\
 Ask the API to cancel the open batches of an output or a run folder.
 
 Example: undo batch cancel out/rationales.jsonl"""),

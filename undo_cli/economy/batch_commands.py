@@ -1,4 +1,5 @@
-"""`undo batch status|wait|cancel`: the batches an output (or a whole run folder) has at a batch API.
+"""`undo batch status|wait|cancel`: the batches an output (or a whole run folder) has at a batch API, and what
+they cost (here, above backends/: it reads the output's ledger).
 
     undo batch status out/rationales.jsonl          # per batch: status, answered/failed of total, tokens, cost
     undo batch status runs/my-run --json            # every manifest under the run, one JSON object a batch

@@ -423,3 +423,21 @@ def test_dry_run_with_a_hub_teacher_not_cached_estimates_from_characters_without
     assert est["upper_bound"] is True and est["cost"] is None and est["budget"] is None
     assert "from characters at 2 characters a token" in est["prompt_tokens_from"]
     assert "not a local folder nor in the local hub cache" in err
+
+
+def test_the_model_digest_leaves_out_the_run_records_train_writes_beside_the_weights(tmp_path):
+    """Two trainings with the same weights are one model: train_run.json / train_summary.json hold timings and paths."""
+    from undo_cli.economy.cache import RUN_RECORDS, TeacherCache
+    from undo_cli.stages.train import RUN_FILE, SUMMARY_FILE
+
+    assert RUN_RECORDS == {RUN_FILE, SUMMARY_FILE}
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, when in ((a, "1"), (b, "2")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / RUN_FILE).write_text(when)
+        (folder / SUMMARY_FILE).write_text(when)
+    with TeacherCache(tmp_path / "cache", quiet=True) as cache:
+        assert cache.model_identity(str(a))["digest"] == cache.model_identity(str(b))["digest"]
+        (b / "model.safetensors").write_bytes(b"other weights")
+        assert cache.model_identity(str(a))["digest"] != cache.model_identity(str(b))["digest"]

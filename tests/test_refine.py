@@ -212,7 +212,7 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, trained_teac
     out = tmp_path / "refined.jsonl"
     args = ["--teacher", str(trained_teacher), "--errors", str(tmp_path / "errors.jsonl"),
             "--targets", str(tmp_path / "targets.jsonl"), "--output", str(out), "--batch-size", "1",
-            "--max-tokens", "16", "--k", "1", "--select", "errors"]
+            "--max-tokens", "16", "--k", "1", "--select", "errors", "--budget", "none"]
     kill_after_first_line(["refine", *args], out, env=WIDE)  # the first durable batch, then no warning
     written = read_jsonl(out)
     assert 1 <= len(written) < 6  # killed mid-run (each batch is one target)

@@ -207,6 +207,11 @@ def decode_completions(blob: bytes) -> list[Any]:
     return out
 
 
+# What `undo train` writes beside the weights about how they were made (stages/train.py RUN_FILE, SUMMARY_FILE:
+# timings, paths, dates): provenance, not the model. Two trainings that wrote the same bytes of weights, tokenizer
+# and config are one model to the cache and to lineage's model hash.
+RUN_RECORDS = frozenset({"train_run.json", "train_summary.json"})
+
 class TeacherCache:
     """The SQLite store (module docstring). One connection per process; close it (or use `with`)."""
 
@@ -378,7 +383,8 @@ class TeacherCache:
         h = hashlib.sha256()
         for f in sorted(folder.rglob("*")):
             rel = f.relative_to(folder)
-            if f.is_file() and "checkpoints" not in rel.parts and not rel.name.startswith("."):
+            if f.is_file() and "checkpoints" not in rel.parts and not rel.name.startswith(".") \
+                    and rel.as_posix() not in RUN_RECORDS:
                 h.update(f"{rel.as_posix()}:{self.file_sha256(f)}\n".encode())
         return h.hexdigest()
 

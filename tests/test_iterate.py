@@ -344,10 +344,18 @@ def _identity(path: Path, run: Path) -> dict:
 
 
 def _records(path: Path, run: Path) -> list[dict]:
-    """The records of a JSONL file, the run folder's path as RUN, without `cached` (the teacher cache answered the
-    second run's teacher calls)."""
-    return [{k: v for k, v in json.loads(line.replace(str(run), "RUN")).items() if k != "cached"}
-            for line in _lines(path)]
+    """The records of a JSONL file, the run folder's path as RUN, without the cache flags (`cached`, and lineage's
+    `cached` of the row and of each cascade attempt): which run the teacher cache answered depends on test order."""
+    def uncached(record: dict) -> dict:
+        record.pop("cached", None)
+        lineage = record.get("lineage")
+        if isinstance(lineage, dict):
+            lineage.pop("cached", None)
+            for attempt in lineage.get("cascade") or []:
+                attempt.pop("cached", None)
+        return record
+
+    return [uncached(json.loads(line.replace(str(run), "RUN"))) for line in _lines(path)]
 
 
 @pytest.mark.slow

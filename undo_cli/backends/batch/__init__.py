@@ -125,7 +125,7 @@ class BatchBackend:
         while True:
             self._wait(wanted)
             failed = [cid for cid in wanted if cid in self._results and not self._results[cid].ok]
-            todo = [cid for cid in wanted if cid not in self._results and not self._holding(cid)]
+            todo = [cid for cid in wanted if cid not in self._results]  # _wait left no open batch holding one
             if failed and resubmitted < self.config.batch_resubmits:
                 resubmitted += 1
                 reasons = Counter(f"{self._results[c].kind}: {self._results[c].reason}" for c in failed)
@@ -185,10 +185,6 @@ class BatchBackend:
         self.close()
 
     # --- the work ---
-    def _holding(self, cid: str) -> bool:
-        """A batch still open holds this request (its result will come)."""
-        return any(cid in b["custom_ids"] for b in self.manifest.batches if b["state"] == "submitted")
-
     def _adopt_unrecorded(self) -> None:
         """Entries a kill left in 'creating': the batch found again by its metadata, or its rows resubmitted."""
         changed = False

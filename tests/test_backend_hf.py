@@ -25,6 +25,19 @@ def teacher(trained_teacher):
         yield backend
 
 
+def forward_shapes(monkeypatch, backend) -> list[tuple[int, int]]:
+    """The (rows, positions) of every forward pass of the backend's model from now on (the list fills up)."""
+    shapes: list[tuple[int, int]] = []
+    forward = type(backend.hf_model).forward
+
+    def counting(self, input_ids=None, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(backend.hf_model), "forward", counting)
+    return shapes
+
+
 def test_batched_left_padded_greedy_matches_one_at_a_time(hf):
     sampling = SamplingConfig(max_tokens=12)
     batched = hf.generate(PROMPTS, sampling)
@@ -52,14 +65,7 @@ def test_finished_rows_leave_the_batch_and_greedy_text_matches_one_at_a_time(tra
     prompts = [student_messages(p) for p in TAUGHT_PROBLEMS] + PROMPTS  # rationales of several lengths, and loops
     sampling = SamplingConfig(max_tokens=40, stop_at_answer=True, repetition_cut=24)
     with open_backend(BackendConfig(backend="hf", model=str(trained_teacher), batch_size=32)) as backend:
-        rows_seen = []
-        forward = type(backend.hf_model).forward
-
-        def counting(self, input_ids=None, **kwargs):
-            rows_seen.append(tuple(input_ids.shape))
-            return forward(self, input_ids=input_ids, **kwargs)
-
-        monkeypatch.setattr(type(backend.hf_model), "forward", counting)
+        rows_seen = forward_shapes(monkeypatch, backend)
         batched = backend.generate(prompts, sampling)
         steps = [rows for rows, width in rows_seen if width == 1]
         alone = [backend.generate([p], sampling)[0] for p in prompts]
@@ -79,14 +85,7 @@ def test_n_samples_share_one_pass_over_the_prompt(hf, monkeypatch):
     """n > 1: the prompt runs once (its cache repeated n times), and each sample continues it correctly:
     with top_p ~ 0 sampling keeps only the most likely token, so every sample is the greedy answer."""
     greedy = [c[0].text for c in hf.generate(PROMPTS, SamplingConfig(max_tokens=10))]
-    rows_seen = []
-    forward = type(hf.hf_model).forward
-
-    def counting(self, input_ids=None, **kwargs):
-        rows_seen.append(tuple(input_ids.shape))
-        return forward(self, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(type(hf.hf_model), "forward", counting)
+    rows_seen = forward_shapes(monkeypatch, hf)
     near_greedy = hf.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=1e-9, seed=0, max_tokens=10))
     assert [[c.text for c in per_prompt] for per_prompt in near_greedy] == [[g] * 3 for g in greedy]
     # The batches of 4 sequences hold 1 prompt x 3 samples (batch_size counts sequences): each prompt is

@@ -3,6 +3,7 @@
     python bench/teacher_speed.py                                  # every arm (~30 min on 2 idle cores)
     python bench/teacher_speed.py --arms hf-fp32,llamacpp          # some arms (the baseline always runs)
     python bench/teacher_speed.py --arms llamacpp,vllm-server      # the two servers, beside the baseline
+    python bench/teacher_speed.py --resume --arms hf-fp32,llamacpp,vllm-server   # these again, the others kept
     python bench/teacher_speed.py --gguf FILE.gguf --folder DIR    # other files of the same model
 
 Every arm generates greedily, MAX_TOKENS new tokens, for the same prompts: the first
@@ -381,7 +382,7 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     parser.add_argument("--gguf", default=GGUF)
     parser.add_argument("--folder", default=FOLDER, help="the model converted to a transformers folder")
     parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON)
@@ -390,7 +391,7 @@ def main() -> None:
                         help="seconds to wait for llama_cpp.server to become importable (a build still running)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the arms bench/results/teacher_speed.json already holds (each with its commit and "
-                             "load average) and run only the others")
+                             "load average) and run only the others, and those named in --arms again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="hf-fp32", help=argparse.SUPPRESS)  # the worker's hf arms
@@ -400,7 +401,8 @@ def main() -> None:
     if args.worker == "vllm":
         return worker_vllm(args.folder, args.worker_out)
 
-    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+    named = args.arms is not None
+    wanted = [a.strip() for a in (args.arms or ",".join(ARMS)).split(",") if a.strip()]
     unknown = set(wanted) - set(ARMS)
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
@@ -415,7 +417,7 @@ def main() -> None:
               "max_tokens": MAX_TOKENS, "single_prompts": SINGLE, "batch_prompts": BATCH,
               "prompts": "examples/arithmetic.jsonl, first problems, prompts/generate.jinja + chat template, greedy",
               "cpus": os.cpu_count(), "platform": platform.platform(), "arms": dict(earlier)}
-    todo = [a for a in wanted if not (a in earlier and "error" not in earlier[a])]
+    todo = [a for a in wanted if named or not (a in earlier and "error" not in earlier[a])]
     hf_todo = [a for a in HF_ARMS if a in todo]
     for arm in todo:
         if arm in HF_ARMS and arm != hf_todo[0]:

@@ -81,6 +81,36 @@ def test_finished_rows_leave_the_batch_and_greedy_text_matches_one_at_a_time(tra
     assert sum(steps) < len(prompts) * len(steps)
 
 
+@pytest.mark.slow
+def test_rows_that_end_make_room_for_the_next_prompts_and_the_next_batch(trained_teacher, monkeypatch):
+    """batch_size 4 over 18 prompts, given as batches of 5, 0 (all cached) and 13: new prompts join the
+    running rows (a prompt pass between decode steps, never more than 4 rows), each batch comes out whole
+    and in order, at most one batch is read ahead, and the greedy text is each prompt's text alone."""
+    prompts = [student_messages(p) for p in TAUGHT_PROBLEMS] + PROMPTS
+    sampling = SamplingConfig(max_tokens=40, stop_at_answer=True, repetition_cut=24)
+    with open_backend(BackendConfig(backend="hf", model=str(trained_teacher), batch_size=4)) as backend:
+        alone = [backend.generate([p], sampling)[0][0] for p in prompts]
+        shapes = forward_shapes(monkeypatch, backend)
+        batches, pulled, read_when_written = [prompts[:5], [], prompts[5:]], [], []
+
+        def given():
+            for batch in batches:
+                pulled.append(batch)
+                yield batch
+
+        out = []
+        for results in backend.generate_stream(given(), sampling):
+            read_when_written.append(len(pulled))
+            out.append(results)
+    assert [len(r) for r in out] == [5, 0, 13]
+    assert [c[0].text for r in out for c in r] == [c.text for c in alone]
+    assert [c[0].completion_tokens for r in out for c in r] == [c.completion_tokens for c in alone]
+    assert all(read - written <= 1 for written, read in enumerate(read_when_written, start=1))
+    assert max(rows for rows, _ in shapes) <= 4
+    passes = [i for i, (_, width) in enumerate(shapes) if width > 1]
+    assert len(passes) > 2 and any(shapes[i - 1][1] == 1 and shapes[i + 1][1] == 1 for i in passes[1:-1])
+
+
 def test_n_samples_share_one_pass_over_the_prompt(hf, monkeypatch):
     """n > 1: the prompt runs once (its cache repeated n times), and each sample continues it correctly:
     with top_p ~ 0 sampling keeps only the most likely token, so every sample is the greedy answer."""

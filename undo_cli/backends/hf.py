@@ -35,7 +35,7 @@ from typing import Any
 
 from undo_cli.backends import stopping
 from undo_cli.backends.base import (Completion, Message, SamplingConfig, TokenLogprobs,
-                                    model_sampling_defaults, one_batch_at_a_time)
+                                    model_sampling_defaults)
 from undo_cli.console import warn
 from undo_cli.errors import UndoError
 from undo_cli.models import load_pretrained
@@ -126,42 +126,46 @@ class HFBackend:
         return encode_prompt(self.tokenizer, messages)
 
     def generate(self, prompts: list[list[Message]], sampling: SamplingConfig) -> list[list[Completion]]:
+        return next(self.generate_stream([prompts], sampling))
+
+    def generate_stream(self, batches, sampling: SamplingConfig):
+        """Each batch's completions, in order, from one decode loop over all of them: a batch's prompts join
+        the running rows as earlier rows end (hf_decode.py), so the model never waits for a batch's longest
+        row with most of its rows gone. Within a batch, prompts start in order of length (similar lengths
+        pad the least)."""
         import torch
 
-        encoded = [self.prompt_ids(m) for m in prompts]
-        # Group by length: a batch pads to its longest prompt, so similar lengths waste the least.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        # batch_size counts sequences (prompts x n): that is what fills memory.
-        per_batch = max(1, self.batch_hint // max(1, sampling.n))
-        results: list[list[Completion] | None] = [None] * len(encoded)
+        from undo_cli.backends.hf_decode import decode
+
         if sampling.seed is not None:
             # Per call, like the `seed` of an OpenAI request: the same call gives the same samples.
             torch.manual_seed(sampling.seed)
             if torch.cuda.is_available():
                 torch.cuda.manual_seed_all(sampling.seed)
-        for start in range(0, len(order), per_batch):
-            idx = order[start : start + per_batch]
-            for i, completions in zip(idx, self._generate_batch([encoded[i] for i in idx], sampling)):
-                results[i] = completions
-        return results  # type: ignore[return-value]
-
-    def _generate_batch(self, encoded: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        import torch
-
-        from undo_cli.backends.hf_decode import decode
-
-        padded = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
         per_prompt = sampling.n if sampling.temperature > 0 else 1  # greedy gives n identical answers: one, copied
-        with torch.inference_mode():
-            rows = decode(self, padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device),
-                          sampling, per_prompt)
-        results: list[list[Completion]] = []
-        for p, prompt in enumerate(encoded):
-            completions = [self._completion(rows[p * per_prompt + s], len(prompt), sampling) for s in range(per_prompt)]
-            if per_prompt < sampling.n:
-                completions = [completions[0]] * sampling.n
-            results.append(completions)
-        return results
+        encoded: list[list[list[int]]] = []  # per batch, per prompt
+        done: list[dict[int, list[Completion]]] = []
+
+        def items():
+            for prompts in batches:  # read at most one batch ahead of the one being written (base.py)
+                encoded.append([self.prompt_ids(m) for m in prompts])
+                done.append({})
+                b = len(encoded) - 1
+                for i in sorted(range(len(encoded[b])), key=lambda i: len(encoded[b][i])):
+                    yield (b, i), encoded[b][i]
+                while len(encoded) - sent >= 2:
+                    yield None  # this batch and the next are read: the next read waits for one to be written
+
+        sent = 0
+        # batch_size counts sequences (prompts x n): that is what fills memory.
+        for (b, i), rows in decode(self, items(), sampling, per_prompt, max(self.batch_hint, per_prompt)):
+            completions = [self._completion(row, len(encoded[b][i]), sampling) for row in rows]
+            done[b][i] = completions * (sampling.n // per_prompt)
+            while sent < len(done) and len(done[sent]) == len(encoded[sent]):
+                yield [done[sent][i] for i in range(len(encoded[sent]))]
+                sent += 1
+        for b in range(sent, len(done)):  # batches of no prompts (all cached) after the last prompt ended
+            yield [done[b][i] for i in range(len(encoded[b]))]
 
     def _completion(self, row, prompt_len: int, sampling: SamplingConfig) -> Completion:
         # Where this sequence ended: at its eos (kept: the model chose to stop, and a distilled student
@@ -217,9 +221,6 @@ class HFBackend:
                 torch.cuda.empty_cache()
         except Exception:  # pragma: no cover - best effort
             warn("could not release GPU memory")
-
-    def generate_stream(self, batches, sampling: SamplingConfig):
-        return one_batch_at_a_time(self, batches, sampling)  # the model is the pipeline: nothing to overlap
 
     def endpoint_summary(self) -> None:
         return None  # in process: no servers to count

@@ -453,8 +453,12 @@ def main() -> None:
             else:
                 console.print("[bold]vllm[/bold]: in-process vLLM vs hf batched ...")
                 results["vllm"] = bench_vllm(python, model, prompts, args.max_tokens, results["hf"])
-    if "hf" in results:
-        results["hf"].pop("texts", None)
+    if "hf" in results:  # the texts themselves stay out; their digest lets two runs be compared
+        import hashlib
+
+        texts = results["hf"].pop("texts", None)
+        if texts is not None:
+            results["hf"]["texts_sha256"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
     table = Table(title="generation throughput (baseline measured in the same run)", title_justify="left")
     for col in ("benchmark", "baseline", "measured", "ratio", "target"):

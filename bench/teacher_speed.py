@@ -324,13 +324,13 @@ def arm_vllm_server(python: str | None, folder: str, timeout: float) -> dict:
                       command=f"{env} " + " ".join(vllm_serve_command("python", "FOLDER", 8000)))
 
 
-def served_arm(command, env: dict, timeout: float, **facts) -> dict:
-    """A server started by command(port) with `env` added, on 127.0.0.1, driven through the `openai` backend
+def served_arm(start, env: dict, timeout: float, **facts) -> dict:
+    """A server started by start(port) (a command line) with `env` added, on 127.0.0.1, driven through the `openai` backend
     (concurrency 1, then BATCH); its CPU and peak RSS are its whole process tree's."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     t = time.perf_counter()
-    server = subprocess.Popen(command(port), stdout=log, stderr=log, env={**os.environ, **env}, start_new_session=True)
+    server = subprocess.Popen(start(port), stdout=log, stderr=log, env={**os.environ, **env}, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/v1"
         while True:

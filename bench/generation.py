@@ -371,7 +371,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--model", default=None, help="a model folder (default: the preset's random-init model)")
     parser.add_argument("--problems", default=None,
-                        help="hf: the first --prompts problems of this JSONL in the student's prompt, not generated prompts")
+                        help="hf: the first --prompts problems of this JSONL in the student's prompt "
+                             "(not generated prompts)")
     parser.add_argument("--end-rules", action="store_true",
                         help="hf: the stages' default end rules (stop at the answer line, cut repetitions)")
     parser.add_argument("--hidden-size", type=int, default=128)

@@ -325,8 +325,8 @@ def arm_vllm_server(python: str | None, folder: str, timeout: float) -> dict:
 
 
 def served_arm(start, env: dict, timeout: float, **facts) -> dict:
-    """A server started by start(port) (a command line) with `env` added, on 127.0.0.1, driven through the `openai` backend
-    (concurrency 1, then BATCH); its CPU and peak RSS are its whole process tree's."""
+    """A server started by start(port) (a command line) with `env` added, on 127.0.0.1, driven through the
+    `openai` backend (concurrency 1, then BATCH); its CPU and peak RSS are its whole process tree's."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     t = time.perf_counter()

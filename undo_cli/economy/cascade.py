@@ -92,6 +92,14 @@ class Tier:
         change no record)."""
         return {"name": self.name, "model": self.model, "backend": self.backend, "model_revision": self.model_revision}
 
+    def backend_config(self, stage: Any) -> Any:
+        """The BackendConfig this tier's requests go through: the stage's (`stage`) with this tier's backend, model,
+        servers and key (no batch manifest: a later tier is never a batch API)."""
+        from dataclasses import replace
+
+        return replace(stage, backend=self.backend, model=self.model, batch_manifest=None, base_url=self.base_url,
+                       api_key_env=self.api_key_env or stage.api_key_env)
+
     def spec(self) -> str:
         """The tier as one `--cascade` value (the inverse of `parse_tier`)."""
         parts = [self.model]
@@ -252,6 +260,12 @@ class CascadeOptions:
             if t.price_input is None and t.price_output is None:
                 t.price_input, t.price_output = self.price_input, self.price_output  # type: ignore[attr-defined]
         return [first, *more]
+
+    def tier_backends(self) -> list[tuple[Tier, Any]]:
+        """Each tier with the BackendConfig its requests go through (the first: the stage's own)."""
+        stage = self.backend_config()  # type: ignore[attr-defined]
+        tiers = self.tiers()
+        return [(tiers[0], stage)] + [(t, t.backend_config(stage)) for t in tiers[1:]]
 
     @property
     def cascading(self) -> bool:

@@ -115,6 +115,16 @@ def _strong_tokens(records: list[dict], strong: str | None) -> dict[str, int]:
     return out
 
 
+def _verified(arm: dict, ids: list[str]) -> dict:
+    """An arm's verified share: problems with a kept rationale, with a 95% Wilson interval."""
+    from undo_cli.loop.report import wilson_interval
+
+    verified = {r["problem_id"] for r in arm["kept"]}
+    low, high = wilson_interval(len(verified), len(ids))
+    return {"verified": len(verified), "problems": len(ids), "verified_share": round(len(verified) / len(ids), 4),
+            "ci95": [round(low, 4), round(high, 4)]}
+
+
 def _bootstrap(per_base: dict[str, int], per_casc: dict[str, int], ids: list[str]) -> list[float]:
     """The saving 1 - strong tokens in the cascade / alone, over BOOTSTRAP resamples of the problems (sorted)."""
     rng = random.Random(BOOTSTRAP_SEED)
@@ -162,8 +172,6 @@ def measure_real(workdir: Path, load_before: float) -> None:
 
     from real_models import LlamaCppServer  # bench/real_models.py: the server, under the machine's Qwen lock
 
-    from undo_cli.loop.report import wilson_interval
-
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["UNDO_CACHE_DIR"] = str(workdir / "undo-cache")  # the converted .gguf and the teacher cache
@@ -183,12 +191,8 @@ def measure_real(workdir: Path, load_before: float) -> None:
         server_info = dict(server.info)
     arms = {}
     for name, arm in (("baseline", base), ("cascade", casc)):
-        verified = {r["problem_id"] for r in arm["kept"]}
-        low, high = wilson_interval(len(verified), len(ids))
         by = arm["ledger"]["by_backend"]
-        arms[name] = {"verified": len(verified), "problems": len(ids), "verified_share": round(len(verified) / len(ids), 4),
-                      "ci95": [round(low, 4), round(high, 4)],
-                      "ledger_paid_by_teacher": {k: v["paid"]["tokens"] for k, v in by.items()},
+        arms[name] = {**_verified(arm, ids), "ledger_paid_by_teacher": {k: v["paid"]["tokens"] for k, v in by.items()},
                       "ledger_cached_by_teacher": {k: v["cached"]["tokens"] for k, v in by.items()},
                       "wall_s": arm["wall_s"]}
     per_base = _strong_tokens(base["kept"] + base["rejected"], None)
@@ -253,8 +257,6 @@ def measure_real(workdir: Path, load_before: float) -> None:
 
 
 def measure(workdir: Path, setup_s: float, load_before: float) -> None:
-    from undo_cli.loop.report import wilson_interval
-
     cheap, strong = workdir / "models" / "student", workdir / "models" / "teacher"
     problems = _read(workdir / "data" / "train.jsonl")
     base = _arm(workdir, "baseline", ["--teacher", strong])
@@ -263,11 +265,8 @@ def measure(workdir: Path, setup_s: float, load_before: float) -> None:
     ids = [p["id"] for p in problems]
     arms = {}
     for name, arm in (("baseline", base), ("cascade", casc)):
-        verified = {r["problem_id"] for r in arm["kept"]}
-        low, high = wilson_interval(len(verified), len(ids))
         by = arm["ledger"]["by_backend"]
-        arms[name] = {"verified": len(verified), "problems": len(ids), "verified_share": round(len(verified) / len(ids), 4),
-                      "ci95": [round(low, 4), round(high, 4)], "paid_tokens": arm["ledger"]["paid"]["tokens"],
+        arms[name] = {**_verified(arm, ids), "paid_tokens": arm["ledger"]["paid"]["tokens"],
                       "paid_by_teacher": {k: v["paid"]["tokens"] for k, v in by.items()}, "wall_s": arm["wall_s"]}
     strong_alone = arms["baseline"]["paid_tokens"]
     strong_cascade = arms["cascade"]["paid_by_teacher"].get("strong", 0)

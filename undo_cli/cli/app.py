@@ -225,7 +225,7 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
-    from undo_cli.guidance import set_invocation
+    from undo_cli.invocation import set_invocation
 
     set_invocation(sys.argv[1:] if args is None else args)  # what a "continue with: undo ..." hint repeats
     try:

@@ -745,7 +745,7 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
 def _iterate_command(command: list[str] | None, drop: dict[str, bool], add: list[str]) -> str | None:
     """`undo iterate ARGS` with flags dropped and added: ARGS are `command` (the equivalent arguments a caller such
     as `undo demo` gave), else this process's own when it is `undo iterate`; None when neither is known."""
-    from undo_cli.guidance import drop_flags, rerun
+    from undo_cli.invocation import drop_flags, rerun
 
     drop = {"--resume": False, "--overwrite": False, **drop}
     if command is not None:

@@ -395,7 +395,7 @@ def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -
     """After Ctrl-C: which checkpoint is on disk, and the exact command that continues from it."""
     from rich.markup import escape
 
-    from undo_cli.guidance import rerun
+    from undo_cli.invocation import rerun
 
     done, _ = complete_checkpoints(output)
     if stopped_at is not None and done:

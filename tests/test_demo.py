@@ -184,7 +184,7 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     from transformers import AutoTokenizer
 
     from undo_cli.prompts import bundled_dir
-    from undo_cli.stages import demo as demo_stage
+    from undo_cli import demo as demo_stage
 
     teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
     base = bundled_dir("examples") / "student-base"

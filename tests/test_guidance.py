@@ -186,7 +186,7 @@ def test_a_failed_iterate_says_how_to_resume(files, tmp_path, tiny_model, capsys
     assert json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())["status"] == "failed"
 
     # Run by `undo demo`, the loop says the demo's own command (issue 32: it said `undo iterate ... --resume`).
-    from undo_cli.stages.demo import DemoConfig, resume_command
+    from undo_cli.demo import DemoConfig, resume_command
 
     demo = resume_command(DemoConfig(workdir=str(tmp_path / "my demo"), seed=2, max_iterations=1))
     assert demo == f"undo demo --workdir '{tmp_path / 'my demo'}' --seed 2 --max-iterations 1 --resume"

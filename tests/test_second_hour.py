@@ -405,7 +405,7 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     script gets run.toml's settings (item 1); checked here on tiny models, its settings as the script reads them."""
     import shlex
 
-    from undo_cli.stages import demo
+    from undo_cli import demo
 
     monkeypatch.chdir(tmp_path)
     files = {s: write_jsonl(tmp_path / f"{s}.jsonl", [{k: p[k] for k in ("id", "question", "answer")}

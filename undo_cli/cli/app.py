@@ -175,7 +175,7 @@ Delete conversions, named by sha256 prefix, .gguf file or folder (the file itsel
 
 Example: undo models rm b179c952"""),
     ]),
-    Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
+    Command("demo", "undo_cli.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
 prints the report. About two minutes on 2 CPU cores; no network, no GPU.
 

@@ -57,7 +57,7 @@ def measure(workdir: Path, load_before: float) -> None:
     from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
     from undo_cli.loop.iterate import decide
     from undo_cli.loop.layout import RunLayout
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
     from undo_cli.loop.usage import usage_by_iteration
     from undo_cli.prompts import bundled_dir
 

@@ -861,7 +861,7 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
     """Iterations until the stopping rule (or the teacher budget) says stop:
     (each iteration's validation result, the best iteration, why it stopped, whether the budget stopped it)."""
     from undo_cli.console import console
-    from undo_cli.loop import report
+    from undo_cli.loop import report, run_state
 
     folder, config = loop.folder, loop.config
     history: list[dict[str, Any]] = []
@@ -891,8 +891,8 @@ def _iterate(loop: Loop) -> tuple[list[dict[str, Any]], int | None, str, bool]:
                                choice={"alpha": config.choose_alpha, "min_gain": config.choose_min_gain,
                                        "tests": choice(history, config)[1]})
         record_usage(folder)
-        state = report.collect(folder.path)
-        report.write_summary(folder.path, state)
+        state = run_state.collect(folder.path)
+        run_state.write_summary(folder.path, state)
         if stop:  # the table comes once, finished, after the test evaluation (_finish)
             console.print(f"[bold]stopping:[/bold] {stop}; best iteration: {best} (stop_rule {config.stop_rule})")
             for row in table:  # what each round cost and proved (loop/stop.py)
@@ -929,11 +929,11 @@ def _stopped(folder, exc: BaseException, resume_with: str) -> None:
 
 def _finish(folder, best: int | None, stop: str) -> dict[str, Any]:
     from undo_cli.console import console
-    from undo_cli.loop import report
+    from undo_cli.loop import report, run_state
 
     folder.finish("done", best_iteration=best, stop_reason=stop)
-    state = report.collect(folder.path)
-    summary = report.write_summary(folder.path, state)
+    state = run_state.collect(folder.path)
+    summary = run_state.write_summary(folder.path, state)
     report.print_table(state, title=f"{folder.path.name}: UNDO run finished")
     report.print_verdict(summary)
     console.print(f"next: undo report {shlex.quote(str(folder.path))}", markup=False, highlight=False, soft_wrap=True)

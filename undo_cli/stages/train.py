@@ -212,7 +212,7 @@ def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[st
     from accelerate import PartialState
 
     from undo_cli.training.data import encode_records
-    from undo_cli.training.distill import prepare_objective
+    from undo_cli.training.objective import prepare_objective
 
     tokenizer = hf.load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,

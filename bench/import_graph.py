@@ -61,13 +61,20 @@ def room(module: str) -> str:
     return module.split(".")[1]
 
 
-def imports(module: str, path: Path, known: dict[str, Path]) -> list[tuple[str, int, bool]]:
-    """(imported module, line, at module level) for each import of a package module in `path`."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+def statements(node: ast.AST):
+    """Every statement under `node`, at any depth (an import is a statement; expressions hold none)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+            yield child
+            yield from statements(child)
+
+
+def imports(module: str, path: Path, tree: ast.Module, known: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at module level) for each import of a package module in `path` (parsed: `tree`)."""
     top = {id(node) for node in tree.body}
     is_package = path.name == "__init__.py"
     found = []
-    for node in ast.walk(tree):
+    for node in statements(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -147,8 +154,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-def functions(module: str, path: Path) -> list[dict]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def functions(module: str, tree: ast.Module) -> list[dict]:
+    """Every function and method with its length in lines (`def` to its last line), by qualified name."""
     found = []
 
     def visit(node: ast.AST, prefix: str) -> None:
@@ -159,7 +166,7 @@ def functions(module: str, path: Path) -> list[dict]:
                 visit(child, name + ".")
             elif isinstance(child, ast.ClassDef):
                 visit(child, f"{prefix}{child.name}.")
-            else:
+            elif isinstance(child, ast.stmt):  # a def under if/with/try; expressions hold none worth a name
                 visit(child, prefix)
 
     visit(tree, "")
@@ -169,12 +176,12 @@ def functions(module: str, path: Path) -> list[dict]:
 def picture(root: Path = REPO) -> dict:
     """Everything the table and the JSON show, for the checkout at `root`."""
     known = modules(root)
-    graph: dict[str, set[str]] = {m: set() for m in known if m not in LEFT_OUT}
+    texts = {m: path.read_text(encoding="utf-8") for m, path in known.items() if m not in LEFT_OUT}
+    trees = {m: ast.parse(text, filename=str(known[m])) for m, text in texts.items()}
+    graph: dict[str, set[str]] = {m: set() for m in trees}
     where: dict[tuple[str, str], tuple[int, bool]] = {}
-    for module, path in known.items():
-        if module in LEFT_OUT:
-            continue
-        for target, line, top in imports(module, path, known):
+    for module, tree in trees.items():
+        for target, line, top in imports(module, known[module], tree, known):
             if target in LEFT_OUT:
                 continue
             graph[module].add(target)
@@ -194,8 +201,8 @@ def picture(root: Path = REPO) -> dict:
     room_graph: dict[str, set[str]] = {r: set() for r in rooms}
     for a, b in arrows:
         room_graph[a].add(b)
-    sizes = {m: len(known[m].read_text(encoding="utf-8").splitlines()) for m in graph}
-    longest = sorted((f for m in graph for f in functions(m, known[m])), key=lambda f: (-f["lines"], f["function"]))
+    sizes = {m: len(text.splitlines()) for m, text in texts.items()}
+    longest = sorted((f for m in graph for f in functions(m, trees[m])), key=lambda f: (-f["lines"], f["function"]))
     module_circles = circles(graph)
     return {
         "rooms": len(rooms), "room_names": rooms, "arrows": len(arrows),

@@ -418,7 +418,7 @@ def test_bash_script_follows_the_run_layout():
 
 def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.errors import UndoError
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.settings import resolve
 
     files = {split: write_jsonl(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
@@ -456,7 +456,8 @@ def _history(*accs, errors=3, n=100):
 
 
 def test_stopping_rule():
-    from undo_cli.loop.iterate import IterateConfig, decide
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.rounds import decide
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05

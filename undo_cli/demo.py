@@ -307,6 +307,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         return result
 
     from undo_cli.loop import iterate, report, run_state
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.layout import RunLayout
     from undo_cli.loop.settings import resolve
 
@@ -315,7 +316,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
              "name": "demo", "seed": config.seed}
     if config.max_iterations is not None:
         flags["max_iterations"] = config.max_iterations
-    loop_config = resolve(iterate.IterateConfig, str(_run_toml()), flags, [])
+    loop_config = resolve(IterateConfig, str(_run_toml()), flags, [])
     resume = (loop_config.run_dir / "manifest.json").is_file()  # only reachable with --resume (checked above)
     # The commands iterate prints (resume, more rounds) are `undo iterate` with the demo's own arguments.
     command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]

@@ -109,7 +109,7 @@ Examples:
   undo iterate --config examples/run.toml --name my-run
   undo iterate --config examples/run.toml --name my-run --resume     # after a kill or Ctrl-C
   undo iterate --config examples/run.toml --name my-run --dry-run    # every setting and the plan first""",
-            config="undo_cli.loop.iterate:IterateConfig"),
+            config="undo_cli.loop.config:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times), what
 each round fixed and broke, and a PNG plot of validation and test accuracy; --html writes one self-contained

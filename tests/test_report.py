@@ -114,6 +114,28 @@ def test_plot_replaces_only_a_plot_of_this_run(tmp_path, undo_inproc):
     assert notes.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_html_replaces_only_a_page_of_this_run(tmp_path, undo_inproc):
+    """Issue 32's "no silent overwrite", for `--html PATH` as for --plot: an existing page is replaced only when it
+    is this run's own report (its `undo-run` mark) or with --overwrite; a hand-written page survives."""
+    wide = {"COLUMNS": "300"}
+    run, other = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    for folder in (run, other):
+        _iteration(folder, 0, 0.30)
+    mine = tmp_path / "index.html"
+    mine.write_text("<html><body>my notes</body></html>\n")
+    refused = undo_inproc("report", run, "--html", mine, env=wide)
+    assert refused.returncode == 2 and f"--html {mine}: exists and is not a report of this run" in refused.stderr
+    assert "--overwrite" in refused.stderr and mine.read_text() == "<html><body>my notes</body></html>\n"
+    page = tmp_path / "page.html"
+    assert undo_inproc("report", other, "--html", page, env=wide).returncode == 0
+    theirs = page.read_bytes()
+    refused = undo_inproc("report", run, "--html", page, env=wide)  # another run's page
+    assert refused.returncode == 2 and "is a report of another run" in refused.stderr and page.read_bytes() == theirs
+    assert undo_inproc("report", other, "--html", page, env=wide).returncode == 0  # its own page: again
+    assert undo_inproc("report", run, "--html", mine, "--overwrite", env=wide).returncode == 0
+    assert "undo-run" in mine.read_text()[:4096] and "my notes" not in mine.read_text()
+
+
 def test_report_errors_name_the_folder(tmp_path, undo):
     wide = {"COLUMNS": "300"}
     missing = undo("report", tmp_path / "nope", env=wide)

@@ -295,7 +295,7 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert code == 2 and "is a folder" in err
     before = (run / "manifest.json").read_text()
     code, err = undo_here("report", run, "--html", run / "manifest.json")
-    assert code == 2 and "is not an HTML page" in err and (run / "manifest.json").read_text() == before
+    assert code == 2 and "is not a report of this run" in err and (run / "manifest.json").read_text() == before
 
 
 def test_the_run_shows_each_clusters_errors_fixes_and_refinements_per_iteration(tmp_path):

@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.errors import UndoError
-from undo_cli.loop.layout import RunLayout
+from undo_cli.loop.layout import RunLayout, run_mark
 from undo_cli.loop.run_state import DASH, best_label, collect, pct, records_so_far, test_verdict, verdict_lines, wilson_interval
+
 
 @dataclass
 class ReportConfig:
@@ -72,7 +73,7 @@ class ReportConfig:
         "Also write the whole run as one self-contained HTML page here (every transition and refinement; no "
         "network: open it from disk).")})
     overwrite: bool = field(default=False, metadata={
-        "help": "Let --plot replace an existing file that is not a plot of this run (refused otherwise)."})
+        "help": "Let --plot and --html replace an existing file that is not a report of this run (refused otherwise)."})
 
 
 def _num(x: Any, fmt: str = "{}") -> str:
@@ -286,7 +287,7 @@ def run(run_dir: str, plot_path: str | None = None, price_input: float | None = 
 def run_report(config: ReportConfig) -> dict[str, Any]:
     """`run` for the command line, which hands over a config."""
     if config.plot:
-        from undo_cli.loop.report_plot import plotted_run, run_mark
+        from undo_cli.loop.report_plot import plotted_run
         from undo_cli.records import check_output_path, is_stream
 
         check_output_path(config.plot, "--plot")
@@ -300,8 +301,11 @@ def run_report(config: ReportConfig) -> dict[str, Any]:
         from undo_cli.records import check_output_path
 
         check_output_path(config.html, "--html")  # before reading the run: a folder or an impossible path
+        from undo_cli.loop.report_html import reported_run
+
         page = Path(config.html)
-        if page.is_file() and page.suffix.lower() not in (".html", ".htm"):
-            raise UndoError(f"--html {page}: exists and is not an HTML page; writing the report would replace it",
-                            hint="give a new file name ending in .html")
+        if page.is_file() and not config.overwrite and reported_run(page) != run_mark(config.run_dir):
+            what = "a report of another run" if reported_run(page) else "not a report of this run"
+            raise UndoError(f"--html {page}: exists and is {what}; writing the report would replace it",
+                            hint="give a new file name, or add --overwrite to replace it")
     return run(config.run_dir, config.plot, config.price_input, config.price_output, config.html)

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from undo_cli.loop.layout import run_mark
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -328,6 +330,7 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<meta http-equiv='Content-Security-Policy' content=\"{_csp(script)}\">",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<meta name='undo-run' content='{_e(run_mark(run_dir))}'>",  # lets a later --html tell its own page
         f"<title>{_e(title)}</title><style>{style}</style></head><body>",
         f"<header><h1>{_e(title)}</h1><p class='muted'>written by <code>undo report --html</code> on "
         f"{_e(time.strftime('%Y-%m-%d %H:%M'))}; one file, no network: safe to open offline and to send</p></header>",
@@ -341,6 +344,19 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
     sizes = {"bytes": len(page.encode("utf-8")), "chunks": len(chunks.items), "chunk_bytes_raw": chunks.raw_bytes,
              "chunk_bytes": sum(len(c) for c in chunks.items)}
     return page, sizes
+
+
+def reported_run(path: str | Path) -> str | None:
+    """The `undo-run` mark of an HTML page at `path` (a report's `run_mark`), or None for any other file."""
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")  # the mark sits in <head>, before any content
+    except OSError:
+        return None
+    found = re.search(r"<meta name='undo-run' content='([^']*)'>", head)
+    return found.group(1) if found else None
 
 
 def write(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any], path: str | Path) -> dict[str, Any]:

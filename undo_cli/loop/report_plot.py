@@ -31,6 +31,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from undo_cli.loop.layout import run_mark
+
 ERROR_COLORS = {"wrong_answer": "tab:purple", "no_answer": "tab:grey", "truncated": "tab:orange"}
 
 
@@ -209,14 +211,6 @@ def figure(state: dict[str, Any]):
         plt.close(fig)
         raise
     return fig
-
-
-def run_mark(run_dir: str | Path) -> str:
-    """What a plot of this run carries in its PNG text chunk `Source` (ASCII whatever the path): `undo report
-    --plot PATH` replaces a file at PATH only when it carries the same mark, or with --overwrite."""
-    import hashlib
-
-    return "undo report " + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def plotted_run(path: str | Path) -> str | None:

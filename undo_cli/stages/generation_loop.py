@@ -475,16 +475,16 @@ class Generation:
 
     def _finish(self, out, rejected, started: float) -> dict[str, Any]:
         """Put the output in item order, mark a finished shard complete (or stopped by the budget), summarise."""
-        from undo_cli.stages import shards
+        from undo_cli.records.order import put_in_order
 
         stats = self.stats
         # Every item is done (or left by the budget, to resume): a finished output is in item (input) order
         # whatever the backend's batching did, so a re-run, a resumed run and `undo merge` of shards all give
         # the same file. A FIFO or a device is never read back: it would wait for a writer forever.
         if not self.stream:
-            shards.put_in_order(self.output, self.spec.records, self.keys, self.spec.key)
+            put_in_order(self.output, self.spec.records, self.keys, self.spec.key)
             if self.side:
-                shards.put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
+                put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
         summary = stats.summary(self.output, self.side)
         if stats.applied is not None:
             record_applied(self.output, stats.applied)

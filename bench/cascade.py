@@ -86,7 +86,7 @@ def main() -> None:
 
 
 def measure(workdir: Path, setup_s: float, load_before: float) -> None:
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     cheap, strong = workdir / "models" / "student", workdir / "models" / "teacher"
     problems = _read(workdir / "data" / "train.jsonl")

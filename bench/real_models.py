@@ -353,7 +353,7 @@ def main() -> None:
     # 3. Results, whatever they are.
     from undo_effect import hierarchical_bootstrap
 
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     def wilson(correct: int, n: int) -> list[float]:
         return list(wilson_interval(correct, n))

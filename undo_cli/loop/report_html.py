@@ -64,7 +64,7 @@ def _pct(x: float | None) -> str:
 
 
 def _with_ci(correct: Any, count: Any, accuracy: float | None) -> str:
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     if accuracy is None:
         return "—"
@@ -78,7 +78,7 @@ def _with_ci(correct: Any, count: Any, accuracy: float | None) -> str:
 
 def _points(rows: list[dict[str, Any]], split: str) -> list[tuple[int, float, float, float, str]]:
     """(iteration, accuracy %, low %, high %, tooltip) for each row with an accuracy on the split."""
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     out = []
     for r in rows:
@@ -95,7 +95,7 @@ def _points(rows: list[dict[str, Any]], split: str) -> list[tuple[int, float, fl
 
 def accuracy_svg(state: dict[str, Any], width: int = 760, height: int = 300) -> str:
     """Validation and test accuracy per iteration with 95% Wilson intervals and the chosen iteration marked."""
-    from undo_cli.loop.report import accuracy_axis
+    from undo_cli.loop.run_state import accuracy_axis
 
     rows = state["rows"]
     val, test = _points(rows, "val"), _points(rows, "test")
@@ -166,7 +166,7 @@ def _svg_series(points, cls: str, x, y, labels: bool) -> list[str]:
 
 def _legend(state, val, test) -> str:
     """The plot's legend, as HTML under it: it wraps where a legend inside the SVG would run off the side."""
-    from undo_cli.loop.report import best_label
+    from undo_cli.loop.run_state import best_label
 
     tested = ", ".join(str(p[0]) for p in test)
     items = [("val", f"validation{_n(state['rows'], 'val')}, 95% intervals")]
@@ -279,7 +279,7 @@ def cluster_table(run_dir: str | Path | None) -> str:
 
 def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
     """The run at a glance: everything here is numbers and settings, drawn once, no script needed."""
-    from undo_cli.loop.report import best_label, verdict_lines
+    from undo_cli.loop.run_state import best_label, verdict_lines
 
     stop = state.get("stop_reason")
     facts = [f"status: <b>{_e(state.get('status'))}</b>",

@@ -212,7 +212,7 @@ def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[st
     from accelerate import PartialState
 
     from undo_cli.training.data import encode_records
-    from undo_cli.training.distill import prepare_objective
+    from undo_cli.training.objective import prepare_objective
 
     tokenizer = hf.load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
@@ -405,7 +405,7 @@ def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -
     """After Ctrl-C: which checkpoint is on disk, and the exact command that continues from it."""
     from rich.markup import escape
 
-    from undo_cli.guidance import rerun
+    from undo_cli.invocation import rerun
 
     done, _ = complete_checkpoints(output)
     if stopped_at is not None and done:

@@ -117,7 +117,7 @@ def _strong_tokens(records: list[dict], strong: str | None) -> dict[str, int]:
 
 def _verified(arm: dict, ids: list[str]) -> dict:
     """An arm's verified share: problems with a kept rationale, with a 95% Wilson interval."""
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     verified = {r["problem_id"] for r in arm["kept"]}
     low, high = wilson_interval(len(verified), len(ids))

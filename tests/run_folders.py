@@ -202,7 +202,7 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
         outcomes.append({p["id"]: bool(p["correct"]) for p in preds})
     from undo_cli.loop.choose import choose
 
-    best = choose(outcomes)[0]  # the loop's rule (iterate.decide)
+    best = choose(outcomes)[0]  # the loop's rule (rounds.decide)
     for k in sorted({0, best}):
         preds = _predictions(test_p, [rng.random() < accuracies[k] for _ in test_p], rng, chars, hostile, k)
         _jsonl(root / f"iter_{k:02d}" / "test" / "predictions.jsonl", preds)

@@ -143,7 +143,9 @@ def _toml(tmp_path, body: str) -> Path:
 
 def test_run_toml_teachers_give_each_tier_its_bound_in_the_dry_run_and_the_stages_their_cascade(
         undo_inproc, tiny_teacher, trained_teacher, tmp_path):
-    from undo_cli.loop.iterate import IterateConfig, Loop, _Unopened
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.plan import Unopened
+    from undo_cli.loop.rounds import Loop
     from undo_cli.loop.settings import resolve
 
     toml = _toml(tmp_path, f'[[teachers]]\nmodel = "{tiny_teacher}"\nname = "cheap"\n\n'
@@ -160,7 +162,7 @@ def test_run_toml_teachers_give_each_tier_its_bound_in_the_dry_run_and_the_stage
 
     config = resolve(IterateConfig, str(toml), {}, [])
     assert config.teacher == str(tiny_teacher)  # the first of the teachers
-    cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
+    cfg = Loop(config, Unopened(config.run_dir)).generate_config()
     assert [t.name for t in cfg.tiers()] == ["cheap", "strong"] and cfg.routes() == {"task:exact": ["strong"]}
     assert cfg.tiers()[1].price_output == 2.0 and cfg.tiers()[1].max_teacher_tokens == 500
     # Prices and budgets do not identify the run; the models do.
@@ -373,7 +375,7 @@ def test_a_tiers_own_budget_holds_across_slurm_shards_and_a_larger_one_finishes(
 # --- the stop rule (issue 30 part 2), on the paired test that chooses the best iteration ------------------
 
 def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, patience, 0.0
@@ -384,7 +386,7 @@ def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):
 
 def test_the_paired_stop_rule_stops_on_no_evidence_where_patience_goes_on():
     from tests.test_iterate import _history
-    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.rounds import decide
 
     h = _history(0.30, 0.31)  # +1 of 100: a raw gain, no evidence
     assert decide(h, _config("patience"))[1] is None  # the old rule sees a gain and goes on
@@ -396,7 +398,7 @@ def test_the_paired_stop_rule_stops_on_no_evidence_where_patience_goes_on():
 
 def test_the_value_stop_rule_stops_when_a_round_buys_too_little_per_teacher_token():
     from tests.test_iterate import _history
-    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.rounds import decide
     from undo_cli.loop.stop import describe, rounds
 
     h = _history(0.30, 0.45)  # +15 points, significant

@@ -338,7 +338,7 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert code == 0, err
     assert f"html report written to {tmp_path / 'out' / 'page.html'}" in err
     assert "best so far" in err and "decided through iteration 1" in err
-    from undo_cli.loop.report import collect
+    from undo_cli.loop.run_state import collect
     from undo_cli.loop.report_data import page_data
 
     index, _ = page_data(run, collect(run))
@@ -350,14 +350,14 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert code == 2 and "is a folder" in err
     before = (run / "manifest.json").read_text()
     code, err = undo_here("report", run, "--html", run / "manifest.json")
-    assert code == 2 and "is not an HTML page" in err and (run / "manifest.json").read_text() == before
+    assert code == 2 and "is not a report of this run" in err and (run / "manifest.json").read_text() == before
 
 
 def test_the_run_shows_each_clusters_errors_fixes_and_refinements_per_iteration(tmp_path):
     """With clusters.json the page has one row per cluster and one cell per iteration, counted from the files."""
     import re
 
-    from undo_cli.loop.report import collect, write_summary
+    from undo_cli.loop.run_state import collect, write_summary
     from undo_cli.loop.report_html import build
 
     def page_of(run):

@@ -1,6 +1,6 @@
 """The per-problem and per-refinement data of `undo report --html`, read from the run folder.
 
-    index, chunks = page_data(run_dir, state)    # state: report.collect(run_dir)
+    index, chunks = page_data(run_dir, state)    # state: run_state.collect(run_dir)
 
 What the page shows, computed here once so that the page's script only
 displays it:
@@ -107,9 +107,9 @@ def word_diff(old: str, new: str) -> list[list[Any]]:
 
 
 def _records(path: Path) -> list[dict[str, Any]] | None:
-    from undo_cli.loop.report import _jsonl
+    from undo_cli.loop.run_state import records_so_far
 
-    return _jsonl(path)
+    return records_so_far(path)
 
 
 class Chunks:

@@ -151,19 +151,12 @@ def main() -> None:
 
 
 def real_problems() -> list[dict]:
-    """REAL_N word problems of 1, 2, 3 events in turn (module docstring)."""
+    """REAL_N word problems of 1, 2, 3 events in turn (module docstring; bench/real_models.py draws them)."""
     sys.path.insert(0, str(REPO / "examples"))
-    from make_examples import event_story
+    from real_models import stories
 
-    rng, out, seen = random.Random(REAL_SEED), [], set()
-    while len(out) < REAL_N:
-        drawn = event_story(rng, 1 + len(out) % 3)
-        if drawn is None or drawn["question"] in seen:
-            continue
-        seen.add(drawn["question"])
-        out.append({"id": f"casc-{len(out):03d}", "question": drawn["question"], "answer": str(drawn["answer"]),
-                    "task": "math"})
-    return out
+    return [{"id": f"casc-{i:03d}", "question": d["question"], "answer": str(d["answer"]), "task": "math"}
+            for i, d in enumerate(stories(REAL_SEED, REAL_N))]
 
 
 def measure_real(workdir: Path, load_before: float) -> None:

@@ -73,20 +73,27 @@ MAX_TOKENS = 192        # teacher and student alike: Qwen's worked solutions to 
 EPOCHS, LR, BATCH = 3, 1e-4, 4   # full fine-tuning of a 135M student on a few dozen rationales: ~18 steps
 
 
-def problems(n: int) -> list[dict]:
-    """`n` word problems of 1, 2, 3 events in turn, as examples/arithmetic.jsonl writes them."""
+def stories(seed: int, n: int) -> list[dict]:
+    """`n` distinct stories of 1, 2, 3 events in turn from examples/make_examples.py's `event_story`, drawn with
+    random.Random(seed) (also bench/cascade.py --real's problems)."""
     from make_examples import event_story
 
-    rng, out, seen = random.Random(PROBLEM_SEED), [], set()
+    rng, out, seen = random.Random(seed), [], set()
     while len(out) < n:
         drawn = event_story(rng, 1 + len(out) % 3)
         if drawn is None or drawn["question"] in seen:
             continue
         seen.add(drawn["question"])
-        out.append({"id": f"real-{len(out):04d}", "question": drawn["question"], "answer": str(drawn["answer"]),
-                    "task": "math", "meta": {"events": 1 + (len(out) % 3), "template": drawn["events"],
-                                             "solution": "\n".join(drawn["steps"]) + f"\n#### {drawn['answer']}"}})
+        out.append(drawn)
     return out
+
+
+def problems(n: int) -> list[dict]:
+    """`n` word problems of 1, 2, 3 events in turn, as examples/arithmetic.jsonl writes them."""
+    return [{"id": f"real-{i:04d}", "question": d["question"], "answer": str(d["answer"]), "task": "math",
+             "meta": {"events": 1 + i % 3, "template": d["events"],
+                      "solution": "\n".join(d["steps"]) + f"\n#### {d['answer']}"}}
+            for i, d in enumerate(stories(PROBLEM_SEED, n))]
 
 
 def write_splits(folder: Path, scale: dict) -> dict[str, Path]:

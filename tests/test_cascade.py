@@ -317,6 +317,61 @@ def test_undo_iterate_runs_a_cascade_from_run_toml_and_resumes_with_other_prices
     assert other.returncode == 2 and "teachers" in other.stderr
 
 
+@pytest.mark.slow
+def test_a_tiers_own_budget_holds_across_slurm_shards_and_a_larger_one_finishes(tiny_teacher, trained_teacher,
+                                                                                 tmp_path):
+    """Under --launcher slurm each shard keeps its own ledger: the launcher gives every shard a share of each tier's
+    own budget (stages/slurm.py `allowances`), not the whole of it, so the shards together stay within it. A shard
+    that share stopped records it (how the launcher tells a budget stop from a failure); a larger budget finishes
+    the rest, and the shards merge (a tier's budget is no part of a shard's identity). The shards run here as
+    the Slurm tasks run them (`run_shard`), without a cluster."""
+    import dataclasses
+
+    from undo_cli.stages import generate, shards
+    from undo_cli.stages.slurm import allowances, budget_settings, run_shard
+
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:8]]
+    problems = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "r.jsonl"
+    parts = [tmp_path / "shards" / f"r.{k}-of-2.jsonl" for k in range(2)]
+
+    def run(budget: int) -> list[dict]:
+        config = generate.GenerateConfig(
+            teacher=str(tiny_teacher), input=str(problems), output=str(out), prompt="student", max_tokens=48,
+            verify="strict", cache=False, cascade=[f"{trained_teacher},name=strong,price_output=2,max_teacher_tokens={budget}"])
+        complete = [bool((shards.read_sidecar(p) or {}).get("complete")) if p.exists() else False for p in parts]
+        given = allowances(config, parts, complete)
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        for k, part in enumerate(parts):
+            if not complete[k]:
+                run_shard("generate", {**settings, "output": str(part), "shard": f"{k}/2",
+                                       **budget_settings(config, given[k])})
+        return given
+
+    def strong_paid() -> list[int]:
+        return [json.loads(p.with_name(p.name.replace(".jsonl", ".usage.json")).read_text())["by_backend"]["strong"]
+                ["paid"]["tokens"] for p in parts]
+
+    budget = 300  # about two of the eight rows' upper bounds (prompt + 48 completion tokens): not all of them
+    given = run(budget)
+    assert [g["tiers"]["strong"]["max_teacher_tokens"] for g in given] == [150, 150]
+    assert 0 < sum(strong_paid()) <= budget
+    metas = [shards.read_sidecar(p) for p in parts]
+    assert any(m.get("stopped") == "budget" for m in metas)
+    for meta, share in zip(metas, given):
+        if meta.get("stopped") == "budget":  # the share it ran under, as the launcher compares it
+            assert json.loads(json.dumps(share)) == meta["budget"]
+
+    run(100_000)
+    assert all((shards.read_sidecar(p) or {}).get("complete") for p in parts)
+    merged = shards.merge(shards.MergeConfig(output=str(out), shards=[str(p) for p in parts]))
+    done = read_jsonl(out) + read_jsonl(tmp_path / "r.rejected.jsonl")
+    assert sorted(r["problem_id"] for r in done) == sorted(r["id"] for r in rows)  # none lost, none twice
+    strong = merged["teacher_usage"]["by_backend"]["strong"]
+    assert strong["paid"]["tokens"] == sum(strong_paid())
+    assert strong["cost"] == pytest.approx(2 * strong["paid"]["completion_tokens"] / 1e6)  # the tier's own cost, summed
+
+
 # --- the stop rule (issue 30 part 2), on the paired test that chooses the best iteration ------------------
 
 def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):

@@ -2,7 +2,7 @@
 
     undo report runs/qwen-gsm8k --html report.html     # then open report.html from disk, offline
 
-Three parts, top to bottom:
+Four parts, top to bottom:
 
 * **The run** (plain HTML, drawn here): settings, the per-iteration table
   (accuracy with n and a 95% Wilson interval, errors by type, the teacher's
@@ -19,7 +19,10 @@ Three parts, top to bottom:
   (against the rejected attempt when the previous one was kept), the student
   failures the teacher was shown (`informed_by`, with their wrong outputs),
   verified or kept-previous, cached, tokens, and every other field of the
-  record's `refinement` as it is.
+  record's `refinement` as it is; and a link to the row's lineage.
+* **Lineage**: one refined row's history across the iterations, exactly what
+  `undo lineage RUN ROW --format json` prints (loop/lineage.py), embedded for
+  every refined row; `report.html#lineage=ROW` opens the page on it, offline.
 
 How it stays safe and fast (limits in report_data.py):
 

@@ -123,8 +123,13 @@ def shard_meta(spec: Any, shard: Shard, config: Any) -> dict[str, Any]:
     if is_stream(getattr(config, "output", "-")):
         raise UndoError(f"--shard {shard} needs --output FILE, not stdout or a stream",
                         hint="each shard writes its own file (e.g. out/rationales.{k}.jsonl); `undo merge` joins them")
+    settings = identity(config)
+    if settings.get("cascade"):  # a tier's prices, budget and servers change no record (economy/cascade.py); the
+        from undo_cli.economy.cascade import parse_tier  # Slurm launcher gives each shard its share of a budget
+
+        settings["cascade"] = [parse_tier(t).identifying_spec() for t in settings["cascade"]]
     return {"format": FORMAT, "stage": spec.name, "shard": str(shard), "k": shard.k, "n": shard.n,
-            "inputs": inputs, "settings": identity(config), "key": spec.key, "complete": False}
+            "inputs": inputs, "settings": settings, "key": spec.key, "complete": False}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:

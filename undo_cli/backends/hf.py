@@ -72,7 +72,7 @@ class HFBackend:
         self.model = config.model if not config.adapter else f"{config.model}+{config.adapter}"
         if not config.model:
             raise UndoError("no model given", hint="pass --teacher/--model with a folder or a hub name")
-        from undo_cli.backends import batch_hint
+        from undo_cli.backends.config import batch_hint
 
         self.batch_hint = batch_hint(config)
         self.device, dtype = pick_device_dtype(config.dtype)

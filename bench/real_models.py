@@ -260,7 +260,12 @@ def stage_rates(run: Path) -> dict:
     for key, stage in manifest.get("stages", {}).items():
         s = stage.get("summary") or {}
         out[key] = {k: s[k] for k in ("tokens_out", "tokens_per_s", "wall_s", "load_s", "questions", "samples",
-                                       "verified", "kept", "runtime_s", "train_runtime") if k in s}
+                                       "verified", "kept", "refined_verified", "targets", "runtime_s",
+                                       "train_runtime_s", "wall_time_s") if k in s}
+        if "wall_s" not in out[key] and "wall_time_s" in s:  # train's summary names its wall time so
+            out[key]["wall_s"] = s["wall_time_s"]
+        if "tokens_per_s" not in out[key] and s.get("tokens_out") and s.get("wall_s"):
+            out[key]["tokens_per_s"] = round(s["tokens_out"] / s["wall_s"], 2)  # the stage's own wall time
         metrics = s.get("metrics") or {}
         if "accuracy" in metrics:
             out[key]["accuracy"] = metrics["accuracy"]

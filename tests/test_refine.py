@@ -192,9 +192,9 @@ def test_unverified_refinement_keeps_the_previous_rationale(tmp_path, trained_te
     assert r["rationale"] == TAUGHT_PROBLEMS[0]["rationale"]  # the previous text, untouched
     assert r["teacher"] == "old-teacher" and r["usage"] == target(TAUGHT_PROBLEMS[0])["usage"]  # its provenance
     assert ref["rejected_rationale"] and ref["rejected_rationale"] != r["rationale"]  # kept for inspection
-    assert ref["rejected_finish_reason"] == "length"  # the noise ran to --max-tokens
+    assert ref["rejected_finish_reason"] in ("length", "repetition")  # the noise ran on until a limit cut it
     assert ref["informed_by"] == ["v1"] and ref["iteration"] == 1 and ref["template"] == "refine"
-    assert ref["teacher"] == str(trained_teacher) and ref["usage"]["completion_tokens"] == 40
+    assert ref["teacher"] == str(trained_teacher) and 0 < ref["usage"]["completion_tokens"] <= 40
     assert "previous_rationale" not in ref
     assert summary["refined_verified"] == 0 and summary["kept_previous"] == 1
 

@@ -196,6 +196,30 @@ def test_resume_refuses_a_changed_config_and_a_rerun_without_resume(finished_run
     assert "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
+def test_resume_sees_an_edited_prompt_template(finished_run, undo, tmp_path):
+    """The templates' text is one of the run's inputs: the same words from another folder resume as they are; an
+    edited template that finished stages used is refused by name, as a changed setting is (found when
+    prompts/refine.jinja was fixed under a finished real-model run, and --resume kept the old refinements)."""
+    import shutil
+
+    args = finished_run["args"]
+    same = tmp_path / "same"
+    shutil.copytree(REPO / "prompts", same)
+    kept = undo(*args, "--resume", env={"COLUMNS": "400", "UNDO_PROMPTS_DIR": str(same)})
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "iter_00/generate: done earlier, skipped" in kept.stderr
+    edited = tmp_path / "edited"
+    shutil.copytree(REPO / "prompts", edited)
+    student = edited / "student.jinja"
+    student.write_text(student.read_text().replace("{% block user %}", "{% block user %}\nSolve it.", 1))
+    refused = undo(*args, "--resume", env={"COLUMNS": "400", "UNDO_PROMPTS_DIR": str(edited)})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    for key in ("inputs.prompt_generate", "inputs.prompt_refine", "inputs.prompt_student"):
+        assert key in refused.stderr, refused.stderr[-3000:]
+    assert "iter_00/generate" in refused.stderr and "iter_00/train" in refused.stderr
+
+
 def _hint(log: str, label: str) -> str:
     """The command after `label` on its line of a log (undo prints each hint on one line)."""
     line = next(line for line in log.splitlines() if line.startswith(label))

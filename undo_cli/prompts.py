@@ -60,21 +60,26 @@ def _environment(folder: str):
     )
 
 
+def template_file(name_or_path: str) -> Path:
+    """The .jinja file a template name (`generate` -> prompts/generate.jinja) or path means."""
+    p = Path(name_or_path)
+    if p.suffix and p.exists():
+        return p.resolve()
+    folder = prompts_dir()
+    name = name_or_path if name_or_path.endswith(".jinja") else f"{name_or_path}.jinja"
+    if not (folder / name).exists():
+        known = sorted(f.stem for f in folder.glob("*.jinja"))
+        raise UndoError(f"unknown prompt template '{name_or_path}'",
+                        hint=f"use a file path or one of: {', '.join(known)}")
+    return folder / name
+
+
 def load_template(name_or_path: str):
     """A template by name (`generate` -> prompts/generate.jinja) or by file path."""
     from jinja2 import TemplateError
 
-    p = Path(name_or_path)
-    if p.suffix and p.exists():
-        env, name = _environment(str(p.resolve().parent)), p.name
-    else:
-        folder = prompts_dir()
-        name = name_or_path if name_or_path.endswith(".jinja") else f"{name_or_path}.jinja"
-        if not (folder / name).exists():
-            known = sorted(f.stem for f in folder.glob("*.jinja"))
-            raise UndoError(f"unknown prompt template '{name_or_path}'",
-                            hint=f"use a file path or one of: {', '.join(known)}")
-        env = _environment(str(folder))
+    path = template_file(name_or_path)
+    env, name = _environment(str(path.parent)), path.name
     try:
         return env.get_template(name)
     except TemplateError as exc:

@@ -258,6 +258,8 @@ _INPUT_AFFECTS: dict[str, frozenset[str]] = {
     "inputs.test": frozenset({"test"}),
     "inputs.teacher": frozenset(TEACHER_STAGES), "inputs.student": frozenset({"train"}),
     "inputs.teachers": frozenset(TEACHER_STAGES),
+    "inputs.prompt_generate": frozenset({"generate"}), "inputs.prompt_refine": frozenset({"refine"}),
+    "inputs.prompt_student": frozenset({"train", "evaluate", "test"}),
 }
 
 

@@ -63,8 +63,18 @@ from undo_cli.loop.rounds import Loop, choice, decide
 from undo_cli.loop.usage import BudgetReached, record_usage
 
 
+def _default(stage: str, key: str) -> Any:
+    """A stage config's default for `key` (what the loop runs when its table leaves the key out)."""
+    import dataclasses
+
+    from undo_cli.stages.spec import stage as spec_of
+
+    return next(f.default for f in dataclasses.fields(spec_of(stage).config) if f.name == key)
+
+
 def _inputs(config: IterateConfig) -> dict[str, Any]:
     from undo_cli.loop.manifest import model_fingerprint
+    from undo_cli.prompts import template_file
     from undo_cli.records import sha256_file
 
     files = {key: {"path": getattr(config, f"{key}_file"), "sha256": sha256_file(getattr(config, f"{key}_file"))}
@@ -74,8 +84,15 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
         from undo_cli.stages.generation_loop import digest
 
         more = {"teachers": {"fingerprint": digest([model_fingerprint(t["model"]) for t in config.teachers[1:]])}}
+    # The templates' text, not only their names: an edited prompts/refine.jinja reruns the refine stages on
+    # --resume instead of keeping rationales written under the old words (loop/config.py's _INPUT_AFFECTS).
+    prompts = {}
+    for name, stage, key in (("generate", "generate", "prompt"), ("refine", "refine", "prompt"),
+                             ("student", "train", "template")):
+        path = template_file(config.settings(stage).get(key) or _default(stage, key))
+        prompts[f"prompt_{name}"] = {"path": str(path), "sha256": sha256_file(path)}
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
-            **more}  # a cascade's other teachers: retrained weights at the same path rerun the teacher stages
+            **more, **prompts}  # a cascade's other teachers: retrained weights at the same path rerun the teacher stages
 
 
 def run(config: IterateConfig, *, resume: bool = False, overwrite: bool = False,

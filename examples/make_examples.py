@@ -46,8 +46,9 @@ LETTERS = "ABCDE"
 # solution (`meta.brief`, the demo teacher's first-draft style) is the same line for line,
 # except on a packs event, where it skips the product: "After buying 3 packs of 4, he has
 # 5 + 12 = 17 apples." (true, but the 3 * 4 = 12 it rests on is not shown). The demo's
-# student base never saw a packs story (SKILL, left out of its pretraining text), so the
-# brief line is the one it cannot follow and the worked line the one it can.
+# student base never saw a packs story (SKILL, left out of its pretraining text) but learnt
+# the worked line's pattern in other words (PATTERN), so the brief line is the one it cannot
+# follow and the worked line the one it can.
 
 MAX_TOTAL = 20  # every number in a story and its solutions is at most this: few facts, learnt well by 1M parameters
 SKILL = "packs"  # the kind of problem the demo's student base was never shown (pretraining_problems leaves it out)

@@ -7,6 +7,8 @@
     python bench/generation.py --threads 1              # a small shared CPU box: avoid OMP oversubscription
     python bench/generation.py --sections openai        # the client: concurrency 256 @ 1 s vs the 256 req/s ceiling
     python bench/generation.py --sections pipeline      # the loop's batches: one stream vs one batch at a time
+    python bench/generation.py --sections hf --model M --problems examples/arithmetic.jsonl --end-rules \
+        --prompts 32 --single-prompts 32 --max-tokens 256 --batch-size 32   # a real student as `undo evaluate` runs it
 
 Sections:
 
@@ -15,7 +17,13 @@ Sections:
             greedy: tokens/s ratio (target >= 8x), per wall second and, on CPU, per CPU second
             of this process (on a machine shared with other jobs the wall clock mostly measures
             the neighbours; bench/train.py compares on CPU time for the same reason). The
-            greedy texts of the two arms are compared too.
+            greedy texts of the two arms are compared too. --problems FILE: the questions of a
+            problems JSONL in the student's prompt (what `undo evaluate` sends) instead of the
+            generated prompts; --end-rules: the stages' default end rules (stop at the answer
+            line, cut a repetition of 48+ characters; backends/stopping.py), so rows end at
+            different steps as they do in a real run. The split of each arm's CPU time into the
+            prompt pass (prefill) and the decode steps is reported beside the ratio: the prefill
+            is the same work in both arms, so it bounds the ratio.
     openai  the `openai` backend at --concurrency 256 against bench/latency_server.py (a fixed
             --latency-ms per request, default 1000, no compute), the client pinned to one core and
             the server to the others: requests/s beside the ceiling concurrency / latency (target
@@ -50,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,28 +79,45 @@ def make_prompts(count: int) -> list[list[dict]]:
     return prompts
 
 
+def problem_prompts(path: str, count: int) -> list[list[dict]]:
+    """The first `count` problems of a problems JSONL in the student's prompt (what `undo evaluate` sends)."""
+    from undo_cli.prompts import student_messages
+
+    with open(path, encoding="utf-8") as fh:
+        problems = [json.loads(line) for line in fh if line.strip()][:count]
+    return [student_messages(p) for p in problems]
+
+
 def _tokens(results) -> int:
     return sum(c.completion_tokens for per_prompt in results for c in per_prompt)
 
 
-def bench_hf(model: str, prompts, max_tokens: int, batch_size: int, single_prompts: int | None = None) -> dict:
+def bench_hf(model: str, prompts, max_tokens: int, batch_size: int, single_prompts: int | None = None,
+             end_rules: bool = False) -> dict:
     """Batched (batch_size prompts per generate call, as the generation loop sends them) vs one prompt per
-    call, through the same backend: wall and CPU seconds of each, and greedy texts compared."""
+    call, through the same backend: wall and CPU seconds of each (and of its prompt passes), greedy texts
+    compared."""
     from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
+    from undo_cli.stages.options import STOP_REPETITION_CHARS
 
-    sampling = SamplingConfig(max_tokens=max_tokens)
+    sampling = SamplingConfig(max_tokens=max_tokens, stop_at_answer=end_rules,
+                              repetition_cut=STOP_REPETITION_CHARS if end_rules else 0)
     alone_prompts = prompts[: single_prompts or len(prompts)]
     with open_backend(BackendConfig(backend="hf", model=model, batch_size=batch_size)) as llm:
         llm.generate(prompts[:2], sampling)  # warm-up: lazy imports, allocator, kernels
         _sync()
+        prefill = _PrefillClock(llm.hf_model)
         t, cpu = time.perf_counter(), time.process_time()
         batched = llm.generate(prompts, sampling)
         _sync()
         batched_s, batched_cpu = time.perf_counter() - t, time.process_time() - cpu
+        batched_prefill = prefill.take()
         t, cpu = time.perf_counter(), time.process_time()
         single = [llm.generate([p], sampling)[0] for p in alone_prompts]
         _sync()
         single_s, single_cpu = time.perf_counter() - t, time.process_time() - cpu
+        single_prefill = prefill.take()
+        prefill.close()
         device = llm.device
     same = sum(a[0].text == b[0].text for a, b in zip(batched, single))
     b_tok, s_tok = _tokens(batched), _tokens(single)
@@ -105,8 +131,45 @@ def bench_hf(model: str, prompts, max_tokens: int, batch_size: int, single_promp
         "ratio": round((b_tok / batched_s) / (s_tok / single_s), 2),
         "ratio_cpu": round((b_tok / batched_cpu) / (s_tok / single_cpu), 2),
         "same_greedy_text": f"{same}/{len(alone_prompts)}",
+        "end_rules": end_rules, "load_avg_1m_after": os.getloadavg()[0],
+        "finish_reasons": dict(sorted(Counter(c[0].finish_reason for c in batched).items())),
+        # The prompt passes' CPU seconds (the rest is decode steps): the same work in both arms.
+        "batched_prefill_cpu_s": round(batched_prefill, 3), "single_prefill_cpu_s": round(single_prefill, 3),
         "texts": [c[0].text for c in batched],
     }
+
+
+class _PrefillClock:
+    """CPU seconds the model spends in prompt passes (forward calls over more than one position)."""
+
+    def __init__(self, model):
+        self.cls, self.forward, self.cpu = type(model), type(model).forward, 0.0
+        forward = self.forward
+
+        def timed(model_self, input_ids=None, **kwargs):
+            if input_ids is None or input_ids.shape[-1] == 1:
+                return forward(model_self, input_ids=input_ids, **kwargs)
+            cpu = time.process_time()
+            try:
+                return forward(model_self, input_ids=input_ids, **kwargs)
+            finally:
+                self.cpu += time.process_time() - cpu
+
+        self.cls.forward = timed
+
+    def take(self) -> float:
+        cpu, self.cpu = self.cpu, 0.0
+        return cpu
+
+    def close(self) -> None:
+        self.cls.forward = self.forward
+
+
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("-dirty" if dirty else "")
 
 
 def _sync() -> None:
@@ -307,6 +370,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--model", default=None, help="a model folder (default: the preset's random-init model)")
+    parser.add_argument("--problems", default=None,
+                        help="hf: the first --prompts problems of this JSONL in the student's prompt "
+                             "(not generated prompts)")
+    parser.add_argument("--end-rules", action="store_true",
+                        help="hf: the stages' default end rules (stop at the answer line, cut repetitions)")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -332,6 +400,9 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or str(HERE / "results" / ("generation-gpu.json" if args.preset == "gpu" else "generation.json"))
+    from undo_cli import threads
+
+    threads.configure()  # what every undo command does first (cli/app.py): its thread count, no OpenMP spinning
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the vLLM worker and the servers
         import torch
@@ -346,11 +417,12 @@ def main() -> None:
     from undo_cli.console import console
 
     sections = set(args.sections.split(","))
-    prompts = make_prompts(args.prompts)
+    prompts = problem_prompts(args.problems, args.prompts) if args.problems else make_prompts(args.prompts)
     import torch
 
-    results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+    results: dict = {"commit": _commit(), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                  "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+                                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                  "platform": platform.platform()}, "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -363,7 +435,8 @@ def main() -> None:
             results["machine"]["gpu"] = torch.cuda.get_device_name()
         if sections & {"hf", "vllm"}:
             console.print("[bold]hf[/bold]: batched vs one prompt at a time ...")
-            results["hf"] = bench_hf(model, prompts, args.max_tokens, args.batch_size, args.single_prompts)
+            results["hf"] = bench_hf(model, prompts, args.max_tokens, args.batch_size, args.single_prompts,
+                                     args.end_rules)
         if "openai" in sections:
             console.print(f"[bold]openai[/bold]: concurrency {args.concurrency} vs its ceiling, 1 at a time and the "
                           "official client ...")
@@ -381,8 +454,12 @@ def main() -> None:
             else:
                 console.print("[bold]vllm[/bold]: in-process vLLM vs hf batched ...")
                 results["vllm"] = bench_vllm(python, model, prompts, args.max_tokens, results["hf"])
-    if "hf" in results:
-        results["hf"].pop("texts", None)
+    if "hf" in results:  # the texts themselves stay out; their digest lets two runs be compared
+        import hashlib
+
+        texts = results["hf"].pop("texts", None)
+        if texts is not None:
+            results["hf"]["texts_sha256"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
     table = Table(title="generation throughput (baseline measured in the same run)", title_justify="left")
     for col in ("benchmark", "baseline", "measured", "ratio", "target"):
@@ -397,6 +474,9 @@ def main() -> None:
             table.add_row("the same, tokens per CPU second (what load on a shared machine moves least)",
                           f"{h['single_tok_cpu_s']:,.0f} tok/s", f"{h['batched_tok_cpu_s']:,.0f} tok/s",
                           f"{h['ratio_cpu']:.1f}x", ">= 8x")
+            table.add_row("of which prompt passes (prefill), CPU s: the same work in both arms",
+                          f"{h['single_prefill_cpu_s']:.1f} of {h['single_cpu_s']:.1f}",
+                          f"{h['batched_prefill_cpu_s']:.1f} of {h['batched_cpu_s']:.1f}", "-", "-")
     if "openai" in results:
         o = results["openai"]
         where = (f"{o['requests']} requests @ {o['latency_ms']:.0f} ms, client on {o.get('client_cpus', 'all')} "

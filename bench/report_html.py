@@ -13,7 +13,7 @@ Settings, fixed here before any measurement (seed 0):
   a warning first, one sentence changed), student outputs and rationales of ~400 characters of arithmetic
   sentences with random names and numbers (real text may compress
   differently: the raw size is printed too);
-* the page: built in process (`report.collect` + `report_html.write`, what
+* the page: built in process (`run_state.collect` + `report_html.write`, what
   `undo report --html` does besides the table and the PNG), timed;
 * the browser: Debian's chromium, headless, driven over the DevTools protocol
   (tests/browser.py), 1280x900; each load in a fresh browser, --loads times
@@ -79,7 +79,7 @@ READ = """window.undoReport.idle().then(() => {
 def build(root: Path, val: int, iterations: int) -> dict:
     """Write the synthetic run and its page; returns the page's path, sizes and build time."""
     from tests.run_folders import write_run
-    from undo_cli.loop import report, report_html
+    from undo_cli.loop import report_html, run_state
 
     run = root / f"val{val}"
     started = time.perf_counter()
@@ -87,8 +87,8 @@ def build(root: Path, val: int, iterations: int) -> dict:
               seed=SEED, rewrite=REWRITE)
     written = time.perf_counter() - started
     started = time.perf_counter()
-    state = report.collect(run)
-    summary = {"test": report.test_verdict(state)}
+    state = run_state.collect(run)
+    summary = {"test": run_state.test_verdict(state)}
     page = root / f"val{val}.html"
     sizes = report_html.write(run, state, summary, page)
     return {"run": run, "page": page, "write_run_s": round(written, 1),

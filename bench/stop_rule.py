@@ -14,7 +14,7 @@ What is fixed before any result was seen (this file was committed before its fir
   iteration), with run.toml's patience (1) and min_delta (0), the choice's defaults (alpha 0.05,
   min gain 0.02), and for `value` STOP_MIN_GAIN_PER_KTOK = 1.0 (a round must buy a point of
   validation accuracy per 1,000 paid teacher tokens): `patience` (the rule before), `paired`, `value`.
-  The same decision code as the loop (loop/iterate.decide) on each prefix of the history: the first
+  The same decision code as the loop (loop/rounds.decide) on each prefix of the history: the first
   iteration after which it says stop.
 * Reported per rule: the iteration it stops after, the paid teacher tokens through it, the student
   it keeps (the paired choice over the iterations it ran) and that student's test accuracy with a
@@ -55,9 +55,9 @@ def main() -> None:
 
 def measure(workdir: Path, load_before: float) -> None:
     from undo_cli.loop.choose import ALPHA, MIN_GAIN, choose, read_outcomes
-    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.rounds import decide
     from undo_cli.loop.layout import RunLayout
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
     from undo_cli.loop.usage import usage_by_iteration
     from undo_cli.prompts import bundled_dir
 

@@ -2,6 +2,8 @@
 
     python bench/teacher_speed.py                                  # every arm (~30 min on 2 idle cores)
     python bench/teacher_speed.py --arms hf-fp32,llamacpp          # some arms (the baseline always runs)
+    python bench/teacher_speed.py --arms llamacpp,vllm-server      # the two servers, beside the baseline
+    python bench/teacher_speed.py --resume --arms hf-fp32,llamacpp,vllm-server   # these again, the others kept
     python bench/teacher_speed.py --gguf FILE.gguf --folder DIR    # other files of the same model
 
 Every arm generates greedily, MAX_TOKENS new tokens, for the same prompts: the first
@@ -27,6 +29,9 @@ Arms:
               source package built on this machine, in its own venv: --llamacpp-python) on the .gguf file
               itself (Q4_K_M), talked to through the `openai` backend, as `undo generate --backend openai`
   vllm        vLLM's CPU build (.venv-vllm, .ci/vllm-venv.sh) in process on the converted folder
+  vllm-server the same build's OpenAI-compatible server (`vllm serve FOLDER`, bf16, --max-model-len 2048,
+              VLLM_CPU_KVCACHE_SPACE=2) on the converted folder, talked to through the `openai` backend
+              like llamacpp
 
 Measured per arm: load seconds, generated tokens, tokens/s (wall), CPU seconds per token (all the
 arm's processes: for a server, the server's CPU while it generated), peak RSS. Prints a table on
@@ -57,12 +62,13 @@ GGUF = "/work/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 FOLDER = "/work/models/hf/qwen2.5-coder-1.5b-instruct"
 LOCK = "/work/models/.qwen.lock"
 LLAMACPP_PYTHON = "/work/venv-llamacpp/bin/python"
+SERVED_NAME = "qwen2.5-coder-1.5b-instruct"  # the model name a server arm answers to
 # Fixed before the first run: small enough that the slowest arm (fp32, ~0.5 tokens/s on 2 cores, much less on
 # a machine shared with other jobs) finishes in minutes; greedy, so every arm computes the same thing.
 MAX_TOKENS = 24
 SINGLE = 1           # prompts run one after another (tokens/s of one sequence)
 BATCH = 8            # prompts sent at once
-ARMS = ("hf-fp32", "hf-bf16", "hf-int8", "vllm", "llamacpp")
+ARMS = ("hf-fp32", "hf-bf16", "hf-int8", "vllm", "llamacpp", "vllm-server")
 
 
 def prompts(count: int) -> list[list[dict]]:
@@ -273,7 +279,7 @@ def llamacpp_command(python: str, gguf: str, port: int, threads: int) -> list[st
     """The documented server command (README): all usable cores, one slot per concurrent request."""
     return [python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096",
-            "--model_alias", "qwen2.5-coder-1.5b-instruct"]
+            "--model_alias", SERVED_NAME]
 
 
 def llamacpp_ready(python: str, wait_s: float) -> bool:
@@ -293,10 +299,38 @@ def arm_llamacpp(python: str, gguf: str, timeout: float) -> dict:
 
     if not llamacpp_ready(python, 0):
         return {"error": f"no llama_cpp.server under {python} (pip install 'llama-cpp-python[server]' there)"}
-    port, cores = free_port(), threads.usable_cpus()
+    cores = threads.usable_cpus()
+    return served_arm(lambda port: llamacpp_command(python, gguf, port, cores), {}, timeout,
+                      server_threads=cores, command=" ".join(llamacpp_command("python", "MODEL.gguf", 8080, cores)))
+
+
+def vllm_serve_command(python: str, folder: str, port: int) -> list[str]:
+    """`vllm serve FOLDER` as the module entry point (the console script of vllm-cpu 0.32.0 looks up the
+    distribution `vllm`, which is installed as `vllm-cpu`, and exits); bf16 weights, 2048 positions."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+            "--served-model-name", SERVED_NAME]
+
+
+VLLM_SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB of KV cache: 8 x (prompt + 24) tokens need far less
+
+
+def arm_vllm_server(python: str | None, folder: str, timeout: float) -> dict:
+    """vLLM's CPU build serving the converted folder (`vllm serve`), driven through the `openai` backend."""
+    if python is None:
+        return {"error": "no vLLM venv (.ci/vllm-venv.sh)"}
+    env = " ".join(f"{k}={v}" for k, v in VLLM_SERVER_ENV.items())
+    return served_arm(lambda port: vllm_serve_command(python, folder, port), VLLM_SERVER_ENV, timeout,
+                      command=f"{env} " + " ".join(vllm_serve_command("python", "FOLDER", 8000)))
+
+
+def served_arm(start, env: dict, timeout: float, **facts) -> dict:
+    """A server started by start(port) (a command line) with `env` added, on 127.0.0.1, driven through the
+    `openai` backend (concurrency 1, then BATCH); its CPU and peak RSS are its whole process tree's."""
+    port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     t = time.perf_counter()
-    server = subprocess.Popen(llamacpp_command(python, gguf, port, cores), stdout=log, stderr=log)
+    server = subprocess.Popen(start(port), stdout=log, stderr=log, env={**os.environ, **env}, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/v1"
         while True:
@@ -313,20 +347,22 @@ def arm_llamacpp(python: str, gguf: str, timeout: float) -> dict:
 
         res = {}
         for concurrency in (1, BATCH):
-            cfg = BackendConfig(backend="openai", model="qwen2.5-coder-1.5b-instruct", base_url=[url],
-                                concurrency=concurrency, request_timeout=timeout)
+            cfg = BackendConfig(backend="openai", model=SERVED_NAME, base_url=[url], concurrency=concurrency,
+                                request_timeout=timeout)
             with open_backend(cfg) as llm:
                 phases = _phases(llm, SamplingConfig(max_tokens=MAX_TOKENS), server.pid)
             res["single" if concurrency == 1 else "batch"] = phases["single" if concurrency == 1 else "batch"]
-        res.update(load_s=round(load_s, 1), peak_rss_gb=tree_peak_rss_gb(server.pid), server_threads=cores,
-                   command=" ".join(llamacpp_command("python", "MODEL.gguf", 8080, cores)))
+        res.update(load_s=round(load_s, 1), peak_rss_gb=tree_peak_rss_gb(server.pid), **facts)
         return res
     finally:
-        server.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)  # its own process group: vLLM's engine core is a child process
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=30)
         if server.poll() is None:
-            server.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, 9)
+            server.wait()
 
 
 def find_vllm_python() -> str | None:
@@ -346,7 +382,7 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     parser.add_argument("--gguf", default=GGUF)
     parser.add_argument("--folder", default=FOLDER, help="the model converted to a transformers folder")
     parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON)
@@ -355,7 +391,7 @@ def main() -> None:
                         help="seconds to wait for llama_cpp.server to become importable (a build still running)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the arms bench/results/teacher_speed.json already holds (each with its commit and "
-                             "load average) and run only the others")
+                             "load average) and run only the others, and those named in --arms again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="hf-fp32", help=argparse.SUPPRESS)  # the worker's hf arms
@@ -365,7 +401,8 @@ def main() -> None:
     if args.worker == "vllm":
         return worker_vllm(args.folder, args.worker_out)
 
-    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+    named = args.arms is not None
+    wanted = [a.strip() for a in (args.arms or ",".join(ARMS)).split(",") if a.strip()]
     unknown = set(wanted) - set(ARMS)
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
@@ -380,7 +417,7 @@ def main() -> None:
               "max_tokens": MAX_TOKENS, "single_prompts": SINGLE, "batch_prompts": BATCH,
               "prompts": "examples/arithmetic.jsonl, first problems, prompts/generate.jinja + chat template, greedy",
               "cpus": os.cpu_count(), "platform": platform.platform(), "arms": dict(earlier)}
-    todo = [a for a in wanted if not (a in earlier and "error" not in earlier[a])]
+    todo = [a for a in wanted if named or not (a in earlier and "error" not in earlier[a])]
     hf_todo = [a for a in HF_ARMS if a in todo]
     for arm in todo:
         if arm in HF_ARMS and arm != hf_todo[0]:
@@ -396,6 +433,8 @@ def main() -> None:
                                  args.timeout * len(group), partial=True)
             elif arm == "llamacpp":
                 res = {arm: arm_llamacpp(args.llamacpp_python, args.gguf, args.timeout)}
+            elif arm == "vllm-server":
+                res = {arm: arm_vllm_server(find_vllm_python(), args.folder, args.timeout)}
             else:
                 python = find_vllm_python()
                 res = {arm: run_worker(python, ["vllm", "--folder", args.folder], args.timeout) if python else

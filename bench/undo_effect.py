@@ -42,7 +42,7 @@ What is fixed before any result was seen (this file was committed before its fir
 
 How the demo was designed without looking at this bench: the demo's premise and
 settings (examples/make_examples.py, examples/pretrain_student.py,
-undo_cli/stages/demo.py, examples/run.toml) were tried on seeds 100 and above and
+undo_cli/demo.py, examples/run.toml) were tried on seeds 100 and above and
 judged on validation accuracy only.
 
 Output: a table on stderr, JSON in bench/results/undo_effect.json (or --output).

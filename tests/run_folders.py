@@ -9,7 +9,7 @@ write (docs/artifacts.md): predictions with `correct`, `predicted`,
 `finish_reason`; errors made by collect-errors' own `collect`; refined
 records with a `refinement` object (informed_by the previous iteration's
 errors, verified with `previous_rationale` or kept-previous with the rejected
-attempt, cached, usage); metrics; train summaries; a manifest whose
+attempt, cached, usage) and a `lineage` (a two-teacher cascade); metrics; train summaries; a manifest whose
 best_iteration follows the loop's rule. `hostile=True` puts HTML and script
 text into questions, outputs, rationales and an id, as model output may hold;
 `extra` adds fields to each `refinement` (what another verification mode
@@ -119,7 +119,8 @@ def _refined(k: int, targets: list[dict], errors: list[dict], rng: random.Random
                       "error_type": failure["error_type"] if failure else "wrong_answer",
                       "similarity": round(rng.random(), 4), "attempts": 1, "teacher": "teacher", "backend": "hf",
                       "usage": {"prompt_tokens": 400 + j, "completion_tokens": len(new) // 4}, **extra}
-        record = {**target, "cached": rng.random() < 0.3, "iteration": k}
+        record = {**target, "cached": rng.random() < 0.3, "iteration": k,
+                  "lineage": _lineage(k, target, refinement, hostile and j % 4 == 0)}
         if verified:
             refinement["previous_rationale"] = target["rationale"]
             record["rationale"] = new
@@ -128,6 +129,22 @@ def _refined(k: int, targets: list[dict], errors: list[dict], rng: random.Random
                               rejected_finish_reason="stop")
         out.append({**record, "refinement": refinement})
     return out
+
+
+def _lineage(k: int, target: dict, refinement: dict, hostile: bool) -> dict[str, Any]:
+    """A record's `lineage` as a two-teacher cascade writes it (stages/lineage.py); no draw from the run's rng."""
+    verdict = "verified" if refinement["verified"] else "false_step"
+    cheap = "<b>cheap</b>" if hostile else "cheap"  # a teacher's name is user text too
+    tokens = refinement["usage"]["prompt_tokens"] + refinement["usage"]["completion_tokens"]
+    return {"teacher": {"id": "strong", "model": "models/strong", "backend": "hf", "hash": "3f2a00c1d2e3f405",
+                        "hash_of": "files"},
+            "template": {"name": "refine", "hash": "9c1e00aa11bb22cc"},
+            "sampling": {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 128, "seed": 0}, "iteration": k,
+            "parent": {"id": target["id"], "iteration": 0, "rationale_hash": "77b0aa11bb22cc33"},
+            "failure_cluster": None, "informed_by": refinement["informed_by"],
+            "cascade": [{"teacher": cheap, "tokens": tokens, "cost": None, "verdict": "wrong_answer", "cached": False},
+                        {"teacher": "strong", "tokens": tokens, "cost": 0.0012, "verdict": verdict, "cached": False}],
+            "cascade_verified": refinement["verified"], "cached": False}
 
 
 def _correctness(n: int, iterations: int, rng: random.Random) -> list[list[bool]]:
@@ -185,7 +202,7 @@ def write_run(root: Path, *, val: int = 60, test: int = 40, train: int = 80, ite
         outcomes.append({p["id"]: bool(p["correct"]) for p in preds})
     from undo_cli.loop.choose import choose
 
-    best = choose(outcomes)[0]  # the loop's rule (iterate.decide)
+    best = choose(outcomes)[0]  # the loop's rule (rounds.decide)
     for k in sorted({0, best}):
         preds = _predictions(test_p, [rng.random() < accuracies[k] for _ in test_p], rng, chars, hostile, k)
         _jsonl(root / f"iter_{k:02d}" / "test" / "predictions.jsonl", preds)

@@ -25,6 +25,19 @@ def teacher(trained_teacher):
         yield backend
 
 
+def forward_shapes(monkeypatch, backend) -> list[tuple[int, int]]:
+    """The (rows, positions) of every forward pass of the backend's model from now on (the list fills up)."""
+    shapes: list[tuple[int, int]] = []
+    forward = type(backend.hf_model).forward
+
+    def counting(self, input_ids=None, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(backend.hf_model), "forward", counting)
+    return shapes
+
+
 def test_batched_left_padded_greedy_matches_one_at_a_time(hf):
     sampling = SamplingConfig(max_tokens=12)
     batched = hf.generate(PROMPTS, sampling)
@@ -45,41 +58,70 @@ def test_n_sampled_with_seed_is_reproducible(hf):
     assert [[c.text for c in p] for p in other] != [[c.text for c in p] for p in first]
 
 
-def test_a_static_cache_batch_gives_the_same_greedy_text_as_one_at_a_time(tiny_model):
-    """12 prompts in one batch (>= STATIC_CACHE_MIN_ROWS: a static KV cache on CPU) == each prompt alone."""
-    from undo_cli.backends import hf as hf_module
-
-    prompts = PROMPTS + [[{"role": "user", "content": f"Add {k} and {k + 3}, then " + "double it, " * k}]
-                         for k in range(6)]
-    assert len(prompts) >= hf_module.STATIC_CACHE_MIN_ROWS
-    sampling = SamplingConfig(max_tokens=16)
-    with open_backend(BackendConfig(backend="hf", model=str(tiny_model), batch_size=16)) as backend:
-        assert backend._generate_config(sampling, rows=len(prompts)).cache_implementation == "static"
-        assert backend._generate_config(sampling, rows=1).cache_implementation is None
+@pytest.mark.slow
+def test_finished_rows_leave_the_batch_and_greedy_text_matches_one_at_a_time(trained_teacher, monkeypatch):
+    """18 prompts in one batch == each prompt alone (text, tokens, finish reason), with the end rules on;
+    a row that has ended (eos, the repetition cut) is not computed again: the batch shrinks."""
+    prompts = [student_messages(p) for p in TAUGHT_PROBLEMS] + PROMPTS  # rationales of several lengths, and loops
+    sampling = SamplingConfig(max_tokens=40, stop_at_answer=True, repetition_cut=24)
+    with open_backend(BackendConfig(backend="hf", model=str(trained_teacher), batch_size=32)) as backend:
+        rows_seen = forward_shapes(monkeypatch, backend)
         batched = backend.generate(prompts, sampling)
+        steps = [rows for rows, width in rows_seen if width == 1]
         alone = [backend.generate([p], sampling)[0] for p in prompts]
     assert [c[0].text for c in batched] == [c[0].text for c in alone]
     assert [c[0].completion_tokens for c in batched] == [c[0].completion_tokens for c in alone]
+    assert [c[0].finish_reason for c in batched] == [c[0].finish_reason for c in alone]
+    assert {c[0].finish_reason for c in batched[:12]} == {"stop"}  # the taught rationales end at their eos
+    lengths = sorted(c[0].completion_tokens for c in batched)
+    assert lengths[0] < lengths[-1]  # rows really end at different steps
+    # One forward step per token, for the rows still running only: step s computes the rows that wrote more
+    # than s tokens (a cut row counts the tokens it generated, a few more than it kept).
+    assert steps == sorted(steps, reverse=True) and steps[0] == len(prompts) and steps[-1] < len(prompts)
+    assert sum(steps) < len(prompts) * len(steps)
+
+
+@pytest.mark.slow
+def test_rows_that_end_make_room_for_the_next_prompts_and_the_next_batch(trained_teacher, monkeypatch):
+    """batch_size 4 over 18 prompts, given as batches of 5, 0 (all cached) and 13: new prompts join the
+    running rows (a prompt pass between decode steps, never more than 4 rows), each batch comes out whole
+    and in order, at most one batch is read ahead, and the greedy text is each prompt's text alone."""
+    prompts = [student_messages(p) for p in TAUGHT_PROBLEMS] + PROMPTS
+    sampling = SamplingConfig(max_tokens=40, stop_at_answer=True, repetition_cut=24)
+    with open_backend(BackendConfig(backend="hf", model=str(trained_teacher), batch_size=4)) as backend:
+        alone = [backend.generate([p], sampling)[0][0] for p in prompts]
+        shapes = forward_shapes(monkeypatch, backend)
+        batches, pulled, read_when_written = [prompts[:5], [], prompts[5:]], [], []
+
+        def given():
+            for batch in batches:
+                pulled.append(batch)
+                yield batch
+
+        out = []
+        for results in backend.generate_stream(given(), sampling):
+            read_when_written.append(len(pulled))
+            out.append(results)
+    assert [len(r) for r in out] == [5, 0, 13]
+    assert [c[0].text for r in out for c in r] == [c.text for c in alone]
+    assert [c[0].completion_tokens for r in out for c in r] == [c.completion_tokens for c in alone]
+    assert all(read - written <= 1 for written, read in enumerate(read_when_written, start=1))
+    assert max(rows for rows, _ in shapes) <= 4
+    passes = [i for i, (_, width) in enumerate(shapes) if width > 1]
+    assert len(passes) > 2 and any(shapes[i - 1][1] == 1 and shapes[i + 1][1] == 1 for i in passes[1:-1])
 
 
 def test_n_samples_share_one_pass_over_the_prompt(hf, monkeypatch):
     """n > 1: the prompt runs once (its cache repeated n times), and each sample continues it correctly:
     with top_p ~ 0 sampling keeps only the most likely token, so every sample is the greedy answer."""
     greedy = [c[0].text for c in hf.generate(PROMPTS, SamplingConfig(max_tokens=10))]
-    rows_seen = []
-    forward = type(hf.hf_model).forward
-
-    def counting(self, input_ids=None, **kwargs):
-        rows_seen.append(tuple(input_ids.shape))
-        return forward(self, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(type(hf.hf_model), "forward", counting)
+    rows_seen = forward_shapes(monkeypatch, hf)
     near_greedy = hf.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=1e-9, seed=0, max_tokens=10))
     assert [[c.text for c in per_prompt] for per_prompt in near_greedy] == [[g] * 3 for g in greedy]
-    # The batches of 4 sequences hold 1 prompt x 3 samples (batch_size counts sequences): each prompt's
-    # tokens but the last are run for one row, then only single tokens for its 3 rows.
+    # The batches of 4 sequences hold 1 prompt x 3 samples (batch_size counts sequences): each prompt is
+    # run once for one row, then only single tokens for its 3 rows.
     prompt_widths = [len(hf.prompt_ids(p)) for p in PROMPTS]
-    assert sorted(shape for shape in rows_seen if shape[1] > 1) == sorted((1, w - 1) for w in prompt_widths)
+    assert sorted(shape for shape in rows_seen if shape[1] > 1) == sorted((1, w) for w in prompt_widths)
     assert all(shape == (3, 1) for shape in rows_seen if shape[1] == 1)
 
 

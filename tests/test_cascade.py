@@ -143,7 +143,9 @@ def _toml(tmp_path, body: str) -> Path:
 
 def test_run_toml_teachers_give_each_tier_its_bound_in_the_dry_run_and_the_stages_their_cascade(
         undo_inproc, tiny_teacher, trained_teacher, tmp_path):
-    from undo_cli.loop.iterate import IterateConfig, Loop, _Unopened
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.plan import Unopened
+    from undo_cli.loop.rounds import Loop
     from undo_cli.loop.settings import resolve
 
     toml = _toml(tmp_path, f'[[teachers]]\nmodel = "{tiny_teacher}"\nname = "cheap"\n\n'
@@ -160,7 +162,7 @@ def test_run_toml_teachers_give_each_tier_its_bound_in_the_dry_run_and_the_stage
 
     config = resolve(IterateConfig, str(toml), {}, [])
     assert config.teacher == str(tiny_teacher)  # the first of the teachers
-    cfg = Loop(config, _Unopened(config.run_dir)).generate_config()
+    cfg = Loop(config, Unopened(config.run_dir)).generate_config()
     assert [t.name for t in cfg.tiers()] == ["cheap", "strong"] and cfg.routes() == {"task:exact": ["strong"]}
     assert cfg.tiers()[1].price_output == 2.0 and cfg.tiers()[1].max_teacher_tokens == 500
     # Prices and budgets do not identify the run; the models do.
@@ -315,10 +317,65 @@ def test_undo_iterate_runs_a_cascade_from_run_toml_and_resumes_with_other_prices
     assert other.returncode == 2 and "teachers" in other.stderr
 
 
+@pytest.mark.slow
+def test_a_tiers_own_budget_holds_across_slurm_shards_and_a_larger_one_finishes(tiny_teacher, trained_teacher,
+                                                                                 tmp_path):
+    """Under --launcher slurm each shard keeps its own ledger: the launcher gives every shard a share of each tier's
+    own budget (stages/slurm.py `allowances`), not the whole of it, so the shards together stay within it. A shard
+    that share stopped records it (how the launcher tells a budget stop from a failure); a larger budget finishes
+    the rest, and the shards merge (a tier's budget is no part of a shard's identity). The shards run here as
+    the Slurm tasks run them (`run_shard`), without a cluster."""
+    import dataclasses
+
+    from undo_cli.stages import generate, shards
+    from undo_cli.stages.slurm import allowances, budget_settings, run_shard
+
+    rows = [{k: p[k] for k in ("id", "question", "answer", "task")} for p in TAUGHT_PROBLEMS[:8]]
+    problems = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "r.jsonl"
+    parts = [tmp_path / "shards" / f"r.{k}-of-2.jsonl" for k in range(2)]
+
+    def run(budget: int) -> list[dict]:
+        config = generate.GenerateConfig(
+            teacher=str(tiny_teacher), input=str(problems), output=str(out), prompt="student", max_tokens=48,
+            verify="strict", cache=False, cascade=[f"{trained_teacher},name=strong,price_output=2,max_teacher_tokens={budget}"])
+        complete = [bool((shards.read_sidecar(p) or {}).get("complete")) if p.exists() else False for p in parts]
+        given = allowances(config, parts, complete)
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        for k, part in enumerate(parts):
+            if not complete[k]:
+                run_shard("generate", {**settings, "output": str(part), "shard": f"{k}/2",
+                                       **budget_settings(config, given[k])})
+        return given
+
+    def strong_paid() -> list[int]:
+        return [json.loads(p.with_name(p.name.replace(".jsonl", ".usage.json")).read_text())["by_backend"]["strong"]
+                ["paid"]["tokens"] for p in parts]
+
+    budget = 300  # about two of the eight rows' upper bounds (prompt + 48 completion tokens): not all of them
+    given = run(budget)
+    assert [g["tiers"]["strong"]["max_teacher_tokens"] for g in given] == [150, 150]
+    assert 0 < sum(strong_paid()) <= budget
+    metas = [shards.read_sidecar(p) for p in parts]
+    assert any(m.get("stopped") == "budget" for m in metas)
+    for meta, share in zip(metas, given):
+        if meta.get("stopped") == "budget":  # the share it ran under, as the launcher compares it
+            assert json.loads(json.dumps(share)) == meta["budget"]
+
+    run(100_000)
+    assert all((shards.read_sidecar(p) or {}).get("complete") for p in parts)
+    merged = shards.merge(shards.MergeConfig(output=str(out), shards=[str(p) for p in parts]))
+    done = read_jsonl(out) + read_jsonl(tmp_path / "r.rejected.jsonl")
+    assert sorted(r["problem_id"] for r in done) == sorted(r["id"] for r in rows)  # none lost, none twice
+    strong = merged["teacher_usage"]["by_backend"]["strong"]
+    assert strong["paid"]["tokens"] == sum(strong_paid())
+    assert strong["cost"] == pytest.approx(2 * strong["paid"]["completion_tokens"] / 1e6)  # the tier's own cost, summed
+
+
 # --- the stop rule (issue 30 part 2), on the paired test that chooses the best iteration ------------------
 
 def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, patience, 0.0
@@ -329,7 +386,7 @@ def _config(rule: str, patience: int = 1, per_ktok: float = 0.0):
 
 def test_the_paired_stop_rule_stops_on_no_evidence_where_patience_goes_on():
     from tests.test_iterate import _history
-    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.rounds import decide
 
     h = _history(0.30, 0.31)  # +1 of 100: a raw gain, no evidence
     assert decide(h, _config("patience"))[1] is None  # the old rule sees a gain and goes on
@@ -341,7 +398,7 @@ def test_the_paired_stop_rule_stops_on_no_evidence_where_patience_goes_on():
 
 def test_the_value_stop_rule_stops_when_a_round_buys_too_little_per_teacher_token():
     from tests.test_iterate import _history
-    from undo_cli.loop.iterate import decide
+    from undo_cli.loop.rounds import decide
     from undo_cli.loop.stop import describe, rounds
 
     h = _history(0.30, 0.45)  # +15 points, significant

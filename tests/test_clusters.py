@@ -301,7 +301,9 @@ def test_embedding_clusters_load_the_packaged_model_offline(tmp_path, undo_inpro
 def test_iterate_hands_refine_the_clusters_and_from_round_two_the_errors_before(tmp_path):
     from tests.test_guidance import _config
     from undo_cli.errors import UndoError
-    from undo_cli.loop.iterate import Loop, _Unopened, affected_stages
+    from undo_cli.loop.config import affected_stages
+    from undo_cli.loop.plan import Unopened
+    from undo_cli.loop.rounds import Loop
     from undo_cli.model_refs import to_be_written
 
     rows = _problems(12)
@@ -309,7 +311,7 @@ def test_iterate_hands_refine_the_clusters_and_from_round_two_the_errors_before(
     for select, expected in (("clusters", True), ("random", False)):
         config = _config(files, tmp_path, ["--refine.select", select, "--refine.budget", "5k-tokens",
                                            "--cluster.k", "3"])
-        loop = Loop(config, _Unopened(config.run_dir))
+        loop = Loop(config, Unopened(config.run_dir))
         with to_be_written(config.run_dir):
             one, two = loop.refine_config(1), loop.refine_config(2)
         run = config.run_dir
@@ -322,4 +324,4 @@ def test_iterate_hands_refine_the_clusters_and_from_round_two_the_errors_before(
     assert affected_stages("cluster.k") == {"cluster", "refine"}  # refine reads the clusters
     with pytest.raises(UndoError, match="budget"):
         with to_be_written(tmp_path / "runs"):
-            Loop(_config(files, tmp_path, ["--refine.budget", "lots"]), _Unopened(tmp_path)).refine_config(1)
+            Loop(_config(files, tmp_path, ["--refine.budget", "lots"]), Unopened(tmp_path)).refine_config(1)

@@ -184,7 +184,7 @@ def test_the_student_is_the_shipped_base_and_the_teacher_was_trained_from_it_by_
     from transformers import AutoTokenizer
 
     from undo_cli.prompts import bundled_dir
-    from undo_cli.stages import demo as demo_stage
+    from undo_cli import demo as demo_stage
 
     teacher, student = demo["workdir"] / "models" / "teacher", demo["workdir"] / "models" / "student"
     base = bundled_dir("examples") / "student-base"
@@ -229,7 +229,7 @@ def test_a_folder_of_another_seed_or_not_a_demo_is_refused(demo, undo, tmp_path)
 def test_example_configs_resolve_and_fit_their_models(tmp_path, monkeypatch):
     """run.toml points at what `undo demo --setup-only` writes; run-qwen.toml has limits that fit real models."""
     from undo_cli.prompts import bundled_dir
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.settings import resolve
 
     monkeypatch.chdir(tmp_path)

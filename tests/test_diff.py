@@ -48,7 +48,8 @@ def test_counts_and_lines_equal_the_files(run, tmp_path, undo_here):
             assert r["a"]["output"] == pa[r["id"]]["output"] and r["b"]["output"] == pb[r["id"]]["output"]
             assert r["answer"] == pa[r["id"]]["answer"] and r["a"]["correct"] == pa[r["id"]]["correct"]
     # The terminal report's table counts the same, per iteration against the one before.
-    from undo_cli.loop.report import collect, val_transitions
+    from undo_cli.loop.report import val_transitions
+    from undo_cli.loop.run_state import collect
 
     shown = val_transitions(run, collect(run)["rows"])
     assert {f"val {k - 1}->{k}": c for k, c in shown.items()} == {

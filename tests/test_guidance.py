@@ -24,7 +24,7 @@ def files(tmp_path) -> dict[str, str]:
 
 
 def _config(files, tmp_path, dotted=(), toml: str | None = None, origins=None, **flags):
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.settings import resolve
 
     base = {"teacher": "org/teacher", "student": "org/student", "train_file": files["train"],
@@ -59,7 +59,7 @@ def test_a_bad_stage_value_stops_iterate_before_any_work_naming_the_config_key(f
 def test_dry_run_shows_every_key_with_its_source_and_the_plan(files, tmp_path, capsys):
     from dataclasses import fields
 
-    from undo_cli.loop.iterate import dry_run
+    from undo_cli.loop.plan import dry_run
     from undo_cli.stages.train import TrainConfig
 
     toml = tmp_path / "run.toml"
@@ -86,7 +86,7 @@ def test_dry_run_shows_every_key_with_its_source_and_the_plan(files, tmp_path, c
 # --- 12.6 / 13.7: resuming with changed settings --------------------------------------------------------
 
 def _open(tmp_path, config, resume=True, overwrite=False):
-    from undo_cli.loop.iterate import affected_stages
+    from undo_cli.loop.config import affected_stages
     from undo_cli.loop.manifest import RunFolder
 
     return RunFolder.open(tmp_path / "run", config=config, inputs={}, seeds={}, resume=resume,
@@ -141,7 +141,7 @@ def test_resume_reruns_unfinished_stages_whose_settings_changed_and_refuses_fini
 def test_resume_refuses_a_split_that_changed_under_a_finished_stage(tmp_path, files):
     """The manifest keeps the sha256 of each split it read (issue 32: `undo data import` can re-split a folder a
     run was made on): a resume after the validation file changed is refused, naming it."""
-    from undo_cli.loop.iterate import affected_stages
+    from undo_cli.loop.config import affected_stages
     from undo_cli.loop.manifest import RunFolder
     from undo_cli.records import sha256_file
 
@@ -186,7 +186,7 @@ def test_a_failed_iterate_says_how_to_resume(files, tmp_path, tiny_model, capsys
     assert json.loads((tmp_path / "runs" / "r" / "manifest.json").read_text())["status"] == "failed"
 
     # Run by `undo demo`, the loop says the demo's own command (issue 32: it said `undo iterate ... --resume`).
-    from undo_cli.stages.demo import DemoConfig, resume_command
+    from undo_cli.demo import DemoConfig, resume_command
 
     demo = resume_command(DemoConfig(workdir=str(tmp_path / "my demo"), seed=2, max_iterations=1))
     assert demo == f"undo demo --workdir '{tmp_path / 'my demo'}' --seed 2 --max-iterations 1 --resume"
@@ -311,7 +311,7 @@ def test_a_next_line_is_complete_or_absent(tmp_path, tiny_model, tiny_teacher):
 
 def test_a_setting_added_by_a_later_version_at_its_default_is_no_change(tmp_path, files):
     """A run made before `verify` existed resumes: its manifest lacks the key, which holds its default."""
-    from undo_cli.loop.iterate import affected_stages
+    from undo_cli.loop.config import affected_stages
     from undo_cli.loop.manifest import RunFolder
 
     config = _config(files, tmp_path)

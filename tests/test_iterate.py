@@ -246,7 +246,7 @@ def test_a_finished_run_extends_with_the_more_rounds_hint_as_printed(finished_ru
     # The report of the extended run: the plot marks the iteration the run chose after the extension, every
     # panel labels its iterations, and the HTML page agrees with the files in a real browser.
     from tests.test_report import check_figure
-    from undo_cli.loop.report import collect
+    from undo_cli.loop.run_state import collect
 
     page = copy / "page.html"
     report = undo("report", copy, "--html", page, env={"COLUMNS": "200"})
@@ -418,7 +418,7 @@ def test_bash_script_follows_the_run_layout():
 
 def test_settings_toml_flags_and_stage_tables(tmp_path):
     from undo_cli.errors import UndoError
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.settings import resolve
 
     files = {split: write_jsonl(tmp_path / f"{split}.jsonl", TAUGHT_PROBLEMS[:2]) for split in ("train", "val", "test")}
@@ -456,7 +456,8 @@ def _history(*accs, errors=3, n=100):
 
 
 def test_stopping_rule():
-    from undo_cli.loop.iterate import IterateConfig, decide
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.rounds import decide
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads a few numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 2, 0.05
@@ -492,7 +493,7 @@ def test_best_iteration_is_a_paired_test_not_the_raw_maximum():
 
 def test_the_choice_is_in_the_manifest_table_and_summary(tmp_path, capsys):
     """A constructed run folder (39 -> 40 of 90): manifest-less report keeps iteration 0 and prints the test."""
-    from undo_cli.loop import report
+    from undo_cli.loop import report, run_state
     from undo_cli.records import write_json, write_records
 
     run = tmp_path / "wobble"
@@ -502,10 +503,10 @@ def test_the_choice_is_in_the_manifest_table_and_summary(tmp_path, capsys):
         write_json(d / "val" / "predictions.metrics.json", {"accuracy": len(right) / 90, "correct": len(right),
                                                             "count": 90})
         write_json(d / "student" / "train_summary.json", {"final_loss": 1.0, "steps": 10})
-    state = report.collect(run)
+    state = run_state.collect(run)
     assert state["best_iteration"] == 0 and state["choice"]["tests"][0]["p"] == 1.0
     report.print_table(state)
     err = " ".join(capsys.readouterr().err.split())
     assert "iteration 1 vs 0: +2/-1 of 90 (+1.1 points), exact McNemar p = 1.000: not kept" in err
-    summary = report.write_summary(run, state)
+    summary = run_state.write_summary(run, state)
     assert summary["choice"]["tests"][0]["kept"] is False and summary["best_iteration"] == 0

@@ -132,7 +132,7 @@ def test_request_timeout_and_max_retries_are_flags(undo, command):
 
 
 def test_iterate_stage_tables_take_request_timeout_and_max_retries(tmp_path):
-    from undo_cli.loop.iterate import IterateConfig
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.settings import resolve
 
     for split in ("train", "val", "test"):

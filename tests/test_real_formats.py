@@ -124,3 +124,23 @@ def test_no_pad_token_tied_embeddings_and_the_models_sampling_defaults(real, pad
     assert applied["repetition_penalty"] is None and applied["temperature"] == 0.0
     assert tied and model.config.tie_word_embeddings
     assert all(t.strip() for t in batched)
+
+
+def test_the_refine_prompt_ends_with_the_question_to_solve():
+    """Found on the real teacher (bench/real_models.py): shown the target, then a related question the student
+    failed, Qwen2.5-Coder-1.5B-Instruct solved the failure's question and none of 14 refinements verified. The
+    prompt now ends with the target question and its answer, said to be the one to solve."""
+    from undo_cli.prompts import load_template, refine_variables
+
+    target = {"id": "t", "question": "Mia has 4 eggs. She buys 4 more. How many eggs does Mia have now?",
+              "answer": "8", "task": "math"}
+    failure = {"id": "f", "question": "Ben has 9 apples. He buys 3 packs of 2. How many apples does Ben have now?",
+               "answer": "15", "output": "Ben has 9 + 3 = 12 apples.\n#### 12", "predicted": "12",
+               "error_type": "wrong_answer"}
+    messages = render_messages(load_template("refine"), **refine_variables(target, failure, [], ["4 + 4 = 8\n#### 8"]))
+    user = messages[-1]["content"].rstrip()
+    assert user.endswith(f"{target['question']}\nCorrect answer: 8"), user[-300:]
+    assert "not the student's" in user
+    same = render_messages(load_template("refine"), **refine_variables(target, {**failure, "question": target["question"]},
+                                                                         [], ["4 + 4 = 8\n#### 8"]))
+    assert same[-1]["content"].rstrip().endswith(f"The question to solve:\n{target['question']}\nCorrect answer: 8")

@@ -192,9 +192,9 @@ def test_unverified_refinement_keeps_the_previous_rationale(tmp_path, trained_te
     assert r["rationale"] == TAUGHT_PROBLEMS[0]["rationale"]  # the previous text, untouched
     assert r["teacher"] == "old-teacher" and r["usage"] == target(TAUGHT_PROBLEMS[0])["usage"]  # its provenance
     assert ref["rejected_rationale"] and ref["rejected_rationale"] != r["rationale"]  # kept for inspection
-    assert ref["rejected_finish_reason"] == "length"  # the noise ran to --max-tokens
+    assert ref["rejected_finish_reason"] in ("length", "repetition")  # the noise ran on until a limit cut it
     assert ref["informed_by"] == ["v1"] and ref["iteration"] == 1 and ref["template"] == "refine"
-    assert ref["teacher"] == str(trained_teacher) and ref["usage"]["completion_tokens"] == 40
+    assert ref["teacher"] == str(trained_teacher) and 0 < ref["usage"]["completion_tokens"] <= 40
     assert "previous_rationale" not in ref
     assert summary["refined_verified"] == 0 and summary["kept_previous"] == 1
 
@@ -326,6 +326,42 @@ def test_prompts_too_long_for_the_teachers_context_show_fewer_failures_or_are_re
     tokens = int(err.split("refine prompt for p")[1].split(" is ")[1].split(" tokens")[0].replace(",", ""))
     assert f"lower --max-tokens to at most {1024 - tokens}" in err
     assert not (tmp_path / "refused.jsonl").exists()  # refused before anything was sent
+
+
+@pytest.mark.slow
+def test_a_cascades_every_teacher_is_checked_against_its_own_context(tmp_path, tiny_teacher, undo_here):
+    """With a cascade the same prompt goes to each tier: a later tier with a shorter context than the first
+    shortens or refuses it (naming that tier), and a route past that tier lets the prompt through."""
+    import json
+    import shutil
+
+    big = tmp_path / "big-teacher"  # the first tier: the tiny teacher with a 4,096-token window
+    shutil.copytree(tiny_teacher, big)
+    config = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    long_output = "I add the apples one by one and count again: " * 14 + "\n#### 5"
+    targets = write_jsonl(tmp_path / "targets.jsonl", [target(p) for p in TAUGHT_PROBLEMS[:2]])
+    errors = write_jsonl(tmp_path / "errors.jsonl", [error(f"v{i}", p["question"], output=long_output)
+                                                     for i, p in enumerate(TAUGHT_PROBLEMS[:5])])
+    args = ["refine", "--teacher", big, "--cascade", f"{tiny_teacher},name=small", "--errors", errors,
+            "--targets", targets, "--select", "similar", "--k", "3", "--max-targets", "1"]
+    code, err = undo_here(*args, "--output", tmp_path / "refused.jsonl", "--max-tokens", "700")
+    assert code == 2 and "Traceback" not in err, err
+    assert "more than teacher 'small''s context of 1,024 tokens" in err and "route these rows past 'small'" in err
+    assert not (tmp_path / "refused.jsonl").exists()  # refused before anything was sent
+
+    code, err = undo_here(*args, "--output", tmp_path / "fitted.jsonl", "--max-tokens", "16")
+    assert code == 0, err
+    assert "1 of 1 refine prompts were too long for teacher 'small''s context (1,024 tokens" in err
+    [record] = read_jsonl(tmp_path / "fitted.jsonl")
+    assert len(record["refinement"]["informed_by"]) - 1 < 3  # fewer similar failures shown, for the small tier
+
+    code, err = undo_here(*args, "--route", f"task:math={big}", "--output", tmp_path / "routed.jsonl",
+                          "--max-tokens", "700")
+    assert code == 0 and "too long" not in err, err  # math rows never go to the small teacher
+    [record] = read_jsonl(tmp_path / "routed.jsonl")
+    assert len(record["refinement"]["informed_by"]) == 4 and [a["teacher"] for a in record["lineage"]["cascade"]] == [
+        str(big)]
 
 
 def test_a_servers_max_model_len_is_the_window(scripted_server):

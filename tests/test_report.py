@@ -114,6 +114,28 @@ def test_plot_replaces_only_a_plot_of_this_run(tmp_path, undo_inproc):
     assert notes.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_html_replaces_only_a_page_of_this_run(tmp_path, undo_inproc):
+    """Issue 32's "no silent overwrite", for `--html PATH` as for --plot: an existing page is replaced only when it
+    is this run's own report (its `undo-run` mark) or with --overwrite; a hand-written page survives."""
+    wide = {"COLUMNS": "300"}
+    run, other = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    for folder in (run, other):
+        _iteration(folder, 0, 0.30)
+    mine = tmp_path / "index.html"
+    mine.write_text("<html><body>my notes</body></html>\n")
+    refused = undo_inproc("report", run, "--html", mine, env=wide)
+    assert refused.returncode == 2 and f"--html {mine}: exists and is not a report of this run" in refused.stderr
+    assert "--overwrite" in refused.stderr and mine.read_text() == "<html><body>my notes</body></html>\n"
+    page = tmp_path / "page.html"
+    assert undo_inproc("report", other, "--html", page, env=wide).returncode == 0
+    theirs = page.read_bytes()
+    refused = undo_inproc("report", run, "--html", page, env=wide)  # another run's page
+    assert refused.returncode == 2 and "is a report of another run" in refused.stderr and page.read_bytes() == theirs
+    assert undo_inproc("report", other, "--html", page, env=wide).returncode == 0  # its own page: again
+    assert undo_inproc("report", run, "--html", mine, "--overwrite", env=wide).returncode == 0
+    assert "undo-run" in mine.read_text()[:4096] and "my notes" not in mine.read_text()
+
+
 def test_report_errors_name_the_folder(tmp_path, undo):
     wide = {"COLUMNS": "300"}
     missing = undo("report", tmp_path / "nope", env=wide)
@@ -124,7 +146,7 @@ def test_report_errors_name_the_folder(tmp_path, undo):
 
 
 def test_wilson_interval_matches_hand_computed_values():
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     # Hand-computed from Wilson (1927) with z = 1.96: 1 of 30 and 0 of 105 and n of n.
     low, high = wilson_interval(1, 30)
@@ -157,7 +179,7 @@ def check_figure(state: dict) -> dict:
     """
     from matplotlib.container import ErrorbarContainer
 
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
     from undo_cli.loop.report_plot import figure
 
     fig = figure(state)
@@ -206,7 +228,7 @@ def check_figure(state: dict) -> dict:
 
 @pytest.mark.slow
 def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
-    from undo_cli.loop import report
+    from undo_cli.loop import report, run_state
     from tests.run_folders import write_run
 
     one = tmp_path / "one"
@@ -215,11 +237,11 @@ def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
     made = write_run(many, val=40, test=20, iterations=20, refinements=6)
     legends = {}
     for run in (one, many):
-        state = report.collect(run)
+        state = run_state.collect(run)
         legends[run.name] = check_figure(state)["legend"]
         out = report.plot(state, run / "report.png")
         assert out.read_bytes()[:4] == b"\x89PNG"
-    assert report.collect(many)["best_iteration"] == made["best"]
+    assert run_state.collect(many)["best_iteration"] == made["best"]
     assert f"chosen: iteration {made['best']}, the run's choice" in " ".join(legends["many"]).replace("\n", " ")
     # Without a manifest (the bash loop) the mark says it was computed here.
     assert "chosen: iteration 0, by the loop's rule" in " ".join(legends["one"]).replace("\n", " ")
@@ -228,6 +250,6 @@ def test_plot_is_readable_with_one_and_with_twenty_iterations(tmp_path):
 
     assert not plt.get_fignums()  # every figure closed
     # The y-axis is fitted to the data: 2-3% is not drawn on a 0-100 axis, and 0% stays visible.
-    assert report.accuracy_axis([2.0, 3.0]) == (-1.0, 7.0)
-    low, high = report.accuracy_axis([20.0, 42.0])
+    assert run_state.accuracy_axis([2.0, 3.0]) == (-1.0, 7.0)
+    low, high = run_state.accuracy_axis([20.0, 42.0])
     assert 10 < low < 20 and 42 < high < 55

@@ -18,6 +18,7 @@ import io
 import json
 import random
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -245,6 +246,60 @@ def test_page_matches_the_files_runs_no_model_text_and_fetches_nothing(hostile):
         assert browser.console_errors() == [] and browser.dialogs() == []
 
 
+LINEAGES = """(async (ids) => {
+  const out = {};
+  for (const id of ids) {
+    await window.undoReport.showLineage(id);
+    out[id] = JSON.parse(document.querySelector('#l-view pre.lineage-json').textContent);
+  }
+  return out;
+})"""
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_each_refinement_links_to_its_rows_lineage_as_undo_lineage_prints_it(hostile, undo_inproc):
+    """Each refinement card links to its row's history, held in the page (offline): the lineage view shows what
+    `undo lineage RUN ROW --format json` prints, for every refined row, and the link is an address that opens
+    the page on that row."""
+    run, page = hostile["run"], hostile["page"]
+    refined = list(dict.fromkeys(i for k in sorted(hostile["refined_ids"]) for i in hostile["refined_ids"][k]))
+    printed = {}
+    for row in refined:
+        proc = undo_inproc("lineage", str(run), row, "--format", "json")
+        assert proc.returncode == 0, proc.stderr
+        printed[row] = json.loads(proc.stdout)
+    assert any(len({s["iteration"] for s in p["history"]}) > 2 for p in printed.values())  # rows refined twice
+    with Chromium(height=1000) as browser:
+        browser.open(page.resolve().as_uri())
+        browser.evaluate("window.undoReport.idle()")
+        assert browser.evaluate("window.undoReport.data.lineage.ids") == refined
+        # The first card's link: a click shows its row's history, and the address names the row.
+        first = browser.evaluate("(() => { const a = document.querySelector('#r-list > article a.lineage'); "
+                                 "a.click(); return [a.closest('article').dataset.id, a.getAttribute('href')]; })()")
+        browser.evaluate("window.undoReport.idle()")
+        row, href = first
+        shown = browser.evaluate("[location.hash, document.querySelector('#l-view article').dataset.id, "
+                                 "document.querySelector('#l-view pre.lineage-json').textContent, "
+                                 "document.getElementById('l-view').textContent]")
+        assert shown[0] == href and shown[1] == row and json.loads(shown[2]) == printed[row]
+        assert "strong: verified" in shown[3] or "strong: false_step" in shown[3]  # the cascade's attempts, as text
+        # Every refined row's history is in the page, exactly as the command prints it.
+        assert browser.evaluate(f"{LINEAGES}({json.dumps(refined)})") == printed
+        assert browser.evaluate("document.querySelectorAll('#l-view img, #l-view script, #l-view b').length") == 0
+        assert browser.console_errors() == [] and browser.dialogs() == []
+        assert browser.requests() == [page.resolve().as_uri()]
+    # The address alone, opened from disk, shows that row's history (a link to send, that works offline).
+    deep = max(refined, key=lambda r: len(printed[r]["history"]))
+    with Chromium(height=1000) as browser:
+        url = page.resolve().as_uri() + "#" + urlencode({"lineage": deep})
+        browser.open(url)
+        browser.evaluate("window.undoReport.idle()")
+        text = browser.evaluate("document.querySelector('#l-view pre.lineage-json').textContent")
+        assert json.loads(text) == printed[deep]
+        assert browser.console_errors() == [] and browser.dialogs() == []
+
+
 def test_page_source_cannot_be_broken_out_of(hostile):
     """Every `<` of the data is escaped: the only </script> in the file close the page's own script elements."""
     source = hostile["page"].read_text(encoding="utf-8")
@@ -283,7 +338,7 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert code == 0, err
     assert f"html report written to {tmp_path / 'out' / 'page.html'}" in err
     assert "best so far" in err and "decided through iteration 1" in err
-    from undo_cli.loop.report import collect
+    from undo_cli.loop.run_state import collect
     from undo_cli.loop.report_data import page_data
 
     index, _ = page_data(run, collect(run))
@@ -295,14 +350,14 @@ def test_report_html_command_and_a_running_run(tmp_path, undo_here):
     assert code == 2 and "is a folder" in err
     before = (run / "manifest.json").read_text()
     code, err = undo_here("report", run, "--html", run / "manifest.json")
-    assert code == 2 and "is not an HTML page" in err and (run / "manifest.json").read_text() == before
+    assert code == 2 and "is not a report of this run" in err and (run / "manifest.json").read_text() == before
 
 
 def test_the_run_shows_each_clusters_errors_fixes_and_refinements_per_iteration(tmp_path):
     """With clusters.json the page has one row per cluster and one cell per iteration, counted from the files."""
     import re
 
-    from undo_cli.loop.report import collect, write_summary
+    from undo_cli.loop.run_state import collect, write_summary
     from undo_cli.loop.report_html import build
 
     def page_of(run):

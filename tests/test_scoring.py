@@ -138,6 +138,9 @@ CASES: list[tuple[str, str, str, list[str] | None, bool]] = [
     ("#### Step 1: Add\n3 + 4 = 7 apples in total.", "7", "math", None, True),
     ("#### Step 1: Add\n3 + 4 = 7 apples in total.", "1", "math", None, False),
     ("#### Solution:\nShe has 5 + 6 = 11.\n#### 11", "11", "math", None, True),
+    # Qwen2.5-Coder-1.5B-Instruct's refinements on the real bench: an ordinal before "Step" is a heading too
+    ("#### First Step: Start with the stickers Ben has\nBen has 7 + 6 = 13.\n#### 13", "13", "math", None, True),
+    ("Ben has 7 + 6 = 13.\n#### 13\n#### Final Step: Check the stickers Ben has", "13", "math", None, True),
     # --- exact: yes/no and short strings ---
     ("Aristotle died in 322 BC, before laptops existed. So the answer is no.", "no", "exact", None, True),
     ("Aristotle died in 322 BC, before laptops existed. So the answer is yes.", "no", "exact", None, False),

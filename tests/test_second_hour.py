@@ -174,7 +174,8 @@ def test_report_score_and_cache_stats_end_with_the_next_command(undo_here, tmp_p
 # --- the stopping rule in words --------------------------------------------------------------------
 
 def test_the_stop_reason_says_what_the_rule_asked():
-    from undo_cli.loop.iterate import IterateConfig, decide
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.rounds import decide
 
     config = IterateConfig.__new__(IterateConfig)  # the rule reads three numbers; no files needed
     config.max_iterations, config.patience, config.min_delta = 5, 1, 0.0
@@ -188,7 +189,9 @@ def test_the_stop_reason_says_what_the_rule_asked():
 # --- "more rounds": an exact command that runs one more round -----------------------------------------
 
 def test_the_more_rounds_hint_raises_what_stopped_the_run():
-    from undo_cli.loop.iterate import IterateConfig, decide, more_rounds
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.ending import more_rounds
+    from undo_cli.loop.rounds import decide
 
     config = IterateConfig.__new__(IterateConfig)
     config.max_iterations, config.patience, config.min_delta = 2, 1, 0.0
@@ -405,7 +408,7 @@ def test_the_demos_bash_loop_line_carries_the_demos_settings(tmp_path, tiny_mode
     script gets run.toml's settings (item 1); checked here on tiny models, its settings as the script reads them."""
     import shlex
 
-    from undo_cli.stages import demo
+    from undo_cli import demo
 
     monkeypatch.chdir(tmp_path)
     files = {s: write_jsonl(tmp_path / f"{s}.jsonl", [{k: p[k] for k in ("id", "question", "answer")}
@@ -451,7 +454,7 @@ def test_a_stage_error_inside_iterate_names_the_loops_keys():
     """A hint printed by a stage that `undo iterate` runs must work in `undo iterate`: `--max-tokens` there is
     `refine.max_tokens` (--refine.max-tokens); an error about no option stays as the stage said it."""
     from undo_cli.errors import UndoError
-    from undo_cli.loop.iterate import in_config_terms
+    from undo_cli.loop.terms import in_config_terms
 
     def too_long():
         raise UndoError("refine prompt for p1#0 is 900 tokens; with --max-tokens 512 that is 1,412, more than the "

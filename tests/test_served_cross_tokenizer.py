@@ -93,7 +93,7 @@ def test_served_top_k_loss_equals_the_same_top_k_from_the_teacher_in_process(ser
     from undo_cli.training.collate import PaddedCollator
     from undo_cli.training.cross_teacher import CrossDistillationLoss
     from undo_cli.training.data import encode_records
-    from undo_cli.training.distill import prepare_objective
+    from undo_cli.training.objective import prepare_objective
 
     data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
     records = [json.loads(line) for line in data.read_text().splitlines()]

@@ -25,6 +25,35 @@ WIDE = {"COLUMNS": "400"}  # rich wraps stderr at the terminal width; keep messa
 
 
 
+def test_a_shard_plan_keeps_its_items_claims_its_output_and_says_how_it_ended(tmp_path):
+    """ShardPlan, what the generation loop and collect-errors are handed: this shard's items in their order, a
+    sidecar written at claim, marked complete at done, or stopped by the teacher budget (not complete)."""
+    from undo_cli.errors import UndoError
+    from undo_cli.stages.generate import SPEC, GenerateConfig
+    from undo_cli.stages.shards import ShardPlan, read_sidecar, shard_of
+
+    problems = write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    ids = [p["id"] for p in PROBLEMS]
+    whole = ShardPlan(SPEC, GenerateConfig(teacher="t", input=str(problems), output=str(tmp_path / "all.jsonl")))
+    assert whole.mine(PROBLEMS, ids) == PROBLEMS and whole.done(records=3) == {}
+    whole.claim(fresh=False)
+    assert read_sidecar(tmp_path / "all.jsonl") is None  # unsharded: no sidecar
+    for k, left in ((0, 0), (1, 2)):
+        out = tmp_path / f"r.{k}.jsonl"
+        plan = ShardPlan(SPEC, GenerateConfig(teacher="t", input=str(problems), output=str(out), shard=f"{k}/{N}"))
+        mine = plan.mine(PROBLEMS, ids)
+        assert mine == [p for p in PROBLEMS if shard_of(p["id"], N) == k] and 0 < len(mine) < len(PROBLEMS)
+        plan.claim(fresh=False)
+        assert read_sidecar(out)["complete"] is False and read_sidecar(out)["shard"] == f"{k}/{N}"
+        out.write_text("")
+        assert plan.done(records=1, left_by_budget=left, budget={"max_teacher_tokens": 9}) == {"shard": f"{k}/{N}"}
+        side = read_sidecar(out)
+        assert side["complete"] is (left == 0) and side.get("left_by_budget") == (left or None)
+    with pytest.raises(UndoError, match="is the output of shard 0/3"):  # an unsharded run over a shard's output
+        ShardPlan(SPEC, GenerateConfig(teacher="t", input=str(problems), output=str(tmp_path / "r.0.jsonl"))).claim(
+            fresh=False)
+
+
 def test_partition_is_a_stable_hash_of_the_id():
     from undo_cli.stages.shards import parse_shard, shard_of
 

@@ -290,7 +290,9 @@ def test_the_teacher_budget_holds_across_shards_and_a_resume_with_more_finishes(
     """`--launcher slurm` with max_teacher_tokens: the shards together stay within it, a shard stopped by the
     budget is not resubmitted as failed, the stage stops with the reason `budget` and its usage; `--resume`
     with a larger budget (not a different run) finishes it, and the merge writes the stage's ledger."""
-    from undo_cli.loop.iterate import BudgetReached, IterateConfig, Loop, affected_stages, record_usage
+    from undo_cli.loop.config import IterateConfig, affected_stages
+    from undo_cli.loop.rounds import Loop
+    from undo_cli.loop.usage import BudgetReached, record_usage
     from undo_cli.loop.manifest import RunFolder
     from undo_cli.loop.settings import resolve
     from undo_cli.stages.slurm import SlurmConfig, SlurmLauncher

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from undo_cli.backends import BackendConfig, SamplingConfig, open_backend
-from undo_cli.backends.stopping import CUT_SHORT, TextStop, apply, end_of, repetition_start
+from undo_cli.backends.stopping import CUT_SHORT, RowStop, apply, end_of, repetition_start
 from undo_cli.scoring import answer_line_end, score
 
 REAL = [json.loads(line) for line in (Path(__file__).parent / "data" / "real_outputs.jsonl").read_text().splitlines()]
@@ -112,16 +112,18 @@ def test_a_repetition_counts_as_truncated_everywhere():
 
 # -- the hf backend: a StoppingCriteria over the decoded tail --------------------------------------------
 
-def test_text_stop_fires_on_a_finished_answer_line_only(tiny_tokenizer):
-    import torch
+def test_row_stop_fires_on_a_finished_answer_line_a_loop_and_a_stop_string(tiny_tokenizer):
+    def ids(text: str) -> list[int]:
+        return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def ids(text: str) -> torch.Tensor:
-        return torch.tensor([[1, 2] + tiny_tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-    stop = TextStop(tiny_tokenizer, RULES, prompt_width=2)
-    assert stop(ids("3 + 4 = 7\n#### 7"), None).tolist() == [False]
-    assert stop(ids("3 + 4 = 7\n#### 7\n"), None).tolist() == [True]
-    assert TextStop(tiny_tokenizer, RULES, 2)(ids("yes " * 20), None).tolist() == [True]
+    stop = RowStop(tiny_tokenizer, RULES)
+    assert stop(ids("3 + 4 = 7\n#### 7")) is False
+    assert stop(ids("3 + 4 = 7\n#### 7\n")) is True
+    assert RowStop(tiny_tokenizer, RULES)(ids("yes " * 20)) is True
+    strings = SamplingConfig(stop=["END"])
+    assert RowStop(tiny_tokenizer, strings)(ids("3 + 4 = 7 E")) is False
+    assert RowStop(tiny_tokenizer, strings)(ids("3 + 4 = 7 END and more")) is True
+    assert RowStop(tiny_tokenizer, SamplingConfig())(ids("#### 7\n" + "yes " * 20)) is False  # nothing asked
 
 
 @pytest.mark.slow

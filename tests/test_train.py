@@ -180,6 +180,25 @@ def test_lora_trains_and_merges(tiny_model, data, tmp_path, train):
     assert not any("embed_tokens" in n for n in changed)
 
 
+def test_a_folder_saved_from_a_gguf_load_trains(tiny_model, data, tmp_path, train):
+    """Found on the real student (issue 33): a folder saved from a GGUF load keeps gguf's quantization_config beside
+    dense safetensors, and transformers' Trainer refused it with a traceback ("cannot perform fine-tuning on purely
+    quantized models"). Its weights are dense: it trains, and the checkpoint it writes is an ordinary one."""
+    import json
+    import shutil
+
+    marked = tmp_path / "from-gguf"
+    shutil.copytree(tiny_model, marked)
+    config = json.loads((marked / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "quant_method": "gguf"}
+    (marked / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    res = train("--student", marked, "--data", data, "--output", out, "--max-steps", "2", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
 # ---- resume after a kill ---------------------------------------------------------------
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_packed_and_padded_batches_give_the_same_cross_tokenizer_loss(tiny_model
     from undo_cli.stages.train import TrainConfig
     from undo_cli.training.collate import PackedCollator, PaddedCollator
     from undo_cli.training.data import encode_records
-    from undo_cli.training.distill import prepare_objective
+    from undo_cli.training.objective import prepare_objective
 
     data = write_jsonl(tmp_path / "rationales.jsonl", _rationales(TRAIN[:3]))
     config = TrainConfig(student=str(tiny_model), data=str(data), output=str(tmp_path / "out"), objective="gold",

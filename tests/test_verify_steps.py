@@ -166,7 +166,9 @@ def test_evaluate_refuses_verify_steps_with_the_command_that_checks_predictions(
 
 
 def test_iterate_verify_steps_reaches_the_teacher_stages_and_reads_the_student_strictly(tmp_path):
-    from undo_cli.loop.iterate import IterateConfig, Loop, _Unopened
+    from undo_cli.loop.config import IterateConfig
+    from undo_cli.loop.plan import Unopened
+    from undo_cli.loop.rounds import Loop
     from undo_cli.loop.settings import resolve
     from undo_cli.model_refs import to_be_written
 
@@ -178,7 +180,7 @@ def test_iterate_verify_steps_reaches_the_teacher_stages_and_reads_the_student_s
     def configs(dotted=(), **flags):
         config = resolve(IterateConfig, None, {**base, **flags}, list(dotted))
         with to_be_written(config.run_dir):
-            loop = Loop(config, _Unopened(config.run_dir))
+            loop = Loop(config, Unopened(config.run_dir))
             return loop.generate_config().verify, loop.refine_config(1).verify, loop.evaluate_config(0, "val").verify
 
     # The teacher's rationales are step-checked by default (TEACHER_VERIFY); the loop's verify reads the student.

@@ -22,50 +22,8 @@ A note after a command is a shell comment (`  # ...`), so the line still pastes.
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
-
-_invoked: list[str] | None = None  # the arguments of the `undo` command line being run (set by cli/app.main)
-
-
-def set_invocation(args: list[str] | None) -> None:
-    """Remember the command line `main()` is running (None when it returns), for commands that repeat it."""
-    global _invoked
-    _invoked = None if args is None else list(args)
-
-
-def invocation() -> list[str]:
-    """The arguments after `undo` of the command line being run (sys.argv's when main() was not called)."""
-    return list(_invoked) if _invoked is not None else sys.argv[1:]
-
-
-def drop_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
-    """argv without `flags` (name -> takes a value), in both `--flag value` and `--flag=value` forms."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in flags:
-            skip = flags[name] and "=" not in arg
-            continue
-        out.append(arg)
-    return out
-
-
-def rerun(command: str, *, drop: dict[str, bool] | None = None, add: list[str] | None = None) -> str | None:
-    """`undo <the command line being run>` with some flags dropped and others added, when it is `undo COMMAND ...`.
-
-    None when this process is not that command (a stage called by `undo iterate`, a test, a script): the
-    caller then says it in words. `drop` maps a flag to whether it takes a value.
-    """
-    argv = invocation()
-    if argv[:1] != [command]:
-        return None
-    return "undo " + shlex.join(drop_flags(argv, drop or {}) + list(add or []))
-
 
 def _q(path: Any) -> str:
     return shlex.quote(str(path))

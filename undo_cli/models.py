@@ -68,6 +68,13 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
+        if kind == "model" and "config" not in kwargs and _dense_gguf_folder(source):
+            # A folder saved from a GGUF load (by hand, or by an older tool) keeps gguf's quantization_config
+            # beside dense safetensors: transformers then treats the model as quantized and the Trainer refuses
+            # to fine-tune it ("purely quantized models"). The weights are dense, so the marker is dropped.
+            config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            del config.quantization_config
+            kwargs["config"] = config
         loaded = cls.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise load_error(name, exc, trust_remote_code=trust_remote_code, flag=flag) from None
@@ -76,3 +83,17 @@ def load_pretrained(kind: str, name: str, *, trust_remote_code: bool, flag: str 
 
         threads.fit(loaded)  # torch's thread count for this model's size (undo_cli/threads.py)
     return loaded
+
+
+def _dense_gguf_folder(source: str) -> bool:
+    """Whether `source` is a local folder of dense weights whose config.json still says `quant_method: gguf`."""
+    import json
+
+    folder = Path(source)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return (isinstance(quant, dict) and quant.get("quant_method") == "gguf" and not any(folder.glob("*.gguf"))
+            and any(folder.glob("*.safetensors")))

@@ -135,7 +135,9 @@ def _line_after(text: str, start: int, rest: str) -> str:
 
 
 # Markdown headings also start with '####' ("#### Step 1: add the apples"); they are not answers.
-_HEADING = re.compile(r"^(?:step|part|stage|case)\s*\w*\s*[:.)-]|^(?:step|part)\s+\d+\b|.*:\s*$", re.IGNORECASE)
+# Qwen2.5-Coder also writes "#### First Step: Start with ..." and "#### Final Step: ..." (bench/real_models.py).
+_HEADING = re.compile(r"^(?:(?:first|second|third|fourth|fifth|next|final|last)\s+)?(?:step|part|stage|case)\s*\w*\s*[:.)-]"
+                      r"|^(?:step|part)\s+\d+\b|.*:\s*$", re.IGNORECASE)
 
 
 def _hash_answers(text: str):

@@ -117,7 +117,7 @@ class Backend(Protocol):
 
 def one_batch_at_a_time(backend: Backend, batches: Iterable[list[list[Message]]],
                         sampling: SamplingConfig) -> Iterator[list[list[Completion]]]:
-    """`generate_stream` for a backend whose model is busy with one batch at a time (hf, vllm in process):
+    """`generate_stream` for a backend whose model is busy with one batch at a time (vllm in process):
     nothing to overlap, so nothing is read ahead."""
     for prompts in batches:
         yield backend.generate(prompts, sampling) if prompts else []  # all cached: nothing to send

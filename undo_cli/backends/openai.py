@@ -226,7 +226,7 @@ class OpenAIBackend:
         del key
         self._loop = asyncio.new_event_loop()
         self._endpoints = [_Endpoint(u, self.concurrency, headers, self.request_timeout) for u in urls]
-        from undo_cli.backends import batch_hint
+        from undo_cli.backends.config import batch_hint
 
         self.batch_hint = batch_hint(config)
         self._served: list[str] = []

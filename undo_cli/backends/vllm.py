@@ -55,7 +55,7 @@ class VLLMBackend:
 
         self.config = config
         self.model = config.model
-        from undo_cli.backends import batch_hint
+        from undo_cli.backends.config import batch_hint
 
         self.batch_hint = batch_hint(config)
         self._vllm = vllm

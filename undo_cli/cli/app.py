@@ -109,7 +109,7 @@ Examples:
   undo iterate --config examples/run.toml --name my-run
   undo iterate --config examples/run.toml --name my-run --resume     # after a kill or Ctrl-C
   undo iterate --config examples/run.toml --name my-run --dry-run    # every setting and the plan first""",
-            config="undo_cli.loop.iterate:IterateConfig"),
+            config="undo_cli.loop.config:IterateConfig"),
     Command("report", "undo_cli.loop.report:ReportConfig", "undo_cli.loop.report:run_report", """\
 Per-iteration table (validation accuracy, errors, refinements, verification rate, loss, stage times), what
 each round fixed and broke, and a PNG plot of validation and test accuracy; --html writes one self-contained
@@ -175,7 +175,7 @@ Delete conversions, named by sha256 prefix, .gguf file or folder (the file itsel
 
 Example: undo models rm b179c952"""),
     ]),
-    Command("demo", "undo_cli.stages.demo:DemoConfig", "undo_cli.cli.demo:run", """\
+    Command("demo", "undo_cli.demo:DemoConfig", "undo_cli.cli.demo:run", """\
 Offline demo: builds a tiny teacher and student, runs `undo iterate` on the shipped arithmetic problems and
 prints the report. About two minutes on 2 CPU cores; no network, no GPU.
 
@@ -225,7 +225,7 @@ app = LazyGroup(
 
 
 def main(args: list[str] | None = None) -> None:
-    from undo_cli.guidance import set_invocation
+    from undo_cli.invocation import set_invocation
 
     set_invocation(sys.argv[1:] if args is None else args)  # what a "continue with: undo ..." hint repeats
     try:

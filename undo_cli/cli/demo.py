@@ -1,4 +1,4 @@
-"""`undo demo`'s command: the stage (undo_cli/stages/demo.py), then one JSON line on stdout, like `undo iterate`."""
+"""`undo demo`'s command: the stage (undo_cli/demo.py), then one JSON line on stdout, like `undo iterate`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 
 def run(config: Any) -> None:
-    from undo_cli.stages.demo import run as run_demo
+    from undo_cli.demo import run as run_demo
 
     result = run_demo(config)
     summary = result.get("summary") or {}

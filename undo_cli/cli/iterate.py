@@ -46,7 +46,8 @@ def build(entry: Special) -> click.Command:
     def callback(ctx: click.Context, config: str | None, resume: bool, overwrite: bool, dry_run: bool,
                  dry_run_format: str, **flags: Any) -> None:
         from undo_cli.errors import UndoError
-        from undo_cli.loop.iterate import dry_run as show_plan, run
+        from undo_cli.loop.iterate import run
+        from undo_cli.loop.plan import dry_run as show_plan
         from undo_cli.loop.settings import resolve
 
         if dry_run_format != "text" and not dry_run:

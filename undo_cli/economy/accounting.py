@@ -263,8 +263,13 @@ def sum_ledgers(paths: list[str]) -> dict[str, Any] | None:
         values = [data.get(key) for _, data in found]
         return None if all(v is None for v in values) else _round(sum(v or 0.0 for v in values))
 
+    totals = merged.totals()
+    for backend, row in totals["by_backend"].items():  # a cascade tier's own cost, as each shard's ledger has it
+        costs = [((data.get("by_backend") or {}).get(backend) or {}).get("cost") for _, data in found]
+        if any(c is not None for c in costs):
+            row["cost"] = _round(sum(c or 0.0 for c in costs))
     prices = [data.get("prices") for _, data in found]
-    return {**merged.totals(), "cost": added("cost"), "saved": added("saved"),
+    return {**totals, "cost": added("cost"), "saved": added("saved"),
             "prices": prices[0] if all(p == prices[0] for p in prices) else None,
             "tokens_per_char": merged.tokens_per_char, "merged_from": len(found)}
 

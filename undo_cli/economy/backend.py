@@ -52,10 +52,15 @@ class TeacherEconomy:
         self.cache = None
         self.identity: dict[str, Any] | None = None
         self.load_s = 0.0             # time spent opening the real backend (on the first miss)
+        self.tier_limits: dict[str, dict[str, Any]] = {}  # a cascade tier's own budget, by tier name
 
     def limits(self) -> dict[str, Any]:
-        """The budget this output runs under (what a shard stopped by it records)."""
-        return {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost}
+        """The budget this output runs under (what a shard stopped by it records): the output's, and under
+        `tiers` each cascade tier's own where one has one (stages/slurm.py compares it with the share it gave)."""
+        out: dict[str, Any] = {"max_teacher_tokens": self.budget.max_tokens, "max_cost": self.budget.max_cost}
+        if self.tier_limits:
+            out["tiers"] = dict(sorted(self.tier_limits.items()))
+        return out
 
     def begin(self, output: str, *, fresh: bool) -> None:
         self.ledger = Ledger.load(ledger_path(output), fresh=fresh)
@@ -88,6 +93,8 @@ class TeacherEconomy:
             if tier.backend in BATCH_BACKENDS:  # booked at what a batch costs, as the stage's own prices
                 wrapped.tier_prices = wrapped.tier_prices.at(BATCH_PRICE)
             wrapped.tier_budget = Budget(tier.max_teacher_tokens, tier.max_cost, wrapped.tier_prices)
+            if wrapped.tier_budget.active:
+                self.tier_limits[tier.name] = {"max_teacher_tokens": tier.max_teacher_tokens, "max_cost": tier.max_cost}
             self.ledger.row_prices[tier.name] = wrapped.tier_prices
         return wrapped
 

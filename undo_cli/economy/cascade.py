@@ -92,6 +92,19 @@ class Tier:
         change no record)."""
         return {"name": self.name, "model": self.model, "backend": self.backend, "model_revision": self.model_revision}
 
+    def backend_config(self, stage: Any) -> Any:
+        """The BackendConfig this tier's requests go through: the stage's (`stage`) with this tier's backend, model,
+        servers and key (no batch manifest: a later tier is never a batch API)."""
+        from dataclasses import replace
+
+        return replace(stage, backend=self.backend, model=self.model, batch_manifest=None, base_url=self.base_url,
+                       api_key_env=self.api_key_env or stage.api_key_env)
+
+    def identifying_spec(self) -> str:
+        """The tier as a `--cascade` value holding only what identifies a run (`identity`): a shard's settings
+        (stages/shards.py), the same for every shard whatever share of this tier's budget it was given."""
+        return Tier(model=self.model, name=self.name, backend=self.backend, model_revision=self.model_revision).spec()
+
     def spec(self) -> str:
         """The tier as one `--cascade` value (the inverse of `parse_tier`)."""
         parts = [self.model]
@@ -253,6 +266,12 @@ class CascadeOptions:
                 t.price_input, t.price_output = self.price_input, self.price_output  # type: ignore[attr-defined]
         return [first, *more]
 
+    def tier_backends(self) -> list[tuple[Tier, Any]]:
+        """Each tier with the BackendConfig its requests go through (the first: the stage's own)."""
+        stage = self.backend_config()  # type: ignore[attr-defined]
+        tiers = self.tiers()
+        return [(tiers[0], stage)] + [(t, t.backend_config(stage)) for t in tiers[1:]]
+
     @property
     def cascading(self) -> bool:
         return len(self.tiers()) > 1 or bool(self.route)
@@ -266,6 +285,28 @@ class CascadeOptions:
     def routes(self) -> dict[str, list[str]]:
         names = [t.name for t in self.tiers()]
         return dict(parse_route(r, names, ref("route")) for r in self.route or [])
+
+
+BUDGET_KEYS = ("max_teacher_tokens", "max_cost")
+
+
+def own_budgets(cascade: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Tier name -> its own budget ({"max_teacher_tokens", "max_cost"}), for the `--cascade` values that set one."""
+    tiers = [parse_tier(text, ref("cascade")) for text in cascade or []]
+    return {t.name: {k: getattr(t, k) for k in BUDGET_KEYS} for t in tiers
+            if any(getattr(t, k) is not None for k in BUDGET_KEYS)}
+
+
+def with_budgets(cascade: list[str], budgets: dict[str, dict[str, Any]]) -> list[str]:
+    """The `--cascade` values with the own budgets of the tiers named in `budgets` set to the values given there
+    (what is left of a run's budget for one stage, loop/usage.py; a shard's share of it, stages/slurm.py)."""
+    out = []
+    for text in cascade:
+        tier = parse_tier(text, ref("cascade"))
+        for key, value in budgets.get(tier.name, {}).items():
+            setattr(tier, key, value)
+        out.append(tier.spec() if tier.name in budgets else text)
+    return out
 
 
 def tiers_for(tags: dict[str, Any], routes: dict[str, list[str]], names: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ So the choice is a paired test on the very items both students answered:
    difference too small to matter.
 
 Ties and small wobbles therefore keep the earlier student. The stopping rule
-(iterate.decide: patience, min_delta) still looks at raw accuracy, so the loop
+(rounds.decide: patience, min_delta) still looks at raw accuracy, so the loop
 goes on exploring while accuracy moves; only the choice is tested. Every
 comparison (gained, lost, n, p, gain, kept or not) goes to manifest.json and
 summary.json (`choice`) and is printed under the table.

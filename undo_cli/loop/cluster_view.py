@@ -62,7 +62,7 @@ def cluster_rows(run_dir: str | Path) -> dict[str, Any] | None:
     """{"iterations": [k, ...], "clusters": [{"id", "label", "per": {k: between()'s row}}]} for a run folder's
     finished validation evaluations; None without clusters.json."""
     from undo_cli.clusters import load
-    from undo_cli.loop.report import _jsonl
+    from undo_cli.loop.run_state import records_so_far
 
     layout = RunLayout(Path(run_dir))
     if not layout.clusters.is_file():
@@ -76,8 +76,8 @@ def cluster_rows(run_dir: str | Path) -> dict[str, Any] | None:
     per: dict[int, dict[str, dict[str, Any]]] = {}
     previous = None
     for k in done:
-        preds = _jsonl(layout.predictions(k, "val")) or []
-        refined = (_jsonl(layout.refined(k)) or []) if k > 0 else None
+        preds = records_so_far(layout.predictions(k, "val")) or []
+        refined = (records_so_far(layout.refined(k)) or []) if k > 0 else None
         per[k] = between(clusters, previous if previous is not None and k - 1 in per else None, preds, refined)
         previous = preds
     ids = [c for c in clusters.ids if any(c in per[k] for k in per)]

@@ -122,7 +122,7 @@ def sides(config: DiffConfig) -> tuple[Side, Side]:
         raise UndoError(f"{run_dir}: no such run folder", hint="undo diff runs/NAME A B, or two prediction files")
     best = None
     if "best" in paths[1:]:
-        from undo_cli.loop.report import collect
+        from undo_cli.loop.run_state import collect
 
         best = collect(run_dir)["best_iteration"]
     return _iteration(run_dir, paths[1], config.split, best), _iteration(run_dir, paths[2], config.split, best)

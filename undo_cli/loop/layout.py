@@ -45,6 +45,15 @@ ITERATION = "iter_{:02d}"  # two digits: iter_02 sorts before iter_10 as a perso
 _ITERATION = re.compile(r"iter_(\d+)")
 
 
+def run_mark(run_dir: str | Path) -> str:
+    """What a report of this run carries (the PNG's `Source` text chunk, the HTML page's `undo-run` meta; ASCII
+    whatever the path): `undo report --plot/--html PATH` replaces a file at PATH only when it carries the same
+    mark, or with --overwrite."""
+    import hashlib
+
+    return "undo report " + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def iteration_name(k: int) -> str:
     """iter_00, iter_01, ..."""
     return ITERATION.format(k)

@@ -71,9 +71,36 @@ def history(run_dir: str | Path, row: str) -> list[dict[str, Any]]:
     root = Path(run_dir)
     if not root.is_dir():
         raise UndoError(f"{run_dir}: no such run folder", hint="give the folder `undo iterate` wrote (runs/NAME)")
-    layout = RunLayout(root)
     match = (lambda r: r.get("id") == row or r.get("problem_id") == row) if "#" not in row else \
         (lambda r: r.get("id") == row)
+    steps = _walk(root, match, _read)
+    if not steps:
+        raise UndoError(f"{run_dir}: no row '{row}' in its rationales, refinements or training data",
+                        hint="give a row id as the files write it (p07#0) or a problem id (p07); "
+                             f"head -n 1 {RunLayout(root).rationales()} shows one")
+    return steps
+
+
+def histories(run_dir: str | Path, rows: list[str], read=None) -> dict[str, list[dict[str, Any]]]:
+    """The history of each row id in `rows` (as `history` gives it), read in one pass over the run's files
+    (`undo report --html` embeds every refined row's). read: how a file is read (default: strictly, as
+    `undo lineage` does; the report passes its tolerant reader, for a run still writing)."""
+    wanted = set(rows)
+    out: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
+    for step in _walk(Path(run_dir), lambda r: r.get("id") in wanted, read or _read):
+        out[step["id"]].append(step)
+    return out
+
+
+def as_json(run: str, row: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `undo lineage RUN ROW --format json` prints (and the HTML report embeds per refined row)."""
+    return {"run": run, "row": row, "history": steps}
+
+
+def _walk(root: Path, match, read) -> list[dict[str, Any]]:
+    from undo_cli.loop.layout import RunLayout
+
+    layout = RunLayout(root)
     steps: list[dict[str, Any]] = []
     for k in layout.iterations():
         if k == 0:
@@ -81,7 +108,7 @@ def history(run_dir: str | Path, row: str) -> list[dict[str, Any]]:
         else:
             files = [(layout.refined(k), "refined"), (layout.train_data(k), "trained on")]
         for path, event in files:
-            for record in _read(path):
+            for record in (read(path) or []) if path.is_file() else []:
                 if not match(record):
                     continue
                 if event == "refined":
@@ -90,10 +117,6 @@ def history(run_dir: str | Path, row: str) -> list[dict[str, Any]]:
                 else:
                     event_now = event
                 steps.append(_step(k, path, record, event_now, root))
-    if not steps:
-        raise UndoError(f"{run_dir}: no row '{row}' in its rationales, refinements or training data",
-                        hint="give a row id as the files write it (p07#0) or a problem id (p07); "
-                             f"head -n 1 {layout.rationales()} shows one")
     return steps
 
 
@@ -114,7 +137,7 @@ def run(config: LineageConfig) -> dict[str, Any]:
 
     steps = history(config.run, config.row)
     if config.format == "json":
-        print(json.dumps({"run": config.run, "row": config.row, "history": steps}, ensure_ascii=False, indent=1))
+        print(json.dumps(as_json(config.run, config.row, steps), ensure_ascii=False, indent=1))
         return {"steps": len(steps)}
     from rich.markup import escape
     from rich.table import Table

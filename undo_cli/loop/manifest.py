@@ -307,7 +307,7 @@ class RunFolder:
             seconds = time.perf_counter() - started
             interrupted = isinstance(exc, KeyboardInterrupt)
             # An exception may name its own status: a teacher stage stopped by the budget is "budget", not
-            # failed (iterate.BudgetReached), and carries the summary of what it finished.
+            # failed (usage.BudgetReached), and carries the summary of what it finished.
             stage["status"] = "interrupted" if interrupted else getattr(exc, "stage_status", "failed")
             stage["seconds"] = round(stage["seconds"] + seconds, 3)
             stage["attempts"][-1].update(outcome=stage["status"], seconds=round(seconds, 3))

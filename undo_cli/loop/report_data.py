@@ -1,6 +1,6 @@
 """The per-problem and per-refinement data of `undo report --html`, read from the run folder.
 
-    index, chunks = page_data(run_dir, state)    # state: report.collect(run_dir)
+    index, chunks = page_data(run_dir, state)    # state: run_state.collect(run_dir)
 
 What the page shows, computed here once so that the page's script only
 displays it:
@@ -22,6 +22,10 @@ displays it:
   pointing at their wrong outputs in the validation data of iteration k-1),
   tokens, and every other `refinement` field (a verification mode's own
   fields, such as a rejection reason, are shown as they are).
+* **lineage**: for every refined row, its history across the run's
+  iterations exactly as `undo lineage RUN ROW --format json` prints it
+  (loop/lineage.py), in chunks; the page's lineage view shows one row's at
+  `page.html#lineage=ROW`, and each refinement card links there.
 
 The heavy text (questions, outputs, rationales) goes into **chunks**: JSON
 lists of up to CHUNK_PROBLEMS problems (their questions, or their outputs at
@@ -103,9 +107,9 @@ def word_diff(old: str, new: str) -> list[list[Any]]:
 
 
 def _records(path: Path) -> list[dict[str, Any]] | None:
-    from undo_cli.loop.report import _jsonl
+    from undo_cli.loop.run_state import records_so_far
 
-    return _jsonl(path)
+    return records_so_far(path)
 
 
 class Chunks:
@@ -312,4 +316,17 @@ def page_data(run_dir: str | Path, state: dict[str, Any]) -> tuple[dict[str, Any
     layout = RunLayout(Path(run_dir))
     chunks = Chunks()
     splits = splits_and_pairs(layout, state, chunks)
-    return {"splits": splits, "refinements": refinements(layout, state, splits, chunks)}, chunks
+    refined = refinements(layout, state, splits, chunks)
+    return {"splits": splits, "refinements": refined, "lineage": lineages(run_dir, refined, chunks)}, chunks
+
+
+def lineages(run_dir: str | Path, refined: list[dict[str, Any]], chunks: Chunks) -> dict[str, Any]:
+    """Every refined row's history, as `undo lineage RUN ROW --format json` prints it (loop/lineage.py), for the
+    page's lineage view: the row ids in order, their JSON in chunks of CHUNK_REFINEMENTS rows."""
+    from undo_cli.loop.lineage import as_json, histories
+
+    ids = list(dict.fromkeys(i for group in refined for i in group["ids"] if isinstance(i, str)))
+    found = histories(run_dir, ids, read=_records)
+    rows = [as_json(str(run_dir), i, found[i]) for i in ids]
+    return {"ids": ids, "chunk_size": CHUNK_REFINEMENTS,
+            "chunks": [chunks.add(rows[i:i + CHUNK_REFINEMENTS]) for i in range(0, len(rows), CHUNK_REFINEMENTS)]}

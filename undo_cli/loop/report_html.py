@@ -2,7 +2,7 @@
 
     undo report runs/qwen-gsm8k --html report.html     # then open report.html from disk, offline
 
-Three parts, top to bottom:
+Four parts, top to bottom:
 
 * **The run** (plain HTML, drawn here): settings, the per-iteration table
   (accuracy with n and a 95% Wilson interval, errors by type, the teacher's
@@ -19,7 +19,10 @@ Three parts, top to bottom:
   (against the rejected attempt when the previous one was kept), the student
   failures the teacher was shown (`informed_by`, with their wrong outputs),
   verified or kept-previous, cached, tokens, and every other field of the
-  record's `refinement` as it is.
+  record's `refinement` as it is; and a link to the row's lineage.
+* **Lineage**: one refined row's history across the iterations, exactly what
+  `undo lineage RUN ROW --format json` prints (loop/lineage.py), embedded for
+  every refined row; `report.html#lineage=ROW` opens the page on it, offline.
 
 How it stays safe and fast (limits in report_data.py):
 
@@ -49,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from undo_cli.loop.layout import run_mark
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -62,7 +67,7 @@ def _pct(x: float | None) -> str:
 
 
 def _with_ci(correct: Any, count: Any, accuracy: float | None) -> str:
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     if accuracy is None:
         return "—"
@@ -76,7 +81,7 @@ def _with_ci(correct: Any, count: Any, accuracy: float | None) -> str:
 
 def _points(rows: list[dict[str, Any]], split: str) -> list[tuple[int, float, float, float, str]]:
     """(iteration, accuracy %, low %, high %, tooltip) for each row with an accuracy on the split."""
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     out = []
     for r in rows:
@@ -93,7 +98,7 @@ def _points(rows: list[dict[str, Any]], split: str) -> list[tuple[int, float, fl
 
 def accuracy_svg(state: dict[str, Any], width: int = 760, height: int = 300) -> str:
     """Validation and test accuracy per iteration with 95% Wilson intervals and the chosen iteration marked."""
-    from undo_cli.loop.report import accuracy_axis
+    from undo_cli.loop.run_state import accuracy_axis
 
     rows = state["rows"]
     val, test = _points(rows, "val"), _points(rows, "test")
@@ -164,7 +169,7 @@ def _svg_series(points, cls: str, x, y, labels: bool) -> list[str]:
 
 def _legend(state, val, test) -> str:
     """The plot's legend, as HTML under it: it wraps where a legend inside the SVG would run off the side."""
-    from undo_cli.loop.report import best_label
+    from undo_cli.loop.run_state import best_label
 
     tested = ", ".join(str(p[0]) for p in test)
     items = [("val", f"validation{_n(state['rows'], 'val')}, 95% intervals")]
@@ -277,7 +282,7 @@ def cluster_table(run_dir: str | Path | None) -> str:
 
 def run_section(state: dict[str, Any], summary: dict[str, Any]) -> str:
     """The run at a glance: everything here is numbers and settings, drawn once, no script needed."""
-    from undo_cli.loop.report import best_label, verdict_lines
+    from undo_cli.loop.run_state import best_label, verdict_lines
 
     stop = state.get("stop_reason")
     facts = [f"status: <b>{_e(state.get('status'))}</b>",
@@ -328,6 +333,7 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<meta http-equiv='Content-Security-Policy' content=\"{_csp(script)}\">",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<meta name='undo-run' content='{_e(run_mark(run_dir))}'>",  # lets a later --html tell its own page
         f"<title>{_e(title)}</title><style>{style}</style></head><body>",
         f"<header><h1>{_e(title)}</h1><p class='muted'>written by <code>undo report --html</code> on "
         f"{_e(time.strftime('%Y-%m-%d %H:%M'))}; one file, no network: safe to open offline and to send</p></header>",
@@ -341,6 +347,19 @@ def build(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any]) -
     sizes = {"bytes": len(page.encode("utf-8")), "chunks": len(chunks.items), "chunk_bytes_raw": chunks.raw_bytes,
              "chunk_bytes": sum(len(c) for c in chunks.items)}
     return page, sizes
+
+
+def reported_run(path: str | Path) -> str | None:
+    """The `undo-run` mark of an HTML page at `path` (a report's `run_mark`), or None for any other file."""
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", "replace")  # the mark sits in <head>, before any content
+    except OSError:
+        return None
+    found = re.search(r"<meta name='undo-run' content='([^']*)'>", head)
+    return found.group(1) if found else None
 
 
 def write(run_dir: str | Path, state: dict[str, Any], summary: dict[str, Any], path: str | Path) -> dict[str, Any]:

@@ -262,7 +262,9 @@
     const fields = Object.entries(extra);
     return el("article", { class: "refinement", "data-id": id, "data-outcome": verified ? "verified" : "kept_previous" },
       el("header", null, el("code", null, id), el("span", { class: "muted" }, `problem ${problemId}`), ...badges),
-      el("p", { class: "muted" }, "history: ", el("code", { class: "lineage" }, `${D.run.lineage} ${shellWord(id)}`)),
+      el("p", { class: "muted" }, "history: ", el("a", { class: "lineage", href: lineageHref(id),  // the same address again fires no hashchange
+          onclick: () => { if (location.hash === lineageHref(id)) showLineage(id, true); } }, "lineage of this row"),
+        " · ", el("code", { class: "lineage" }, `${D.run.lineage} ${shellWord(id)}`)),
       el("p", { class: "question" }, question ?? ""), el("p", null, "gold: ", el("b", null, gold ?? "")),
       el("h4", null, heading), diffView(ops), more,
       el("h4", null, `student failures shown to the teacher (informed_by: ${informed.length})`),
@@ -270,6 +272,57 @@
       fields.length ? el("dl", { class: "extra" }, fields.map(([k, v]) =>
         [el("dt", null, k), el("dd", null, typeof v === "string" ? v : JSON.stringify(v))])) : null);
   }
+
+  // --- lineage: one refined row's history (report_data.lineages: what `undo lineage RUN ROW --format json` prints) ---
+  // The address page.html#lineage=ROW shows it: each refinement card links there, and such a link works offline.
+  const lineageAt = new Map(((D.lineage || {}).ids || []).map((id, i) => [id, i]));
+  const lineageHref = (id) => "#" + new URLSearchParams({ lineage: id }).toString();
+
+  function attempts(lin) {
+    return ((lin && lin.cascade) || []).map((a) => `${a.teacher}: ${a.verdict} (${a.tokens} tokens` +
+      (a.cost !== null && a.cost !== undefined ? `, cost ${a.cost}` : "") + (a.cached ? ", cached" : "") + ")").join("; ") || "-";
+  }
+
+  function source(s) {
+    const lin = s.lineage || {}, informed = (s.informed_by || lin.informed_by || []).join(", "), parent = lin.parent;
+    return [informed && `failures ${informed}`, parent && `parent ${parent.id} @ iter ${parent.iteration}`,
+      lin.failure_cluster !== null && lin.failure_cluster !== undefined && `cluster ${lin.failure_cluster}`]
+      .filter(Boolean).join("; ") || "-";
+  }
+
+  function showLineage(id, scroll) {
+    const view = $("l-view");
+    const at = lineageAt.get(id);
+    if (at === undefined) {
+      view.replaceChildren(el("p", { class: "wrong" }, `no refined row '${id}' in this page`));
+      return busy;
+    }
+    const L = D.lineage;
+    return render(view, async () => {
+      const row = (await chunk(L.chunks[Math.floor(at / L.chunk_size)]))[at % L.chunk_size];
+      const head = ["iter", "event", "teacher (model hash)", "text", "cascade attempts", "informed by / parent"];
+      const rows = row.history.map((s) => {
+        const teacher = (s.lineage && s.lineage.teacher) || {};
+        const event = s.event + (s.reject_reason && !s.event.includes("verified") ? ` (${s.reject_reason})` : "");
+        return el("tr", null, el("td", null, String(s.iteration)), el("td", null, event),
+          el("td", null, (s.teacher ?? "-") + (teacher.hash ? ` (${teacher.hash})` : "")),
+          el("td", null, el("code", null, s.rationale_hash ?? "-")), el("td", null, attempts(s.lineage)),
+          el("td", null, source(s)));
+      });
+      view.replaceChildren(el("article", { class: "lineage", id: "lineage-" + id, "data-id": id },
+        el("header", null, el("code", null, id), el("code", { class: "lineage" }, `${D.run.lineage} ${shellWord(id)} --format json`)),
+        el("table", { class: "lineage" }, el("tr", null, head.map((h) => el("th", null, h))), rows),
+        el("details", { open: "" }, el("summary", null, "as JSON (every field, each version's text)"),
+          el("pre", { class: "lineage-json" }, JSON.stringify(row, null, 1)))));
+      if (scroll) $("lineage").scrollIntoView();
+    });
+  }
+
+  function lineageFromAddress() {
+    const id = new URLSearchParams(location.hash.slice(1)).get("lineage");
+    if (id !== null) showLineage(id, true).then(() => mark("undoLineage"));
+  }
+  window.addEventListener("hashchange", lineageFromAddress);
 
   // --- start: counts at once, then the first page of each list -------------------------------------------
   // page.html#size=all&filter=all: every problem and refinement at once (a naive page; the benchmark's baseline)
@@ -283,5 +336,6 @@
   if (haveT) showTransitions().then(() => mark("undoList"));
   mark("undoReady");
   if (haveR) showRefinements().then(() => mark("undoRefinements"));
-  window.undoReport = { idle: () => busy.then(() => busy), data: D };
+  lineageFromAddress();
+  window.undoReport = { idle: () => busy.then(() => busy), data: D, showLineage };
 })();

@@ -1,14 +1,14 @@
 """report.png: one panel per kind of number, each on its own axis, every panel with its own x tick labels.
 
-    from undo_cli.loop import report
-    report.plot(report.collect("runs/demo"), "runs/demo/report.png")
+    from undo_cli.loop import report, run_state
+    report.plot(run_state.collect("runs/demo"), "runs/demo/report.png")
 
 Panels, top to bottom (matplotlib, Agg backend: files only, no display):
 
 1. accuracy per iteration: validation (a line) and the tested students
    (squares, nudged right so that both stay visible at one iteration), each
    point with its 95% Wilson interval; the iteration the run chose is ringed
-   and marked by a dotted line, labelled with report.best_label (the run's
+   and marked by a dotted line, labelled with run_state.best_label (the run's
    choice, its best so far, or computed for a folder without a manifest);
 2. the teacher's rationales: at iteration 0 the samples generated (verified,
    rejected), afterwards the refinements (verified, or not, when the previous
@@ -31,12 +31,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from undo_cli.loop.layout import run_mark
+
 ERROR_COLORS = {"wrong_answer": "tab:purple", "no_answer": "tab:grey", "truncated": "tab:orange"}
 
 
 def series(rows: list[dict[str, Any]], split: str) -> list[tuple[int, float, float, float, int | None, int | None]]:
     """(iteration, accuracy %, low %, high %, correct, count) of every row scored on the split."""
-    from undo_cli.loop.report import wilson_interval
+    from undo_cli.loop.run_state import wilson_interval
 
     out = []
     for r in rows:
@@ -81,7 +83,7 @@ def _legend(ax, order: list[str] | None = None) -> None:
 
 
 def _draw_accuracy(ax, state: dict[str, Any], val: list, test: list, label_every: int) -> None:
-    from undo_cli.loop.report import accuracy_axis, best_label
+    from undo_cli.loop.run_state import accuracy_axis, best_label
 
     def errorbar(points, dx, **style):
         xs = [p[0] + dx for p in points]
@@ -166,7 +168,7 @@ def _draw_errors(ax, rows: list[dict[str, Any]], label: bool) -> None:
 def _draw_tokens(ax, rows: list[dict[str, Any]]) -> None:
     from matplotlib.ticker import EngFormatter
 
-    from undo_cli.loop.report import accuracy_axis
+    from undo_cli.loop.run_state import accuracy_axis
 
     val = [(r["teacher_tokens_cumulative"], 100 * r["val_accuracy"], r["iteration"]) for r in rows
            if r.get("val_accuracy") is not None]
@@ -209,14 +211,6 @@ def figure(state: dict[str, Any]):
         plt.close(fig)
         raise
     return fig
-
-
-def run_mark(run_dir: str | Path) -> str:
-    """What a plot of this run carries in its PNG text chunk `Source` (ASCII whatever the path): `undo report
-    --plot PATH` replaces a file at PATH only when it carries the same mark, or with --overwrite."""
-    import hashlib
-
-    return "undo report " + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def plotted_run(path: str | Path) -> str | None:

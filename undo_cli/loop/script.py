@@ -46,7 +46,8 @@ _BUDGET = ("max_teacher_tokens", "max_cost")
 def shell_settings(config) -> str:
     """The assignments examples/undo_loop.sh evaluates (see the module docstring)."""
     from undo_cli.fields import to_flags
-    from undo_cli.loop.iterate import Loop, _Unopened, check_stages
+    from undo_cli.loop.plan import Unopened, check_stages
+    from undo_cli.loop.rounds import Loop
     from undo_cli.loop.layout import MANIFEST
     from undo_cli.model_refs import to_be_written
 
@@ -62,7 +63,7 @@ def shell_settings(config) -> str:
     if (config.run_dir / MANIFEST).is_file():
         raise UndoError(f"{config.run_dir} holds an `undo iterate` run",
                         hint="give the bash loop a folder of its own: add --name bash-loop")
-    loop = Loop(config, _Unopened(config.run_dir))
+    loop = Loop(config, Unopened(config.run_dir))
     with to_be_written(config.run_dir):  # the students of later iterations do not exist yet
         built = {"cluster": loop.cluster_config(), "generate": loop.generate_config(), "train": loop.train_config(0),
                  "evaluate": loop.evaluate_config(0, "val"), "collect_errors": loop.collect_errors_config(0)}

@@ -7,7 +7,7 @@
 Rules (each also stops at max_iterations and when no validation error is left):
 
 * `patience`: stop after `patience` iterations without a raw validation gain of
-  `min_delta` (the rule before this one; loop/iterate.decide).
+  `min_delta` (the rule before this one; loop/rounds.decide).
 * `paired`: stop when `patience` refinement rounds in a row show no evidence
   of a gain over the student kept so far: the same exact McNemar test on the
   same validation items that chooses the best iteration (loop/choose.py:
@@ -54,7 +54,7 @@ def rounds(history: list[dict[str, Any]], tests: list[dict[str, Any]], paid: dic
 
 
 def should_stop(rule: str, table: list[dict[str, Any]], patience: int, min_gain_per_ktok: float) -> str | None:
-    """Why rule `rule` (not `patience`: iterate.decide keeps that one) stops after the last round, or None."""
+    """Why rule `rule` (not `patience`: rounds.decide keeps that one) stops after the last round, or None."""
     if not table:
         return None
     last = table[-1]

@@ -112,20 +112,17 @@ def tier_budgets(cascade: dict[str, Any], manifest: dict[str, Any], key: str) ->
     reduced by what that tier spent in the run's other teacher stages (their ledgers' row of that tier)."""
     if not cascade.get("cascade"):
         return cascade
-    from undo_cli.economy.cascade import parse_tier
+    from undo_cli.economy.cascade import own_budgets, with_budgets
 
-    tiers = [parse_tier(spec) for spec in cascade["cascade"]]
-    for tier in tiers:
-        if tier.max_teacher_tokens is None and tier.max_cost is None:
-            continue
+    left = {}
+    for name, budget in own_budgets(cascade["cascade"]).items():
         tokens, cost = 0, 0.0
         for other, stage in manifest.get("stages", {}).items():
-            row = (((stage.get("summary") or {}).get("teacher_usage") or {}).get("by_backend") or {}).get(tier.name)
+            row = (((stage.get("summary") or {}).get("teacher_usage") or {}).get("by_backend") or {}).get(name)
             if other != key and row:
                 tokens += row["paid"]["tokens"]
                 cost += row.get("cost") or 0.0
-        if tier.max_teacher_tokens is not None:
-            tier.max_teacher_tokens = max(0, tier.max_teacher_tokens - tokens)
-        if tier.max_cost is not None:
-            tier.max_cost = max(0.0, tier.max_cost - cost)
-    return {**cascade, "cascade": [t.spec() for t in tiers]}
+        left[name] = {"max_teacher_tokens": None if budget["max_teacher_tokens"] is None else
+                      max(0, budget["max_teacher_tokens"] - tokens),
+                      "max_cost": None if budget["max_cost"] is None else max(0.0, budget["max_cost"] - cost)}
+    return {**cascade, "cascade": with_budgets(cascade["cascade"], left)}

@@ -25,8 +25,6 @@ class TeacherTiers:
     """The stage's teachers behind the `Backend` surface the generation loop uses, plus `run` for a cascade."""
 
     def __init__(self, economy: Any, config: Any, backend: Any):
-        from dataclasses import replace
-
         from undo_cli.backends import BackendConfig
         from undo_cli.economy.cascade import Tier, tiers_for
 
@@ -40,8 +38,7 @@ class TeacherTiers:
             if i == 0 or not isinstance(backend, BackendConfig):
                 inner = backend  # the stage's own (an open one is only ever the first tier)
             else:
-                inner = replace(backend, backend=tier.backend, model=tier.model, batch_manifest=None,
-                                base_url=tier.base_url, api_key_env=tier.api_key_env or backend.api_key_env)
+                inner = tier.backend_config(backend)
             # A described tier (a cascade, or [[teachers]] of one) keeps its ledger row, prices and own budget.
             described = self.cascading or bool(getattr(config, "cascade", None))
             self.backends[tier.name] = economy.wrap(inner, tier=tier if described else None)

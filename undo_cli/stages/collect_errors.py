@@ -115,23 +115,18 @@ def run(config: CollectErrorsConfig) -> dict[str, Any]:
     """Read predictions, write errors, print a table; returns the summary."""
     from undo_cli.records import read_records, write_records
 
-    from undo_cli.stages import shards
+    from undo_cli.stages.shards import ShardPlan
 
-    shard = shards.parse_shard(config.shard)
-    meta = shards.shard_meta(SPEC, shard, config) if shard else None
-    if meta is None:
-        shards.refuse_unsharded(config.output)
+    plan = ShardPlan(SPEC, config)
     predictions = read_records(config.predictions, "prediction")
     all_errors = collect(predictions)
     # Classify and sample everything, then keep this shard's part: cheap (no model), and a
     # --max sample is then exactly the unsharded one.
     errors = sample(all_errors, config.max, config.seed)
-    if meta is not None:
-        errors = [e for e in errors if shards.shard_of(e["id"], shard.n) == shard.k]
-        shards.begin(config.output, meta, fresh=True)  # a whole-file rewrite: nothing to resume
+    errors = plan.mine(errors, [e["id"] for e in errors])
+    plan.claim(fresh=True)  # a whole-file rewrite: nothing to resume
     write_records(config.output, errors)
-    if meta is not None:
-        shards.finish(config.output, meta, records=len(errors))
+    which = plan.done(records=len(errors))  # {'shard': 'K/N'} for a shard
 
     found = Counter(e["error_type"] for e in all_errors)
     kept = Counter(e["error_type"] for e in errors)
@@ -145,8 +140,7 @@ def run(config: CollectErrorsConfig) -> dict[str, Any]:
         "output": config.output,
     }
     _print_table(summary, sampled=config.max is not None and len(all_errors) > len(errors))
-    if shard is not None:
-        summary["shard"] = str(shard)
+    summary.update(which)
     return summary
 
 

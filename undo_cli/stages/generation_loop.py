@@ -72,10 +72,12 @@ Contract, in detail:
   and opened only on the first cache miss. Every record gets `cached`; an item
   the budget does not allow comes back as None and is left undone (a re-run
   resumes it), and the summary gains `teacher_usage`, `budget`, `left_by_budget`.
-* **Shards.** With `--shard K/N` (stages/shards.py) only the items of shard K
-  are generated, by a stable hash of `item.shard_key` (default: the key): here
-  and nowhere else (`Generation.items` then holds them, for the stage's own
-  counts); a sidecar `<stem>.shard.json` records N, K, the input hashes and the
+* **Shards.** With `--shard K/N` only the items of shard K are generated, by a
+  stable hash of `item.shard_key` (default: the key). What that means is decided
+  once, before any work (`shards.ShardPlan`, stages/shards.py): the loop asks it
+  for this shard's items (here and nowhere else; `Generation.items` then holds
+  them, for the stage's own counts), claims the output through it before the
+  first write and reports to it after the last; a sidecar `<stem>.shard.json` records N, K, the input hashes and the
   settings, and `undo merge` joins the shards into the unsharded run's file. A
   shard the teacher budget stopped is marked so (not complete) for the launcher.
 * **Streams.** An output that is not a regular file (`-`, a FIFO, a device) is
@@ -281,11 +283,9 @@ class Generation:
             raise UndoError(f"two work items share the key '{dup}'", hint="input ids must be unique")
         self.spec, self.config, self.make_records, self.keep, self.explain = spec, config, make_records, keep, explain
         self.output, self.fresh = config.output, bool(config.overwrite)
-        part = shards.parse_shard(config.shard)
-        self.shard = None if part is None else shards.shard_meta(spec, part, config)
-        # The one place a stage's work is split: by a stable hash of the id (stages/shards.py).
-        self.items = list(items) if part is None else \
-            [it for it in items if shards.shard_of(it.shard_key or it.key, part.n) == part.k]
+        # The one place a stage's work is split: by a stable hash of the id (stages/shards.py), decided here.
+        self.shards = shards.ShardPlan(spec, config)
+        self.items = self.shards.mine(items, [it.shard_key or it.key for it in items])
         self.stream = is_stream(self.output)
         self.side = sidecar_path(self.output, REJECTED) if keep is not None else None
         inputs = dict(inputs or {})
@@ -335,12 +335,8 @@ class Generation:
         from undo_cli.identity import defaults
         from undo_cli.records import check_output_path
         from undo_cli.records.sidecars import remove_stale_temps_of
-        from undo_cli.stages import shards
 
-        if self.shard is not None:
-            shards.begin(self.output, self.shard, fresh=self.fresh)
-        else:
-            shards.refuse_unsharded(self.output)
+        self.shards.claim(fresh=self.fresh)
         check_output_path(self.output)
         existed = not self.stream and Path(self.output).exists()
         claim_output(self.output, self.identity, fresh=self.fresh, defaults=defaults(type(self.config)),
@@ -479,30 +475,25 @@ class Generation:
 
     def _finish(self, out, rejected, started: float) -> dict[str, Any]:
         """Put the output in item order, mark a finished shard complete (or stopped by the budget), summarise."""
-        from undo_cli.stages import shards
+        from undo_cli.records.order import put_in_order
 
         stats = self.stats
         # Every item is done (or left by the budget, to resume): a finished output is in item (input) order
         # whatever the backend's batching did, so a re-run, a resumed run and `undo merge` of shards all give
         # the same file. A FIFO or a device is never read back: it would wait for a writer forever.
         if not self.stream:
-            shards.put_in_order(self.output, self.spec.records, self.keys, self.spec.key)
+            put_in_order(self.output, self.spec.records, self.keys, self.spec.key)
             if self.side:
-                shards.put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
+                put_in_order(self.side, self.spec.records, self.keys, self.spec.key)
         summary = stats.summary(self.output, self.side)
         if stats.applied is not None:
             record_applied(self.output, stats.applied)
         if self.keep is not None:  # a verifying stage: this run's samples that did not verify, by reason
             summary["rejected_by_reason"] = stats.unverified
-        if self.shard is not None:
-            counts = {"records": len(out.existing) + stats.kept,
-                      "rejected_records": None if self.side is None else len(rejected.existing) + stats.rejected}
-            if stats.left_by_budget:  # not complete (merge refuses it); what stopped it, for the launcher
-                shards.stopped_by_budget(self.output, self.shard, left=len(stats.left_by_budget),
-                                         budget=self.economy.limits(), **counts)
-            else:
-                shards.finish(self.output, self.shard, **counts)
-            summary["shard"] = self.shard["shard"]
+        summary.update(self.shards.done(
+            records=len(out.existing) + stats.kept,
+            rejected_records=None if self.side is None else len(rejected.existing) + stats.rejected,
+            left_by_budget=len(stats.left_by_budget), budget=self.economy.limits() if stats.left_by_budget else None))
         stats.wall_s = time.perf_counter() - started
         if self.economy is not None:
             self._economy_summary(summary)

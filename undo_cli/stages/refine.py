@@ -28,7 +28,8 @@ missed concept in the same notation and end with `#### <answer>`.
 
 Before anything is sent, each prompt is measured against the teacher's context
 (its config.json, vLLM's --max-model-len, or a server's /v1/models; see
-backends/context.py) with room for --max-tokens: one that does not fit shows
+backends/context.py; with a --cascade, every teacher the prompt's route goes
+to) with room for --max-tokens: one that does not fit shows
 fewer similar failures, and one that does not fit even with none is refused,
 with the numbers and the setting to change (`fit_to_context`).
 
@@ -68,7 +69,7 @@ from typing import Any
 
 from undo_cli.backends.stopping import CUT_SHORT
 from undo_cli.console import console, warn
-from undo_cli.economy.cascade import CascadeOptions
+from undo_cli.economy.cascade import CascadeOptions, tiers_for
 from undo_cli.economy.options import TeacherEconomyOptions
 from undo_cli.errors import SettingError, UndoError, ref, word
 from undo_cli.backends import SERVED
@@ -551,59 +552,84 @@ def _lineage(job: Job) -> dict[str, Any]:
 
 
 def fit_to_context(jobs: list[Job], config: RefineConfig) -> list[Job]:
-    """Make every prompt fit the teacher's context with room for --max-tokens, before anything is sent.
+    """Make every prompt fit each teacher it goes to with room for --max-tokens, before anything is sent.
 
     A refine prompt holds the earlier rationales, the student's output and `--k` similar failures
     with theirs, and can outgrow a small teacher (prompts of 2,500 tokens against 1,024 were seen).
     Where one does, its similar failures are shown fewer, the least similar dropped first (the
     record's `informed_by` lists those shown); one that does not fit even with none is refused,
-    with the numbers and the settings to change. Nothing is checked when the context is unknown
+    with the numbers and the settings to change. With a teacher cascade every tier the prompt's
+    route goes through is checked, each with its own tokenizer and window: the same prompt goes to
+    each, so the tightest decides. Nothing is checked for a teacher whose context is unknown
     (backends/context.py says where it is read from).
     """
-    from undo_cli.backends.context import context_window, prompt_length
     from undo_cli.prompts import load_template
 
-    window = context_window(config.backend_config())
-    length = prompt_length(config.backend_config()) if window is not None and jobs else None
-    if length is None:
+    checks = _context_checks(config) if jobs else []
+    if not checks:
         return jobs
-    budget = window.tokens - config.max_tokens  # what the prompt may take: the completion needs its room
+    routes, names = config.routes(), [t.name for t in config.tiers()]
+    budgets = {name: window.tokens - config.max_tokens for name, window, _ in checks}  # the completion needs room
     tmpl = load_template(config.prompt)
-    shown: Counter = Counter()  # how many similar failures the shortened prompts show
+    shown: dict[str, Counter] = {}  # per tier that shortened prompts: how many similar failures they show
     for job in jobs:
-        messages = _messages(job, tmpl)
-        if length.bound(messages) <= budget:
-            continue  # far inside: no tokenizing
-        tokens = length.exact(messages)
-        shortened = False
-        while tokens > budget and job.similar:
-            job.similar, shortened = job.similar[:-1], True
-            tokens = length.exact(_messages(job, tmpl))
-        if tokens > budget:
-            _refuse_too_long(job, tokens, window, config)
-        if shortened:
-            shown[len(job.similar)] += 1
-    if shown:
-        counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown.items(), reverse=True))
-        warn(word(f"{sum(shown.values())} of {len(jobs)} refine prompts were too long for the teacher's context "
+        route = tiers_for(_tags(job), routes, names)
+        for name, window, length in checks:
+            if name not in route:
+                continue
+            messages = _messages(job, tmpl)
+            if length.bound(messages) <= budgets[name]:
+                continue  # far inside: no tokenizing
+            tokens = length.exact(messages)
+            shortened = False
+            while tokens > budgets[name] and job.similar:
+                job.similar, shortened = job.similar[:-1], True
+                tokens = length.exact(_messages(job, tmpl))
+            if tokens > budgets[name]:
+                _refuse_too_long(job, tokens, window, config, name if len(names) > 1 else None)
+            if shortened:
+                shown.setdefault(name, Counter())[len(job.similar)] += 1
+    for name, window, _ in checks:
+        if name not in shown:
+            continue
+        counts = ", ".join(f"{n} show {k}" for k, n in sorted(shown[name].items(), reverse=True))
+        whose = f"teacher {name!r}'s context" if len(names) > 1 else "the teacher's context"
+        warn(word(f"{sum(shown[name].values())} of {len(jobs)} refine prompts were too long for {whose} "
                   f"({window.tokens:,} tokens, {window.source}) with room for {ref('max_tokens')} {config.max_tokens}: "
                   f"they show fewer similar failures than {ref('k')} {config.k} ({counts}); a smaller {ref('k')} or "
                   f"{ref('max_tokens')} avoids this"))
     return jobs
 
 
-def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig) -> None:
+def _context_checks(config: RefineConfig) -> list[tuple[str, Any, Any]]:
+    """(tier name, its context window, its prompt length) for every teacher whose window and tokenizer are known,
+    in the cascade's order (a lone teacher: one)."""
+    from undo_cli.backends.context import context_window, prompt_length
+
+    out = []
+    for tier, backend in config.tier_backends():
+        window = context_window(backend)
+        length = prompt_length(backend) if window is not None else None
+        if length is not None:
+            out.append((tier.name, window, length))
+    return out
+
+
+def _refuse_too_long(job: Job, tokens: int, window, config: RefineConfig, tier: str | None = None) -> None:
     room = window.tokens - tokens
     # The settings named with ref(): `--max-tokens` here, `refine.max_tokens` in `undo iterate` (errors.py).
     fix = (f"lower {ref('max_tokens')} to at most {room}" if room > 0 else
            "shorten what the prompt shows (the student's output, bounded by its evaluation's max tokens; "
            f"a shorter {ref('prompt')} template)")
+    backend = next((t.backend for t in config.tiers() if t.name == tier), None) if tier else config.backend
     server = {"vllm": f"; or a longer {ref('max_model_len')}",
-              "openai": "; or serve it with a longer context (the server's max model length)"}.get(config.backend, "")
+              "openai": "; or serve it with a longer context (the server's max model length)"}.get(backend or "", "")
+    whose = f"teacher {tier!r}'s context" if tier else "the teacher's context"
+    other = f"; or route these rows past {tier!r} ({ref('route')})" if tier else ""
     raise UndoError(f"refine prompt for {job.target['id']} is {tokens:,} tokens; with {ref('max_tokens')} "
-                    f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than the teacher's context of "
+                    f"{config.max_tokens} that is {tokens + config.max_tokens:,}, more than {whose} of "
                     f"{window.tokens:,} tokens ({window.source}), even with no similar failure shown",
-                    hint=f"{fix}; or a teacher with a longer context{server}", setting="max_tokens")
+                    hint=f"{fix}; or a teacher with a longer context{server}{other}", setting="max_tokens")
 
 
 def verify(text: str, finish_reason: str | None, target: dict[str, Any], mode: str = "strict"):

@@ -123,8 +123,13 @@ def shard_meta(spec: Any, shard: Shard, config: Any) -> dict[str, Any]:
     if is_stream(getattr(config, "output", "-")):
         raise UndoError(f"--shard {shard} needs --output FILE, not stdout or a stream",
                         hint="each shard writes its own file (e.g. out/rationales.{k}.jsonl); `undo merge` joins them")
+    settings = identity(config)
+    if settings.get("cascade"):  # a tier's prices, budget and servers change no record (economy/cascade.py); the
+        from undo_cli.economy.cascade import parse_tier  # Slurm launcher gives each shard its share of a budget
+
+        settings["cascade"] = [parse_tier(t).identifying_spec() for t in settings["cascade"]]
     return {"format": FORMAT, "stage": spec.name, "shard": str(shard), "k": shard.k, "n": shard.n,
-            "inputs": inputs, "settings": identity(config), "key": spec.key, "complete": False}
+            "inputs": inputs, "settings": settings, "key": spec.key, "complete": False}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -205,26 +210,44 @@ def read_sidecar(output: str | os.PathLike) -> dict[str, Any] | None:
     return _read_sidecar(sidecar_path(output))
 
 
-def order_records(records: list[dict[str, Any]], keys: Iterable[str], key: str) -> list[dict[str, Any]]:
-    """Records grouped by `record[key]` in the order of `keys`; within a key, as given. Unknown keys go last."""
-    position = {k: i for i, k in enumerate(keys)}
-    last = len(position)
-    # sorted() is stable: the records of one key keep the order they were generated in.
-    return sorted(records, key=lambda r: position.get(r.get(key), last))
+class ShardPlan:
+    """What `--shard K/N` means for one run of a stage, decided once, before any work, and handed to the stage.
 
+        plan = ShardPlan(SPEC, config)                      # checks --shard, its inputs and its output
+        items = plan.mine(items, [it.key for it in items])  # this shard's items, in their order (all, unsharded)
+        plan.claim(fresh=config.overwrite)                  # before the first write
+        summary.update(plan.done(records=n, left_by_budget=left, budget=limits))   # after the last
 
-def put_in_order(path: str, kind: str, keys: list[str], key: str) -> None:
-    """Rewrite a finished JSONL output (atomically) in item order, if it is not already."""
-    from undo_cli.records import read_records, write_records
+    `claim` refuses an output that belongs to another shard or run and writes the sidecar (unsharded: refuses
+    to write over a shard's output); `done` marks the sidecar complete, or stopped by the teacher budget with
+    the items left, and says which shard this was (unsharded: nothing). The stage meets shards only here.
+    """
 
-    from undo_cli.records.sidecars import can_read_back
+    def __init__(self, spec: Any, config: Any):
+        self.output = config.output
+        self.part = parse_shard(config.shard)
+        self.meta = None if self.part is None else shard_meta(spec, self.part, config)
 
-    if not can_read_back(path):
-        return
-    records = read_records(path, kind, allow_empty=True)
-    ordered = order_records(records, keys, key)
-    if any(a is not b for a, b in zip(records, ordered)):
-        write_records(path, ordered)
+    def mine(self, items: Iterable[Any], keys: Iterable[str]) -> list[Any]:
+        """The items this run is responsible for: shard K's, by a stable hash of each item's key (`keys`, in step)."""
+        if self.part is None:
+            return list(items)
+        return [item for item, key in zip(items, keys, strict=True) if shard_of(key, self.part.n) == self.part.k]
+
+    def claim(self, *, fresh: bool) -> None:
+        if self.meta is None:
+            refuse_unsharded(self.output)
+        else:
+            begin(self.output, self.meta, fresh=fresh)
+
+    def done(self, *, left_by_budget: int = 0, budget: dict[str, Any] | None = None, **counts: Any) -> dict[str, Any]:
+        if self.meta is None:
+            return {}
+        if left_by_budget:  # not complete (merge refuses it); what stopped it, for the launcher
+            stopped_by_budget(self.output, self.meta, left=left_by_budget, budget=budget or {}, **counts)
+        else:
+            finish(self.output, self.meta, **counts)
+        return {"shard": self.meta["shard"]}
 
 
 # --- merge -------------------------------------------------------------------------------------------

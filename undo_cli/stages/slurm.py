@@ -46,7 +46,9 @@ resubmitted.
 The teacher budget (`max_teacher_tokens`, `max_cost` of the run, loop/usage.py)
 is shared out among a teacher stage's shards: each may spend, on its own ledger,
 what it has spent so far plus an equal share of what the stage has left, so the
-shards together never exceed it. A shard the budget stops says so in its
+shards together never exceed it. A teacher cascade's own budget per tier
+(`[[teachers]]` max_teacher_tokens / max_cost) is shared out the same way, from
+that tier's row of the shards' ledgers (`allowances`). A shard the budget stops says so in its
 sidecar and is not resubmitted as if it had failed; once every shard is complete
 or stopped, the stage returns what they spent and how many items are left
 (`left_by_budget`), and `undo iterate` stops with the reason `budget`. A resume
@@ -68,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from undo_cli.console import console, warn
+from undo_cli.economy.cascade import BUDGET_KEYS
 from undo_cli.errors import UndoError
 
 # squeue states after which a task will not write anything more.
@@ -193,6 +196,63 @@ def _plain(summary: dict[str, Any]) -> dict[str, Any]:
 # --- the controller side -------------------------------------------------------------------------------
 
 
+def allowances(config: Any, parts: list[Path], complete: list[bool]) -> list[dict[str, Any]]:
+    """Each shard's share of a teacher stage's budget, as the limits of its own ledger (which counts every run of
+    that shard): what it has spent so far plus an equal share of what the stage has left. The shares add up to
+    the stage's budget, so N shards never spend N times it. The same for each cascade tier's own budget
+    (economy/cascade.py), from that tier's row of the shards' ledgers, under `tiers`. The form is what a shard
+    the budget stopped records (`TeacherEconomy.limits`). No budget: no limits ({})."""
+    tiers = own_budgets_of(config)
+    limits = {name: getattr(config, name, None) for name in BUDGET_KEYS}
+    if all(value is None for value in limits.values()) and not tiers:
+        return [{} for _ in parts]
+    from undo_cli.economy.accounting import read_ledger
+    from undo_cli.records.sidecars import USAGE, sidecar_path
+
+    ledgers = [read_ledger(sidecar_path(p, USAGE)) or {} for p in parts]
+    open_shards = max(1, sum(not c for c in complete))
+
+    def shares(limit: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """rows: per shard, the ledger (or its row of one tier) that the limit counts."""
+        spent = {"max_teacher_tokens": [(r.get("paid") or {}).get("tokens", 0) for r in rows],
+                 "max_cost": [r.get("cost") or 0.0 for r in rows]}
+        out: list[dict[str, Any]] = [{} for _ in parts]
+        for name in BUDGET_KEYS:
+            left = None if limit[name] is None else max(0, limit[name] - sum(spent[name]))
+            share = None if left is None else (left // open_shards if name == "max_teacher_tokens" else left / open_shards)
+            for k in range(len(parts)):
+                out[k][name] = None if share is None else spent[name][k] + (0 if complete[k] else share)
+        return out
+
+    out = shares(limits, ledgers)
+    for tier, limit in tiers.items():
+        rows = [((d.get("by_backend") or {}).get(tier) or {}) for d in ledgers]
+        for k, share in enumerate(shares(limit, rows)):
+            out[k].setdefault("tiers", {})[tier] = share
+    return out
+
+
+def own_budgets_of(config: Any) -> dict[str, dict[str, Any]]:
+    """A stage config's cascade tiers that have their own budget (economy/cascade.py), by name, sorted."""
+    from undo_cli.economy.cascade import own_budgets
+
+    return dict(sorted(own_budgets(getattr(config, "cascade", None)).items()))
+
+
+def budget_settings(config: Any, budget: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that give a shard its share (`allowances`): the output's budget, and the cascade's
+    values with each tier's share as that tier's own budget."""
+    if not budget:
+        return {}
+    from undo_cli.economy.cascade import with_budgets
+
+    out = {name: budget[name] for name in BUDGET_KEYS}
+    if budget.get("tiers"):
+        out["cascade"] = with_budgets(config.cascade, budget["tiers"])
+    return out
+
+
+
 class SlurmLauncher:
     """Submits a run's stages to Slurm and waits for them; state lives in the run's manifest."""
 
@@ -241,9 +301,9 @@ class SlurmLauncher:
         parts = [out.parent / "shards" / f"{out.name[: -len('.jsonl')]}.{k}-of-{n}.jsonl" for k in range(n)]
         expected = json.loads(json.dumps(shards.shard_meta(spec, shards.Shard(0, n), config)["settings"], default=str))
         sidecars = [self._sidecar(part, k, expected) for k, part in enumerate(parts)]
-        budgets = self._allowances(config, parts, [bool(m and m.get("complete")) for m in sidecars])
+        budgets = allowances(config, parts, [bool(m and m.get("complete")) for m in sidecars])
         settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}", **budgets[k],
+        per_shard = [{**settings, "output": str(p), "shard": f"{k}/{n}", **budget_settings(config, budgets[k]),
                       **({"metrics": None} if "metrics" in settings else {})} for k, p in enumerate(parts)]
 
         def outcome(k: int) -> str | None:
@@ -279,29 +339,6 @@ class SlurmLauncher:
 
         meta = shards.read_sidecar(part) if part.exists() else None
         return meta if meta and meta.get("k") == k and meta.get("settings") == expected else None
-
-    @staticmethod
-    def _allowances(config: Any, parts: list[Path], complete: list[bool]) -> list[dict[str, Any]]:
-        """Each shard's share of a teacher stage's budget, as the limit of its own ledger (which counts every run
-        of that shard): what it has spent so far plus an equal share of what the stage has left. The shares add
-        up to the stage's budget, so N shards never spend N times it. No budget: no limits."""
-        limits = [(name, getattr(config, name, None)) for name in ("max_teacher_tokens", "max_cost")]
-        if all(value is None for _, value in limits):
-            return [{} for _ in parts]
-        from undo_cli.economy.accounting import read_ledger
-        from undo_cli.records.sidecars import USAGE, sidecar_path
-
-        ledgers = [read_ledger(sidecar_path(p, USAGE)) or {} for p in parts]
-        spent = {"max_teacher_tokens": [(d.get("paid") or {}).get("tokens", 0) for d in ledgers],
-                 "max_cost": [d.get("cost") or 0.0 for d in ledgers]}
-        open_shards = max(1, sum(not c for c in complete))
-        out: list[dict[str, Any]] = [{} for _ in parts]
-        for name, limit in limits:
-            left = None if limit is None else max(0, limit - sum(spent[name]))
-            share = None if left is None else (left // open_shards if name == "max_teacher_tokens" else left / open_shards)
-            for k in range(len(parts)):
-                out[k][name] = None if share is None else spent[name][k] + (0 if complete[k] else share)
-        return out
 
     @staticmethod
     def _stopped_summary(config: Any, parts: list[Path], stopped: list[int]) -> dict[str, Any]:

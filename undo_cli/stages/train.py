@@ -212,7 +212,7 @@ def _setup(config: TrainConfig, records: list[dict[str, Any]], identity: dict[st
     from accelerate import PartialState
 
     from undo_cli.training.data import encode_records
-    from undo_cli.training.distill import prepare_objective
+    from undo_cli.training.objective import prepare_objective
 
     tokenizer = hf.load_tokenizer(config)
     examples, data_stats = encode_records(records, tokenizer, max_length=config.max_length,
@@ -283,10 +283,20 @@ def _trainer(config: TrainConfig, model, tokenizer, examples, args, objective, b
 
         examples, held_out = hold_out(config, examples)  # adaptive without --val-data validates on a held-out 5%
         own = setup(config, objective, tokenizer=tokenizer, collator=collator, model=model, held_out=held_out)
-    trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
-                          data_collator=collator, loss_fn=own.loss if own else loss_fn,
-                          length_grouped=batching.length_grouped, batch_hook=own.hook if own else None,
-                          prefetch=objective.prefetch(config.padding_free) if objective else None)
+    try:
+        trainer = UndoTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
+                              data_collator=collator, loss_fn=own.loss if own else loss_fn,
+                              length_grouped=batching.length_grouped, batch_hook=own.hook if own else None,
+                              prefetch=objective.prefetch(config.padding_free) if objective else None)
+    except ValueError as exc:  # transformers refuses to fine-tune every weight of a quantized checkpoint
+        if "quantized" not in str(exc):
+            raise
+        quant = getattr(model.config, "quantization_config", None)
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        method = getattr(method, "value", method)  # an enum in transformers' config objects: "gguf", "bitsandbytes"
+        raise UndoError(f"--student {config.student}: a quantized checkpoint ({method}); full fine-tuning cannot "
+                        "update its weights", hint="train LoRA adapters on top of it (--lora-r 16), or give a dense "
+                        "checkpoint (for a .gguf file, pass the file itself: undo dequantizes it)") from None
     if own:
         own.attach(trainer)  # before the counts: a checkpoint with counts also has the schedule's state
     hf.attach_checkpoint_counts(trainer)
@@ -395,7 +405,7 @@ def _say_where_to_resume(output: Path, stopped_at: int | None, max_steps: int) -
     """After Ctrl-C: which checkpoint is on disk, and the exact command that continues from it."""
     from rich.markup import escape
 
-    from undo_cli.guidance import rerun
+    from undo_cli.invocation import rerun
 
     done, _ = complete_checkpoints(output)
     if stopped_at is not None and done:

@@ -437,7 +437,7 @@ class CrossDistillationLoss:
         return self._base.fused
 
     def _live(self, inputs: dict[str, Any], student_vocab: int):
-        from undo_cli.training.distill import _head_weight, final_hidden_states
+        from undo_cli.training.distill import head_weight, final_hidden_states
         from undo_cli.training.trainer import response_logits
 
         ids, mask = inputs["xt_teacher_input_ids"], inputs["xt_teacher_attention_mask"]
@@ -451,11 +451,11 @@ class CrossDistillationLoss:
         t_inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
         with torch.no_grad():
             if self._base._decide("teacher", self.teacher, t_inputs, keep):
-                rows, weight = final_hidden_states(self.teacher, t_inputs, keep), _head_weight(self.teacher)
+                rows, weight = final_hidden_states(self.teacher, t_inputs, keep), head_weight(self.teacher)
             else:
-                from undo_cli.training.distill import _labels_for
+                from undo_cli.training.distill import labels_for
 
-                rows, weight = response_logits(self.teacher, {**t_inputs, "labels": _labels_for(keep, ids)})[0], None
+                rows, weight = response_logits(self.teacher, {**t_inputs, "labels": labels_for(keep, ids)})[0], None
         t_rows = SpanRows(_row_index(keep, first_grid), _row_index(keep, cont_grid), cont[:, 2],
                           ids.view(-1)[cont_grid + 1])
         c = self.config
@@ -532,7 +532,7 @@ class CrossDistillationLoss:
 
 @dataclass
 class CrossObjective:
-    """The cross-tokenizer objective of one `undo train` run (the interface of distill.Objective)."""
+    """The cross-tokenizer objective of one `undo train` run (the interface of objective.Objective)."""
 
     config: TrainConfig          # with the objective that runs
     choice: Choice

@@ -42,8 +42,6 @@ from undo_cli.console import warn
 from undo_cli.errors import UndoError
 from undo_cli.objectives.chunked import ChunkedObjective, live_teacher_chunk_fn, with_cross_entropy
 from undo_cli.objectives.offline import AlignmentCounts, align_teacher_logprobs, topk_chunk_fn
-from undo_cli.objectives.options import DESCRIPTIONS
-from undo_cli.training.config import TrainConfig
 from undo_cli.training.trainer import MODEL_INPUT_KEYS, response_logits, response_positions, unwrap
 
 TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_valid")
@@ -81,14 +79,14 @@ def final_hidden_states(model: torch.nn.Module, inputs: dict[str, Any], keep: to
     return captured[-1][keep]
 
 
-def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+def head_weight(model: torch.nn.Module) -> torch.Tensor | None:
     head = unwrap(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     return head.weight
 
 
-def _labels_for(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def labels_for(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Labels whose shifted non-ignored positions are exactly `keep` (for response_logits)."""
     out = torch.full_like(labels, -100)
     out[:, 1:][keep[:, :-1]] = labels[:, 1:][keep[:, :-1]]
@@ -97,14 +95,14 @@ def _labels_for(keep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def check_fusable(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor) -> str | None:
     """None if hidden states × head weight reproduce the model's own logits on this batch, else why not."""
-    weight = _head_weight(model)
+    weight = head_weight(model)
     if weight is None:
         return "its output layer is not a plain bias-free linear layer"
     first = keep & (keep.cumsum(-1) <= 4)  # a few positions are enough
     try:
         with torch.no_grad():
             hidden = final_hidden_states(model, inputs, first)
-            expected = response_logits(model, {**inputs, "labels": _labels_for(first, inputs["labels"])})[0].float()
+            expected = response_logits(model, {**inputs, "labels": labels_for(first, inputs["labels"])})[0].float()
             got = (hidden.to(weight.dtype) @ weight.T).float()
     except Exception as exc:  # a wrapper that shards the head, a model without logits_to_keep, ...
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -144,7 +142,7 @@ class DistillationLoss:
 
     def _student(self, model, inputs, keep):
         if self._decide("student", model, inputs, keep):
-            return final_hidden_states(model, inputs, keep), _head_weight(model)[: self.vocab]
+            return final_hidden_states(model, inputs, keep), head_weight(model)[: self.vocab]
         return response_logits(model, inputs)[0][:, : self.vocab], None
 
     def _teacher_fn(self, inputs, keep, stats: dict[str, torch.Tensor] | None = None):
@@ -157,7 +155,7 @@ class DistillationLoss:
                                  overlap_k=self.overlap_k), int(valid.any(-1).sum())
         with torch.no_grad():
             if self._decide("teacher", self.teacher, inputs, keep):
-                rows, weight = final_hidden_states(self.teacher, inputs, keep), _head_weight(self.teacher)
+                rows, weight = final_hidden_states(self.teacher, inputs, keep), head_weight(self.teacher)
             else:
                 rows, weight = response_logits(self.teacher, inputs)[0], None
         fn = live_teacher_chunk_fn(rows, weight, self.kind, alpha=self.alpha, beta=self.beta,
@@ -333,121 +331,3 @@ class TeacherTopKCollator:
                 batch[key] = out
         batch["teacher_topk_ids"] = batch["teacher_topk_ids"].long()
         return batch
-
-
-# --- wiring it into `undo train` -----------------------------------------------------------
-
-class Objective:
-    """The white-box objective of one `undo train` run: the trainer's loss_fn, a collator, a summary.
-
-    Built in two steps so that every mistake a user can make (another tokenizer, records
-    without log-probs, a server that is down) is reported before `undo train` writes anything
-    or loads a model: `prepare_objective` checks, `attach` loads the teacher once the student is loaded.
-    """
-
-    def __init__(self, config: TrainConfig, tokenizer_size: int, counts: AlignmentCounts | None, width: int,
-                 served=None):
-        self.config, self.tokenizer_size, self.counts, self.width = config, tokenizer_size, counts, width
-        self.served = served  # served_teacher.ServedTeacher for --teacher-url
-        self.choice = None  # cross_teacher.Choice: what was asked (e.g. auto) and why this objective runs
-        self.loss: DistillationLoss | None = None
-        self.vocab = 0
-
-    def attach(self, model, device, *, packed: bool = False) -> DistillationLoss:
-        """Load the live teacher (if any) next to the student `model` and build the loss."""
-        c = self.config
-        rows = unwrap(model).get_output_embeddings().weight.shape[0]
-        teacher, self.vocab = None, rows
-        if self.served is not None:
-            self.served.vocab_limit = rows
-        if c.teacher and self.served is None:
-            teacher, self.vocab = load_teacher(c.teacher, tokenizer_size=self.tokenizer_size, student_vocab_rows=rows,
-                                               device=device, trust_remote_code=c.trust_remote_code)
-            from undo_cli.training import packed_attention
-
-            if packed and packed_attention.supports(teacher):  # the teacher reads the student's packed rows
-                packed_attention.enable(teacher)
-        overlap_k = min(c.teacher_top_k, self.width) if self.counts is not None else c.teacher_top_k
-        self.loss = DistillationLoss(c.objective, teacher=teacher, vocab_size=self.vocab, alpha=c.alpha, beta=c.beta,
-                                     temperature=c.temperature, kd_weight=c.kd_weight, lm_weight=c.lm_weight,
-                                     chunk_size=c.kd_chunk_size, served=self.served, packed=packed,
-                                     overlap_k=overlap_k)
-        return self.loss
-
-    def collator(self, inner, *, packed: bool):
-        return inner if self.counts is None else TeacherTopKCollator(inner, packed=packed, width=self.width)
-
-    def prefetch(self, packed: bool):
-        """UndoTrainer's `prefetch` for a served teacher (request each batch's log-probs ahead), else None."""
-        if self.served is None:
-            return None
-        return lambda batches: self.served.prefetch(batches, packed)
-
-    def describe(self) -> str:
-        c = self.config
-        if self.served is not None:
-            from undo_cli.training.served_teacher import describe_url
-
-            source = f"teacher {c.teacher} served at {describe_url(c.teacher_url)} (top-{c.teacher_top_k} log-probs)"
-        else:
-            source = f"teacher {c.teacher}" if c.teacher else f"teacher top-{self.width} log-probs from {c.data}"
-        weights = f"{c.kd_weight:g} x {c.objective}" + (f" + {c.lm_weight:g} x cross-entropy" if c.lm_weight else "")
-        return f"objective {weights} ({DESCRIPTIONS[c.objective]}), {source}"
-
-    def summary(self, runtime_s: float | None = None) -> dict[str, Any]:
-        c = self.config
-        out = {"name": c.objective, "teacher": c.teacher, "offline": bool(c.teacher_logprobs), "alpha": c.alpha,
-               "beta": c.beta, "temperature": c.temperature, "kd_weight": c.kd_weight, "lm_weight": c.lm_weight,
-               "kd_chunk_size": c.kd_chunk_size, "vocab": self.vocab, **(self.choice.to_json() if self.choice else {}),
-               **(self.loss.summary() if self.loss else {})}
-        if self.counts is not None:
-            out["offline_examples"] = {"aligned": self.counts.aligned, "mismatched": self.counts.mismatched,
-                                       "missing": self.counts.missing, "support_width": self.width}
-        if self.served is not None:
-            out["served"] = self.served.summary(runtime_s)
-        return out
-
-    def close(self) -> None:
-        if self.loss is not None:
-            self.loss.teacher = None  # let the teacher's memory go with the trainer
-        if self.served is not None:
-            self.served.close()
-
-
-def prepare_objective(config: TrainConfig, *, records: list[dict[str, Any]], examples: list[dict[str, Any]],
-                      record_index: list[int], tokenizer):
-    """None for --objective sft. Otherwise choose the objective (`auto`; another tokenizer: cross_teacher.py), check
-    the served teacher's tokenizer, or align the recorded top-K log-probs with `examples` (adding their tensors),
-    and return the objective to `attach`."""
-    if config.objective == "sft":
-        return None
-    from undo_cli.training import cross_teacher
-
-    choice, teacher_tokenizer = cross_teacher.choose(config, tokenizer=tokenizer, records=records, examples=examples,
-                                                     record_index=record_index)
-    if choice.cross:
-        return cross_teacher.prepare(config, choice, teacher_tokenizer, records=records, examples=examples,
-                                     record_index=record_index, tokenizer=tokenizer)
-    config = choice.resolved(config)
-    counts, width, served = None, 0, None
-    if config.teacher_url:
-        from undo_cli.training.served_teacher import ServedTeacher
-
-        served = ServedTeacher(config.teacher_url, config.teacher, top_k=config.teacher_top_k,
-                               api_key_env=config.teacher_api_key_env, timeout=config.teacher_timeout,
-                               max_retries=config.teacher_max_retries)
-        try:
-            served.probe()
-            served.check_tokenizer(tokenizer)
-            served.check_lengths(max((len(e["input_ids"]) for e in examples), default=0), config.max_length)
-            served.check_top_k(examples[0]["input_ids"] if examples else [])
-        except BaseException:
-            served.close()
-            raise
-        width = config.teacher_top_k + 1
-    elif not config.teacher:
-        counts, width = attach_teacher_topk(records, examples, record_index, vocab_size=len(tokenizer),
-                                            path=config.data)
-    objective = Objective(config, len(tokenizer), counts, width, served)
-    objective.choice = choice
-    return objective

@@ -309,7 +309,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
                       soft_wrap=True, markup=False, highlight=False)
         return result
 
-    from undo_cli.loop import iterate, report
+    from undo_cli.loop import iterate, report, run_state
+    from undo_cli.loop.config import IterateConfig
     from undo_cli.loop.layout import RunLayout
     from undo_cli.loop.settings import resolve
 
@@ -318,7 +319,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
              "name": "demo", "seed": config.seed}
     if config.max_iterations is not None:
         flags["max_iterations"] = config.max_iterations
-    loop_config = resolve(iterate.IterateConfig, str(_run_toml()), flags, [])
+    loop_config = resolve(IterateConfig, str(_run_toml()), flags, [])
     resume = (loop_config.run_dir / "manifest.json").is_file()  # only reachable with --resume (checked above)
     # The commands iterate prints (resume, more rounds) are `undo iterate` with the demo's own arguments.
     command = _iterate_args(workdir, files, models, config.seed) + ["--name", "demo"]
@@ -327,7 +328,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     summary = iterate.run(loop_config, resume=resume, command=command, resume_with=resume_command(config))
     # iterate has just printed the table and the verdict: `undo report` adds what changed and the plot.
     console.rule("[bold]undo report[/bold] (the plot; the table above is its table)")
-    state = report.collect(loop_config.run_dir)
+    state = run_state.collect(loop_config.run_dir)
     report.print_transitions(state)
     plotted = report.plot(state, RunLayout(loop_config.run_dir).report_plot)
     if plotted is not None:

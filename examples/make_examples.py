@@ -46,8 +46,9 @@ LETTERS = "ABCDE"
 # solution (`meta.brief`, the demo teacher's first-draft style) is the same line for line,
 # except on a packs event, where it skips the product: "After buying 3 packs of 4, he has
 # 5 + 12 = 17 apples." (true, but the 3 * 4 = 12 it rests on is not shown). The demo's
-# student base never saw a packs story (SKILL, left out of its pretraining text), so the
-# brief line is the one it cannot follow and the worked line the one it can.
+# student base never saw a packs story (SKILL, left out of its pretraining text) but learnt
+# the worked line's pattern in other words (PATTERN), so the brief line is the one it cannot
+# follow and the worked line the one it can.
 
 MAX_TOTAL = 20  # every number in a story and its solutions is at most this: few facts, learnt well by 1M parameters
 SKILL = "packs"  # the kind of problem the demo's student base was never shown (pretraining_problems leaves it out)
@@ -78,6 +79,12 @@ def _event(rng, kind, have, name, he, him, obj):
                 f"After buying {b} packs of {c}, {he} has {have} + {b * c} = {have + b * c} {obj}.",
                 f"The packs hold {b} * {c} = {b * c} {obj}, so {he} has {have} + {b * c} = {have + b * c} {obj}.",
                 have + b * c)
+    if kind == "crates":  # pretraining only (PATTERN): the packs line's pattern, in other words
+        b, c = rng.randint(2, 4), rng.randint(2, 5)
+        box, one = rng.choice(CONTAINERS)
+        return (f"{he.capitalize()} buys {b} {box} with {c} {obj} in each {one}.", None,
+                f"The {box} hold {b} * {c} = {b * c} {obj}, so {he} has {have} + {b * c} = {have + b * c} {obj}.",
+                have + b * c)
     if kind == "twice":  # only as the first event
         line = (f"Twice {have} is {have} * 2 = {2 * have}, so {he} has {have} + {2 * have} = {3 * have} {obj}.")
         return f"{other} gives {him} twice as many as {he} has.", line, line, 3 * have
@@ -85,6 +92,7 @@ def _event(rng, kind, have, name, he, him, obj):
 
 
 EVENTS = ("buy", "find", "get", "give", "lose", "sell", "packs")
+CONTAINERS = (("crates", "crate"), ("boxes", "box"), ("bags", "bag"), ("jars", "jar"), ("trays", "tray"))  # PATTERN's words: never "packs"
 
 
 def event_story(rng, events: int, kinds: tuple[str, ...] = EVENTS) -> dict | None:
@@ -134,14 +142,18 @@ def arithmetic(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> l
 # examples/pretrain_student.py pretrains the demo's student base on these: every fact
 # `a op b = c` of small numbers, and worked solutions of stories of one or two events, one
 # line per event, of every kind but SKILL (PRETRAINING_PROBLEMS draws from
-# random.Random(PRETRAINING_SEED)). So the student can follow worked lines and knows the
-# products, but has never seen a packs story. The shipped problems leave out every question
+# random.Random(PRETRAINING_SEED)), then PATTERN_PROBLEMS stories with a PATTERN event: the
+# packs sentence with another container word, worked as the packs line is ("The crates hold
+# 3 * 4 = 12 apples, so he has 5 + 12 = 17 apples."). So the student can follow worked lines,
+# knows the products and the multiply-then-add line, but has never seen a packs story. The shipped problems leave out every question
 # of that pretraining text (and of the 100 held-out stories it is checked on), so no shipped
 # question was seen in pretraining.
 
 PRETRAINING_SEED = 0
 PRETRAINING_PROBLEMS = 6000
 PRETRAINING_EVENTS = tuple(k for k in EVENTS if k != SKILL)
+PATTERN = "crates"  # the pretraining-only event of the packs line's pattern (pattern_problems)
+PATTERN_PROBLEMS = 3000
 
 
 def arithmetic_facts(top: int = MAX_TOTAL) -> list[str]:
@@ -164,11 +176,26 @@ def pretraining_problems(n: int, rng: random.Random, exclude: set[str] = frozens
     return out
 
 
+def pattern_problems(n: int, rng: random.Random) -> list[dict]:
+    """`n` worked stories of 1 or 2 events with at least one PATTERN event ("He gets 3 crates of 4 apples."): the
+    packs line's multiply-then-add, worded otherwise, so that a worked packs line maps onto a known pattern while a
+    brief one (the product done silently) does not. {"question", "solution"}; never a packs story."""
+    out, seen = [], set()
+    while len(out) < n:
+        drawn = event_story(rng, 1 + len(out) % 2, PRETRAINING_EVENTS + (PATTERN,))
+        if drawn is None or PATTERN not in drawn["events"].split("+") or drawn["question"] in seen:
+            continue
+        seen.add(drawn["question"])
+        out.append({"question": drawn["question"], "solution": "\n".join(drawn["steps"]) + f"\n#### {drawn['answer']}"})
+    return out
+
+
 def pretraining_questions() -> set[str]:
     """Every question of the student base's pretraining text and of its held-out check (examples/pretrain_student.py)."""
     problems = pretraining_problems(PRETRAINING_PROBLEMS, random.Random(PRETRAINING_SEED))
     held_out = pretraining_problems(100, random.Random(PRETRAINING_SEED + 1), exclude={p["question"] for p in problems})
-    return {p["question"] for p in problems + held_out}
+    pattern = pattern_problems(PATTERN_PROBLEMS, random.Random(PRETRAINING_SEED + 3))
+    return {p["question"] for p in problems + held_out + pattern}
 
 
 # --- multiple choice ---------------------------------------------------------------------

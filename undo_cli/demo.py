@@ -24,8 +24,11 @@ two toy models, says so, and measures what the loop makes of it:
 2. **Student.** The shipped student base (examples/student-base, made by
    examples/pretrain_student.py): a 1M-parameter Llama pretrained on every
    fact `a + b = c`, `a - b = c`, `a * b = c` of small numbers and on worked
-   stories of one or two events of every kind but packs. It knows the
-   products; it never saw a packs story. Copied to DIR/models/student.
+   stories of one or two events of every kind but packs, then on the packs
+   line's pattern in other words ("The crates hold 3 * 4 = 12 apples, so he
+   has 5 + 12 = 17 apples."). It knows the products and the worked
+   multiply-then-add line; it never saw a packs story. Copied to
+   DIR/models/student.
 3. **Teacher.** The same base trained *with `undo train` itself*
    (stages/train.py) on the training problems behind the prompts the loop
    sends it (examples/run.toml: prompts/demo-generate.jinja and

@@ -264,7 +264,7 @@ def stage_rates(run: Path) -> dict:
                                        "train_runtime_s", "wall_time_s") if k in s}
         if "wall_s" not in out[key] and "wall_time_s" in s:  # train's summary names its wall time so
             out[key]["wall_s"] = s["wall_time_s"]
-        if "tokens_per_s" not in out[key] and s.get("tokens_out") and s.get("wall_s"):
+        if "tokens_per_s" not in out[key] and s.get("tokens_out") and s.get("wall_s", 0) >= 1:  # not a cache hit
             out[key]["tokens_per_s"] = round(s["tokens_out"] / s["wall_s"], 2)  # the stage's own wall time
         metrics = s.get("metrics") or {}
         if "accuracy" in metrics:

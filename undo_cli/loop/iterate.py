@@ -63,15 +63,6 @@ from undo_cli.loop.rounds import Loop, choice, decide
 from undo_cli.loop.usage import BudgetReached, record_usage
 
 
-def _default(stage: str, key: str) -> Any:
-    """A stage config's default for `key` (what the loop runs when its table leaves the key out)."""
-    import dataclasses
-
-    from undo_cli.stages.spec import stage as spec_of
-
-    return next(f.default for f in dataclasses.fields(spec_of(stage).config) if f.name == key)
-
-
 def _inputs(config: IterateConfig) -> dict[str, Any]:
     from undo_cli.loop.manifest import model_fingerprint
     from undo_cli.prompts import template_file
@@ -89,7 +80,7 @@ def _inputs(config: IterateConfig) -> dict[str, Any]:
     prompts = {}
     for name, stage, key in (("generate", "generate", "prompt"), ("refine", "refine", "prompt"),
                              ("student", "train", "template")):
-        path = template_file(config.settings(stage).get(key) or _default(stage, key))
+        path = template_file(config.settings(stage)[key])  # settings() fills in the stage's default
         prompts[f"prompt_{name}"] = {"path": str(path), "sha256": sha256_file(path)}
     return {**files, "teacher": model_fingerprint(config.teacher), "student": model_fingerprint(config.student),
             **more, **prompts}  # a cascade's other teachers: retrained weights at the same path rerun the teacher stages

@@ -304,8 +304,9 @@ def run_report(config: ReportConfig) -> dict[str, Any]:
         from undo_cli.loop.report_html import reported_run
 
         page = Path(config.html)
-        if page.is_file() and not config.overwrite and reported_run(page) != run_mark(config.run_dir):
-            what = "a report of another run" if reported_run(page) else "not a report of this run"
+        found = reported_run(page) if page.is_file() and not config.overwrite else run_mark(config.run_dir)
+        if found != run_mark(config.run_dir):
+            what = "a report of another run" if found else "not a report of this run"
             raise UndoError(f"--html {page}: exists and is {what}; writing the report would replace it",
                             hint="give a new file name, or add --overwrite to replace it")
     return run(config.run_dir, config.plot, config.price_input, config.price_output, config.html)

@@ -6,7 +6,7 @@
 Two small datasets that `undo demo` and the tests use, generated from
 templates so that anyone can see how they were made and rebuild them:
 
-* arithmetic.jsonl — 300 word problems: a story of 1 or 2 events (+ - * on
+* arithmetic.jsonl — 600 word problems: a story of 1 or 2 events (+ - * on
   small integers), each with its gold `answer`, a worked solution with one
   line per event and every product written out in `meta.solution`, and a brief
   one in `meta.brief` that skips the product of a packs event ("After buying 3
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: examples/)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(300, random.Random(SEED), exclude=pretraining_questions()))
+    write_jsonl(args.out / "arithmetic.jsonl", arithmetic(600, random.Random(SEED), exclude=pretraining_questions()))
     write_jsonl(args.out / "choice.jsonl", choice(100, random.Random(SEED + 1)))
     print(f"wrote {args.out / 'arithmetic.jsonl'} and {args.out / 'choice.jsonl'}")
 

@@ -326,7 +326,7 @@ def test_shipped_examples_regenerate_byte_for_byte(tmp_path):
     proc = subprocess.run([sys.executable, str(examples / "make_examples.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert proc.returncode == 0, proc.stderr
-    for name, count, task in (("arithmetic.jsonl", 300, "math"), ("choice.jsonl", 100, "choice")):
+    for name, count, task in (("arithmetic.jsonl", 600, "math"), ("choice.jsonl", 100, "choice")):
         assert (tmp_path / name).read_bytes() == (examples / name).read_bytes(), f"{name} differs: rerun make_examples.py"
         rows = read_records(examples / name, "problem")
         assert len(rows) == count and {r["task"] for r in rows} == {task}

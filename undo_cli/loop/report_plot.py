@@ -69,7 +69,9 @@ def _figure(ks: list[int], tokens: bool):
         ax.set_xticks(ks[::every])
         ax.tick_params(labelbottom=True)
         ax.grid(alpha=0.3, axis="y")
-    axes[2].set_xlabel("UNDO iteration (0 = one-shot distillation)")
+    # Titles and x labels start at the panel's left edge: centred over a panel narrowed by the legends on its
+    # right, a long one ran off the figure's left edge, where constrained layout does not make room.
+    axes[2].set_xlabel("UNDO iteration (0 = one-shot distillation)", loc="left")
     return fig, axes
 
 
@@ -121,7 +123,8 @@ def _draw_accuracy(ax, state: dict[str, Any], val: list, test: list, label_every
     ax.set_ylabel("accuracy (%)")
     running = "" if state.get("status") == "done" or not state.get("has_manifest") else f" ({state.get('status')})"
     ax.set_title(f"undo: {state['name']}{running}" + (f" — stopped: {state['stop_reason']}"
-                                                       if state.get("stop_reason") else ""), fontsize="medium")
+                                                       if state.get("stop_reason") else ""), fontsize="medium",
+                 loc="left")
     _legend(ax, ["validation", "test", "chosen"])
 
 
@@ -183,7 +186,7 @@ def _draw_tokens(ax, rows: list[dict[str, Any]]) -> None:
                    label="test")
     ax.set_ylim(*accuracy_axis([v[1] for v in val] + [t[1] for t in test]))
     ax.xaxis.set_major_formatter(EngFormatter())
-    ax.set_xlabel("cumulative teacher tokens paid (labels: iteration)")
+    ax.set_xlabel("cumulative teacher tokens paid (labels: iteration)", loc="left")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     _legend(ax)

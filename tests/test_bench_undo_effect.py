@@ -77,3 +77,41 @@ def test_summary_splits_bench_and_fresh_seeds_and_refuses_arms_on_other_problems
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "undo_effect.py"), "--summarize", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "seed 20: arms loop and random were tested on different problems" in proc.stderr
+
+
+def test_the_validation_view_counts_packs_refinements_and_reads_the_choice(tmp_path):
+    """bench/undo_effect_validation.py on a kept seed folder written by hand: what it counts is what is there."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import undo_effect_validation as view
+
+    demo = tmp_path / "seed-3" / "demo"
+    (demo / "data").mkdir(parents=True)
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    train = [{"id": f"t{i}", "meta": {"skill": "packs" if i < 2 else "basic"}} for i in range(5)]
+    val = [{"id": f"v{i}", "meta": {"skill": "packs" if i < 3 else "basic"}} for i in range(6)]
+    write(demo / "data" / "train.jsonl", train)
+    write(demo / "data" / "val.jsonl", val)
+    for name, after, refined in (("demo", [1, 1, 0, 1, 1, 1], ["t0", "t1", "t4"]), ("random", [0, 0, 0, 1, 0, 1], ["t3"])):
+        run = demo / "runs" / name
+        write(run / "iter_00" / "val" / "predictions.jsonl",
+              [{"id": f"v{i}", "correct": c} for i, c in enumerate([0, 0, 0, 1, 1, 1])])
+        write(run / "iter_01" / "val" / "predictions.jsonl", [{"id": f"v{i}", "correct": c} for i, c in enumerate(after)])
+        write(run / "iter_01" / "refined.jsonl", [{"id": f"{t}#0", "problem_id": t} for t in refined])
+        kept = name == "demo"
+        (run / "summary.json").write_text(json.dumps({"best_iteration": int(kept), "choice": {"tests": [
+            {"iteration": 1, "against": 0, "gained": 2 if kept else 0, "lost": 0, "p": 0.5, "kept": kept}]}}))
+    (tmp_path / "seed-4").mkdir()  # a seed whose loop never finished: left out, not an error
+
+    seeds = view.collect(tmp_path)
+    assert [s["seed"] for s in seeds] == [3]
+    loop, rnd = seeds[0]["arms"]["loop"], seeds[0]["arms"]["random"]
+    assert loop["iterations"][0] == {"iteration": 0, "right": 3, "n": 6, "packs_right": 0, "packs_n": 3}
+    assert loop["iterations"][1]["packs_right"] == 2 and loop["iterations"][1]["right"] == 5
+    assert (loop["iterations"][1]["refined"], loop["iterations"][1]["refined_packs"]) == (3, 2)
+    assert (rnd["iterations"][1]["refined"], rnd["iterations"][1]["refined_packs"]) == (1, 0)
+    assert loop["best_iteration"] == 1 and rnd["best_iteration"] == 0
+    assert view._round1(loop)["change"] == 2 and view._round1(rnd)["change"] == -1

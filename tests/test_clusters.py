@@ -133,10 +133,10 @@ def _plan(files, **settings):
 def test_a_problem_budget_takes_the_highest_priority_targets(selection_files):
     _, _, everything, counts = _plan(selection_files, per_error=3, budget="none")
     assert counts["selected"] > 40  # per_error 3, no budget: most of the training set
-    # the default budget: a quarter of the 120 training problems (provisional, docs/method.md)
+    # the default budget: 7% of the 120 training problems, rounded up (docs/method.md)
     _, _, jobs, counts = _plan(selection_files, per_error=3)
-    assert counts["selected"] == 30 and counts["targeting"]["budget"] == {"percent": 25.0}
-    assert counts["targeting"]["budget_problems"] == 30
+    assert counts["selected"] == 9 and counts["targeting"]["budget"] == {"percent": 7.0}
+    assert counts["targeting"]["budget_problems"] == 9
     _, _, jobs, counts = _plan(selection_files, per_error=3, budget="10")
     assert counts["selected"] == 10 and [j.target["id"] for j in jobs] == [j.target["id"] for j in everything][:10]
     t = counts["targeting"]

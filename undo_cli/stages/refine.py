@@ -76,10 +76,11 @@ from undo_cli.backends import SERVED
 from undo_cli.stages.options import RUNTIME, TEACHER_VERIFY, GenerationOptions, check_output_is_new, verify_field
 from undo_cli.stages.spec import StageSpec, keep_keys
 
-# Provisional, chosen before any outcome was seen: a quarter of the training problems per round, so that
-# targeting is a choice (per_error 3 used to rewrite 85 of the demo's 120 problems in round one). The demo's
-# bench decides it on design seeds (100 and above) only (issue 29; docs/method.md, "Refinement budget").
-DEFAULT_BUDGET = "25%"
+# Decided on the demo's design seeds 100 and 101 only, by a rule written down before the runs (docs/method.md,
+# "Refinement budget"): budgets of 8, 16 and 30 of the 120 training problems chose students within one
+# validation problem of each other, and the rule then takes the cheapest. Before that, 25%: a budget at all
+# makes targeting a choice (per_error 3 used to rewrite 85 of the demo's 120 problems in round one).
+DEFAULT_BUDGET = "7%"
 
 SELECT = {"similar": "the training problems most like the failures (TF-IDF)",
           "clusters": "the training problems of the failures' clusters, the budget shared by error mass and past "
@@ -102,8 +103,8 @@ class RefineConfig(GenerationOptions, TeacherEconomyOptions, CascadeOptions):
     budget: str | None = field(default=DEFAULT_BUDGET, metadata={
         "help": "Refinement budget of the round: N target problems (40), a share of the training problems (25%) "
                 "or N teacher tokens (50k-tokens, each target priced at prompt + n x max_tokens); the "
-                "highest-priority targets within it are refined; none: every selected target. The default is "
-                "provisional (docs/method.md)."})
+                "highest-priority targets within it are refined; none: every selected target. The default, 7%, "
+                "was chosen on the demo's design seeds (docs/method.md)."})
     clusters: str | None = field(default=None, metadata={"input": True,
         "help": "Clusters file from `undo cluster` (train + val problems): needed by --select clusters; with "
                 "any select, each refinement records its target's cluster."})

@@ -215,14 +215,10 @@ def check_figure(state: dict) -> dict:
         for kind, heights in shown.items():
             assert heights == [(r.get("error_types") or {}).get(kind, 0) for r in state["rows"]]
         renderer = fig.canvas.get_renderer()
-        from matplotlib.text import Text
-
-        for text in fig.findobj(Text):  # the title, axis labels, legends, bar labels: none cut off at an edge
-            if text.get_visible() and text.get_text().strip():
-                box = text.get_window_extent(renderer)
-                assert box.x0 >= -1 and box.x1 <= fig.bbox.width + 1, (text.get_text(), box.x0, box.x1)
-                assert box.y0 >= -1 and box.y1 <= fig.bbox.height + 1, (text.get_text(), box.y0, box.y1)
         boxes = [ax.get_tightbbox(renderer) for ax in axes]
+        for ax, box in zip(axes, boxes):  # what each panel draws (title, labels, ticks, legend): none cut at an edge
+            assert box.x0 >= -1 and box.x1 <= fig.bbox.width + 1, (ax.get_title(loc="left"), box)
+            assert box.y0 >= -1 and box.y1 <= fig.bbox.height + 1, (ax.get_title(loc="left"), box)
         height = fig.bbox.height
         for upper, lower in zip(boxes, boxes[1:]):
             assert upper.y0 - lower.y1 < 0.05 * height  # no blank band between panels

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from undo_effect import RESULTS, _commit, _read, _write  # noqa: E402  (the bench's own reader, commit and atomic write)
+
 ARMS = {"loop": "demo", "random": "random"}  # bench arm -> run name inside the seed's demo/runs/
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _run(seed_dir: Path, run_name: str) -> dict | None:
@@ -77,7 +73,8 @@ def _round1(run: dict) -> dict | None:
         return None
     test = next((t for t in run["choice"] if t["iteration"] == 1 and t["against"] == 0), None)
     return {"refined_packs": its[1].get("refined_packs"), "refined": its[1].get("refined"),
-            "packs_right": its[1]["packs_right"], "change": its[1]["right"] - its[0]["right"], "test": test}
+            "packs_right": its[1]["packs_right"], "packs_change": its[1]["packs_right"] - its[0]["packs_right"],
+            "change": its[1]["right"] - its[0]["right"], "test": test}
 
 
 def table(seeds: list[dict]) -> None:
@@ -88,7 +85,7 @@ def table(seeds: list[dict]) -> None:
     for col in ("seed", "n", "packs right, it. 0", "loop: packs refined", "packs right", "change (test)",
                 "loop kept", "random: packs refined", "packs right", "change"):
         t.add_column(col, justify="right")
-    totals = {"loop": [0, 0, 0], "random": [0, 0, 0]}  # refined packs, refined, change
+    totals = {"loop": [0, 0, 0, 0], "random": [0, 0, 0, 0]}  # refined packs, refined, packs change, change
     for s in seeds:
         loop, rnd = s["arms"]["loop"], s["arms"].get("random")
         first = loop["iterations"][0]
@@ -100,7 +97,8 @@ def table(seeds: list[dict]) -> None:
                 continue
             totals[arm][0] += r1["refined_packs"] or 0
             totals[arm][1] += r1["refined"] or 0
-            totals[arm][2] += r1["change"]
+            totals[arm][2] += r1["packs_change"]
+            totals[arm][3] += r1["change"]
             change = f"{r1['change']:+d}"
             if arm == "loop" and r1["test"]:
                 change += f" (+{r1['test']['gained']}/-{r1['test']['lost']}, p = {r1['test']['p']:.3f})"
@@ -110,9 +108,9 @@ def table(seeds: list[dict]) -> None:
         t.add_row(*cells)
     console = Console(stderr=True)
     console.print(t)
-    for arm, (packs, refined, change) in totals.items():
+    for arm, (packs, refined, packs_change, change) in totals.items():
         console.print(f"{arm}, round 1 over {len(seeds)} seeds: {packs} of {refined} refinements on packs problems; "
-                      f"validation change {change:+d} problems")
+                      f"packs right {packs_change:+d}; validation change {change:+d} problems")
 
 
 def main() -> None:
@@ -123,11 +121,7 @@ def main() -> None:
     seeds = collect(args.root)
     if not seeds:
         raise SystemExit(f"{args.root}: no seed-S folder with a finished loop run (bench/undo_effect.py --keep)")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"commit": commit, "root": str(args.root), "seeds": seeds}, indent=1) + "\n")
-    tmp.replace(args.output)
+    _write(args.output, {**_commit(), "root": str(args.root), "seeds": seeds})
     table(seeds)
     print(f"JSON: {args.output}", file=sys.stderr)
 
